@@ -1,0 +1,3 @@
+"""mailsuite: a complete mail server on Twisted."""
+
+__version__ = "0.1.0"

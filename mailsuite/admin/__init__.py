@@ -1,0 +1,1 @@
+"""The `mailsuite` admin command line."""

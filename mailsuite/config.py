@@ -1,0 +1,192 @@
+"""One typed configuration object, read from a TOML file.
+
+Every part of mailsuite reads its settings from a `Config`; nobody else parses files. Defaults run
+out of the box: data in ./mailsuite-data, SQLite, a self-signed certificate, every listener on
+127.0.0.1 at an unprivileged port. Unknown keys and wrong types stop start-up with one line that
+names the key (a misspelt `max_mesage_size` must not silently fall back to a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, get_type_hints
+
+
+class ConfigError(Exception):
+    """A configuration problem, described in one line for the operator."""
+
+
+@dataclass
+class ServerSection:
+    hostname: str = ""  # empty: the machine's name (see Config.hostname)
+    data_dir: str = "mailsuite-data"
+    # Where postmaster@<hosted domain> goes when no alias says otherwise (RFC 5321 §4.5.1).
+    admin_address: str = ""
+
+
+@dataclass
+class DatabaseSection:
+    url: str = ""  # empty: sqlite:///<data_dir>/mailsuite.db
+
+
+@dataclass
+class ListenSection:
+    # Twisted endpoint strings; "" disables a listener. TLS for the implicit-TLS ports is added
+    # by mailsuite with the configured certificate, so these stay plain tcp: strings.
+    mx: str = "tcp:2525:interface=127.0.0.1"
+    submission: str = "tcp:2587:interface=127.0.0.1"
+    submissions: str = "tcp:2465:interface=127.0.0.1"
+    imap: str = "tcp:2143:interface=127.0.0.1"
+    imaps: str = "tcp:2993:interface=127.0.0.1"
+    pop3: str = "tcp:2110:interface=127.0.0.1"
+    pop3s: str = "tcp:2995:interface=127.0.0.1"
+    autoconfig: str = "tcp:2080:interface=127.0.0.1"
+
+
+@dataclass
+class TLSSection:
+    cert: str = ""  # PEM paths; empty = self-signed in <data_dir>/tls/
+    key: str = ""
+
+
+@dataclass
+class LimitsSection:
+    max_message_size: int = 25 * 1024 * 1024
+    max_recipients: int = 100
+    max_line_length: int = 1000  # octets including CRLF (RFC 5321 §4.5.3.1.6)
+    smtp_timeout: int = 300  # idle seconds before 421 (RFC 5321 §4.5.3.2 suggests >= 5 minutes)
+    max_connections: int = 500
+    max_connections_per_ip: int = 20
+    max_auth_failures: int = 3  # per connection, then the connection is closed
+    auth_failure_delay: float = 1.0  # seconds added per failed login
+    imap_timeout: int = 1800  # RFC 3501 §5.4: at least 30 minutes
+    pop3_timeout: int = 600
+
+
+@dataclass
+class QueueSection:
+    # Seconds between attempts; the last value repeats until max_age.
+    retry_schedule: list[int] = field(default_factory=lambda: [300, 600, 1200, 2400, 3600])
+    max_age: int = 5 * 24 * 3600
+    delay_warning: int = 4 * 3600  # 0 disables delay warnings
+    max_received_headers: int = 50
+    scan_interval: float = 30.0  # how often the runner looks for due entries
+
+
+@dataclass
+class CourierSection:
+    nameservers: list[str] = field(default_factory=list)  # "host:port"; empty = system resolver
+    mx_port: int = 25
+    relay: str = ""  # smarthost "host:port"; empty = deliver by MX
+    relay_username: str = ""
+    relay_password: str = ""
+    relay_tls: str = "starttls"  # "starttls" | "tls" (implicit) | "none"
+    require_tls_domains: list[str] = field(default_factory=list)
+    connect_timeout: int = 30
+    command_timeout: int = 300
+    max_connections_per_domain: int = 5
+
+
+@dataclass
+class DKIMSection:
+    selector: str = "mail"
+    sign: bool = True
+
+
+@dataclass
+class Config:
+    server: ServerSection = field(default_factory=ServerSection)
+    database: DatabaseSection = field(default_factory=DatabaseSection)
+    listen: ListenSection = field(default_factory=ListenSection)
+    tls: TLSSection = field(default_factory=TLSSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    queue: QueueSection = field(default_factory=QueueSection)
+    courier: CourierSection = field(default_factory=CourierSection)
+    dkim: DKIMSection = field(default_factory=DKIMSection)
+    path: str = ""  # the file this came from, "" for built-in defaults
+
+    # Derived values: every part uses these rather than re-deriving paths.
+    @property
+    def hostname(self) -> str:
+        return self.server.hostname or socket.gethostname()
+
+    @property
+    def data_dir(self) -> str:
+        return os.path.abspath(self.server.data_dir)
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or "sqlite:///" + os.path.join(self.data_dir, "mailsuite.db")
+
+    @property
+    def mail_dir(self) -> str:
+        return os.path.join(self.data_dir, "mail")
+
+    @property
+    def queue_dir(self) -> str:
+        return os.path.join(self.data_dir, "queue")
+
+    @property
+    def tls_dir(self) -> str:
+        return os.path.join(self.data_dir, "tls")
+
+    @property
+    def dkim_dir(self) -> str:
+        return os.path.join(self.data_dir, "dkim")
+
+    def maildir_for(self, address: str) -> str:
+        """<data_dir>/mail/<domain>/<localpart>/ for a canonical (lower-case) address."""
+        local, _, domain = address.rpartition("@")
+        return os.path.join(self.mail_dir, domain, local)
+
+
+def load(path: str | None = None) -> Config:
+    """Read `path` (TOML) over the defaults; None gives the built-in defaults."""
+    if not path:
+        return Config()
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist")
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} is not readable")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}")
+    config = Config(path=os.path.abspath(path))
+    hints = get_type_hints(Config)
+    for section_name, values in raw.items():
+        if section_name == "path" or section_name not in hints:
+            raise ConfigError(f"{path}: unknown section [{section_name}]")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: [{section_name}] must be a table")
+        section = getattr(config, section_name)
+        _apply(path, section_name, section, values)
+    # Relative data_dir in a file means relative to the current directory, as on the command line.
+    return config
+
+
+def _apply(path: str, section_name: str, section: Any, values: dict) -> None:
+    hints = get_type_hints(type(section))
+    names = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{path}: unknown key '{key}' in [{section_name}]")
+        setattr(section, key, _check_type(path, f"{section_name}.{key}", hints[key], value))
+
+
+def _check_type(path: str, where: str, hint: Any, value: Any) -> Any:
+    origin = getattr(hint, "__origin__", None)
+    if origin is list:
+        (item,) = hint.__args__
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: {where} must be a list")
+        return [_check_type(path, where, item, v) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+        raise ConfigError(f"{path}: {where} must be of type {hint.__name__}, not {value!r}")
+    return value

@@ -1,0 +1,62 @@
+"""Thread pools we own for blocking work: SQL, password hashing, file I/O with fsync.
+
+Never the reactor's default pool: Twisted's resolver uses it for every hostname connect, so
+filling it with SQL or argon2 work would stall outbound delivery (TWISTED-NOTES §8).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from twisted.application.service import Service
+from twisted.internet import defer, threads
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+
+class WorkerPool:
+    """One named ThreadPool; `run(fn, *args)` returns a Deferred firing with fn's result."""
+
+    def __init__(self, name: str, maxthreads: int, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.name = name
+        self._reactor = reactor
+        self._pool = ThreadPool(minthreads=0, maxthreads=maxthreads, name=f"mailsuite-{name}")
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        # ThreadPool.stop() twice raises AlreadyQuit (TWISTED-NOTES §8): stay idempotent.
+        if self._started:
+            self._started = False
+            self._pool.stop()
+
+    def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+        self.start()
+        return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+
+class Pools(Service):
+    """The pools of one mailsuite process, started and stopped with the service tree."""
+
+    def __init__(self, db_threads: int = 4, reactor: Any = None):
+        self.db = WorkerPool("db", db_threads, reactor)
+        self.hash = WorkerPool("hash", 2, reactor)  # argon2 releases the GIL: 2 cores, 2 threads
+        self.io = WorkerPool("io", 8, reactor)  # Maildir/spool writes with fsync
+
+    def startService(self) -> None:
+        super().startService()
+        for pool in (self.db, self.hash, self.io):
+            pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        for pool in (self.db, self.hash, self.io):
+            pool.stop()

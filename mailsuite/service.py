@@ -1,0 +1,129 @@
+"""Builds the twisted.application service tree of one mailsuite process from a Config.
+
+Every part gets the same `Suite` (configuration, thread pools, directory, queue, mailbox store,
+TLS material) and contributes a protocol factory for its listeners; this module only wires them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.application.internet import StreamServerEndpointService
+from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+
+from mailsuite.config import Config, ConfigError
+from mailsuite.pools import Pools
+from mailsuite.tls import TLSMaterial, load_or_create
+
+log = Logger()
+
+
+@dataclass
+class Suite:
+    """What every part of one mailsuite process shares."""
+
+    config: Config
+    pools: Pools
+    tls: TLSMaterial
+    directory: Any  # mailsuite.directory.Directory
+    queue: Any  # mailsuite.queue.runner.QueueRunner
+    mailstore: Any  # mailsuite.mailbox.store.MailStore
+    reactor: Any
+
+
+def _listener_builders() -> dict[str, tuple[Callable[..., Any], dict, bool]]:
+    """listen-key -> (factory builder, its keyword arguments, implicit TLS?)."""
+    from mailsuite import autoconfig, imap, pop3, smtp
+
+    return {
+        "mx": (smtp.server_factory, {"policy": "mx"}, False),
+        "submission": (smtp.server_factory, {"policy": "submission"}, False),
+        "submissions": (smtp.server_factory, {"policy": "submission", "implicit_tls": True}, True),
+        "imap": (imap.server_factory, {}, False),
+        "imaps": (imap.server_factory, {"implicit_tls": True}, True),
+        "pop3": (pop3.server_factory, {}, False),
+        "pop3s": (pop3.server_factory, {"implicit_tls": True}, True),
+        "autoconfig": (autoconfig.server_factory, {}, False),
+    }
+
+
+def build_suite(config: Config, reactor: Any = None) -> Suite:
+    """Create data directories, certificate, database schema and the shared objects."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    from mailsuite.directory import Directory
+    from mailsuite.mailbox.store import MailStore
+    from mailsuite.queue.runner import QueueRunner
+
+    try:
+        for path in (config.data_dir, config.mail_dir, config.queue_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create data directory {e.filename}: {e.strerror}")
+    tls = load_or_create(config)
+    if tls.generated:
+        log.info("created a self-signed TLS certificate: {cert} (key {key}); set [tls] cert/key "
+                 "to use your own", cert=tls.cert_path, key=tls.key_path)
+    pools = Pools(db_threads=1 if config.database_url.startswith("sqlite") else 4, reactor=reactor)
+    directory = Directory(config, pools)
+    directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
+    suite = Suite(config=config, pools=pools, tls=tls, directory=directory, queue=None,
+                  mailstore=MailStore(config.mail_dir), reactor=reactor)
+    suite.queue = QueueRunner(suite)
+    return suite
+
+
+def make_service(config: Config, reactor: Any = None) -> service.MultiService:
+    suite = build_suite(config, reactor)
+    top = service.MultiService()
+    top.suite = suite  # tests and the admin tools reach the parts through here
+    suite.pools.setServiceParent(top)
+    suite.queue.setServiceParent(top)
+    builders = _listener_builders()
+    for name, (builder, kwargs, implicit_tls) in builders.items():
+        description = getattr(config.listen, name)
+        if not description:
+            continue
+        factory = builder(suite, **kwargs)
+        if factory is None:
+            log.info("listener {name} is not available in this version", name=name)
+            continue
+        if implicit_tls:
+            factory = TLSMemoryBIOFactory(suite.tls.server_context(), False, factory)
+        try:
+            endpoint = endpoints.serverFromString(suite.reactor, description)
+        except (ValueError, TypeError, KeyError) as e:
+            raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
+        listener = _Listener(name, description, endpoint, factory)
+        listener.setServiceParent(top)
+    return top
+
+
+class _Listener(StreamServerEndpointService):
+    """A listening port that reports failure to bind as one line and stops start-up."""
+
+    def __init__(self, name: str, description: str, endpoint: Any, factory: Any):
+        super().__init__(endpoint, factory)
+        self.setName(f"listen-{name}")
+        self._description = description
+        self._raiseSynchronously = True
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
+            sys.stderr.write(f"mailsuite: cannot listen for {self.name[7:]} on "
+                             f"{self._description}: {reason}\n")
+            sys.stderr.flush()
+            os._exit(1)  # twistd would otherwise print a traceback and keep half a server running
+        log.info("listening for {name} on {description}", name=self.name[7:],
+                 description=self._description)

@@ -1,0 +1,29 @@
+"""`twistd mailsuite [--config FILE]`: options and the service maker for the twistd plugin."""
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from mailsuite import config as config_module
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = ("Run the whole mail suite. With no --config, everything runs from ./mailsuite-data "
+                "on 127.0.0.1 at unprivileged ports (MX 2525, submission 2587/2465, IMAP "
+                "2143/2993, POP3 2110/2995).")
+    optParameters = [["config", "c", None, "TOML configuration file (see etc/mailsuite.toml)"]]
+
+
+def makeService(options: Options):
+    from mailsuite.service import make_service
+
+    try:
+        config = config_module.load(options["config"])
+        return make_service(config)
+    except config_module.ConfigError as e:
+        # One clear line, not a traceback: the operator has something to change.
+        sys.stderr.write(f"mailsuite: {e}\n")
+        sys.stderr.flush()
+        raise SystemExit(2)

@@ -1,0 +1,104 @@
+"""Certificates and TLS contexts for every listener.
+
+With no certificate configured, a self-signed one is created on first start under
+<data_dir>/tls/ (and reused afterwards), so the suite runs out of the box. Contexts are built from
+`cryptography` objects (pyOpenSSL objects are deprecated, TWISTED-NOTES §6.3), TLS 1.2 minimum.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from twisted.internet import ssl
+from twisted.logger import Logger
+
+from mailsuite.config import Config, ConfigError
+
+log = Logger()
+
+
+@dataclass
+class TLSMaterial:
+    cert_path: str
+    key_path: str
+    generated: bool  # True when this start created the self-signed pair
+
+    def server_context(self) -> ssl.CertificateOptions:
+        return server_context(self.cert_path, self.key_path)
+
+
+def load_or_create(config: Config) -> TLSMaterial:
+    """The configured certificate, or the self-signed one in data_dir (created if missing)."""
+    if config.tls.cert or config.tls.key:
+        if not (config.tls.cert and config.tls.key):
+            raise ConfigError("[tls] needs both cert and key, or neither (for a self-signed one)")
+        material = TLSMaterial(config.tls.cert, config.tls.key, generated=False)
+        server_context(material.cert_path, material.key_path)  # fail now, with a clear line
+        return material
+    cert_path = os.path.join(config.tls_dir, "cert.pem")
+    key_path = os.path.join(config.tls_dir, "key.pem")
+    generated = False
+    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        create_self_signed(config.hostname, cert_path, key_path)
+        generated = True
+    return TLSMaterial(cert_path, key_path, generated)
+
+
+def create_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
+    os.makedirs(os.path.dirname(cert_path), mode=0o700, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    names: list[x509.GeneralName] = [x509.DNSName(hostname), x509.DNSName("localhost")]
+    names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def server_context(cert_path: str, key_path: str) -> ssl.CertificateOptions:
+    try:
+        with open(cert_path, "rb") as f:
+            chain = x509.load_pem_x509_certificates(f.read())
+        with open(key_path, "rb") as f:
+            key = serialization.load_pem_private_key(f.read(), password=None)
+    except OSError as e:
+        raise ConfigError(f"cannot read TLS certificate or key: {e.filename}: {e.strerror}")
+    except ValueError as e:
+        raise ConfigError(f"cannot load TLS certificate {cert_path} / key {key_path}: {e}")
+    return ssl.CertificateOptions(
+        privateKey=key,
+        certificate=chain[0],
+        extraCertChain=chain[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+def client_context_opportunistic() -> ssl.CertificateOptions:
+    """For MX delivery: encrypt when offered, accept any certificate (RFC 7435)."""
+    return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)

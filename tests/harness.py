@@ -1,0 +1,191 @@
+"""Run the real server (`twistd -n mailsuite`) in a subprocess on free loopback ports.
+
+Scenario tests talk to it with real clients (smtplib, imaplib, poplib, swaks, mbsync...). The
+admin CLI runs as a subprocess too, exactly as an operator would run it.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from typing import Any
+
+LISTENERS = ["mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "autoconfig"]
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_toml(path: str, sections: dict[str, dict[str, Any]]) -> None:
+    with open(path, "w") as f:
+        for name, values in sections.items():
+            f.write(f"[{name}]\n")
+            for key, value in values.items():
+                f.write(f"{key} = {toml_value(value)}\n")
+            f.write("\n")
+
+
+def twistd_command() -> list[str]:
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    if os.path.exists(twistd):
+        return [twistd]
+    return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
+
+
+class MailServer:
+    """One mailsuite process with its own data directory, config file and ports.
+
+    `extra` is merged into the generated configuration ({"limits": {"max_recipients": 5}}).
+    `listeners` limits which listeners are enabled (default: all of LISTENERS).
+    """
+
+    def __init__(self, base_dir: str, extra: dict[str, dict[str, Any]] | None = None,
+                 hostname: str = "mx.test.example", listeners: list[str] | None = None):
+        self.base_dir = base_dir
+        self.data_dir = os.path.join(base_dir, "data")
+        self.config_path = os.path.join(base_dir, "mailsuite.toml")
+        self.log_path = os.path.join(base_dir, "twistd.log")
+        self.hostname = hostname
+        self.enabled = list(listeners or LISTENERS)
+        self.ports = {name: free_port() for name in self.enabled}
+        sections: dict[str, dict[str, Any]] = {
+            "server": {"hostname": hostname, "data_dir": self.data_dir,
+                       "admin_address": "admin@" + hostname},
+            "listen": {name: (f"tcp:{self.ports[name]}:interface={HOST}" if name in self.ports
+                              else "") for name in LISTENERS},
+        }
+        for name, values in (extra or {}).items():
+            sections.setdefault(name, {}).update(values)
+        self.sections = sections
+        os.makedirs(base_dir, exist_ok=True)
+        write_toml(self.config_path, sections)
+        self.process: subprocess.Popen | None = None
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self, timeout: float = 30.0) -> "MailServer":
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
+        self.process = subprocess.Popen(
+            twistd_command() + ["-n", "--pidfile=", "--logfile", self.log_path,
+                                "mailsuite", "--config", self.config_path],
+            cwd=self.base_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        pending = set(self.ports)
+        while pending:
+            if self.process.poll() is not None:
+                out = self.process.stdout.read().decode(errors="replace")
+                raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n{out}\n"
+                                   f"{self.log_text()}")
+            for name in list(pending):
+                try:
+                    socket.create_connection((HOST, self.ports[name]), timeout=0.5).close()
+                    pending.discard(name)
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mailsuite did not listen on {sorted(pending)}:\n"
+                                   f"{self.log_text()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.process = None
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs (for crash tests)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+    # -- administration ---------------------------------------------------------------------
+    def admin(self, *args: str, input: str | None = None, check: bool = True
+              ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [sys.executable, "-m", "mailsuite.admin.cli", "--config", self.config_path, *args],
+            input=input, capture_output=True, text=True, timeout=60,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"mailsuite {' '.join(args)} failed ({result.returncode}): "
+                                 f"{result.stderr}{result.stdout}")
+        return result
+
+    def add_domain(self, domain: str) -> None:
+        self.admin("domain", "add", domain)
+
+    def add_user(self, address: str, password: str = "secret-pw-1") -> None:
+        domain = address.rpartition("@")[2]
+        if domain not in self.admin("domain", "list").stdout.split():
+            self.add_domain(domain)
+        self.admin("user", "add", address, "--password-stdin", input=password + "\n")
+
+    # -- looking at results -----------------------------------------------------------------
+    def maildir(self, address: str, folder: str = "") -> str:
+        local, _, domain = address.lower().rpartition("@")
+        path = os.path.join(self.data_dir, "mail", domain, local)
+        return os.path.join(path, "." + folder) if folder else path
+
+    def messages(self, address: str, folder: str = "") -> list[str]:
+        """Paths of the messages in a folder (new/ and cur/), oldest name first."""
+        root = self.maildir(address, folder)
+        found = []
+        for sub in ("new", "cur"):
+            d = os.path.join(root, sub)
+            if os.path.isdir(d):
+                found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
+        return sorted(found, key=os.path.basename)
+
+    def wait_for_messages(self, address: str, count: int = 1, folder: str = "",
+                          timeout: float = 15.0) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.messages(address, folder)
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+    @property
+    def cafile(self) -> str:
+        """The self-signed certificate the server created (trust it as a CA in clients)."""
+        return os.path.join(self.data_dir, "tls", "cert.pem")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.cafile)
+        ctx.check_hostname = False  # tests connect to 127.0.0.1; the chain is still verified
+        return ctx
