@@ -78,6 +78,9 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
     suite = Suite(config=config, pools=pools, tls=tls, directory=directory, queue=None,
                   mailstore=MailStore(config.mail_dir), reactor=reactor)
     suite.queue = QueueRunner(suite)
+    from mailsuite import courier
+
+    courier.install(suite)  # remote delivery, bounces and DKIM plug into the queue runner
     return suite
 
 
@@ -104,6 +107,11 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
             raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
         listener = _Listener(name, description, endpoint, factory)
         listener.setServiceParent(top)
+    from mailsuite.autoconfig import first_run_message
+
+    message = first_run_message(suite)
+    if message:
+        log.info("{message}", message=message)
     return top
 
 
