@@ -139,7 +139,7 @@ class Config:
 
     def maildir_for(self, address: str) -> str:
         """<data_dir>/mail/<domain>/<localpart>/ for a canonical (lower-case) address."""
-        local, _, domain = address.rpartition("@")
+        local, _, domain = address.lower().rpartition("@")
         return os.path.join(self.mail_dir, domain, local)
 
 

@@ -6,7 +6,6 @@ TLS material) and contributes a protocol factory for its listeners; this module 
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -129,9 +128,10 @@ class _Listener(StreamServerEndpointService):
             super().privilegedStartService()
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
-            sys.stderr.write(f"mailsuite: cannot listen for {self.name[7:]} on "
-                             f"{self._description}: {reason}\n")
-            sys.stderr.flush()
+            line = f"mailsuite: cannot listen for {self.name[7:]} on {self._description}: {reason}"
+            log.critical("{line}", line=line)
+            # twistd has pointed sys.stderr at the log by now; the operator's terminal is fd 2.
+            os.write(2, (line + "\n").encode())
             os._exit(1)  # twistd would otherwise print a traceback and keep half a server running
         log.info("listening for {name} on {description}", name=self.name[7:],
                  description=self._description)
