@@ -106,6 +106,7 @@ class Config:
     queue: QueueSection = field(default_factory=QueueSection)
     courier: CourierSection = field(default_factory=CourierSection)
     dkim: DKIMSection = field(default_factory=DKIMSection)
+    dns: DNSSection = field(default_factory=lambda: DNSSection())  # defined at the end
     path: str = ""  # the file this came from, "" for built-in defaults
 
     # Derived values: every part uses these rather than re-deriving paths.
@@ -190,3 +191,14 @@ def _check_type(path: str, where: str, hint: Any, value: Any) -> Any:
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
         raise ConfigError(f"{path}: {where} must be of type {hint.__name__}, not {value!r}")
     return value
+
+
+@dataclass
+class DNSSection:
+    """What `mailsuite dns` tells the operator to publish (and the MTA-STS policy served)."""
+
+    dmarc_policy: str = "quarantine"  # p= of _dmarc: "none" to only watch, "reject" once sure
+    dmarc_rua: str = ""  # aggregate reports, e.g. "mailto:dmarc@example.org"; "" = none
+    mta_sts_mode: str = ""  # RFC 8461: "" = no MTA-STS; "testing" | "enforce" | "none"
+    mta_sts_max_age: int = 7 * 24 * 3600
+    tlsrpt_rua: str = ""  # RFC 8460, e.g. "mailto:tlsrpt@example.org"; "" = no TLS-RPT record
