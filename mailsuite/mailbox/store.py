@@ -14,8 +14,22 @@ Public API (used by IMAP, POP3, delivery and the tests):
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import secrets
+import shutil
+import threading
+import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
+
+import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
+
+from mailsuite.mailbox.maildir import (
+    FLAG_LETTERS, KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList, atomic_write,
+    file_stamp, flags_to_letters, fsync_dir, info_name, letters_to_flags, read_keywords,
+    read_uidlist, size_from_key, split_name, unique_key, write_keywords,
+)
 
 
 class MailboxError(Exception):
@@ -47,14 +61,6 @@ SPECIAL_USE: dict[str, str] = {
     "Archive": "\\Archive",
 }
 
-# IMAP system flags <-> Maildir info letters (https://cr.yp.to/proto/maildir.html).
-FLAG_LETTERS: dict[str, str] = {
-    "\\Draft": "D",
-    "\\Flagged": "F",
-    "\\Answered": "R",
-    "\\Seen": "S",
-    "\\Deleted": "T",
-}
 SYSTEM_FLAGS = frozenset(FLAG_LETTERS)
 DELIMITER = "/"
 
@@ -78,14 +84,36 @@ class MessageInfo:
 
 
 class MailStore:
-    """All users' Maildirs under `mail_dir` (<mail_dir>/<domain>/<localpart>/)."""
+    """All users' Maildirs under `mail_dir` (<mail_dir>/<domain>/<localpart>/).
+
+    One MailStore per process: it shares each folder's in-memory index between the sessions
+    of this process, so a second SELECT of a large folder costs a few stat() calls."""
 
     def __init__(self, mail_dir: str):
-        self.mail_dir = mail_dir
+        self.mail_dir = os.path.abspath(mail_dir)
+        self._states: dict[str, _FolderState] = {}
+        self._lock = threading.Lock()
 
     def account(self, address: str) -> "Account":
         """The account of a canonical address (does not create anything on disk)."""
-        raise NotImplementedError
+        local, at, domain = address.lower().rpartition("@")
+        for part in (local, domain):
+            if (not at or not part or part.startswith(".") or "/" in part or "\\" in part
+                    or "\0" in part):
+                raise InvalidMailboxName(f"not a mailbox address: {address!r}")
+        return Account(self, address.lower(), os.path.join(self.mail_dir, domain, local))
+
+    def _state(self, path: str) -> "_FolderState":
+        with self._lock:
+            state = self._states.get(path)
+            if state is None:
+                state = self._states[path] = _FolderState(path)
+            return state
+
+    def _forget(self, path: str) -> None:
+        with self._lock:
+            for p in [p for p in self._states if p == path or p.startswith(path + ".")]:
+                del self._states[p]
 
 
 class Account:
@@ -96,46 +124,202 @@ class Account:
         self.address = address
         self.path = path
 
+    # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         """Create the Maildir and Sent, Drafts, Trash, Junk, Archive (subscribed) if missing."""
-        raise NotImplementedError
+        _make_maildir(self.path, subfolder=False)
+        subscribed = set(self.subscriptions())
+        for name in SPECIAL_USE:
+            path = self._path_of(name)
+            if not os.path.isdir(os.path.join(path, "cur")):
+                _make_maildir(path, subfolder=True)
+            if name not in subscribed:
+                self.subscribe(name)
 
     def special_use(self, name: str) -> str | None:
         """The RFC 6154 attribute of a folder name (e.g. "\\Sent"), or None."""
-        raise NotImplementedError
+        return SPECIAL_USE.get(name)
 
     def list_folders(self) -> list[str]:
-        """Every existing folder's IMAP name ("INBOX", "Sent", "Archive/2026"), sorted."""
-        raise NotImplementedError
+        """Every existing folder's IMAP name ("INBOX", "Sent", "Archive/2026"); INBOX first."""
+        names = []
+        try:
+            entries = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            # "..DELETED..." and other names starting with ".." are never folders (see delete).
+            if not entry.startswith(".") or entry.startswith("..") or entry in (".", ".."):
+                continue
+            if not os.path.isdir(os.path.join(self.path, entry, "cur")):
+                continue
+            try:
+                names.append(decode_folder_dir(entry))
+            except ValueError:
+                continue
+        names.sort()
+        if os.path.isdir(os.path.join(self.path, "cur")):
+            names.insert(0, "INBOX")
+        return names
 
     def folder_exists(self, name: str) -> bool:
-        raise NotImplementedError
+        try:
+            return os.path.isdir(os.path.join(self._path_of(name), "cur"))
+        except InvalidMailboxName:
+            return False
+
+    def has_children(self, name: str) -> bool:
+        prefix = canonical_name(name) + DELIMITER
+        return any(n.startswith(prefix) for n in self.list_folders())
 
     def folder(self, name: str) -> "Folder":
         """An existing folder (INBOX case-insensitively); NoSuchFolder otherwise."""
-        raise NotImplementedError
+        name = canonical_name(name)
+        path = self._path_of(name)
+        if not os.path.isdir(os.path.join(path, "cur")):
+            if name == "INBOX":
+                # INBOX always exists for a valid user (the first delivery creates it anyway).
+                _make_maildir(path, subfolder=False)
+            else:
+                raise NoSuchFolder(f"no folder named {name}")
+        return Folder(self, name, path)
 
     def create_folder(self, name: str) -> "Folder":
         """Create a folder; FolderExists, InvalidMailboxName."""
-        raise NotImplementedError
+        name = canonical_name(name)
+        path = self._path_of(name)
+        if name == "INBOX" or os.path.exists(path):
+            raise FolderExists(f"folder {name} already exists")
+        if not os.path.isdir(os.path.join(self.path, "cur")):
+            _make_maildir(self.path, subfolder=False)
+        _make_maildir(path, subfolder=True)
+        return Folder(self, name, path)
 
     def delete_folder(self, name: str) -> None:
         """Delete a folder and its messages (not its children); INBOX cannot be deleted."""
-        raise NotImplementedError
+        name = canonical_name(name)
+        if name == "INBOX":
+            raise MailboxError("INBOX cannot be deleted")
+        path = self._path_of(name)
+        if not os.path.isdir(path):
+            raise NoSuchFolder(f"no folder named {name}")
+        # Rename first (atomic: the folder vanishes at once for every session), then remove.
+        # A name starting with ".." is never listed as a folder (Dovecot does the same).
+        trash = os.path.join(self.path, f"..DELETED.{secrets.token_hex(6)}")
+        os.rename(path, trash)
+        self.store._forget(path)
+        shutil.rmtree(trash, ignore_errors=True)
+        if name in self.subscriptions():
+            self.unsubscribe(name)
 
     def rename_folder(self, old: str, new: str) -> None:
-        """Rename a folder and its children. Renaming INBOX moves its messages (RFC 3501 6.3.5)."""
-        raise NotImplementedError
+        """Rename a folder and its children. Renaming INBOX moves its messages into the new
+        folder and leaves INBOX empty (RFC 3501 6.3.5)."""
+        old, new = canonical_name(old), canonical_name(new)
+        new_path = self._path_of(new)
+        if new == "INBOX" or os.path.exists(new_path):
+            raise FolderExists(f"folder {new} already exists")
+        if old == "INBOX":
+            source = self.folder("INBOX")
+            dest = self.create_folder(new)
+            source.move([m.uid for m in source.sync()], dest)
+            return
+        old_path = self._path_of(old)
+        children = [n for n in self.list_folders() if n.startswith(old + DELIMITER)]
+        if not os.path.isdir(old_path) and not children:
+            raise NoSuchFolder(f"no folder named {old}")
+        if new.startswith(old + DELIMITER) or new == old:
+            raise InvalidMailboxName("cannot rename a folder into itself")
+        moves = [(old, new)] if os.path.isdir(old_path) else []
+        moves += [(c, new + c[len(old):]) for c in children]
+        for _, dst in moves:
+            if os.path.exists(self._path_of(dst)):
+                raise FolderExists(f"folder {dst} already exists")
+        subscribed = set(self.subscriptions())
+        for src, dst in moves:
+            self.store._forget(self._path_of(src))
+            os.rename(self._path_of(src), self._path_of(dst))
+            if src in subscribed:
+                self.unsubscribe(src)
+                self.subscribe(dst)
 
+    # -- subscriptions (Dovecot's `subscriptions` file in the Maildir root) -------------------
     def subscribe(self, name: str) -> None:
-        raise NotImplementedError
+        name = canonical_name(name)
+        with self.store._lock:
+            names = self._read_subscriptions()
+            if name not in names:
+                names.append(name)
+                self._write_subscriptions(names)
 
     def unsubscribe(self, name: str) -> None:
-        raise NotImplementedError
+        name = canonical_name(name)
+        with self.store._lock:
+            names = self._read_subscriptions()
+            if name in names:
+                names.remove(name)
+                self._write_subscriptions(names)
 
     def subscriptions(self) -> list[str]:
         """Subscribed names from Dovecot's `subscriptions` file."""
-        raise NotImplementedError
+        with self.store._lock:
+            return self._read_subscriptions()
+
+    def _read_subscriptions(self) -> list[str]:
+        try:
+            with open(os.path.join(self.path, "subscriptions"), "rb") as f:
+                lines = f.read().decode("utf-8", "replace").split("\n")
+        except FileNotFoundError:
+            return []
+        if lines and lines[0].startswith("V\t"):
+            # Dovecot 2.3 format: "V\t2", a blank line, then names with TAB as the hierarchy
+            # separator, UTF-8.
+            return [line.replace("\t", DELIMITER) for line in lines[2:] if line]
+        result = []
+        for line in lines:
+            if line:
+                try:
+                    result.append(line.encode("ascii").decode("imap4-utf-7"))
+                except (UnicodeError, ValueError):
+                    result.append(line)
+        return result
+
+    def _write_subscriptions(self, names: list[str]) -> None:
+        if not os.path.isdir(self.path):
+            _make_maildir(self.path, subfolder=False)
+        data = "V\t2\n\n" + "".join(n.replace(DELIMITER, "\t") + "\n" for n in names)
+        atomic_write(os.path.join(self.path, "subscriptions"), data.encode("utf-8"))
+
+    # -- POP3 maildrop lock ----------------------------------------------------------------------
+    def lock_maildrop(self) -> "MaildropLock | None":
+        """An exclusive lock on INBOX for one POP3 session (RFC 1939 section 8), or None if
+        another session (in any process) holds it. flock() conflicts between open files even
+        within one process, and the kernel drops it when a process dies."""
+        _make_maildir(self.path, subfolder=False)
+        fd = os.open(os.path.join(self.path, "mailsuite-pop3.lock"),
+                     os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return MaildropLock(fd)
+
+    def _path_of(self, name: str) -> str:
+        name = canonical_name(name)
+        if name == "INBOX":
+            return self.path
+        return os.path.join(self.path, encode_folder_dir(name))
+
+
+class MaildropLock:
+    def __init__(self, fd: int):
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
 
 
 class Folder:
@@ -146,69 +330,623 @@ class Folder:
         self.account = account
         self.name = name
         self.path = path
+        self._state = account.store._state(path)
+        self._recent: set[int] = set()
+
+    @property
+    def special_use(self) -> str | None:
+        return SPECIAL_USE.get(self.name)
 
     @property
     def uidvalidity(self) -> int:
-        raise NotImplementedError
+        with self._state.lock:
+            return self._state.ensure_uidlist().uidvalidity
 
     @property
     def uidnext(self) -> int:
-        raise NotImplementedError
+        with self._state.lock:
+            return self._state.ensure_uidlist().nextuid
 
     @property
     def keywords(self) -> list[str]:
         """Keywords known in this folder's dovecot-keywords (index = letter a..z)."""
-        raise NotImplementedError
+        with self._state.lock:
+            return [k for k in self._state.read_keywords() if k]
 
     @property
     def recent(self) -> frozenset:
         """UIDs this Folder instance was first to see (approximate \\Recent)."""
-        raise NotImplementedError
+        return frozenset(self._recent)
 
     def sync(self) -> list[MessageInfo]:
         """Pick up changes (new/ -> cur/, UIDs for new files), return messages in UID order."""
-        raise NotImplementedError
+        state = self._state
+        with state.lock:
+            state.sync()
+            if state.unclaimed_recent:
+                self._recent |= state.unclaimed_recent
+                state.unclaimed_recent = set()
+            return list(state.infos.values())
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
-        raise NotImplementedError
+        with self._state.lock:
+            if not self._state.synced:
+                return self.sync()
+            return list(self._state.infos.values())
 
     def get(self, uid: int) -> MessageInfo | None:
-        raise NotImplementedError
+        with self._state.lock:
+            if not self._state.synced:
+                self.sync()
+            return self._state.infos.get(uid)
 
     def state_token(self) -> tuple:
         """A cheap value (stat of new/, cur/, dovecot-uidlist) that changes when sync() may
         find something new: IMAP NOOP/IDLE poll this and sync() only when it differs."""
-        raise NotImplementedError
+        token = [self._state.generation]
+        for p in (os.path.join(self.path, "new"), os.path.join(self.path, "cur"),
+                  os.path.join(self.path, UIDLIST), os.path.join(self.path, KEYWORDS)):
+            token.append(file_stamp(p))
+        return tuple(token)
 
     def open_message(self, uid: int) -> BinaryIO:
         """The message file opened for binary reading; NoSuchMessage if it is gone."""
-        raise NotImplementedError
+        state = self._state
+        for attempt in range(2):
+            with state.lock:
+                info = state.infos.get(uid) if state.synced else None
+                if info is None:
+                    self.sync()
+                    info = state.infos.get(uid)
+                if info is None:
+                    raise NoSuchMessage(f"no message with UID {uid}")
+                try:
+                    return open(info.path, "rb")
+                except FileNotFoundError:
+                    # Renamed by a flag change in another process: list cur/ again.
+                    state.invalidate()
+        raise NoSuchMessage(f"message UID {uid} has disappeared")
 
     def set_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
         """Replace the flags of a message; returns the flags actually stored."""
-        raise NotImplementedError
+        return self._change_flags(uid, lambda old: frozenset(flags))
 
     def add_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
-        raise NotImplementedError
+        add = frozenset(flags)
+        return self._change_flags(uid, lambda old: old | add)
 
     def remove_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
-        raise NotImplementedError
+        remove = frozenset(flags)
+        return self._change_flags(uid, lambda old: old - remove)
 
     def append(self, data: bytes | BinaryIO, flags: Iterable[str] = (),
                internaldate: float | None = None) -> int:
         """Store a message (bytes or a binary file object) with fsync; returns its UID."""
-        raise NotImplementedError
+        state = self._state
+        tmp_path = os.path.join(self.path, "tmp", unique_key(0) + ".part")
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                if isinstance(data, (bytes, bytearray, memoryview)):
+                    f.write(data)
+                else:
+                    shutil.copyfileobj(data, f, 1024 * 1024)
+                f.flush()
+                os.fsync(f.fileno())
+                size = f.tell()
+            if internaldate is not None:
+                os.utime(tmp_path, (internaldate, internaldate))
+            mtime = os.stat(tmp_path).st_mtime
+            key = unique_key(size)
+            with state.lock:
+                letters = flags_to_letters(flags, state.keywords_for(flags))
+                final = os.path.join(self.path, "cur", info_name(key, letters))
+                os.rename(tmp_path, final)
+                fsync_dir(os.path.join(self.path, "cur"))
+                state.meta[key] = (size, mtime)
+                (uid,) = state.register([key], {key: os.path.basename(final)})
+                return uid
+        finally:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass
 
     def copy(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
-        """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs."""
-        raise NotImplementedError
+        """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs.
+        Files are hard-linked when possible (content never changes in place)."""
+        infos = self._infos_for(uids)
+        dstate = dest._state
+        pairs_keys: list[tuple[int, str]] = []
+        names: dict[str, str] = {}
+        cur = os.path.join(dest.path, "cur")
+        with dstate.lock:
+            for info in infos:
+                key = unique_key(info.size)
+                letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
+                target = os.path.join(cur, info_name(key, letters))
+                src_path = self._current_path(info)
+                if src_path is None:
+                    continue
+                try:
+                    os.link(src_path, target)
+                except OSError:
+                    tmp = os.path.join(dest.path, "tmp", key)
+                    shutil.copy2(src_path, tmp)
+                    with open(tmp, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.rename(tmp, target)
+                dstate.meta[key] = (info.size, info.internaldate)
+                pairs_keys.append((info.uid, key))
+                names[key] = os.path.basename(target)
+            if not pairs_keys:
+                return []
+            fsync_dir(cur)
+            new_uids = dstate.register([k for _, k in pairs_keys], names)
+        return [(old, new) for (old, _), new in zip(pairs_keys, new_uids)]
 
     def move(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
-        """Move messages (RFC 6851 semantics); returns (source uid, new uid) pairs."""
-        raise NotImplementedError
+        """Move messages (RFC 6851 semantics); returns (source uid, new uid) pairs.
+        A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
+        if dest.path == self.path:
+            return [(u, u) for u in sorted(set(uids))]
+        infos = self._infos_for(uids)
+        dstate = dest._state
+        moved: list[tuple[int, str]] = []
+        names: dict[str, str] = {}
+        cur = os.path.join(dest.path, "cur")
+        with dstate.lock:
+            for info in infos:
+                letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
+                src_path = self._current_path(info)
+                if src_path is None:
+                    continue
+                target = os.path.join(cur, info_name(info.key, letters))
+                if os.path.exists(target) or info.key in dstate.files:
+                    # Same key already there (moved back and forth): give the copy a new key.
+                    key = unique_key(info.size)
+                    target = os.path.join(cur, info_name(key, letters))
+                else:
+                    key = info.key
+                os.rename(src_path, target)
+                dstate.meta[key] = (info.size, info.internaldate)
+                moved.append((info.uid, key))
+                names[key] = os.path.basename(target)
+            if not moved:
+                return []
+            fsync_dir(cur)
+            fsync_dir(os.path.join(self.path, "cur"))
+            new_uids = dstate.register([k for _, k in moved], names)
+        with self._state.lock:
+            self._state.forget_uids([u for u, _ in moved])
+        return [(old, new) for (old, _), new in zip(moved, new_uids)]
 
     def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
         """Remove messages: the given UIDs, or (None) every message flagged \\Deleted.
         Returns the UIDs actually removed, ascending."""
-        raise NotImplementedError
+        state = self._state
+        with state.lock:
+            self.sync()
+            if uids is None:
+                targets = [i for i in state.infos.values() if "\\Deleted" in i.flags]
+            else:
+                wanted = set(uids)
+                targets = [state.infos[u] for u in sorted(wanted) if u in state.infos]
+            removed = []
+            for info in targets:
+                path = self._current_path(info)
+                if path is not None:
+                    try:
+                        os.unlink(path)
+                    except FileNotFoundError:
+                        pass
+                removed.append(info.uid)
+            if removed:
+                fsync_dir(os.path.join(self.path, "cur"))
+                state.forget_uids(removed)
+            return removed
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _infos_for(self, uids: Iterable[int]) -> list[MessageInfo]:
+        with self._state.lock:
+            if not self._state.synced:
+                self.sync()
+            infos = self._state.infos
+            return [infos[u] for u in sorted(set(uids)) if u in infos]
+
+    def _current_path(self, info: MessageInfo) -> str | None:
+        """The file's path now (another process may have changed its flags since)."""
+        if os.path.exists(info.path):
+            return info.path
+        state = self._state
+        with state.lock:
+            state.invalidate()
+            state.sync()
+            now = state.infos.get(info.uid)
+            return now.path if now is not None else None
+
+    def _change_flags(self, uid: int, change) -> frozenset:
+        state = self._state
+        with state.lock:
+            for attempt in range(2):
+                if not state.synced or attempt:
+                    if attempt:
+                        state.invalidate()
+                    state.sync()
+                info = state.infos.get(uid)
+                if info is None:
+                    raise NoSuchMessage(f"no message with UID {uid}")
+                wanted = frozenset(f for f in change(info.flags) if f != "\\Recent")
+                keywords = state.keywords_for(wanted)
+                name = os.path.basename(info.path)
+                _, old_letters = split_name(name)
+                letters = flags_to_letters(wanted, keywords, keep=old_letters)
+                new_name = info_name(info.key, letters)
+                stored = letters_to_flags(letters, keywords)
+                if new_name == name and os.path.dirname(info.path).endswith("cur"):
+                    return stored
+                new_path = os.path.join(self.path, "cur", new_name)
+                try:
+                    os.rename(info.path, new_path)
+                except FileNotFoundError:
+                    continue
+                state.files[info.key] = new_name
+                state.infos[uid] = MessageInfo(uid, info.key, stored, info.size,
+                                               info.internaldate, new_path)
+                state.generation += 1
+                return stored
+            raise NoSuchMessage(f"message UID {uid} has disappeared")
+
+
+class _FolderState:
+    """What this process knows about one folder, shared by all its Folder objects.
+
+    sync() of an unchanged folder costs a stat of new/, cur/, dovecot-uidlist and
+    dovecot-keywords; a changed one lists the changed directory and stats only new files.
+    Sizes and INTERNALDATEs are kept in `mailsuite-index` so a fresh process does not stat
+    every file either."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.RLock()
+        self.uidlist: UidList | None = None
+        self.uidlist_stamp: tuple | None = None
+        self.keywords: list[str] = []
+        self.keywords_stamp: tuple | None = None
+        self.files: dict[str, str] = {}  # key -> file name in cur/
+        self.cur_mtime: int | None = None
+        self.new_mtime: int | None = None
+        self.meta: dict[str, tuple[int, float]] = {}  # key -> (size, internaldate)
+        self.meta_loaded = False
+        self.meta_dirty = False
+        self.infos: dict[int, MessageInfo] = {}
+        self.synced = False
+        self.unclaimed_recent: set[int] = set()
+        self.generation = 0
+
+    # -- the sync algorithm -----------------------------------------------------------------
+    def sync(self) -> None:
+        path = self.path
+        new_dir = os.path.join(path, "new")
+        cur_dir = os.path.join(path, "cur")
+        changed = False
+        try:
+            st_new = os.stat(new_dir)
+            st_cur = os.stat(cur_dir)
+        except FileNotFoundError:
+            raise NoSuchFolder("folder was deleted")
+        now_ns = time.time_ns()
+        recent_new: list[str] = []
+        if st_new.st_mtime_ns != self.new_mtime:
+            recent_new = self._move_new_to_cur(new_dir, cur_dir)
+            # A directory changed within the last second may change again within the same
+            # mtime tick: do not trust the cached mtime until it has settled.
+            self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
+            if recent_new:
+                st_cur = os.stat(cur_dir)
+        if st_cur.st_mtime_ns != self.cur_mtime:
+            names = [n for n in os.listdir(cur_dir) if not n.startswith(".")]
+            files = {}
+            for n in names:
+                files[split_name(n)[0]] = n
+            if files != self.files:
+                self.files = files
+                changed = True
+            self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
+        if self._reload_uidlist():
+            changed = True
+        if self._reload_keywords():
+            changed = True
+        uids = self.uidlist.uids if self.uidlist else {}
+        unknown = [k for k in self.files if k not in uids]
+        if unknown or self.uidlist is None:
+            self.register(sorted(unknown, key=_delivery_order))
+            changed = True
+        if changed or not self.synced:
+            self._rebuild(set(recent_new))
+        self.synced = True
+
+    def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,')."""
+        moved = []
+        for name in os.listdir(new_dir):
+            if name.startswith("."):
+                continue
+            key, letters = split_name(name)
+            try:
+                os.rename(os.path.join(new_dir, name),
+                          os.path.join(cur_dir, info_name(key, letters)))
+            except FileNotFoundError:
+                continue  # another session moved it first
+            moved.append(key)
+        return moved
+
+    def _rebuild(self, recent_keys: set[str]) -> None:
+        uids = self.uidlist.uids if self.uidlist else {}
+        keywords = self.keywords
+        self._load_meta()
+        cur_dir = os.path.join(self.path, "cur")
+        infos: dict[int, MessageInfo] = {}
+        old = self.infos
+        pairs = sorted(((uids[k], k) for k in self.files if k in uids))
+        for uid, key in pairs:
+            name = self.files[key]
+            prev = old.get(uid)
+            path = os.path.join(cur_dir, name)
+            if prev is not None and prev.key == key and prev.path == path:
+                infos[uid] = prev
+                continue
+            meta = self.meta.get(key)
+            if meta is None:
+                meta = self._stat_meta(key, path)
+                if meta is None:
+                    continue
+            infos[uid] = MessageInfo(uid, key, letters_to_flags(split_name(name)[1], keywords),
+                                     meta[0], meta[1], path)
+            if key in recent_keys:
+                self.unclaimed_recent.add(uid)
+        self.infos = infos
+        self.generation += 1
+        if self.meta_dirty:
+            self._save_meta()
+
+    def _stat_meta(self, key: str, path: str) -> tuple[int, float] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        size = size_from_key(key)
+        meta = (size if size is not None else st.st_size, st.st_mtime)
+        self.meta[key] = meta
+        self.meta_dirty = True
+        return meta
+
+    def invalidate(self) -> None:
+        self.cur_mtime = self.new_mtime = None
+
+    # -- UIDs -----------------------------------------------------------------------------
+    def ensure_uidlist(self) -> UidList:
+        self._reload_uidlist()
+        if self.uidlist is None:
+            self.register([])
+        return self.uidlist
+
+    def _reload_uidlist(self) -> bool:
+        path = os.path.join(self.path, UIDLIST)
+        stamp = file_stamp(path)
+        if stamp == self.uidlist_stamp and self.uidlist is not None:
+            return False
+        try:
+            self.uidlist = read_uidlist(path)
+        except (ValueError, IndexError):
+            self.uidlist = None  # corrupt: rebuilt below with a new UIDVALIDITY
+        self.uidlist_stamp = stamp
+        return True
+
+    def register(self, keys: list[str], names: dict[str, str] | None = None) -> list[int]:
+        """Give each key a UID (existing ones keep theirs) under the dotlock; returns them."""
+        path = os.path.join(self.path, UIDLIST)
+        with DotLock(path):
+            # Re-read under the lock: another process may have assigned UIDs since.
+            self._reload_uidlist()
+            ul = self.uidlist
+            dirty = False
+            if ul is None:
+                ul = UidList.new()
+                dirty = True
+            result = []
+            for key in keys:
+                uid = ul.uids.get(key)
+                if uid is None:
+                    uid = ul.nextuid
+                    ul.nextuid += 1
+                    ul.uids[key] = uid
+                    dirty = True
+                result.append(uid)
+            if dirty:
+                atomic_write(path, ul.serialize())
+                self.uidlist = ul
+                self.uidlist_stamp = file_stamp(path)
+        if names:
+            # Our own additions (append/copy/move): add them without listing cur/ again.
+            cur_dir = os.path.join(self.path, "cur")
+            for key, uid in zip(keys, result):
+                name = names[key]
+                meta = self.meta.get(key) or self._stat_meta(key, os.path.join(cur_dir, name))
+                if meta is None:
+                    continue
+                self.files[key] = name
+                self.infos[uid] = MessageInfo(uid, key,
+                                              letters_to_flags(split_name(name)[1], self.keywords),
+                                              meta[0], meta[1], os.path.join(cur_dir, name))
+            self.meta_dirty = True
+            self.generation += 1
+        return result
+
+    def forget_uids(self, uids: list[int]) -> None:
+        """Drop expunged/moved messages from dovecot-uidlist (their UIDs are never reused:
+        N<nextuid> stays)."""
+        gone = set(uids)
+        path = os.path.join(self.path, UIDLIST)
+        with DotLock(path):
+            self._reload_uidlist()
+            ul = self.uidlist
+            if ul is not None:
+                keys = [k for k, u in ul.uids.items() if u in gone]
+                for k in keys:
+                    del ul.uids[k]
+                    ul.extra.pop(k, None)
+                    self.meta.pop(k, None)
+                atomic_write(path, ul.serialize())
+                self.uidlist_stamp = file_stamp(path)
+        for uid in gone:
+            info = self.infos.pop(uid, None)
+            if info is not None:
+                self.files.pop(info.key, None)
+        self.unclaimed_recent -= gone
+        self.meta_dirty = True
+        self.invalidate()
+        self.generation += 1
+
+    # -- keywords ---------------------------------------------------------------------------
+    def _reload_keywords(self) -> bool:
+        path = os.path.join(self.path, KEYWORDS)
+        stamp = file_stamp(path)
+        if stamp == self.keywords_stamp:
+            return False
+        self.keywords = read_keywords(path)
+        self.keywords_stamp = stamp
+        return True
+
+    def read_keywords(self) -> list[str]:
+        self._reload_keywords()
+        return self.keywords
+
+    def keywords_for(self, flags: Iterable[str]) -> list[str]:
+        """The keyword table, extended (under its dotlock) with any new keyword in `flags`.
+        Keywords past the 26th cannot be stored in Maildir names and are dropped."""
+        self._reload_keywords()
+        wanted = [f for f in flags if not f.startswith("\\") and _valid_keyword(f)]
+        lower = {k.lower() for k in self.keywords}
+        if all(w.lower() in lower for w in wanted):
+            return self.keywords
+        path = os.path.join(self.path, KEYWORDS)
+        with DotLock(path):
+            self.keywords_stamp = None
+            self._reload_keywords()
+            keywords = list(self.keywords)
+            lower = {k.lower() for k in keywords}
+            for w in wanted:
+                if w.lower() not in lower and len(keywords) < MAX_KEYWORDS:
+                    keywords.append(w)
+                    lower.add(w.lower())
+            if keywords != self.keywords:
+                write_keywords(path, keywords)
+                self.keywords = keywords
+                self.keywords_stamp = file_stamp(path)
+        return self.keywords
+
+    # -- mailsuite-index: sizes and INTERNALDATEs --------------------------------------------
+    def _load_meta(self) -> None:
+        if self.meta_loaded:
+            return
+        self.meta_loaded = True
+        try:
+            with open(os.path.join(self.path, INDEX), "rb") as f:
+                data = f.read().decode("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return
+        lines = data.split("\n")
+        if not lines or lines[0] != "mailsuite-index 1":
+            return
+        meta = self.meta
+        for line in lines[1:]:
+            parts = line.split("\t")
+            if len(parts) == 3:
+                try:
+                    meta.setdefault(parts[0], (int(parts[1]), float(parts[2])))
+                except ValueError:
+                    continue
+
+    def _save_meta(self) -> None:
+        live = {k: v for k, v in self.meta.items() if k in self.files}
+        self.meta = live
+        out = ["mailsuite-index 1"]
+        out += [f"{k}\t{s}\t{d!r}" for k, (s, d) in live.items()]
+        try:
+            atomic_write(os.path.join(self.path, INDEX),
+                         ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
+        except OSError:
+            return  # a cache: failing to write it costs speed, not correctness
+        self.meta_dirty = False
+
+
+# -- names -----------------------------------------------------------------------------------
+_FORBIDDEN = set("\\*%") | {chr(c) for c in range(32)} | {"\x7f"}
+
+
+def canonical_name(name: str) -> str:
+    """Validate an IMAP folder name (already decoded from modified UTF-7) and return it with
+    INBOX normalised. Raises InvalidMailboxName for anything that could leave the Maildir."""
+    if not isinstance(name, str) or not name:
+        raise InvalidMailboxName("empty mailbox name")
+    if name.upper() == "INBOX":
+        return "INBOX"
+    parts = name.split(DELIMITER)
+    if parts[0].upper() == "INBOX":
+        parts[0] = "INBOX"
+    for part in parts:
+        if not part:
+            raise InvalidMailboxName("empty hierarchy level in mailbox name")
+        if part.startswith("."):
+            raise InvalidMailboxName("mailbox names cannot begin with '.'")
+        if any(c in _FORBIDDEN for c in part):
+            raise InvalidMailboxName("mailbox name contains a forbidden character")
+        if part.strip() != part:
+            raise InvalidMailboxName("mailbox name begins or ends with a space")
+    result = DELIMITER.join(parts)
+    if len(encode_folder_dir(result)) > 250:
+        raise InvalidMailboxName("mailbox name too long")
+    return result
+
+
+def encode_folder_dir(name: str) -> str:
+    """IMAP name -> Maildir++ directory: "Archive/2026" -> ".Archive.2026" (modified UTF-7
+    as Dovecot stores it; a '.' inside a name is written as its UTF-7 form '&AC4-')."""
+    parts = []
+    for part in name.split(DELIMITER):
+        enc = part.encode("imap4-utf-7").decode("ascii")
+        parts.append(enc.replace(".", "&AC4-"))
+    return "." + ".".join(parts)
+
+
+def decode_folder_dir(entry: str) -> str:
+    parts = entry[1:].split(".")
+    if not all(parts):
+        raise ValueError(entry)
+    return DELIMITER.join(p.encode("ascii").decode("imap4-utf-7") for p in parts)
+
+
+def _valid_keyword(flag: str) -> bool:
+    # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
+    return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
+
+
+def _delivery_order(key: str) -> tuple:
+    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically."""
+    sec, _, rest = key.partition(".")
+    usec = 0
+    if rest.startswith("M"):
+        digits = rest[1:].split("P", 1)[0]
+        usec = int(digits) if digits.isdigit() else 0
+    return (int(sec) if sec.isdigit() else 0, usec, key)
+
+
+def _make_maildir(path: str, subfolder: bool) -> None:
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    if subfolder:
+        marker = os.path.join(path, "maildirfolder")  # Maildir++: marks a sub-folder
+        if not os.path.exists(marker):
+            open(marker, "ab").close()

@@ -1,0 +1,302 @@
+"""Low-level Maildir and Dovecot file formats: names, flags, dotlocks, dovecot-uidlist,
+dovecot-keywords, atomic rewrites. Synchronous; no knowledge of accounts or IMAP."""
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import secrets
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+UIDLIST = "dovecot-uidlist"
+KEYWORDS = "dovecot-keywords"
+INDEX = "mailsuite-index"
+STALE_LOCK_SECONDS = 120.0  # Dovecot's default dotlock stale timeout for dovecot-uidlist.lock
+LOCK_WAIT_SECONDS = 60.0
+MAX_KEYWORDS = 26  # letters a..z
+
+# IMAP system flags <-> Maildir info letters (https://cr.yp.to/proto/maildir.html).
+FLAG_LETTERS: dict[str, str] = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
+
+
+class LockTimeout(OSError):
+    """A dotlock held (not stale) for longer than we are willing to wait."""
+
+
+# -- names -------------------------------------------------------------------------------------
+_counter = itertools.count(1)
+_counter_lock = threading.Lock()
+
+
+def unique_key(size: int) -> str:
+    """`<sec>.M<usec>P<pid>Q<n>R<random>.<host>,S=<size>`: unique across processes and hosts.
+
+    The pid is read now, not at import (TWISTED-NOTES §3: twistd forks after import)."""
+    now = time.time()
+    with _counter_lock:
+        n = next(_counter)
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    sec = int(now)
+    usec = int((now - sec) * 1_000_000)
+    return f"{sec}.M{usec}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host},S={size}"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """File name -> (key, info letters). The key is the part before ':2,' (or before ':')."""
+    key, sep, info = name.partition(":")
+    if sep and info.startswith("2,"):
+        return key, info[2:]
+    return key, ""
+
+
+def size_from_key(key: str) -> int | None:
+    """`,S=<size>` from the base name (Maildir++ quota extension), None if absent."""
+    for part in key.split(",")[1:]:
+        if part.startswith("S="):
+            try:
+                return int(part[2:])
+            except ValueError:
+                return None
+    return None
+
+
+def letters_to_flags(letters: str, keywords: list[str]) -> frozenset:
+    flags = set()
+    for c in letters:
+        if c in LETTER_FLAGS:
+            flags.add(LETTER_FLAGS[c])
+        elif "a" <= c <= "z":
+            i = ord(c) - ord("a")
+            if i < len(keywords):
+                flags.add(keywords[i])
+    return frozenset(flags)
+
+
+def flags_to_letters(flags: Iterable[str], keywords: list[str], keep: str = "") -> str:
+    """Sorted info letters for IMAP flags; keywords must already be in `keywords`.
+
+    `keep` carries uppercase letters we do not map (e.g. P "passed") from the old name, so a
+    flag change here does not drop what another Maildir tool set."""
+    letters = set(c for c in keep if c.isupper() and c not in LETTER_FLAGS)
+    lower = {k.lower(): i for i, k in enumerate(keywords)}
+    for flag in flags:
+        if flag in FLAG_LETTERS:
+            letters.add(FLAG_LETTERS[flag])
+        elif not flag.startswith("\\"):
+            i = lower.get(flag.lower())
+            if i is not None and i < MAX_KEYWORDS:
+                letters.add(chr(ord("a") + i))
+    return "".join(sorted(letters))
+
+
+def info_name(key: str, letters: str) -> str:
+    return f"{key}:2,{letters}"
+
+
+# -- files ---------------------------------------------------------------------------------------
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
+    """Write-to-temp, fsync, rename: readers see the old or the new file, never half of one."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(3)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def file_stamp(path: str) -> tuple | None:
+    """(inode, size, mtime_ns) of a file, None if missing: tells whether it changed."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class DotLock:
+    """Dovecot's dotlock: `<file>.lock` created with O_CREAT|O_EXCL; a lock older than
+    STALE_LOCK_SECONDS is left over by a crashed process and is taken over."""
+
+    def __init__(self, path: str, stale: float = STALE_LOCK_SECONDS,
+                 wait: float = LOCK_WAIT_SECONDS):
+        self.lock_path = path + ".lock"
+        self.stale = stale
+        self.wait = wait
+
+    def __enter__(self) -> "DotLock":
+        deadline = time.monotonic() + self.wait
+        delay = 0.001
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                try:
+                    age = time.time() - os.stat(self.lock_path).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age > self.stale:
+                    try:
+                        os.unlink(self.lock_path)
+                    except FileNotFoundError:
+                        pass
+                    continue
+                if time.monotonic() > deadline:
+                    raise LockTimeout(errno.EAGAIN, "lock held too long", self.lock_path)
+                time.sleep(delay)
+                delay = min(delay * 2, 0.05)
+                continue
+            try:
+                os.write(fd, f"{os.getpid()}:{socket.gethostname()}\n".encode())
+            finally:
+                os.close(fd)
+            return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            os.unlink(self.lock_path)
+        except FileNotFoundError:
+            pass
+
+
+# -- dovecot-uidlist -----------------------------------------------------------------------------
+@dataclass
+class UidList:
+    """Contents of a dovecot-uidlist (version 3; version 1 is read too).
+
+    uids maps key (base name before ':2,') -> uid; extra keeps Dovecot's per-line extension
+    fields (`W<vsize>`, `S<size>`, `G<guid>`...) so our rewrites do not drop them."""
+
+    uidvalidity: int
+    nextuid: int
+    guid: str = ""
+    header_extra: list[str] = field(default_factory=list)
+    uids: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls) -> "UidList":
+        # UIDVALIDITY from the clock, as Dovecot does, so a recreated folder gets a new one.
+        return cls(uidvalidity=int(time.time()), nextuid=1, guid=secrets.token_hex(16))
+
+    @classmethod
+    def parse(cls, data: bytes) -> "UidList":
+        lines = data.decode("utf-8", "surrogateescape").split("\n")
+        header = lines[0].split()
+        if not header:
+            raise ValueError("empty dovecot-uidlist")
+        ul = cls(uidvalidity=0, nextuid=1)
+        if header[0] == "1":
+            # Version 1: "1 <uidvalidity> <nextuid>", then "<uid> <filename>".
+            ul.uidvalidity, ul.nextuid = int(header[1]), int(header[2])
+            for line in lines[1:]:
+                uid, _, name = line.partition(" ")
+                if uid.isdigit() and name:
+                    ul.uids[name.split(":", 1)[0]] = int(uid)
+            return ul
+        if header[0] != "3":
+            raise ValueError(f"unsupported dovecot-uidlist version {header[0]}")
+        for token in header[1:]:
+            if token[:1] == "V":
+                ul.uidvalidity = int(token[1:])
+            elif token[:1] == "N":
+                ul.nextuid = int(token[1:])
+            elif token[:1] == "G":
+                ul.guid = token[1:]
+            else:
+                ul.header_extra.append(token)
+        uids = ul.uids
+        extra = ul.extra
+        for line in lines[1:]:
+            if not line:
+                continue
+            head, sep, name = line.partition(" :")
+            if not sep:
+                # "<uid> :<name>" is the only form with a colon; skip anything else.
+                continue
+            uid_s, _, ext = head.partition(" ")
+            try:
+                uid = int(uid_s)
+            except ValueError:
+                continue
+            key = name.split(":", 1)[0]
+            uids[key] = uid
+            if ext:
+                extra[key] = ext
+            if uid >= ul.nextuid:
+                ul.nextuid = uid + 1
+        return ul
+
+    def serialize(self) -> bytes:
+        header = ["3", f"V{self.uidvalidity}", f"N{self.nextuid}"]
+        if self.guid:
+            header.append(f"G{self.guid}")
+        header += self.header_extra
+        out = [" ".join(header)]
+        extra = self.extra
+        for key, uid in sorted(self.uids.items(), key=lambda kv: kv[1]):
+            ext = extra.get(key)
+            out.append(f"{uid} {ext} :{key}" if ext else f"{uid} :{key}")
+        return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
+
+
+def read_uidlist(path: str) -> UidList | None:
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if not data.strip():
+        return None
+    return UidList.parse(data)
+
+
+# -- dovecot-keywords ----------------------------------------------------------------------------
+def read_keywords(path: str) -> list[str]:
+    """`<n> <name>` lines -> list indexed by n (gaps become "")."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return []
+    found: dict[int, str] = {}
+    for line in data.splitlines():
+        n, _, name = line.strip().partition(" ")
+        if n.isdigit() and name and int(n) < MAX_KEYWORDS:
+            found[int(n)] = name
+    result = [""] * (max(found) + 1 if found else 0)
+    for n, name in found.items():
+        result[n] = name
+    return result
+
+
+def write_keywords(path: str, keywords: list[str]) -> None:
+    data = "".join(f"{i} {k}\n" for i, k in enumerate(keywords) if k)
+    atomic_write(path, data.encode("utf-8"))
