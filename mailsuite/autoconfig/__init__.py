@@ -1,11 +1,95 @@
-"""mailsuite.autoconfig (not built yet)."""
+"""Client autoconfiguration: the HTTP listener that tells mail clients their settings, the DNS
+records to publish (`mailsuite dns`), and the first-run message.
+
+service.py calls `server_factory(suite)` for the `[listen] autoconfig` endpoint and
+`first_run_message(suite)` once at start-up.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+log = Logger()
 
 
-def server_factory(suite, **kwargs):
-    """The protocol factory for this listener, or None while the part does not exist yet."""
-    return None
+def server_factory(suite: Any, **kwargs: Any):
+    """The twisted.web Site answering Mozilla autoconfig, Autodiscover and Apple profiles."""
+    from mailsuite.autoconfig.web import build_site
+
+    return build_site(suite)
 
 
-def first_run_message(suite):
-    """What to do next, logged when the directory is empty (issue 5); None for nothing."""
-    return None
+def first_run_message(suite: Any) -> str | None:
+    """What to do next when no domain exists yet (the first start on an empty data directory).
+
+    Returns None when there is at least one domain, and on any error: a friendly message must
+    never be the reason the server does not start.
+    """
+    try:
+        if _has_domains(suite.config):
+            return None
+        return _message(suite.config)
+    except Exception:
+        log.failure("could not build the first-run message")
+        return None
+
+
+def _message(config: Any) -> str:
+    from mailsuite.autoconfig.settings import client_servers
+
+    cli = "mailsuite" + (f" --config {_shell_quote(config.path)}" if config.path else "")
+    lines = [
+        "mailsuite has no mail domain yet. Next steps:",
+        f"  1. add your domain:   {cli} domain add example.org",
+        f"  2. add a mailbox:     {cli} user add you@example.org   (asks for the password)",
+        f"  3. publish DNS:       {cli} dns example.org",
+        "  4. point Thunderbird at it: it finds these settings by itself (autoconfig), or enter:",
+    ]
+    names = {"imap": "IMAP", "pop3": "POP3", "smtp": "SMTP (outgoing)"}
+    security = {"SSL": "SSL/TLS", "STARTTLS": "STARTTLS"}
+    for entry in client_servers(config):
+        lines.append(f"       {names[entry.protocol]:<16} server {entry.host}  port {entry.port:<5}"
+                     f"  {security[entry.security]:<8}  normal password, "
+                     "user name = the full address")
+    if not client_servers(config):
+        lines.append("       (no IMAP, POP3 or submission listener is enabled in [listen])")
+    return "\n".join(lines)
+
+
+def _has_domains(config: Any) -> bool:
+    return bool(hosted_domain_names(config))
+
+
+def hosted_domain_names(config: Any) -> list[str]:
+    """The hosted domains, read synchronously (start-up runs before the reactor, and the admin
+    CLI has none)."""
+    try:
+        from mailsuite.directory.store import DirectoryStore  # type: ignore
+    except ImportError:
+        DirectoryStore = None
+    if DirectoryStore is not None:
+        store = DirectoryStore(config.database_url)
+        try:
+            return [getattr(d, "name", d) for d in store.list_domains()]
+        finally:
+            close = getattr(store, "close", None) or getattr(store, "dispose", None)
+            if close:
+                close()
+    # Fallback while the store is not there: read the domain table.
+    from sqlalchemy import create_engine, select
+
+    from mailsuite.directory.models import Domain
+
+    engine = create_engine(config.database_url)
+    try:
+        with engine.connect() as connection:
+            return list(connection.execute(select(Domain.name)).scalars())
+    finally:
+        engine.dispose()
+
+
+def _shell_quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
