@@ -1,18 +1,503 @@
-"""The queue runner: delivers every recipient of every spooled message (stub, being built)."""
+"""The queue runner: delivers every recipient of every spooled message, with retries and bounces.
+
+Life of an entry: `submit()` spools it (fsynced; then the SMTP server says 250) and attempts it at
+once. Each attempt claims the entry (flock, so several processes on one spool never work on it at
+the same time), delivers the due local recipients into Maildirs and hands the due remote ones to
+`remote_agent` (the courier), records each outcome in the envelope, and removes the entry once every
+recipient is sent or bounced. Deferred recipients wait for `retry_schedule`; past `max_age` they
+bounce. `on_bounce` / `on_delay` (installed by the courier) turn outcomes into DSNs.
+
+Waking up: a timer for the next due entry, a full rescan every `scan_interval` (entries of other
+processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds, which
+`mailsuite queue retry|release` touches so a running server acts within about a second.
+"""
 from __future__ import annotations
 
-from typing import Any
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.delivery.local import LocalDeliveryAgent
+from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
+                                   new_queue_id)
+
+log = Logger(namespace="mailsuite.queue")
+
+KICK_POLL = 0.5  # seconds between looks at the .kick file
+BUSY_RETRY = 5.0  # seconds before looking again at an entry another process has claimed
+NO_REMOTE = "451 4.3.2 no remote delivery configured"
+_RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
 class QueueRunner(Service):
+    """The twisted Service that owns the spool of one process (suite.queue)."""
+
+    name = "queue"
+    max_parallel = 16  # entries worked on at the same time by this process
+
     def __init__(self, suite: Any):
         self.suite = suite
-        self.remote_agent: Any = None
-        self.on_bounce: Any = None
-        self.on_delay: Any = None
+        self.spool = Spool(suite.config.queue_dir)
+        self.local_agent = LocalDeliveryAgent(suite)
+        # Installed by mailsuite.courier.install(suite):
+        self.remote_agent: Any = None  # .deliver(entry, recipients, message_path) -> Deferred
+        self.on_bounce: Any = None  # (entry, bounced recipients) -> None | Deferred
+        self.on_delay: Any = None  # (entry, still pending recipients) -> None | Deferred
+        self._due: dict[str, float] = {}  # id -> when it next needs an attempt (inf: never)
+        self._forced: set[str] = set()  # kick(): attempt every pending recipient now
+        self._inflight: dict[str, defer.Deferred] = {}
+        self._timer: Any = None
+        self._wake_call: Any = None
+        self._loops: list[task.LoopingCall] = []
+        self._kick_seen: int | None = None
+        self._scanning = False
+        self._stopping = False
 
-    def submit(self, sender: str, recipients: list, data: bytes, meta: dict) -> defer.Deferred:
-        raise NotImplementedError("queue not built yet")
+    @property
+    def config(self) -> Any:
+        return self.suite.config.queue
+
+    @property
+    def reactor(self) -> Any:
+        return self.suite.reactor
+
+    # -- public API ----------------------------------------------------------------------------
+    def submit(self, sender: str, recipients: list[tuple[str, Any]], data: bytes,
+               meta: dict[str, Any]) -> defer.Deferred:
+        """Spool a message; fires with its queue id once message and envelope are fsynced."""
+        now = self.reactor.seconds()
+        entry = QueueEntry(id=new_queue_id(now), sender=sender,
+                           recipients=expand_recipients(recipients), created=now,
+                           meta=dict(meta or {}))
+        if not entry.recipients:
+            return defer.fail(ValueError("a queue entry needs at least one recipient"))
+        d = self.suite.pools.io.run(self.spool.store, entry, data)
+
+        def stored(_: Any) -> str:
+            log.info("queue_id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
+                     "client={client} protocol={protocol} status=queued",
+                     queue_id=entry.id, sender=sender, size=len(data),
+                     nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
+                     protocol=entry.meta.get("protocol", ""))
+            if self.running and not self._stopping:
+                self._due[entry.id] = 0.0
+                self._wake()
+            return entry.id
+
+        return d.addCallback(stored)
+
+    def kick(self, entry_id: str | None = None) -> defer.Deferred:
+        """Attempt one entry (or all, with None) now, ignoring its retry time.
+
+        Fires when the attempt(s) this call started have finished.
+        """
+        if entry_id is None:
+            d = self._scan()
+            d.addCallback(lambda _: defer.gatherResults(
+                [self.kick(i) for i in list(self._due)], consumeErrors=True))
+            return d.addCallback(lambda _: None)
+        self._forced.add(entry_id)
+        if entry_id in self._inflight:
+            # Attempt again right after the one in progress.
+            return self._inflight[entry_id].addCallback(lambda _: self.kick(entry_id))
+        self._due[entry_id] = 0.0
+        return self._start(entry_id)
+
+    # -- service -------------------------------------------------------------------------------
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        d = self.suite.pools.io.run(self._startup_blocking)
+        d.addCallback(self._started)
+        d.addErrback(lambda f: log.failure("queue start-up failed", f))
+
+    def _startup_blocking(self) -> int:
+        self.spool.ensure()
+        for name in self.spool.cleanup():
+            log.info("queue: removed {name} left behind by a crash", name=name)
+        return self.spool.kick_mtime()
+
+    def _started(self, kick_mtime: int) -> None:
+        if self._stopping:
+            return
+        self._kick_seen = kick_mtime
+        scan = task.LoopingCall(self._scan)
+        scan.clock = self.reactor
+        kick = task.LoopingCall(self._check_kick)
+        kick.clock = self.reactor
+        self._loops = [scan, kick]
+        # The first scan delivers whatever a previous run (or a crash) left in the spool.
+        scan.start(max(self.config.scan_interval, 0.1), now=True).addErrback(
+            lambda f: log.failure("queue scan loop died", f))
+        kick.start(KICK_POLL, now=False).addErrback(
+            lambda f: log.failure("queue kick loop died", f))
+
+    def stopService(self) -> None:
+        # Attempts in progress are abandoned where they stand: what was delivered is already in
+        # the envelope (saved in the same io job as the Maildir writes), the rest stays pending.
+        # We must not start new io jobs: the pools stop right after us.
+        super().stopService()
+        self._stopping = True
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        for call in (self._timer, self._wake_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._timer = self._wake_call = None
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _scan(self) -> defer.Deferred:
+        """Re-read every envelope on disk (other processes, the admin CLI, a restart)."""
+        if self._scanning or self._stopping:
+            return defer.succeed(None)
+        self._scanning = True
+
+        def blocking() -> dict[str, float]:
+            self.spool.cleanup()
+            return {e.id: entry_due(e) for e in self.spool.entries()}
+
+        def scanned(found: dict[str, float]) -> None:
+            self._scanning = False
+            for queue_id in list(self._due):
+                if queue_id not in found and queue_id not in self._inflight:
+                    del self._due[queue_id]
+            for queue_id, due in found.items():
+                if queue_id not in self._inflight:
+                    self._due[queue_id] = due
+            self._pump()
+
+        def failed(f: Failure) -> None:
+            self._scanning = False
+            log.failure("queue scan failed", f)
+
+        return self.suite.pools.io.run(blocking).addCallbacks(scanned, failed)
+
+    def _check_kick(self) -> defer.Deferred | None:
+        if self._stopping:
+            return None
+
+        def seen(mtime: int) -> None:
+            if mtime != self._kick_seen:
+                self._kick_seen = mtime
+                log.info("queue: retry requested by the admin, rescanning")
+                self._scan()
+
+        d = self.suite.pools.io.run(self.spool.kick_mtime)
+        return d.addCallbacks(seen, lambda f: log.failure("queue kick check failed", f))
+
+    def _wake(self) -> None:
+        """Run _pump soon, once, from a clean stack (coalesces many wake-ups into one)."""
+        if self._stopping or not self.running:
+            return
+        if self._wake_call is None or not self._wake_call.active():
+            self._wake_call = self.reactor.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        """Start attempts for due entries, then sleep until the next one is due."""
+        if self._stopping or not self.running:
+            return
+        now = self.reactor.seconds()
+        waiting = [(due, i) for i, due in self._due.items() if i not in self._inflight]
+        waiting.sort()
+        for due, queue_id in waiting:
+            if due > now or len(self._inflight) >= self.max_parallel:
+                break
+            self._start(queue_id)
+        later = [due for i, due in self._due.items() if i not in self._inflight and due > now]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if later and len(self._inflight) < self.max_parallel:
+            delay = min(min(later) - now, self.config.scan_interval)
+            self._timer = self.reactor.callLater(max(delay, 0.01), self._pump)
+
+    def _start(self, queue_id: str) -> defer.Deferred:
+        if self._stopping or queue_id in self._inflight:
+            return defer.succeed(None)
+        d = self._attempt(queue_id, force=queue_id in self._forced)
+        self._forced.discard(queue_id)
+        self._inflight[queue_id] = d
+
+        def done(result: Any) -> Any:
+            self._inflight.pop(queue_id, None)
+            if isinstance(result, Failure):
+                log.failure("queue_id={queue_id}: attempt failed", result, queue_id=queue_id)
+                self._due[queue_id] = self.reactor.seconds() + BUSY_RETRY
+                result = None
+            elif result is None:
+                self._due.pop(queue_id, None)
+            else:
+                self._due[queue_id] = result
+            self._wake()
+            return None
+
+        return d.addBoth(done)
+
+    # -- one attempt ---------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _attempt(self, queue_id: str, force: bool = False) -> Any:
+        """Work on one entry; returns its next due time, or None once it is gone."""
+        work = yield self.suite.pools.io.run(self._attempt_local, queue_id, force)
+        if isinstance(work, float) or work is None:
+            return work  # claimed elsewhere (retry later), held (inf), or gone (None)
+        work.flush_logs()
+        try:
+            if self._stopping:
+                return None
+            yield self._attempt_remote(work)
+            if self._stopping:
+                return None
+            yield self._notify(work)
+            if self._stopping:
+                return None
+            due = yield self.suite.pools.io.run(self._finish_blocking, work)
+            work.claim = None  # released by _finish_blocking
+            return due
+        finally:
+            if work.claim is not None:
+                work.claim.release()
+
+    def _attempt_local(self, queue_id: str, force: bool) -> "_Work | float | None":
+        """io thread: claim, read the envelope, check for loops, deliver local recipients."""
+        claim = self.spool.claim(queue_id)
+        if claim is None:
+            if not os.path.exists(self.spool.envelope_path(queue_id)):
+                return None  # delivered and removed (by us or another process), or deleted
+            return self.reactor.seconds() + BUSY_RETRY  # another process is working on it
+        try:
+            entry = self.spool.load(queue_id)
+        except Exception:
+            claim.release()
+            raise
+        if entry.held:
+            claim.release()
+            return float("inf")
+        now = self.reactor.seconds()
+        work = _Work(claim=claim, entry=entry, now=now,
+                     message_path=self.spool.message_path(queue_id),
+                     retry_schedule=list(self.config.retry_schedule),
+                     max_age=float(self.config.max_age))
+        pending = [r for r in entry.recipients if r.state == "pending"]
+        due = [r for r in pending if force or r.next_attempt <= now]
+        if due and self._is_loop(queue_id):
+            # RFC 5321 §6.3: a message with too many trace headers is looping; bounce it,
+            # local recipients included, with RFC 3463 5.4.6 (routing loop detected).
+            limit = self.suite.config.queue.max_received_headers
+            detail = f"554 5.4.6 mail loop: more than {limit} Received headers"
+            work.record(due, [DeliveryResult(r.address, "bounced", detail, enhanced="5.4.6")
+                              for r in due], relay="local")
+            due = []
+        local = [r for r in due if r.local]
+        work.remote = [r for r in due if not r.local]
+        if local:
+            try:
+                results = self.local_agent.deliver_blocking(entry, local, work.message_path)
+            except Exception as e:  # never lose the entry over a bug: defer and log
+                log.failure("queue_id={queue_id}: local delivery crashed", queue_id=queue_id)
+                results = [DeliveryResult(r.address, "deferred", f"451 4.3.0 internal error: {e}")
+                           for r in local]
+            work.record(local, results, relay="local")
+        if work.changed:
+            # Save now, in the same job as the Maildir writes: a crash or stop while remote
+            # delivery runs must not deliver these local copies a second time.
+            self.spool.save(entry)
+            work.changed = False
+        return work
+
+    def _is_loop(self, queue_id: str) -> bool:
+        headers = self.spool.read_headers(queue_id)
+        return len(_RECEIVED.findall(headers)) > self.suite.config.queue.max_received_headers
+
+    @defer.inlineCallbacks
+    def _attempt_remote(self, work: "_Work") -> Any:
+        if not work.remote:
+            return
+        if self.remote_agent is None:
+            results = [DeliveryResult(r.address, "deferred", NO_REMOTE) for r in work.remote]
+        else:
+            try:
+                results = yield defer.maybeDeferred(self.remote_agent.deliver, work.entry,
+                                                    list(work.remote), work.message_path)
+            except Exception as e:
+                log.failure("queue_id={queue_id}: remote delivery failed",
+                            queue_id=work.entry.id)
+                results = [DeliveryResult(r.address, "deferred",
+                                          f"451 4.3.0 remote delivery error: {e}")
+                           for r in work.remote]
+        work.now = self.reactor.seconds()
+        work.record(work.remote, list(results or []), relay=None)
+        work.flush_logs()
+
+    @defer.inlineCallbacks
+    def _notify(self, work: "_Work") -> Any:
+        """Delay warning (once) and bounces, through the courier's hooks; never to <>."""
+        entry = work.entry
+        now = self.reactor.seconds()
+        pending = [r for r in entry.recipients if r.state == "pending"]
+        warn_after = self.suite.config.queue.delay_warning
+        if (pending and not entry.warned and warn_after > 0 and now - entry.created >= warn_after
+                and self.on_delay is not None and entry.sender):
+            entry.warned = True
+            work.changed = True
+            try:
+                yield defer.maybeDeferred(self.on_delay, entry, pending)
+            except Exception:
+                log.failure("queue_id={queue_id}: delay warning failed", queue_id=entry.id)
+        if not work.bounced:
+            return
+        if not entry.sender:
+            # RFC 3464 §4 / RFC 5321 §6.1: never bounce a bounce.
+            log.info("queue_id={queue_id}: no bounce for the null sender <>", queue_id=entry.id)
+            return
+        if self.on_bounce is None:
+            log.warn("queue_id={queue_id}: no bounce hook installed; {n} recipient(s) dropped "
+                     "without a DSN", queue_id=entry.id, n=len(work.bounced))
+            return
+        try:
+            yield defer.maybeDeferred(self.on_bounce, entry, list(work.bounced))
+        except Exception:
+            log.failure("queue_id={queue_id}: bounce generation failed", queue_id=entry.id)
+
+    def _finish_blocking(self, work: "_Work") -> float | None:
+        """io thread: remove the finished entry or save it, then release the claim."""
+        try:
+            entry = work.entry
+            if all(r.state != "pending" for r in entry.recipients):
+                self.spool.remove(entry.id)
+                log.info("queue_id={queue_id} status=removed", queue_id=entry.id)
+                return None
+            if work.changed:
+                self.spool.save(entry)
+            return entry_due(entry)
+        finally:
+            work.claim.release()
+
+
+@dataclass
+class _Work:
+    """One attempt in progress on a claimed entry."""
+
+    claim: Claim | None
+    entry: QueueEntry
+    now: float
+    message_path: str
+    retry_schedule: list[int] = field(default_factory=lambda: [300])
+    max_age: float = 5 * 24 * 3600
+    remote: list[Recipient] = field(default_factory=list)
+    bounced: list[Recipient] = field(default_factory=list)  # newly bounced in this attempt
+    changed: bool = False
+    # Log lines made in io threads are emitted from the reactor thread (flush_logs).
+    logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
+        default_factory=list)
+
+    def flush_logs(self) -> None:
+        logs, self.logs = self.logs, []
+        for args in logs:
+            log_attempt(*args)
+
+    def record(self, recipients: list[Recipient], results: Iterable[DeliveryResult],
+               relay: str | None) -> None:
+        """Apply results to the recipients (matched by address) and log one line each."""
+        by_address: dict[str, DeliveryResult] = {}
+        for result in results:
+            by_address.setdefault(result.address.lower(), result)
+        for rcpt in recipients:
+            result = by_address.get(rcpt.address.lower()) or DeliveryResult(
+                rcpt.address, "deferred", "451 4.3.0 no result from the delivery agent")
+            status = apply_result(self.entry, rcpt, result, self.now, self.retry_schedule,
+                                  self.max_age)
+            self.changed = True
+            if status == "bounced":
+                self.bounced.append(rcpt)
+            self.logs.append((self.entry, rcpt, status, result, self.now,
+                              relay or result.remote_mta or "none"))
+
+
+def apply_result(entry: QueueEntry, rcpt: Recipient, result: DeliveryResult, now: float,
+                 retry_schedule: list[int], max_age: float) -> str:
+    """Record one outcome on a recipient; returns the final status (a deferral can expire)."""
+    rcpt.attempts += 1
+    if result.remote_mta:
+        rcpt.remote_mta = result.remote_mta
+    if result.status == "sent":
+        rcpt.state = "sent"
+        rcpt.last_error = ""
+        return "sent"
+    rcpt.last_error = result.detail
+    if result.status == "bounced":
+        rcpt.state = "bounced"
+        return "bounced"
+    if now - entry.created >= max_age:
+        rcpt.state = "bounced"
+        rcpt.last_error = f"{result.detail} (gave up: in the queue longer than {max_age:g}s)"
+        return "bounced"
+    # The last value of the schedule repeats until max_age.
+    step = retry_schedule[min(rcpt.attempts - 1, len(retry_schedule) - 1)] if retry_schedule \
+        else 300
+    rcpt.next_attempt = now + step
+    return "deferred"
+
+
+def entry_due(entry: QueueEntry) -> float:
+    """When an entry next needs an attempt: the earliest pending retry time (inf if held/done)."""
+    if entry.held:
+        return float("inf")
+    times = [r.next_attempt for r in entry.recipients if r.state == "pending"]
+    return min(times) if times else 0.0
+
+
+def expand_recipients(recipients: Iterable[tuple[str, Any]]) -> list[Recipient]:
+    """RCPT addresses with their Routes -> delivery targets, duplicates collapsed.
+
+    Hosted: one local recipient per mailbox and one remote per forward target. Not hosted and
+    no targets: the address itself, remote. `original` keeps the RCPT address (DSNs).
+    """
+    seen: set[tuple[str, bool]] = set()
+    out: list[Recipient] = []
+    for address, route in recipients:
+        targets: list[tuple[str, bool]]
+        if route is None or not (route.mailboxes or route.remote):
+            targets = [] if (route is not None and route.hosted) else [(address, False)]
+        else:
+            targets = ([(m, True) for m in route.mailboxes]
+                       + [(r, False) for r in route.remote])
+        for target, local in targets:
+            key = (target.lower() if local else _fold_domain(target), local)
+            if key in seen:
+                continue
+            seen.add(key)
+            out.append(Recipient(address=target.lower() if local else target,
+                                 original=address, local=local))
+    return out
+
+
+def log_attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryResult,
+                now: float, relay: str) -> None:
+    """The Postfix-style line every mail admin greps for."""
+    detail = result.detail.replace("\\", "\\\\").replace('"', '\\"')
+    if rcpt.state == "bounced" and status == "bounced":
+        detail = rcpt.last_error.replace("\\", "\\\\").replace('"', '\\"')
+    fields = dict(queue_id=entry.id, sender=entry.sender, rcpt=rcpt.address,
+                  status=status, delay=f"{max(now - entry.created, 0):.1f}", relay=relay,
+                  attempts=rcpt.attempts, detail=detail, orig=rcpt.original)
+    text = ('queue_id={queue_id} from=<{sender}> to=<{rcpt}> status={status} delay={delay}s '
+            'relay={relay} attempts={attempts} detail="{detail}"')
+    if rcpt.original.lower() != rcpt.address.lower():
+        text += " orig_to=<{orig}>"
+    if status == "deferred":
+        log.warn(text, **fields)
+    else:
+        log.info(text, **fields)
+
+
+def _fold_domain(address: str) -> str:
+    local, at, domain = address.rpartition("@")
+    return f"{local}{at}{domain.lower()}" if at else address
