@@ -2,6 +2,10 @@
 
 Protocol code uses only the asynchronous `Directory` (every method returns a Deferred and does its
 SQL and hashing in mailsuite's own thread pools). The admin CLI uses the synchronous
-`DirectoryStore` directly.
+`DirectoryStore` directly. Routing rules are described in `mailsuite.directory.store`.
 """
-from mailsuite.directory.api import Directory, DirectoryError, Route  # noqa: F401
+from mailsuite.directory.api import Directory, DirectoryChecker  # noqa: F401
+from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401
+                                         DirectoryUnavailable, DomainInfo, Route, UserInfo)
+from mailsuite.directory.store import DirectoryStore  # noqa: F401
+from mailsuite.directory.throttle import LoginThrottle  # noqa: F401

@@ -1,33 +1,142 @@
-"""Contract of the directory (to be implemented; see issue 2)."""
+"""The asynchronous directory the protocols use: `suite.directory`.
+
+Every method returns a Deferred. SQL runs in `pools.db`, password hashing in `pools.hash`
+(TWISTED-NOTES §8), each call is its own unit of work on `DirectoryStore`, and results are plain
+data. Nothing is cached, so `mailsuite user add` in another process takes effect at once.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
 
-class DirectoryError(Exception):
-    """A refused directory change (unknown domain, duplicate user, invalid address...)."""
+from mailsuite.directory import passwords
+from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
+                                         DirectoryUnavailable, DomainInfo, Route, UserInfo)
+from mailsuite.directory.store import DirectoryStore
+from mailsuite.directory.throttle import LoginThrottle
 
+log = Logger()
 
-@dataclass(frozen=True)
-class Route:
-    """Where mail for one RCPT address goes.
-
-    hosted:    the domain is one of ours.
-    mailboxes: canonical user addresses whose Maildir receives a copy (aliases expanded, nested,
-               loop-safe, +tag stripped, duplicates collapsed).
-    remote:    addresses outside our domains that an alias forwards to.
-    An address of a hosted domain with neither mailboxes nor remote targets does not exist (550).
-    """
-
-    address: str
-    hosted: bool
-    mailboxes: tuple[str, ...] = field(default_factory=tuple)
-    remote: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def exists(self) -> bool:
-        return bool(self.mailboxes or self.remote)
+__all__ = ["Directory", "DirectoryChecker", "DirectoryError", "DirectoryUnavailable", "Route",
+           "LoginThrottle"]
 
 
 class Directory:
-    """Asynchronous directory used by the protocols: see the implementation."""
+    """Who exists and who may do what, for protocol code on the reactor thread.
+
+    `authenticate(address, password, client_ip=None)` fires with the canonical address or fails
+    with `UnauthorizedLogin` (unknown user, wrong password, disabled account: indistinguishable to
+    the client, and equally slow). A database outage fails with `DirectoryUnavailable` instead:
+    answer it as a temporary error (SMTP 454 4.7.0, IMAP NO [UNAVAILABLE]).
+    With `client_ip`, failures feed `self.throttle` and their answer is held back by its delay.
+    """
+
+    def __init__(self, config: Any, pools: Any, reactor: Any = None):
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        self.config = config
+        self.pools = pools
+        self.reactor = reactor
+        self.store = DirectoryStore(config.database_url,
+                                    admin_address=config.server.admin_address)
+        self.throttle = LoginThrottle(delay=config.limits.auth_failure_delay, clock=reactor)
+
+    def prepare(self) -> None:
+        """Create or upgrade the schema (synchronous: called once before listening)."""
+        self.store.prepare()
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- look-ups -----------------------------------------------------------------------------
+    def route(self, address: str) -> defer.Deferred:
+        """Deferred[Route] for one recipient address."""
+        return self.pools.db.run(self.store.route, address)
+
+    def sender_addresses(self, user: str) -> defer.Deferred:
+        """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From."""
+        return self.pools.db.run(self.store.sender_addresses, user)
+
+    def is_hosted(self, domain: str) -> defer.Deferred:
+        """Deferred[bool]"""
+        return self.pools.db.run(self.store.is_hosted, domain)
+
+    def user_exists(self, address: str) -> defer.Deferred:
+        """Deferred[bool]: a user account (not an alias) with this address exists."""
+        return self.pools.db.run(self.store.user_exists, address)
+
+    # -- authentication -----------------------------------------------------------------------
+    def authenticate(self, address: str | bytes, password: str | bytes,
+                     client_ip: str | None = None) -> defer.Deferred:
+        """Deferred[str canonical address]; errback UnauthorizedLogin (see the class docstring)."""
+        return defer.ensureDeferred(self._authenticate(address, password, client_ip))
+
+    def checker(self, client_ip: str | None = None) -> "DirectoryChecker":
+        """A twisted.cred checker for IUsernamePassword; avatarId = canonical address (str).
+        Protocols that know the peer pass `client_ip` so that failures are throttled."""
+        return DirectoryChecker(self, client_ip)
+
+    async def _authenticate(self, address: str | bytes, password: str | bytes,
+                            client_ip: str | None) -> str:
+        if isinstance(address, bytes):
+            try:
+                address = address.decode("utf-8")
+            except UnicodeDecodeError:
+                address = address.decode("latin-1")  # cannot match a user; logged below
+        record = await self.pools.db.run(self.store.password_record, address)
+        if record is None:
+            # Same work as a real check, so response time does not reveal which users exist.
+            await self.pools.hash.run(passwords.dummy_verify)
+            return await self._refuse(address, client_ip, "unknown user")
+        canonical, stored, enabled = record
+        ok, new_hash = await self.pools.hash.run(passwords.verify_password, password, stored)
+        if not ok:
+            return await self._refuse(canonical, client_ip, "wrong password")
+        if not enabled:
+            return await self._refuse(canonical, client_ip, "account disabled")
+        if new_hash is not None:
+            try:
+                replaced = await self.pools.db.run(self.store.replace_password_hash, canonical,
+                                                   stored, new_hash)
+            except DirectoryError as e:
+                replaced = False
+                log.warn("could not store the new password hash of {address}: {error}",
+                         address=canonical, error=str(e))
+            if replaced:
+                log.info("rehashed the password of {address} with {scheme}", address=canonical,
+                         scheme=new_hash.split("$")[1] if new_hash.startswith("$") else "?")
+        if client_ip is not None:
+            self.throttle.succeeded(client_ip)
+        return canonical
+
+    async def _refuse(self, address: str, client_ip: str | None, reason: str) -> str:
+        log.info("authentication failed for {address} from {client_ip}: {reason}",
+                 address=address, client_ip=client_ip or "-", reason=reason)
+        if client_ip is not None:
+            delay = self.throttle.failed(client_ip)
+            if delay > 0:
+                await task.deferLater(self.reactor, delay, lambda: None)
+        raise UnauthorizedLogin("authentication failed")
+
+
+@implementer(ICredentialsChecker)
+class DirectoryChecker:
+    """ICredentialsChecker for IUsernamePassword against the directory."""
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(self, directory: Directory, client_ip: str | None = None):
+        self.directory = directory
+        self.client_ip = client_ip
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        return self.directory.authenticate(credentials.username, credentials.password,
+                                           self.client_ip)

@@ -1,0 +1,71 @@
+"""SQLAlchemy 2 models of the directory: Domain, User, Alias.
+
+Addresses are stored in canonical form (lower-case, A-label domain) so that lookups are plain
+equality on an indexed column, on SQLite and PostgreSQL alike (no dialect-specific collations).
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from sqlalchemy import (Boolean, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Domain(Base):
+    __tablename__ = "ms_domain"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(253), unique=True, nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                              nullable=False)
+
+    users: Mapped[list["User"]] = relationship(back_populates="domain", passive_deletes=True)
+    aliases: Mapped[list["Alias"]] = relationship(back_populates="domain", passive_deletes=True)
+
+
+class User(Base):
+    __tablename__ = "ms_user"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # 64 octets of local part + @ + 253 of domain (RFC 5321 §4.5.3.1); 320 leaves room for UTF-8.
+    address: Mapped[str] = mapped_column(String(320), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(512), nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True, nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                              nullable=False)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("ms_domain.id", ondelete="CASCADE"),
+                                           nullable=False, index=True)
+
+    domain: Mapped[Domain] = relationship(back_populates="users")
+
+
+class Alias(Base):
+    """One (source, target) pair: a source with several targets has several rows.
+
+    source is a canonical address of a hosted domain or `@domain` (catch-all); target is any
+    valid address, local or remote (a remote local part keeps its case).
+    """
+
+    __tablename__ = "ms_alias"
+    __table_args__ = (
+        UniqueConstraint("source", "target", name="uq_ms_alias_source_target"),
+        Index("ix_ms_alias_target", "target"),  # reverse look-ups for sender_addresses()
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    source: Mapped[str] = mapped_column(String(320), nullable=False, index=True)
+    target: Mapped[str] = mapped_column(String(320), nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                              nullable=False)
+    domain_id: Mapped[int] = mapped_column(ForeignKey("ms_domain.id", ondelete="CASCADE"),
+                                           nullable=False, index=True)
+
+    domain: Mapped[Domain] = relationship(back_populates="aliases")

@@ -1,0 +1,576 @@
+"""`DirectoryStore`: the synchronous directory (SQLAlchemy), used by the admin CLI directly and by
+the asynchronous `Directory` through its thread pools.
+
+Every method is one unit of work with its own Session and returns plain data. Nothing is cached
+between calls, so a change made by the CLI (another process) is seen by a running server at its
+next look-up.
+
+Routing rules (`route`), in order, for `local@domain` of a hosted domain:
+1. an exact alias source `local@domain` (aliases win over a user of the same address, as Postfix's
+   virtual_alias_maps do; list the address itself among the targets to keep a copy);
+2. a user `local@domain` (disabled users still receive mail: disabling stops logins only);
+3. `postmaster@domain` (RFC 5321 §4.5.1) when neither exists: `[server] admin_address`; if that
+   is empty, the oldest user of that domain, else the oldest user of any domain;
+4. with a subaddress `base+tag@domain` (RFC 5233), rules 1-3 for `base@domain`;
+5. the catch-all `@domain`.
+Targets are expanded recursively with the same rules (nested aliases, tags, catch-alls), at most
+`MAX_DEPTH` levels; an address met again on the way (a cycle) contributes its mailbox if it is a
+user and nothing otherwise, so cycles terminate. Duplicates are collapsed, order of first
+appearance kept.
+"""
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+from sqlalchemy import create_engine, delete, event, func, or_, select, update
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.orm import Session
+from twisted.logger import Logger
+
+from mailsuite.directory import passwords
+from mailsuite.directory.addresses import (alias_source, canonical_address, loose_split,
+                                           normalize_domain, remote_address, split_address,
+                                           strip_tag)
+from mailsuite.directory.models import Alias, Base, Domain, User
+from mailsuite.directory.records import (AliasInfo, DirectoryError, DirectoryUnavailable,
+                                         DomainInfo, Route, UserInfo)
+
+log = Logger()
+
+MAX_DEPTH = 20  # nesting levels of aliases followed before giving up
+MAX_ADDRESSES = 1000  # distinct addresses expanded for one recipient (Postfix's limit too)
+SQLITE_BUSY_TIMEOUT_MS = 10_000
+
+
+class DirectoryStore:
+    """Synchronous access to domains, users and aliases in the database at `url`."""
+
+    def __init__(self, url: str, admin_address: str = ""):
+        self.url = url
+        self.admin_address = admin_address.strip()
+        self.engine = _make_engine(url)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Create the tables that do not exist yet (idempotent; safe on every start-up)."""
+        with _translate_errors(self.url):
+            Base.metadata.create_all(self.engine)
+
+    # -- domains ------------------------------------------------------------------------------
+    def add_domain(self, name: str) -> str:
+        domain = normalize_domain(name)
+        with self._unit(write=True) as s:
+            if s.scalar(select(Domain.id).where(Domain.name == domain)) is not None:
+                raise DirectoryError(f"domain {domain} already exists")
+            s.add(Domain(name=domain))
+        return domain
+
+    def list_domains(self) -> list[DomainInfo]:
+        with self._unit() as s:
+            users = (select(User.domain_id, func.count().label("n")).group_by(User.domain_id)
+                     .subquery())
+            aliases = (select(Alias.domain_id, func.count(func.distinct(Alias.source)).label("n"))
+                       .group_by(Alias.domain_id).subquery())
+            rows = s.execute(
+                select(Domain.name, Domain.created, func.coalesce(users.c.n, 0),
+                       func.coalesce(aliases.c.n, 0))
+                .outerjoin(users, users.c.domain_id == Domain.id)
+                .outerjoin(aliases, aliases.c.domain_id == Domain.id)
+                .order_by(Domain.name)).all()
+        return [DomainInfo(name, _aware(created), int(nu), int(na)) for name, created, nu, na in rows]
+
+    def remove_domain(self, name: str, force: bool = False) -> tuple[int, int]:
+        """Remove a domain; (users removed, alias sources removed). Refuses while it still has users
+        or aliases, unless `force`. Mail on disk is left alone."""
+        domain = normalize_domain(name)
+        with self._unit(write=True) as s:
+            domain_id = self._domain_id(s, domain)
+            users = s.scalar(select(func.count()).where(User.domain_id == domain_id)) or 0
+            aliases = s.scalar(select(func.count(func.distinct(Alias.source)))
+                               .where(Alias.domain_id == domain_id)) or 0
+            if (users or aliases) and not force:
+                raise DirectoryError(
+                    f"domain {domain} still has {_plural(users, 'user')} and "
+                    f"{_plural(aliases, 'alias', 'aliases')}; remove them first or use --force")
+            # Explicit deletes: SQLite enforces ON DELETE CASCADE only with foreign_keys=ON,
+            # which a database opened by another tool may not have.
+            s.execute(delete(Alias).where(Alias.domain_id == domain_id))
+            s.execute(delete(User).where(User.domain_id == domain_id))
+            s.execute(delete(Domain).where(Domain.id == domain_id))
+        return users, aliases
+
+    def is_hosted(self, name: str) -> bool:
+        try:
+            domain = normalize_domain(name)
+        except DirectoryError:
+            return False
+        with self._unit() as s:
+            return s.scalar(select(Domain.id).where(Domain.name == domain)) is not None
+
+    # -- users --------------------------------------------------------------------------------
+    def add_user(self, address: str, password: str) -> str:
+        canonical = canonical_address(address)
+        _check_password(password)
+        password_hash = passwords.hash_password(password)  # outside the transaction: slow
+        domain = canonical.rpartition("@")[2]
+        with self._unit(write=True) as s:
+            domain_id = self._domain_id(s, domain)
+            if s.scalar(select(User.id).where(User.address == canonical)) is not None:
+                raise DirectoryError(f"user {canonical} already exists")
+            s.add(User(address=canonical, password_hash=password_hash, domain_id=domain_id))
+        return canonical
+
+    def list_users(self, domain: str | None = None) -> list[UserInfo]:
+        with self._unit() as s:
+            query = select(User.address, User.enabled, User.created).order_by(User.address)
+            if domain is not None:
+                query = query.where(User.domain_id == self._domain_id(s, normalize_domain(domain)))
+            rows = s.execute(query).all()
+        return [UserInfo(address, bool(enabled), _aware(created)) for address, enabled, created in rows]
+
+    def get_user(self, address: str) -> UserInfo | None:
+        canonical = canonical_address(address)
+        with self._unit() as s:
+            row = s.execute(select(User.address, User.enabled, User.created)
+                            .where(User.address == canonical)).first()
+        return UserInfo(row[0], bool(row[1]), _aware(row[2])) if row else None
+
+    def user_exists(self, address: str) -> bool:
+        try:
+            return self.get_user(address) is not None
+        except DirectoryUnavailable:
+            raise
+        except DirectoryError:
+            return False
+
+    def remove_user(self, address: str) -> str:
+        """Remove a user (aliases pointing at it stay, and so does its Maildir)."""
+        canonical = canonical_address(address)
+        with self._unit(write=True) as s:
+            if not s.execute(delete(User).where(User.address == canonical)).rowcount:
+                raise DirectoryError(self._no_user(s, canonical))
+        return canonical
+
+    def set_password(self, address: str, password: str) -> str:
+        canonical = canonical_address(address)
+        _check_password(password)
+        password_hash = passwords.hash_password(password)
+        with self._unit(write=True) as s:
+            result = s.execute(update(User).where(User.address == canonical)
+                               .values(password_hash=password_hash))
+            if not result.rowcount:
+                raise DirectoryError(self._no_user(s, canonical))
+        return canonical
+
+    def set_password_hash(self, address: str, password_hash: str) -> str:
+        """Store an existing hash as is (import from Dovecot or another server)."""
+        canonical = canonical_address(address)
+        with self._unit(write=True) as s:
+            result = s.execute(update(User).where(User.address == canonical)
+                               .values(password_hash=password_hash))
+            if not result.rowcount:
+                raise DirectoryError(self._no_user(s, canonical))
+        return canonical
+
+    def set_enabled(self, address: str, enabled: bool) -> str:
+        canonical = canonical_address(address)
+        with self._unit(write=True) as s:
+            result = s.execute(update(User).where(User.address == canonical)
+                               .values(enabled=enabled))
+            if not result.rowcount:
+                raise DirectoryError(self._no_user(s, canonical))
+        return canonical
+
+    # -- passwords (for Directory.authenticate; hashing itself happens in the caller) ----------
+    def password_record(self, address: str) -> tuple[str, str, bool] | None:
+        """(canonical address, stored hash, enabled) of a user, or None."""
+        parts = loose_split(address)
+        if parts is None:
+            return None
+        canonical = "@".join(parts)
+        with self._unit() as s:
+            row = s.execute(select(User.address, User.password_hash, User.enabled)
+                            .where(User.address == canonical)).first()
+        return (row[0], row[1], bool(row[2])) if row else None
+
+    def replace_password_hash(self, address: str, old_hash: str, new_hash: str) -> bool:
+        """Swap in a rehashed password unless it was changed meanwhile (compare-and-set: a
+        `mailsuite user passwd` racing with a login must win)."""
+        with self._unit(write=True) as s:
+            result = s.execute(update(User)
+                               .where(User.address == address, User.password_hash == old_hash)
+                               .values(password_hash=new_hash))
+            return bool(result.rowcount)
+
+    # -- aliases ------------------------------------------------------------------------------
+    def add_alias(self, source: str, targets: list[str]) -> AliasInfo:
+        """Add source -> each target. The source must be in a hosted domain (or `@domain`, a
+        catch-all); targets are any valid addresses, local or remote."""
+        canonical_source, domain = alias_source(source)
+        if not targets:
+            raise DirectoryError(f"alias {canonical_source} needs at least one target")
+        with self._unit(write=True) as s:
+            domain_id = s.scalar(select(Domain.id).where(Domain.name == domain))
+            if domain_id is None:
+                raise DirectoryError(f"alias source {canonical_source} is not in a hosted domain "
+                                     f"(add it with: mailsuite domain add {domain})")
+            hosted = set(s.scalars(select(Domain.name)))
+            canonical_targets: list[str] = []
+            for target in targets:
+                if isinstance(target, str) and target.strip().startswith("@"):
+                    raise DirectoryError(f"invalid alias target {target!r}: a target is a full "
+                                         "address")
+                local, target_domain = split_address(target)
+                canonical = (f"{local.lower()}@{target_domain}" if target_domain in hosted
+                             else f"{local}@{target_domain}")
+                if canonical == canonical_source:
+                    raise DirectoryError(f"alias {canonical_source} cannot point to itself")
+                if canonical not in canonical_targets:
+                    canonical_targets.append(canonical)
+            existing = set(s.scalars(select(Alias.target).where(
+                Alias.source == canonical_source, Alias.target.in_(canonical_targets))))
+            if existing:
+                raise DirectoryError(f"alias {canonical_source} -> {sorted(existing)[0]} "
+                                     "already exists")
+            for canonical in canonical_targets:
+                s.add(Alias(source=canonical_source, target=canonical, domain_id=domain_id))
+        return AliasInfo(canonical_source, tuple(canonical_targets))
+
+    def list_aliases(self, domain: str | None = None) -> list[AliasInfo]:
+        with self._unit() as s:
+            query = select(Alias.source, Alias.target).order_by(Alias.source, Alias.id)
+            if domain is not None:
+                query = query.where(Alias.domain_id == self._domain_id(s, normalize_domain(domain)))
+            rows = s.execute(query).all()
+        grouped: dict[str, list[str]] = {}
+        for source, target in rows:
+            grouped.setdefault(source, []).append(target)
+        return [AliasInfo(source, tuple(targets)) for source, targets in grouped.items()]
+
+    def remove_alias(self, source: str, targets: list[str] | None = None) -> int:
+        """Remove the given targets of `source` (all of them when none are given); the number of
+        rows removed. Every named target must exist."""
+        canonical_source, _domain = alias_source(source)
+        with self._unit(write=True) as s:
+            rows = dict(s.execute(select(Alias.target, Alias.id)
+                                  .where(Alias.source == canonical_source)).all())
+            if not rows:
+                raise DirectoryError(f"no alias {canonical_source}")
+            if not targets:
+                ids = list(rows.values())
+            else:
+                by_lower = {t.lower(): i for t, i in rows.items()}
+                ids = []
+                for target in targets:
+                    key = target.strip()
+                    found = rows.get(key, by_lower.get(key.lower()))
+                    if found is None:
+                        raise DirectoryError(f"alias {canonical_source} has no target {key}")
+                    ids.append(found)
+            s.execute(delete(Alias).where(Alias.id.in_(ids)))
+        return len(set(ids))
+
+    # -- look-ups for the protocols --------------------------------------------------------
+    def route(self, address: str) -> Route:
+        """Where mail for `address` goes (see the module docstring for the rules)."""
+        with self._unit() as s:
+            return _Resolver(s, self.admin_address).route(address)
+
+    def sender_addresses(self, user: str) -> frozenset[str]:
+        """The user's own address plus every non-catch-all alias source that reaches it."""
+        parts = loose_split(user)
+        if parts is None:
+            return frozenset()
+        canonical = "@".join(parts)
+        with self._unit() as s:
+            resolver = _Resolver(s, self.admin_address)
+            candidates = _reverse_sources(s, canonical)
+            found = {canonical}
+            for source in candidates:
+                if canonical in resolver.route(source).mailboxes:
+                    found.add(source)
+        return frozenset(found)
+
+    # -- helpers ------------------------------------------------------------------------------
+    @contextmanager
+    def _unit(self, write: bool = False) -> Iterator[Session]:
+        """One unit of work: a Session in a transaction, committed on success.
+
+        On SQLite a writing unit starts with BEGIN IMMEDIATE: it waits (busy_timeout) for the
+        write lock up front instead of failing half-way when the server and the CLI write at once.
+        """
+        with _translate_errors(self.url):
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(mailsuite_write=True)
+                with Session(bind=conn, expire_on_commit=False) as session:
+                    with session.begin():
+                        yield session
+
+    @staticmethod
+    def _domain_id(s: Session, domain: str) -> int:
+        domain_id = s.scalar(select(Domain.id).where(Domain.name == domain))
+        if domain_id is None:
+            raise DirectoryError(f"unknown domain {domain}")
+        return domain_id
+
+    @staticmethod
+    def _no_user(s: Session, canonical: str) -> str:
+        domain = canonical.rpartition("@")[2]
+        if s.scalar(select(Domain.id).where(Domain.name == domain)) is None:
+            return f"unknown domain {domain}"
+        return f"no user {canonical}"
+
+
+class _Resolver:
+    """Routing within one Session; memoises look-ups for the duration of one call only."""
+
+    def __init__(self, session: Session, admin_address: str):
+        self.s = session
+        self.admin_address = admin_address
+        self._hosted: dict[str, bool] = {}
+        self._users: dict[str, bool] = {}
+        self._targets: dict[str, list[str]] = {}
+
+    def route(self, address: str) -> Route:
+        text = address.strip()
+        if text.startswith("<") and text.endswith(">"):
+            text = text[1:-1]
+        if text.lower() == "postmaster":
+            # RFC 5321 §4.5.1: "RCPT TO:<Postmaster>" without a domain must be accepted.
+            out = _Targets()
+            self._postmaster(None, frozenset({"postmaster"}), 0, out)
+            return Route("postmaster", True, tuple(out.mailboxes), tuple(out.remote))
+        parts = loose_split(text)
+        if parts is None:
+            return Route(text, False)
+        local, domain = parts
+        if not self.hosted(domain):
+            original_local = text.rpartition("@")[0]
+            return Route(f"{original_local}@{domain}", False)
+        canonical = f"{local}@{domain}"
+        out = _Targets()
+        self._expand(canonical, frozenset(), 0, out)
+        return Route(canonical, True, tuple(out.mailboxes), tuple(out.remote))
+
+    # Look-ups -------------------------------------------------------------------------------
+    def hosted(self, domain: str) -> bool:
+        if domain not in self._hosted:
+            self._hosted[domain] = self.s.scalar(
+                select(Domain.id).where(Domain.name == domain)) is not None
+        return self._hosted[domain]
+
+    def is_user(self, address: str) -> bool:
+        if address not in self._users:
+            self._users[address] = self.s.scalar(
+                select(User.id).where(User.address == address)) is not None
+        return self._users[address]
+
+    def targets(self, source: str) -> list[str]:
+        if source not in self._targets:
+            self._targets[source] = list(self.s.scalars(
+                select(Alias.target).where(Alias.source == source).order_by(Alias.id)))
+        return self._targets[source]
+
+    # Expansion ------------------------------------------------------------------------------
+    def _expand(self, address: str, visiting: frozenset[str], depth: int, out: "_Targets") -> None:
+        parts = loose_split(address)
+        if parts is None:
+            return
+        local, domain = parts
+        if not self.hosted(domain):
+            out.remote[address] = None
+            return
+        address = f"{local}@{domain}"
+        if address in out.done:
+            return  # already expanded in this call: its targets are in `out` (keeps DAGs linear)
+        out.done.add(address)
+        if depth > MAX_DEPTH or len(out.done) > MAX_ADDRESSES:
+            log.warn("alias expansion stopped at {address}: more than {depth} levels or "
+                     "{count} addresses", address=address, depth=MAX_DEPTH, count=MAX_ADDRESSES)
+            return
+        if self._expand_exact(address, visiting, depth, out):
+            return
+        base = strip_tag(local)
+        if base and self._expand_exact(f"{base}@{domain}", visiting | {address}, depth, out):
+            return
+        catch_all = "@" + domain
+        if catch_all not in visiting and self.targets(catch_all):
+            self._expand_targets(catch_all, self.targets(catch_all),
+                                 visiting | {address, catch_all}, depth, out)
+
+    def _expand_exact(self, address: str, visiting: frozenset[str], depth: int,
+                      out: "_Targets") -> bool:
+        """Rules 1-3 for exactly `address`; False when none applies."""
+        targets = self.targets(address)
+        if targets:
+            self._expand_targets(address, targets, visiting | {address}, depth, out)
+            return True
+        if self.is_user(address):
+            out.mailboxes[address] = None
+            return True
+        local, _, domain = address.rpartition("@")
+        if local == "postmaster":
+            return self._postmaster(domain, visiting | {address}, depth, out)
+        return False
+
+    def _expand_targets(self, source: str, targets: list[str], visiting: frozenset[str],
+                        depth: int, out: "_Targets") -> None:
+        for target in targets:
+            parts = loose_split(target)
+            if parts is None:
+                continue
+            canonical = "@".join(parts) if self.hosted(parts[1]) else target
+            if canonical in visiting:
+                # A cycle (or an alias listing its own address to keep a copy): deliver to the
+                # mailbox if there is one, and do not follow it again.
+                if self.is_user(canonical):
+                    out.mailboxes[canonical] = None
+                continue
+            self._expand(canonical, visiting, depth + 1, out)
+
+    def _postmaster(self, domain: str | None, visiting: frozenset[str], depth: int,
+                    out: "_Targets") -> bool:
+        """The implicit postmaster: admin_address, else the oldest user of the domain, else the
+        oldest user of any domain."""
+        target = self.admin_address
+        if target and loose_split(target) is None:
+            log.warn("[server] admin_address {address!r} is not an address: ignored",
+                     address=target)
+            target = ""
+        if not target:
+            query = select(User.address).order_by(User.created, User.id).limit(1)
+            if domain is not None:
+                target = self.s.scalar(query.join(Domain).where(Domain.name == domain)) or ""
+            target = target or self.s.scalar(query) or ""
+        if not target:
+            return False
+        before = len(out.mailboxes) + len(out.remote)
+        self._expand_targets("postmaster", [target], visiting, depth, out)
+        return len(out.mailboxes) + len(out.remote) > before
+
+
+class _Targets:
+    """Ordered sets (dicts) of the mailboxes and remote addresses found so far."""
+
+    def __init__(self) -> None:
+        self.mailboxes: dict[str, None] = {}
+        self.remote: dict[str, None] = {}
+        self.done: set[str] = set()
+
+
+def _reverse_sources(s: Session, user: str) -> list[str]:
+    """Alias sources that may reach `user`: a superset, confirmed by forward routing afterwards.
+
+    Walks alias rows backwards from the user: rows whose target is the address or a +tag form of
+    it; through a catch-all `@domain`, every row whose target is in that domain.
+    """
+    seen: set[str] = {user}
+    frontier = [user]
+    candidates: list[str] = []
+    while frontier and len(seen) < 10_000:
+        address = frontier.pop()
+        if address.startswith("@"):
+            condition = Alias.target.like("%" + _like_escape(address), escape="\\")
+        else:
+            local, _, domain = address.rpartition("@")
+            condition = or_(
+                func.lower(Alias.target) == address,
+                func.lower(Alias.target).like(_like_escape(local) + "+%@" + _like_escape(domain),
+                                              escape="\\"))
+        for source in s.scalars(select(Alias.source).where(condition).distinct()):
+            if source in seen:
+                continue
+            seen.add(source)
+            frontier.append(source)
+            if not source.startswith("@"):
+                candidates.append(source)
+    return sorted(candidates)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _aware(value: datetime) -> datetime:
+    # SQLite has no time zones: what went in as UTC comes back naive.
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value
+
+
+def _check_password(password: str) -> None:
+    if not password:
+        raise DirectoryError("empty password refused")
+    if any(c in password for c in "\r\n\0"):
+        raise DirectoryError("password must not contain line breaks or NUL characters")
+
+
+def _plural(n: int, word: str, plural: str | None = None) -> str:
+    return f"{n} {word if n == 1 else (plural or word + 's')}"
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DirectoryError(f"invalid database URL {url!r}")
+    try:
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database or ""
+            if database and database != ":memory:" and not database.startswith("file:"):
+                directory = os.path.dirname(os.path.abspath(database))
+                try:
+                    os.makedirs(directory, mode=0o700, exist_ok=True)
+                except OSError as e:
+                    raise DirectoryError(f"cannot create {directory}: {e.strerror}")
+            engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+            event.listen(engine, "connect", _sqlite_connect)
+            event.listen(engine, "begin", _sqlite_begin)
+            return engine
+        return create_engine(parsed, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    except NoSuchModuleError:
+        raise DirectoryError(f"unsupported database URL {parsed.render_as_string()!r} "
+                             "(use sqlite:///PATH or postgresql+psycopg://...)")
+    except ImportError as e:
+        raise DirectoryError(f"database driver missing for {parsed.drivername}: {e}")
+
+
+def _sqlite_connect(dbapi_connection, _record) -> None:
+    # Autocommit at the driver level, so that _sqlite_begin decides how transactions start.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # WAL: readers (the server) never block the writer (the CLI) and vice versa.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable across application crashes in WAL mode
+    cursor.close()
+
+
+def _sqlite_begin(conn) -> None:
+    write = conn.get_execution_options().get("mailsuite_write")
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+@contextmanager
+def _translate_errors(url: str) -> Iterator[None]:
+    """Database failures become one-line DirectoryErrors (DirectoryUnavailable when temporary)."""
+    try:
+        yield
+    except IntegrityError as e:
+        # Lost a race with a concurrent writer (two `user add` at once): same message as the check.
+        raise DirectoryError(f"conflicting change in the database: {_first_line(e.orig)}")
+    except DBAPIError as e:
+        safe_url = make_url(url).render_as_string(hide_password=True)
+        raise DirectoryUnavailable(f"database {safe_url}: {_first_line(e.orig)}")
+
+
+def _first_line(error: BaseException | None) -> str:
+    text = str(error).strip() if error is not None else "error"
+    return text.splitlines()[0] if text else type(error).__name__
