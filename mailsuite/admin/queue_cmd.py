@@ -1,0 +1,202 @@
+"""`mailsuite queue list|show|retry|delete|hold|release`: look at and steer the mail queue.
+
+Works on the spool files directly, so it needs no running server, and takes the same flock as
+the queue runner before changing an entry (a delivery in progress is waited for, briefly).
+A running server notices `retry` and `release` within about a second: they touch
+`<queue_dir>/.kick`, which the runner polls (mailsuite/queue/runner.py, KICK_POLL).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from mailsuite.admin.cli import CommandError
+from mailsuite.queue.spool import QueueEntry, Spool, SpoolError
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser("queue", help="inspect and manage the mail queue")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.required = True
+
+    p = actions.add_parser("list", help="every queued message with its recipients' states")
+    p.set_defaults(func=cmd_list)
+
+    p = actions.add_parser("show", help="one entry: envelope and message headers")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_show)
+
+    p = actions.add_parser("retry", help="attempt delivery now (a running server acts within ~1s)")
+    p.add_argument("id", nargs="?")
+    p.add_argument("--all", action="store_true", help="every entry in the queue")
+    p.set_defaults(func=cmd_retry)
+
+    p = actions.add_parser("delete", help="remove an entry without delivering or bouncing it")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_delete)
+
+    p = actions.add_parser("hold", help="keep an entry in the queue without attempting it")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_hold)
+
+    p = actions.add_parser("release", help="undo hold: attempt the entry again")
+    p.add_argument("id")
+    p.set_defaults(func=cmd_release)
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _one_line_errors(fn: Any) -> Any:
+    """Report refusals ourselves: under `python -m mailsuite.admin.cli` the dispatcher's
+    CommandError is a different class (__main__'s copy) and would not be caught there."""
+    @functools.wraps(fn)
+    def wrapper(config: Any, args: argparse.Namespace) -> int:
+        try:
+            return fn(config, args)
+        except (CommandError, SpoolError) as e:
+            sys.stderr.write(f"mailsuite: {e}\n")
+            return 1
+
+    return wrapper
+
+
+@_one_line_errors
+def cmd_list(config: Any, args: argparse.Namespace) -> int:
+    entries = Spool(config.queue_dir).entries()
+    if not entries:
+        print("queue is empty")
+        return 0
+    now = time.time()
+    for entry in entries:
+        flags = "  [held]" if entry.held else ""
+        print(f"{entry.id}  age {format_duration(now - entry.created)}  "
+              f"from <{entry.sender}>{flags}")
+        for r in entry.recipients:
+            line = f"    {r.address}  {r.state}"
+            if r.original.lower() != r.address.lower():
+                line += f"  (rcpt {r.original})"
+            if r.state == "pending":
+                line += f"  attempts={r.attempts}  next attempt {format_next(r.next_attempt, now)}"
+            if r.last_error:
+                line += f"  last error: {r.last_error}"
+            print(line)
+    pending = sum(1 for e in entries for r in e.recipients if r.state == "pending")
+    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
+          f"{pending} recipient{'' if pending == 1 else 's'} pending")
+    return 0
+
+
+@_one_line_errors
+def cmd_show(config: Any, args: argparse.Namespace) -> int:
+    spool = Spool(config.queue_dir)
+    entry = _load(spool, args.id)
+    print(json.dumps(asdict(entry), indent=2, default=str))
+    print()
+    try:
+        headers = spool.read_headers(entry.id)
+    except FileNotFoundError:
+        raise CommandError(f"queue entry {args.id} has no message file") from None
+    print(headers.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip("\n"))
+    return 0
+
+
+@_one_line_errors
+def cmd_retry(config: Any, args: argparse.Namespace) -> int:
+    spool = Spool(config.queue_dir)
+    if args.all == bool(args.id):
+        raise CommandError("queue retry needs an entry id or --all (not both)")
+    ids = spool.ids() if args.all else [_load(spool, args.id).id]
+    count = 0
+    for queue_id in ids:
+        try:
+            entry = _change(spool, queue_id, _make_due)
+        except CommandError:
+            if args.all:
+                continue  # delivered and gone while we went through the list
+            raise
+        count += 1
+        if entry.held:
+            print(f"{queue_id}: held; `mailsuite queue release {queue_id}` to deliver it")
+    spool.kick()
+    print(f"{count} entr{'y' if count == 1 else 'ies'} due for delivery now")
+    return 0
+
+
+@_one_line_errors
+def cmd_delete(config: Any, args: argparse.Namespace) -> int:
+    spool = Spool(config.queue_dir)
+    _load(spool, args.id)
+    with _claim(spool, args.id):
+        spool.remove(args.id)
+    print(f"deleted {args.id}")
+    return 0
+
+
+@_one_line_errors
+def cmd_hold(config: Any, args: argparse.Namespace) -> int:
+    spool = Spool(config.queue_dir)
+    _change(spool, args.id, lambda e: setattr(e, "held", True))
+    print(f"held {args.id}")
+    return 0
+
+
+@_one_line_errors
+def cmd_release(config: Any, args: argparse.Namespace) -> int:
+    spool = Spool(config.queue_dir)
+    _change(spool, args.id, lambda e: (setattr(e, "held", False), _make_due(e)))
+    spool.kick()
+    print(f"released {args.id}")
+    return 0
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _make_due(entry: QueueEntry) -> None:
+    for r in entry.recipients:
+        if r.state == "pending":
+            r.next_attempt = 0.0
+
+
+def _load(spool: Spool, queue_id: str) -> QueueEntry:
+    try:
+        return spool.load(queue_id)
+    except SpoolError as e:
+        raise CommandError(str(e)) from None
+
+
+def _claim(spool: Spool, queue_id: str) -> Any:
+    try:
+        return spool.claim_wait(queue_id)
+    except SpoolError as e:
+        raise CommandError(str(e)) from None
+
+
+def _change(spool: Spool, queue_id: str, change: Any) -> QueueEntry:
+    """Re-read the envelope under the claim (the runner may just have updated it), change, save."""
+    _load(spool, queue_id)
+    with _claim(spool, queue_id):
+        entry = _load(spool, queue_id)
+        change(entry)
+        spool.save(entry)
+    return entry
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    if seconds < 86400:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
+
+
+def format_next(when: float, now: float) -> str:
+    if when <= now:
+        return "now"
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
+    return f"in {format_duration(when - now)} ({stamp} UTC)"
