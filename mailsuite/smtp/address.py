@@ -1,0 +1,141 @@
+"""Parsing of MAIL FROM / RCPT TO command arguments: the path and the ESMTP parameters.
+
+RFC 5321 §4.1.2 paths and RFC 6531 (SMTPUTF8) UTF-8 local parts and domains. ASCII paths are
+checked by `twisted.mail.smtp.Address` (it also drops source routes, RFC 5321 §4.1.2 says they
+must be accepted and ignored); UTF-8 paths by our own check, because Twisted's atom is ASCII-only
+(TWISTED-NOTES §1.2).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from twisted.mail import smtp
+
+# RFC 5321 §4.5.3.1: local part 64, domain 255 octets.
+MAX_LOCAL = 64
+MAX_DOMAIN = 255
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
+_DOT_ATOM = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
+_QUOTED = re.compile(r'^"([\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\x7e])*"$')
+_LABEL = re.compile(r"^[A-Za-z0-9\x80-\U0010ffff]([A-Za-z0-9\-\x80-\U0010ffff]*"
+                    r"[A-Za-z0-9\x80-\U0010ffff])?$")
+_ADDRESS_LITERAL = re.compile(r"^\[[\x21-\x5a\x5e-\x7e]+\]$")
+_KEYWORD = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-]*$")
+_VALUE = re.compile(r"^[\x21-\x3c\x3e-\x7e]+$")  # esmtp-value: printable except "=" and space
+
+
+class PathError(ValueError):
+    """The argument is not a valid path; `.non_ascii` tells a missing SMTPUTF8 from bad syntax."""
+
+    def __init__(self, message: str, non_ascii: bool = False):
+        super().__init__(message)
+        self.non_ascii = non_ascii
+
+
+@dataclass
+class PathArgument:
+    address: str  # "" for the null reverse path <>
+    params: dict[str, str | None] = field(default_factory=dict)  # upper-case keyword -> value
+
+    @property
+    def is_null(self) -> bool:
+        return self.address == ""
+
+
+def parse_path_argument(arg: str, prefix: str, allow_utf8: bool = False,
+                        allow_null: bool = False) -> PathArgument:
+    """Parse `FROM:<a@b> SIZE=10` (prefix "FROM:") or `TO:<a@b>`.
+
+    `allow_utf8` is true when the transaction asked for SMTPUTF8; for MAIL the caller passes True
+    and checks the SMTPUTF8 parameter itself (it comes on the same line).
+    """
+    if arg[: len(prefix)].upper() != prefix:
+        raise PathError("expected " + prefix)
+    rest = arg[len(prefix):].lstrip(" ")  # a space after the colon is common (RFC says none)
+    if rest.startswith("<"):
+        end = _closing_bracket(rest)
+        path, tail = rest[1:end], rest[end + 1:]
+    else:
+        # Some old clients send MAIL FROM:a@b without brackets; accept a lone word.
+        path, _, tail = rest.partition(" ")
+        if not path:
+            raise PathError("empty path")
+    if tail and not tail.startswith(" "):
+        raise PathError("garbage after path")
+    params = parse_params(tail.strip())
+    if path == "":
+        if not allow_null:
+            raise PathError("null path not allowed here")
+        return PathArgument("", params)
+    return PathArgument(check_address(path, allow_utf8), params)
+
+
+def parse_params(text: str) -> dict[str, str | None]:
+    params: dict[str, str | None] = {}
+    for item in text.split():
+        key, eq, value = item.partition("=")
+        if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
+            raise PathError(f"bad parameter {item!r}")
+        params[key.upper()] = value if eq else None
+    return params
+
+
+def check_address(path: str, allow_utf8: bool) -> str:
+    """The mailbox of a path (source route dropped), or PathError."""
+    if ":" in path and path.startswith("@"):
+        path = path.split(":", 1)[1]  # RFC 5321 §4.1.2: accept and ignore a source route
+    if "@" not in path:
+        # smtp.Address would append a default domain; RFC 5321 paths always have one.
+        raise PathError("address needs a domain")
+    if not path.isascii():
+        if not allow_utf8:
+            raise PathError("non-ASCII address without SMTPUTF8", non_ascii=True)
+        return _check_utf8(path)
+    try:
+        parsed = smtp.Address(path.encode("ascii"))
+    except smtp.AddressError as e:
+        raise PathError(str(e))
+    local, domain = parsed.local.decode("ascii"), parsed.domain.decode("ascii")
+    if not local or not domain:
+        raise PathError("address needs a local part and a domain")
+    _check_parts(local, domain)
+    return f"{local}@{domain}"
+
+
+def _check_utf8(path: str) -> str:
+    local, at, domain = path.rpartition("@")
+    if not at:
+        raise PathError("address needs a domain")
+    if not (_DOT_ATOM.match(local) or _QUOTED.match(local)):
+        raise PathError("bad local part")
+    _check_parts(local, domain)
+    return f"{local}@{domain}"
+
+
+def _check_parts(local: str, domain: str) -> None:
+    if len(local.encode()) > MAX_LOCAL or len(domain.encode()) > MAX_DOMAIN:
+        raise PathError("address too long")
+    if _ADDRESS_LITERAL.match(domain):
+        return
+    labels = domain.split(".")
+    if not all(_LABEL.match(label) and len(label.encode()) <= 63 for label in labels):
+        raise PathError("bad domain")
+    if any(c in local for c in "\r\n\x00") or not local.isprintable():
+        raise PathError("bad local part")
+
+
+def _closing_bracket(text: str) -> int:
+    """Index of the '>' closing the path, skipping quoted-string content."""
+    quoted = escaped = False
+    for i, c in enumerate(text):
+        if escaped:
+            escaped = False
+        elif c == "\\" and quoted:
+            escaped = True
+        elif c == '"':
+            quoted = not quoted
+        elif c == ">" and not quoted:
+            return i
+    raise PathError("missing '>'")

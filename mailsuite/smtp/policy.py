@@ -1,0 +1,139 @@
+"""Who may do what on an SMTP port: the MX policy (port 25) and the submission policy (587/465).
+
+The protocol class (server.py) parses and replies; it asks its policy whether a sender or a
+recipient is acceptable, and whether AUTH is offered. Policies ask the directory and return
+Deferreds of replies, never touching SQL themselves (DESIGN.md, "Rules of the house").
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from mailsuite.smtp import replies
+from mailsuite.smtp.replies import Reply
+
+log = Logger()
+
+
+@dataclass
+class Session:
+    """What a policy may look at: facts about the connection, reset by STARTTLS (RFC 3207 §4.2)."""
+
+    client_ip: str
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    auth_user: str | None = None
+
+
+@dataclass
+class RecipientDecision:
+    reply: Reply
+    route: Any = None  # mailsuite.directory.api.Route when accepted
+
+
+class Policy:
+    """Base: accept nothing that a subclass does not allow."""
+
+    name = "base"
+    add_missing_headers = False  # Message-ID and Date (RFC 6409 §8.2/8.3 allow a MSA to add them)
+
+    def __init__(self, suite: Any):
+        self.suite = suite
+
+    def auth_offered(self, session: Session) -> bool:
+        return False
+
+    def check_sender(self, session: Session, sender: str) -> defer.Deferred:
+        return defer.succeed(replies.SENDER_OK)
+
+    def check_recipient(self, session: Session, address: str) -> defer.Deferred:
+        return defer.succeed(RecipientDecision(replies.RELAY_DENIED))
+
+
+class MXPolicy(Policy):
+    """Port 25: mail for our users from anyone, never relaying, never AUTH (issue 2)."""
+
+    name = "mx"
+
+    @defer.inlineCallbacks
+    def check_recipient(self, session: Session, address: str):
+        route = yield self.suite.directory.route(address)
+        if not route.hosted:
+            # MX never offers AUTH, so nobody here may relay.
+            return RecipientDecision(replies.RELAY_DENIED)
+        if not route.exists:
+            return RecipientDecision(replies.UNKNOWN_USER)
+        return RecipientDecision(replies.RECIPIENT_OK, route)
+
+
+class SubmissionPolicy(Policy):
+    """Ports 587/465: authenticated users only, sending as themselves, to any domain (RFC 6409)."""
+
+    name = "submission"
+    add_missing_headers = True
+
+    def auth_offered(self, session: Session) -> bool:
+        # Passwords never travel in clear text: AUTH is advertised and accepted only under TLS.
+        return session.tls and session.auth_user is None
+
+    @defer.inlineCallbacks
+    def check_sender(self, session: Session, sender: str):
+        if session.auth_user is None:
+            return replies.AUTH_REQUIRED
+        if sender == "":
+            # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
+            return replies.NOT_YOUR_ADDRESS
+        owned = yield self.suite.directory.sender_addresses(session.auth_user)
+        owned = {a.lower() for a in owned}
+        candidate = sender.lower()
+        local, _, domain = candidate.rpartition("@")
+        untagged = local.split("+", 1)[0] + "@" + domain
+        # alice+lists@ is alice's too: the directory strips +tags for delivery the same way.
+        if candidate in owned or untagged in owned:
+            return replies.SENDER_OK
+        return replies.NOT_YOUR_ADDRESS
+
+    @defer.inlineCallbacks
+    def check_recipient(self, session: Session, address: str):
+        if session.auth_user is None:
+            return RecipientDecision(replies.AUTH_REQUIRED)
+        route = yield self.suite.directory.route(address)
+        if route.hosted and not route.exists:
+            return RecipientDecision(replies.UNKNOWN_USER)
+        # Remote recipients are queued for the courier; the Route (hosted=False) says so.
+        return RecipientDecision(replies.RECIPIENT_OK, route)
+
+
+POLICIES = {"mx": MXPolicy, "submission": SubmissionPolicy}
+
+
+@dataclass
+class AuthThrottle:
+    """Failed logins per client IP across connections, for the delay before each 535.
+
+    The delay grows with recent failures from the same address (capped), so a brute force over
+    many connections slows down as much as one over a single connection.
+    """
+
+    delay: float
+    window: float = 600.0
+    cap: float = 10.0
+    _failures: dict[str, list[float]] = field(default_factory=dict)
+
+    def record_failure(self, ip: str) -> float:
+        """Note one failure; the seconds to wait before answering it."""
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(ip, []) if now - t < self.window]
+        recent.append(now)
+        self._failures[ip] = recent[-50:]
+        if len(self._failures) > 10000:  # bounded memory under a distributed attack
+            self._failures.pop(next(iter(self._failures)))
+        return min(self.delay * len(recent), self.cap)
+
+    def record_success(self, ip: str) -> None:
+        self._failures.pop(ip, None)

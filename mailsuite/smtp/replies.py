@@ -1,0 +1,123 @@
+"""Every reply the SMTP server sends: code, enhanced status code (RFC 3463) and text, in one place.
+
+The protocol and the policies refer to these names only, so a reply code is changed here once and
+tests can grep for the reason a client was refused.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    code: int
+    enhanced: str  # "" for replies that carry no enhanced code (greeting, 354, EHLO lines)
+    text: str
+
+    def with_text(self, text: str) -> "Reply":
+        return Reply(self.code, self.enhanced, text)
+
+    def lines(self) -> bytes:
+        """The reply as CRLF-terminated bytes; multi-line text uses the `NNN-` continuation form."""
+        parts = self.text.split("\n")
+        out = []
+        for i, part in enumerate(parts):
+            sep = " " if i == len(parts) - 1 else "-"
+            prefix = f"{self.enhanced} " if self.enhanced else ""
+            # Never let a CR/LF or a non-ASCII byte from client input break the reply framing.
+            clean = (prefix + part).replace("\r", " ").encode("ascii", "replace")
+            out.append(b"%d%s%s\r\n" % (self.code, sep.encode(), clean))
+        return b"".join(out)
+
+    @property
+    def permanent(self) -> bool:
+        return self.code >= 500
+
+    @property
+    def success(self) -> bool:
+        return self.code < 400
+
+
+# -- connection --------------------------------------------------------------------------------
+def greeting(hostname: str) -> Reply:
+    return Reply(220, "", f"{hostname} ESMTP mailsuite")
+
+
+def closing(hostname: str) -> Reply:
+    return Reply(221, "2.0.0", f"{hostname} closing connection")
+
+
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_FROM_IP = Reply(421, "4.7.0", "Too many connections from your address, try again later")
+IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
+LINE_FLOOD = Reply(421, "4.7.0", "Line too long without end, closing connection")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
+
+# -- generic -----------------------------------------------------------------------------------
+OK = Reply(250, "2.0.0", "Ok")
+NOOP_OK = Reply(250, "2.0.0", "Ok")
+RESET_OK = Reply(250, "2.0.0", "Ok, transaction reset")
+VRFY_CANNOT = Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP VRFY HELP QUIT STARTTLS "
+                           "AUTH\nSee RFC 5321")
+UNKNOWN_COMMAND = Reply(500, "5.5.1", "Command not recognized")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_CHARACTERS = Reply(500, "5.5.2", "Invalid characters in command")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+SYNTAX_ERROR = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "Send EHLO or HELO first")
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error in processing, try again later")
+
+# -- MAIL / RCPT -------------------------------------------------------------------------------
+SENDER_OK = Reply(250, "2.1.0", "Sender ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Recipient ok")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already given")
+NEED_MAIL = Reply(503, "5.5.1", "Need MAIL before RCPT")
+BAD_ADDRESS = Reply(501, "5.1.3", "Bad address syntax")
+BAD_SENDER_ADDRESS = Reply(501, "5.1.7", "Bad sender address syntax")
+NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
+BAD_PARAMETER = Reply(501, "5.5.4", "Invalid parameter value")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+NOT_YOUR_ADDRESS = Reply(553, "5.7.1", "Sender address not owned by the authenticated user")
+AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+TEMP_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+
+# -- DATA --------------------------------------------------------------------------------------
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
+NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
+BARE_LINE_ENDING = Reply(550, "5.6.2", "Bare CR or LF in message; lines must end with CRLF")
+DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line too long (RFC 5321 limit 1000 octets)")
+QUEUE_FAILED = Reply(451, "4.3.0", "Could not queue the message, try again later")
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+# -- STARTTLS / AUTH ---------------------------------------------------------------------------
+READY_FOR_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ALREADY = Reply(503, "5.5.1", "TLS already active")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+AUTH_NOT_OFFERED = Reply(502, "5.5.1", "AUTH not available on this port")
+AUTH_ALREADY = Reply(503, "5.5.1", "Already authenticated")
+AUTH_IN_TRANSACTION = Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
+AUTH_UNKNOWN_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication mechanism")
+AUTH_CANCELLED = Reply(501, "5.7.0", "Authentication cancelled")
+AUTH_BAD_ENCODING = Reply(501, "5.5.2", "Cannot decode authentication response")
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many authentication failures, closing connection")
+
+
+def auth_challenge(b64: str) -> Reply:
+    # RFC 4954 §4: a server challenge is "334 " followed by base64, no enhanced code.
+    return Reply(334, "", b64)

@@ -1,0 +1,773 @@
+"""The ESMTP server protocol shared by the MX and submission ports (mechanics only).
+
+Our own line handling instead of `twisted.mail.smtp.ESMTP` (TWISTED-NOTES §1), because the fixes
+would override most of that class:
+- Commands are processed strictly one at a time. While a Deferred (directory lookup, password
+  check, queue fsync) is pending, further pipelined input stays in our buffer and the transport is
+  paused, so replies always go out in order (RFC 2920; Twisted #8126).
+- STARTTLS throws away whatever was pipelined after it and forgets HELO/MAIL/RCPT/AUTH
+  (RFC 3207 §4.2, CVE-2011-0411).
+- Only CRLF ends a line. Command lines over the limit get 500 and are discarded without growing
+  the buffer; a peer that never sends CRLF is disconnected. In DATA only CRLF.CRLF ends the message;
+  a bare CR or LF, a too-long line or a too-big message is consumed up to the terminator and then
+  refused, so body text is never run as commands (SMTP smuggling, CVE-2023-51764 family). We
+  reject bare CR/LF (550 5.6.2) rather than normalise them: what we store is then exactly what the
+  client meant, and no downstream hop can read a different line structure into it.
+- Any unexpected exception is logged and answered 451 4.3.0; the session goes on.
+Decisions (who may send, to whom) are made by a `Policy` (policy.py); reply texts are in replies.py.
+"""
+from __future__ import annotations
+
+import binascii
+import email.utils
+import ipaddress
+import secrets
+from collections import Counter
+from typing import Any, Callable
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from mailsuite.smtp import replies
+from mailsuite.smtp.address import PathArgument, PathError, parse_path_argument
+from mailsuite.smtp.policy import POLICIES, AuthThrottle, Policy, Session
+from mailsuite.smtp.replies import Reply
+
+log = Logger()
+
+# A command line longer than this without CRLF is not a client we want to talk to.
+COMMAND_FLOOD_CAP = 64 * 1024
+# Pipelined input kept while a reply is pending (pauseProducing normally keeps it far lower).
+PENDING_INPUT_CAP = 1024 * 1024
+# Postfix's smtpd_hard_error_limit: a peer that keeps sending garbage is not a mail client.
+MAX_ERRORS = 20
+
+
+def server_factory(suite: Any, policy: str = "mx", implicit_tls: bool = False
+                   ) -> "SMTPServerFactory":
+    """The factory for one listener; `implicit_tls` says the transport is already TLS (465)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown SMTP policy {policy!r}")
+    return SMTPServerFactory(suite, POLICIES[policy](suite), implicit_tls)
+
+
+class SMTPServerFactory(protocol.ServerFactory):
+    def __init__(self, suite: Any, policy: Policy, implicit_tls: bool = False):
+        self.suite = suite
+        self.config = suite.config
+        self.policy = policy
+        self.implicit_tls = implicit_tls
+        self.connections = 0
+        self.per_ip: Counter[str] = Counter()
+        self.throttle = AuthThrottle(self.config.limits.auth_failure_delay)
+        self._tls_context: Any = None
+
+    def buildProtocol(self, addr: Any) -> "SMTPServer":
+        p = SMTPServer()
+        p.factory = self
+        return p
+
+    def tls_context(self) -> Any:
+        if self._tls_context is None:
+            self._tls_context = self.suite.tls.server_context()
+        return self._tls_context
+
+    @property
+    def reactor(self) -> Any:
+        reactor = getattr(self.suite, "reactor", None)
+        if reactor is None:
+            from twisted.internet import reactor
+        return reactor
+
+
+class SMTPServer(protocol.Protocol, TimeoutMixin):
+    factory: SMTPServerFactory
+
+    # -- connection life cycle ---------------------------------------------------------------
+    def connectionMade(self) -> None:
+        f = self.factory
+        self.config = f.config
+        self.limits = f.config.limits
+        self.policy = f.policy
+        self.hostname = f.config.hostname
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", "unknown")
+        self.client_name: str | None = None
+        self.session = Session(self.client_ip, tls=f.implicit_tls)
+        self._buffer = bytearray()
+        self._mode = "command"  # "command" | "data" | "auth"
+        self._waiting = False  # a Deferred for the current command is pending
+        self._processing = False
+        self._closed = False
+        self._overlong = 0  # octets of a too-long command line discarded so far
+        self._errors = 0
+        self._auth_failures = 0
+        self._auth_state: tuple = ()
+        self._delayed_calls: list[Any] = []
+        self._command = ""  # for refusal log lines (never includes AUTH secrets)
+        self._reset_transaction()
+        f.connections += 1
+        f.per_ip[self.client_ip] += 1
+        if f.connections > self.limits.max_connections:
+            return self._refuse_connection(replies.TOO_MANY_CONNECTIONS)
+        if f.per_ip[self.client_ip] > self.limits.max_connections_per_ip:
+            return self._refuse_connection(replies.TOO_MANY_FROM_IP)
+        self.setTimeout(self.limits.smtp_timeout)
+        self._lookup_client_name()
+        self._send(replies.greeting(self.hostname))
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closed = True
+        self.setTimeout(None)
+        f = self.factory
+        f.connections -= 1
+        f.per_ip[self.client_ip] -= 1
+        if f.per_ip[self.client_ip] <= 0:
+            del f.per_ip[self.client_ip]
+        if self._mode == "data":
+            # Nothing was handed to the queue: the partial message only lived in _chunks.
+            log.info("client {client_ip} disconnected during DATA; message discarded",
+                     client_ip=self.client_ip)
+        self._chunks = []
+        for call in self._delayed_calls:
+            if call.active():
+                call.cancel()
+
+    def timeoutConnection(self) -> None:
+        log.info("idle timeout for {client_ip}", client_ip=self.client_ip)
+        self._send(replies.IDLE_TIMEOUT)
+        self._close()
+
+    def _refuse_connection(self, reply: Reply) -> None:
+        log.info("refused connection from {client_ip}: {code} {text}", client_ip=self.client_ip,
+                 code=reply.code, text=reply.text)
+        self._send(reply)
+        self._close()
+
+    def _close(self) -> None:
+        self._closed = True
+        self._buffer.clear()
+        self.transport.loseConnection()
+
+    # -- input ----------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self.resetTimeout()
+        self._buffer += data
+        if self._waiting and len(self._buffer) > PENDING_INPUT_CAP:
+            self._send(replies.LINE_FLOOD)
+            self._close()
+            return
+        self._process()
+
+    def _process(self) -> None:
+        """Handle complete lines until a command waits for a Deferred or input runs out."""
+        if self._processing:
+            return  # re-entered from a Deferred that fired synchronously; the loop goes on
+        self._processing = True
+        try:
+            while not self._waiting and not self._closed:
+                if self._mode == "data":
+                    if not self._process_data():
+                        break
+                    continue
+                line = self._next_command_line()
+                if line is None:
+                    break
+                self._handle_line(line)
+        finally:
+            self._processing = False
+
+    def _next_command_line(self) -> bytes | Reply | None:
+        limit = self.limits.max_line_length  # octets including CRLF (RFC 5321 §4.5.3.1.4)
+        idx = self._buffer.find(b"\r\n")
+        if idx < 0:
+            if len(self._buffer) > limit:
+                # Drop what we have (keeping a trailing CR that may start the CRLF).
+                keep = 1 if self._buffer.endswith(b"\r") else 0
+                self._overlong += len(self._buffer) - keep
+                del self._buffer[: len(self._buffer) - keep]
+                if self._overlong > COMMAND_FLOOD_CAP:
+                    log.info("closing {client_ip}: command line without CRLF over {cap} octets",
+                             client_ip=self.client_ip, cap=COMMAND_FLOOD_CAP)
+                    self._send(replies.LINE_FLOOD)
+                    self._close()
+            return None
+        line = bytes(self._buffer[:idx])
+        del self._buffer[: idx + 2]
+        if self._overlong or idx + 2 > limit:
+            self._overlong = 0
+            return replies.LINE_TOO_LONG
+        return line
+
+    def _handle_line(self, line: bytes | Reply) -> None:
+        try:
+            if isinstance(line, Reply):
+                self._command = "(too long)"
+                self._respond(line)
+            elif self._mode == "auth":
+                self._respond(self._auth_continue(line))
+            else:
+                self._respond(self._dispatch(line))
+        except Exception:
+            log.failure("internal error handling a command from {client_ip}",
+                        client_ip=self.client_ip)
+            self._respond(replies.LOCAL_ERROR)
+
+    def _respond(self, result: Reply | defer.Deferred | None) -> None:
+        """Send a reply now, or pause input until the Deferred gives one (pipelining order)."""
+        if result is None:
+            return
+        if not isinstance(result, defer.Deferred):
+            self._send(result)
+            return
+        self._waiting = True
+        self._pause()
+        result.addErrback(self._internal_error)
+        result.addCallback(self._deferred_reply)
+
+    def _deferred_reply(self, reply: Reply | None) -> None:
+        if self._closed:
+            return
+        if reply is not None:
+            self._send(reply)
+        self._waiting = False
+        self._resume()
+        self._process()
+
+    def _internal_error(self, failure: Failure) -> Reply:
+        log.failure("internal error in {command} from {client_ip}", failure,
+                    command=self._command, client_ip=self.client_ip)
+        return replies.LOCAL_ERROR
+
+    def _pause(self) -> None:
+        pause = getattr(self.transport, "pauseProducing", None)
+        if pause is not None:
+            pause()
+
+    def _resume(self) -> None:
+        resume = getattr(self.transport, "resumeProducing", None)
+        if resume is not None and not self._closed:
+            resume()
+
+    # -- output ---------------------------------------------------------------------------------
+    def _send(self, reply: Reply) -> None:
+        if reply.code >= 400:
+            log.info("refused {command} from {client_ip}: {code} {enhanced} {text}",
+                     command=self._command or "-", client_ip=self.client_ip, code=reply.code,
+                     enhanced=reply.enhanced, text=reply.text.split("\n")[0])
+        self.transport.write(reply.lines())
+        if 500 <= reply.code <= 504 and not self._closed:
+            # Only protocol errors count: refused recipients are normal on a busy MX.
+            self._errors += 1
+            if self._errors > MAX_ERRORS:
+                self.transport.write(replies.TOO_MANY_ERRORS.lines())
+                self._close()
+
+    # -- commands -------------------------------------------------------------------------------
+    def _dispatch(self, raw: bytes) -> Reply | defer.Deferred | None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._command = "(undecodable)"
+            return replies.BAD_CHARACTERS
+        # A CR, LF, NUL or other control inside a command could forge header lines (HELO goes
+        # into Received:) or confuse later hops.
+        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in text):
+            self._command = "(control characters)"
+            return replies.BAD_CHARACTERS
+        verb, _, arg = text.partition(" ")
+        verb = verb.upper()
+        self._command = verb if verb == "AUTH" else text[:200]
+        if not verb.isascii() or not verb.isalpha():
+            return replies.BAD_CHARACTERS if not verb.isascii() else replies.UNKNOWN_COMMAND
+        handler: Callable[[str], Any] | None = getattr(self, "do_" + verb, None)
+        if handler is None:
+            return replies.UNKNOWN_COMMAND
+        if not text.isascii() and verb not in ("MAIL", "RCPT"):
+            # Only envelope addresses may be UTF-8 (RFC 6531 §3.3).
+            return replies.BAD_CHARACTERS
+        return handler(arg)
+
+    def do_EHLO(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=True)
+
+    def do_HELO(self, arg: str) -> Reply:
+        return self._greet(arg, esmtp=False)
+
+    def _greet(self, arg: str, esmtp: bool) -> Reply:
+        domain = arg.strip()
+        if not domain or " " in domain:
+            return replies.SYNTAX_ERROR
+        self._reset_transaction()
+        self.session.helo = domain
+        self.session.esmtp = esmtp
+        if not esmtp:
+            return Reply(250, "", f"{self.hostname}")
+        lines = [f"{self.hostname} Hello {domain}", "PIPELINING",
+                 f"SIZE {self.limits.max_message_size}", "8BITMIME", "ENHANCEDSTATUSCODES",
+                 "SMTPUTF8"]
+        if not self.session.tls:
+            lines.append("STARTTLS")
+        if self.policy.auth_offered(self.session):
+            lines.append("AUTH PLAIN LOGIN")
+        lines.append("HELP")
+        return Reply(250, "", "\n".join(lines))
+
+    def do_NOOP(self, arg: str) -> Reply:
+        return replies.NOOP_OK
+
+    def do_RSET(self, arg: str) -> Reply:
+        if arg.strip():
+            return replies.SYNTAX_ERROR
+        self._reset_transaction()
+        return replies.RESET_OK
+
+    def do_VRFY(self, arg: str) -> Reply:
+        # RFC 5321 §3.5.3: 252 when we will not confirm addresses (no user enumeration).
+        if not arg.strip():
+            return replies.SYNTAX_ERROR
+        return replies.VRFY_CANNOT
+
+    def do_EXPN(self, arg: str) -> Reply:
+        return replies.NOT_IMPLEMENTED
+
+    def do_HELP(self, arg: str) -> Reply:
+        return replies.HELP
+
+    def do_QUIT(self, arg: str) -> None:
+        self._send(replies.closing(self.hostname))
+        self._close()
+
+    def do_STARTTLS(self, arg: str) -> Reply | None:
+        if arg.strip():
+            return replies.SYNTAX_ERROR
+        if self.session.tls:
+            return replies.TLS_ALREADY
+        if self.session.helo is None:
+            return replies.NEED_HELO
+        start_tls = getattr(self.transport, "startTLS", None)
+        try:
+            context = self.factory.tls_context()
+        except Exception:
+            log.failure("cannot build the TLS context")
+            context = None
+        if context is None or start_tls is None:
+            return replies.TLS_NOT_AVAILABLE
+        self._send(replies.READY_FOR_TLS)
+        if self._buffer:
+            # CVE-2011-0411: anything sent before the handshake is plaintext injection.
+            log.info("discarded {n} octets pipelined after STARTTLS from {client_ip}",
+                     n=len(self._buffer), client_ip=self.client_ip)
+        self._buffer.clear()
+        start_tls(context)
+        # RFC 3207 §4.2: forget everything learnt from the client before TLS; EHLO again.
+        self.session = Session(self.client_ip, tls=True)
+        self._reset_transaction()
+        return None
+
+    def do_AUTH(self, arg: str) -> Reply | defer.Deferred:
+        if self.policy.name != "submission":
+            return replies.AUTH_NOT_OFFERED
+        if self.session.helo is None or not self.session.esmtp:
+            return replies.NEED_HELO
+        if self.session.auth_user is not None:
+            return replies.AUTH_ALREADY
+        if not self.session.tls:
+            return replies.AUTH_NEEDS_TLS
+        if self._mail is not None:
+            return replies.AUTH_IN_TRANSACTION
+        parts = arg.split()
+        if not parts or len(parts) > 2:
+            return replies.SYNTAX_ERROR
+        mechanism = parts[0].upper()
+        initial = parts[1] if len(parts) == 2 else None
+        if mechanism == "PLAIN":
+            if initial is None:
+                self._mode, self._auth_state = "auth", ("plain",)
+                return replies.auth_challenge("")
+            return self._auth_plain(initial)
+        if mechanism == "LOGIN":
+            if initial is None:
+                self._mode, self._auth_state = "auth", ("login-user",)
+                return replies.auth_challenge(_b64(b"Username:"))
+            return self._auth_login_user(initial)
+        return replies.AUTH_UNKNOWN_MECHANISM
+
+    def do_MAIL(self, arg: str) -> Reply | defer.Deferred:
+        if self.session.helo is None:
+            return replies.NEED_HELO
+        if self._mail is not None:
+            return replies.NESTED_MAIL
+        try:
+            path = parse_path_argument(arg, "FROM:", allow_utf8=True, allow_null=True)
+        except PathError:
+            return replies.BAD_SENDER_ADDRESS if arg[:5].upper() == "FROM:" else \
+                replies.SYNTAX_ERROR
+        error = self._check_mail_params(path)
+        if error is not None:
+            return error
+        smtputf8 = "SMTPUTF8" in path.params
+        if not path.address.isascii() and not smtputf8:
+            return replies.NON_ASCII_ADDRESS
+
+        def decided(reply: Reply) -> Reply:
+            if reply.success:
+                self._mail = path
+                self._smtputf8 = smtputf8
+            return reply
+
+        return self.policy.check_sender(self.session, path.address).addCallback(decided)
+
+    def _check_mail_params(self, path: PathArgument) -> Reply | None:
+        if path.params and not self.session.esmtp:
+            return replies.UNKNOWN_PARAMETER  # parameters are an ESMTP thing (RFC 5321 §4.1.2)
+        for key, value in path.params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    return replies.BAD_PARAMETER
+                if int(value) > self.limits.max_message_size:
+                    return replies.MESSAGE_TOO_BIG  # RFC 1870 §6.2: refuse at MAIL
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.BAD_PARAMETER
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return replies.BAD_PARAMETER
+            elif key == "AUTH":
+                pass  # RFC 4954 §5: accepted; we record the authenticated user ourselves
+            else:
+                return replies.UNKNOWN_PARAMETER
+        return None
+
+    def do_RCPT(self, arg: str) -> Reply | defer.Deferred:
+        if self._mail is None:
+            return replies.NEED_MAIL
+        try:
+            path = parse_path_argument(arg, "TO:", allow_utf8=self._smtputf8)
+        except PathError as e:
+            if e.non_ascii:
+                return replies.NON_ASCII_ADDRESS
+            return replies.BAD_ADDRESS if arg[:3].upper() == "TO:" else replies.SYNTAX_ERROR
+        if path.params:
+            return replies.UNKNOWN_PARAMETER  # no DSN (RFC 3461) support: NOTIFY/ORCPT unknown
+        if len(self._rcpts) >= self.limits.max_recipients:
+            return replies.TOO_MANY_RECIPIENTS
+
+        def decided(decision: Any) -> Reply:
+            if decision.reply.success:
+                self._rcpts.append((path.address, decision.route))
+            return decision.reply
+
+        return self.policy.check_recipient(self.session, path.address).addCallback(decided)
+
+    def do_DATA(self, arg: str) -> Reply:
+        if arg.strip():
+            return replies.SYNTAX_ERROR
+        if self._mail is None:
+            return replies.NEED_MAIL
+        if not self._rcpts:
+            return replies.NO_VALID_RECIPIENTS  # RFC 2920 §3.1
+        self._mode = "data"
+        self._chunks = []
+        self._size = 0
+        self._data_error = None
+        self._continuation = False
+        return replies.START_DATA
+
+    def do_BDAT(self, arg: str) -> Reply:
+        return replies.NOT_IMPLEMENTED  # CHUNKING is not advertised
+
+    # -- AUTH (RFC 4954, PLAIN RFC 4616, LOGIN draft-murchison-sasl-login) ----------------------
+    def _auth_continue(self, line: bytes) -> Reply | defer.Deferred:
+        state, self._auth_state, self._mode = self._auth_state, (), "command"
+        self._command = "AUTH (continuation)"
+        try:
+            text = line.decode("ascii").strip()
+        except UnicodeDecodeError:
+            return replies.AUTH_BAD_ENCODING
+        if text == "*":
+            return replies.AUTH_CANCELLED
+        if state[0] == "plain":
+            return self._auth_plain(text)
+        if state[0] == "login-user":
+            return self._auth_login_user(text)
+        if state[0] == "login-pass":
+            password = _unb64(text)
+            if password is None:
+                return replies.AUTH_BAD_ENCODING
+            return self._verify(state[1], password)
+        return replies.BAD_SEQUENCE
+
+    def _auth_plain(self, b64: str) -> Reply | defer.Deferred:
+        decoded = b"" if b64 == "=" else _unb64(b64)
+        if decoded is None:
+            return replies.AUTH_BAD_ENCODING
+        parts = decoded.split(b"\0")
+        if len(parts) != 3:
+            return replies.AUTH_BAD_ENCODING
+        try:
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+        except UnicodeDecodeError:
+            return replies.AUTH_BAD_ENCODING
+        if authzid and authzid.lower() != authcid.lower():
+            # Acting as someone else (RFC 4616 authzid) is not supported: a failed login.
+            return self._auth_failed(authcid, "authzid differs")
+        return self._verify(authcid, password)
+
+    def _auth_login_user(self, b64: str) -> Reply:
+        decoded = _unb64(b64)
+        if decoded is None:
+            return replies.AUTH_BAD_ENCODING
+        try:
+            user = decoded.decode("utf-8")
+        except UnicodeDecodeError:
+            return replies.AUTH_BAD_ENCODING
+        self._mode, self._auth_state = "auth", ("login-pass", user)
+        return replies.auth_challenge(_b64(b"Password:"))
+
+    def _verify(self, user: str | bytes, password: str | bytes) -> defer.Deferred | Reply:
+        if isinstance(user, bytes) or isinstance(password, bytes):
+            try:
+                user = user.decode("utf-8") if isinstance(user, bytes) else user
+                password = (password.decode("utf-8") if isinstance(password, bytes)
+                            else password)
+            except UnicodeDecodeError:
+                return replies.AUTH_BAD_ENCODING
+        if not user or not password:
+            return self._auth_failed(user, "empty user or password")
+        d = defer.maybeDeferred(self.factory.suite.directory.authenticate, user, password)
+
+        def ok(canonical: str) -> Reply:
+            self.session.auth_user = canonical
+            self.factory.throttle.record_success(self.client_ip)
+            log.info("authenticated {user} from {client_ip}", user=canonical,
+                     client_ip=self.client_ip)
+            return replies.AUTH_OK
+
+        def failed(failure: Failure) -> Reply | defer.Deferred:
+            if failure.check(UnauthorizedLogin):
+                return self._auth_failed(user, "bad credentials")
+            log.failure("authentication backend error for {client_ip}", failure,
+                        client_ip=self.client_ip)
+            return replies.AUTH_TEMP_FAILURE
+
+        return d.addCallbacks(ok, failed)
+
+    def _auth_failed(self, user: str, why: str) -> defer.Deferred:
+        self._auth_failures += 1
+        delay = self.factory.throttle.record_failure(self.client_ip)
+        log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
+                 "connection)", user=user[:100], client_ip=self.client_ip, why=why,
+                 n=self._auth_failures)
+        # The delay slows down password guessing without blocking anyone else.
+        d = defer.Deferred()
+        call = self.factory.reactor.callLater(delay, d.callback, None)
+
+        def answer(_: Any) -> None:
+            if self._closed:
+                return None
+            if self._auth_failures >= self.limits.max_auth_failures:
+                self._send(replies.AUTH_FAILED)
+                self._send(replies.AUTH_TOO_MANY_FAILURES)
+                self._close()
+                return None
+            return replies.AUTH_FAILED
+
+        d.addCallback(answer)
+        self._delayed_calls.append(call)
+        return d
+
+    # -- DATA -----------------------------------------------------------------------------------
+    def _process_data(self) -> bool:
+        """Consume body lines; True when the terminator was seen (mode changed)."""
+        buf = self._buffer
+        limit = self.limits.max_line_length
+        pos = 0
+        while True:
+            idx = buf.find(b"\r\n", pos)
+            if idx < 0:
+                break
+            line = bytes(buf[pos:idx])
+            pos = idx + 2
+            continuation, self._continuation = self._continuation, False
+            if line == b"." and not continuation:
+                del buf[:pos]
+                self._end_of_data()
+                return True
+            self._data_line(line, continuation)
+        del buf[:pos]
+        if len(buf) > limit:
+            # A line longer than allowed and still no CRLF: keep memory flat, remember that
+            # what comes next is the rest of this line (it can't be the "." terminator).
+            self._note_data_error(replies.DATA_LINE_TOO_LONG)
+            keep = 1 if buf.endswith(b"\r") else 0
+            self._size += len(buf) - keep
+            del buf[: len(buf) - keep]
+            self._continuation = True
+        return False
+
+    def _data_line(self, line: bytes, continuation: bool) -> None:
+        if len(line) + 2 > self.limits.max_line_length:
+            self._note_data_error(replies.DATA_LINE_TOO_LONG)
+        if b"\r" in line or b"\n" in line:
+            self._note_data_error(replies.BARE_LINE_ENDING)
+        if line.startswith(b".") and not continuation:
+            line = line[1:]  # RFC 5321 §4.5.2 transparency
+        self._size += len(line) + 2
+        if self._size > self.limits.max_message_size:
+            self._note_data_error(replies.MESSAGE_TOO_BIG)
+        if self._data_error is None:
+            self._chunks.append(line)
+
+    def _note_data_error(self, reply: Reply) -> None:
+        if self._data_error is None:
+            self._data_error = reply
+            self._chunks = []  # nothing of this message will be stored
+
+    def _end_of_data(self) -> None:
+        self._mode = "command"
+        self._command = "DATA (end)"
+        error, size = self._data_error, self._size
+        chunks, self._chunks = self._chunks, []
+        if error is not None:
+            mail = self._mail
+            log.info("refused message from=<{sender}> client={client_ip} size={size}: {text}",
+                     sender=mail.address if mail else "", client_ip=self.client_ip, size=size,
+                     text=error.text)
+            self._reset_transaction()
+            self._respond(error)
+            return
+        try:
+            self._respond(self._queue_message(chunks, size))
+        except Exception:
+            log.failure("internal error building the message from {client_ip}",
+                        client_ip=self.client_ip)
+            self._reset_transaction()
+            self._respond(replies.LOCAL_ERROR)
+
+    def _queue_message(self, chunks: list[bytes], size: int) -> defer.Deferred:
+        mail, rcpts = self._mail, list(self._rcpts)
+        assert mail is not None
+        self._reset_transaction()
+        body = b"\r\n".join(chunks) + b"\r\n" if chunks else b""
+        txid = secrets.token_hex(6)
+        headers = [self._received_header(txid, rcpts)]
+        if self.policy.add_missing_headers:
+            present = _header_names(body)
+            if b"message-id" not in present:
+                headers.append(b"Message-ID: <%s.%s@%s>\r\n" % (
+                    txid.encode(), secrets.token_hex(8).encode(), self.hostname.encode()))
+            if b"date" not in present:
+                headers.append(b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode())
+        data = b"".join(headers) + body
+        meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
+                "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
+        d = defer.maybeDeferred(self.factory.suite.queue.submit, mail.address, rcpts, data, meta)
+
+        def queued(queue_id: str) -> Reply:
+            log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
+                     "client={client_ip} helo={helo} auth={auth_user} proto={protocol} id={txid}",
+                     queue_id=queue_id, sender=mail.address,
+                     rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=len(data),
+                     client_ip=self.client_ip, helo=meta["helo"], auth_user=meta["auth_user"],
+                     protocol=meta["protocol"], txid=txid)
+            return replies.queued(str(queue_id))
+
+        def failed(failure: Failure) -> Reply:
+            # A local failure (disk, database) is temporary: the client must retry, not bounce.
+            log.failure("queueing failed for message from=<{sender}> client={client_ip}",
+                        failure, sender=mail.address, client_ip=self.client_ip)
+            return replies.QUEUE_FAILED
+
+        return d.addCallbacks(queued, failed)
+
+    def _received_header(self, txid: str, rcpts: list[tuple[str, Any]]) -> bytes:
+        """RFC 5321 §4.4 trace line: from/by/with/id/for, then the date."""
+        tcp_info = f"{self.client_name} [{self.client_ip}]" if self.client_name \
+            else f"[{self.client_ip}]"
+        parts = [f"Received: from {self.session.helo} ({tcp_info})",
+                 f"\tby {self.hostname} (mailsuite) with {self._protocol_name()} id {txid}"]
+        date = email.utils.formatdate(localtime=True)
+        if len(rcpts) == 1:
+            # Naming the recipient only for single-recipient mail avoids leaking Bcc lists.
+            parts.append(f"\tfor <{rcpts[0][0]}>; {date}")
+        else:
+            parts[-1] += ";"
+            parts.append(f"\t{date}")
+        return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+
+    def _protocol_name(self) -> str:
+        # RFC 3848 "with" keywords.
+        name = "ESMTP" if self.session.esmtp else "SMTP"
+        if self.session.tls:
+            name += "S"
+        if self.session.auth_user:
+            name += "A"
+        return name
+
+    def _reset_transaction(self) -> None:
+        self._mail: PathArgument | None = None
+        self._rcpts: list[tuple[str, Any]] = []
+        self._smtputf8 = False
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._data_error: Reply | None = None
+        self._continuation = False
+
+    # -- client name for Received: ------------------------------------------------------------
+    def _lookup_client_name(self) -> None:
+        try:
+            ip = ipaddress.ip_address(self.client_ip)
+        except ValueError:
+            return
+        if ip.is_loopback:
+            self.client_name = "localhost"
+            return
+        try:
+            from twisted.names import client
+
+            d = client.lookupPointer(ip.reverse_pointer, timeout=(2,))
+        except Exception:
+            return
+
+        def found(result: Any) -> None:
+            answers = result[0]
+            for answer in answers:
+                name = getattr(answer.payload, "name", None)
+                if name is not None:
+                    self.client_name = str(name)
+                    return
+
+        d.addCallbacks(found, lambda _: None)
+
+
+def _header_names(body: bytes) -> set[bytes]:
+    """Lower-case names of the header fields at the top of a message."""
+    end = body.find(b"\r\n\r\n")
+    block = body if end < 0 else body[:end]
+    if body.startswith(b"\r\n"):
+        return set()
+    names = set()
+    for line in block.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            continue  # folded continuation
+        name, colon, _ = line.partition(b":")
+        if colon:
+            names.add(name.strip().lower())
+    return names
+
+
+def _b64(data: bytes) -> str:
+    return binascii.b2a_base64(data, newline=False).decode("ascii")
+
+
+def _unb64(text: str) -> bytes | None:
+    try:
+        return binascii.a2b_base64(text.encode("ascii"), strict_mode=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        return None
