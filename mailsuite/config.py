@@ -84,6 +84,10 @@ class CourierSection:
     relay_username: str = ""
     relay_password: str = ""
     relay_tls: str = "starttls"  # "starttls" | "tls" (implicit) | "none"
+    # Verify the smarthost's certificate (and that of require_tls_domains) against relay_cafile,
+    # or the system trust store when it is empty. relay_verify = false: encrypt, trust anything.
+    relay_verify: bool = True
+    relay_cafile: str = ""
     require_tls_domains: list[str] = field(default_factory=list)
     connect_timeout: int = 30
     command_timeout: int = 300

@@ -1,0 +1,313 @@
+"""The remote delivery agent the queue runner calls for recipients outside our domains.
+
+`deliver(entry, recipients, message_path)` groups the recipients by domain and runs one SMTP
+transaction per domain (all its recipients in it), trying MX hosts in order until one gives an
+answer about the recipients. Results are per recipient: 2xx sent, 4xx deferred, 5xx bounced;
+a failure before any recipient was answered (DNS, connection, greeting, TLS) defers all of them,
+except the permanent DNS cases (NXDOMAIN, null MX) that bounce at once.
+
+Connections are cached per domain for a few seconds after a transaction (RSET before reuse), and
+at most `max_connections_per_domain` sessions per domain (or to the smarthost) run at once.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet import defer, endpoints, ssl
+from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as NetTimeoutError
+from twisted.logger import Logger
+
+from mailsuite.courier import status
+from mailsuite.courier.client import (Credentials, SMTPClientProtocol, SMTPError, Session,
+                                      TLSPolicy, dot_stuff)
+from mailsuite.courier.mx import MailHost, MXResolver, make_resolver, parse_hostport
+from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+
+log = Logger()
+
+IDLE_TIMEOUT = 5.0  # seconds a cached connection waits for the next message (Postfix: 2 s)
+MAX_TARGETS = 10  # addresses tried per attempt before giving up until the next retry
+
+
+@dataclass
+class Payload:
+    """The message as it goes on the wire (signed, dot-stuffed) and facts for MAIL FROM."""
+
+    wire: bytes
+    size: int
+    eight_bit: bool
+
+
+class RemoteAgent:
+    def __init__(self, suite: Any, signer: Any = None):
+        self.suite = suite
+        self.config = suite.config.courier
+        self.reactor = suite.reactor
+        self.signer = signer
+        self.mx = MXResolver(make_resolver(self.config.nameservers, self.reactor))
+        self._slots: dict[str, defer.DeferredSemaphore] = {}
+        self._idle: dict[str, list[tuple[Session, Any]]] = defaultdict(list)
+        self._plain_only: dict[tuple[str, int], float] = {}  # hosts whose TLS handshake failed
+        self.relay = parse_hostport(self.config.relay, 25) if self.config.relay else None
+        self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
+
+    # -- the queue's entry point ---------------------------------------------------------------
+    @defer.inlineCallbacks
+    def deliver(self, entry: QueueEntry, recipients: list[Recipient], message_path: str) -> Any:
+        by_domain: dict[str, list[Recipient]] = defaultdict(list)
+        for r in recipients:
+            by_domain[r.address.rpartition("@")[2].lower()].append(r)
+        try:
+            payload = yield self._prepare(entry, message_path)
+        except OSError as e:
+            log.error("{queue_id}: cannot read {path}: {error}", queue_id=entry.id,
+                      path=message_path, error=e)
+            return [_result(r, "deferred", f"{status.MESSAGE_UNREADABLE.status} "
+                            f"{status.MESSAGE_UNREADABLE.text}", "") for r in recipients]
+        outcomes = yield defer.gatherResults(
+            [self._deliver_domain(entry, domain, rcpts, payload)
+             for domain, rcpts in by_domain.items()], consumeErrors=True)
+        return [result for results in outcomes for result in results]
+
+    def close(self) -> None:
+        """QUIT every cached connection (at shutdown)."""
+        for key in list(self._idle):
+            for session, timer in self._idle.pop(key):
+                if timer.active():
+                    timer.cancel()
+                session.quit()
+
+    # -- one domain ----------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _deliver_domain(self, entry: QueueEntry, domain: str, recipients: list[Recipient],
+                        payload: Payload) -> Any:
+        key = f"relay:{self.config.relay}" if self.relay else domain
+        slot = self._slots.setdefault(key, defer.DeferredSemaphore(
+            max(1, self.config.max_connections_per_domain)))
+        yield slot.acquire()
+        try:
+            return (yield self._attempt(entry, domain, key, recipients, payload))
+        except Exception as e:  # a bug must not lose the recipients: defer them
+            log.failure("{queue_id}: delivery to {domain} failed unexpectedly",
+                        queue_id=entry.id, domain=domain)
+            return [_result(r, "deferred", f"4.3.0 internal error: {type(e).__name__}", "")
+                    for r in recipients]
+        finally:
+            slot.release()
+
+    @defer.inlineCallbacks
+    def _attempt(self, entry: QueueEntry, domain: str, key: str, recipients: list[Recipient],
+                 payload: Payload) -> Any:
+        addresses = [r.address for r in recipients]
+        last: SMTPError | None = None
+        # A cached connection first: it is to a host of this domain that worked seconds ago.
+        while self._idle.get(key):
+            session, timer = self._idle[key].pop()
+            if timer.active():
+                timer.cancel()
+            try:
+                if session.alive and (yield session.reset()):
+                    results = yield self._transaction(entry, domain, key, session, addresses,
+                                                      payload, reused=True)
+                    if results is not None:
+                        return self._results(recipients, results, session.host)
+                    continue
+            except SMTPError:
+                pass
+            session.protocol.abort()
+        targets = yield self._targets(domain)
+        if isinstance(targets, status.Failure):
+            verdict = "bounced" if targets.permanent else "deferred"
+            log.info("{queue_id}: {domain}: {status} {text}", queue_id=entry.id, domain=domain,
+                     status=targets.status, text=targets.text)
+            return [_result(r, verdict, f"{targets.status} {targets.text}", "")
+                    for r in recipients]
+        last_host = ""
+        for host, address, port in targets[:MAX_TARGETS]:
+            last_host = host
+            try:
+                session = yield self._connect(domain, host, address, port)
+            except SMTPError as e:
+                log.info("{queue_id}: {domain}: {relay}: {error}", queue_id=entry.id,
+                         domain=domain, relay=f"{host}[{address}]:{port}", error=e.detail)
+                last = e
+                if e.next_host:
+                    continue
+                break
+            results = yield self._transaction(entry, domain, key, session, addresses, payload)
+            if isinstance(results, SMTPError):
+                last = results
+                if results.next_host:
+                    continue
+                break
+            return self._results(recipients, results, host)
+        error = last or SMTPError(status.CONNECT_FAILED)
+        verdict = "bounced" if error.permanent else "deferred"
+        return [_result(r, verdict, error.detail, last_host if error.reply else "")
+                for r in recipients]
+
+    @defer.inlineCallbacks
+    def _transaction(self, entry: QueueEntry, domain: str, key: str, session: Session,
+                     addresses: list[str], payload: Payload, reused: bool = False) -> Any:
+        """{address: Reply}, or an SMTPError that applies to every recipient (or None when a
+        reused connection died before it took anything, so a fresh one should be tried)."""
+        try:
+            results = yield session.transaction(entry.sender, addresses, payload.wire,
+                                                payload.size, payload.eight_bit)
+        except SMTPError as e:
+            session.protocol.abort()
+            if reused and e.reply is None:
+                return None
+            return e
+        log.info("{queue_id}: to {domain} via {relay} tls={tls} {tls_info} reused={reused} "
+                 "accepted={accepted}/{total}", queue_id=entry.id, domain=domain,
+                 relay=session.relay, tls="yes" if session.tls else "no",
+                 tls_info=session.tls_info, reused="yes" if reused else "no",
+                 accepted=sum(1 for r in results.values() if r.code // 100 == 2),
+                 total=len(addresses))
+        self._park(key, session)
+        return results
+
+    def _results(self, recipients: list[Recipient], replies: dict, host: str) -> list:
+        out = []
+        for r in recipients:
+            reply = replies.get(r.address)
+            if reply is None:
+                out.append(_result(r, "deferred", "4.4.2 no reply for this recipient", host))
+            elif reply.code // 100 == 2:
+                out.append(_result(r, "sent", str(reply), host, reply.enhanced))
+            elif reply.permanent:
+                out.append(_result(r, "bounced", str(reply), host, reply.enhanced))
+            else:
+                out.append(_result(r, "deferred", str(reply), host, reply.enhanced))
+        return out
+
+    # -- where and how to connect --------------------------------------------------------------
+    @defer.inlineCallbacks
+    def _targets(self, domain: str) -> Any:
+        """[(host name, address or name, port)] in order, or a status.Failure."""
+        if self.relay:
+            host, port = self.relay
+            return [(host, host, port)]
+        resolution = yield self.mx.resolve(domain)
+        if resolution.failure is not None:
+            return resolution.failure
+        port = self.config.mx_port
+        return [(h.name, a, port) for h in resolution.hosts for a in h.addresses]
+
+    def _tls_policy(self, domain: str, host: str, address: str, port: int) -> TLSPolicy:
+        cfg = self.config
+        if self.relay:
+            mode = {"tls": "implicit", "starttls": "required", "none": "none"}[cfg.relay_tls]
+            if mode == "required" and not cfg.relay_verify:
+                mode = "opportunistic"
+            return TLSPolicy(mode, self._client_context(host, verify=cfg.relay_verify))
+        if domain in {d.lower() for d in cfg.require_tls_domains}:
+            return TLSPolicy("required", self._client_context(host, verify=True))
+        if self._plain_only.get((address, port), 0) > time.time():
+            return TLSPolicy("none")
+        from mailsuite.tls import client_context_opportunistic
+
+        return TLSPolicy("opportunistic", client_context_opportunistic())
+
+    def _client_context(self, host: str, verify: bool) -> Any:
+        if not verify:
+            from mailsuite.tls import client_context_opportunistic
+
+            return client_context_opportunistic()
+        trust = None
+        if self.config.relay_cafile:
+            with open(self.config.relay_cafile, "rb") as f:
+                trust = ssl.Certificate.loadPEM(f.read())
+        return ssl.optionsForClientTLS(host, trustRoot=trust)
+
+    @defer.inlineCallbacks
+    def _connect(self, domain: str, host: str, address: str, port: int) -> Any:
+        tls = self._tls_policy(domain, host, address, port)
+        cfg = self.config
+        if self.relay:
+            endpoint = endpoints.HostnameEndpoint(self.reactor, address.encode("idna"), port,
+                                                  timeout=cfg.connect_timeout)
+        elif ":" in address:
+            endpoint = endpoints.TCP6ClientEndpoint(self.reactor, address, port,
+                                                    timeout=cfg.connect_timeout)
+        else:
+            endpoint = endpoints.TCP4ClientEndpoint(self.reactor, address, port,
+                                                    timeout=cfg.connect_timeout)
+        if tls.mode == "implicit":
+            endpoint = endpoints.wrapClientTLS(tls.context, endpoint)
+        protocol = SMTPClientProtocol(self.reactor, cfg.command_timeout)
+        try:
+            yield endpoints.connectProtocol(endpoint, protocol)
+        except (ConnectError, DNSLookupError, NetTimeoutError, defer.TimeoutError) as e:
+            raise SMTPError(status.Failure(status.CONNECT_FAILED.status,
+                                           f"cannot connect to {host}[{address}]:{port}: "
+                                           f"{_reason(e)}"))
+        credentials = (Credentials(cfg.relay_username, cfg.relay_password)
+                       if self.relay and cfg.relay_username else None)
+        session = Session(protocol, host, address, port)
+        try:
+            yield session.start(self.suite.config.hostname, tls, credentials)
+        except SMTPError as e:
+            protocol.abort()
+            if e.tls_failed and tls.mode == "opportunistic":
+                # RFC 7435: a failed opportunistic handshake falls back to plain text; remember
+                # the host for an hour and reconnect without STARTTLS right away.
+                log.info("TLS handshake with {host}[{address}] failed: delivering without TLS",
+                         host=host, address=address)
+                self._plain_only[(address, port)] = time.time() + 3600
+                return (yield self._connect(domain, host, address, port))
+            if e.tls_failed:
+                raise SMTPError(status.TLS_REQUIRED, next_host=True)
+            raise
+        log.info("connected to {relay} tls={tls} {tls_info} auth={auth}", relay=session.relay,
+                 tls="yes" if session.tls else "no", tls_info=session.tls_info,
+                 auth="yes" if credentials else "no")
+        return session
+
+    def _park(self, key: str, session: Session) -> None:
+        """Keep a healthy connection for the next message to the same domain."""
+        if not session.alive:
+            return
+        idle = self._idle[key]
+
+        def expire() -> None:
+            for i, (s, _) in enumerate(idle):
+                if s is session:
+                    del idle[i]
+                    break
+            session.quit()
+
+        idle.append((session, self.reactor.callLater(IDLE_TIMEOUT, expire)))
+
+    # -- message preparation ---------------------------------------------------------------------
+    def _prepare(self, entry: QueueEntry, message_path: str) -> defer.Deferred:
+        """Read, DKIM-sign (when a key exists) and dot-stuff the message, off the reactor."""
+        signer = self.signer
+
+        def work() -> Payload:
+            with open(message_path, "rb") as f:
+                message = f.read()
+            if signer is not None:
+                message = signer.sign(message, entry.sender)
+            return Payload(dot_stuff(message), len(message), not message.isascii())
+
+        return self.suite.pools.io.run(work)
+
+
+def _result(r: Recipient, verdict: str, detail: str, remote: str, enhanced: str = ""
+            ) -> DeliveryResult:
+    if not enhanced:
+        first = detail.split(" ", 2)
+        enhanced = next((p for p in first[:2] if p[:1] in "245" and p.count(".") == 2), "")
+    return DeliveryResult(address=r.address, status=verdict, detail=detail, remote_mta=remote,
+                          enhanced=enhanced)
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip().rstrip(".")
+    return text.split(": ", 1)[-1] if text else type(e).__name__
