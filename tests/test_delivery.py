@@ -1,0 +1,242 @@
+"""The Maildir writer and the local delivery agent, on real files."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import threading
+
+import pytest
+
+from mailsuite.config import Config
+from mailsuite.delivery.local import LocalDeliveryAgent, trace_headers
+from mailsuite.delivery.maildir import deliver_to_maildir, ensure_maildir, unique_name
+from mailsuite.queue.spool import QueueEntry, Recipient
+
+NAME_RE = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.([^/:]+),S=(\d+)$")
+HEADER = b"Return-Path: <carol@remote.example>\r\nDelivered-To: alice@example.org\r\n"
+BODY = b"Subject: test\r\n\r\nline one\r\nline two\r\n"
+
+
+def test_delivery_writes_header_and_message_into_new(tmp_path):
+    src = tmp_path / "msg.eml"
+    src.write_bytes(BODY)
+    maildir = str(tmp_path / "mail" / "example.org" / "alice")
+    path = deliver_to_maildir(maildir, HEADER, message_path=str(src), hostname="mx.example")
+    assert os.path.dirname(path) == os.path.join(maildir, "new")
+    with open(path, "rb") as f:
+        assert f.read() == HEADER + BODY
+    m = NAME_RE.match(os.path.basename(path))
+    assert m, path
+    assert int(m.group(3)) == os.getpid()
+    assert m.group(5) == "mx.example"
+    assert int(m.group(6)) == os.path.getsize(path)  # S= is the final file size
+    for sub in ("cur", "new", "tmp"):
+        st = os.stat(os.path.join(maildir, sub))
+        assert st.st_mode & 0o777 == 0o700
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+
+
+def test_delivery_from_bytes(tmp_path):
+    path = deliver_to_maildir(str(tmp_path / "md"), HEADER, data=BODY)
+    with open(path, "rb") as f:
+        assert f.read() == HEADER + BODY
+
+
+def test_hostname_is_escaped():
+    name = unique_name(10, "bad/host:name")
+    assert "/" not in name and ":" not in name
+    assert r"bad\057host\072name" in name
+
+
+def test_delivery_fsyncs_file_before_rename_and_new_dir_after(tmp_path, monkeypatch):
+    events: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def rename(a, b):
+        events.append(f"rename {a}")
+        return real_rename(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    maildir = str(tmp_path / "md")
+    path = deliver_to_maildir(maildir, HEADER, data=BODY)
+    name = os.path.basename(path)
+    tmp = os.path.join(maildir, "tmp", name)
+    assert events == [f"fsync {tmp}", f"rename {tmp}", f"fsync {os.path.join(maildir, 'new')}"]
+
+
+def test_broken_maildir_fails_and_leaves_nothing(tmp_path):
+    maildir = tmp_path / "md"
+    ensure_maildir(str(maildir))
+    os.rmdir(maildir / "new")
+    (maildir / "new").write_bytes(b"")  # a FILE where new/ should be: root cannot write into it
+    with pytest.raises(OSError):
+        deliver_to_maildir(str(maildir), HEADER, data=BODY)
+    assert os.listdir(maildir / "tmp") == []
+
+
+def test_failure_after_tmp_created_cleans_tmp(tmp_path):
+    maildir = tmp_path / "md"
+    ensure_maildir(str(maildir))
+    bad_source = tmp_path / "a-directory"
+    bad_source.mkdir()
+    with pytest.raises(OSError):
+        # getsize works on a directory, open() for reading it fails after tmp/ has a file.
+        deliver_to_maildir(str(maildir), HEADER, message_path=str(bad_source))
+    assert os.listdir(maildir / "tmp") == []
+    assert os.listdir(maildir / "new") == []
+
+
+def _write_with_file_size_limit(maildir: str, result) -> None:
+    # A real short write (EFBIG) as a full disk would give: the file size rlimit, with the
+    # signal that would otherwise kill us ignored.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+    try:
+        deliver_to_maildir(maildir, HEADER, data=b"x" * 100_000)
+        result.put("no error")
+    except OSError as e:
+        result.put(e.errno)
+
+
+def test_disk_full_during_write_leaves_nothing(tmp_path):
+    maildir = str(tmp_path / "md")
+    ensure_maildir(maildir)
+    ctx = multiprocessing.get_context("fork")
+    result = ctx.Queue()
+    child = ctx.Process(target=_write_with_file_size_limit, args=(maildir, result))
+    child.start()
+    child.join(20)
+    import errno
+
+    assert result.get(timeout=5) == errno.EFBIG
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    assert os.listdir(os.path.join(maildir, "new")) == []
+
+
+def test_names_unique_across_threads(tmp_path):
+    maildir = str(tmp_path / "md")
+    paths: list[str] = []
+    lock = threading.Lock()
+
+    def worker():
+        mine = [deliver_to_maildir(maildir, HEADER, data=BODY) for _ in range(100)]
+        with lock:
+            paths.extend(mine)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(paths) == 800
+    assert len(set(os.listdir(os.path.join(maildir, "new")))) == 800
+
+
+def _deliver_many(maildir: str, n: int) -> None:
+    for _ in range(n):
+        deliver_to_maildir(maildir, HEADER, data=BODY)
+
+
+def test_names_unique_across_processes(tmp_path):
+    maildir = str(tmp_path / "md")
+    ensure_maildir(maildir)
+    ctx = multiprocessing.get_context("fork")
+    children = [ctx.Process(target=_deliver_many, args=(maildir, 100)) for _ in range(4)]
+    for c in children:
+        c.start()
+    for c in children:
+        c.join(60)
+        assert c.exitcode == 0
+    names = os.listdir(os.path.join(maildir, "new"))
+    assert len(names) == 400
+    assert len({NAME_RE.match(n).group(3) for n in names}) == 4  # four pids
+
+
+def test_no_partial_file_is_ever_visible_in_new(tmp_path):
+    """A reader polling new/ during large concurrent deliveries only ever sees complete files."""
+    maildir = str(tmp_path / "md")
+    ensure_maildir(maildir)
+    new = os.path.join(maildir, "new")
+    big = b"Subject: big\r\n\r\n" + b"0123456789abcdef" * 64 * 1024  # 1 MiB
+    stop = threading.Event()
+    seen: dict[str, int] = {}
+    bad: list[str] = []
+
+    def reader():
+        while not stop.is_set():
+            for name in os.listdir(new):
+                if name in seen:
+                    continue
+                size = os.path.getsize(os.path.join(new, name))
+                seen[name] = size
+                expected = int(NAME_RE.match(name).group(6))
+                if size != expected:
+                    bad.append(f"{name}: {size} != {expected}")
+
+    def writer():
+        for _ in range(5):
+            deliver_to_maildir(maildir, HEADER, data=big)
+
+    r = threading.Thread(target=reader)
+    r.start()
+    writers = [threading.Thread(target=writer) for _ in range(4)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    stop.set()
+    r.join()
+    assert bad == []
+    assert len(os.listdir(new)) == 20
+    assert len(seen) >= 1
+
+
+# -- the local delivery agent -------------------------------------------------------------------
+class _Suite:
+    def __init__(self, data_dir: str):
+        self.config = Config()
+        self.config.server.data_dir = data_dir
+        self.config.server.hostname = "mx.test.example"
+
+
+def test_agent_prepends_return_path_and_delivered_to(tmp_path):
+    suite = _Suite(str(tmp_path))
+    src = tmp_path / "m.eml"
+    src.write_bytes(BODY)
+    entry = QueueEntry("6b0a0000000000000000a", "carol@remote.example",
+                       [Recipient("alice@example.org", "Alice+x@Example.org", True)], 0.0)
+    [result] = LocalDeliveryAgent(suite).deliver_blocking(entry, entry.recipients, str(src))
+    assert result.status == "sent"
+    assert result.detail.startswith("250 2.0.0")
+    [name] = os.listdir(os.path.join(suite.config.maildir_for("alice@example.org"), "new"))
+    with open(os.path.join(suite.config.maildir_for("alice@example.org"), "new", name), "rb") as f:
+        assert f.read() == (b"Return-Path: <carol@remote.example>\r\n"
+                            b"Delivered-To: alice@example.org\r\n" + BODY)
+
+
+def test_agent_defers_on_broken_maildir(tmp_path):
+    suite = _Suite(str(tmp_path))
+    maildir = suite.config.maildir_for("alice@example.org")
+    os.makedirs(maildir)
+    with open(os.path.join(maildir, "new"), "w"):
+        pass
+    src = tmp_path / "m.eml"
+    src.write_bytes(BODY)
+    entry = QueueEntry("6b0a0000000000000000a", "", [Recipient("alice@example.org", "a", True)], 0)
+    [result] = LocalDeliveryAgent(suite).deliver_blocking(entry, entry.recipients, str(src))
+    assert result.status == "deferred"
+    assert result.detail.startswith("451 4.3.0 cannot write Maildir")
+
+
+def test_null_sender_return_path_and_header_injection():
+    assert trace_headers("", "bob@example.org") == (b"Return-Path: <>\r\n"
+                                                    b"Delivered-To: bob@example.org\r\n")
+    assert b"\nX-Evil" not in trace_headers("a\r\nX-Evil: 1@x", "bob@example.org")

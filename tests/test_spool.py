@@ -1,0 +1,227 @@
+"""The spool on real files: durable atomic writes, JSON envelopes, claims between processes."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from mailsuite.queue import spool as spool_module
+from mailsuite.queue.spool import (QueueEntry, Recipient, Spool, SpoolError, entry_from_json,
+                                   entry_to_json, new_queue_id, valid_queue_id)
+
+DATA = b"Received: from x by y\r\nSubject: test\r\n\r\nbody line\r\n.\r\n"
+
+
+def make_entry(**kw) -> QueueEntry:
+    fields = dict(id=new_queue_id(), sender="carol@remote.example",
+                  recipients=[Recipient("alice@example.org", "Alice+news@example.org", True),
+                              Recipient("dave@far.example", "dave@far.example", False)],
+                  created=time.time(), meta={"client_ip": "192.0.2.1", "helo": "x",
+                                             "auth_user": None, "protocol": "ESMTPS"})
+    fields.update(kw)
+    return QueueEntry(**fields)
+
+
+@pytest.fixture
+def spool(tmp_path) -> Spool:
+    s = Spool(str(tmp_path / "queue"))
+    s.ensure()
+    return s
+
+
+def test_store_and_load_round_trip(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    assert spool.ids() == [entry.id]
+    assert spool.load(entry.id) == entry
+    with open(spool.message_path(entry.id), "rb") as f:
+        assert f.read() == DATA  # byte for byte, CRLF kept
+    # Only the two final files: no tmp left behind.
+    assert sorted(os.listdir(spool.directory)) == sorted([entry.id + ".eml", entry.id + ".json"])
+
+
+def test_envelope_is_plain_json(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    with open(spool.envelope_path(entry.id), "rb") as f:
+        data = json.load(f)  # not pickle: readable by anything, never executes code
+    assert data["version"] == 1
+    assert data["sender"] == "carol@remote.example"
+    assert data["recipients"][0]["original"] == "Alice+news@example.org"
+    assert entry_from_json(entry_to_json(entry)) == entry
+
+
+def test_store_fsyncs_files_and_directory_before_returning(spool, monkeypatch):
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    entry = make_entry()
+    spool.store(entry, DATA)
+    # Both files were fsynced under their tmp names (before the rename), then the directory.
+    assert any(p.endswith(".tmp") and f".{entry.id}.eml." in p for p in synced)
+    assert any(p.endswith(".tmp") and f".{entry.id}.json." in p for p in synced)
+    assert synced[-1] == spool.directory
+
+
+def test_save_replaces_envelope_atomically(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    inode = os.stat(spool.envelope_path(entry.id)).st_ino
+    entry.recipients[0].state = "sent"
+    spool.save(entry)
+    assert os.stat(spool.envelope_path(entry.id)).st_ino != inode  # a new file renamed over
+    assert spool.load(entry.id).recipients[0].state == "sent"
+
+
+def test_failed_write_leaves_nothing(spool):
+    def chunks():
+        yield b"partial data"
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        spool_module.write_file_durably(spool.directory, "x.eml", chunks())
+    assert os.listdir(spool.directory) == []
+
+
+def test_unknown_and_malformed_ids(spool):
+    with pytest.raises(SpoolError, match="no queue entry"):
+        spool.load("0123456789abcdef")
+    with pytest.raises(SpoolError):
+        spool.load("../../etc/passwd")  # never a path outside the spool
+    assert not valid_queue_id("../x")
+    assert spool.claim("../x") is None
+
+
+def test_damaged_envelope_is_reported_not_crashing(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    with open(spool.envelope_path(entry.id), "w") as f:
+        f.write("{not json")
+    with pytest.raises(SpoolError, match="damaged"):
+        spool.load(entry.id)
+    assert spool.entries() == []
+
+
+def test_ids_are_unique_and_time_ordered():
+    ids = [new_queue_id() for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(valid_queue_id(i) for i in ids)
+    assert new_queue_id(1000.0) < new_queue_id(2000.0)
+
+
+def test_remove(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    spool.remove(entry.id)
+    assert os.listdir(spool.directory) == []
+    assert spool.ids() == []
+
+
+def test_claim_is_exclusive_within_a_process(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    claim = spool.claim(entry.id)
+    assert claim is not None
+    assert spool.claim(entry.id) is None  # flock is per open file: a second open conflicts
+    claim.release()
+    again = spool.claim(entry.id)
+    assert again is not None
+    again.release()
+
+
+def _hold_claim(directory: str, queue_id: str, ready, done) -> None:
+    s = Spool(directory)
+    claim = s.claim(queue_id)
+    ready.put(claim is not None)
+    done.wait(10)
+
+
+def _hold_and_die(directory: str, queue_id: str, ready) -> None:
+    s = Spool(directory)
+    claim = s.claim(queue_id)
+    ready.put(claim is not None)
+    time.sleep(30)
+
+
+def test_claim_is_exclusive_between_processes(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    ctx = multiprocessing.get_context("fork")
+    ready, done = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_hold_claim, args=(spool.directory, entry.id, ready, done))
+    child.start()
+    try:
+        assert ready.get(timeout=10) is True
+        assert spool.claim(entry.id) is None
+        with pytest.raises(SpoolError, match="being delivered"):
+            spool.claim_wait(entry.id, timeout=0.3)
+    finally:
+        done.set()
+        child.join(10)
+    claim = spool.claim(entry.id)
+    assert claim is not None
+    claim.release()
+
+
+def test_claim_of_a_killed_process_is_released(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    ctx = multiprocessing.get_context("fork")
+    ready = ctx.Queue()
+    child = ctx.Process(target=_hold_and_die, args=(spool.directory, entry.id, ready))
+    child.start()
+    assert ready.get(timeout=10) is True
+    assert spool.claim(entry.id) is None
+    child.kill()  # SIGKILL: no cleanup code runs; the kernel drops the flock
+    child.join(10)
+    claim = spool.claim(entry.id)
+    assert claim is not None
+    claim.release()
+
+
+def test_claim_after_removal_by_the_previous_holder_fails(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    first = spool.claim(entry.id)
+    # Someone opened the message file before the holder finished (as a racing process would).
+    fd = os.open(spool.message_path(entry.id), os.O_RDONLY)
+    try:
+        spool.remove(entry.id)
+        first.release()
+        assert spool.claim(entry.id) is None  # gone: no claim, no second delivery
+    finally:
+        os.close(fd)
+
+
+def test_cleanup_removes_only_stale_leftovers(spool):
+    entry = make_entry()
+    spool.store(entry, DATA)
+    d = spool.directory
+    for name in (".old.eml.1234.tmp", ".young.eml.5678.tmp", "6b0a0000000000000000a.eml",
+                 "6b0a0000000000000000b.eml"):
+        with open(os.path.join(d, name), "wb") as f:
+            f.write(b"x")
+    old = time.time() - 2 * spool_module.STALE_TMP_AGE
+    os.utime(os.path.join(d, ".old.eml.1234.tmp"), (old, old))
+    os.utime(os.path.join(d, "6b0a0000000000000000a.eml"), (old, old))
+    os.utime(spool.message_path(entry.id), (old, old))  # old, but has its envelope: kept
+    removed = spool.cleanup()
+    assert sorted(removed) == [".old.eml.1234.tmp", "6b0a0000000000000000a.eml"]
+    assert spool.load(entry.id) == entry
+    assert os.path.exists(os.path.join(d, ".young.eml.5678.tmp"))  # maybe a writer at work
+    assert os.path.exists(os.path.join(d, "6b0a0000000000000000b.eml"))
+
+
+def test_kick_changes_mtime(spool):
+    before = spool.kick_mtime()
+    time.sleep(0.01)
+    spool.kick()
+    assert spool.kick_mtime() != before
