@@ -1,0 +1,28 @@
+"""IMAP response conditions and codes (RFC 3501 §7.1, RFC 5530, RFC 4315, RFC 4469)."""
+from __future__ import annotations
+
+OK = b"OK"
+NO = b"NO"
+BAD = b"BAD"
+BYE = b"BYE"
+
+# Response codes, written inside [ ] after the condition.
+ALERT = b"ALERT"
+AUTHENTICATIONFAILED = b"AUTHENTICATIONFAILED"  # RFC 5530
+PRIVACYREQUIRED = b"PRIVACYREQUIRED"  # RFC 5530: LOGIN before STARTTLS
+TRYCREATE = b"TRYCREATE"  # RFC 3501 §7.1: APPEND/COPY target missing
+TOOBIG = b"TOOBIG"  # RFC 4469/7889: APPEND over the size limit
+LIMIT = b"LIMIT"  # RFC 5530
+NONEXISTENT = b"NONEXISTENT"  # RFC 5530
+ALREADYEXISTS = b"ALREADYEXISTS"  # RFC 5530
+CANNOT = b"CANNOT"  # RFC 5530: the name is not acceptable
+BADCHARSET = b"BADCHARSET"
+SERVERBUG = b"SERVERBUG"  # RFC 5530
+UNAVAILABLE = b"UNAVAILABLE"
+READ_ONLY = b"READ-ONLY"
+READ_WRITE = b"READ-WRITE"
+CLIENTBUG = b"CLIENTBUG"
+
+
+def code(name: bytes, *args: bytes) -> bytes:
+    return b"[" + b" ".join((name,) + args) + b"] "

@@ -1,0 +1,290 @@
+"""SEARCH (RFC 3501 §6.4.4): parse the keys into a tree, evaluate it per message.
+
+Keys that only need the index (flags, UID, sizes, INTERNALDATE) never open the message file;
+the others load it once per message. String keys match case-insensitively after decoding
+RFC 2047 encoded words, as Thunderbird expects for non-ASCII subjects (TWISTED-NOTES §4.4 #7-8).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import email.header
+import email.utils
+import quopri
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from mailsuite.imap import message as mimeparse
+from mailsuite.imap.parser import Atom, ParseError, SequenceSet, Token, astring, number, search_date, \
+    sequence_set
+
+FLAG_KEYS = {
+    b"ANSWERED": ("\\Answered", True), b"UNANSWERED": ("\\Answered", False),
+    b"DELETED": ("\\Deleted", True), b"UNDELETED": ("\\Deleted", False),
+    b"DRAFT": ("\\Draft", True), b"UNDRAFT": ("\\Draft", False),
+    b"FLAGGED": ("\\Flagged", True), b"UNFLAGGED": ("\\Flagged", False),
+    b"SEEN": ("\\Seen", True), b"UNSEEN": ("\\Seen", False),
+}
+
+
+@dataclass
+class Candidate:
+    """What a search key may look at for one message."""
+
+    seq: int
+    uid: int
+    flags: frozenset
+    recent: bool
+    size: int
+    internaldate: float
+    load: Callable[[], bytes]  # reads the message file (only called when a key needs it)
+    _raw: Optional[bytes] = None
+
+    @property
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = self.load()
+        return self._raw
+
+
+Node = tuple
+
+
+def parse(tokens: list[Token], charset_ok: bool = True) -> Node:
+    """The search program (an AND of keys) from the tokens after SEARCH."""
+    toks = list(tokens)
+    if toks and isinstance(toks[0], Atom) and toks[0].upper() == b"CHARSET":
+        if len(toks) < 2:
+            raise ParseError("CHARSET needs a name")
+        cs = astring(toks[1]).upper()
+        if cs not in (b"UTF-8", b"US-ASCII"):
+            raise BadCharset(cs)
+        toks = toks[2:]
+    if not toks:
+        raise ParseError("SEARCH needs a key")
+    keys = []
+    while toks:
+        keys.append(_key(toks))
+    return ("AND", keys)
+
+
+class BadCharset(ParseError):
+    pass
+
+
+def _key(toks: list[Token]) -> Node:
+    tok = toks.pop(0)
+    if isinstance(tok, list):
+        if not tok:
+            raise ParseError("empty search group")
+        inner = list(tok)
+        keys = []
+        while inner:
+            keys.append(_key(inner))
+        return ("AND", keys)
+    if not isinstance(tok, Atom):
+        raise ParseError("invalid search key")
+    k = tok.upper()
+
+    def arg() -> Token:
+        if not toks:
+            raise ParseError(f"{k.decode()} needs an argument")
+        return toks.pop(0)
+
+    if k == b"ALL":
+        return ("ALL",)
+    if k in FLAG_KEYS:
+        flag, want = FLAG_KEYS[k]
+        return ("FLAG", flag, want)
+    if k in (b"KEYWORD", b"UNKEYWORD"):
+        return ("FLAG", astring(arg()).decode("ascii", "replace"), k == b"KEYWORD")
+    if k == b"NEW":
+        return ("AND", [("RECENT",), ("FLAG", "\\Seen", False)])
+    if k == b"OLD":
+        return ("NOT", ("RECENT",))
+    if k == b"RECENT":
+        return ("RECENT",)
+    if k == b"NOT":
+        return ("NOT", _key(toks))
+    if k == b"OR":
+        a = _key(toks)
+        return ("OR", a, _key(toks))
+    if k in (b"LARGER", b"SMALLER"):
+        return (k.decode(), number(arg()))
+    if k in (b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"):
+        return (k.decode(), search_date(arg()))
+    if k in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
+        return ("HEADER", k.lower(), _fold(astring(arg())))
+    if k == b"HEADER":
+        name = astring(arg()).lower()
+        return ("HEADER", name, _fold(astring(arg())))
+    if k in (b"BODY", b"TEXT"):
+        return (k.decode(), _fold(astring(arg())))
+    if k == b"UID":
+        return ("UID", sequence_set(arg()))
+    if re.match(rb"^[\d*:,]+$", k):
+        return ("SEQ", sequence_set(tok))
+    raise ParseError(f"unknown search key {k[:40].decode('ascii', 'replace')}")
+
+
+def _fold(b: bytes) -> str:
+    return b.decode("utf-8", "replace").casefold()
+
+
+def needs_file(node: Node) -> bool:
+    op = node[0]
+    if op == "AND":
+        return any(needs_file(n) for n in node[1])
+    if op == "OR":
+        return needs_file(node[1]) or needs_file(node[2])
+    if op == "NOT":
+        return needs_file(node[1])
+    return op in ("HEADER", "BODY", "TEXT", "SENTBEFORE", "SENTON", "SENTSINCE")
+
+
+def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
+    op = node[0]
+    if op == "AND":
+        return all(matches(n, c, max_seq, max_uid) for n in node[1])
+    if op == "OR":
+        return matches(node[1], c, max_seq, max_uid) or matches(node[2], c, max_seq, max_uid)
+    if op == "NOT":
+        return not matches(node[1], c, max_seq, max_uid)
+    if op == "ALL":
+        return True
+    if op == "FLAG":
+        present = any(f.lower() == node[1].lower() for f in c.flags)
+        return present == node[2]
+    if op == "RECENT":
+        return c.recent
+    if op == "LARGER":
+        return c.size > node[1]
+    if op == "SMALLER":
+        return c.size < node[1]
+    if op == "UID":
+        return node[1].contains(c.uid, max_uid)
+    if op == "SEQ":
+        return node[1].contains(c.seq, max_seq)
+    if op in ("BEFORE", "ON", "SINCE"):
+        return _cmp_date(op, datetime.date.fromtimestamp(c.internaldate), node[1])
+    if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+        d = _sent_date(c.raw)
+        return d is not None and _cmp_date(op[4:], d, node[1])
+    if op == "HEADER":
+        return _header_contains(c.raw, node[1], node[2])
+    if op == "BODY":
+        return node[1] in _body_text(c.raw)
+    if op == "TEXT":
+        return node[1] in _header_text(c.raw) or node[1] in _body_text(c.raw)
+    raise ParseError(op)
+
+
+def _cmp_date(op: str, d: datetime.date, ymd: tuple[int, int, int]) -> bool:
+    try:
+        want = datetime.date(*ymd)
+    except ValueError:
+        return False
+    if op == "BEFORE":
+        return d < want
+    if op == "ON":
+        return d == want
+    return d >= want
+
+
+def _root(raw: bytes) -> mimeparse.Part:
+    return mimeparse.parse(raw)
+
+
+def _sent_date(raw: bytes) -> Optional[datetime.date]:
+    root = mimeparse.Part(0, 0, 0, mimeparse.parse_headers(raw, 0, mimeparse.header_end(raw)))
+    v = mimeparse.field_value(raw, root, b"date")
+    if not v:
+        return None
+    try:
+        dt = email.utils.parsedate_to_datetime(v.decode("ascii", "replace"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    return dt.date() if dt else None
+
+
+def decode_header(value: bytes) -> str:
+    """Unfolded header value with RFC 2047 encoded words decoded (raw UTF-8 kept as is)."""
+    text = value.decode("utf-8", "replace")
+    if "=?" not in text:
+        return text
+    try:
+        out = []
+        for chunk, cs in email.header.decode_header(text):
+            if isinstance(chunk, bytes):
+                out.append(chunk.decode(cs or "utf-8", "replace") if _known(cs) else
+                           chunk.decode("utf-8", "replace"))
+            else:
+                out.append(chunk)
+        return "".join(out)
+    except (ValueError, LookupError, UnicodeError):
+        return text
+
+
+def _known(cs: Optional[str]) -> bool:
+    import codecs
+
+    try:
+        codecs.lookup(cs or "utf-8")
+        return True
+    except LookupError:
+        return False
+
+
+def _header_contains(raw: bytes, name: bytes, needle: str) -> bool:
+    end = mimeparse.header_end(raw)
+    for n, s, e in mimeparse.parse_headers(raw, 0, end):
+        if n == name:
+            value = re.sub(rb"\r?\n(?=[ \t])", b"", raw[s:e].split(b":", 1)[1]).strip()
+            if needle in decode_header(value).casefold():
+                return True
+    # RFC 3501: HEADER with an empty string matches every message that has the field.
+    return False
+
+
+def _header_text(raw: bytes) -> str:
+    end = mimeparse.header_end(raw)
+    return decode_header(raw[:end]).casefold()
+
+
+def _body_text(raw: bytes) -> str:
+    """The text of every leaf part, transfer-decoded and charset-decoded, case-folded."""
+    root = _root(raw)
+    out: list[str] = []
+
+    def walk(p: mimeparse.Part) -> None:
+        if p.children:
+            for c in p.children:
+                walk(c)
+            return
+        if p.message is not None:
+            out.append(_header_text(raw[p.message.start:p.message.body_start]))
+            walk(p.message)
+            return
+        body = raw[p.body_start:p.end]
+        enc = (mimeparse.field_value(raw, p, b"content-transfer-encoding") or b"").strip().lower()
+        if enc == b"base64":
+            try:
+                body = base64.b64decode(re.sub(rb"[^A-Za-z0-9+/=]", b"", body) + b"==", validate=False)
+            except (binascii.Error, ValueError):
+                pass
+        elif enc == b"quoted-printable":
+            body = quopri.decodestring(body)
+        cs = (mimeparse.param(p.params, b"charset") or b"utf-8").decode("ascii", "replace")
+        if not _known(cs):
+            cs = "utf-8"
+        out.append(body.decode(cs, "replace"))
+
+    walk(root)
+    return "\n".join(out).casefold()
+
+
+def now() -> float:
+    return time.time()
