@@ -127,6 +127,24 @@ class DirectoryStore:
             s.add(User(address=canonical, password_hash=password_hash, domain_id=domain_id))
         return canonical
 
+    def check_new_user(self, address: str) -> str:
+        """Refuse now what add_user would refuse (bad address, unknown domain, duplicate), so
+        that the CLI does not prompt for a password in vain."""
+        canonical = canonical_address(address)
+        with self._unit() as s:
+            self._domain_id(s, canonical.rpartition("@")[2])
+            if s.scalar(select(User.id).where(User.address == canonical)) is not None:
+                raise DirectoryError(f"user {canonical} already exists")
+        return canonical
+
+    def require_user(self, address: str) -> str:
+        """The canonical address of an existing user, or DirectoryError saying what is wrong."""
+        canonical = canonical_address(address)
+        with self._unit() as s:
+            if s.scalar(select(User.id).where(User.address == canonical)) is None:
+                raise DirectoryError(self._no_user(s, canonical))
+        return canonical
+
     def list_users(self, domain: str | None = None) -> list[UserInfo]:
         with self._unit() as s:
             query = select(User.address, User.enabled, User.created).order_by(User.address)
