@@ -232,14 +232,24 @@ class UidList:
                 ul.guid = token[1:]
             else:
                 ul.header_extra.append(token)
-        uids = ul.uids
-        extra = ul.extra
-        for line in lines[1:]:
+        ul._parse_records(lines[1:])
+        return ul
+
+    def add_lines(self, data: bytes) -> set[str]:
+        """Parse records appended to the file since we read it; returns their keys."""
+        return self._parse_records(data.decode("utf-8", "surrogateescape").split("\n"))
+
+    def _parse_records(self, lines: list[str]) -> set[str]:
+        uids = self.uids
+        extra = self.extra
+        nextuid = self.nextuid
+        seen = set()
+        for line in lines:
             if not line:
                 continue
             head, sep, name = line.partition(" :")
             if not sep:
-                # "<uid> :<name>" is the only form with a colon; skip anything else.
+                # "<uid> [ext...] :<name>" is the only record form; skip anything else.
                 continue
             uid_s, _, ext = head.partition(" ")
             try:
@@ -248,11 +258,13 @@ class UidList:
                 continue
             key = name.split(":", 1)[0]
             uids[key] = uid
+            seen.add(key)
             if ext:
                 extra[key] = ext
-            if uid >= ul.nextuid:
-                ul.nextuid = uid + 1
-        return ul
+            if uid >= nextuid:
+                nextuid = uid + 1
+        self.nextuid = nextuid
+        return seen
 
     def serialize(self) -> bytes:
         header = ["3", f"V{self.uidvalidity}", f"N{self.nextuid}"]

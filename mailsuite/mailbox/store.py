@@ -366,14 +366,14 @@ class Folder:
             if state.unclaimed_recent:
                 self._recent |= state.unclaimed_recent
                 state.unclaimed_recent = set()
-            return list(state.infos.values())
+            return state.messages()
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
         with self._state.lock:
             if not self._state.synced:
                 return self.sync()
-            return list(self._state.infos.values())
+            return self._state.messages()
 
     def get(self, uid: int) -> MessageInfo | None:
         with self._state.lock:
@@ -594,7 +594,7 @@ class Folder:
                 state.files[info.key] = new_name
                 state.infos[uid] = MessageInfo(uid, info.key, stored, info.size,
                                                info.internaldate, new_path)
-                state.generation += 1
+                state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")
 
@@ -603,9 +603,10 @@ class _FolderState:
     """What this process knows about one folder, shared by all its Folder objects.
 
     sync() of an unchanged folder costs a stat of new/, cur/, dovecot-uidlist and
-    dovecot-keywords; a changed one lists the changed directory and stats only new files.
-    Sizes and INTERNALDATEs are kept in `mailsuite-index` so a fresh process does not stat
-    every file either."""
+    dovecot-keywords. A changed folder lists only the changed directory, stats only files it
+    has never seen, and appends to dovecot-uidlist (as Dovecot does) instead of rewriting it.
+    Sizes and INTERNALDATEs are kept in `mailsuite-index` (append-only, compacted now and then)
+    so a fresh process does not stat every file either."""
 
     def __init__(self, path: str):
         self.path = path
@@ -619,18 +620,22 @@ class _FolderState:
         self.new_mtime: int | None = None
         self.meta: dict[str, tuple[int, float]] = {}  # key -> (size, internaldate)
         self.meta_loaded = False
-        self.meta_dirty = False
+        self.meta_pending: list[str] = []  # keys whose meta is not in mailsuite-index yet
+        self.meta_lines = 0
         self.infos: dict[int, MessageInfo] = {}
+        self.key_uid: dict[str, int] = {}
+        self.snapshot: list[MessageInfo] | None = None
         self.synced = False
         self.unclaimed_recent: set[int] = set()
         self.generation = 0
+        self.cur_prefix = os.path.join(path, "cur", "")
+        self.flag_cache: dict[str, frozenset] = {}  # info letters -> IMAP flags
 
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
         path = self.path
         new_dir = os.path.join(path, "new")
         cur_dir = os.path.join(path, "cur")
-        changed = False
         try:
             st_new = os.stat(new_dir)
             st_cur = os.stat(cur_dir)
@@ -645,27 +650,52 @@ class _FolderState:
             self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
             if recent_new:
                 st_cur = os.stat(cur_dir)
+        touched: set[str] = set()  # keys added or renamed (flag change) in cur/
+        removed: set[str] = set()
         if st_cur.st_mtime_ns != self.cur_mtime:
-            names = [n for n in os.listdir(cur_dir) if not n.startswith(".")]
             files = {}
-            for n in names:
-                files[split_name(n)[0]] = n
-            if files != self.files:
-                self.files = files
-                changed = True
+            for n in os.listdir(cur_dir):
+                if n[0] != ".":
+                    files[n.split(":", 1)[0]] = n
+            old = self.files
+            if old:
+                touched = {k for k, n in files.items() if old.get(k) != n}
+                removed = old.keys() - files.keys()
+            else:
+                touched = set(files)
+            self.files = files
             self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
-        if self._reload_uidlist():
-            changed = True
+        full = not self.synced
+        reload = self._reload_uidlist()
+        if reload == "full":
+            full = True
+        elif reload:
+            touched |= reload  # keys another process gave UIDs to
         if self._reload_keywords():
-            changed = True
+            full = True
         uids = self.uidlist.uids if self.uidlist else {}
-        unknown = [k for k in self.files if k not in uids]
+        candidates = self.files if full else touched
+        unknown = [k for k in candidates if k not in uids]
         if unknown or self.uidlist is None:
             self.register(sorted(unknown, key=_delivery_order))
-            changed = True
-        if changed or not self.synced:
-            self._rebuild(set(recent_new))
+            uids = self.uidlist.uids
+        if full:
+            self._rebuild_all()
+        elif touched or removed:
+            self._update(touched, removed)
+        for key in recent_new:
+            uid = self.key_uid.get(key)
+            if uid is not None:
+                self.unclaimed_recent.add(uid)
         self.synced = True
+        if self.meta_pending:
+            self._save_meta()
+
+    def messages(self) -> list[MessageInfo]:
+        """The current list (shared: callers must not modify it)."""
+        if self.snapshot is None:
+            self.snapshot = list(self.infos.values())
+        return self.snapshot
 
     def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
         """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,')."""
@@ -682,34 +712,68 @@ class _FolderState:
             moved.append(key)
         return moved
 
-    def _rebuild(self, recent_keys: set[str]) -> None:
+    def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
+        path = self.cur_prefix + name
+        meta = self.meta.get(key)
+        if meta is None:
+            meta = self._stat_meta(key, path)
+            if meta is None:
+                return None
+        letters = name.partition(":2,")[2]
+        flags = self.flag_cache.get(letters)
+        if flags is None:
+            flags = self.flag_cache[letters] = letters_to_flags(letters, self.keywords)
+        return MessageInfo(uid, key, flags, meta[0], meta[1], path)
+
+    def _rebuild_all(self) -> None:
         uids = self.uidlist.uids if self.uidlist else {}
-        keywords = self.keywords
         self._load_meta()
-        cur_dir = os.path.join(self.path, "cur")
+        files = self.files
         infos: dict[int, MessageInfo] = {}
         old = self.infos
-        pairs = sorted(((uids[k], k) for k in self.files if k in uids))
-        for uid, key in pairs:
-            name = self.files[key]
+        prefix = self.cur_prefix
+        for uid, key in sorted((uids[k], k) for k in files if k in uids):
+            name = files[key]
             prev = old.get(uid)
-            path = os.path.join(cur_dir, name)
-            if prev is not None and prev.key == key and prev.path == path:
+            if prev is not None and prev.key == key and prev.path == prefix + name:
                 infos[uid] = prev
                 continue
-            meta = self.meta.get(key)
-            if meta is None:
-                meta = self._stat_meta(key, path)
-                if meta is None:
-                    continue
-            infos[uid] = MessageInfo(uid, key, letters_to_flags(split_name(name)[1], keywords),
-                                     meta[0], meta[1], path)
-            if key in recent_keys:
-                self.unclaimed_recent.add(uid)
+            info = self._make_info(uid, key, name)
+            if info is not None:
+                infos[uid] = info
         self.infos = infos
+        self.key_uid = {i.key: u for u, i in infos.items()}
+        self._changed()
+
+    def _update(self, touched: set[str], removed: set[str]) -> None:
+        uids = self.uidlist.uids if self.uidlist else {}
+        infos = self.infos
+        for key in removed:
+            uid = self.key_uid.pop(key, None)
+            if uid is not None:
+                infos.pop(uid, None)
+        self._load_meta()
+        last = next(reversed(infos)) if infos else 0
+        out_of_order = False
+        for key in touched:
+            uid = uids.get(key)
+            name = self.files.get(key)
+            if uid is None or name is None:
+                continue
+            info = self._make_info(uid, key, name)
+            if info is None:
+                continue
+            if uid not in infos and uid < last:
+                out_of_order = True
+            infos[uid] = info
+            self.key_uid[key] = uid
+        if out_of_order or any(u > last for u in infos) and not _ascending(infos):
+            self.infos = dict(sorted(infos.items()))
+        self._changed()
+
+    def _changed(self) -> None:
+        self.snapshot = None
         self.generation += 1
-        if self.meta_dirty:
-            self._save_meta()
 
     def _stat_meta(self, key: str, path: str) -> tuple[int, float] | None:
         try:
@@ -719,7 +783,7 @@ class _FolderState:
         size = size_from_key(key)
         meta = (size if size is not None else st.st_size, st.st_mtime)
         self.meta[key] = meta
-        self.meta_dirty = True
+        self.meta_pending.append(key)
         return meta
 
     def invalidate(self) -> None:
@@ -732,56 +796,85 @@ class _FolderState:
             self.register([])
         return self.uidlist
 
-    def _reload_uidlist(self) -> bool:
+    def _reload_uidlist(self):
+        """False if unchanged; "full" if re-read; else the set of keys appended since."""
         path = os.path.join(self.path, UIDLIST)
         stamp = file_stamp(path)
-        if stamp == self.uidlist_stamp and self.uidlist is not None:
+        old = self.uidlist_stamp
+        if stamp == old and self.uidlist is not None:
             return False
+        self.uidlist_stamp = stamp
+        if (stamp is not None and old is not None and self.uidlist is not None
+                and stamp[0] == old[0] and stamp[1] > old[1]):
+            # Same file, grown: only lines were appended (a rewrite is a rename: new inode).
+            try:
+                with open(path, "rb") as f:
+                    f.seek(old[1])
+                    tail = f.read()
+                if tail.endswith(b"\n"):
+                    return self.uidlist.add_lines(tail)
+            except OSError:
+                pass
         try:
             self.uidlist = read_uidlist(path)
         except (ValueError, IndexError):
-            self.uidlist = None  # corrupt: rebuilt below with a new UIDVALIDITY
-        self.uidlist_stamp = stamp
-        return True
+            self.uidlist = None  # corrupt: rebuilt with a new UIDVALIDITY
+        return "full"
 
     def register(self, keys: list[str], names: dict[str, str] | None = None) -> list[int]:
         """Give each key a UID (existing ones keep theirs) under the dotlock; returns them."""
         path = os.path.join(self.path, UIDLIST)
         with DotLock(path):
             # Re-read under the lock: another process may have assigned UIDs since.
-            self._reload_uidlist()
+            reload = self._reload_uidlist()
             ul = self.uidlist
-            dirty = False
-            if ul is None:
+            if reload == "full":
+                self.synced = False  # our view of UIDs must be rebuilt at the next sync
+            elif reload and self.synced and not names:
+                pass
+            fresh = ul is None
+            if fresh:
                 ul = UidList.new()
-                dirty = True
             result = []
+            added = []
             for key in keys:
                 uid = ul.uids.get(key)
                 if uid is None:
                     uid = ul.nextuid
                     ul.nextuid += 1
                     ul.uids[key] = uid
-                    dirty = True
+                    added.append((uid, key))
                 result.append(uid)
-            if dirty:
+            if fresh:
                 atomic_write(path, ul.serialize())
-                self.uidlist = ul
-                self.uidlist_stamp = file_stamp(path)
+            elif added:
+                # Append, as Dovecot does; readers take max(N, last UID + 1) as next UID.
+                with open(path, "ab") as f:
+                    f.write("".join(f"{u} :{k}\n" for u, k in added)
+                            .encode("utf-8", "surrogateescape"))
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.uidlist = ul
+            self.uidlist_stamp = file_stamp(path)
+            if reload and reload != "full" and self.synced:
+                # Keys another process registered: pick them up at the next sync.
+                self.invalidate()
         if names:
             # Our own additions (append/copy/move): add them without listing cur/ again.
-            cur_dir = os.path.join(self.path, "cur")
+            self._load_meta()
             for key, uid in zip(keys, result):
                 name = names[key]
-                meta = self.meta.get(key) or self._stat_meta(key, os.path.join(cur_dir, name))
-                if meta is None:
+                info = self._make_info(uid, key, name)
+                if info is None:
                     continue
                 self.files[key] = name
-                self.infos[uid] = MessageInfo(uid, key,
-                                              letters_to_flags(split_name(name)[1], self.keywords),
-                                              meta[0], meta[1], os.path.join(cur_dir, name))
-            self.meta_dirty = True
-            self.generation += 1
+                if self.infos and uid < next(reversed(self.infos)):
+                    self.infos[uid] = info
+                    self.infos = dict(sorted(self.infos.items()))
+                else:
+                    self.infos[uid] = info
+                self.key_uid[key] = uid
+            self._changed()
         return result
 
     def forget_uids(self, uids: list[int]) -> None:
@@ -793,21 +886,19 @@ class _FolderState:
             self._reload_uidlist()
             ul = self.uidlist
             if ul is not None:
-                keys = [k for k, u in ul.uids.items() if u in gone]
-                for k in keys:
+                for k in [k for k, u in ul.uids.items() if u in gone]:
                     del ul.uids[k]
                     ul.extra.pop(k, None)
-                    self.meta.pop(k, None)
                 atomic_write(path, ul.serialize())
                 self.uidlist_stamp = file_stamp(path)
         for uid in gone:
             info = self.infos.pop(uid, None)
             if info is not None:
                 self.files.pop(info.key, None)
+                self.key_uid.pop(info.key, None)
+                self.meta.pop(info.key, None)
         self.unclaimed_recent -= gone
-        self.meta_dirty = True
-        self.invalidate()
-        self.generation += 1
+        self._changed()
 
     # -- keywords ---------------------------------------------------------------------------
     def _reload_keywords(self) -> bool:
@@ -815,8 +906,12 @@ class _FolderState:
         stamp = file_stamp(path)
         if stamp == self.keywords_stamp:
             return False
-        self.keywords = read_keywords(path)
+        keywords = read_keywords(path)
         self.keywords_stamp = stamp
+        if keywords == self.keywords:
+            return False
+        self.keywords = keywords
+        self.flag_cache = {}
         return True
 
     def read_keywords(self) -> list[str]:
@@ -826,7 +921,8 @@ class _FolderState:
     def keywords_for(self, flags: Iterable[str]) -> list[str]:
         """The keyword table, extended (under its dotlock) with any new keyword in `flags`.
         Keywords past the 26th cannot be stored in Maildir names and are dropped."""
-        self._reload_keywords()
+        if self._reload_keywords():
+            self.synced = False  # letters may mean other keywords now: rebuild flags
         wanted = [f for f in flags if not f.startswith("\\") and _valid_keyword(f)]
         lower = {k.lower() for k in self.keywords}
         if all(w.lower() in lower for w in wanted):
@@ -844,6 +940,7 @@ class _FolderState:
             if keywords != self.keywords:
                 write_keywords(path, keywords)
                 self.keywords = keywords
+                self.flag_cache = {}
                 self.keywords_stamp = file_stamp(path)
         return self.keywords
 
@@ -861,25 +958,47 @@ class _FolderState:
         if not lines or lines[0] != "mailsuite-index 1":
             return
         meta = self.meta
+        count = 0
         for line in lines[1:]:
             parts = line.split("\t")
             if len(parts) == 3:
                 try:
-                    meta.setdefault(parts[0], (int(parts[1]), float(parts[2])))
+                    meta[parts[0]] = (int(parts[1]), float(parts[2]))
+                    count += 1
                 except ValueError:
                     continue
+        self.meta_lines = count
 
     def _save_meta(self) -> None:
-        live = {k: v for k, v in self.meta.items() if k in self.files}
-        self.meta = live
-        out = ["mailsuite-index 1"]
-        out += [f"{k}\t{s}\t{d!r}" for k, (s, d) in live.items()]
+        """Append new entries; rewrite (compact) when most lines are for deleted messages."""
+        path = os.path.join(self.path, INDEX)
+        meta = self.meta
+        pending = [k for k in self.meta_pending if k in meta]
+        self.meta_pending = []
         try:
-            atomic_write(os.path.join(self.path, INDEX),
-                         ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
+            if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
+                with open(path, "ab") as f:
+                    f.write("".join(f"{k}\t{meta[k][0]}\t{meta[k][1]!r}\n" for k in pending)
+                            .encode("utf-8", "surrogateescape"))
+                self.meta_lines += len(pending)
+                return
+            live = {k: v for k, v in meta.items() if k in self.files}
+            self.meta = live
+            out = ["mailsuite-index 1"]
+            out += [f"{k}\t{s}\t{d!r}" for k, (s, d) in live.items()]
+            atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
+            self.meta_lines = len(live)
         except OSError:
             return  # a cache: failing to write it costs speed, not correctness
-        self.meta_dirty = False
+
+
+def _ascending(infos: dict[int, MessageInfo]) -> bool:
+    prev = 0
+    for uid in infos:
+        if uid < prev:
+            return False
+        prev = uid
+    return True
 
 
 # -- names -----------------------------------------------------------------------------------
