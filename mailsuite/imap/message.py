@@ -81,6 +81,9 @@ def parse(buf: Buffer, start: int = 0, end: Optional[int] = None, default_type: 
     part = Part(start=start, body_start=hend, end=end, headers=parse_headers(buf, start, hend))
     ctype = field_value(buf, part, b"content-type")
     maintype, subtype, params = parse_content_type(ctype, default_type)
+    if maintype == b"text" and not param(params, b"charset"):
+        # RFC 2045 §5.2: text without a charset is us-ascii (clients expect it in BODYSTRUCTURE).
+        params = params + [(b"charset", b"us-ascii")]
     part.maintype, part.subtype, part.params = maintype, subtype, params
     if depth > 50:  # a hostile nesting depth: stop descending, the rest stays opaque
         return part

@@ -1089,6 +1089,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         top = sel.uids[-1] if sel.uids else 0
         added = [i.uid for i in infos if i.uid > top]
         if added:
+            for u in added:
+                sel.infos[u] = current[u]
             sel.uids.extend(added)
             sel.uids.sort()
             self.send(b"* %d EXISTS" % len(sel.uids))
