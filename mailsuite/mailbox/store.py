@@ -923,7 +923,7 @@ class _FolderState:
         Keywords past the 26th cannot be stored in Maildir names and are dropped."""
         if self._reload_keywords():
             self.synced = False  # letters may mean other keywords now: rebuild flags
-        wanted = [f for f in flags if not f.startswith("\\") and _valid_keyword(f)]
+        wanted = sorted(f for f in flags if not f.startswith("\\") and _valid_keyword(f))
         lower = {k.lower() for k in self.keywords}
         if all(w.lower() in lower for w in wanted):
             return self.keywords

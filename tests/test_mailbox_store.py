@@ -1,0 +1,335 @@
+"""The Maildir++ store on a real filesystem: UIDs, flags, keywords, folders, name validation."""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+
+import pytest
+
+from mailsuite.mailbox.maildir import UIDLIST, DotLock, UidList, read_uidlist
+from mailsuite.mailbox.store import (
+    FolderExists, InvalidMailboxName, MailboxError, MailStore, NoSuchFolder, NoSuchMessage,
+)
+
+BODY = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def deliver(maildir: str, n: int, body: bytes = BODY, start: int = 0) -> list[str]:
+    """Drop files into new/ the way the delivery agent names them."""
+    keys = []
+    for i in range(start, start + n):
+        key = f"{1700000000 + i}.M{i}P99Q{i}.testhost,S={len(body)}"
+        tmp = os.path.join(maildir, "tmp", key)
+        with open(tmp, "wb") as f:
+            f.write(body)
+        os.rename(tmp, os.path.join(maildir, "new", key))
+        keys.append(key)
+    return keys
+
+
+@pytest.fixture
+def account(tmp_path):
+    acct = MailStore(str(tmp_path / "mail")).account("alice@example.org")
+    acct.ensure_layout()
+    return acct
+
+
+def test_layout_special_use_and_subscriptions(account):
+    assert account.list_folders() == ["INBOX", "Archive", "Drafts", "Junk", "Sent", "Trash"]
+    assert account.special_use("Sent") == "\\Sent"
+    assert account.special_use("Junk") == "\\Junk"
+    assert account.special_use("INBOX") is None
+    assert set(account.subscriptions()) == {"Sent", "Drafts", "Trash", "Junk", "Archive"}
+    assert os.path.isfile(os.path.join(account.path, ".Sent", "maildirfolder"))
+    # ensure_layout is idempotent
+    account.ensure_layout()
+    assert len(account.subscriptions()) == 5
+
+
+def test_uids_stable_across_reopen_and_new_to_cur(account, tmp_path):
+    keys = deliver(account.path, 3)
+    inbox = account.folder("INBOX")
+    msgs = inbox.sync()
+    assert [m.uid for m in msgs] == [1, 2, 3]
+    assert [m.key for m in msgs] == keys
+    assert os.listdir(os.path.join(account.path, "new")) == []
+    assert all(m.path.endswith(":2,") and "/cur/" in m.path for m in msgs)
+    assert inbox.recent == {1, 2, 3}
+    assert all(m.size == len(BODY) for m in msgs)
+    validity = inbox.uidvalidity
+    assert inbox.uidnext == 4
+
+    # A fresh store (another process) sees the same UIDs and UIDVALIDITY.
+    other = MailStore(str(tmp_path / "mail")).account("alice@example.org").folder("inbox")
+    assert [(m.uid, m.key) for m in other.sync()] == [(m.uid, m.key) for m in msgs]
+    assert other.uidvalidity == validity
+    assert other.recent == frozenset()  # the first session already took \Recent
+    deliver(account.path, 1, start=10)
+    assert [m.uid for m in other.sync()] == [1, 2, 3, 4]
+    assert other.recent == {4}
+    assert [m.uid for m in inbox.sync()] == [1, 2, 3, 4]
+
+
+def test_uids_never_reused_after_expunge(account, tmp_path):
+    deliver(account.path, 3)
+    inbox = account.folder("INBOX")
+    inbox.sync()
+    assert inbox.expunge([3]) == [3]
+    assert [m.uid for m in inbox.sync()] == [1, 2]
+    reopened = MailStore(str(tmp_path / "mail")).account("alice@example.org").folder("INBOX")
+    assert reopened.uidnext == 4
+    deliver(account.path, 1, start=20)
+    assert [m.uid for m in reopened.sync()] == [1, 2, 4]
+    header = open(os.path.join(account.path, UIDLIST)).readline()
+    assert header.startswith("3 V") and " N" in header and " G" in header
+
+
+def test_flags_in_file_names_and_keywords_file(account):
+    deliver(account.path, 1)
+    inbox = account.folder("INBOX")
+    (msg,) = inbox.sync()
+    stored = inbox.set_flags(msg.uid, ["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "\\Deleted",
+                                       "$Forwarded", "$Junk", "\\Recent"])
+    assert stored == {"\\Seen", "\\Flagged", "\\Answered", "\\Draft", "\\Deleted",
+                      "$Forwarded", "$Junk"}
+    (name,) = os.listdir(os.path.join(account.path, "cur"))
+    assert name == msg.key + ":2,DFRSTab"
+    with open(os.path.join(account.path, "dovecot-keywords")) as f:
+        assert f.read() == "0 $Forwarded\n1 $Junk\n"
+    assert inbox.remove_flags(msg.uid, ["$Forwarded", "\\Seen"]) == {
+        "\\Flagged", "\\Answered", "\\Draft", "\\Deleted", "$Junk"}
+    (name,) = os.listdir(os.path.join(account.path, "cur"))
+    assert name == msg.key + ":2,DFRTb"
+    assert inbox.add_flags(msg.uid, ["\\Seen"]) >= {"\\Seen"}
+    # Another tool's unknown letter (P = passed) survives our flag changes.
+    os.rename(os.path.join(account.path, "cur", msg.key + ":2,DFRSTb"),
+              os.path.join(account.path, "cur", msg.key + ":2,PS"))
+    inbox.sync()
+    assert inbox.get(msg.uid).flags == {"\\Seen"}
+    inbox.add_flags(msg.uid, ["\\Flagged"])
+    assert os.listdir(os.path.join(account.path, "cur")) == [msg.key + ":2,FPS"]
+
+
+def test_append_copy_move_expunge(account):
+    inbox = account.folder("INBOX")
+    when = 1600000000.0
+    uid = inbox.append(b"Subject: appended\r\n\r\nbody\r\n", ["\\Seen", "$label1"], when)
+    assert uid == 1
+    info = inbox.get(uid)
+    assert info.internaldate == when and info.size == 27
+    assert info.flags == {"\\Seen", "$label1"}
+    assert os.path.getmtime(info.path) == when
+    with inbox.open_message(uid) as f:
+        assert f.read() == b"Subject: appended\r\n\r\nbody\r\n"
+    assert os.listdir(os.path.join(account.path, "tmp")) == []
+
+    deliver(account.path, 2)
+    inbox.sync()
+    sent = account.folder("Sent")
+    assert inbox.copy([1, 2], sent) == [(1, 1), (2, 2)]
+    copied = sent.sync()
+    assert copied[0].flags == {"\\Seen", "$label1"} and copied[0].internaldate == when
+    assert "$label1" in sent.keywords
+    assert inbox.move([3], sent) == [(3, 3)]
+    assert [m.uid for m in inbox.sync()] == [1, 2]
+    moved = sent.get(3)
+    assert moved.key in {m.key for m in sent.sync()}
+    inbox.set_flags(2, ["\\Deleted"])
+    assert inbox.expunge() == [2]
+    assert [m.uid for m in inbox.sync()] == [1]
+    assert inbox.expunge([99]) == []
+    with pytest.raises(NoSuchMessage):
+        inbox.open_message(2)
+    with pytest.raises(NoSuchMessage):
+        inbox.set_flags(2, ["\\Seen"])
+
+
+def test_append_from_file_object(account, tmp_path):
+    src = tmp_path / "big.eml"
+    data = b"Subject: big\r\n\r\n" + b"x" * 3_000_000 + b"\r\n"
+    src.write_bytes(data)
+    inbox = account.folder("INBOX")
+    with open(src, "rb") as f:
+        uid = inbox.append(f)
+    assert inbox.get(uid).size == len(data)
+    with inbox.open_message(uid) as f:
+        assert f.read() == data
+
+
+def test_folder_create_rename_delete(account):
+    account.create_folder("Archive/2026")
+    assert os.path.isdir(os.path.join(account.path, ".Archive.2026", "cur"))
+    account.create_folder("Café")
+    assert os.path.isdir(os.path.join(account.path, ".Caf&AOk-"))
+    account.create_folder("v1.2")  # a '.' inside a name must not create a hierarchy level
+    assert "v1.2" in account.list_folders()
+    assert os.path.isdir(os.path.join(account.path, ".v1&AC4-2"))
+    with pytest.raises(FolderExists):
+        account.create_folder("Sent")
+    with pytest.raises(FolderExists):
+        account.create_folder("inbox")
+    account.subscribe("Archive/2026")
+    account.rename_folder("Archive", "Old")
+    folders = account.list_folders()
+    assert "Old" in folders and "Old/2026" in folders and "Archive/2026" not in folders
+    assert "Old/2026" in account.subscriptions()
+    account.delete_folder("Old/2026")
+    assert "Old/2026" not in account.list_folders()
+    assert not any(n.startswith("..") for n in os.listdir(account.path))
+    with pytest.raises(NoSuchFolder):
+        account.folder("Old/2026")
+    with pytest.raises(MailboxError):
+        account.delete_folder("INBOX")
+    with pytest.raises(NoSuchFolder):
+        account.delete_folder("Nope")
+
+
+def test_rename_inbox_moves_messages(account):
+    deliver(account.path, 2)
+    account.folder("INBOX").sync()
+    account.rename_folder("INBOX", "Old mail")
+    assert account.folder("INBOX").sync() == []
+    assert len(account.folder("Old mail").sync()) == 2
+
+
+@pytest.mark.parametrize("name", [
+    "..", "../x", "a/../../b", "x/..", ".hidden", "a/.b", "a\\b", "a//b", "/abs", "trail/",
+    "ctl\x01", "new\nline", "tab\tx", "del\x7f", "", "wild*", "wild%", " lead",
+])
+def test_invalid_names_create_nothing_outside(account, tmp_path, name):
+    before = sorted(os.listdir(tmp_path))
+    before_domain = sorted(os.listdir(os.path.dirname(account.path)))
+    with pytest.raises(InvalidMailboxName):
+        account.create_folder(name)
+    with pytest.raises(InvalidMailboxName):
+        account.folder(name)
+    with pytest.raises((InvalidMailboxName, NoSuchFolder)):
+        account.rename_folder("Sent", name)
+    assert sorted(os.listdir(tmp_path)) == before
+    assert sorted(os.listdir(os.path.dirname(account.path))) == before_domain
+    assert account.list_folders() == ["INBOX", "Archive", "Drafts", "Junk", "Sent", "Trash"]
+
+
+def test_invalid_account_addresses(tmp_path):
+    store = MailStore(str(tmp_path))
+    for bad in ["../../etc@example.org", "alice@..", "a/b@example.org", "noat"]:
+        with pytest.raises(InvalidMailboxName):
+            store.account(bad)
+
+
+def test_stale_dotlock_taken_over_and_live_one_waited_for(account):
+    path = os.path.join(account.path, UIDLIST)
+    lock = path + ".lock"
+    open(lock, "w").close()
+    old = time.time() - 300
+    os.utime(lock, (old, old))
+    deliver(account.path, 1)
+    assert [m.uid for m in account.folder("INBOX").sync()] == [1]
+    assert not os.path.exists(lock)
+    # A live lock makes a second locker wait (and time out here).
+    with DotLock(path):
+        with pytest.raises(OSError):
+            with DotLock(path, wait=0.2):
+                pass
+
+
+def _worker(mail_dir: str, rounds: int, queue) -> None:
+    try:
+        _work(mail_dir, rounds, queue)
+    except BaseException as e:  # report instead of leaving the parent waiting
+        queue.put(repr(e))
+
+
+def _work(mail_dir: str, rounds: int, queue) -> None:
+    acct = MailStore(mail_dir).account("alice@example.org")
+    inbox = acct.folder("INBOX")
+    seen = {}
+    for i in range(rounds):
+        uid = inbox.append(b"Subject: from %d\r\n\r\nx\r\n" % os.getpid())
+        seen[inbox.get(uid).key] = uid
+        for m in inbox.sync():
+            seen.setdefault(m.key, m.uid)
+            assert seen[m.key] == m.uid, "a key changed its UID"
+    queue.put(seen)
+
+
+def test_concurrent_processes_never_assign_a_uid_twice(account):
+    mail_dir = account.store.mail_dir
+    deliver(account.path, 50)  # unassigned mail that both processes race to number
+    ctx = multiprocessing.get_context("fork")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(mail_dir, 60, q)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    merged: dict[str, int] = {}
+    for seen in results:
+        assert isinstance(seen, dict), seen
+        for key, uid in seen.items():
+            assert merged.setdefault(key, uid) == uid
+    final = MailStore(mail_dir).account("alice@example.org").folder("INBOX").sync()
+    assert len(final) == 50 + 3 * 60
+    uids = [m.uid for m in final]
+    assert len(set(uids)) == len(uids) == 230
+    assert uids == sorted(uids)
+    for m in final:
+        assert merged.get(m.key, m.uid) == m.uid
+    ul = read_uidlist(os.path.join(account.path, UIDLIST))
+    assert sorted(ul.uids.values()) == uids and ul.nextuid == max(uids) + 1
+
+
+def test_uidlist_parses_dovecot_extensions_and_version_1():
+    ul = UidList.parse(b"3 V1275660208 N25022 G3085f01b7f11094c501100008c4a11c1\n"
+                       b"25006 :1276528487.M364837P9451.kurkku,S=1355,W=1394:2,\n"
+                       b"25017 W2481 S2400 :1276533073.M242911P3632.kurkku:2,F\n")
+    assert ul.uidvalidity == 1275660208 and ul.nextuid == 25022
+    assert ul.uids == {"1276528487.M364837P9451.kurkku,S=1355,W=1394": 25006,
+                       "1276533073.M242911P3632.kurkku": 25017}
+    again = UidList.parse(ul.serialize())
+    assert again.uids == ul.uids and again.extra == {"1276533073.M242911P3632.kurkku":
+                                                     "W2481 S2400"}
+    v1 = UidList.parse(b"1 1000 7\n5 msg1:2,S\n6 msg2\n")
+    assert (v1.uidvalidity, v1.nextuid, v1.uids) == (1000, 7, {"msg1": 5, "msg2": 6})
+
+
+def test_state_token_changes_on_delivery(account):
+    inbox = account.folder("INBOX")
+    inbox.sync()
+    token = inbox.state_token()
+    assert inbox.state_token() == token
+    deliver(account.path, 1)
+    assert inbox.state_token() != token
+
+
+def test_large_folder_sync_timing(account, tmp_path):
+    """10,000 messages: first sync (new -> cur, UIDs, stat) and later ones (cached)."""
+    n = 10_000
+    deliver(account.path, n)
+    inbox = account.folder("INBOX")
+    t = time.perf_counter()
+    assert len(inbox.sync()) == n
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    inbox.sync()
+    second = time.perf_counter() - t
+    fresh = MailStore(account.store.mail_dir).account("alice@example.org").folder("INBOX")
+    t = time.perf_counter()
+    assert len(fresh.sync()) == n
+    reopen = time.perf_counter() - t
+    time.sleep(1.1)  # let directory mtimes settle, then an unchanged folder costs a few stats
+    fresh.sync()
+    t = time.perf_counter()
+    fresh.sync()
+    unchanged = time.perf_counter() - t
+    deliver(account.path, 1, start=n)
+    t = time.perf_counter()
+    assert len(fresh.sync()) == n + 1
+    one_new = time.perf_counter() - t
+    print(f"\n10k sync: first {first:.3f}s, second {second:.3f}s, fresh process {reopen:.3f}s, "
+          f"unchanged {unchanged * 1000:.2f}ms, one new message {one_new:.3f}s")
+    assert unchanged < 0.05
+    assert reopen < 5
