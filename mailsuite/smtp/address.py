@@ -89,6 +89,9 @@ def check_address(path: str, allow_utf8: bool) -> str:
     if "@" not in path:
         # smtp.Address would append a default domain; RFC 5321 paths always have one.
         raise PathError("address needs a domain")
+    local_part, _, domain_part = path.rpartition("@")
+    if not local_part or not domain_part:
+        raise PathError("address needs a local part and a domain")
     if not path.isascii():
         if not allow_utf8:
             raise PathError("non-ASCII address without SMTPUTF8", non_ascii=True)

@@ -62,7 +62,9 @@ class MXPolicy(Policy):
 
     @defer.inlineCallbacks
     def check_recipient(self, session: Session, address: str):
-        route = yield self.suite.directory.route(address)
+        route = yield self.suite.directory.route(address).addErrback(_lookup_failed)
+        if isinstance(route, RecipientDecision):
+            return route
         if not route.hosted:
             # MX never offers AUTH, so nobody here may relay.
             return RecipientDecision(replies.RELAY_DENIED)
@@ -102,11 +104,23 @@ class SubmissionPolicy(Policy):
     def check_recipient(self, session: Session, address: str):
         if session.auth_user is None:
             return RecipientDecision(replies.AUTH_REQUIRED)
-        route = yield self.suite.directory.route(address)
+        route = yield self.suite.directory.route(address).addErrback(_lookup_failed)
+        if isinstance(route, RecipientDecision):
+            return route
         if route.hosted and not route.exists:
             return RecipientDecision(replies.UNKNOWN_USER)
         # Remote recipients are queued for the courier; the Route (hosted=False) says so.
         return RecipientDecision(replies.RECIPIENT_OK, route)
+
+
+def _lookup_failed(failure: Any) -> Any:
+    """A directory outage is temporary (451), never a reason to refuse mail for good."""
+    from mailsuite.directory import DirectoryUnavailable
+
+    if failure.check(DirectoryUnavailable):
+        log.warn("directory unavailable: {error}", error=str(failure.value))
+        return RecipientDecision(replies.TEMP_LOOKUP_FAILURE)
+    return failure
 
 
 POLICIES = {"mx": MXPolicy, "submission": SubmissionPolicy}

@@ -55,6 +55,8 @@ def server_factory(suite: Any, policy: str = "mx", implicit_tls: bool = False
 
 
 class SMTPServerFactory(protocol.ServerFactory):
+    noisy = False  # no "Starting factory" lines; listeners are logged by service.py
+
     def __init__(self, suite: Any, policy: Policy, implicit_tls: bool = False):
         self.suite = suite
         self.config = suite.config
@@ -147,10 +149,19 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(reply)
         self._close()
 
-    def _close(self) -> None:
+    def _close(self, linger: float = 0.0) -> None:
+        """Close after the pending replies are written.
+
+        With `linger`, keep reading (and ignoring) input for a moment first: closing a socket
+        with unread input sends a TCP RST, which can destroy the 421 before the client reads it.
+        """
         self._closed = True
         self._buffer.clear()
-        self.transport.loseConnection()
+        if linger:
+            self._delayed_calls.append(
+                self.factory.reactor.callLater(linger, self.transport.loseConnection))
+        else:
+            self.transport.loseConnection()
 
     # -- input ----------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -195,7 +206,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                     log.info("closing {client_ip}: command line without CRLF over {cap} octets",
                              client_ip=self.client_ip, cap=COMMAND_FLOOD_CAP)
                     self._send(replies.LINE_FLOOD)
-                    self._close()
+                    self._close(linger=0.5)
             return None
         line = bytes(self._buffer[:idx])
         del self._buffer[: idx + 2]
@@ -540,27 +551,36 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 return replies.AUTH_BAD_ENCODING
         if not user or not password:
             return self._auth_failed(user, "empty user or password")
-        d = defer.maybeDeferred(self.factory.suite.directory.authenticate, user, password)
+        directory = self.factory.suite.directory
+        if getattr(directory, "throttle", None) is not None:
+            # The directory's throttle is shared with IMAP and POP3 and delays failures itself.
+            d = defer.maybeDeferred(directory.authenticate, user, password,
+                                    client_ip=self.client_ip)
+            own_delay = False
+        else:
+            d = defer.maybeDeferred(directory.authenticate, user, password)
+            own_delay = True
 
         def ok(canonical: str) -> Reply:
             self.session.auth_user = canonical
-            self.factory.throttle.record_success(self.client_ip)
+            if own_delay:
+                self.factory.throttle.record_success(self.client_ip)
             log.info("authenticated {user} from {client_ip}", user=canonical,
                      client_ip=self.client_ip)
             return replies.AUTH_OK
 
         def failed(failure: Failure) -> Reply | defer.Deferred:
             if failure.check(UnauthorizedLogin):
-                return self._auth_failed(user, "bad credentials")
+                return self._auth_failed(user, "bad credentials", own_delay)
             log.failure("authentication backend error for {client_ip}", failure,
                         client_ip=self.client_ip)
             return replies.AUTH_TEMP_FAILURE
 
         return d.addCallbacks(ok, failed)
 
-    def _auth_failed(self, user: str, why: str) -> defer.Deferred:
+    def _auth_failed(self, user: str, why: str, own_delay: bool = True) -> defer.Deferred:
         self._auth_failures += 1
-        delay = self.factory.throttle.record_failure(self.client_ip)
+        delay = self.factory.throttle.record_failure(self.client_ip) if own_delay else 0.0
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
                  "connection)", user=user[:100], client_ip=self.client_ip, why=why,
                  n=self._auth_failures)
