@@ -175,14 +175,14 @@ def _serve(zone_path: str) -> None:
     factory = server.DNSServerFactory()
     # Directly, not through authorities=[...]: a ResolverChain turns every error into NXDOMAIN.
     factory.resolver = TestZones()
-    protocol = dns.DNSDatagramProtocol(controller=factory)
     for _ in range(50):
-        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        udp = reactor.listenUDP(0, dns.DNSDatagramProtocol(controller=factory),
+                                interface="127.0.0.1")
         port = udp.getHost().port
         try:
             reactor.listenTCP(port, factory, interface="127.0.0.1")
         except Exception:
-            udp.stopListening()
+            udp.stopListening()  # that port is taken for TCP: another pair
             continue
         break
     else:
