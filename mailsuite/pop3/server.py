@@ -1,0 +1,626 @@
+"""The POP3 server protocol: RFC 1939 with CAPA/RESP-CODES/PIPELINING (RFC 2449), STLS
+(RFC 2595) and SASL PLAIN (RFC 5034, RFC 4616), over the mailbox store's INBOX.
+
+Our own protocol class rather than twisted.mail.pop3.POP3 (TWISTED-NOTES §5): that one has no
+STLS, SASL that cannot do PLAIN, joke capabilities, and a RETR dot-stuffer that is wrong at
+its 16 KiB chunk boundaries (a "." line there ends the message early and the rest reaches the
+client as fake replies). Here:
+- commands are handled one at a time in arrival order; pipelined lines wait in the buffer;
+- STLS discards whatever was pipelined after it (CVE-2011-0411 class injection);
+- USER/PASS and AUTH work only under TLS; failures are logged with the client address and
+  held back by the directory's throttle;
+- RETR/TOP stream the file with a push producer, reading 64 KiB at a time in suite.pools.io,
+  through a stateful dot-stuffer (`DotStuffer`) that is correct across chunk boundaries;
+- DELE marks; only QUIT (the UPDATE state) removes. A dropped connection removes nothing.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from dataclasses import dataclass
+from typing import Any, BinaryIO, Callable
+
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, interfaces, protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from mailsuite.mailbox.store import MessageInfo
+from mailsuite.pop3 import replies
+
+log = Logger()
+
+MAX_LINE = 2048  # RFC 2449 §4 allows 255 for commands; SASL responses can be longer
+MAX_ERRORS = 10
+CHUNK = 64 * 1024
+_FLUSH_AT = 1  # see _MessageSender: one chunk in flight at a time
+
+
+# -- dot-stuffing ----------------------------------------------------------------------------
+class DotStuffer:
+    """RFC 1939 §3 byte-stuffing for a multi-line response, fed in arbitrary chunks.
+
+    Keeps the one bit of state that Twisted's transformChunk forgets: whether the next byte
+    starts a line. Bare LF becomes CRLF (a CR at the end of a chunk waits for the next one)."""
+
+    _bare_lf = re.compile(rb"(?<!\r)\n")
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+        self.pending_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self.pending_cr:
+            data = b"\r" + data
+            self.pending_cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self.pending_cr = True
+        if not data:
+            return b""
+        data = self._bare_lf.sub(b"\r\n", data)
+        data = data.replace(b"\n.", b"\n..")
+        if self.at_line_start and data[:1] == b".":
+            data = b"." + data
+        self.at_line_start = data.endswith(b"\n")
+        return data
+
+    def finish(self) -> bytes:
+        """The rest, a line end if the message did not end with one, and the final '.'."""
+        tail = b""
+        if self.pending_cr:
+            tail = b"\r\n"
+            self.pending_cr = False
+            self.at_line_start = True
+        if not self.at_line_start:
+            tail += b"\r\n"
+        return tail + b".\r\n"
+
+
+class TopReader:
+    """A binary file limited to the header and the first `lines` body lines (TOP, RFC 1939 §7).
+    Used from the io thread only."""
+
+    def __init__(self, f: BinaryIO, lines: int):
+        self._f = f
+        self._in_header = True
+        self._left = lines
+
+    def read(self, size: int) -> bytes:
+        out = []
+        total = 0
+        while total < size:
+            if not self._in_header and self._left <= 0:
+                break
+            line = self._f.readline(CHUNK)
+            if not line:
+                break
+            if self._in_header:
+                if line in (b"\r\n", b"\n"):
+                    self._in_header = False
+            elif line.endswith(b"\n"):
+                self._left -= 1
+            out.append(line)
+            total += len(line)
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._f.close()
+
+
+@implementer(interfaces.IPushProducer)
+class _MessageSender:
+    """Streams one file through a DotStuffer: one read in the io pool at a time, paused while
+    the transport's buffer is full (so a 50 MB message never sits in memory)."""
+
+    def __init__(self, proto: "POP3Server", f: Any):
+        self.proto = proto
+        self.f = f
+        self.stuffer = DotStuffer()
+        self.paused = False
+        self.reading = False
+        self.stopped = False
+        self.done: defer.Deferred = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self.proto.transport.registerProducer(self, True)
+        self._next()
+        return self.done
+
+    def _next(self) -> None:
+        if self.paused or self.reading or self.stopped:
+            return
+        self.reading = True
+        d = self.proto.io(self.f.read, CHUNK)
+        d.addCallbacks(self._got, self._failed)
+
+    def _got(self, data: bytes) -> None:
+        self.reading = False
+        if self.stopped:
+            return
+        if not data:
+            self.proto.transport.write(self.stuffer.finish())
+            self._end(None)
+            return
+        self.proto.resetTimeout()  # a long download is not an idle client
+        self.proto.transport.write(self.stuffer.feed(data))
+        self._next()
+
+    def _failed(self, failure: Any) -> None:
+        self.reading = False
+        log.failure("reading a message for {user} failed", failure, user=self.proto.user)
+        # The response has started: we cannot send -ERR any more, so drop the connection.
+        self._end(failure)
+        self.proto.transport.loseConnection()
+
+    def _end(self, result: Any) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        try:
+            self.proto.transport.unregisterProducer()
+        except Exception:
+            pass
+        self.proto.io(self.f.close)
+        if not self.done.called:
+            self.done.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._next()
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            self.proto.io(self.f.close)
+            if not self.done.called:
+                self.done.callback(None)
+
+
+# -- the protocol ----------------------------------------------------------------------------
+@dataclass
+class _Drop:
+    """The maildrop of one TRANSACTION state: a snapshot of INBOX taken at login."""
+
+    folder: Any
+    lock: Any
+    messages: list[MessageInfo]
+    deleted: set[int]  # message numbers (1-based)
+    retrieved: set[int]
+
+
+class POP3Server(protocol.Protocol, TimeoutMixin):
+    def __init__(self, suite: Any, implicit_tls: bool = False):
+        self.suite = suite
+        self.config = suite.config
+        self.tls = implicit_tls
+        self.state = "AUTHORIZATION"
+        self.user: str | None = None
+        self.pending_user: str | None = None
+        self.drop: _Drop | None = None
+        self.client_ip = "-"
+        self._buffer = bytearray()
+        self._busy = False
+        self._discarding = False
+        self._closed = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._sasl: Callable[[bytes], Any] | None = None
+
+    # -- connection life ---------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_ip = getattr(peer, "host", "-")
+        self.setTimeout(self.config.limits.pop3_timeout)
+        log.info("pop3 connection from {client_ip} tls={tls}", client_ip=self.client_ip,
+                 tls=self.tls)
+        self.transport.write(replies.greeting(self.config.hostname))
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self._closed = True
+        self.setTimeout(None)
+        drop, self.drop = self.drop, None
+        if drop is not None:
+            # RFC 1939 §6: without QUIT there is no UPDATE state; nothing is removed.
+            if drop.deleted:
+                log.info("pop3 {user} dropped the connection: {n} messages marked for deletion "
+                         "are kept", user=self.user, n=len(drop.deleted))
+            self.io(drop.lock.release)
+
+    def timeoutConnection(self) -> None:
+        log.info("pop3 idle timeout for {client_ip}", client_ip=self.client_ip)
+        self.transport.write(replies.TIMEOUT)
+        self.transport.loseConnection()
+
+    def io(self, fn: Callable, *args: Any) -> defer.Deferred:
+        return self.suite.pools.io.run(fn, *args)
+
+    # -- input -------------------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        while not self._busy and not self._closed:
+            idx = self._buffer.find(b"\n")
+            if idx < 0:
+                if len(self._buffer) > MAX_LINE:
+                    self._buffer.clear()
+                    self._discarding = True
+                return
+            line = bytes(self._buffer[:idx]).rstrip(b"\r")
+            del self._buffer[: idx + 1]
+            if self._discarding or len(line) > MAX_LINE:
+                self._discarding = False
+                self._error(replies.LINE_TOO_LONG)
+                continue
+            self.resetTimeout()
+            self._busy = True
+            try:
+                d = defer.maybeDeferred(self._line, line)
+            except Exception:  # pragma: no cover - maybeDeferred catches
+                d = defer.fail()
+            d.addErrback(self._internal_error)
+            d.addBoth(self._done)
+
+    def _done(self, _: Any) -> None:
+        self._busy = False
+        if self._buffer and not self._closed:
+            self.suite.reactor.callLater(0, self._process)
+
+    def _internal_error(self, failure: Any) -> None:
+        log.failure("pop3 command failed for {client_ip}", failure, client_ip=self.client_ip)
+        if not self._closed:
+            self.send(replies.err("[SYS/TEMP] Internal error"))
+
+    def send(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.write(data)
+
+    def _error(self, reply: bytes) -> None:
+        self._errors += 1
+        if self._errors >= MAX_ERRORS:
+            self.send(replies.TOO_MANY_ERRORS)
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        self.send(reply)
+
+    def _line(self, line: bytes) -> Any:
+        if self._sasl is not None:
+            handler, self._sasl = self._sasl, None
+            return handler(line)
+        text = line.decode("utf-8", "replace")
+        command, _, arg = text.partition(" ")
+        command = command.upper()
+        handler = getattr(self, "do_" + command, None) if command.isalpha() else None
+        if handler is None:
+            log.info("pop3 unknown command {command!r} from {client_ip}",
+                     command=command[:20], client_ip=self.client_ip)
+            return self._error(replies.UNKNOWN_COMMAND)
+        allowed = _STATES.get(command, ())
+        if self.state not in allowed:
+            return self._error(replies.NOT_IN_THIS_STATE)
+        return handler(arg)
+
+    # -- any state ---------------------------------------------------------------------------
+    def do_CAPA(self, arg: str) -> None:
+        caps = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
+                "EXPIRE NEVER", "IMPLEMENTATION mailsuite"]
+        if self.state == "AUTHORIZATION":
+            if self.tls:
+                # RFC 2595 §4 / RFC 8314: plaintext mechanisms only inside TLS.
+                caps += ["USER", "SASL PLAIN"]
+            elif self.suite.tls is not None:
+                caps.append("STLS")
+        self.send(replies.CAPA_FOLLOWS + "".join(c + "\r\n" for c in caps).encode() + b".\r\n")
+
+    def do_NOOP(self, arg: str) -> None:
+        self.send(replies.ok())
+
+    def do_QUIT(self, arg: str) -> Any:
+        if self.state != "TRANSACTION" or self.drop is None:
+            self.send(replies.ok(replies.SIGNING_OFF))
+            self.transport.loseConnection()
+            self._closed = True
+            return None
+        drop, self.drop = self.drop, None
+        self.state = "UPDATE"
+        return self._update(drop)
+
+    @defer.inlineCallbacks
+    def _update(self, drop: _Drop) -> Any:
+        uids = [drop.messages[n - 1].uid for n in sorted(drop.deleted)]
+        seen = [drop.messages[n - 1].uid for n in sorted(drop.retrieved - drop.deleted)]
+        ok = True
+        try:
+            removed = yield self.io(_apply_update, drop.folder, uids, seen)
+            log.info("pop3 {user} quit: removed {n} messages", user=self.user, n=len(removed))
+        except Exception:
+            log.failure("pop3 update for {user} failed", user=self.user)
+            ok = False
+        finally:
+            yield self.io(drop.lock.release)
+        self.send(replies.ok(replies.SIGNING_OFF) if ok else replies.UPDATE_FAILED)
+        self.transport.loseConnection()
+        self._closed = True
+
+    # -- AUTHORIZATION -----------------------------------------------------------------------
+    def do_STLS(self, arg: str) -> None:
+        if self.tls:
+            return self._error(replies.TLS_ACTIVE)
+        start_tls = getattr(self.transport, "startTLS", None)
+        if start_tls is None or self.suite.tls is None:
+            return self._error(replies.TLS_UNAVAILABLE)
+        self.send(replies.BEGIN_TLS)
+        if self._buffer:
+            # Anything the client sent before the handshake was not protected by it.
+            log.info("discarded {n} octets pipelined after STLS from {client_ip}",
+                     n=len(self._buffer), client_ip=self.client_ip)
+            self._buffer.clear()
+        self._discarding = False
+        start_tls(self.suite.tls.server_context())
+        self.tls = True
+        self.pending_user = None
+
+    def do_USER(self, arg: str) -> None:
+        if not self.tls:
+            log.info("pop3 USER before TLS refused from {client_ip}", client_ip=self.client_ip)
+            return self._error(replies.TLS_REQUIRED)
+        if not arg.strip():
+            return self._error(replies.BAD_SYNTAX)
+        self.pending_user = arg.strip()
+        self.send(replies.ok("Send your password"))
+
+    def do_PASS(self, arg: str) -> Any:
+        if not self.tls:
+            return self._error(replies.TLS_REQUIRED)
+        if self.pending_user is None:
+            return self._error(replies.USER_FIRST)
+        user, self.pending_user = self.pending_user, None
+        # RFC 1939 §7: the password may contain spaces; it is the rest of the line.
+        return self._login(user, arg)
+
+    def do_AUTH(self, arg: str) -> Any:
+        if not arg.strip():
+            # RFC 5034 allows no argument as "list mechanisms" (what older clients send).
+            mechs = b"PLAIN\r\n" if self.tls else b""
+            self.send(replies.ok("Supported mechanisms follow") + mechs + b".\r\n")
+            return None
+        if not self.tls:
+            return self._error(replies.TLS_REQUIRED)
+        mechanism, _, initial = arg.strip().partition(" ")
+        if mechanism.upper() != "PLAIN":
+            return self._error(replies.UNSUPPORTED_MECHANISM)
+        if initial:
+            return self._auth_plain(initial.encode("ascii", "replace"))
+        self.send(b"+ \r\n")
+        self._sasl = self._auth_plain
+        return None
+
+    def _auth_plain(self, response: bytes) -> Any:
+        response = response.strip()
+        if response == b"*":
+            return self._error(replies.AUTH_CANCELLED)
+        if response == b"=":
+            response = b""
+        try:
+            decoded = base64.b64decode(response, validate=True)
+            authzid, authcid, password = decoded.split(b"\0")
+        except (binascii.Error, ValueError):
+            return self._error(replies.BAD_BASE64)
+        if authzid and authzid != authcid:
+            log.info("pop3 AUTH PLAIN with a different authorization identity from "
+                     "{client_ip} refused", client_ip=self.client_ip)
+            return self._failed_login()
+        return self._login(authcid.decode("utf-8", "replace"),
+                           password.decode("utf-8", "replace"))
+
+    @defer.inlineCallbacks
+    def _login(self, user: str, password: str) -> Any:
+        from mailsuite.directory.records import DirectoryUnavailable
+
+        try:
+            address = yield self.suite.directory.authenticate(user, password,
+                                                              client_ip=self.client_ip)
+        except UnauthorizedLogin:
+            log.info("pop3 login failed for {user!r} from {client_ip}", user=user[:100],
+                     client_ip=self.client_ip)
+            self._failed_login()
+            return
+        except DirectoryUnavailable:
+            self.send(replies.DIRECTORY_DOWN)
+            return
+        if self._closed:
+            return
+        try:
+            drop = yield self.io(_open_maildrop, self.suite.mailstore, address)
+        except Exception:
+            log.failure("pop3 could not open the maildrop of {user}", user=address)
+            self.send(replies.MAILDROP_ERROR)
+            return
+        if drop is None:
+            log.info("pop3 {user} from {client_ip}: maildrop in use", user=address,
+                     client_ip=self.client_ip)
+            self.send(replies.MAILDROP_LOCKED)
+            return
+        if self._closed:
+            self.io(drop.lock.release)
+            return
+        self.drop = drop
+        self.user = address
+        self.state = "TRANSACTION"
+        total = sum(m.size for m in drop.messages)
+        log.info("pop3 login {user} from {client_ip}: {n} messages", user=address,
+                 client_ip=self.client_ip, n=len(drop.messages))
+        self.send(replies.ok(f"Logged in, {len(drop.messages)} messages ({total} octets)"))
+
+    def _failed_login(self) -> None:
+        self._auth_failures += 1
+        if self._auth_failures >= self.config.limits.max_auth_failures:
+            self.send(replies.TOO_MANY_FAILURES)
+            self.transport.loseConnection()
+            self._closed = True
+            return
+        self.send(replies.AUTH_FAILED)
+
+    # -- TRANSACTION -------------------------------------------------------------------------
+    def _message(self, arg: str, allow_deleted: bool = False) -> tuple[int, MessageInfo] | None:
+        drop = self.drop
+        token = arg.split()[0] if arg.split() else ""
+        if not token.isdigit():
+            self._error(replies.BAD_SYNTAX)
+            return None
+        n = int(token)
+        if n < 1 or n > len(drop.messages):
+            self._error(replies.NO_SUCH_MESSAGE)
+            return None
+        if n in drop.deleted and not allow_deleted:
+            self._error(replies.MESSAGE_DELETED)
+            return None
+        return n, drop.messages[n - 1]
+
+    def _live(self) -> list[tuple[int, MessageInfo]]:
+        deleted = self.drop.deleted
+        return [(n, m) for n, m in enumerate(self.drop.messages, 1) if n not in deleted]
+
+    def do_STAT(self, arg: str) -> None:
+        live = self._live()
+        self.send(replies.ok(f"{len(live)} {sum(m.size for _, m in live)}"))
+
+    def do_LIST(self, arg: str) -> None:
+        if arg.strip():
+            found = self._message(arg)
+            if found:
+                self.send(replies.ok(f"{found[0]} {found[1].size}"))
+            return
+        live = self._live()
+        body = "".join(f"{n} {m.size}\r\n" for n, m in live).encode()
+        self.send(replies.ok(f"{len(live)} messages") + body + b".\r\n")
+
+    def do_UIDL(self, arg: str) -> None:
+        if arg.strip():
+            found = self._message(arg)
+            if found:
+                self.send(replies.ok(f"{found[0]} {uidl(found[1].key)}"))
+            return
+        body = "".join(f"{n} {uidl(m.key)}\r\n" for n, m in self._live()).encode()
+        self.send(replies.ok() + body + b".\r\n")
+
+    def do_DELE(self, arg: str) -> None:
+        found = self._message(arg)
+        if found:
+            self.drop.deleted.add(found[0])
+            self.send(replies.ok(f"Message {found[0]} marked for deletion"))
+
+    def do_RSET(self, arg: str) -> None:
+        self.drop.deleted.clear()
+        self.send(replies.ok(f"{len(self.drop.messages)} messages"))
+
+    def do_RETR(self, arg: str) -> Any:
+        found = self._message(arg)
+        if not found:
+            return None
+        n, info = found
+        return self._send_message(info, None, n)
+
+    def do_TOP(self, arg: str) -> Any:
+        parts = arg.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            return self._error(replies.BAD_SYNTAX)
+        found = self._message(parts[0])
+        if not found:
+            return None
+        return self._send_message(found[1], int(parts[1]), None)
+
+    @defer.inlineCallbacks
+    def _send_message(self, info: MessageInfo, top_lines: int | None, retr_n: int | None) -> Any:
+        try:
+            f = yield self.io(_open_for_sending, self.drop.folder, info, top_lines)
+        except Exception as e:
+            log.info("pop3 {user}: cannot open message {uid}: {error}", user=self.user,
+                     uid=info.uid, error=str(e))
+            self.send(replies.MESSAGE_GONE)
+            return
+        if self._closed:
+            self.io(f.close)
+            return
+        self.send(replies.ok(f"{info.size} octets") if top_lines is None else replies.ok())
+        yield _MessageSender(self, f).start()
+        if retr_n is not None and self.drop is not None:
+            self.drop.retrieved.add(retr_n)
+
+
+# Which states each command is valid in (RFC 1939 §§4-6, RFC 2449, RFC 2595, RFC 5034).
+_STATES: dict[str, tuple[str, ...]] = {
+    "CAPA": ("AUTHORIZATION", "TRANSACTION"),
+    "NOOP": ("TRANSACTION",),
+    "QUIT": ("AUTHORIZATION", "TRANSACTION"),
+    "STLS": ("AUTHORIZATION",),
+    "USER": ("AUTHORIZATION",),
+    "PASS": ("AUTHORIZATION",),
+    "AUTH": ("AUTHORIZATION",),
+    "STAT": ("TRANSACTION",),
+    "LIST": ("TRANSACTION",),
+    "UIDL": ("TRANSACTION",),
+    "DELE": ("TRANSACTION",),
+    "RSET": ("TRANSACTION",),
+    "RETR": ("TRANSACTION",),
+    "TOP": ("TRANSACTION",),
+}
+
+
+def uidl(key: str) -> str:
+    """The Maildir key is the UIDL (the identity IMAP sees too). RFC 1939 §7 limits a unique-id
+    to 70 characters 0x21-0x7E: a longer key (long host name) is replaced by a stable digest."""
+    if len(key) <= 70 and all(33 <= ord(c) <= 126 for c in key):
+        return key
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+
+
+# -- blocking helpers (run in suite.pools.io) --------------------------------------------------
+def _open_maildrop(store: Any, address: str) -> _Drop | None:
+    account = store.account(address)
+    account.ensure_layout()
+    lock = account.lock_maildrop()
+    if lock is None:
+        return None
+    try:
+        folder = account.folder("INBOX")
+        messages = list(folder.sync())
+    except BaseException:
+        lock.release()
+        raise
+    return _Drop(folder=folder, lock=lock, messages=messages, deleted=set(), retrieved=set())
+
+
+def _open_for_sending(folder: Any, info: MessageInfo, top_lines: int | None) -> Any:
+    f = folder.open_message(info.uid)
+    return f if top_lines is None else TopReader(f, top_lines)
+
+
+def _apply_update(folder: Any, delete: list[int], seen: list[int]) -> list[int]:
+    """The UPDATE state: mark retrieved messages \\Seen (as Dovecot does), remove deleted."""
+    for uid in seen:
+        try:
+            folder.add_flags(uid, ["\\Seen"])
+        except Exception:
+            pass  # removed or renamed meanwhile by another client: not worth failing QUIT
+    return folder.expunge(delete) if delete else []
+
+
+class POP3Factory(protocol.ServerFactory):
+    def __init__(self, suite: Any, implicit_tls: bool = False):
+        self.suite = suite
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> POP3Server:
+        p = POP3Server(self.suite, self.implicit_tls)
+        p.factory = self
+        return p
