@@ -115,10 +115,16 @@ class DirectoryStore:
             return s.scalar(select(Domain.id).where(Domain.name == domain)) is not None
 
     # -- users --------------------------------------------------------------------------------
-    def add_user(self, address: str, password: str) -> str:
+    def add_user(self, address: str, password: str | None = None,
+                 password_hash: str | None = None) -> str:
+        """Create a user with a password, or with an existing hash (an import from Dovecot or
+        another server: any scheme `passwords.verify_password` knows, rehashed at first login)."""
         canonical = canonical_address(address)
-        _check_password(password)
-        password_hash = passwords.hash_password(password)  # outside the transaction: slow
+        if password_hash is None:
+            _check_password(password or "")
+            password_hash = passwords.hash_password(password)  # outside the transaction: slow
+        elif not password_hash or password is not None:
+            raise DirectoryError("give either a password or a password hash")
         domain = canonical.rpartition("@")[2]
         with self._unit(write=True) as s:
             domain_id = self._domain_id(s, domain)
@@ -248,7 +254,10 @@ class DirectoryStore:
                 local, target_domain = split_address(target)
                 canonical = (f"{local.lower()}@{target_domain}" if target_domain in hosted
                              else f"{local}@{target_domain}")
-                if canonical == canonical_source:
+                if canonical == canonical_source and s.scalar(
+                        select(User.id).where(User.address == canonical)) is None:
+                    # A user's own address among the targets means "keep a copy"; anything
+                    # else pointing at itself is a mistake.
                     raise DirectoryError(f"alias {canonical_source} cannot point to itself")
                 if canonical not in canonical_targets:
                     canonical_targets.append(canonical)
