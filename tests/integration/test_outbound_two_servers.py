@@ -7,6 +7,7 @@ import email
 import email.policy
 import os
 import re
+import time
 
 from tests.dnsserver import DNSServer
 from tests.harness import MailServer, write_toml
@@ -16,6 +17,20 @@ from tests.integration.test_outbound import make_message, queue_is_empty, submit
 def read(path: str) -> email.message.EmailMessage:
     with open(path, "rb") as f:
         return email.message_from_binary_file(f, policy=email.policy.default)
+
+
+def queue_text(server: MailServer) -> str:
+    """All queue envelopes (JSON) as one string: cheaper than `mailsuite queue list` in a loop."""
+    directory = os.path.join(server.data_dir, "queue")
+    text = ""
+    for name in os.listdir(directory):
+        if name.endswith(".json") and not name.startswith("."):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    text += f.read()
+            except FileNotFoundError:
+                pass
+    return text
 
 
 def test_a_and_b_deliver_to_each_other(tmp_path):
@@ -62,3 +77,52 @@ def test_a_and_b_deliver_to_each_other(tmp_path):
         finally:
             a.stop()
             b.stop()
+
+
+def test_smarthost_with_starttls_and_auth(tmp_path):
+    """Everything remote goes to the smarthost (here: another mailsuite's submission port, with
+    its certificate verified against relay_cafile, and AUTH). A wrong password defers."""
+    relay = MailServer(os.path.join(tmp_path, "relay"), hostname="localhost",
+                       listeners=["mx", "submission"])
+    relay.start()
+    sender = MailServer(os.path.join(tmp_path, "sender"), hostname="mx.a.test",
+                        listeners=["mx", "submission"])
+    try:
+        relay.add_user("alice@a.test", "relay-pw-1")  # her account at the provider
+        relay.add_user("carol@c.test")
+        sender.sections["courier"] = {
+            "relay": f"localhost:{relay.ports['submission']}", "relay_tls": "starttls",
+            "relay_username": "alice@a.test", "relay_password": "relay-pw-1",
+            "relay_cafile": relay.cafile,
+            # No DNS at all: a smarthost needs none (the test server would not answer anyway).
+            "nameservers": ["127.0.0.1:9"]}
+        sender.sections["queue"] = {"retry_schedule": [1], "delay_warning": 0}
+        write_toml(sender.config_path, sender.sections)
+        sender.start()
+        sender.add_user("alice@a.test")
+        submit(sender, "alice@a.test", ["carol@c.test"],
+               make_message("alice@a.test", "carol@c.test", "via the smarthost"))
+        [arrived] = relay.wait_for_messages("carol@c.test", timeout=20)
+        message = read(arrived)
+        assert message["Subject"] == "via the smarthost"
+        assert "ESMTPSA" in message.get_all("Received")[0]  # TLS and AUTH at the relay
+        assert re.search(r"connected to localhost\[localhost\]:\d+ tls=yes \S+ \S+ auth=yes",
+                         sender.log_text()), sender.log_text()[-2000:]
+        assert queue_is_empty(sender)
+
+        # Wrong password: deferred (never bounced: it is our configuration that is wrong).
+        sender.stop()
+        sender.sections["courier"]["relay_password"] = "wrong"
+        write_toml(sender.config_path, sender.sections)
+        sender.start()
+        submit(sender, "alice@a.test", ["carol@c.test"],
+               make_message("alice@a.test", "carol@c.test", "wrong password"))
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and "4.7.0" not in queue_text(sender):
+            time.sleep(0.1)
+        assert "carol@c.test" in queue_text(sender) and "4.7.0" in queue_text(sender)
+        assert "bounced" not in queue_text(sender)
+        assert len(relay.messages("carol@c.test")) == 1
+    finally:
+        sender.stop()
+        relay.stop()
