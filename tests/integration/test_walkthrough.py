@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 import shutil
 import subprocess
 
@@ -32,7 +33,7 @@ def test_walkthrough(make_server):
                          "--header", "Subject: walkthrough via MX"],
                         capture_output=True, text=True, timeout=60)
     assert mx.returncode == 0, mx.stdout + mx.stderr
-    assert "<~  250 " in mx.stdout
+    assert re.search(r"^<-  250 .*queued", mx.stdout, re.M), mx.stdout
 
     # Alice sends through submission: STARTTLS with the certificate verified, then AUTH.
     sub = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(server.ports["submission"]),
@@ -44,6 +45,7 @@ def test_walkthrough(make_server):
                          capture_output=True, text=True, timeout=60)
     assert sub.returncode == 0, sub.stdout + sub.stderr
     assert "<~  235 " in sub.stdout  # authenticated (inside TLS: swaks marks TLS lines with ~)
+    assert re.search(r"^<~  250 .*queued", sub.stdout, re.M), sub.stdout
 
     messages = server.wait_for_messages("alice@example.org", count=2)
     assert len(messages) == 2
