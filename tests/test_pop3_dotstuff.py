@@ -1,0 +1,72 @@
+"""The POP3 dot-stuffer and TOP reader, fed in every kind of chunking (TWISTED-NOTES §5:
+Twisted's transformChunk loses the line-start state at chunk boundaries)."""
+from __future__ import annotations
+
+import io
+import random
+
+import pytest
+
+from mailsuite.pop3.server import DotStuffer, TopReader
+
+
+def reference(data: bytes) -> bytes:
+    """Whole-message stuffing: CRLF lines, '.' doubled at line starts, '.' terminator."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    lines = data.split(b"\r\n")
+    if lines[-1] == b"":
+        lines.pop()
+    return b"".join((b"." + ln if ln.startswith(b".") else ln) + b"\r\n" for ln in lines) + b".\r\n"
+
+
+def stuff(data: bytes, cuts: list[int]) -> bytes:
+    s = DotStuffer()
+    out, prev = [], 0
+    for c in sorted(cuts) + [len(data)]:
+        out.append(s.feed(data[prev:c]))
+        prev = c
+    return b"".join(out) + s.finish()
+
+
+SAMPLES = [
+    b"Subject: x\r\n\r\n.\r\n..\r\n.x\r\nend\r\n",
+    b".starts with a dot\r\nno final newline",
+    b"bare\nlf\n.dot after bare lf\n",
+    b"cr at end\r",
+    b"",
+    b"a" * 16383 + b"\n.\r\n+OK injected\r\n",
+    b"\r\n.\r\n",
+]
+
+
+@pytest.mark.parametrize("data", SAMPLES)
+def test_every_two_way_split_matches_whole_message_stuffing(data):
+    want = reference(data.replace(b"\r", b"") if data.endswith(b"\r") else data)
+    if data.endswith(b"\r"):
+        want = reference(data[:-1] + b"\r\n")
+    cuts = range(len(data) + 1) if len(data) < 1000 else range(16370, len(data) + 1)
+    for cut in cuts:
+        assert stuff(data, [cut]) == want, cut
+
+
+def test_random_chunkings_of_a_dotty_message():
+    rng = random.Random(7)
+    lines = [rng.choice([b".", b"..", b".x", b"x.", b"", b"abc"]) for _ in range(2000)]
+    data = b"\r\n".join(lines) + b"\r\n"
+    want = reference(data)
+    for _ in range(200):
+        cuts = rng.sample(range(len(data)), rng.randint(1, 50))
+        assert stuff(data, cuts) == want
+
+
+def test_dot_line_exactly_at_16k():
+    data = b"x" * 16382 + b"\r\n" + b".\r\nafter\r\n"
+    assert stuff(data, [16384]).endswith(b"\r\n..\r\nafter\r\n.\r\n")
+
+
+def test_top_reader_limits_body_lines():
+    msg = b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\nl3\r\n"
+    assert TopReader(io.BytesIO(msg), 0).read(1 << 20) == b"A: 1\r\nB: 2\r\n\r\n"
+    r = TopReader(io.BytesIO(msg), 2)
+    assert r.read(3) + r.read(3) + r.read(100) + r.read(100) == b"A: 1\r\nB: 2\r\n\r\nl1\r\nl2\r\n"
+    assert TopReader(io.BytesIO(msg), 99).read(1 << 20) == msg
