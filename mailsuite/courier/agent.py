@@ -73,13 +73,15 @@ class RemoteAgent:
              for domain, rcpts in by_domain.items()], consumeErrors=True)
         return [result for results in outcomes for result in results]
 
-    def close(self) -> None:
-        """QUIT every cached connection (at shutdown)."""
+    def close(self) -> defer.Deferred:
+        """QUIT every cached connection (at shutdown); fires when they are closed."""
+        closing = []
         for key in list(self._idle):
             for session, timer in self._idle.pop(key):
                 if timer.active():
                     timer.cancel()
-                session.quit()
+                closing.append(session.quit())
+        return defer.gatherResults(closing, consumeErrors=True)
 
     # -- one domain ----------------------------------------------------------------------------
     @defer.inlineCallbacks

@@ -150,6 +150,7 @@ class SMTPClientProtocol(LineReceiver):
         self._waiters: deque[defer.Deferred] = deque()
         self._lost: Failure | None = None
         self.connected_d: defer.Deferred = defer.Deferred()
+        self._closed: list[defer.Deferred] = []
         self.tls = False
 
     # -- Twisted callbacks ---------------------------------------------------------------------
@@ -180,6 +181,9 @@ class SMTPClientProtocol(LineReceiver):
     def connectionLost(self, reason: Failure = Failure(net_error.ConnectionDone())) -> None:
         self._lost = reason
         self._fail_all(SMTPError(status.CONNECTION_LOST, tls_failed=self._tls_in_handshake()))
+        closed, self._closed = self._closed, []
+        for d in closed:
+            d.callback(None)
 
     # -- API -----------------------------------------------------------------------------------
     @property
@@ -206,8 +210,22 @@ class SMTPClientProtocol(LineReceiver):
         return self.read_reply(timeout)
 
     def start_tls(self, context: Any) -> None:
+        # Anything the server sent after its 220 but before the handshake was injected in plain
+        # text (the client side of CVE-2011-0411): drop it, never read it as a reply over TLS.
+        # This runs from lineReceived's callback chain, so the rest of the buffer is still here.
+        injected = self.clearLineBuffer()
+        if injected:
+            log.info("discarded {n} octets sent in plain text after STARTTLS by {peer}",
+                     n=len(injected), peer=self._peer())
         self.transport.startTLS(context)
         self.tls = True
+
+    def when_closed(self) -> defer.Deferred:
+        if self._lost is not None or self.transport is None:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._closed.append(d)
+        return d
 
     def abort(self) -> None:
         if self.transport is not None and self._lost is None:
@@ -400,6 +418,8 @@ class Session:
             return results
         reply = yield self.protocol.command("DATA")
         if reply.code != 354:
+            if reply.code < 400:  # not a refusal, not an invitation: nothing was delivered
+                reply = Reply(451, [f"4.5.0 unexpected reply to DATA: {reply}"])
             for r in accepted:
                 results[r] = reply
             yield self._rset_quietly()
@@ -424,10 +444,11 @@ class Session:
         except SMTPError:
             pass
 
-    def quit(self) -> None:
-        """Polite QUIT without waiting long for the answer."""
+    def quit(self) -> defer.Deferred:
+        """Polite QUIT without waiting long for the answer; fires when the connection is closed."""
         if not self.alive:
-            return
+            return defer.succeed(None)
+        closed = self.protocol.when_closed()
         try:
             self.protocol.send("QUIT")
         except Exception:
@@ -435,6 +456,7 @@ class Session:
         d = self.protocol.read_reply(timeout=5)
         d.addBoth(lambda _: self.protocol.transport.loseConnection()
                   if self.protocol.transport else None)
+        return closed
 
 
 def _tls_description(transport: Any) -> str:
