@@ -278,7 +278,9 @@ def bodystructure(buf: Buffer, part: Part, extensible: bool = True) -> list:
         if extensible:
             out += [_params(part.params), _disposition(buf, part), _nstr(buf, part, b"content-language"),
                     _nstr(buf, part, b"content-location")]
-        return _Group(out)
+        group = _Group(out)
+        group.nparts = max(1, len(part.children))
+        return group
     size = part.end - part.body_start
     encoding = field_value(buf, part, b"content-transfer-encoding") or b"7BIT"
     out = [Literal(part.maintype.upper()), Literal(part.subtype.upper()), _params(part.params),
@@ -296,7 +298,10 @@ def bodystructure(buf: Buffer, part: Part, extensible: bool = True) -> list:
 
 
 class _Group(list):
-    """A multipart body: its elements are written without separating spaces between parts."""
+    """A multipart body: its parts are written without separating spaces (RFC 3501 §9
+    body-type-mpart = 1*body SP media-subtype)."""
+
+    nparts = 0
 
 
 def _lines(buf: Buffer, part: Part) -> int:
@@ -361,8 +366,8 @@ def serialize(value: object) -> bytes:
     if isinstance(value, bytes):
         return string(value)
     if isinstance(value, _Group):
-        parts = [v for v in value if isinstance(v, (list, _Group))]
-        rest = value[len(parts):]
+        parts = value[:value.nparts]
+        rest = value[value.nparts:]
         return b"(" + b"".join(serialize(p) for p in parts) + (
             b" " + b" ".join(serialize(v) for v in rest) if rest else b"") + b")"
     if isinstance(value, list):

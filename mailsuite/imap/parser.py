@@ -228,7 +228,14 @@ def fetch_atts(tok: Token) -> list[FetchAtt]:
     items = tok if isinstance(tok, list) else [tok]
     if not items:
         raise ParseError("empty fetch attribute list")
-    return [fetch_att(t) for t in items]
+    out: list[FetchAtt] = []
+    for t in items:
+        # Macros belong outside parentheses (RFC 3501 §6.4.5), but imapclient sends "(ALL)".
+        if isinstance(t, Atom) and t.upper() in MACROS:
+            out += [FetchAtt(n) for n in MACROS[t.upper()]]
+        else:
+            out.append(fetch_att(t))
+    return out
 
 
 def fetch_att(tok: Token) -> FetchAtt:

@@ -172,6 +172,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self.gate = _WriteGate()
         self.closed = False
         self.peer = "?"
+        self.tag = b"*"
 
     # -- connection ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -321,7 +322,10 @@ class IMAPServer(LineReceiver, TimeoutMixin):
     # -- dispatch -------------------------------------------------------------------------------
     def dispatch(self, segments: list[tuple[bytes, Optional[bytes]]]) -> None:
         self.pauseProducing()  # strictly one command at a time (#9282)
-        tag = b"*"
+        first = segments[0][0].split(b" ", 1)[0] if segments else b""
+        # Answer a malformed command with its own tag when the tag itself is sound.
+        tag = first if first and first not in (b"*", b"+") and len(first) <= 64 and all(
+            0x21 <= c < 0x7F and c not in b'(){%*"\\+' for c in first) else b"*"
         try:
             tokens = tokenize(segments)
             if not tokens or not isinstance(tokens[0], Atom):
@@ -357,6 +361,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.send(tag + b" BAD " + str(e).encode("ascii", "replace"))
             self.done()
             return
+        self.tag = tag
         kwargs = {"uid": uid} if name in (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE") else {}
         d = defer.maybeDeferred(handler, tag, args, **kwargs)
         d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
@@ -481,18 +486,18 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         user = user_raw.decode("utf-8", "replace").strip()
         password = password_raw.decode("utf-8", "replace")
         try:
-            canonical = yield self.suite.directory.authenticate(user, password)
+            # The directory slows repeated failures from one address down (its LoginThrottle).
+            canonical = yield self.suite.directory.authenticate(user, password, client_ip=self.peer)
         except UnauthorizedLogin:
             self.auth_failures += 1
             log.warn("imap: authentication failed for {user} from {peer} (failure {n})",
                      user=user[:100], peer=self.peer, n=self.auth_failures)
-            from twisted.internet import reactor
-
-            # Slow down password guessing: each failure on this connection waits longer.
-            yield _sleep(reactor, self.config.limits.auth_failure_delay * self.auth_failures)
             if self.auth_failures >= self.config.limits.max_auth_failures:
+                self.send(self.tag + b" NO " + R.code(R.AUTHENTICATIONFAILED) + b"authentication failed")
                 self.send(b"* BYE too many authentication failures")
                 self.transport.loseConnection()
+                self.closed = True
+                return None
             raise no("authentication failed", R.AUTHENTICATIONFAILED)
         self.user = canonical
         self.account = self.suite.mailstore.account(canonical)
