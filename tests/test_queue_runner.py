@@ -66,6 +66,7 @@ class RunnerTestCase(unittest.TestCase):
                                         (BOB, local_route(BOB))],
                                        message("s1"), {"client_ip": "192.0.2.7"})
         yield wait_for(lambda: not os.path.exists(suite.queue.spool.envelope_path(qid)))
+        yield wait_idle(suite)  # log lines are emitted from the reactor after the io job
         [a] = maildir_messages(suite.config, ALICE)
         [b] = maildir_messages(suite.config, BOB)
         self.assertTrue(read(a).startswith(b"Return-Path: <carol@remote.example>\r\n"

@@ -13,6 +13,7 @@ processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds
 """
 from __future__ import annotations
 
+import heapq
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from twisted.python.failure import Failure
 
 from mailsuite.delivery.local import LocalDeliveryAgent
 from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
-                                   new_queue_id)
+                                   SpoolError, new_queue_id)
 
 log = Logger(namespace="mailsuite.queue")
 
@@ -39,7 +40,9 @@ class QueueRunner(Service):
     """The twisted Service that owns the spool of one process (suite.queue)."""
 
     name = "queue"
-    max_parallel = 16  # entries worked on at the same time by this process
+    # Entries worked on at the same time by this process. Remote attempts can take minutes
+    # (timeouts), so this is generous; the courier has its own per-domain connection caps.
+    max_parallel = 64
 
     def __init__(self, suite: Any):
         self.suite = suite
@@ -50,6 +53,12 @@ class QueueRunner(Service):
         self.on_bounce: Any = None  # (entry, bounced recipients) -> None | Deferred
         self.on_delay: Any = None  # (entry, still pending recipients) -> None | Deferred
         self._due: dict[str, float] = {}  # id -> when it next needs an attempt (inf: never)
+        # (due, id) min-heap over _due; entries whose due no longer matches _due are stale and
+        # skipped, so updates are O(log n) and a big backlog does not make _pump quadratic.
+        self._heap: list[tuple[float, str]] = []
+        # id -> ((inode, mtime_ns), due), used by the io thread of _scan only. Every envelope
+        # rewrite is a rename to a new inode, so the key changes even if the clock is coarse.
+        self._envelope_cache: dict[str, tuple[tuple[int, int], float]] = {}
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: Any = None
@@ -86,7 +95,7 @@ class QueueRunner(Service):
                      nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
                      protocol=entry.meta.get("protocol", ""))
             if self.running and not self._stopping:
-                self._due[entry.id] = 0.0
+                self._set_due(entry.id, 0.0)
                 self._wake()
             return entry.id
 
@@ -106,7 +115,7 @@ class QueueRunner(Service):
         if entry_id in self._inflight:
             # Attempt again right after the one in progress.
             return self._inflight[entry_id].addCallback(lambda _: self.kick(entry_id))
-        self._due[entry_id] = 0.0
+        self._set_due(entry_id, 0.0)
         return self._start(entry_id)
 
     # -- service -------------------------------------------------------------------------------
@@ -160,25 +169,39 @@ class QueueRunner(Service):
             return defer.succeed(None)
         self._scanning = True
 
-        def blocking() -> dict[str, float]:
-            self.spool.cleanup()
-            return {e.id: entry_due(e) for e in self.spool.entries()}
-
         def scanned(found: dict[str, float]) -> None:
             self._scanning = False
-            for queue_id in list(self._due):
-                if queue_id not in found and queue_id not in self._inflight:
-                    del self._due[queue_id]
-            for queue_id, due in found.items():
-                if queue_id not in self._inflight:
-                    self._due[queue_id] = due
+            due = {i: d for i, d in found.items() if i not in self._inflight}
+            due.update({i: d for i, d in self._due.items() if i in self._inflight})
+            self._due = due
+            self._heap = [(d, i) for i, d in due.items() if i not in self._inflight]
+            heapq.heapify(self._heap)
             self._pump()
 
         def failed(f: Failure) -> None:
             self._scanning = False
             log.failure("queue scan failed", f)
 
-        return self.suite.pools.io.run(blocking).addCallbacks(scanned, failed)
+        return self.suite.pools.io.run(self._scan_blocking).addCallbacks(scanned, failed)
+
+    def _scan_blocking(self) -> dict[str, float]:
+        """io thread: id -> due of every entry; only changed envelopes are parsed again."""
+        self.spool.cleanup()
+        cache = self._envelope_cache
+        found: dict[str, float] = {}
+        for queue_id in self.spool.ids():
+            try:
+                st = os.stat(self.spool.envelope_path(queue_id))
+                key = (st.st_ino, st.st_mtime_ns)
+                cached = cache.get(queue_id)
+                if cached is None or cached[0] != key:
+                    cached = cache[queue_id] = (key, entry_due(self.spool.load(queue_id)))
+            except (OSError, SpoolError):
+                continue  # delivered and removed meanwhile, or damaged (reported when loaded)
+            found[queue_id] = cached[1]
+        for queue_id in set(cache) - set(found):
+            del cache[queue_id]
+        return found
 
     def _check_kick(self) -> defer.Deferred | None:
         if self._stopping:
@@ -205,19 +228,27 @@ class QueueRunner(Service):
         if self._stopping or not self.running:
             return
         now = self.reactor.seconds()
-        waiting = [(due, i) for i, due in self._due.items() if i not in self._inflight]
-        waiting.sort()
-        for due, queue_id in waiting:
-            if due > now or len(self._inflight) >= self.max_parallel:
+        heap = self._heap
+        while heap and len(self._inflight) < self.max_parallel:
+            due, queue_id = heap[0]
+            if self._due.get(queue_id) != due or queue_id in self._inflight:
+                heapq.heappop(heap)  # stale
+                continue
+            if due > now:
                 break
+            heapq.heappop(heap)
             self._start(queue_id)
-        later = [due for i, due in self._due.items() if i not in self._inflight and due > now]
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if later and len(self._inflight) < self.max_parallel:
-            delay = min(min(later) - now, self.config.scan_interval)
+        if heap and len(self._inflight) < self.max_parallel and heap[0][0] != float("inf"):
+            delay = min(heap[0][0] - now, self.config.scan_interval)
             self._timer = self.reactor.callLater(max(delay, 0.01), self._pump)
+
+    def _set_due(self, queue_id: str, due: float) -> None:
+        self._due[queue_id] = due
+        if due != float("inf"):
+            heapq.heappush(self._heap, (due, queue_id))
 
     def _start(self, queue_id: str) -> defer.Deferred:
         if self._stopping or queue_id in self._inflight:
@@ -230,12 +261,12 @@ class QueueRunner(Service):
             self._inflight.pop(queue_id, None)
             if isinstance(result, Failure):
                 log.failure("queue_id={queue_id}: attempt failed", result, queue_id=queue_id)
-                self._due[queue_id] = self.reactor.seconds() + BUSY_RETRY
+                self._set_due(queue_id, self.reactor.seconds() + self.config.scan_interval)
                 result = None
             elif result is None:
                 self._due.pop(queue_id, None)
             else:
-                self._due[queue_id] = result
+                self._set_due(queue_id, result)
             self._wake()
             return None
 
@@ -249,6 +280,9 @@ class QueueRunner(Service):
         if isinstance(work, float) or work is None:
             return work  # claimed elsewhere (retry later), held (inf), or gone (None)
         work.flush_logs()
+        if work.finished:
+            log.info("queue_id={queue_id} status=removed", queue_id=queue_id)
+            return None
         try:
             if self._stopping:
                 return None
@@ -305,6 +339,14 @@ class QueueRunner(Service):
                 results = [DeliveryResult(r.address, "deferred", f"451 4.3.0 internal error: {e}")
                            for r in local]
             work.record(local, results, relay="local")
+        if not work.remote and not work.bounced and not work.needs_warning(self.config):
+            if all(r.state != "pending" for r in entry.recipients):
+                # The common case, all local and all delivered: remove at once, no extra save.
+                self.spool.remove(queue_id)
+                claim.release()
+                work.claim = None
+                work.finished = True
+                return work
         if work.changed:
             # Save now, in the same job as the Maildir writes: a crash or stop while remote
             # delivery runs must not deliver these local copies a second time.
@@ -394,9 +436,16 @@ class _Work:
     remote: list[Recipient] = field(default_factory=list)
     bounced: list[Recipient] = field(default_factory=list)  # newly bounced in this attempt
     changed: bool = False
+    finished: bool = False  # removed from the spool in the first io job
     # Log lines made in io threads are emitted from the reactor thread (flush_logs).
     logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
         default_factory=list)
+
+    def needs_warning(self, config: Any) -> bool:
+        """Is a delay warning due (decided and sent by QueueRunner._notify)?"""
+        return (not self.entry.warned and config.delay_warning > 0 and bool(self.entry.sender)
+                and self.now - self.entry.created >= config.delay_warning
+                and any(r.state == "pending" for r in self.entry.recipients))
 
     def flush_logs(self) -> None:
         logs, self.logs = self.logs, []
