@@ -364,8 +364,17 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self.tag = tag
         kwargs = {"uid": uid} if name in (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE") else {}
         d = defer.maybeDeferred(handler, tag, args, **kwargs)
+        if name in REFRESH_AFTER:
+            d.addCallback(self._refresh_then, )
         d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
         d.addBoth(lambda _: self.done())
+
+    @defer.inlineCallbacks
+    def _refresh_then(self, result: Any) -> Any:
+        # Report other sessions' changes after any command that may send EXPUNGE (RFC 3501 §5.5).
+        if self.sel is not None and not self.closed:
+            yield self.refresh()
+        return result
 
     def finish(self, tag: bytes, result: Any) -> None:
         if isinstance(result, CommandError):
@@ -1101,6 +1110,9 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.send(b"* %d EXISTS" % len(sel.uids))
             self.send(b"* %d RECENT" % len([u for u in sel.uids if u in sel.folder.recent]))
 
+
+REFRESH_AFTER = {b"CAPABILITY", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
+                 b"UNSUBSCRIBE", b"NAMESPACE", b"ID", b"ENABLE"}
 
 COMMANDS = {
     "notauth": {"CAPABILITY", "NOOP", "LOGOUT", "ID", "STARTTLS", "LOGIN", "AUTHENTICATE"},
