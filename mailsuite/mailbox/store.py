@@ -886,7 +886,15 @@ class _FolderState:
             self._reload_uidlist()
             ul = self.uidlist
             if ul is not None:
-                for k in [k for k, u in ul.uids.items() if u in gone]:
+                # While we rewrite anyway, drop lines whose file is gone (deleted by another
+                # tool): if such a file came back it must get a new UID, not its old one.
+                # Safe under the lock: every writer renames its file into place before it
+                # registers the UID.
+                present = set()
+                for sub in ("new", "cur"):
+                    present.update(n.split(":", 1)[0]
+                                   for n in os.listdir(os.path.join(self.path, sub)))
+                for k in [k for k, u in ul.uids.items() if u in gone or k not in present]:
                     del ul.uids[k]
                     ul.extra.pop(k, None)
                 atomic_write(path, ul.serialize())
