@@ -22,8 +22,8 @@ from twisted.logger import Logger
 log = Logger()
 
 Algorithm = Literal["ed25519", "rsa", "both"]
-# The header fields we sign (RFC 6376 §5.4.1), listed once each; dkimpy only signs those
-# present, so a missing Cc is not an error.
+# The header fields we sign (RFC 6376 §5.4.1). dkimpy lists absent ones in h= too, which signs
+# their absence (§5.4.2): a Cc or Reply-To added in transit then breaks the signature.
 SIGNED_HEADERS = [b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
                   b"mime-version", b"content-type", b"in-reply-to", b"references"]
 _DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)+$")

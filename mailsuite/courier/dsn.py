@@ -122,7 +122,7 @@ def build_dsn(entry: QueueEntry, recipients: Iterable[Recipient], action: Action
         b"Content-Type: text/rfc822-headers\r\n",
         (b"Content-Transfer-Encoding: 8bit\r\n\r\n" if eight_bit
          else b"Content-Transfer-Encoding: 7bit\r\n\r\n"),
-        original,
+        original + CRLF,  # the CRLF before a boundary belongs to the delimiter (RFC 2046)
         b"--" + b + b"--" + CRLF,
     ]
     return b"".join(parts)
