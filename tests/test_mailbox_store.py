@@ -333,3 +333,43 @@ def test_large_folder_sync_timing(account, tmp_path):
           f"unchanged {unchanged * 1000:.2f}ms, one new message {one_new:.3f}s")
     assert unchanged < 0.05
     assert reopen < 5
+
+
+def test_move_back_and_forth_never_reuses_a_uid(account):
+    deliver(account.path, 2)
+    inbox, trash = account.folder("INBOX"), account.folder("Trash")
+    inbox.sync()
+    assert inbox.move([1], trash) == [(1, 1)]
+    assert trash.move([1], inbox) == [(1, 3)]
+    assert [m.uid for m in inbox.sync()] == [2, 3]
+    assert inbox.move([3], trash) == [(3, 2)]
+    assert [m.uid for m in trash.sync()] == [2]
+
+
+def test_copies_in_opposite_directions_from_threads_do_not_deadlock(account):
+    import threading
+
+    deliver(account.path, 20)
+    inbox, sent = account.folder("INBOX"), account.folder("Sent")
+    inbox.sync()
+    for m in inbox.sync():
+        inbox.copy([m.uid], sent)
+    errors = []
+
+    def run(src, dst):
+        try:
+            for _ in range(10):
+                src.copy([m.uid for m in src.sync()][:5], dst)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(account.folder("INBOX"), account.folder("Sent"))),
+               threading.Thread(target=run, args=(account.folder("Sent"), account.folder("INBOX")))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+        assert not t.is_alive(), "deadlock"
+    assert not errors
+    uids = [m.uid for m in inbox.sync()]
+    assert len(uids) == len(set(uids)) == 20 + 50

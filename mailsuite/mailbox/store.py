@@ -456,21 +456,22 @@ class Folder:
     def copy(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
         """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs.
         Files are hard-linked when possible (content never changes in place)."""
-        infos = self._infos_for(uids)
+        sources = self._sources(uids)
         dstate = dest._state
         pairs_keys: list[tuple[int, str]] = []
         names: dict[str, str] = {}
         cur = os.path.join(dest.path, "cur")
+        # Only the destination's lock is held from here on (never both: two sessions copying
+        # in opposite directions must not deadlock).
         with dstate.lock:
-            for info in infos:
+            for info, src_path in sources:
                 key = unique_key(info.size)
                 letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
                 target = os.path.join(cur, info_name(key, letters))
-                src_path = self._current_path(info)
-                if src_path is None:
-                    continue
                 try:
                     os.link(src_path, target)
+                except FileNotFoundError:
+                    continue  # its flags changed (renamed) or it was expunged meanwhile
                 except OSError:
                     tmp = os.path.join(dest.path, "tmp", key)
                     shutil.copy2(src_path, tmp)
@@ -491,25 +492,27 @@ class Folder:
         A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
         if dest.path == self.path:
             return [(u, u) for u in sorted(set(uids))]
-        infos = self._infos_for(uids)
+        sources = self._sources(uids)
         dstate = dest._state
         moved: list[tuple[int, str]] = []
         names: dict[str, str] = {}
         cur = os.path.join(dest.path, "cur")
         with dstate.lock:
-            for info in infos:
+            known = dstate.ensure_uidlist().uids
+            for info, src_path in sources:
                 letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
-                src_path = self._current_path(info)
-                if src_path is None:
-                    continue
                 target = os.path.join(cur, info_name(info.key, letters))
-                if os.path.exists(target) or info.key in dstate.files:
-                    # Same key already there (moved back and forth): give the copy a new key.
+                if info.key in dstate.files or info.key in known or os.path.exists(target):
+                    # The key was here before (moved back and forth): a UID once given to it
+                    # must not come back, so the file gets a new key.
                     key = unique_key(info.size)
                     target = os.path.join(cur, info_name(key, letters))
                 else:
                     key = info.key
-                os.rename(src_path, target)
+                try:
+                    os.rename(src_path, target)
+                except FileNotFoundError:
+                    continue
                 dstate.meta[key] = (info.size, info.internaldate)
                 moved.append((info.uid, key))
                 names[key] = os.path.basename(target)
@@ -548,6 +551,16 @@ class Folder:
             return removed
 
     # -- helpers --------------------------------------------------------------------------------
+    def _sources(self, uids: Iterable[int]) -> list[tuple[MessageInfo, str]]:
+        """(info, current path) of existing messages, under this folder's lock only."""
+        with self._state.lock:
+            out = []
+            for info in self._infos_for(uids):
+                path = self._current_path(info)
+                if path is not None:
+                    out.append((self._state.infos.get(info.uid, info), path))
+            return out
+
     def _infos_for(self, uids: Iterable[int]) -> list[MessageInfo]:
         with self._state.lock:
             if not self._state.synced:
@@ -830,8 +843,6 @@ class _FolderState:
             ul = self.uidlist
             if reload == "full":
                 self.synced = False  # our view of UIDs must be rebuilt at the next sync
-            elif reload and self.synced and not names:
-                pass
             fresh = ul is None
             if fresh:
                 ul = UidList.new()
@@ -849,7 +860,11 @@ class _FolderState:
                 atomic_write(path, ul.serialize())
             elif added:
                 # Append, as Dovecot does; readers take max(N, last UID + 1) as next UID.
-                with open(path, "ab") as f:
+                with open(path, "ab+") as f:
+                    if f.tell() > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")  # another tool left the last line unterminated
                     f.write("".join(f"{u} :{k}\n" for u, k in added)
                             .encode("utf-8", "surrogateescape"))
                     f.flush()
