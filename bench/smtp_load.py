@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Load generator: N concurrent SMTP clients sending fixed-size messages; prints messages/second.
+
+Only messages whose end-of-data got a 250 reply are counted (a 4xx/5xx or a dropped connection
+is reported separately), so the figure is "messages durably queued per second" (DESIGN.md: 250
+after DATA means message and envelope are fsynced).
+
+    python bench/smtp_load.py --port 2525 --to alice@example.org            # a running server
+    python bench/smtp_load.py --spawn                                      # a throwaway server
+    python bench/smtp_load.py --spawn --clients 20 --size 2048 --duration 20
+
+Modes are entries of MODES: each builds a `Scenario` (where to connect, what envelope, how to
+log in) from the options, so a `--remote-sink` mode (relay through submission to a sink that
+counts what arrives) can be added beside `mx` without touching the client loop.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class Scenario:
+    host: str
+    port: int
+    sender: str
+    recipients: list[str]
+    implicit_tls: bool = False
+    starttls: bool = False
+    auth: tuple[str, str] | None = None  # (user, password) for AUTH PLAIN
+    ssl_context: ssl.SSLContext | None = None
+    cleanup: list[Callable[[], None]] = field(default_factory=list)
+
+
+@dataclass
+class Counters:
+    accepted: int = 0  # 250 after DATA
+    refused: int = 0  # 4xx/5xx at any step of a transaction
+    errors: int = 0  # connection failures, timeouts, protocol surprises
+    latencies: list[float] = field(default_factory=list)
+
+
+class SMTPError(Exception):
+    pass
+
+
+class Client:
+    """A minimal asyncio SMTP client (sequential commands) that reuses its connection."""
+
+    def __init__(self, scenario: Scenario, message: bytes, counters: Counters):
+        self.s = scenario
+        self.message = message
+        self.counters = counters
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def reply(self) -> tuple[int, bytes]:
+        assert self.reader is not None
+        lines = []
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise SMTPError("connection closed")
+            lines.append(line)
+            if line[3:4] != b"-":
+                return int(line[:3]), b"".join(lines)
+
+    async def command(self, line: bytes, expect: int) -> None:
+        assert self.writer is not None
+        self.writer.write(line + b"\r\n")
+        code, text = await self.reply()
+        if code != expect:
+            raise SMTPError(f"{line[:40]!r}: {text!r}")
+
+    async def connect(self) -> None:
+        s = self.s
+        self.reader, self.writer = await asyncio.open_connection(
+            s.host, s.port, ssl=s.ssl_context if s.implicit_tls else None)
+        code, text = await self.reply()
+        if code != 220:
+            raise SMTPError(f"greeting {text!r}")
+        await self.command(b"EHLO load.example", 250)
+        if s.starttls:
+            await self.command(b"STARTTLS", 220)
+            await self.writer.start_tls(s.ssl_context)
+            await self.command(b"EHLO load.example", 250)
+        if s.auth:
+            token = base64.b64encode(b"\0%s\0%s" % (s.auth[0].encode(), s.auth[1].encode()))
+            await self.command(b"AUTH PLAIN " + token, 235)
+
+    async def send_one(self) -> bool:
+        started = time.monotonic()
+        try:
+            await self.command(b"MAIL FROM:<%s>" % self.s.sender.encode(), 250)
+            for rcpt in self.s.recipients:
+                await self.command(b"RCPT TO:<%s>" % rcpt.encode(), 250)
+            await self.command(b"DATA", 354)
+            assert self.writer is not None
+            self.writer.write(self.message + b".\r\n")
+            code, text = await self.reply()
+        except SMTPError:
+            self.counters.refused += 1
+            await self.command(b"RSET", 250)
+            return False
+        if code == 250:
+            self.counters.accepted += 1
+            self.counters.latencies.append(time.monotonic() - started)
+            return True
+        self.counters.refused += 1
+        return False
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            try:
+                self.writer.write(b"QUIT\r\n")
+                await asyncio.wait_for(self.writer.drain(), 2)
+                self.writer.close()
+            except Exception:
+                pass
+            self.writer = None
+
+
+def build_message(size: int, n: int) -> bytes:
+    """A dot-stuffing-free message of about `size` octets with CRLF lines of 76 characters."""
+    head = (f"From: load@load.example\r\nTo: rcpt@example.org\r\nSubject: load {n}\r\n"
+            f"Message-ID: <load-{n}-{os.getpid()}@load.example>\r\n\r\n").encode()
+    body = b""
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789ab\r\n"
+    while len(head) + len(body) + len(line) <= size:
+        body += line
+    return head + body + b"x" * max(0, size - len(head) - len(body) - 2) + b"\r\n"
+
+
+async def worker(scenario: Scenario, message: bytes, counters: Counters, stop_at: float,
+                 remaining: list[int]) -> None:
+    client: Client | None = None
+    while time.monotonic() < stop_at and remaining[0] > 0:
+        try:
+            if client is None:
+                client = Client(scenario, message, counters)
+                await client.connect()
+            remaining[0] -= 1
+            await client.send_one()
+        except (OSError, SMTPError, asyncio.IncompleteReadError, ssl.SSLError) as e:
+            counters.errors += 1
+            if counters.errors <= 5:
+                print(f"client error: {e}", file=sys.stderr)
+            if client is not None:
+                await client.close()
+            client = None
+            await asyncio.sleep(0.05)
+    if client is not None:
+        await client.close()
+
+
+async def run(scenario: Scenario, clients: int, size: int, duration: float, count: int
+              ) -> tuple[Counters, float]:
+    counters = Counters()
+    message = build_message(size, 0)
+    remaining = [count if count > 0 else 1 << 62]
+    started = time.monotonic()
+    stop_at = started + duration if duration > 0 else float("inf")
+    await asyncio.gather(*(worker(scenario, message, counters, stop_at, remaining)
+                           for _ in range(clients)))
+    return counters, time.monotonic() - started
+
+
+# -- modes ----------------------------------------------------------------------------------
+def mode_mx(args: argparse.Namespace) -> Scenario:
+    if args.spawn:
+        server = spawn_server(args)
+        cleanup = [server.stop]
+        if not args.keep:
+            cleanup.append(lambda: shutil.rmtree(server.base_dir, ignore_errors=True))
+        return Scenario("127.0.0.1", server.ports["mx"], args.sender, [args.to],
+                        cleanup=cleanup)
+    return Scenario(args.host, args.port, args.sender, [args.to])
+
+
+MODES: dict[str, Callable[[argparse.Namespace], Scenario]] = {"mx": mode_mx}
+
+
+def spawn_server(args: argparse.Namespace):
+    """A throwaway `twistd -n mailsuite` (tests/harness.py) with one user to receive the load."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.harness import MailServer
+
+    base = tempfile.mkdtemp(prefix="smtp-load-")
+    server = MailServer(base, listeners=["mx", "submission", "submissions"],
+                        extra={"limits": {"max_connections_per_ip": max(20, args.clients + 5)}})
+    server.start()
+    server.add_user(args.to)
+    print(f"spawned mailsuite in {base} (mx port {server.ports['mx']})")
+    return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--mode", choices=sorted(MODES), default="mx")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--spawn", action="store_true",
+                   help="start a throwaway server (tests/harness.py) instead of using --port")
+    p.add_argument("--keep", action="store_true", help="keep the spawned server's data dir")
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--size", type=int, default=2048, help="message size in octets")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds (0: until --count)")
+    p.add_argument("--count", type=int, default=0, help="stop after this many attempts")
+    p.add_argument("--from", dest="sender", default="load@load.example")
+    p.add_argument("--to", default="alice@example.org")
+    args = p.parse_args(argv)
+    if args.duration <= 0 and args.count <= 0:
+        p.error("give --duration or --count")
+    scenario = MODES[args.mode](args)
+    try:
+        counters, elapsed = asyncio.run(run(scenario, args.clients, args.size, args.duration,
+                                            args.count))
+    finally:
+        for fn in scenario.cleanup:
+            fn()
+    lat = sorted(counters.latencies)
+    p50 = lat[len(lat) // 2] * 1000 if lat else 0.0
+    p99 = lat[int(len(lat) * 0.99)] * 1000 if lat else 0.0
+    print(f"mode={args.mode} clients={args.clients} size={args.size} elapsed={elapsed:.1f}s "
+          f"accepted={counters.accepted} refused={counters.refused} errors={counters.errors}")
+    print(f"latency p50={p50:.1f}ms p99={p99:.1f}ms")
+    print(f"{counters.accepted / elapsed:.1f} messages/second (250 after DATA)")
+    return 0 if counters.accepted else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
