@@ -295,3 +295,24 @@ def test_pipelined_commands_answered_in_order(pop_server, mailbox):
     assert p._getresp().startswith(b"+OK 1 ")
     assert p._getresp() == b"+OK"
     p.quit()
+
+
+def test_message_delivered_through_smtp_is_retrieved_byte_identical(pop_server, mailbox):
+    """The whole path: SMTP (MX port) -> queue -> Maildir -> POP3 RETR, and UIDL = file key."""
+    import smtplib
+
+    address, md = mailbox
+    body = b"".join(b"line %d\r\n" % i for i in range(2000)) + b".dot line\r\n"
+    msg = (b"From: sender@example.net\r\nTo: " + address.encode() +
+           b"\r\nSubject: via smtp\r\nMessage-ID: <via-smtp@example.net>\r\n\r\n" + body)
+    with smtplib.SMTP(HOST, pop_server.ports["mx"], timeout=30) as smtp:
+        smtp.sendmail("sender@example.net", [address], msg)
+    (path,) = pop_server.wait_for_messages(address, 1, timeout=30)
+    with open(path, "rb") as f:
+        stored = f.read()
+    assert stored.endswith(body)
+    p = login(pop_server, address)
+    assert retr_bytes(p, 1) == stored
+    key = os.path.basename(path).split(":")[0]
+    assert p.uidl(1).split()[2].decode() == key
+    p.quit()
