@@ -11,12 +11,9 @@ import os
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 
 from mailsuite.delivery.maildir import deliver_to_maildir
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
-
-log = Logger(namespace="mailsuite.delivery")
 
 
 def trace_headers(sender: str, address: str) -> bytes:

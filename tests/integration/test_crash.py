@@ -86,4 +86,6 @@ def test_kill_9_mid_stream_loses_nothing(make_server):
     # Once-or-more; more than once only for what was in flight at the kill.
     duplicates = {s: n for s, n in found.items() if n > 1}
     assert len(duplicates) <= 16, duplicates
-    print(f"accepted {len(accepted)}, delivered {len(found)}, duplicates {len(duplicates)}")
+    after_restart = server.log_text()[server._log_offset:].count("status=sent")
+    print(f"accepted {len(accepted)}, delivered {len(found)}, duplicates {len(duplicates)}, "
+          f"delivered after the restart {after_restart}")
