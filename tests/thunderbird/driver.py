@@ -83,13 +83,16 @@ class Thunderbird:
         self.cafile = cafile
         self.cert_overrides = list(cert_overrides or [])
         self.log_path = profile_dir + ".log"
+        self.protocol_log_path = profile_dir + ".protocol.log"
         self.process: subprocess.Popen | None = None
         self.client: Any = None
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self, timeout: float = 30.0) -> "Thunderbird":
-        from marionette_driver.marionette import Marionette
+        return self.launch().connect(timeout)
 
+    def launch(self) -> "Thunderbird":
+        """Write the profile and start the process (several can start side by side)."""
         os.makedirs(self.profile_dir, exist_ok=True)
         port = _free_port()
         self.prefs["marionette.port"] = port
@@ -103,12 +106,23 @@ class Thunderbird:
         env = dict(os.environ, MOZ_DISABLE_NONLOCAL_CONNECTIONS="1", MOZ_CRASHREPORTER_DISABLE="1",
                    MOZ_HEADLESS="1", MOZ_HEADLESS_WIDTH="1280", MOZ_HEADLESS_HEIGHT="800")
         env.pop("DISPLAY", None)
+        # Thunderbird's own protocol trace: what it sent and what it got, for failure reports.
+        env["MOZ_LOG"] = "IMAP:5,SMTP:5,POP3:5,timestamp,sync"
+        env["MOZ_LOG_FILE"] = self.protocol_log_path
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
             [BINARY, "--headless", "--marionette", "--remote-allow-system-access", "--no-remote",
              "--profile", self.profile_dir],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self._launched = time.monotonic()
+        return self
+
+    def connect(self, timeout: float = 30.0) -> "Thunderbird":
+        """Wait for Marionette and open a chrome-context session."""
+        from marionette_driver.marionette import Marionette
+
+        port = self.prefs["marionette.port"]
+        deadline = self._launched + timeout
         while True:
             if self.process.poll() is not None:
                 raise ThunderbirdError(f"thunderbird exited with {self.process.returncode}:\n"
@@ -153,7 +167,9 @@ class Thunderbird:
     def quit(self, timeout: float = 10.0) -> None:
         if self.process is None:
             return
-        if self.client is not None and self.process.poll() is None:
+        if self.client is None:
+            self.kill()  # never connected: nothing to shut down cleanly
+        elif self.process.poll() is None:
             try:
                 self.client.execute_script(
                     "Services.startup.quit(Ci.nsIAppStartup.eForceQuit);")
@@ -181,6 +197,17 @@ class Thunderbird:
 
     def remove_profile(self) -> None:
         shutil.rmtree(self.profile_dir, ignore_errors=True)
+
+    def protocol_log(self, last: int = 200) -> str:
+        """The last lines of Thunderbird's IMAP/SMTP/POP3 trace (MOZ_LOG writes one file per
+        process, named after the given path plus a suffix)."""
+        directory, base = os.path.split(self.protocol_log_path)
+        lines: list[str] = []
+        for name in sorted(os.listdir(directory)):
+            if name.startswith(base):
+                with open(os.path.join(directory, name), errors="replace") as f:
+                    lines += f.read().splitlines()
+        return "\n".join(lines[-last:])
 
     def log_text(self) -> str:
         try:
@@ -215,15 +242,20 @@ class Thunderbird:
             result = self.client.execute_async_script(script, script_args=list(args),
                                                       script_timeout=int(timeout * 1000))
         except Exception as e:
-            raise ThunderbirdError(f"{type(e).__name__}: {e}{self._dialog_report()}") from None
+            raise ThunderbirdError(f"{type(e).__name__}: {e}{self._dialog_report()}"
+                                   f"{self._trace()}") from None
         dialogs = self._dialog_report()
         if result is None:
-            raise ThunderbirdError("script returned nothing (a modal dialog?)" + dialogs)
+            raise ThunderbirdError("script returned nothing (a modal dialog?)" + dialogs
+                                   + self._trace())
         if "error" in result:
-            raise ThunderbirdError(result["error"] + dialogs)
+            raise ThunderbirdError(result["error"] + dialogs + self._trace())
         if dialogs:
-            raise ThunderbirdError("Thunderbird showed a dialog" + dialogs)
+            raise ThunderbirdError("Thunderbird showed a dialog" + dialogs + self._trace())
         return result["ok"]
+
+    def _trace(self) -> str:
+        return "\n--- Thunderbird protocol trace (last lines) ---\n" + self.protocol_log(80)
 
     def _dialog_report(self) -> str:
         try:

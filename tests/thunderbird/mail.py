@@ -258,7 +258,8 @@ const server = theAccount().incomingServer;
 await discover(server);
 const trash = server.rootFolder.getFolderWithFlags(Ci.nsMsgFolderFlags.Trash);
 if (!trash) throw new Error('no Trash folder');
-await update(trash);
+// No update of Trash first: Thunderbird selects it by itself after the move, and a second
+// update request for the same folder is merged into that one without calling our listener.
 await withTimeout(new Promise((resolve, reject) =>
   trash.emptyTrash(urlListener(resolve, reject, 'empty trash'))), 20000, 'empty trash');
 """)

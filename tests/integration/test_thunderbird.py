@@ -1,0 +1,391 @@
+"""Acceptance: the real Thunderbird (Debian ESR, headless, Marionette) against a real mailsuite.
+
+1. The account comes from our autoconfig: Thunderbird's own FetchConfig.fromISP fetches
+   config-v1.1.xml from the running server and its own CreateInBackend writes the prefs.
+2. Receive over IMAP STARTTLS and over IMAPS: a >100 KB message delivered through the MX port
+   appears in INBOX and the full body Thunderbird streams (fetched in chunks, not from an
+   offline copy) matches the stored file byte for byte.
+3. Send through submission 587 (STARTTLS) and 465 (TLS) with AUTH: the message reaches the local
+   recipient's Maildir and Thunderbird's copy lands in Sent (IMAP APPEND).
+4. Mark read, flag, archive, delete to Trash, empty Trash; each change checked with imaplib.
+5. A second profile downloads INBOX over POP3 with STLS.
+
+The self-signed server certificate is accepted with a per-host:port override in the profile (what
+"Confirm Security Exception" stores), never by switching TLS off. Set MAILSUITE_UPDATE_SCREENSHOT=1
+to refresh docs/thunderbird-inbox.png from the IMAPS profile.
+"""
+from __future__ import annotations
+
+import email
+import email.message
+import imaplib
+import os
+import re
+import shutil
+import smtplib
+import time
+import uuid
+
+import pytest
+
+from tests.harness import MailServer
+from tests.thunderbird.driver import BINARY, Thunderbird
+
+try:
+    import marionette_driver  # noqa: F401
+    HAVE_MARIONETTE = True
+except ImportError:
+    HAVE_MARIONETTE = False
+
+pytestmark = [
+    pytest.mark.skipif(not os.path.exists(BINARY),
+                       reason="Thunderbird is not installed (Debian package `thunderbird`)"),
+    pytest.mark.skipif(not HAVE_MARIONETTE,
+                       reason="the marionette-driver package (PyPI) is not installed"),
+    pytest.mark.timeout(90),
+]
+
+from tests.thunderbird.mail import (SOCKET_SSL, SOCKET_STARTTLS, TBAccount,  # noqa: E402
+                                    proxy_prefs)
+
+PASSWORD = "secret-pw-1"
+ALICE = "alice@example.org"
+BOB = "bob@example.org"
+TLS_LISTENERS = ("imap", "imaps", "submission", "submissions", "pop3", "pop3s")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "docs")
+
+
+# -- fixtures: one server, one Thunderbird profile per connection mode ----------------------------
+
+@pytest.fixture(scope="module")
+def mail(tmp_path_factory):
+    server = MailServer(str(tmp_path_factory.mktemp("thunderbird") / "server"),
+                        listeners=_built_listeners())
+    server.start()
+    try:
+        # In-process rather than two admin CLI runs each: start-up of a Python process is the
+        # slowest part of this test on a busy machine (the admin CLI has its own tests).
+        from mailsuite.config import load
+        from mailsuite.directory.store import DirectoryStore
+
+        store = DirectoryStore(load(server.config_path).database_url)
+        try:
+            store.add_domain("example.org")
+            store.add_user(ALICE, PASSWORD)
+            store.add_user(BOB, PASSWORD)
+        finally:
+            store.close()
+        yield server
+    finally:
+        server.stop()
+
+
+def _built_listeners() -> list[str]:
+    from mailsuite import pop3
+    from tests.harness import LISTENERS
+
+    try:
+        built = pop3.server_factory(None) is not None
+    except Exception:
+        built = True  # a real factory that needs a real suite
+    return [n for n in LISTENERS if built or not n.startswith("pop3")]
+
+
+def _thunderbird(mail: MailServer, name: str) -> Thunderbird:
+    overrides = [(mail.hostname, mail.ports[n], mail.cafile) for n in TLS_LISTENERS
+                 if n in mail.ports]
+    return Thunderbird(os.path.join(mail.base_dir, "..", name), proxy_prefs(mail.ports["autoconfig"]),
+                       cert_overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def profiles(mail):
+    """Three fresh Thunderbird profiles, started side by side (start-up is most of the time)."""
+    tbs = {name: _thunderbird(mail, f"profile-{name}") for name in ("starttls", "tls", "pop3")}
+    try:
+        for tb in tbs.values():
+            tb.launch()
+        for tb in tbs.values():
+            tb.connect(60)
+        yield tbs
+    finally:
+        for tb in tbs.values():
+            tb.quit()
+
+
+@pytest.fixture(scope="module")
+def alice_tb(profiles):
+    """Alice: IMAP with STARTTLS, submission on 587 with STARTTLS."""
+    account = TBAccount.from_autoconfig(profiles["starttls"], ALICE, PASSWORD, "Alice Example",
+                                        "imap", SOCKET_STARTTLS, SOCKET_STARTTLS)
+    account.sync_folder("INBOX")
+    return account
+
+
+@pytest.fixture(scope="module")
+def bob_tb(profiles):
+    """Bob: IMAPS (implicit TLS), submissions on 465 (implicit TLS)."""
+    account = TBAccount.from_autoconfig(profiles["tls"], BOB, PASSWORD, "Bob Example", "imap",
+                                        SOCKET_SSL, SOCKET_SSL)
+    account.sync_folder("INBOX")
+    return account
+
+
+# -- helpers --------------------------------------------------------------------------------------
+
+def big_message(to: str, message_id: str, subject: str) -> bytes:
+    """Over 100 KB (Thunderbird fetches it in chunks), 8-bit UTF-8 text, CRLF line ends."""
+    lines = [f"{i:05d} The quick brown fox jumps over the lazy dog. Grüße aus Zürich, ½ € ✓ "
+             f"{uuid.uuid4().hex}" for i in range(1400)]
+    header = (f"From: Carol Remote <carol@remote.test>\r\nTo: <{to}>\r\nSubject: {subject}\r\n"
+              f"Message-ID: <{message_id}>\r\nDate: Sat, 28 Nov 2026 01:00:00 +0000\r\n"
+              "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n"
+              "Content-Transfer-Encoding: 8bit\r\n\r\n")
+    data = (header + "\r\n".join(lines) + "\r\n").encode("utf-8")
+    assert len(data) > 100 * 1024
+    return data
+
+
+def deliver_via_mx(mail: MailServer, to: str, data: bytes) -> bytes:
+    """Send through the MX port; the bytes of the message as stored in the Maildir."""
+    before = {_unique(p) for p in mail.messages(to)}
+    with smtplib.SMTP("127.0.0.1", mail.ports["mx"], timeout=30) as client:
+        client.ehlo("remote.test")
+        client.sendmail("carol@remote.test", [to], data)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        for path in mail.messages(to):
+            if _unique(path) not in before:
+                try:
+                    with open(path, "rb") as f:
+                        return f.read()
+                except FileNotFoundError:
+                    break  # an IMAP session moved it to cur/ meanwhile: look again
+        time.sleep(0.05)
+    raise AssertionError(f"the message for {to} did not reach its Maildir")
+
+
+def _unique(path: str) -> str:
+    """A Maildir file's identity: its name without the ":2,<flags>" info part."""
+    return os.path.basename(path).split(":2,")[0]
+
+
+class ImapProbe:
+    """One imaplib session (STARTTLS) for checking what Thunderbird did, server side."""
+
+    def __init__(self, mail: MailServer, user: str):
+        self.client = imaplib.IMAP4("127.0.0.1", mail.ports["imap"], timeout=30)
+        self.client.starttls(mail.ssl_context())
+        self.client.login(user, PASSWORD)
+
+    def close(self) -> None:
+        try:
+            self.client.logout()
+        except (imaplib.IMAP4.error, OSError):
+            pass
+
+    def __enter__(self) -> "ImapProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def find(self, folder: str, message_id: str) -> tuple[bool, set[str]]:
+        """(present, flags) of the message with that Message-ID in `folder` (EXAMINE anew each
+        time, so changes by Thunderbird's sessions are seen)."""
+        typ, _ = self.client.select(_quote(folder), readonly=True)
+        if typ != "OK":
+            return False, set()
+        typ, data = self.client.uid("SEARCH", "HEADER", "Message-ID", f"<{message_id}>")
+        uids = data[0].split() if typ == "OK" and data and data[0] else []
+        if not uids:
+            return False, set()
+        typ, data = self.client.uid("FETCH", uids[0], "(FLAGS)")
+        flags = re.search(rb"FLAGS \(([^)]*)\)", data[0]).group(1).decode().split()
+        return True, set(flags)
+
+    def folders(self) -> list[str]:
+        typ, data = self.client.list()
+        names = []
+        for line in data:
+            match = re.match(rb'\((?P<flags>[^)]*)\) (?P<delim>"[^"]*"|NIL) (?P<name>.+)$', line)
+            if match:
+                names.append(match.group("name").decode().strip('"'))
+        return names
+
+    def count(self, folder: str) -> int:
+        typ, data = self.client.select(_quote(folder), readonly=True)
+        return int(data[0]) if typ == "OK" else -1
+
+    def search_subject(self, folder: str, word: str) -> list[bytes]:
+        typ, _ = self.client.select(_quote(folder), readonly=True)
+        assert typ == "OK", f"cannot select {folder}"
+        typ, data = self.client.search(None, "SUBJECT", f'"{word}"')
+        return data[0].split() if typ == "OK" else []
+
+
+def wait_until(check, what: str, timeout: float = 15.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def find_subject(mail: MailServer, user: str, folder: str, subject: str
+                 ) -> email.message.Message | None:
+    """The message with that Subject in a Maildir folder, read from disk (None if not there)."""
+    for path in mail.messages(user, folder):
+        try:
+            with open(path, "rb") as f:
+                message = email.message_from_binary_file(f)
+        except FileNotFoundError:
+            continue  # moved from new/ to cur/ by an IMAP session meanwhile: next poll finds it
+        if message["Subject"] == subject:
+            return message
+    return None
+
+
+def _quote(folder: str) -> str:
+    return '"' + folder.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+# -- 1. autoconfig ------------------------------------------------------------------------------
+
+def test_account_comes_from_our_autoconfig(mail, alice_tb, bob_tb):
+    s = alice_tb.settings
+    assert (s.type, s.hostname, s.port, s.socket_type) == ("imap", mail.hostname,
+                                                            mail.ports["imap"], SOCKET_STARTTLS)
+    assert (s.smtp_hostname, s.smtp_port, s.smtp_socket_type) == (
+        mail.hostname, mail.ports["submission"], SOCKET_STARTTLS)
+    assert s.auth_method == s.smtp_auth_method == 3  # nsMsgAuthMethod.passwordCleartext
+    assert s.username == s.smtp_username == ALICE  # %EMAILADDRESS% replaced by Thunderbird
+    assert s.fcc_folder.endswith("/Sent")
+    b = bob_tb.settings
+    assert (b.port, b.socket_type, b.smtp_port, b.smtp_socket_type) == (
+        mail.ports["imaps"], SOCKET_SSL, mail.ports["submissions"], SOCKET_SSL)
+    # Thunderbird really asked our listener (through the proxy pref, as autoconfig.example.org).
+    assert "sent config-v1.1.xml for example.org" in mail.log_text()
+
+
+# -- 2. receiving ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("who", ["alice-imap-starttls", "bob-imaps"])
+def test_receive_big_message_byte_for_byte(mail, alice_tb, bob_tb, who):
+    account, user = (alice_tb, ALICE) if who.startswith("alice") else (bob_tb, BOB)
+    message_id = f"{uuid.uuid4().hex}@remote.test"
+    stored = deliver_via_mx(mail, user, big_message(user, message_id, f"big message for {who}"))
+    listed = account.sync_folder("INBOX")
+    assert message_id in [m["messageId"] for m in listed], listed
+    body = account.stream_body(message_id)
+    on_disk = stored
+    assert len(body) == len(on_disk) > 100 * 1024
+    assert body == on_disk
+
+
+# -- 3. sending -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("who", ["alice-587-starttls", "bob-465-tls"])
+def test_send_reaches_maildir_and_sent(mail, alice_tb, bob_tb, who):
+    account, sender, rcpt = ((alice_tb, ALICE, BOB) if who.startswith("alice")
+                             else (bob_tb, BOB, ALICE))
+    subject = f"from Thunderbird {who} {uuid.uuid4().hex[:8]}"
+    text = "Hello,\r\n\r\nsent by Thunderbird through mailsuite. Grüße!\r\n"
+    account.send(rcpt, subject, text)
+    message = wait_until(lambda: find_subject(mail, rcpt, "", subject), f"delivery to {rcpt}")
+    assert sender in message["From"]
+    assert "Grüße" in message.get_payload(decode=True).decode(
+        message.get_content_charset() or "utf-8")
+    # The Sent copy is Thunderbird's APPEND; check it through IMAP, not the file system.
+    with ImapProbe(mail, sender) as imap:
+        assert imap.search_subject("Sent", subject.split()[-1]), \
+            f"no copy of {subject!r} in {sender}'s Sent"
+
+
+# -- 4. filing ------------------------------------------------------------------------------------
+
+def test_read_flag_archive_delete_empty_trash(mail, alice_tb):
+    message_id = f"{uuid.uuid4().hex}@remote.test"
+    deliver_via_mx(mail, ALICE, (
+        f"From: <carol@remote.test>\r\nTo: <{ALICE}>\r\nSubject: file me\r\n"
+        f"Message-ID: <{message_id}>\r\nDate: Sat, 28 Nov 2026 01:00:00 +0000\r\n\r\n"
+        "to be read, flagged, archived and deleted\r\n").encode())
+    assert message_id in [m["messageId"] for m in alice_tb.sync_folder("INBOX")]
+
+    with ImapProbe(mail, ALICE) as imap:
+        alice_tb.mark_read(message_id)
+        wait_until(lambda: "\\Seen" in imap.find("INBOX", message_id)[1], "\\Seen")
+
+        alice_tb.mark_flagged(message_id)
+        wait_until(lambda: "\\Flagged" in imap.find("INBOX", message_id)[1], "\\Flagged")
+
+        alice_tb.archive(message_id)
+        wait_until(lambda: not imap.find("INBOX", message_id)[0], "removal from INBOX")
+
+        def archived_in():
+            for folder in imap.folders():
+                if folder.lower().startswith("archive") and imap.find(folder, message_id)[0]:
+                    return folder
+            return None
+        archive = wait_until(archived_in, "the message in an Archive folder")
+        present, flags = imap.find(archive, message_id)
+        assert {"\\Seen", "\\Flagged"} <= flags, (archive, flags)
+
+        tb_path = "/".join(re.split(r"[./]", archive))  # Thunderbird names folders with "/"
+        alice_tb.delete_to_trash(message_id, tb_path)
+        wait_until(lambda: not imap.find(archive, message_id)[0], f"removal from {archive}")
+        wait_until(lambda: imap.find("Trash", message_id)[0], "the message in Trash")
+
+        alice_tb.empty_trash()
+        wait_until(lambda: not imap.find("Trash", message_id)[0], "an empty Trash")
+        assert imap.count("Trash") == 0
+
+
+# -- screenshot of the message list -------------------------------------------------------------
+
+def test_message_list_screenshot(mail, bob_tb, tmp_path):
+    message_id = f"{uuid.uuid4().hex}@remote.test"
+    deliver_via_mx(mail, BOB, (
+        "From: Carol Remote <carol@remote.test>\r\nTo: Bob Example <bob@example.org>\r\n"
+        f"Subject: Welcome to mailsuite\r\nMessage-ID: <{message_id}>\r\n"
+        "Date: Sat, 28 Nov 2026 01:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        "Hello Bob,\r\n\r\nthis message came in through mailsuite's MX port and Thunderbird "
+        "read it over IMAPS.\r\n").encode())
+    assert message_id in [m["messageId"] for m in bob_tb.sync_folder("INBOX")]
+    bob_tb.show_inbox(message_id)
+    path = str(tmp_path / "inbox.png")
+    bob_tb.tb.screenshot(path)
+    with open(path, "rb") as f:
+        png = f.read()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+    if os.environ.get("MAILSUITE_UPDATE_SCREENSHOT"):
+        os.makedirs(DOCS, exist_ok=True)
+        shutil.copyfile(path, os.path.join(DOCS, "thunderbird-inbox.png"))
+
+
+# -- 5. POP3 --------------------------------------------------------------------------------------
+
+def test_pop3_stls_download(mail, profiles):
+    if "pop3" not in mail.ports:
+        pytest.fail("mailsuite.pop3 has no server yet (server_factory returns None)")
+    message_id = f"{uuid.uuid4().hex}@remote.test"
+    stored = deliver_via_mx(mail, BOB, big_message(BOB, message_id, "big message for POP3"))
+    expected = set()
+    for path in mail.messages(BOB):
+        with open(path, "rb") as f:
+            expected.add(email.message_from_binary_file(f)["Message-ID"].strip("<>"))
+    account = TBAccount.from_autoconfig(profiles["pop3"], BOB, PASSWORD, "Bob Example", "pop3",
+                                        SOCKET_STARTTLS, SOCKET_STARTTLS)
+    assert (account.settings.port, account.settings.socket_type) == (
+        mail.ports["pop3"], SOCKET_STARTTLS)
+    downloaded = account.pop3_get_new_mail()
+    assert {m["messageId"] for m in downloaded} == expected
+    body = account.local_body(message_id)
+    # Thunderbird's local mbox store puts its own headers (X-Account-Key, X-UIDL,
+    # X-Mozilla-Status...) in front of the message and keeps it with LF line ends on Linux;
+    # apart from that it is what RETR sent.
+    body = re.sub(rb"\A((X-Mozilla-[A-Za-z0-9-]+|X-Account-Key|X-UIDL):[^\n]*\n)+", b"", body)
+    assert body == stored.replace(b"\r\n", b"\n")
