@@ -38,8 +38,13 @@ def run(config: Config, args: argparse.Namespace) -> int:
     if domain is None:
         raise CommandError(f"{args.domain!r} is not a domain name")
     from mailsuite.autoconfig import hosted_domain_names
+    from mailsuite.directory import DirectoryError
 
-    if domain not in hosted_domain_names(config):
+    try:
+        hosted = hosted_domain_names(config)
+    except DirectoryError as e:
+        raise CommandError(str(e))
+    if domain not in hosted:
         raise CommandError(f"{domain} is not a domain of this server (add it with "
                            f"`mailsuite domain add {domain}`)")
     records = records_for(config, domain)

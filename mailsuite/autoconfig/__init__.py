@@ -63,30 +63,14 @@ def _has_domains(config: Any) -> bool:
 
 def hosted_domain_names(config: Any) -> list[str]:
     """The hosted domains, read synchronously (start-up runs before the reactor, and the admin
-    CLI has none)."""
-    try:
-        from mailsuite.directory.store import DirectoryStore  # type: ignore
-    except ImportError:
-        DirectoryStore = None
-    if DirectoryStore is not None:
-        store = DirectoryStore(config.database_url)
-        try:
-            return [getattr(d, "name", d) for d in store.list_domains()]
-        finally:
-            close = getattr(store, "close", None) or getattr(store, "dispose", None)
-            if close:
-                close()
-    # Fallback while the store is not there: read the domain table.
-    from sqlalchemy import create_engine, select
+    CLI has none). Raises mailsuite.directory.DirectoryError when the database cannot be read."""
+    from mailsuite.directory.store import DirectoryStore
 
-    from mailsuite.directory.models import Domain
-
-    engine = create_engine(config.database_url)
+    store = DirectoryStore(config.database_url)
     try:
-        with engine.connect() as connection:
-            return list(connection.execute(select(Domain.name)).scalars())
+        return [d.name for d in store.list_domains()]
     finally:
-        engine.dispose()
+        store.close()
 
 
 def _shell_quote(path: str) -> str:

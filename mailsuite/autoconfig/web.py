@@ -17,7 +17,7 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 from typing import Any, Callable
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -80,7 +80,7 @@ class ClientConfigResource(resource.Resource):
         }
 
     def render(self, request: server.Request) -> int:
-        path = request.path.decode("latin-1").lower()
+        path = _target(request)[0]
         method = b"GET" if request.method == b"HEAD" else request.method
         route = self.routes.get(path)
         if route is None:
@@ -214,7 +214,24 @@ def _arg(request: server.Request, name: bytes) -> str | None:
         raise BadRequest(f"{name.decode()} is not UTF-8")
 
 
+def _target(request: server.Request) -> tuple[str, str | None]:
+    """(lower-case path, host from the request line or None).
+
+    RFC 9112 §3.2.2: a server must accept the absolute form ("GET http://autoconfig.example.org/
+    mail/config-v1.1.xml"), which is what arrives through an HTTP proxy; the host in it wins over
+    the Host header.
+    """
+    raw = request.path.decode("latin-1")
+    if raw[:7].lower() == "http://" or raw[:8].lower() == "https://":
+        parts = urlsplit(raw)
+        return (parts.path or "/").lower(), (parts.hostname or "")
+    return raw.lower(), None
+
+
 def _host(request: server.Request) -> str:
+    host = _target(request)[1]
+    if host is not None:
+        return host.lower().rstrip(".")
     raw = request.getRequestHostname()
     try:
         return raw.decode("ascii").lower().rstrip(".")
