@@ -186,7 +186,113 @@ def mode_mx(args: argparse.Namespace) -> Scenario:
     return Scenario(args.host, args.port, args.sender, [args.to])
 
 
-MODES: dict[str, Callable[[argparse.Namespace], Scenario]] = {"mx": mode_mx}
+def mode_remote_sink(args: argparse.Namespace) -> Scenario:
+    """Relay: clients submit (587, STARTTLS + AUTH) to a spawned mailsuite that delivers every
+    message by MX (test DNS server on loopback) to a counting SMTP sink. The figure printed at
+    the end is messages/second that arrived at the sink (submission in, remote SMTP out)."""
+    if not args.spawn:
+        raise SystemExit("--mode remote-sink needs --spawn (the server must point at the sink)")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.dnsserver import DNSServer
+    from tests.harness import MailServer
+
+    sink = _CountingSink().start()
+    dns = DNSServer({"sink.test": [("sink.test", "MX", "10 mx.sink.test"),
+                                   ("mx.sink.test", "A", "127.0.0.1")]}).start()
+    sender = args.sender if args.sender != "load@load.example" else "load@a.test"
+    rcpt = args.to if args.to != "alice@example.org" else "rcpt@sink.test"
+    password = "load-pw-1"
+    base = tempfile.mkdtemp(prefix="smtp-relay-load-")
+    server = MailServer(base, hostname="mx.a.test", listeners=["mx", "submission"], extra={
+        "limits": {"max_connections_per_ip": max(20, args.clients + 5)},
+        "courier": {"nameservers": [dns.nameserver], "mx_port": sink.port},
+        "queue": {"retry_schedule": [1], "delay_warning": 0}})
+    server.start()
+    server.add_user(sender, password)
+    print(f"spawned mailsuite in {base} (submission port {server.ports['submission']}), "
+          f"sink on port {sink.port}")
+    started = time.monotonic()
+
+    def report() -> None:
+        # Wait for the queue to drain: every accepted message is at the sink (or failed).
+        queue_dir = os.path.join(server.data_dir, "queue")
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and any(
+                n.endswith(".json") and not n.startswith(".") for n in os.listdir(queue_dir)):
+            time.sleep(0.1)
+        last = sink.last or time.monotonic()
+        elapsed = max(last - started, 1e-9)
+        print(f"relayed={sink.count} to the sink in {elapsed:.1f}s (connections={sink.connections})"
+              f": {sink.count / elapsed:.1f} messages/second end-to-end")
+
+    cleanup = [report, server.stop, dns.stop, sink.stop]
+    if not args.keep:
+        cleanup.append(lambda: shutil.rmtree(base, ignore_errors=True))
+    return Scenario("127.0.0.1", server.ports["submission"], sender, [rcpt], starttls=True,
+                    auth=(sender, password), ssl_context=server.ssl_context(), cleanup=cleanup)
+
+
+class _CountingSink:
+    """An SMTP server (its own asyncio loop in a thread) that accepts and counts everything."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.connections = 0
+        self.last: float | None = None
+        self.port = 0
+
+    def start(self) -> "_CountingSink":
+        import threading
+
+        ready = threading.Event()
+
+        def serve() -> None:
+            self.loop = asyncio.new_event_loop()
+            server = self.loop.run_until_complete(
+                asyncio.start_server(self._session, "127.0.0.1", 0))
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            self.loop.run_forever()
+
+        threading.Thread(target=serve, daemon=True).start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 sink.test ESMTP counting sink\r\n")
+        try:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    break
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    writer.write(b"250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n"
+                                 b"250 SIZE 100000000\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    while (await reader.readline()) not in (b".\r\n", b""):
+                        pass
+                    self.count += 1
+                    self.last = time.monotonic()
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 2.0.0 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 2.0.0 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+
+MODES: dict[str, Callable[[argparse.Namespace], Scenario]] = {"mx": mode_mx,
+                                                              "remote-sink": mode_remote_sink}
 
 
 def spawn_server(args: argparse.Namespace):
