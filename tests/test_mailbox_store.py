@@ -373,3 +373,19 @@ def test_copies_in_opposite_directions_from_threads_do_not_deadlock(account):
     assert not errors
     uids = [m.uid for m in inbox.sync()]
     assert len(uids) == len(set(uids)) == 20 + 50
+
+
+def test_subscriptions_file_in_dovecots_v2_format(account):
+    account.create_folder("Archive/2026")
+    account.subscribe("Archive/2026")
+    with open(os.path.join(account.path, "subscriptions"), "rb") as f:
+        data = f.read()
+    assert data.startswith(b"V\t2\n\n") and b"Archive\t2026\n" in data
+    # A file Dovecot wrote (including a tab-escaped name) reads back as IMAP names.
+    with open(os.path.join(account.path, "subscriptions"), "wb") as f:
+        f.write(b"V\t2\n\nINBOX\nLists\tdovecot\nodd\x01tname\n")
+    assert account.subscriptions() == ["INBOX", "Lists/dovecot", "odd\tname"]
+    account.unsubscribe("Lists/dovecot")
+    assert account.subscriptions() == ["INBOX", "odd\tname"]
+    with open(os.path.join(account.path, "subscriptions"), "rb") as f:
+        assert f.read() == b"V\t2\n\nINBOX\nodd\x01tname\n"

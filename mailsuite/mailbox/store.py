@@ -14,12 +14,14 @@ Public API (used by IMAP, POP3, delivery and the tests):
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
 import secrets
 import shutil
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable
 
@@ -89,9 +91,16 @@ class MailStore:
     One MailStore per process: it shares each folder's in-memory index between the sessions
     of this process, so a second SELECT of a large folder costs a few stat() calls."""
 
+    # Folder states kept alive after their last session closed, most recently used first:
+    # re-opening one of these costs a few stat() calls instead of re-reading its index.
+    KEEP_STATES = 32
+
     def __init__(self, mail_dir: str):
         self.mail_dir = os.path.abspath(mail_dir)
-        self._states: dict[str, _FolderState] = {}
+        # Weak: a state lives while a Folder (session) uses it, or while it is in _recent.
+        self._states: weakref.WeakValueDictionary[str, _FolderState] = (
+            weakref.WeakValueDictionary())
+        self._recent: collections.OrderedDict[str, _FolderState] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def account(self, address: str) -> "Account":
@@ -108,12 +117,18 @@ class MailStore:
             state = self._states.get(path)
             if state is None:
                 state = self._states[path] = _FolderState(path)
+            self._recent[path] = state
+            self._recent.move_to_end(path)
+            while len(self._recent) > self.KEEP_STATES:
+                self._recent.popitem(last=False)
             return state
 
     def _forget(self, path: str) -> None:
         with self._lock:
-            for p in [p for p in self._states if p == path or p.startswith(path + ".")]:
-                del self._states[p]
+            for p in [p for p in list(self._states.keys())
+                      if p == path or p.startswith(path + ".")]:
+                self._states.pop(p, None)
+                self._recent.pop(p, None)
 
 
 class Account:
@@ -272,9 +287,10 @@ class Account:
         except FileNotFoundError:
             return []
         if lines and lines[0].startswith("V\t"):
-            # Dovecot 2.3 format: "V\t2", a blank line, then names with TAB as the hierarchy
-            # separator, UTF-8.
-            return [line.replace("\t", DELIMITER) for line in lines[2:] if line]
+            # Dovecot 2.3 format: "V\t2", a blank line, then one name per line with TAB
+            # between hierarchy levels, each level tab-escaped (\x01 + 1/t/r/n).
+            return [DELIMITER.join(_tab_unescape(part) for part in line.split("\t"))
+                    for line in lines[2:] if line]
         result = []
         for line in lines:
             if line:
@@ -287,7 +303,8 @@ class Account:
     def _write_subscriptions(self, names: list[str]) -> None:
         if not os.path.isdir(self.path):
             _make_maildir(self.path, subfolder=False)
-        data = "V\t2\n\n" + "".join(n.replace(DELIMITER, "\t") + "\n" for n in names)
+        data = "V\t2\n\n" + "".join(
+            "\t".join(_tab_escape(part) for part in n.split(DELIMITER)) + "\n" for n in names)
         atomic_write(os.path.join(self.path, "subscriptions"), data.encode("utf-8"))
 
     # -- POP3 maildrop lock ----------------------------------------------------------------------
@@ -1068,6 +1085,28 @@ def decode_folder_dir(entry: str) -> str:
     if not all(parts):
         raise ValueError(entry)
     return DELIMITER.join(p.encode("ascii").decode("imap4-utf-7") for p in parts)
+
+
+_TAB_ESCAPES = {"\x01": "1", "\t": "t", "\r": "r", "\n": "n"}
+_TAB_UNESCAPES = {v: k for k, v in _TAB_ESCAPES.items()}
+
+
+def _tab_escape(text: str) -> str:
+    """Dovecot's str_append_tabescaped()."""
+    return "".join("\x01" + _TAB_ESCAPES[c] if c in _TAB_ESCAPES else c for c in text)
+
+
+def _tab_unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c == "\x01" and i + 1 < len(text):
+            out.append(_TAB_UNESCAPES.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _valid_keyword(flag: str) -> bool:
