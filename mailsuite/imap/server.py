@@ -173,6 +173,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self.closed = False
         self.peer = "?"
         self.tag = b"*"
+        self.busy = False
 
     # -- connection ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -191,6 +192,10 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self._idle_wakeup()
 
     def timeoutConnection(self) -> None:
+        if self.busy and self.idling is None:
+            # A long FETCH is streaming to a slow client: that is activity, not idleness.
+            self.resetTimeout()
+            return
         self.send(b"* BYE autologout; idle for too long")
         self.transport.loseConnection()
 
@@ -322,6 +327,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
     # -- dispatch -------------------------------------------------------------------------------
     def dispatch(self, segments: list[tuple[bytes, Optional[bytes]]]) -> None:
         self.pauseProducing()  # strictly one command at a time (#9282)
+        self.busy = True
         first = segments[0][0].split(b" ", 1)[0] if segments else b""
         # Answer a malformed command with its own tag when the tag itself is sound.
         tag = first if first and first not in (b"*", b"+") and len(first) <= 64 and all(
@@ -398,6 +404,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.send(tag + b" NO " + R.code(R.SERVERBUG) + b"internal error, see the server log")
 
     def done(self) -> None:
+        self.busy = False
+        self.resetTimeout()
         if not self.closed and self.idling is None and self.continuation is None:
             self.resumeProducing()
 

@@ -1,0 +1,84 @@
+"""Large messages are streamed from the file (no whole copies in memory), and idle
+connections are logged out after limits.imap_timeout."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import time
+
+import pytest
+
+from tests.harness import MailServer
+from tests.test_imap import PASSWORD, Raw, tagged
+
+BIG = 40 * 1024 * 1024
+
+
+def _peak_kb(pid: int) -> tuple[int, int]:
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
+@pytest.fixture
+def big_server(make_server):
+    s: MailServer = make_server(listeners=["imap", "imaps"],
+                                extra={"limits": {"max_message_size": 64 * 1024 * 1024,
+                                                  "imap_timeout": 3}})
+    s.add_user("alice@example.org", PASSWORD)
+    return s
+
+
+def test_whole_message_fetch_of_40_mb_streams_without_copies(big_server):
+    r = Raw(big_server)  # first login: creates the Maildir
+    root = big_server.maildir("alice@example.org")
+    head = (b"From: big@example.org\r\nSubject: big\r\nMIME-Version: 1.0\r\n"
+            b'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+            b"Content-Type: text/plain\r\n\r\nsee attachment\r\n--b\r\n"
+            b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n")
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVphYmNkZWZnaGlqa2xtbm9wcXJzdHV2d3h5ejAx\r\n"
+    body = line * ((BIG - len(head)) // len(line))
+    data = head + body + b"--b--\r\n"
+    name = f"{int(time.time())}.M1P1Q1.test,S={len(data)}"
+    with open(os.path.join(root, "new", name), "wb") as f:
+        f.write(data)
+    digest = hashlib.sha256(data).hexdigest()
+    del body
+    r.cmd(b"s SELECT INBOX")
+    pid = big_server.process.pid
+    rss0, hwm0 = _peak_kb(pid)
+    r.send(b"a FETCH 1 (BODY.PEEK[])\r\n")
+    first = r.line()
+    m = re.search(rb"\{(\d+)\}$", first)
+    assert m and int(m.group(1)) == len(data), first
+    h = hashlib.sha256()
+    left = len(data)
+    r.sock.settimeout(30)
+    while left:
+        chunk = r.read_exact(min(left, 1 << 20))
+        h.update(chunk)
+        left -= len(chunk)
+        time.sleep(0.001)  # a slow-ish reader: the server must wait, not buffer everything
+    assert h.hexdigest() == digest
+    assert tagged(r.response(b"a")).startswith(b"a OK")
+    rss1, hwm1 = _peak_kb(pid)
+    # Not even one copy of the 40 MB message may have been held in the server's memory.
+    assert hwm1 - hwm0 < 20 * 1024, (hwm0, hwm1)
+    resp = r.cmd(b"b FETCH 1 (BODYSTRUCTURE BODY.PEEK[1] BODY.PEEK[2]<0.76>)")
+    assert b'"APPLICATION" "OCTET-STREAM"' in resp[0] and b"see attachment" in resp[0]
+    assert line in resp[0]
+    r.close()
+
+
+def test_idle_connection_is_logged_out_after_imap_timeout(big_server):
+    r = Raw(big_server)
+    r.sock.settimeout(10)
+    t = time.monotonic()
+    line = r.line()
+    assert line.startswith(b"* BYE"), line
+    assert 2 <= time.monotonic() - t <= 8
+    with pytest.raises((ConnectionError, OSError)):
+        r.line()
+    r.close()
