@@ -1043,7 +1043,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         try:
             while self.idle_line is None:
                 if self.sel is not None:
-                    yield self.refresh()
+                    yield self.refresh(shared=True)
                 if self.idle_line is not None or self.closed:
                     break
                 # Poll the store's cheap state token: a delivery by the queue (another thread,
@@ -1086,12 +1086,18 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         return (store.MailboxError,)
 
     @defer.inlineCallbacks
-    def refresh(self) -> Any:
-        """Tell the client what changed in the selected folder: EXPUNGE, FETCH FLAGS, EXISTS."""
+    def refresh(self, shared: bool = False) -> Any:
+        """Tell the client what changed in the selected folder: EXPUNGE, FETCH FLAGS, EXISTS.
+
+        shared: IDLE polling; sessions idling on one folder share one state_token check per
+        poll interval (200 idle Thunderbird connections cost one stat round, not 200)."""
         sel = self.sel
         if sel is None or self.closed:
             return
-        token = yield self.io(sel.folder.state_token)
+        if shared:
+            token = yield _shared_token(self, sel.folder)
+        else:
+            token = yield self.io(sel.folder.state_token)
         if token == sel.token:
             return
         infos, _kw, token = yield self.io(_sync_folder, sel.folder)
@@ -1138,6 +1144,43 @@ def _sleep(reactor: Any, seconds: float) -> defer.Deferred:
     from twisted.internet import task
 
     return task.deferLater(reactor, seconds, lambda: None)
+
+
+_token_checks: dict[str, tuple] = {}
+
+
+def _shared_token(proto: IMAPServer, folder: Any) -> defer.Deferred:
+    """folder.state_token(), computed at most once per IDLE_POLL*0.8 s per folder path."""
+    now = time.monotonic()
+    entry = _token_checks.get(folder.path)
+    if entry is None or now - entry[0] > IDLE_POLL * 0.8:
+        d = proto.io(folder.state_token)
+        holder: list = []
+
+        def keep(token: Any) -> Any:
+            holder.append(token)
+            return token
+        d.addCallback(keep)
+        entry = (now, d, holder)
+        _token_checks[folder.path] = entry
+        if len(_token_checks) > 10000:  # forget folders nobody idles on any more
+            for k in [k for k, v in _token_checks.items() if now - v[0] > 60]:
+                del _token_checks[k]
+    _, d, holder = entry
+    if holder:
+        # The generation part is per process, so a token computed a moment ago is still valid.
+        return defer.succeed(holder[0])
+    result: defer.Deferred = defer.Deferred()
+
+    def share(token: Any) -> Any:
+        result.callback(token)
+        return token
+
+    def fail(f: Any) -> Any:
+        result.errback(f)
+        return None
+    d.addCallbacks(share, fail)
+    return result
 
 
 def _sync_folder(folder: Any) -> tuple:
