@@ -301,6 +301,38 @@ class RunnerTestCase(unittest.TestCase):
         claim.release()
         yield wait_for(lambda: maildir_messages(suite.config, ALICE), timeout=10)
 
+    @defer.inlineCallbacks
+    def test_damaged_entries_are_reported_and_do_not_block_others(self):
+        suite = self.make(scan_interval=0.2)
+        errors: list[str] = []
+
+        def observer(event):
+            if event.get("log_namespace") == "mailsuite.queue" and event.get("log_level") \
+                    and event["log_level"].name == "error":
+                from twisted.logger import formatEvent
+
+                errors.append(formatEvent(event))
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        spool = suite.queue.spool
+        spool.ensure()
+        ids = []
+        for i in range(3):
+            e = QueueEntry(new_queue_id(), "c@r.example", [Recipient(ALICE, ALICE, True)],
+                           time.time())
+            spool.store(e, message(f"d{i}"))
+            ids.append(e.id)
+        with open(spool.envelope_path(ids[0]), "w") as f:
+            f.write("{broken")
+        os.unlink(spool.message_path(ids[1]))
+        start(suite)
+        yield wait_for(lambda: maildir_messages(suite.config, ALICE))
+        yield sleep(1.0)  # several scans
+        self.assertEqual(sorted(spool.ids()), sorted(ids[:2]))  # left for the admin
+        self.assertEqual(len([e for e in errors if ids[0] in e]), 1, errors)  # once, not per scan
+        self.assertEqual(len([e for e in errors if ids[1] in e and "without message file" in e]),
+                         1, errors)
+
     def test_submit_without_recipients_fails(self):
         suite = self.make()
         start(suite)

@@ -10,13 +10,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
 from mailsuite.admin.cli import CommandError
-from mailsuite.queue.spool import QueueEntry, Spool, SpoolError
+from mailsuite.queue.spool import QueueEntry, Spool, SpoolError, valid_queue_id
 
 
 def register(subparsers: Any) -> None:
@@ -66,10 +67,19 @@ def _one_line_errors(fn: Any) -> Any:
 
 @_one_line_errors
 def cmd_list(config: Any, args: argparse.Namespace) -> int:
-    entries = Spool(config.queue_dir).entries()
-    if not entries:
+    spool = Spool(config.queue_dir)
+    entries, damaged = [], []
+    for queue_id in spool.ids():
+        try:
+            entries.append(spool.load(queue_id))
+        except SpoolError as e:
+            if "damaged" in str(e):  # otherwise delivered and removed while we listed
+                damaged.append(str(e))
+    if not entries and not damaged:
         print("queue is empty")
         return 0
+    for problem in damaged:
+        print(f"!! {problem}")
     now = time.time()
     for entry in entries:
         flags = "  [held]" if entry.held else ""
@@ -93,11 +103,18 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
 @_one_line_errors
 def cmd_show(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
-    entry = _load(spool, args.id)
-    print(json.dumps(asdict(entry), indent=2, default=str))
+    try:
+        entry = spool.load(args.id)
+        print(json.dumps(asdict(entry), indent=2, default=str))
+    except SpoolError as e:
+        if "damaged" not in str(e):
+            raise CommandError(str(e)) from None
+        print(f"!! {e}; raw envelope:")  # show what is there, so the admin can decide
+        with open(spool.envelope_path(args.id), "rb") as f:
+            print(f.read().decode("utf-8", errors="replace"))
     print()
     try:
-        headers = spool.read_headers(entry.id)
+        headers = spool.read_headers(args.id)
     except FileNotFoundError:
         raise CommandError(f"queue entry {args.id} has no message file") from None
     print(headers.decode("utf-8", errors="replace").replace("\r\n", "\n").rstrip("\n"))
@@ -129,9 +146,14 @@ def cmd_retry(config: Any, args: argparse.Namespace) -> int:
 @_one_line_errors
 def cmd_delete(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
-    _load(spool, args.id)
-    with _claim(spool, args.id):
+    # No envelope parsing here: a damaged entry must be removable too. Without a message file
+    # there is nothing to lock, and no runner can claim (deliver) it either.
+    if (valid_queue_id(args.id) and os.path.exists(spool.envelope_path(args.id))
+            and not os.path.exists(spool.message_path(args.id))):
         spool.remove(args.id)
+    else:
+        with _claim(spool, args.id):
+            spool.remove(args.id)
     print(f"deleted {args.id}")
     return 0
 

@@ -59,6 +59,7 @@ class QueueRunner(Service):
         # id -> ((inode, mtime_ns), due), used by the io thread of _scan only. Every envelope
         # rewrite is a rename to a new inode, so the key changes even if the clock is coarse.
         self._envelope_cache: dict[str, tuple[tuple[int, int], float]] = {}
+        self._damaged: set[str] = set()  # entries without message file, already reported
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: Any = None
@@ -126,13 +127,15 @@ class QueueRunner(Service):
         d.addCallback(self._started)
         d.addErrback(lambda f: log.failure("queue start-up failed", f))
 
-    def _startup_blocking(self) -> int:
+    def _startup_blocking(self) -> tuple[int, list[str]]:
         self.spool.ensure()
-        for name in self.spool.cleanup():
-            log.info("queue: removed {name} left behind by a crash", name=name)
-        return self.spool.kick_mtime()
+        removed = self.spool.cleanup()
+        return self.spool.kick_mtime(), removed
 
-    def _started(self, kick_mtime: int) -> None:
+    def _started(self, result: tuple[int, list[str]]) -> None:
+        kick_mtime, removed = result
+        for name in removed:
+            log.info("queue: removed {name} left behind by a crash", name=name)
         if self._stopping:
             return
         self._kick_seen = kick_mtime
@@ -195,9 +198,17 @@ class QueueRunner(Service):
                 key = (st.st_ino, st.st_mtime_ns)
                 cached = cache.get(queue_id)
                 if cached is None or cached[0] != key:
-                    cached = cache[queue_id] = (key, entry_due(self.spool.load(queue_id)))
-            except (OSError, SpoolError):
-                continue  # delivered and removed meanwhile, or damaged (reported when loaded)
+                    try:
+                        due = entry_due(self.spool.load(queue_id))
+                    except SpoolError as e:
+                        # Reported once per version of the file, then left for the admin.
+                        self.reactor.callFromThread(
+                            log.error, "{error}; see `mailsuite queue show {queue_id}`",
+                            error=str(e), queue_id=queue_id)
+                        due = float("inf")
+                    cached = cache[queue_id] = (key, due)
+            except OSError:
+                continue  # delivered and removed meanwhile
             found[queue_id] = cached[1]
         for queue_id in set(cache) - set(found):
             del cache[queue_id]
@@ -294,6 +305,8 @@ class QueueRunner(Service):
                 return None
             due = yield self.suite.pools.io.run(self._finish_blocking, work)
             work.claim = None  # released by _finish_blocking
+            if due is None:
+                log.info("queue_id={queue_id} status=removed", queue_id=queue_id)
             return due
         finally:
             if work.claim is not None:
@@ -305,6 +318,14 @@ class QueueRunner(Service):
         if claim is None:
             if not os.path.exists(self.spool.envelope_path(queue_id)):
                 return None  # delivered and removed (by us or another process), or deleted
+            if not os.path.exists(self.spool.message_path(queue_id)):
+                if queue_id in self._damaged:
+                    return float("inf")
+                self._damaged.add(queue_id)  # io thread only; reported once per entry
+                self.reactor.callFromThread(
+                    log.error, "queue_id={queue_id}: envelope without message file; remove it "
+                    "with `mailsuite queue delete {queue_id}`", queue_id=queue_id)
+                return float("inf")
             return self.reactor.seconds() + BUSY_RETRY  # another process is working on it
         try:
             entry = self.spool.load(queue_id)
@@ -414,7 +435,6 @@ class QueueRunner(Service):
             entry = work.entry
             if all(r.state != "pending" for r in entry.recipients):
                 self.spool.remove(entry.id)
-                log.info("queue_id={queue_id} status=removed", queue_id=entry.id)
                 return None
             if work.changed:
                 self.spool.save(entry)

@@ -286,8 +286,10 @@ class Spool:
         """Claim for the admin CLI: wait a little for a delivery in progress to finish."""
         deadline = time.monotonic() + timeout
         while True:
-            if not os.path.exists(self.envelope_path(queue_id)) or not valid_queue_id(queue_id):
+            if not valid_queue_id(queue_id) or not os.path.exists(self.envelope_path(queue_id)):
                 raise SpoolError(f"no queue entry {queue_id}")
+            if not os.path.exists(self.message_path(queue_id)):
+                raise SpoolError(f"queue entry {queue_id} is damaged: no message file")
             claim = self.claim(queue_id)
             if claim is not None:
                 return claim
