@@ -353,6 +353,30 @@ def test_utf8_address_needs_smtputf8(double):
     assert entry["sender"] == "jörg@remote.example"
 
 
+def test_random_garbage_gets_proper_replies_and_no_drop(double):
+    # Stock ESMTP dropped the connection on non-ASCII command bytes (UnicodeDecodeError).
+    import random
+
+    rng = random.Random(2011)
+    for _ in range(5):
+        c = Raw(double.ports["mx"])
+        assert c.code() == 220
+        for _ in range(15):
+            line = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60)))
+            line = line.replace(b"\r\n", b"\n")
+            if line.endswith(b"\r"):
+                line += b"x"
+            if line[:4].upper() in (b"QUIT", b"EHLO", b"HELO", b"NOOP", b"RSET", b"HELP",
+                                    b"VRFY", b"STAR", b"MAIL", b"RCPT", b"DATA", b"AUTH"):
+                continue
+            c.send(line + b"\r\n")
+            code, lines = c.reply()
+            assert 500 <= code <= 504, lines
+            assert all(l[:3].isdigit() and l.isascii() for l in lines)
+        c.send(b"NOOP\r\n")
+        assert c.code() == 250
+
+
 if __name__ == "__main__":  # pragma: no cover
     if sys.argv[1:2] == ["serve"]:
         serve(sys.argv[2])
