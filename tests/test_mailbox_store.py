@@ -389,3 +389,14 @@ def test_subscriptions_file_in_dovecots_v2_format(account):
     assert account.subscriptions() == ["INBOX", "odd\tname"]
     with open(os.path.join(account.path, "subscriptions"), "rb") as f:
         assert f.read() == b"V\t2\n\nINBOX\nodd\x01tname\n"
+
+
+def test_recreated_folder_gets_a_new_uidvalidity(account):
+    folder = account.create_folder("Projects")
+    folder.append(b"Subject: a\r\n\r\nx\r\n")
+    first = folder.uidvalidity
+    account.delete_folder("Projects")
+    again = account.create_folder("Projects")
+    assert again.sync() == []
+    assert again.uidvalidity != first
+    assert again.append(b"Subject: b\r\n\r\ny\r\n") == 1

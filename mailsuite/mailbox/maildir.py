@@ -37,6 +37,7 @@ class LockTimeout(OSError):
 # -- names -------------------------------------------------------------------------------------
 _counter = itertools.count(1)
 _counter_lock = threading.Lock()
+_last_uidvalidity = 0
 
 
 def unique_key(size: int) -> str:
@@ -203,8 +204,14 @@ class UidList:
 
     @classmethod
     def new(cls) -> "UidList":
-        # UIDVALIDITY from the clock, as Dovecot does, so a recreated folder gets a new one.
-        return cls(uidvalidity=int(time.time()), nextuid=1, guid=secrets.token_hex(16))
+        # UIDVALIDITY from the clock, as Dovecot does, so a recreated folder gets a new one;
+        # never the same value twice in this process (a folder deleted and created again
+        # within one second must not get its old UIDVALIDITY back: RFC 3501 §2.3.1.1).
+        global _last_uidvalidity
+        with _counter_lock:
+            value = max(int(time.time()), _last_uidvalidity + 1)
+            _last_uidvalidity = value
+        return cls(uidvalidity=value, nextuid=1, guid=secrets.token_hex(16))
 
     @classmethod
     def parse(cls, data: bytes) -> "UidList":

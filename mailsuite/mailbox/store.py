@@ -785,19 +785,21 @@ class _FolderState:
         self._load_meta()
         last = next(reversed(infos)) if infos else 0
         out_of_order = False
-        for key in touched:
-            uid = uids.get(key)
-            name = self.files.get(key)
-            if uid is None or name is None:
-                continue
-            info = self._make_info(uid, key, name)
+        found = sorted((uids[k], k) for k in touched if k in uids and k in self.files)
+        for uid, key in found:
+            info = self._make_info(uid, key, self.files[key])
             if info is None:
                 continue
-            if uid not in infos and uid < last:
-                out_of_order = True
+            if uid not in infos:
+                if uid < last:
+                    out_of_order = True
+                else:
+                    last = uid
             infos[uid] = info
             self.key_uid[key] = uid
-        if out_of_order or any(u > last for u in infos) and not _ascending(infos):
+        if out_of_order:
+            # A UID below ones we already list (given by another process to a file it had
+            # in new/): keep the dict in UID order.
             self.infos = dict(sorted(infos.items()))
         self._changed()
 
