@@ -115,6 +115,8 @@ class RemoteAgent:
                 if session.alive and (yield session.reset()):
                     results = yield self._transaction(entry, domain, key, session, addresses,
                                                       payload, reused=True)
+                    if isinstance(results, SMTPError):
+                        return self._failed(recipients, results, session.host)
                     if results is not None:
                         return self._results(recipients, results, session.host)
                     continue
@@ -147,9 +149,12 @@ class RemoteAgent:
                     continue
                 break
             return self._results(recipients, results, host)
-        error = last or SMTPError(status.CONNECT_FAILED)
+        return self._failed(recipients, last or SMTPError(status.CONNECT_FAILED), last_host)
+
+    def _failed(self, recipients: list[Recipient], error: SMTPError, host: str) -> list:
+        """One verdict for every recipient: the session failed before answering each."""
         verdict = "bounced" if error.permanent else "deferred"
-        return [_result(r, verdict, error.detail, last_host if error.reply else "")
+        return [_result(r, verdict, error.detail, host if error.reply else "", error.enhanced)
                 for r in recipients]
 
     @defer.inlineCallbacks

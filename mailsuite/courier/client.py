@@ -425,8 +425,13 @@ class Session:
             yield self._rset_quietly()
             return results
         self.protocol.transport.write(data)
-        final = yield self.protocol.read_reply(timeout=max(DATA_END_TIMEOUT,
-                                                           self.protocol.timeout))
+        try:
+            final = yield self.protocol.read_reply(timeout=max(DATA_END_TIMEOUT,
+                                                               self.protocol.timeout))
+        except SMTPError as e:
+            # The message may have arrived (RFC 1047): retry later, never at once elsewhere.
+            e.next_host = False
+            raise
         for r in accepted:
             results[r] = final
         return results

@@ -189,14 +189,16 @@ def dsn_fields(message: email.message.EmailMessage) -> tuple[list, list]:
     return blocks[0], blocks[1:]
 
 
-def wait_for_dsn(server: MailServer, address: str, subject_word: str, timeout: float = 20.0
-                 ) -> email.message.EmailMessage | None:
+def wait_for_dsn(server: MailServer, address: str, subject_word: str, timeout: float = 20.0,
+                 action: str = "failed") -> email.message.EmailMessage | None:
+    """The first DSN in `address`'s INBOX that mentions `subject_word` and reports `action`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for path in server.messages(address):
             message = read_message(path)
             if message.get_content_type() == "multipart/report" and \
-                    subject_word in str(message["Subject"]) + str(message.get_payload(0)):
+                    subject_word in str(message["Subject"]) + str(message.get_payload(0)) and \
+                    all(b["Action"] == action for b in dsn_fields(message)[1]):
                 return message
         time.sleep(0.1)
     return None
@@ -227,7 +229,7 @@ def world(tmp_path_factory):
                                 listeners=["mx", "submission"], extra={
                 "courier": {"nameservers": [dns.nameserver], "mx_port": sink.port,
                             "connect_timeout": 2, "command_timeout": 10},
-                "queue": {"retry_schedule": [1], "max_age": 6, "delay_warning": 0,
+                "queue": {"retry_schedule": [1], "max_age": 6, "delay_warning": 2,
                           "scan_interval": 1.0},
             })
             server.start()
@@ -270,9 +272,7 @@ def test_rejected_recipient_bounces_with_dsn(world):
     assert rcpt["Diagnostic-Code"].startswith("smtp; 550 5.1.1 <reject-1@sink.test>")
     headers = next(p for p in dsn.walk() if p.get_content_type() == "text/rfc822-headers")
     assert b"Subject: to be rejected" in headers.get_payload(decode=True)
-    # The DSN itself came from <> (RFC 3464 §2).
-    with open(server.messages("alice@a.test")[-1], "rb") as f:
-        assert f.read().startswith(b"Return-Path: <>")
+    assert dsn["Return-Path"] == "<>"  # the DSN itself came from <> (RFC 3464 §2)
     assert queue_is_empty(server)
 
 
@@ -360,6 +360,13 @@ def test_unreachable_is_deferred_then_bounced_after_max_age(world):
     time.sleep(1.5)
     listing = server.admin("queue", "list").stdout
     assert "someone@dead.test" in listing, listing
+    # A delay warning first (delay_warning = 2 s here), then the bounce at max_age (6 s).
+    warning = wait_for_dsn(server, "alice@a.test", "someone@dead.test", timeout=20,
+                           action="delayed")
+    assert warning is not None, server.log_text()[-3000:]
+    assert "Delayed" in warning["Subject"]
+    _, [block] = dsn_fields(warning)
+    assert block["Status"].startswith("4.4.") and block["Will-Retry-Until"]
     dsn = wait_for_dsn(server, "alice@a.test", "someone@dead.test", timeout=20)
     assert dsn is not None, server.log_text()[-3000:]
     assert time.monotonic() - start >= 5  # max_age is 6 s in this configuration
@@ -394,14 +401,12 @@ def test_no_bounce_for_a_bounce(world):
     (RFC 5321 §6.1): here a DSN-like message forwarded by an alias to a refusing host."""
     server, sink, _ = world
     server.admin("alias", "add", "fwd@a.test", "reject-fwd@sink.test")
-    before = len(server.messages("alice@a.test"))
     with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=30) as s:
         s.sendmail("", ["fwd@a.test"], make_message("MAILER-DAEMON@elsewhere.test",
                                                     "fwd@a.test", "bounce of a bounce"))
     assert queue_is_empty(server)
     assert sink.state.seen.get("reject-fwd@sink.test") == 1
-    time.sleep(1)
-    assert len(server.messages("alice@a.test")) == before
+    assert wait_for_dsn(server, "alice@a.test", "reject-fwd@sink.test", timeout=2) is None
     assert "no bounce" in server.log_text()
 
 

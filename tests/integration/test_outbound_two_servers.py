@@ -83,7 +83,7 @@ def test_smarthost_with_starttls_and_auth(tmp_path):
     """Everything remote goes to the smarthost (here: another mailsuite's submission port, with
     its certificate verified against relay_cafile, and AUTH). A wrong password defers."""
     relay = MailServer(os.path.join(tmp_path, "relay"), hostname="localhost",
-                       listeners=["mx", "submission"])
+                       listeners=["mx", "submission", "submissions"])
     relay.start()
     sender = MailServer(os.path.join(tmp_path, "sender"), hostname="mx.a.test",
                         listeners=["mx", "submission"])
@@ -123,6 +123,20 @@ def test_smarthost_with_starttls_and_auth(tmp_path):
         assert "carol@c.test" in queue_text(sender) and "4.7.0" in queue_text(sender)
         assert "bounced" not in queue_text(sender)
         assert len(relay.messages("carol@c.test")) == 1
+
+        # Implicit TLS (port 465 style, relay_tls = "tls"), right password: the deferred
+        # message and a new one both arrive.
+        sender.stop()
+        sender.sections["courier"].update(relay=f"localhost:{relay.ports['submissions']}",
+                                          relay_tls="tls", relay_password="relay-pw-1")
+        write_toml(sender.config_path, sender.sections)
+        sender.start()
+        submit(sender, "alice@a.test", ["carol@c.test"],
+               make_message("alice@a.test", "carol@c.test", "implicit tls"))
+        arrived = relay.wait_for_messages("carol@c.test", count=3, timeout=20)
+        assert sorted(read(p)["Subject"] for p in arrived) == [
+            "implicit tls", "via the smarthost", "wrong password"]
+        assert queue_is_empty(sender)
     finally:
         sender.stop()
         relay.stop()
