@@ -219,6 +219,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         try:
             if isinstance(line, Reply):
                 self._command = "(too long)"
+                if self._mode == "auth":
+                    self._mode, self._auth_state = "command", ()  # abandon the exchange
                 self._respond(line)
             elif self._mode == "auth":
                 self._respond(self._auth_continue(line))
@@ -238,6 +240,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return
         self._waiting = True
         self._pause()
+        # Our own slowness (database, fsync, the AUTH failure delay) is not client idleness.
+        self.setTimeout(None)
         result.addErrback(self._internal_error)
         result.addCallback(self._deferred_reply)
 
@@ -246,6 +250,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return
         if reply is not None:
             self._send(reply)
+        self.setTimeout(self.limits.smtp_timeout)
         self._waiting = False
         self._resume()
         self._process()
