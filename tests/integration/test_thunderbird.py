@@ -59,12 +59,24 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
 
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory):
-    server = MailServer(str(tmp_path_factory.mktemp("thunderbird") / "server"),
-                        listeners=_built_listeners())
-    server.start()
+    """The server, and three fresh Thunderbird profiles launched while it starts (Thunderbird's
+    start-up is most of this test's time)."""
+    base = tmp_path_factory.mktemp("thunderbird")
+    server = MailServer(str(base / "server"))
+    # The server's own self-signed certificate, made before it starts (it keeps an existing
+    # one), so the profiles can carry their exceptions for it from their first start.
+    from mailsuite.tls import create_self_signed
+
+    create_self_signed(server.hostname, server.cafile,
+                       os.path.join(os.path.dirname(server.cafile), "key.pem"))
+    server.thunderbirds = {name: _thunderbird(server, str(base / f"profile-{name}"))
+                           for name in ("starttls", "tls", "pop3")}
     try:
-        # In-process rather than two admin CLI runs each: start-up of a Python process is the
-        # slowest part of this test on a busy machine (the admin CLI has its own tests).
+        for tb in server.thunderbirds.values():
+            tb.launch()
+        server.start()
+        # In-process rather than admin CLI runs: start-up of a Python process is slow on a busy
+        # machine (the admin CLI has its own tests).
         from mailsuite.config import load
         from mailsuite.directory.store import DirectoryStore
 
@@ -77,40 +89,22 @@ def mail(tmp_path_factory):
             store.close()
         yield server
     finally:
+        for tb in server.thunderbirds.values():
+            tb.quit()
         server.stop()
 
 
-def _built_listeners() -> list[str]:
-    from mailsuite import pop3
-    from tests.harness import LISTENERS
-
-    try:
-        built = pop3.server_factory(None) is not None
-    except Exception:
-        built = True  # a real factory that needs a real suite
-    return [n for n in LISTENERS if built or not n.startswith("pop3")]
-
-
-def _thunderbird(mail: MailServer, name: str) -> Thunderbird:
-    overrides = [(mail.hostname, mail.ports[n], mail.cafile) for n in TLS_LISTENERS
-                 if n in mail.ports]
-    return Thunderbird(os.path.join(mail.base_dir, "..", name), proxy_prefs(mail.ports["autoconfig"]),
+def _thunderbird(mail: MailServer, profile_dir: str) -> Thunderbird:
+    overrides = [(mail.hostname, mail.ports[n], mail.cafile) for n in TLS_LISTENERS]
+    return Thunderbird(profile_dir, proxy_prefs(mail.ports["autoconfig"]),
                        cert_overrides=overrides)
 
 
 @pytest.fixture(scope="module")
 def profiles(mail):
-    """Three fresh Thunderbird profiles, started side by side (start-up is most of the time)."""
-    tbs = {name: _thunderbird(mail, f"profile-{name}") for name in ("starttls", "tls", "pop3")}
-    try:
-        for tb in tbs.values():
-            tb.launch()
-        for tb in tbs.values():
-            tb.connect(60)
-        yield tbs
-    finally:
-        for tb in tbs.values():
-            tb.quit()
+    for tb in mail.thunderbirds.values():
+        tb.connect(60)
+    return mail.thunderbirds
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +272,7 @@ def test_receive_big_message_byte_for_byte(mail, alice_tb, bob_tb, who):
     account, user = (alice_tb, ALICE) if who.startswith("alice") else (bob_tb, BOB)
     message_id = f"{uuid.uuid4().hex}@remote.test"
     stored = deliver_via_mx(mail, user, big_message(user, message_id, f"big message for {who}"))
-    listed = account.sync_folder("INBOX")
+    listed = account.sync_folder("INBOX", expect=message_id)
     assert message_id in [m["messageId"] for m in listed], listed
     body = account.stream_body(message_id)
     on_disk = stored
@@ -313,7 +307,8 @@ def test_read_flag_archive_delete_empty_trash(mail, alice_tb):
         f"From: <carol@remote.test>\r\nTo: <{ALICE}>\r\nSubject: file me\r\n"
         f"Message-ID: <{message_id}>\r\nDate: Sat, 28 Nov 2026 01:00:00 +0000\r\n\r\n"
         "to be read, flagged, archived and deleted\r\n").encode())
-    assert message_id in [m["messageId"] for m in alice_tb.sync_folder("INBOX")]
+    listed = alice_tb.sync_folder("INBOX", expect=message_id)
+    assert message_id in [m["messageId"] for m in listed]
 
     with ImapProbe(mail, ALICE) as imap:
         alice_tb.mark_read(message_id)
@@ -354,7 +349,8 @@ def test_message_list_screenshot(mail, bob_tb, tmp_path):
         "Date: Sat, 28 Nov 2026 01:00:00 +0000\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
         "Hello Bob,\r\n\r\nthis message came in through mailsuite's MX port and Thunderbird "
         "read it over IMAPS.\r\n").encode())
-    assert message_id in [m["messageId"] for m in bob_tb.sync_folder("INBOX")]
+    listed = bob_tb.sync_folder("INBOX", expect=message_id)
+    assert message_id in [m["messageId"] for m in listed]
     bob_tb.show_inbox(message_id)
     path = str(tmp_path / "inbox.png")
     bob_tb.tb.screenshot(path)
@@ -369,8 +365,6 @@ def test_message_list_screenshot(mail, bob_tb, tmp_path):
 # -- 5. POP3 --------------------------------------------------------------------------------------
 
 def test_pop3_stls_download(mail, profiles):
-    if "pop3" not in mail.ports:
-        pytest.fail("mailsuite.pop3 has no server yet (server_factory returns None)")
     message_id = f"{uuid.uuid4().hex}@remote.test"
     stored = deliver_via_mx(mail, BOB, big_message(BOB, message_id, "big message for POP3"))
     expected = set()

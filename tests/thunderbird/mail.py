@@ -54,11 +54,25 @@ const discover = async (server) => {
     server.rootFolder, urlListener(resolve, reject, 'folder discovery'), null)), 15000,
     'folder discovery');
 };
-const update = async (folder) => {
-  await withTimeout(new Promise((resolve, reject) =>
+// Update a folder from the server. When Thunderbird is already syncing it (IDLE reported new
+// mail), our request is merged into that sync and our listener is never called: so when the
+// caller knows which message it waits for, the header showing up counts as done too.
+const update = async (folder, expectId) => {
+  const listened = new Promise((resolve, reject) =>
     folder.QueryInterface(Ci.nsIMsgImapMailFolder).updateFolderWithListener(
-      null, urlListener(resolve, reject, 'update of ' + folder.name))), 15000,
-    'update of ' + folder.name);
+      null, urlListener(resolve, reject, 'update of ' + folder.name)));
+  let waiting = true;
+  const appeared = (async () => {
+    while (waiting && !(expectId && findHeader(folder, expectId))) {
+      await new Promise(r => setTimeout(r, 100));
+    }
+  })();
+  try {
+    await withTimeout(expectId ? Promise.race([listened, appeared]) : listened, 15000,
+                      'update of ' + folder.name);
+  } finally {
+    waiting = false;
+  }
 };
 const folderNamed = (server, path) => {
   let folder = server.rootFolder;
@@ -181,18 +195,19 @@ return { key: account.key, type: server.type, hostname: server.hostName ?? serve
         return cls(tb, AccountSettings(**result))
 
     # -- IMAP ---------------------------------------------------------------------------------
-    def sync_folder(self, path: str = "INBOX") -> list[dict]:
+    def sync_folder(self, path: str = "INBOX", expect: str | None = None) -> list[dict]:
         """Folder discovery (first: the Inbox object can be replaced mid-sync otherwise), then
-        an update of `path`; the headers Thunderbird has for it."""
+        an update of `path` (done when the message with Message-ID `expect` is there, if given);
+        the headers Thunderbird has for the folder."""
         return self.run(r"""
 const server = theAccount().incomingServer;
 await discover(server);
 const folder = args[1] == 'INBOX' ? inboxOf(server) : folderNamed(server, args[1]);
 if (!folder) throw new Error('no folder ' + args[1] + ' among ' +
   server.rootFolder.descendants.map(f => f.URI).join(', '));
-await update(folder);
+await update(folder, args[2]);
 return headers(folder).map(describe);
-""", path)
+""", path, expect)
 
     def stream_body(self, message_id: str, path: str = "INBOX") -> bytes:
         data = self.run(r"""
@@ -241,7 +256,7 @@ const server = theAccount().incomingServer;
 await discover(server);
 const folder = folderNamed(server, args[2]);
 if (!folder) throw new Error('no folder ' + args[2]);
-await update(folder);
+await update(folder, args[1]);
 const header = findHeader(folder, args[1]);
 if (!header) throw new Error('no message ' + args[1] + ' in ' + folder.URI);
 await withTimeout(new Promise((resolve, reject) => folder.deleteMessages([header], null, false, true, {
