@@ -400,3 +400,22 @@ def test_recreated_folder_gets_a_new_uidvalidity(account):
     assert again.sync() == []
     assert again.uidvalidity != first
     assert again.append(b"Subject: b\r\n\r\ny\r\n") == 1
+
+
+def test_changes_by_another_process_are_followed(account, tmp_path):
+    """Another process renames (flags) and deletes files behind our back."""
+    deliver(account.path, 3)
+    mine = account.folder("INBOX")
+    msgs = mine.sync()
+    other = MailStore(account.store.mail_dir).account("alice@example.org").folder("INBOX")
+    other.sync()
+    other.set_flags(1, ["\\Seen"])
+    other.expunge([2])
+    with mine.open_message(1) as f:  # renamed: found again by its key
+        assert f.read() == BODY
+    with pytest.raises(NoSuchMessage):
+        mine.open_message(2)
+    assert mine.add_flags(3, ["\\Flagged"]) == {"\\Flagged"}
+    after = {m.uid: m.flags for m in mine.sync()}
+    assert after == {1: {"\\Seen"}, 3: {"\\Flagged"}}
+    assert msgs[0].uid == 1

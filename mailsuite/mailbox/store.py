@@ -412,17 +412,18 @@ class Folder:
         state = self._state
         for attempt in range(2):
             with state.lock:
-                info = state.infos.get(uid) if state.synced else None
-                if info is None:
-                    self.sync()
-                    info = state.infos.get(uid)
+                if attempt:
+                    # Renamed by a flag change elsewhere, or expunged: list cur/ again.
+                    state.invalidate()
+                if attempt or not state.synced:
+                    state.sync()
+                info = state.infos.get(uid)
                 if info is None:
                     raise NoSuchMessage(f"no message with UID {uid}")
                 try:
                     return open(info.path, "rb")
                 except FileNotFoundError:
-                    # Renamed by a flag change in another process: list cur/ again.
-                    state.invalidate()
+                    continue
         raise NoSuchMessage(f"message UID {uid} has disappeared")
 
     def set_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
