@@ -116,11 +116,16 @@ class Scripted(LineReceiver):
 
     def connectionMade(self):
         self.factory.connections += 1
+        self.factory.current += 1
+        self.factory.peak = max(self.factory.peak, self.factory.current)
         greeting = self.factory.script.get("greeting", "220 scripted ESMTP")
         if greeting is not None:
             self.sendLine(greeting.encode())
         self.in_data = False
         self.data = []
+
+    def connectionLost(self, reason=None):
+        self.factory.current -= 1
 
     def lineReceived(self, line):
         script = self.factory.script
@@ -129,9 +134,17 @@ class Scripted(LineReceiver):
                 self.in_data = False
                 self.factory.messages.append(b"\r\n".join(self.data))
                 self.data = []
-                self.sendLine(script.get("DATA_END", "250 2.0.0 ok").encode())
+                reply = script.get("DATA_END", "250 2.0.0 ok").encode()
+                if script.get("delay_end"):  # a slow receiver keeps the connection busy
+                    reactor.callLater(script["delay_end"], self.sendLine, reply)
+                else:
+                    self.sendLine(reply)
             else:
                 self.data.append(line[1:] if line.startswith(b".") else line)
+            return
+        if line.upper() == b"STARTTLS" and getattr(self.factory, "tls_context", None):
+            self.sendLine(b"220 2.0.0 ready")
+            self.transport.startTLS(self.factory.tls_context)
             return
         text = line.decode()
         self.factory.commands.append(text)
@@ -157,8 +170,15 @@ class Scripted(LineReceiver):
             self.transport.loseConnection()
 
 
-def listen(script: dict, interface: str = "127.0.0.1", port: int = 0):
-    factory = protocol.ServerFactory()
+class ScriptedFactory(protocol.ServerFactory):
+    protocol = Scripted
+    current = 0
+    peak = 0
+
+
+def listen(script: dict, interface: str = "127.0.0.1", port: int = 0, tls_context=None):
+    factory = ScriptedFactory()
+    factory.tls_context = tls_context
     factory.protocol = Scripted
     factory.script = script
     factory.connections = 0
@@ -184,8 +204,8 @@ class AgentTests(unittest.TestCase):
     def tearDown(self):
         return defer.gatherResults([p.stopListening() for p in self.ports])
 
-    def server(self, script, interface="127.0.0.1", port=0):
-        factory, p = listen(script, interface, port)
+    def server(self, script, interface="127.0.0.1", port=0, tls_context=None):
+        factory, p = listen(script, interface, port, tls_context)
         self.ports.append(p)
         return factory, p.getHost().port
 
@@ -277,3 +297,67 @@ class AgentTests(unittest.TestCase):
             *self.entry("x@one.test"))
         self.assertEqual([(r.status, r.enhanced) for r in results], [("deferred", "4.7.5")])
         self.assertEqual(factory.messages, [])
+
+    @defer.inlineCallbacks
+    def test_per_domain_connection_cap_and_reuse(self):
+        factory, port = self.server({"DATA": "354 go", "EHLO": ["s", "PIPELINING"],
+                                     "delay_end": 0.2})
+        agent = self.agent(port, max_connections_per_domain=2)
+        entries = []
+        for i in range(6):
+            e, rcpts, _ = self.entry(f"x{i}@one.test")
+            path = os.path.join(self.tmp, f"m{i}.eml")
+            with open(path, "wb") as f:
+                f.write(b"Subject: %d\r\n\r\nhi\r\n" % i)
+            entries.append((e, rcpts, path))
+        results = yield defer.gatherResults([agent.deliver(*e) for e in entries])
+        self.assertEqual([r[0].status for r in results], ["sent"] * 6)
+        self.assertEqual(factory.peak, 2)  # never more than the cap at once
+        self.assertEqual(factory.connections, 2)  # and the two were reused (RSET between)
+        self.assertEqual(sum(1 for c in factory.commands if c == "RSET"), 4)
+
+    @defer.inlineCallbacks
+    def test_required_tls_verifies_the_certificate(self):
+        import trustme
+        from twisted.internet import ssl
+
+        ca = trustme.CA()
+        ca_path = os.path.join(self.tmp, "ca.pem")
+        ca.cert_pem.write_to_path(ca_path)
+
+        def context(name):
+            cert = ca.issue_cert(name)
+            priv = ssl.PrivateCertificate.loadPEM(cert.private_key_and_cert_chain_pem.bytes())
+            return ssl.CertificateOptions(privateKey=priv.privateKey.original,
+                                          certificate=priv.original)
+
+        script = {"EHLO": ["s", "STARTTLS"], "DATA": "354 go"}
+        good, port = self.server(dict(script), tls_context=context("mx.one.test"))
+        agent = self.agent(port, require_tls_domains=["one.test"], relay_cafile=ca_path)
+        results = yield agent.deliver(*self.entry("x@one.test"))
+        self.assertEqual([r.status for r in results], ["sent"], results)
+        self.assertEqual(len(good.messages), 1)
+        yield agent.close()
+        yield self.ports.pop().stopListening()
+
+        # The same server with a certificate for another name: deferred, nothing sent.
+        wrong, port = self.server(dict(script), tls_context=context("other.example"))
+        agent = self.agent(port, require_tls_domains=["one.test"], relay_cafile=ca_path)
+        results = yield agent.deliver(*self.entry("x@one.test"))
+        self.assertEqual([(r.status, r.enhanced) for r in results], [("deferred", "4.7.5")])
+        self.assertEqual(wrong.messages, [])
+        # Without the requirement, the same unverifiable certificate is used (opportunistic).
+        agent = self.agent(port)
+        results = yield agent.deliver(*self.entry("x@one.test"))
+        self.assertEqual([r.status for r in results], ["sent"])
+        self.assertEqual(len(wrong.messages), 1)
+
+    @defer.inlineCallbacks
+    def test_utf8_address_needs_smtputf8(self):
+        factory, port = self.server({"DATA": "354 go"})
+        results = yield self.agent(port).deliver(*self.entry("jörg@one.test"))
+        self.assertEqual([(r.status, r.enhanced) for r in results], [("bounced", "5.6.7")])
+        factory.script["EHLO"] = ["s", "SMTPUTF8"]
+        results = yield self.agent(port).deliver(*self.entry("jörg@one.test"))
+        self.assertEqual([r.status for r in results], ["sent"])
+        self.assertIn("MAIL FROM:<s@client.test> SMTPUTF8", factory.commands)

@@ -386,7 +386,12 @@ class Session:
             params.append(f"SIZE={size}")
         if eight_bit and "8BITMIME" in caps:
             params.append("BODY=8BITMIME")
-        if "SMTPUTF8" in caps and not all(a.isascii() for a in [sender, *recipients]):
+        if not all(a.isascii() for a in [sender, *recipients]):
+            if "SMTPUTF8" not in caps:
+                # RFC 6531 §3.2: without SMTPUTF8 at the receiver, UTF-8 addresses cannot go.
+                raise SMTPError(status.NO_SMTPUTF8, Reply(553, [
+                    f"5.6.7 {self.host} does not support SMTPUTF8 (internationalized address)"]),
+                    next_host=False)
             params.append("SMTPUTF8")
         mail = f"MAIL FROM:<{sender}>" + "".join(" " + p for p in params)
         self.transactions += 1
