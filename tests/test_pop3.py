@@ -316,3 +316,20 @@ def test_message_delivered_through_smtp_is_retrieved_byte_identical(pop_server, 
     key = os.path.basename(path).split(":")[0]
     assert p.uidl(1).split()[2].decode() == key
     p.quit()
+
+
+def test_idle_client_is_disconnected_after_pop3_timeout(make_server):
+    """[limits] pop3_timeout: an idle session gets -ERR and is closed (RFC 1939 §3
+    autologout timer; no UPDATE state, so nothing is removed)."""
+    s = make_server(extra={"limits": {"pop3_timeout": 2}}, listeners=["pop3"])
+    raw = socket.create_connection((HOST, s.ports["pop3"]), timeout=20)
+    f = raw.makefile("rb")
+    assert f.readline().startswith(b"+OK")
+    raw.sendall(b"CAPA\r\n")
+    while f.readline() not in (b".\r\n", b""):
+        pass
+    t = time.monotonic()
+    assert f.readline().startswith(b"-ERR")  # the timeout notice
+    assert f.readline() == b""  # then the connection is closed
+    assert 1.5 <= time.monotonic() - t < 15
+    raw.close()
