@@ -6,7 +6,6 @@ import os
 import poplib
 import shutil
 import socket
-import ssl
 import time
 
 import pytest

@@ -36,7 +36,6 @@ log = Logger()
 MAX_LINE = 2048  # RFC 2449 §4 allows 255 for commands; SASL responses can be longer
 MAX_ERRORS = 10
 CHUNK = 64 * 1024
-_FLUSH_AT = 1  # see _MessageSender: one chunk in flight at a time
 
 
 # -- dot-stuffing ----------------------------------------------------------------------------
