@@ -167,8 +167,8 @@ class RemoteAgent:
                                                 payload.size, payload.eight_bit)
         except SMTPError as e:
             session.protocol.abort()
-            if reused and e.reply is None:
-                return None
+            if reused and e.reply is None and e.next_host:
+                return None  # died idle (peer timeout): nothing was sent, try a fresh one
             return e
         log.info("{queue_id}: to {domain} via {relay} tls={tls} {tls_info} reused={reused} "
                  "accepted={accepted}/{total}", queue_id=entry.id, domain=domain,

@@ -401,9 +401,12 @@ class Session:
                 (mail + "\r\n" + "".join(f"RCPT TO:<{r}>\r\n" for r in recipients))
                 .encode("utf-8"))
             waits = [self.protocol.read_reply() for _ in range(1 + len(recipients))]
-            replies = []
-            for d in waits:
-                replies.append((yield d))
+            try:
+                # All of them, so that a timeout (which fails every waiter) leaves no
+                # unhandled failure behind.
+                replies = yield defer.gatherResults(waits, consumeErrors=True)
+            except defer.FirstError as e:
+                raise e.subFailure.value
             mail_reply, rcpt_replies = replies[0], replies[1:]
         else:
             mail_reply = yield self.protocol.command(mail)
