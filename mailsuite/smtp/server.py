@@ -260,15 +260,23 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                     command=self._command, client_ip=self.client_ip)
         return replies.LOCAL_ERROR
 
+    def _reader(self) -> Any:
+        """What to pause: the TCP transport (under implicit TLS, the one below the TLS layer;
+        TLSMemoryBIOProtocol itself is not a producer)."""
+        transport = self.transport
+        if not hasattr(transport, "pauseProducing"):
+            transport = getattr(transport, "transport", None)
+        return transport if hasattr(transport, "pauseProducing") else None
+
     def _pause(self) -> None:
-        pause = getattr(self.transport, "pauseProducing", None)
-        if pause is not None:
-            pause()
+        reader = self._reader()
+        if reader is not None:
+            reader.pauseProducing()
 
     def _resume(self) -> None:
-        resume = getattr(self.transport, "resumeProducing", None)
-        if resume is not None and not self._closed:
-            resume()
+        reader = self._reader()
+        if reader is not None and not self._closed:
+            reader.resumeProducing()
 
     # -- output ---------------------------------------------------------------------------------
     def _send(self, reply: Reply) -> None:
