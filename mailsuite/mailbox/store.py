@@ -67,7 +67,7 @@ SYSTEM_FLAGS = frozenset(FLAG_LETTERS)
 DELIMITER = "/"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 100,000 of these per large folder
 class MessageInfo:
     """One message of a folder as of the last sync().
 
