@@ -1,8 +1,9 @@
 """Outbound delivery end to end: a real mailsuite process, a real DNS server on loopback, and a
 scripted SMTP sink standing in for the remote MTAs (tests/dnsserver.py, SinkServer below).
 
-The sink decides by recipient local part: `reject*` -> 550 5.1.1, `later*` -> 451 the first
-time then 250, `slow*` -> 250 after a pause, anything else 250. Retries are shortened to 1 s.
+The sink decides by recipient local part: `reject*` -> 550 5.1.1, `later*` -> 451 to RCPT the
+first time then 250, `dlater*` -> 451 after DATA the first time then 250, `slow*` -> 250 after a
+pause, anything else 250. Retries are shortened to 1 s.
 """
 from __future__ import annotations
 
@@ -109,6 +110,13 @@ class SinkServer:
                             data.append(l[1:] if l.startswith(b".") else l)
                         if any(r.partition("@")[0].startswith("slow") for r in rcpts):
                             time.sleep(1)
+                        key = "DATA " + ",".join(rcpts)
+                        with state.lock:
+                            state.seen[key] = state.seen.get(key, 0) + 1
+                            first = state.seen[key] == 1
+                        if first and any(r.startswith("dlater") for r in rcpts):
+                            out.write(b"451 4.3.0 queue file write error, try again\r\n")
+                            continue
                         with state.lock:
                             state.messages.append(SinkMessage(sender, rcpts, b"".join(data),
                                                               b"".join(wire), mail_cmd))
@@ -283,6 +291,16 @@ def test_tempfail_then_delivered_on_retry(world):
     got = sink.for_recipient("later-1@sink.test", timeout=20)
     assert len(got) == 1, server.log_text()[-3000:]
     assert sink.state.seen["later-1@sink.test"] == 2  # 451 once, 250 on the retry
+    assert queue_is_empty(server)
+
+
+def test_tempfail_after_data_then_delivered_once(world):
+    server, sink, _ = world
+    submit(server, "alice@a.test", ["dlater-1@sink.test", "dlater-2@sink.test"],
+           make_message("alice@a.test", "dlater-1@sink.test", "451 after data"))
+    got = sink.for_recipient("dlater-1@sink.test", timeout=20)
+    assert len(got) == 1 and got[0].recipients == ["dlater-1@sink.test", "dlater-2@sink.test"]
+    assert sink.state.seen["DATA dlater-1@sink.test,dlater-2@sink.test"] == 2
     assert queue_is_empty(server)
 
 
