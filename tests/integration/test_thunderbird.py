@@ -90,7 +90,9 @@ def mail(tmp_path_factory):
         yield server
     finally:
         for tb in server.thunderbirds.values():
-            tb.quit()
+            tb.request_quit()
+        for tb in server.thunderbirds.values():
+            tb.wait()
         server.stop()
 
 

@@ -165,6 +165,11 @@ class Thunderbird:
             f.write("\n".join(lines) + "\n")
 
     def quit(self, timeout: float = 10.0) -> None:
+        self.request_quit()
+        self.wait(timeout)
+
+    def request_quit(self) -> None:
+        """Ask Thunderbird to quit without waiting (several can shut down side by side)."""
         if self.process is None:
             return
         if self.client is None:
@@ -180,6 +185,11 @@ class Thunderbird:
             except Exception:
                 pass
         self.client = None
+
+    def wait(self, timeout: float = 10.0) -> None:
+        """Wait for the process to end after request_quit(); kill it after `timeout`."""
+        if self.process is None:
+            return
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
