@@ -14,6 +14,10 @@ from twisted.python.threadpool import ThreadPool
 T = TypeVar("T")
 
 
+class PoolStopped(Exception):
+    """Work submitted after shutdown began."""
+
+
 class WorkerPool:
     """One named ThreadPool; `run(fn, *args)` returns a Deferred firing with fn's result."""
 
@@ -26,19 +30,24 @@ class WorkerPool:
         self._reactor = reactor
         self._pool = ThreadPool(minthreads=0, maxthreads=maxthreads, name=f"mailsuite-{name}")
         self._started = False
+        self._stopped = False
 
     def start(self) -> None:
-        if not self._started:
+        if not self._started and not self._stopped:
             self._pool.start()
             self._started = True
 
     def stop(self) -> None:
-        # ThreadPool.stop() twice raises AlreadyQuit (TWISTED-NOTES §8): stay idempotent.
+        # ThreadPool.stop() twice raises AlreadyQuit (TWISTED-NOTES §8): stay idempotent. A
+        # stopped ThreadPool cannot start again, so a stopped WorkerPool stays stopped.
+        self._stopped = True
         if self._started:
             self._started = False
             self._pool.stop()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
+        if self._stopped:
+            return defer.fail(PoolStopped(f"the {self.name} pool has stopped (shutting down)"))
         self.start()
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
 

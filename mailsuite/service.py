@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -85,10 +85,9 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
 
 def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     suite = build_suite(config, reactor)
-    top = service.MultiService()
+    top = _Suite(suite)
     top.suite = suite  # tests and the admin tools reach the parts through here
-    suite.pools.setServiceParent(top)
-    suite.queue.setServiceParent(top)
+    suite.queue.setServiceParent(top.front)
     builders = _listener_builders()
     for name, (builder, kwargs, implicit_tls) in builders.items():
         description = getattr(config.listen, name)
@@ -105,13 +104,35 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
         listener = _Listener(name, description, endpoint, factory)
-        listener.setServiceParent(top)
+        listener.setServiceParent(top.front)
     from mailsuite.autoconfig import first_run_message
 
     message = first_run_message(suite)
     if message:
         log.info("{message}", message=message)
     return top
+
+
+class _Suite(service.MultiService):
+    """The process: `front` (listeners, queue runner) stops first, the thread pools last.
+
+    MultiService stops its children all at once; a session still being served during shutdown
+    would then find the SQL or file pool gone.
+    """
+
+    def __init__(self, suite: Suite):
+        super().__init__()
+        self.front = service.MultiService()
+        self.front.setName("front")
+        suite.pools.setServiceParent(self)
+        self.front.setServiceParent(self)
+        self._pools = suite.pools
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        d = defer.maybeDeferred(self.front.stopService)
+        d.addBoth(lambda _: self._pools.stopService())
+        return d
 
 
 class _Listener(StreamServerEndpointService):

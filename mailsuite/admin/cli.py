@@ -48,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `mailsuite queue list | head`
+        return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the copy of this module that the area modules import (mailsuite.admin.cli), not
+    # __main__: otherwise their CommandError would be another class and escape as a traceback.
+    from mailsuite.admin.cli import main as _main
+
+    sys.exit(_main())
