@@ -15,6 +15,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsuite.config import ConfigError
 from mailsuite.directory import passwords
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
@@ -45,13 +46,22 @@ class Directory:
         self.config = config
         self.pools = pools
         self.reactor = reactor
-        self.store = DirectoryStore(config.database_url,
-                                    admin_address=config.server.admin_address)
+        try:
+            self.store = DirectoryStore(config.database_url,
+                                        admin_address=config.server.admin_address)
+        except DirectoryError as e:
+            raise ConfigError(f"[database] url: {e}")
         self.throttle = LoginThrottle(delay=config.limits.auth_failure_delay, clock=reactor)
 
     def prepare(self) -> None:
-        """Create or upgrade the schema (synchronous: called once before listening)."""
-        self.store.prepare()
+        """Create or upgrade the schema (synchronous: called once before listening).
+
+        A database that cannot be opened stops start-up with one line (ConfigError), like any
+        other configuration problem, rather than a traceback."""
+        try:
+            self.store.prepare()
+        except DirectoryError as e:
+            raise ConfigError(f"cannot use the database: {e}")
 
     def close(self) -> None:
         self.store.close()

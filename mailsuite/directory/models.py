@@ -19,6 +19,18 @@ class Base(DeclarativeBase):
     pass
 
 
+SCHEMA_VERSION = 1  # bump with every change to the tables below, and migrate in store.prepare()
+
+
+class SchemaInfo(Base):
+    """One row: the version of the directory schema this database holds."""
+
+    __tablename__ = "ms_schema"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
 class Domain(Base):
     __tablename__ = "ms_domain"
 

@@ -21,6 +21,7 @@ appearance kept.
 from __future__ import annotations
 
 import os
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from typing import Iterator
@@ -35,7 +36,7 @@ from mailsuite.directory import passwords
 from mailsuite.directory.addresses import (alias_source, canonical_address, loose_split,
                                            normalize_domain, remote_address, split_address,
                                            strip_tag)
-from mailsuite.directory.models import Alias, Base, Domain, User
+from mailsuite.directory.models import SCHEMA_VERSION, Alias, Base, Domain, SchemaInfo, User
 from mailsuite.directory.records import (AliasInfo, DirectoryError, DirectoryUnavailable,
                                          DomainInfo, Route, UserInfo)
 
@@ -59,7 +60,25 @@ class DirectoryStore:
 
     # -- schema -------------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the tables that do not exist yet (idempotent; safe on every start-up)."""
+        """Create the tables that do not exist yet and check the schema version (idempotent;
+        run at every start-up and by every CLI command)."""
+        try:
+            self._create_tables()
+        except DirectoryUnavailable:
+            # The server and a CLI command creating a fresh database at the same moment: one
+            # of the two CREATE TABLEs loses; the tables exist now.
+            time.sleep(0.5)
+            self._create_tables()
+        with self._unit(write=True) as s:
+            version = s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
+            if version is None:
+                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+            elif version > SCHEMA_VERSION:
+                raise DirectoryError(f"the database has directory schema version {version}, "
+                                     f"newer than this mailsuite knows ({SCHEMA_VERSION}): "
+                                     "upgrade mailsuite")
+
+    def _create_tables(self) -> None:
         with _translate_errors(self.url):
             Base.metadata.create_all(self.engine)
 
