@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mailsuite.autoconfig import documents
+from mailsuite.autoconfig.records import mta_sts_policy
 from mailsuite.autoconfig.settings import client_servers, parse_address, valid_domain
 
 log = Logger()
@@ -161,8 +162,6 @@ class ClientConfigResource(resource.Resource):
     @defer.inlineCallbacks
     def mta_sts(self, request: server.Request):
         # RFC 8461 §3.2: the policy lives at https://mta-sts.<domain>/.well-known/mta-sts.txt.
-        from mailsuite.autoconfig.records import mta_sts_policy
-
         host = _host(request)
         domain = valid_domain(host[len("mta-sts."):]) if host.startswith("mta-sts.") else None
         policy = mta_sts_policy(self.suite.config)

@@ -46,7 +46,7 @@ pytestmark = [
 ]
 
 from tests.thunderbird.mail import (SOCKET_SSL, SOCKET_STARTTLS, TBAccount,  # noqa: E402
-                                    proxy_prefs)
+                                    exchange_autodiscover, proxy_prefs)
 
 PASSWORD = "secret-pw-1"
 ALICE = "alice@example.org"
@@ -362,6 +362,20 @@ def test_message_list_screenshot(mail, bob_tb, tmp_path):
     if os.environ.get("MAILSUITE_UPDATE_SCREENSHOT"):
         os.makedirs(DOCS, exist_ok=True)
         shutil.copyfile(path, os.path.join(DOCS, "thunderbird-inbox.png"))
+
+
+# -- Outlook Autodiscover, read by Thunderbird's own parser ---------------------------------------
+
+def test_thunderbird_reads_our_autodiscover(mail, profiles):
+    found = exchange_autodiscover(profiles["pop3"], BOB, PASSWORD)
+    incoming = {(e["type"], e["hostname"], e["port"], e["socket_type"], e["username"])
+                for e in found["incoming"]}
+    assert incoming == {("imap", mail.hostname, mail.ports["imaps"], SOCKET_SSL, BOB),
+                        ("pop3", mail.hostname, mail.ports["pop3s"], SOCKET_SSL, BOB)}
+    outgoing = {(e["type"], e["hostname"], e["port"], e["socket_type"])
+                for e in found["outgoing"]}
+    assert outgoing == {("smtp", mail.hostname, mail.ports["submissions"], SOCKET_SSL)}
+    assert "sent Autodiscover settings for bob@example.org" in mail.log_text()
 
 
 # -- 5. POP3 --------------------------------------------------------------------------------------

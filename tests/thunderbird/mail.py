@@ -348,3 +348,22 @@ if (!header) throw new Error('no message ' + args[1]);
 return btoa(await withTimeout(streamBody(folder.getUriForMsg(header)), 20000, 'streaming'));
 """, message_id)
         return base64.b64decode(data)
+
+
+def exchange_autodiscover(tb: Thunderbird, address: str, password: str) -> dict:
+    """Thunderbird's own Outlook Autodiscover client (what account setup tries for Exchange):
+    POSTs the request to http://autodiscover.<domain>/autodiscover/autodiscover.xml (through the
+    proxy pref) and parses the answer into incoming/outgoing server entries."""
+    return tb.run(_PRELUDE + r"""
+const [address, password] = args;
+const { fetchConfigFromExchange } = ChromeUtils.importESModule(
+  'resource:///modules/accountcreation/ExchangeAutoDiscover.sys.mjs');
+Services.io.offline = false;
+const config = await withTimeout(fetchConfigFromExchange(
+  address.split('@')[1], address, new AbortController().signal, address, password,
+  async () => false), 15000, 'Autodiscover');
+const entry = s => ({ type: s.type, hostname: s.hostname, port: s.port,
+                      socket_type: s.socketType, auth: s.auth, username: s.username });
+return { incoming: [config.incoming, ...config.incomingAlternatives].map(entry),
+         outgoing: [config.outgoing, ...(config.outgoingAlternatives || [])].map(entry) };
+""", address, password)
