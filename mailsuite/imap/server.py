@@ -13,6 +13,7 @@ CVE-2011-0411 class of injection, TWISTED-NOTES §4.4 #9).
 from __future__ import annotations
 
 import base64
+import bisect
 import mmap
 import os
 import time
@@ -124,24 +125,93 @@ class _WriteGate:
         return d
 
 
+def _uid(info: Any) -> int:
+    return info.uid
+
+
 class Selection:
-    """The selected folder as this session's client knows it (sequence numbers -> UIDs)."""
+    """The selected folder as this session's client knows it.
+
+    `view` is the store's shared snapshot list (MessageInfo in UID order) as of the last
+    refresh, so 200 sessions on one 100k folder share one list instead of holding 200 copies;
+    `own` holds the flag changes this session made since (reported to its client already).
+    Sequence number n is view[n - 1]."""
 
     def __init__(self, folder: Any, readonly: bool):
         self.folder = folder
         self.readonly = readonly
-        self.uids: list[int] = []
-        self.infos: dict[int, Any] = {}
+        self.view: list = []
+        self.own: dict[int, Any] = {}
         self.token: Any = None
 
-    def seq_of(self, uid: int) -> int:
-        import bisect
+    def __len__(self) -> int:
+        return len(self.view)
 
-        i = bisect.bisect_left(self.uids, uid)
-        return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
+    def index(self, uid: int) -> int:
+        i = bisect.bisect_left(self.view, uid, key=_uid)
+        return i if i < len(self.view) and self.view[i].uid == uid else -1
+
+    def seq_of(self, uid: int) -> int:
+        return self.index(uid) + 1
+
+    def has(self, uid: int) -> bool:
+        return self.index(uid) >= 0
+
+    def info(self, uid: int) -> Any:
+        own = self.own.get(uid)
+        if own is not None:
+            return own
+        i = self.index(uid)
+        return self.view[i] if i >= 0 else None
+
+    def infos(self) -> Any:
+        """(seq, info) for every message, with this session's own flag changes."""
+        own = self.own
+        for seq, info in enumerate(self.view, 1):
+            yield seq, own.get(info.uid, info)
+
+    @property
+    def last_uid(self) -> int:
+        return self.view[-1].uid if self.view else 0
+
+    def select_uids(self, s: SequenceSet) -> list[int]:
+        """UIDs of the messages a UID set names, ascending."""
+        picked: set[int] = set()
+        view = self.view
+        for lo, hi in s.resolve(self.last_uid):
+            i = bisect.bisect_left(view, lo, key=_uid)
+            j = bisect.bisect_right(view, hi, key=_uid)
+            picked.update(view[k].uid for k in range(i, j))
+        return sorted(picked)
+
+    def select_seqs(self, s: SequenceSet) -> list[int]:
+        """UIDs of the messages a sequence set names; BAD for numbers beyond the count."""
+        n = len(self.view)
+        picked: set[int] = set()
+        for lo, hi in s.resolve(n):
+            if hi > n or lo < 1:
+                # RFC 3501 §9: sequence numbers beyond the message count are invalid.
+                raise bad("invalid message sequence number")
+            picked.update(self.view[k].uid for k in range(lo - 1, hi))
+        return sorted(picked)
+
+    def remove(self, uids: Any) -> list[int]:
+        """Drop messages from the view; returns their old sequence numbers, descending."""
+        gone = set(uids)
+        seqs = [seq for seq, info in enumerate(self.view, 1) if info.uid in gone]
+        if seqs:
+            self.view = [info for info in self.view if info.uid not in gone]
+            for u in gone:
+                self.own.pop(u, None)
+        return sorted(seqs, reverse=True)
+
+    def set_flags(self, uid: int, flags: frozenset) -> None:
+        info = self.info(uid)
+        if info is not None:
+            self.own[uid] = _with_flags(info, flags)
 
     def flags(self, uid: int) -> frozenset:
-        info = self.infos.get(uid)
+        info = self.info(uid)
         f = set(info.flags) if info else set()
         if uid in self.folder.recent:
             f.add("\\Recent")
@@ -542,16 +612,15 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             raise no(str(e) or "no such mailbox", R.NONEXISTENT)
         sel = Selection(folder, readonly)
         infos, keywords, token = yield self.io(_sync_folder, folder)
-        sel.uids = [i.uid for i in infos]
-        sel.infos = {i.uid: i for i in infos}
+        sel.view = infos
         sel.token = token
         flags = list(SYSTEM_FLAGS) + [k for k in keywords if k not in SYSTEM_FLAGS]
         self.send(b"* FLAGS " + flag_list(flags))
         self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + ["\\*"]) + b"] flags permitted")
-        self.send(b"* %d EXISTS" % len(sel.uids))
-        self.send(b"* %d RECENT" % len([u for u in sel.uids if u in folder.recent]))
-        for seq, u in enumerate(sel.uids, 1):
-            if "\\Seen" not in sel.infos[u].flags:
+        self.send(b"* %d EXISTS" % len(sel))
+        self.send(b"* %d RECENT" % len(folder.recent))
+        for seq, info in sel.infos():
+            if "\\Seen" not in info.flags:
                 self.send(b"* OK [UNSEEN %d] first unseen message" % seq)
                 break
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
@@ -756,7 +825,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             date = date_time(args.pop(0))
         if len(args) != 1 or not isinstance(args[0], Str):
             raise bad("APPEND needs the message as a literal")
-        data = bytes(args[0])
+        data = args[0]  # the literal as read (no further copy of a message of up to the limit)
         if len(data) > self.config.limits.max_message_size:
             raise no("message too large", R.TOOBIG)
         flags = [f for f in flags if f != "\\Recent"]
@@ -800,8 +869,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         if uid:
             if len(args) != 1:
                 raise bad("UID EXPUNGE needs a UID set")
-            wanted = sequence_set(args[0]).select(sel.uids, sel.uids[-1] if sel.uids else 0)
-            uids = [u for u in wanted if "\\Deleted" in sel.infos[u].flags]
+            wanted = sel.select_uids(sequence_set(args[0]))
+            uids = [u for u in wanted if "\\Deleted" in sel.info(u).flags]
             # The flags may have changed in another session: check on disk, in the store.
             if not uids:
                 yield self.refresh()
@@ -813,27 +882,13 @@ class IMAPServer(LineReceiver, TimeoutMixin):
 
     def report_expunged(self, removed: list[int]) -> None:
         """`* n EXPUNGE`, highest sequence number first so earlier numbers stay valid."""
-        sel = self.sel
-        seqs = sorted((sel.seq_of(u), u) for u in removed if sel.seq_of(u))
-        for seq, u in reversed(seqs):
+        for seq in self.sel.remove(removed):
             self.send(b"* %d EXPUNGE" % seq)
-            del sel.uids[seq - 1]
-            sel.infos.pop(u, None)
 
     def resolve(self, args_set: Any, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""
-        sel = self.sel
         s = sequence_set(args_set)
-        if uid:
-            return s.select(sel.uids, sel.uids[-1] if sel.uids else 0)
-        n = len(sel.uids)
-        out = []
-        for lo, hi in s.resolve(n):
-            if hi > n or lo < 1:
-                # RFC 3501 §9: sequence numbers beyond the message count are invalid.
-                raise bad("invalid message sequence number")
-            out.extend(sel.uids[lo - 1:hi])
-        return sorted(set(out))
+        return self.sel.select_uids(s) if uid else self.sel.select_seqs(s)
 
     @defer.inlineCallbacks
     def do_STORE(self, tag: bytes, args: list, uid: bool = False) -> Any:
@@ -855,10 +910,9 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
         results = yield self.io(_store_flags, sel.folder, uids, flags, mode)
         for u, new in results:
-            info = sel.infos.get(u)
-            if info is None:
+            if not sel.has(u):
                 continue
-            sel.infos[u] = _with_flags(info, new)
+            sel.set_flags(u, new)
             if not silent:
                 seq = sel.seq_of(u)
                 self.send(b"* %d FETCH (FLAGS %s%s)" % (seq, flag_list(sel.flags(u)),
@@ -909,19 +963,19 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         except searchmod.BadCharset:
             raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
         found: list[int] = []
-        uids = list(sel.uids)
-        max_uid = uids[-1] if uids else 0
+        everything = list(sel.infos())
+        count, max_uid = len(sel), sel.last_uid
         recent = sel.folder.recent
         needs = searchmod.needs_file(program)
-        for start in range(0, len(uids), BATCH * 10 if not needs else BATCH):
-            chunk = uids[start:start + (BATCH * 10 if not needs else BATCH)]
-            cands = [searchmod.Candidate(start + i + 1, u, sel.infos[u].flags, u in recent, sel.infos[u].size,
-                                         sel.infos[u].internaldate, _loader(sel.folder, u))
-                     for i, u in enumerate(chunk)]
+        step = BATCH if needs else BATCH * 50
+        for start in range(0, len(everything), step):
+            cands = [searchmod.Candidate(seq, i.uid, i.flags, i.uid in recent, i.size, i.internaldate,
+                                         _loader(sel.folder, i.uid))
+                     for seq, i in everything[start:start + step]]
             if needs:
-                hits = yield self.io(_search_batch, program, cands, len(uids), max_uid)
+                hits = yield self.io(_search_batch, program, cands, count, max_uid)
             else:
-                hits = _search_batch(program, cands, len(uids), max_uid)
+                hits = _search_batch(program, cands, count, max_uid)
             found.extend(hits)
         numbers = [c_uid if uid else sel.seq_of(c_uid) for c_uid in found]
         self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
@@ -947,24 +1001,26 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         try:
             step = BATCH if needs_file else BATCH * 25
             for start in range(0, len(uids), step):
-                chunk = [u for u in uids[start:start + step] if u in sel.infos]
+                chunk = [u for u in uids[start:start + step] if sel.has(u)]
                 if needs_file:
                     computed = yield self.io(_compute_batch, sel.folder, chunk, atts)
                 else:
                     computed = {u: {} for u in chunk}
                 if sets_seen:
-                    need = [u for u in chunk if "\\Seen" not in sel.infos[u].flags and u in computed]
+                    need = [u for u in chunk if "\\Seen" not in sel.info(u).flags and u in computed]
                     if need:
                         results = yield self.io(_store_flags, sel.folder, need, ["\\Seen"], b"+")
                         for u, new in results:
-                            sel.infos[u] = _with_flags(sel.infos[u], new)
+                            sel.set_flags(u, new)
                 out = bytearray()
                 for u in chunk:
                     pieces = computed.get(u)
                     if pieces is None:
                         continue  # expunged by another session meanwhile: nothing to send
                     seq = sel.seq_of(u)
-                    info = sel.infos[u]
+                    info = sel.info(u)
+                    if info is None:
+                        continue
                     items: list = []
                     flags_sent = False
                     for a in atts:
@@ -1104,25 +1160,32 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         if self.sel is not sel:
             return
         sel.token = token
-        current = {i.uid: i for i in infos}
-        gone = [u for u in sel.uids if u not in current]
-        self.report_expunged(gone)
-        for u in sel.uids:
-            new = current[u]
-            if new.flags != sel.infos[u].flags:
-                sel.infos[u] = new
-                self.send(b"* %d FETCH (UID %d FLAGS %s)" % (sel.seq_of(u), u, flag_list(sel.flags(u))))
+        old = sel.view
+        if infos is old and not sel.own:
+            return  # the very list we already reported: nothing changed
+        # Merge the old and new lists (both in UID order): gone, flag changes, new messages.
+        gone: list[int] = []
+        changed: list[int] = []
+        j, n = 0, len(infos)
+        own = sel.own
+        for o in old:
+            while j < n and infos[j].uid < o.uid:
+                j += 1
+            if j < n and infos[j].uid == o.uid:
+                if infos[j].flags != own.get(o.uid, o).flags:
+                    changed.append(o.uid)
+                j += 1
             else:
-                sel.infos[u] = new
-        top = sel.uids[-1] if sel.uids else 0
-        added = [i.uid for i in infos if i.uid > top]
-        if added:
-            for u in added:
-                sel.infos[u] = current[u]
-            sel.uids.extend(added)
-            sel.uids.sort()
-            self.send(b"* %d EXISTS" % len(sel.uids))
-            self.send(b"* %d RECENT" % len([u for u in sel.uids if u in sel.folder.recent]))
+                gone.append(o.uid)
+        self.report_expunged(gone)
+        before = len(sel)
+        sel.view = infos
+        sel.own = {}
+        for u in changed:
+            self.send(b"* %d FETCH (UID %d FLAGS %s)" % (sel.seq_of(u), u, flag_list(sel.flags(u))))
+        if len(sel) != before:
+            self.send(b"* %d EXISTS" % len(sel))
+            self.send(b"* %d RECENT" % len(sel.folder.recent))
 
 
 REFRESH_AFTER = {b"CAPABILITY", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
