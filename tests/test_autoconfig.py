@@ -269,3 +269,12 @@ def test_first_run_message_does_not_break_start_up(tmp_path):
 
     Suite.config.database.url = f"sqlite:///{garbage}"
     assert first_run_message(Suite()) is None
+
+
+def test_wrong_mta_sts_mode_stops_start_up_with_one_line(make_server):
+    server = make_server(extra={"dns": {"mta_sts_mode": "enforcing"}}, start=False)
+    with pytest.raises(RuntimeError) as failure:
+        server.start()
+    assert "mailsuite: [dns] mta_sts_mode must be one of testing, enforce, none" in \
+        str(failure.value)
+    assert "Traceback" not in str(failure.value)

@@ -15,8 +15,10 @@ log = Logger()
 
 def server_factory(suite: Any, **kwargs: Any):
     """The twisted.web Site answering Mozilla autoconfig, Autodiscover and Apple profiles."""
+    from mailsuite.autoconfig.records import mta_sts_policy
     from mailsuite.autoconfig.web import build_site
 
+    mta_sts_policy(suite.config)  # a wrong [dns] mta_sts_mode stops start-up with one line
     return build_site(suite)
 
 
