@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -54,10 +55,10 @@ class DNSServer:
     def start(self, timeout: float = 15.0) -> "DNSServer":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.dnsserver", self.zone_path], cwd=root, env=env,
-            stdout=subprocess.PIPE, stderr=open(os.path.join(self._dir, "stderr.log"), "wb"),
-            start_new_session=True)
+        with open(os.path.join(self._dir, "stderr.log"), "wb") as stderr:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.dnsserver", self.zone_path], cwd=root, env=env,
+                stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
         deadline = time.monotonic() + timeout
         line = self.process.stdout.readline().decode()
         if not line.startswith("PORT "):
@@ -87,6 +88,7 @@ class DNSServer:
                 if stream:
                     stream.close()
         self.process = None
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self) -> "DNSServer":
         return self.start()
