@@ -56,6 +56,10 @@ def _message(config: Any) -> str:
                      "user name = the full address")
     if not client_servers(config):
         lines.append("       (no IMAP, POP3 or submission listener is enabled in [listen])")
+    if "." not in config.hostname:
+        # Clients, certificates and MX records need the public name, not the machine's short one.
+        lines.append(f"  Set [server] hostname to this server's public name (now "
+                     f"{config.hostname!r}): clients and DNS records use it.")
     return "\n".join(lines)
 
 

@@ -21,7 +21,7 @@ from urllib.parse import quote, urlsplit
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from mailsuite.autoconfig import documents
 from mailsuite.autoconfig.records import mta_sts_policy
@@ -85,12 +85,12 @@ class ClientConfigResource(resource.Resource):
         method = b"GET" if request.method == b"HEAD" else request.method
         route = self.routes.get(path)
         if route is None:
-            d = defer.succeed(Reply(404, b"not found\n"))
+            d = defer.succeed(Reply(http.NOT_FOUND, b"not found\n"))
         elif route[0] != method:
-            d = defer.succeed(Reply(405, b"method not allowed\n",
+            d = defer.succeed(Reply(http.NOT_ALLOWED, b"method not allowed\n",
                                     headers=((b"Allow", route[0]),)))
         elif getattr(request, "too_large", False):
-            d = defer.succeed(Reply(413, b"request too large\n"))
+            d = defer.succeed(Reply(http.REQUEST_ENTITY_TOO_LARGE, b"request too large\n"))
         else:
             d = defer.maybeDeferred(route[1], request)
         finished: list[bool] = []
@@ -117,11 +117,11 @@ class ClientConfigResource(resource.Resource):
             if domain is None:
                 raise BadRequest("Host is not autoconfig.<domain>")
         if not (yield self._hosted(domain)):
-            return Reply(404, b"not a domain of this server\n")
+            return Reply(http.NOT_FOUND, b"not a domain of this server\n")
         body = documents.mozilla_autoconfig(client_servers(self.suite.config), domain)
         log.info("autoconfig: sent config-v1.1.xml for {domain} to {client}", domain=domain,
                  client=_client(request))
-        return Reply(200, body, b"application/xml; charset=utf-8")
+        return Reply(http.OK, body, b"application/xml; charset=utf-8")
 
     @defer.inlineCallbacks
     def autodiscover(self, request: server.Request):
@@ -134,11 +134,11 @@ class ClientConfigResource(resource.Resource):
             raise BadRequest("EMailAddress is not a mail address")
         address, domain = parsed
         if not (yield self._hosted(domain)):
-            return Reply(404, b"not a domain of this server\n")
+            return Reply(http.NOT_FOUND, b"not a domain of this server\n")
         document = documents.autodiscover_response(client_servers(self.suite.config), address)
         log.info("autoconfig: sent Autodiscover settings for {address} to {client}",
                  address=address, client=_client(request))
-        return Reply(200, document, b"application/xml; charset=utf-8")
+        return Reply(http.OK, document, b"application/xml; charset=utf-8")
 
     @defer.inlineCallbacks
     def mobileconfig(self, request: server.Request):
@@ -147,15 +147,15 @@ class ClientConfigResource(resource.Resource):
             raise BadRequest("emailaddress is missing or not a mail address")
         address, domain = parsed
         if not (yield self._hosted(domain)):
-            return Reply(404, b"not a domain of this server\n")
+            return Reply(http.NOT_FOUND, b"not a domain of this server\n")
         config = self.suite.config
         profile = documents.apple_mobileconfig(client_servers(config), address, config.hostname)
         if profile is None:
-            return Reply(404, b"no IMAP/POP3 and submission listeners are configured\n")
+            return Reply(http.NOT_FOUND, b"no IMAP/POP3 and submission listeners are configured\n")
         filename = quote(f"{address}.mobileconfig", safe="@.")
         log.info("autoconfig: sent Apple profile for {address} to {client}", address=address,
                  client=_client(request))
-        return Reply(200, profile, documents.MOBILECONFIG_CONTENT_TYPE,
+        return Reply(http.OK, profile, documents.MOBILECONFIG_CONTENT_TYPE,
                      headers=((b"Content-Disposition",
                                f'attachment; filename="{filename}"'.encode("ascii")),))
 
@@ -166,13 +166,13 @@ class ClientConfigResource(resource.Resource):
         domain = valid_domain(host[len("mta-sts."):]) if host.startswith("mta-sts.") else None
         policy = mta_sts_policy(self.suite.config)
         if domain is None or policy is None or not (yield self._hosted(domain)):
-            return Reply(404, b"not found\n")
-        return Reply(200, policy.encode("ascii"))
+            return Reply(http.NOT_FOUND, b"not found\n")
+        return Reply(http.OK, policy.encode("ascii"))
 
     def index(self, request: server.Request) -> Reply:
         hostname = html.escape(self.suite.config.hostname)
         page = _INDEX.format(hostname=hostname).encode("utf-8")
-        return Reply(200, page, b"text/html; charset=utf-8")
+        return Reply(http.OK, page, b"text/html; charset=utf-8")
 
     # -- plumbing --------------------------------------------------------------------------
     def _hosted(self, domain: str) -> defer.Deferred:
@@ -183,10 +183,10 @@ class ClientConfigResource(resource.Resource):
             log.info("autoconfig: 400 for {method} {path} from {client}: {reason}",
                      method=request.method.decode("latin-1"), path=request.path.decode("latin-1"),
                      client=_client(request), reason=str(failure.value))
-            return Reply(400, f"bad request: {failure.value}\n".encode("utf-8"))
+            return Reply(http.BAD_REQUEST, f"bad request: {failure.value}\n".encode("utf-8"))
         log.failure("autoconfig: error answering {path}", failure,
                     path=request.path.decode("latin-1"))
-        return Reply(503, b"temporarily unavailable\n")
+        return Reply(http.SERVICE_UNAVAILABLE, b"temporarily unavailable\n")
 
     def _respond(self, reply: Reply, request: server.Request, finished: list[bool]) -> None:
         if finished:
