@@ -41,8 +41,12 @@ def test_sync_timing(tmp_path):
     time.sleep(1.1)  # directory mtimes older than 1 s are trusted
     inbox.sync()
     timed("unchanged folder, same process", inbox.sync)
+    del inbox
+    account.store._recent.clear()  # drop the first store's cached state: measure one copy
+    rss_before = _rss_kib()
     fresh = MailStore(str(tmp_path)).account("bench@example.org").folder("INBOX")
     assert len(timed("first sync in a fresh process", fresh.sync)) == N
+    rss_after = _rss_kib()
     with open(os.path.join(new, "1800000000.M1P1Q1.host,S=5"), "wb") as f:
         f.write(b"hello")
     assert len(timed("sync after one delivery", fresh.sync)) == N + 1
@@ -52,3 +56,16 @@ def test_sync_timing(tmp_path):
     print()
     for label, seconds in results.items():
         print(f"{N} messages: {label}: {seconds * 1000:.1f} ms")
+    print(f"{N} messages: resident memory of one cached folder state: "
+          f"~{(rss_after - rss_before) / 1024:.0f} MiB")
+
+
+def _rss_kib() -> int:
+    import gc
+
+    gc.collect()
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0

@@ -7,6 +7,7 @@ import itertools
 import os
 import secrets
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -263,7 +264,7 @@ class UidList:
                 uid = int(uid_s)
             except ValueError:
                 continue
-            key = name.split(":", 1)[0]
+            key = sys.intern(name.split(":", 1)[0])
             uids[key] = uid
             seen.add(key)
             if ext:

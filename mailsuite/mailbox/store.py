@@ -19,6 +19,7 @@ import fcntl
 import os
 import secrets
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -74,7 +75,8 @@ class MessageInfo:
     key: the Maildir base name before ':2,' (POP3 UIDL, stable identity).
     flags: IMAP flags (system flags and keywords; never \\Recent).
     size: octets of the stored file (CRLF line endings), internaldate: POSIX time.
-    path: absolute path of the file as of the last sync (it changes when flags change).
+    name: the file name in cur/ as of the last sync (it changes when flags change);
+    path: the same as an absolute path (computed: the folder prefix is one shared string).
     """
 
     uid: int
@@ -82,7 +84,12 @@ class MessageInfo:
     flags: frozenset
     size: int
     internaldate: float
-    path: str
+    name: str
+    cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
+
+    @property
+    def path(self) -> str:
+        return self.cur_dir + self.name
 
 
 class MailStore:
@@ -610,21 +617,20 @@ class Folder:
                     raise NoSuchMessage(f"no message with UID {uid}")
                 wanted = frozenset(f for f in change(info.flags) if f != "\\Recent")
                 keywords = state.keywords_for(wanted)
-                name = os.path.basename(info.path)
+                name = info.name
                 _, old_letters = split_name(name)
                 letters = flags_to_letters(wanted, keywords, keep=old_letters)
                 new_name = info_name(info.key, letters)
                 stored = letters_to_flags(letters, keywords)
-                if new_name == name and os.path.dirname(info.path).endswith("cur"):
+                if new_name == name:
                     return stored
-                new_path = os.path.join(self.path, "cur", new_name)
                 try:
-                    os.rename(info.path, new_path)
+                    os.rename(info.path, info.cur_dir + new_name)
                 except FileNotFoundError:
                     continue
                 state.files[info.key] = new_name
                 state.infos[uid] = MessageInfo(uid, info.key, stored, info.size,
-                                               info.internaldate, new_path)
+                                               info.internaldate, new_name, info.cur_dir)
                 state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")
@@ -654,7 +660,6 @@ class _FolderState:
         self.meta_pending: list[str] = []  # keys whose meta is not in mailsuite-index yet
         self.meta_lines = 0
         self.infos: dict[int, MessageInfo] = {}
-        self.key_uid: dict[str, int] = {}
         self.snapshot: list[MessageInfo] | None = None
         self.synced = False
         self.unclaimed_recent: set[int] = set()
@@ -685,9 +690,10 @@ class _FolderState:
         removed: set[str] = set()
         if st_cur.st_mtime_ns != self.cur_mtime:
             files = {}
+            intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
             for n in os.listdir(cur_dir):
                 if n[0] != ".":
-                    files[n.split(":", 1)[0]] = n
+                    files[intern(n.split(":", 1)[0])] = n
             old = self.files
             if old:
                 touched = {k for k, n in files.items() if old.get(k) != n}
@@ -715,8 +721,8 @@ class _FolderState:
         elif touched or removed:
             self._update(touched, removed)
         for key in recent_new:
-            uid = self.key_uid.get(key)
-            if uid is not None:
+            uid = uids.get(key)
+            if uid is not None and uid in self.infos:
                 self.unclaimed_recent.add(uid)
         self.synced = True
         if self.meta_pending:
@@ -744,17 +750,27 @@ class _FolderState:
         return moved
 
     def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
-        path = self.cur_prefix + name
-        meta = self.meta.get(key)
+        meta = self._meta_for(key)
         if meta is None:
-            meta = self._stat_meta(key, path)
+            meta = self._stat_meta(key, self.cur_prefix + name)
             if meta is None:
                 return None
         letters = name.partition(":2,")[2]
         flags = self.flag_cache.get(letters)
         if flags is None:
             flags = self.flag_cache[letters] = letters_to_flags(letters, self.keywords)
-        return MessageInfo(uid, key, flags, meta[0], meta[1], path)
+        return MessageInfo(uid, key, flags, meta[0], meta[1], name, self.cur_prefix)
+
+    def _meta_for(self, key: str) -> tuple[int, float] | None:
+        """(size, internaldate) from the index, or from the message we already list."""
+        meta = self.meta.get(key)
+        if meta is not None:
+            return meta
+        uid = self.uidlist.uids.get(key) if self.uidlist else None
+        info = self.infos.get(uid) if uid is not None else None
+        if info is not None and info.key == key:
+            return (info.size, info.internaldate)
+        return None
 
     def _rebuild_all(self) -> None:
         uids = self.uidlist.uids if self.uidlist else {}
@@ -766,23 +782,25 @@ class _FolderState:
         for uid, key in sorted((uids[k], k) for k in files if k in uids):
             name = files[key]
             prev = old.get(uid)
-            if prev is not None and prev.key == key and prev.path == prefix + name:
+            if prev is not None and prev.key == key and prev.name == name:
                 infos[uid] = prev
                 continue
             info = self._make_info(uid, key, name)
             if info is not None:
                 infos[uid] = info
         self.infos = infos
-        self.key_uid = {i.key: u for u, i in infos.items()}
         self._changed()
+        if not self.meta_pending:
+            self._drop_listed_meta()
 
     def _update(self, touched: set[str], removed: set[str]) -> None:
         uids = self.uidlist.uids if self.uidlist else {}
         infos = self.infos
         for key in removed:
-            uid = self.key_uid.pop(key, None)
-            if uid is not None:
-                infos.pop(uid, None)
+            uid = uids.get(key)
+            info = infos.get(uid) if uid is not None else None
+            if info is not None and info.key == key:
+                del infos[uid]
         self._load_meta()
         last = next(reversed(infos)) if infos else 0
         out_of_order = False
@@ -797,7 +815,6 @@ class _FolderState:
                 else:
                     last = uid
             infos[uid] = info
-            self.key_uid[key] = uid
         if out_of_order:
             # A UID below ones we already list (given by another process to a file it had
             # in new/): keep the dict in UID order.
@@ -908,8 +925,10 @@ class _FolderState:
                     self.infos = dict(sorted(self.infos.items()))
                 else:
                     self.infos[uid] = info
-                self.key_uid[key] = uid
+                if key in self.meta:
+                    self.meta_pending.append(key)
             self._changed()
+            self._save_meta()
         return result
 
     def forget_uids(self, uids: list[int]) -> None:
@@ -938,7 +957,6 @@ class _FolderState:
             info = self.infos.pop(uid, None)
             if info is not None:
                 self.files.pop(info.key, None)
-                self.key_uid.pop(info.key, None)
                 self.meta.pop(info.key, None)
         self.unclaimed_recent -= gone
         self._changed()
@@ -1013,26 +1031,38 @@ class _FolderState:
         self.meta_lines = count
 
     def _save_meta(self) -> None:
-        """Append new entries; rewrite (compact) when most lines are for deleted messages."""
+        """Append new entries; rewrite (compact) when most lines are for deleted messages.
+        Afterwards the values live only in the MessageInfo objects (memory: one copy)."""
         path = os.path.join(self.path, INDEX)
-        meta = self.meta
-        pending = [k for k in self.meta_pending if k in meta]
+        entries = []
+        for key in self.meta_pending:
+            meta = self._meta_for(key)
+            if meta is not None:
+                entries.append((key, meta))
         self.meta_pending = []
         try:
-            if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
+            if self.meta_lines and self.meta_lines + len(entries) < 2 * len(self.files) + 1000:
                 with open(path, "ab") as f:
-                    f.write("".join(f"{k}\t{meta[k][0]}\t{meta[k][1]!r}\n" for k in pending)
+                    f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
-                self.meta_lines += len(pending)
-                return
-            live = {k: v for k, v in meta.items() if k in self.files}
-            self.meta = live
-            out = ["mailsuite-index 1"]
-            out += [f"{k}\t{s}\t{d!r}" for k, (s, d) in live.items()]
-            atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
-            self.meta_lines = len(live)
+                self.meta_lines += len(entries)
+            else:
+                live = {i.key: (i.size, i.internaldate) for i in self.infos.values()}
+                for key, meta in entries:
+                    live.setdefault(key, meta)
+                out = ["mailsuite-index 1"]
+                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in live.items()]
+                atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
+                self.meta_lines = len(live)
         except OSError:
-            return  # a cache: failing to write it costs speed, not correctness
+            pass  # a cache: failing to write it costs speed, not correctness
+        self._drop_listed_meta()
+
+    def _drop_listed_meta(self) -> None:
+        infos, uids = self.infos, (self.uidlist.uids if self.uidlist else {})
+        if self.meta:
+            self.meta = {k: m for k, m in self.meta.items()
+                         if (u := uids.get(k)) is None or u not in infos}
 
 
 def _ascending(infos: dict[int, MessageInfo]) -> bool:
