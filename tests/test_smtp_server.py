@@ -221,6 +221,19 @@ def test_pipelined_commands_with_slow_validation_are_answered_in_order(double):
     assert entry["recipients"] == ["alice@example.org", "bob@example.org"]
 
 
+def test_large_pipelined_burst_while_a_lookup_is_pending(double):
+    # 240 KB of pipelined commands behind a slow RCPT: reading is paused past 64 KiB and resumed
+    # after the reply; every command is answered, in order, and memory stays bounded.
+    c = Raw(double.ports["mx"])
+    ehlo(c)
+    n = 40000
+    c.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\n" + b"NOOP\r\n" * n
+           + b"RSET\r\n")
+    codes = [c.reply()[1][0][:9] for _ in range(n + 3)]
+    assert codes[0] == b"250 2.1.0" and codes[1] == b"250 2.1.5"
+    assert set(codes[2:]) == {b"250 2.0.0"}
+
+
 def test_pipelined_quit_after_data_still_gets_the_250(double):
     # Stock ESMTP went back to command mode before eomReceived finished: a pipelined QUIT could
     # close the connection before the 250 was written (TWISTED-NOTES §1.5).
