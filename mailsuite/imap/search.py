@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mailsuite.imap import message as mimeparse
-from mailsuite.imap.parser import Atom, ParseError, SequenceSet, Token, astring, number, search_date, \
+from mailsuite.imap.parser import Atom, ParseError, Token, astring, number, search_date, \
     sequence_set
 
 FLAG_KEYS = {

@@ -16,6 +16,7 @@ import base64
 import bisect
 import mmap
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -32,7 +33,7 @@ from mailsuite.imap import message as mime
 from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
 from mailsuite.imap.parser import (Atom, FetchAtt, LITERAL_MARKER, ParseError, SequenceSet, Str,
-                                   astring, atom, date_time, fetch_atts, format_internaldate,
+                                   astring, date_time, fetch_atts, format_internaldate,
                                    format_set, sequence_set, tokenize)
 
 log = Logger()
@@ -727,13 +728,12 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         existing, subscribed = yield self.io(_folders_and_subs, self.account)
         special = {n: self.account.special_use(n) for n in existing}
         ref_s = decode_name(ref) if ref else ""
-        import re as _re
-
         matchers = []
         for p in patterns:
             pat = ref_s + decode_name(p) if p else ref_s
-            rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else _re.escape(c) for c in pat)
-            matchers.append(_re.compile("^" + rx + "$", _re.I if pat.upper().startswith("INBOX") else 0))
+            # RFC 3501 §6.3.8: `*` matches across the delimiter, `%` does not.
+            rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pat)
+            matchers.append(re.compile("^" + rx + "$", re.I if pat.upper().startswith("INBOX") else 0))
 
         def matches(n: str) -> bool:
             for m in matchers:
@@ -758,7 +758,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             if n in exist_set:
                 attrs.append("\\HasChildren" if children else "\\HasNoChildren")
             use = special.get(n)
-            if use and (not return_opts or b"SPECIAL-USE" in return_opts or True):
+            if use:  # RFC 6154 §3: attributes may always be returned, not only on request
                 attrs.append(use)
             if b"SUBSCRIBED" in select_opts or b"SUBSCRIBED" in return_opts:
                 if n in sub_set:
@@ -1202,15 +1202,6 @@ COMMANDS["selected"] = COMMANDS["auth"] | {
 
 
 # -- helpers run in the io pool ------------------------------------------------------------------
-
-def _sleep(reactor: Any, seconds: float) -> defer.Deferred:
-    from twisted.internet import task
-
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
-_token_checks: dict[str, tuple] = {}
-
 
 def _shared_token(proto: IMAPServer, folder: Any) -> defer.Deferred:
     """folder.state_token(), computed at most once per IDLE_POLL*0.8 s per folder path."""
