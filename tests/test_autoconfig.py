@@ -141,7 +141,8 @@ def test_autodiscover_pox(hosted, path):
     assert headers["content-type"].startswith("application/xml")
     account = ET.fromstring(body).find(f"{OUTLOOK_NS}Response/{OUTLOOK_NS}Account")
     assert account.findtext(f"{OUTLOOK_NS}Action") == "settings"
-    protocols = {p.findtext(f"{OUTLOOK_NS}Type"): p for p in account.findall(f"{OUTLOOK_NS}Protocol")}
+    protocols = {p.findtext(f"{OUTLOOK_NS}Type"): p
+                 for p in account.findall(f"{OUTLOOK_NS}Protocol")}
     assert set(protocols) == {"IMAP", "POP3", "SMTP"}
     expected = {"IMAP": "imaps", "POP3": "pop3s", "SMTP": "submissions"}
     for kind, protocol in protocols.items():
@@ -194,12 +195,14 @@ def test_apple_mobileconfig(hosted):
     assert mail["PayloadType"] == "com.apple.mail.managed"
     assert mail["EmailAddress"] == mail["IncomingMailServerUsername"] == "o'hara&co@example.org"
     assert mail["EmailAccountType"] == "EmailTypeIMAP"
-    assert mail["IncomingMailServerHostName"] == mail["OutgoingMailServerHostName"] == hosted.hostname
+    assert mail["IncomingMailServerHostName"] == hosted.hostname
+    assert mail["OutgoingMailServerHostName"] == hosted.hostname
     assert mail["IncomingMailServerPortNumber"] == hosted.ports["imaps"]
     assert mail["OutgoingMailServerPortNumber"] == hosted.ports["submissions"]
     assert mail["IncomingMailServerUseSSL"] is mail["OutgoingMailServerUseSSL"] is True
     # No password in the profile: the device asks for it.
-    assert not [k for k in mail if "Password" in k and k != "OutgoingPasswordSameAsIncomingPassword"]
+    assert not [k for k in mail
+                if "Password" in k and k != "OutgoingPasswordSameAsIncomingPassword"]
     # Downloading it again gives the same identifiers (the profile replaces itself).
     again = plistlib.loads(request(hosted, "GET", "/apple/mailsuite.mobileconfig?"
                                    "emailaddress=o'hara%26co@example.org")[2])

@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 
 from mailsuite.autoconfig.settings import ClientServer, preferred
 
-AUTODISCOVER_REQUEST_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/requestschema/2006"
-AUTODISCOVER_RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/responseschema/2006"
-OUTLOOK_RESPONSE_NS = "http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a"
+_SCHEMAS = "http://schemas.microsoft.com/exchange/autodiscover/"
+AUTODISCOVER_RESPONSE_NS = _SCHEMAS + "responseschema/2006"
+OUTLOOK_RESPONSE_NS = _SCHEMAS + "outlook/responseschema/2006a"
 MOBILECONFIG_CONTENT_TYPE = b"application/x-apple-aspen-config"
 
 

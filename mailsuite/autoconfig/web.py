@@ -97,6 +97,8 @@ class ClientConfigResource(resource.Resource):
         request.notifyFinish().addBoth(lambda _: finished.append(True))
         d.addErrback(self._failed, request)
         d.addCallback(self._respond, request, finished)
+        d.addErrback(lambda failure: log.failure("autoconfig: could not send the answer",
+                                                 failure))
         return server.NOT_DONE_YET
 
     # -- documents -------------------------------------------------------------------------
