@@ -68,6 +68,9 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.per_ip: Counter[str] = Counter()
         self.throttle = AuthThrottle(self.config.limits.auth_failure_delay)
         self._tls_context: Any = None
+        if not implicit_tls and getattr(suite, "tls", None) is not None:
+            # Read the certificate now, at start-up, not on the reactor thread at first STARTTLS.
+            self._tls_context = suite.tls.server_context()
 
     def buildProtocol(self, addr: Any) -> "SMTPServer":
         p = SMTPServer()
@@ -301,8 +304,9 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             # Only protocol errors count: refused recipients are normal on a busy MX.
             self._errors += 1
             if self._errors > MAX_ERRORS:
+                log.info("closing {client_ip}: too many errors", client_ip=self.client_ip)
                 self.transport.write(replies.TOO_MANY_ERRORS.lines())
-                self._close()
+                self._close(linger=0.5)
 
     # -- commands -------------------------------------------------------------------------------
     def _dispatch(self, raw: bytes) -> Reply | defer.Deferred | None:
@@ -619,7 +623,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             if self._auth_failures >= self.limits.max_auth_failures:
                 self._send(replies.AUTH_FAILED)
                 self._send(replies.AUTH_TOO_MANY_FAILURES)
-                self._close()
+                self._close(linger=0.5)
                 return None
             return replies.AUTH_FAILED
 
