@@ -399,3 +399,29 @@ def test_pop3_stls_download(mail, profiles):
     # apart from that it is what RETR sent.
     body = re.sub(rb"\A((X-Mozilla-[A-Za-z0-9-]+|X-Account-Key|X-UIDL):[^\n]*\n)+", b"", body)
     assert body == stored.replace(b"\r\n", b"\n")
+
+
+# -- nothing went wrong underneath ----------------------------------------------------------------
+
+def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
+    """Thunderbird hides some failures (it shrugs off a failed IDLE and polls instead): read its
+    own protocol trace for error replies, and the server log for tracebacks. Runs last."""
+    problems = []
+    for name, tb in profiles.items():
+        sent: dict[tuple[str, str], str] = {}  # (connection, tag) -> command
+        for line in tb.protocol_log(last=10 ** 6).splitlines():
+            match = re.search(r"I/IMAP (\w+):[^:]*:[^:]*:(SendData|CreateNewLineFromSocket): (.*)",
+                              line)
+            if not match:
+                continue
+            connection, kind, text = match.groups()
+            tag = text.split(" ")[0]
+            if kind == "SendData":
+                sent[(connection, tag)] = text
+            elif re.match(r"(\d+|\*) (BAD|NO \[SERVERBUG\])", text):
+                problems.append(f"{name}: {sent.get((connection, tag), '?')!r} -> {text!r}")
+    log = mail.log_text()
+    if "Traceback" in log:
+        start = log.index("Traceback")
+        problems.append("server log:\n" + log[max(0, start - 300):start + 1500])
+    assert not problems, "\n".join(problems[:10])
