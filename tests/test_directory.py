@@ -113,6 +113,22 @@ def populate(store: DirectoryStore) -> None:
         store.add_user(address, password_hash=_HASH)
 
 
+def test_sqlite_file_is_private_and_owned_by_the_data_directory_owner(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    if os.geteuid() == 0:
+        os.chown(data, 65534, 65534)  # as when the server runs with twistd --uid nobody
+    store = DirectoryStore("sqlite:///" + str(data / "mailsuite.db"))
+    try:
+        store.prepare()
+        store.add_domain("example.org")
+    finally:
+        store.close()
+    info = os.stat(data / "mailsuite.db")
+    assert info.st_mode & 0o777 == 0o600
+    assert info.st_uid == os.stat(data).st_uid
+
+
 # -- schema and domains --------------------------------------------------------------------------
 def test_prepare_is_idempotent_and_data_survives(store, db_url):
     store.add_domain("example.org")

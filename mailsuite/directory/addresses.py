@@ -75,13 +75,6 @@ def canonical_address(address: str) -> str:
     return f"{local.lower()}@{domain}"
 
 
-def remote_address(address: str) -> str:
-    """A valid address outside our domains: the local part keeps its case (RFC 5321 §2.4 leaves
-    it to the remote host), the domain is lower-cased."""
-    local, domain = split_address(address)
-    return f"{local}@{domain}"
-
-
 def alias_source(source: str) -> tuple[str, str]:
     """(canonical source, domain) of an alias source: a full address or a catch-all `@domain`."""
     if isinstance(source, str) and source.strip().startswith("@"):

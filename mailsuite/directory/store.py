@@ -34,8 +34,7 @@ from twisted.logger import Logger
 
 from mailsuite.directory import passwords
 from mailsuite.directory.addresses import (alias_source, canonical_address, loose_split,
-                                           normalize_domain, remote_address, split_address,
-                                           strip_tag)
+                                           normalize_domain, split_address, strip_tag)
 from mailsuite.directory.models import SCHEMA_VERSION, Alias, Base, Domain, SchemaInfo, User
 from mailsuite.directory.records import (AliasInfo, DirectoryError, DirectoryUnavailable,
                                          DomainInfo, Route, UserInfo)
@@ -54,6 +53,10 @@ class DirectoryStore:
         self.url = url
         self.admin_address = admin_address.strip()
         self.engine = _make_engine(url)
+        database = self.engine.url.database or ""
+        self._new_sqlite_file = (self.engine.url.get_backend_name() == "sqlite"
+                                 and database not in ("", ":memory:")
+                                 and not os.path.exists(database))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -69,14 +72,41 @@ class DirectoryStore:
             # of the two CREATE TABLEs loses; the tables exist now.
             time.sleep(0.5)
             self._create_tables()
-        with self._unit(write=True) as s:
+        with self._unit() as s:
             version = s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1))
-            if version is None:
-                s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
-            elif version > SCHEMA_VERSION:
-                raise DirectoryError(f"the database has directory schema version {version}, "
-                                     f"newer than this mailsuite knows ({SCHEMA_VERSION}): "
-                                     "upgrade mailsuite")
+        if version is None:
+            with self._unit(write=True) as s:
+                if s.scalar(select(SchemaInfo.version).where(SchemaInfo.id == 1)) is None:
+                    s.add(SchemaInfo(id=1, version=SCHEMA_VERSION))
+        elif version > SCHEMA_VERSION:
+            raise DirectoryError(f"the database has directory schema version {version}, newer "
+                                 f"than this mailsuite knows ({SCHEMA_VERSION}): upgrade mailsuite")
+        self._give_sqlite_file_to_data_owner()
+
+    def _give_sqlite_file_to_data_owner(self) -> None:
+        """`mailsuite user add` run as root must not leave a root-owned database behind that the
+        server, running as an unprivileged user (twistd --uid), can no longer write."""
+        path = self.engine.url.database if self.engine.url.get_backend_name() == "sqlite" else ""
+        if not path or path == ":memory:" or path.startswith("file:"):
+            return
+        if self._new_sqlite_file:
+            self._new_sqlite_file = False
+            try:
+                os.chmod(path, 0o600)  # password hashes: nobody else's business
+            except OSError:
+                pass
+        if os.geteuid() != 0:
+            return
+        try:
+            owner = os.stat(os.path.dirname(os.path.abspath(path)))
+            if owner.st_uid == 0:
+                return
+            for name in (path, path + "-wal", path + "-shm"):
+                if os.path.exists(name) and os.stat(name).st_uid == 0:
+                    os.chown(name, owner.st_uid, owner.st_gid)
+        except OSError as e:
+            log.warn("could not hand {path} to the data directory's owner: {error}", path=path,
+                     error=e.strerror)
 
     def _create_tables(self) -> None:
         with _translate_errors(self.url):
@@ -103,7 +133,8 @@ class DirectoryStore:
                 .outerjoin(users, users.c.domain_id == Domain.id)
                 .outerjoin(aliases, aliases.c.domain_id == Domain.id)
                 .order_by(Domain.name)).all()
-        return [DomainInfo(name, _aware(created), int(nu), int(na)) for name, created, nu, na in rows]
+        return [DomainInfo(name, _aware(created), int(nu), int(na))
+                for name, created, nu, na in rows]
 
     def remove_domain(self, name: str, force: bool = False) -> tuple[int, int]:
         """Remove a domain; (users removed, alias sources removed). Refuses while it still has users
@@ -176,7 +207,8 @@ class DirectoryStore:
             if domain is not None:
                 query = query.where(User.domain_id == self._domain_id(s, normalize_domain(domain)))
             rows = s.execute(query).all()
-        return [UserInfo(address, bool(enabled), _aware(created)) for address, enabled, created in rows]
+        return [UserInfo(address, bool(enabled), _aware(created))
+                for address, enabled, created in rows]
 
     def get_user(self, address: str) -> UserInfo | None:
         canonical = canonical_address(address)
