@@ -67,6 +67,9 @@ def parse_path_argument(arg: str, prefix: str, allow_utf8: bool = False,
         if not allow_null:
             raise PathError("null path not allowed here")
         return PathArgument("", params)
+    if path.lower() == "postmaster" and prefix == "TO:":
+        # RFC 5321 §4.1.1.3: "RCPT TO:<Postmaster>" without a domain must be accepted.
+        return PathArgument("postmaster", params)
     return PathArgument(check_address(path, allow_utf8), params)
 
 

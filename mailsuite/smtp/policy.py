@@ -54,6 +54,24 @@ class Policy:
     def check_recipient(self, session: Session, address: str) -> defer.Deferred:
         return defer.succeed(RecipientDecision(replies.RELAY_DENIED))
 
+    @defer.inlineCallbacks
+    def route(self, address: str):
+        """The directory's Route; bare "postmaster" (RFC 5321 §4.1.1.3) is postmaster of our
+        host name, or the configured admin address when that is not a hosted domain."""
+        directory = self.suite.directory
+        if address == "postmaster":
+            route = yield directory.route("postmaster@" + self.suite.config.hostname)
+            admin = self.suite.config.server.admin_address
+            if not route.exists and admin:
+                route = yield directory.route(admin)
+                if not route.hosted:
+                    from mailsuite.directory.api import Route
+
+                    # Forwarded like an alias to a remote target.
+                    route = Route("postmaster", hosted=True, remote=(admin,))
+            return route
+        return (yield directory.route(address))
+
 
 class MXPolicy(Policy):
     """Port 25: mail for our users from anyone, never relaying, never AUTH (issue 2)."""
@@ -62,7 +80,7 @@ class MXPolicy(Policy):
 
     @defer.inlineCallbacks
     def check_recipient(self, session: Session, address: str):
-        route = yield self.suite.directory.route(address).addErrback(_lookup_failed)
+        route = yield self.route(address).addErrback(_lookup_failed)
         if isinstance(route, RecipientDecision):
             return route
         if not route.hosted:
@@ -104,7 +122,7 @@ class SubmissionPolicy(Policy):
     def check_recipient(self, session: Session, address: str):
         if session.auth_user is None:
             return RecipientDecision(replies.AUTH_REQUIRED)
-        route = yield self.suite.directory.route(address).addErrback(_lookup_failed)
+        route = yield self.route(address).addErrback(_lookup_failed)
         if isinstance(route, RecipientDecision):
             return route
         if route.hosted and not route.exists:
