@@ -405,7 +405,8 @@ def test_pop3_stls_download(mail, profiles):
 
 def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     """Thunderbird hides some failures (it shrugs off a failed IDLE and polls instead): read its
-    own protocol trace for error replies, and the server log for tracebacks. Runs last."""
+    own IMAP, SMTP and POP3 traces for error replies, and the server log for tracebacks. Runs
+    last."""
     problems = []
     for name, tb in profiles.items():
         sent: dict[tuple[str, str], str] = {}  # (connection, tag) -> command
@@ -420,6 +421,16 @@ def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
                 sent[(connection, tag)] = text
             elif re.match(r"(\d+|\*) (BAD|NO \[SERVERBUG\])", text):
                 problems.append(f"{name}: {sent.get((connection, tag), '?')!r} -> {text!r}")
+        # SMTP and POP3: any 4xx/5xx or -ERR reply to what Thunderbird sent.
+        command = "?"
+        for line in tb.console_trace(last=10 ** 6).splitlines():
+            match = re.search(r'"([CS]): (.*)"$', line)
+            if not match:
+                continue
+            if match.group(1) == "C":
+                command = match.group(2)
+            elif re.match(r"(-ERR|[45]\d\d[ -])", match.group(2)):
+                problems.append(f"{name}: {command!r} -> {match.group(2)!r}")
     log = mail.log_text()
     if "Traceback" in log:
         start = log.index("Traceback")

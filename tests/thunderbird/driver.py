@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -63,6 +64,12 @@ BASE_PREFS: dict[str, Any] = {
     "mailnews.headers.showSender": False,
     "mail.tabs.drawInTitlebar": False,
     "mail.uidensity": 1,
+    # SMTP and POP3 are JavaScript in Thunderbird 153: their traces go to the console, which
+    # these prefs send to stdout, i.e. <profile>.log (IMAP is traced with MOZ_LOG instead).
+    "mailnews.smtp.loglevel": "All",
+    "mailnews.pop3.loglevel": "All",
+    "devtools.console.stdout.chrome": True,
+    "browser.dom.window.dump.enabled": True,
 }
 
 
@@ -219,6 +226,12 @@ class Thunderbird:
                     lines += f.read().splitlines()
         return "\n".join(lines[-last:])
 
+    def console_trace(self, last: int = 60) -> str:
+        """The last lines of Thunderbird's SMTP and POP3 traces (console output, see prefs)."""
+        lines = [line for line in self.log_text().splitlines()
+                 if "mailnews.smtp:" in line or re.search(r"console\.\w+: pop3\.", line)]
+        return "\n".join(lines[-last:])
+
     def log_text(self) -> str:
         try:
             with open(self.log_path, errors="replace") as f:
@@ -265,7 +278,8 @@ class Thunderbird:
         return result["ok"]
 
     def _trace(self) -> str:
-        return "\n--- Thunderbird protocol trace (last lines) ---\n" + self.protocol_log(80)
+        return ("\n--- Thunderbird IMAP trace (last lines) ---\n" + self.protocol_log(80)
+                + "\n--- Thunderbird SMTP/POP3 trace (last lines) ---\n" + self.console_trace(40))
 
     def _dialog_report(self) -> str:
         try:
