@@ -1,6 +1,7 @@
 """SMTP dialog tests: each tests/dialogs/*.txt file is a small conversation with the real server.
 
-The runner reads and checks the 220 greeting itself. Format, one directive per line (blank lines and lines starting with '#' are ignored):
+The runner reads and checks the 220 greeting itself. Format, one directive per line (blank
+lines and lines starting with '#' are ignored):
     PORT: mx|submission|submissions   which listener (first directive; default mx)
     C: text          send text + CRLF
     C! raw           send raw bytes; escapes \\r \\n \\t \\0 \\xNN \\\\; no CRLF is added
