@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import bisect
+import functools
 import mmap
 import os
 import re
@@ -83,10 +84,24 @@ def quote(b: bytes) -> bytes:
     return mime.string(b)
 
 
+_FLAG_ORDER = {f: i for i, f in enumerate(SYSTEM_FLAGS + ("\\Recent",))}
+
+
 def flag_list(flags: Any) -> bytes:
-    order = {f: i for i, f in enumerate(SYSTEM_FLAGS)}
+    if isinstance(flags, frozenset):
+        return _flag_list_cached(flags)
+    return _flag_list(flags)
+
+
+def _flag_list(flags: Any) -> bytes:
     return b"(" + b" ".join(f.encode("utf-8") for f in sorted(
-        flags, key=lambda f: (order.get(f, 99), f))) + b")"
+        flags, key=lambda f: (_FLAG_ORDER.get(f, 99), f))) + b")"
+
+
+@functools.lru_cache(maxsize=4096)
+def _flag_list_cached(flags: frozenset) -> bytes:
+    # A folder has few distinct flag combinations: FETCH 1:* FLAGS formats each once.
+    return _flag_list(flags)
 
 
 class FileRange:
@@ -144,6 +159,8 @@ class Selection:
         self.view: list = []
         self.own: dict[int, Any] = {}
         self.token: Any = None
+        # folder.recent copies a set on every access: keep our own copy, renewed at refresh.
+        self.recent: frozenset = frozenset()
 
     def __len__(self) -> int:
         return len(self.view)
@@ -211,12 +228,26 @@ class Selection:
         if info is not None:
             self.own[uid] = _with_flags(info, flags)
 
-    def flags(self, uid: int) -> frozenset:
-        info = self.info(uid)
-        f = set(info.flags) if info else set()
-        if uid in self.folder.recent:
-            f.add("\\Recent")
-        return frozenset(f)
+    def flags(self, uid: int, info: Any = None) -> frozenset:
+        if info is None:
+            info = self.info(uid)
+        f = info.flags if info else frozenset()
+        return f | {"\\Recent"} if uid in self.recent else f
+
+    def locate(self, uids: list[int]) -> list[tuple[int, int, Any]]:
+        """(uid, seq, info) for the ascending `uids` still in the view, in one merge walk."""
+        out: list[tuple[int, int, Any]] = []
+        view, own = self.view, self.own
+        if not uids:
+            return out
+        k = bisect.bisect_left(view, uids[0], key=_uid)
+        n = len(view)
+        for u in uids:
+            while k < n and view[k].uid < u:
+                k += 1
+            if k < n and view[k].uid == u:
+                out.append((u, k + 1, own.get(u, view[k])))
+        return out
 
 
 class IMAPServer(LineReceiver, TimeoutMixin):
@@ -614,12 +645,13 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         sel = Selection(folder, readonly)
         infos, keywords, token = yield self.io(_sync_folder, folder)
         sel.view = infos
+        sel.recent = folder.recent
         sel.token = token
         flags = list(SYSTEM_FLAGS) + [k for k in keywords if k not in SYSTEM_FLAGS]
         self.send(b"* FLAGS " + flag_list(flags))
         self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + ["\\*"]) + b"] flags permitted")
         self.send(b"* %d EXISTS" % len(sel))
-        self.send(b"* %d RECENT" % len(folder.recent))
+        self.send(b"* %d RECENT" % len(sel.recent))
         for seq, info in sel.infos():
             if "\\Seen" not in info.flags:
                 self.send(b"* OK [UNSEEN %d] first unseen message" % seq)
@@ -798,9 +830,10 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             except self.store_errors() as e:
                 raise no(str(e) or "no such mailbox", R.NONEXISTENT)
         infos, _kw, _tok = yield self.io(_sync_folder, folder)
+        recent = folder.recent
         values = {
             b"MESSAGES": len(infos),
-            b"RECENT": len([i for i in infos if i.uid in folder.recent]),
+            b"RECENT": len(recent & {i.uid for i in infos}),
             b"UIDNEXT": folder.uidnext,
             b"UIDVALIDITY": folder.uidvalidity,
             b"UNSEEN": len([i for i in infos if "\\Seen" not in i.flags]),
@@ -965,7 +998,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         found: list[int] = []
         everything = list(sel.infos())
         count, max_uid = len(sel), sel.last_uid
-        recent = sel.folder.recent
+        recent = sel.recent
         needs = searchmod.needs_file(program)
         step = BATCH if needs else BATCH * 50
         for start in range(0, len(everything), step):
@@ -1000,32 +1033,33 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self.transport.registerProducer(self.gate, True)
         try:
             step = BATCH if needs_file else BATCH * 25
-            for start in range(0, len(uids), step):
-                chunk = [u for u in uids[start:start + step] if sel.has(u)]
+            chunks = [uids[i:i + step] for i in range(0, len(uids), step)]
+            pending = self.io(_compute_batch, sel.folder, chunks[0], atts) if needs_file and chunks else None
+            for ci, chunk in enumerate(chunks):
                 if needs_file:
-                    computed = yield self.io(_compute_batch, sel.folder, chunk, atts)
+                    computed = yield pending
+                    # Read the next batch in the io pool while this one is written out.
+                    if ci + 1 < len(chunks):
+                        pending = self.io(_compute_batch, sel.folder, chunks[ci + 1], atts)
                 else:
-                    computed = {u: {} for u in chunk}
+                    computed = None
                 if sets_seen:
-                    need = [u for u in chunk if "\\Seen" not in sel.info(u).flags and u in computed]
+                    need = [u for u, _, info in sel.locate(chunk) if "\\Seen" not in info.flags
+                            and (computed is None or u in computed)]
                     if need:
                         results = yield self.io(_store_flags, sel.folder, need, ["\\Seen"], b"+")
                         for u, new in results:
                             sel.set_flags(u, new)
                 out = bytearray()
-                for u in chunk:
-                    pieces = computed.get(u)
-                    if pieces is None:
-                        continue  # expunged by another session meanwhile: nothing to send
-                    seq = sel.seq_of(u)
-                    info = sel.info(u)
-                    if info is None:
-                        continue
+                for u, seq, info in sel.locate(chunk):
+                    pieces = computed.get(u) if computed is not None else None
+                    if pieces is None and computed is not None:
+                        continue  # its file vanished (expunged elsewhere): nothing to send
                     items: list = []
                     flags_sent = False
                     for a in atts:
                         if a.name == b"FLAGS":
-                            items.append(b"FLAGS " + flag_list(sel.flags(u)))
+                            items.append(b"FLAGS " + flag_list(sel.flags(u, info)))
                             flags_sent = True
                         elif a.name == b"UID":
                             items.append(b"UID %d" % u)
@@ -1181,11 +1215,12 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         before = len(sel)
         sel.view = infos
         sel.own = {}
+        sel.recent = sel.folder.recent
         for u in changed:
             self.send(b"* %d FETCH (UID %d FLAGS %s)" % (sel.seq_of(u), u, flag_list(sel.flags(u))))
         if len(sel) != before:
             self.send(b"* %d EXISTS" % len(sel))
-            self.send(b"* %d RECENT" % len(sel.folder.recent))
+            self.send(b"* %d RECENT" % len(sel.recent))
 
 
 REFRESH_AFTER = {b"CAPABILITY", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
@@ -1202,6 +1237,9 @@ COMMANDS["selected"] = COMMANDS["auth"] | {
 
 
 # -- helpers run in the io pool ------------------------------------------------------------------
+
+_token_checks: dict[str, tuple] = {}  # folder path -> (time, Deferred, [token])
+
 
 def _shared_token(proto: IMAPServer, folder: Any) -> defer.Deferred:
     """folder.state_token(), computed at most once per IDLE_POLL*0.8 s per folder path."""
