@@ -29,7 +29,7 @@ import uuid
 import pytest
 
 from tests.harness import MailServer
-from tests.thunderbird.driver import BINARY, Thunderbird
+from tests.thunderbird.driver import BINARY, Thunderbird, ThunderbirdError
 
 try:
     import marionette_driver  # noqa: F401
@@ -436,3 +436,17 @@ def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
         start = log.index("Traceback")
         problems.append("server log:\n" + log[max(0, start - 300):start + 1500])
     assert not problems, "\n".join(problems[:10])
+
+
+def test_a_dialog_fails_the_step_with_its_text(mail, alice_tb):
+    """The harness itself: a wrong SMTP password makes Thunderbird show a blocking dialog; the
+    step must fail with the dialog's text instead of hanging. (After the error check above: the
+    535 replies here are on purpose.)"""
+    alice_tb.run(r"""
+const identity = theAccount().defaultIdentity;
+MailServices.outgoingServer.getServerByIdentity(identity).password = 'not-the-password';
+""")
+    with pytest.raises(ThunderbirdError) as failure:
+        alice_tb.send(BOB, "never sent", "x\r\n")
+    assert f"Login to server {mail.hostname} with username {ALICE} failed" in str(failure.value)
+    assert alice_tb.tb.run("return 'still answering';") == "still answering"

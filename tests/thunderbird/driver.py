@@ -282,14 +282,33 @@ class Thunderbird:
                 + "\n--- Thunderbird SMTP/POP3 trace (last lines) ---\n" + self.console_trace(40))
 
     def _dialog_report(self) -> str:
-        try:
-            texts = self.client.execute_script(
-                "const v = Services.prefs.getStringPref('mailsuite.test.dialogs', '[]');"
-                "Services.prefs.setStringPref('mailsuite.test.dialogs', '[]');"
-                "return JSON.parse(v);")
-        except Exception as e:
-            return f"\n(could not read dialogs: {e})"
-        return "".join(f"\ndialog: {t}" for t in texts or [])
+        """The texts of the dialogs Thunderbird showed since the last call ("" for none).
+
+        A dialog still open makes Marionette refuse scripts ("Unexpected alert dialog"): then
+        its text is read and it is dismissed through WebDriver, and the read is tried again.
+        """
+        from marionette_driver.marionette import Alert
+
+        extra = []
+        for attempt in range(5):
+            try:
+                texts = self.client.execute_script(
+                    "const v = Services.prefs.getStringPref('mailsuite.test.dialogs', '[]');"
+                    "Services.prefs.setStringPref('mailsuite.test.dialogs', '[]');"
+                    "return JSON.parse(v);")
+                break
+            except Exception as e:
+                if attempt == 4:
+                    return f"\n(could not read dialogs: {e})"
+                try:
+                    alert = Alert(self.client)
+                    extra.append(alert.text)
+                    alert.dismiss()
+                except Exception:
+                    time.sleep(0.3)  # the watcher is closing it right now
+        seen = list(texts or [])
+        seen += [t for t in extra if t and not any(t in s for s in seen)]
+        return "".join(f"\ndialog: {t}" for t in seen)
 
     def screenshot(self, path: str) -> None:
         """PNG of the 3-pane window (chrome context)."""
