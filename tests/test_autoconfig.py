@@ -281,3 +281,43 @@ def test_wrong_mta_sts_mode_stops_start_up_with_one_line(make_server):
     assert "mailsuite: [dns] mta_sts_mode must be one of testing, enforce, none" in \
         str(failure.value)
     assert "Traceback" not in str(failure.value)
+
+
+# -- what the documents are built from ---------------------------------------------------------
+
+@pytest.mark.parametrize("description, port", [
+    ("tcp:2143:interface=127.0.0.1", 2143),
+    ("tcp:port=143", 143),
+    ("tcp6:993:interface=\\:\\:1", 993),
+    ("ssl:443:privateKey=/k.pem:certKey=/c.pem", 443),
+    ("TCP:25", 25),
+    ("unix:/run/mailsuite.sock", None),
+    ("systemd:domain=INET:index=0", None),
+    ("tcp:0", None),
+    ("tcp:http", None),
+    ("", None),
+])
+def test_ports_come_from_endpoint_strings(description, port):
+    from mailsuite.autoconfig.settings import endpoint_port
+
+    assert endpoint_port(description) == port
+
+
+@pytest.mark.parametrize("value, parsed", [
+    ("Alice@Example.ORG", ("Alice@example.org", "example.org")),
+    ("a.b+tag@sub.example.org", ("a.b+tag@sub.example.org", "sub.example.org")),
+    ("o'hara&co@example.org", ("o'hara&co@example.org", "example.org")),
+    ("anna@bücher.example", ("anna@xn--bcher-kva.example", "xn--bcher-kva.example")),
+    ("no-at-sign", None),
+    ("a@localhost", None),
+    ("a b@example.org", None),
+    ("<a>@example.org", None),
+    ('"quoted"@example.org', None),
+    ("a@-bad-.example.org", None),
+    ("a@" + "x" * 250 + ".org", None),
+    ("x" * 65 + "@example.org", None),
+])
+def test_which_addresses_are_answered(value, parsed):
+    from mailsuite.autoconfig.settings import parse_address
+
+    assert parse_address(value) == parsed
