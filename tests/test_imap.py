@@ -862,3 +862,20 @@ def test_fetch_flags_does_not_open_message_files(srv):
     d = c.fetch([1], ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE"])
     assert d[1][b"RFC822.SIZE"] == len(msg)
     c.logout()
+
+
+def test_selected_folder_deleted_by_another_session(srv):
+    c = client(srv)
+    c.create_folder("Doomed")
+    c.append("Doomed", simple("doomed"))
+    r = Raw(srv)
+    r.cmd(b"s SELECT Doomed")
+    c.delete_folder("Doomed")
+    c.logout()
+    resp = []
+    r.send(b"a NOOP\r\n")
+    with pytest.raises(ConnectionError):
+        while True:
+            resp.append(r.line())
+    assert resp and resp[0].startswith(b"* BYE"), resp
+    r.close()

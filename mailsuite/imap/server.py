@@ -1190,7 +1190,19 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             token = yield self.io(sel.folder.state_token)
         if token == sel.token:
             return
-        infos, _kw, token = yield self.io(_sync_folder, sel.folder)
+        from mailsuite.mailbox.store import NoSuchFolder
+
+        try:
+            infos, _kw, token = yield self.io(_sync_folder, sel.folder)
+        except NoSuchFolder:
+            # Deleted or renamed by another session: RFC 3501 §7.1.5 allows BYE here, and
+            # sequence numbers could no longer be kept consistent.
+            log.info("imap: selected folder {folder} of {user} vanished", folder=sel.folder.name,
+                     user=self.user)
+            self.send(b"* BYE the selected mailbox was deleted or renamed")
+            self.transport.loseConnection()
+            self.closed = True
+            return
         if self.sel is not sel:
             return
         sel.token = token
