@@ -46,6 +46,7 @@ STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the
 CHUNK = 64 * 1024
 IDLE_POLL = 0.5  # seconds between checks of the folder's state token while idling
 BATCH = 200  # messages per thread-pool call in FETCH/SEARCH
+BATCH_BYTES = 4 * 1024 * 1024  # message octets per FETCH batch (see _batches)
 
 
 class CommandError(Exception):
@@ -1032,8 +1033,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             for a in atts)
         self.transport.registerProducer(self.gate, True)
         try:
-            step = BATCH if needs_file else BATCH * 25
-            chunks = [uids[i:i + step] for i in range(0, len(uids), step)]
+            chunks = _batches(sel, uids, needs_file)
             pending = self.io(_compute_batch, sel.folder, chunks[0], atts) if needs_file and chunks else None
             for ci, chunk in enumerate(chunks):
                 if needs_file:
@@ -1285,6 +1285,26 @@ def _shared_token(proto: IMAPServer, folder: Any) -> defer.Deferred:
         return None
     d.addCallbacks(share, fail)
     return result
+
+
+def _batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]]:
+    """FETCH work units: BATCH messages per io call, and (bodies) at most BATCH_BYTES of
+    message files, so a batch and its prefetched successor stay small in memory."""
+    if not needs_file:
+        step = BATCH * 25
+        return [uids[i:i + step] for i in range(0, len(uids), step)]
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for u, _seq, info in sel.locate(uids):
+        if current and (len(current) >= BATCH or size + info.size > BATCH_BYTES):
+            out.append(current)
+            current, size = [], 0
+        current.append(u)
+        size += info.size
+    if current:
+        out.append(current)
+    return out
 
 
 def _sync_folder(folder: Any) -> tuple:
