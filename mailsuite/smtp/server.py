@@ -181,7 +181,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             # syscalls per command, a noticeable share of the reactor's time under load.
             if len(self._buffer) > PENDING_INPUT_CAP:
                 self._send(replies.LINE_FLOOD)
-                self._close()
+                self._close(linger=0.5)
                 return
             if len(self._buffer) > PAUSE_THRESHOLD and not self._paused:
                 self._paused = True
