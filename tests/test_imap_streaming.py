@@ -82,3 +82,18 @@ def test_idle_connection_is_logged_out_after_imap_timeout(big_server):
     with pytest.raises((ConnectionError, OSError)):
         r.line()
     r.close()
+
+
+def test_connections_per_ip_are_limited(make_server):
+    s: MailServer = make_server(listeners=["imaps"], extra={"limits": {"max_connections_per_ip": 3}})
+    conns = [Raw(s, login_as=None) for _ in range(3)]
+    extra = socket.create_connection(("127.0.0.1", s.ports["imaps"]), timeout=10)
+    tls = s.ssl_context().wrap_socket(extra)
+    assert tls.recv(4096).startswith(b"* BYE")
+    tls.close()
+    conns.pop().close()
+    time.sleep(0.3)
+    again = Raw(s, login_as=None)  # a slot is free again
+    assert again.greeting.startswith(b"* OK")
+    for c in conns + [again]:
+        c.close()

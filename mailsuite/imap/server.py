@@ -285,7 +285,12 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         self.setTimeout(self.config.limits.imap_timeout)
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] mailsuite IMAP4rev1 ready")
 
+    on_close: Any = None  # set by the factory: connection accounting per client IP
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
         self.closed = True
         self.setTimeout(None)
         self.gate.stopProducing()
