@@ -42,7 +42,7 @@ pytestmark = [
                        reason="Thunderbird is not installed (Debian package `thunderbird`)"),
     pytest.mark.skipif(not HAVE_MARIONETTE,
                        reason="the marionette-driver package (PyPI) is not installed"),
-    pytest.mark.timeout(90),
+    pytest.mark.timeout(180),  # includes the shared set-up (Thunderbird start-up) on a busy machine
 ]
 
 from tests.thunderbird.mail import (SOCKET_SSL, SOCKET_STARTTLS, TBAccount,  # noqa: E402
