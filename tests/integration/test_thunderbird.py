@@ -9,6 +9,9 @@
    recipient's Maildir and Thunderbird's copy lands in Sent (IMAP APPEND).
 4. Mark read, flag, archive, delete to Trash, empty Trash; each change checked with imaplib.
 5. A second profile downloads INBOX over POP3 with STLS.
+Also: Thunderbird's own Autodiscover client reads our POX answer; Thunderbird's IMAP/SMTP/POP3
+traces and the server log show no error replies or tracebacks; and a blocking dialog (wrong SMTP
+password) fails a step with its text instead of hanging the run.
 
 The self-signed server certificate is accepted with a per-host:port override in the profile (what
 "Confirm Security Exception" stores), never by switching TLS off. Set MAILSUITE_UPDATE_SCREENSHOT=1
