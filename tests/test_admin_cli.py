@@ -15,6 +15,7 @@ import sys
 import time
 
 import pytest
+from passlib.hash import sha512_crypt
 
 from mailsuite.directory import DirectoryStore
 from mailsuite.directory import passwords
@@ -145,6 +146,17 @@ def test_user_commands(cli):
         assert store.password_record("bob@example.org")[2] is True
         cli.refused("user", "disable", "nobody@example.org", match="no user nobody@example.org")
         cli.refused("user", "enable", "x@unknown.example", match="unknown domain unknown.example")
+
+        # Importing an existing (Dovecot) hash instead of a password.
+        dovecot = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("dave pw")
+        cli.ok("user", "add", "dave@example.org", "--hash-stdin", input=dovecot + "\n")
+        assert store.password_record("dave@example.org")[1] == dovecot
+        cli.refused("user", "add", "erin@example.org", "--hash-stdin", input="garbage\n",
+                    match="unrecognised password hash")
+        cli.refused("user", "passwd", "dave@example.org", "--hash-stdin", input="{FOO}x\n",
+                    match="unrecognised password hash")
+        assert cli.run("user", "add", "erin@example.org", "--hash-stdin", "--password-stdin",
+                       input="x\n").returncode == 2
 
         assert "removed user bob@example.org" in cli.ok("user", "remove", "bob@example.org")
         assert store.password_record("bob@example.org") is None
@@ -334,9 +346,20 @@ def test_running_server_sees_cli_changes(make_server):
     server.admin("user", "enable", "carol@example.org")
     assert submission_login(server, "carol@example.org", "changed") == 235
 
+    # A Dovecot hash imported with the CLI logs in, and is rehashed to argon2id by the server.
+    dovecot = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("dave pw")
+    server.admin("user", "add", "dave@example.org", "--hash-stdin", input=dovecot + "\n")
+    assert submission_login(server, "Dave@example.org", "dave pw") == 235
+    store = DirectoryStore(f"sqlite:///{server.data_dir}/mailsuite.db")
+    try:
+        assert store.password_record("dave@example.org")[1].startswith("$argon2id$")
+    finally:
+        store.close()
+    assert submission_login(server, "dave@example.org", "dave pw") == 235
+
     server.admin("alias", "remove", "sales@example.org")
     assert rcpt(server, "sales@example.org") == 550
     server.admin("user", "remove", "carol@example.org")
     assert rcpt(server, "carol@example.org") == 550
-    server.admin("domain", "remove", "example.org")
-    assert rcpt(server, "carol@example.org") != 250  # no longer hosted: relay denied
+    server.admin("domain", "remove", "example.org", "--force")  # dave is still there
+    assert rcpt(server, "dave@example.org") != 250  # no longer hosted: relay denied

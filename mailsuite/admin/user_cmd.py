@@ -48,8 +48,21 @@ def register(subparsers: Any) -> None:
 
 
 def _password_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the password as one line from standard input instead of prompting")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--password-stdin", action="store_true",
+                        help="read the password as one line from standard input instead of "
+                             "prompting")
+    source.add_argument("--hash-stdin", action="store_true",
+                        help="read an existing password hash from standard input (import from "
+                             "Dovecot: {SHA512-CRYPT}$6$..., {BLF-CRYPT}, {SSHA512}, "
+                             "{ARGON2ID}...; rehashed to argon2id at the first login)")
+
+
+def read_hash() -> str:
+    password_hash = sys.stdin.readline().strip()
+    if not password_hash:
+        raise CommandError("empty password hash refused")
+    return password_hash
 
 
 def read_password(args: argparse.Namespace) -> str:
@@ -74,7 +87,10 @@ def read_password(args: argparse.Namespace) -> str:
 def cmd_add(store: DirectoryStore, args: argparse.Namespace) -> int:
     # Validate before prompting: nobody should type a password twice for a typo'd domain.
     store.check_new_user(args.address)
-    address = store.add_user(args.address, read_password(args))
+    if args.hash_stdin:
+        address = store.add_user(args.address, password_hash=read_hash())
+    else:
+        address = store.add_user(args.address, read_password(args))
     print(f"added user {address}")
     return 0
 
@@ -96,7 +112,10 @@ def cmd_remove(store: DirectoryStore, args: argparse.Namespace) -> int:
 @directory_command
 def cmd_passwd(store: DirectoryStore, args: argparse.Namespace) -> int:
     store.require_user(args.address)  # before prompting, as for add
-    address = store.set_password(args.address, read_password(args))
+    if args.hash_stdin:
+        address = store.set_password_hash(args.address, read_hash())
+    else:
+        address = store.set_password(args.address, read_password(args))
     print(f"changed the password of {address}")
     return 0
 

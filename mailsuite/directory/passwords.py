@@ -72,6 +72,17 @@ def verify_password(password: str | bytes, stored: str) -> tuple[bool, str | Non
     return ok, (hash_password(password) if ok else None)
 
 
+def is_known_hash(stored: str) -> bool:
+    """Whether verify_password can check this stored form at all (for imports)."""
+    scheme, _encoding, value = _dovecot_parts(stored.strip())
+    if scheme is None or scheme in _DOVECOT_CRYPT:
+        try:
+            return CONTEXT.identify(value, required=False) is not None
+        except (ValueError, TypeError):
+            return False
+    return scheme in _DOVECOT_DIGEST or scheme in _DOVECOT_PLAIN
+
+
 def dummy_verify() -> None:
     """Spend the time of one real verification, so unknown users answer as slowly as known ones."""
     CONTEXT.dummy_verify()

@@ -173,8 +173,10 @@ class DirectoryStore:
         if password_hash is None:
             _check_password(password or "")
             password_hash = passwords.hash_password(password)  # outside the transaction: slow
-        elif not password_hash or password is not None:
+        elif password is not None:
             raise DirectoryError("give either a password or a password hash")
+        else:
+            password_hash = _check_hash(password_hash)
         domain = canonical.rpartition("@")[2]
         with self._unit(write=True) as s:
             domain_id = self._domain_id(s, domain)
@@ -247,6 +249,7 @@ class DirectoryStore:
     def set_password_hash(self, address: str, password_hash: str) -> str:
         """Store an existing hash as is (import from Dovecot or another server)."""
         canonical = canonical_address(address)
+        password_hash = _check_hash(password_hash)
         with self._unit(write=True) as s:
             result = s.execute(update(User).where(User.address == canonical)
                                .values(password_hash=password_hash))
@@ -587,6 +590,14 @@ def _check_password(password: str) -> None:
         raise DirectoryError("empty password refused")
     if any(c in password for c in "\r\n\0"):
         raise DirectoryError("password must not contain line breaks or NUL characters")
+
+
+def _check_hash(password_hash: str) -> str:
+    password_hash = (password_hash or "").strip()
+    if not passwords.is_known_hash(password_hash):
+        raise DirectoryError("unrecognised password hash (expected e.g. $argon2id$..., $2y$..., "
+                             "$6$..., or Dovecot's {SHA512-CRYPT}$6$..., {SSHA512}...)")
+    return password_hash
 
 
 def _plural(n: int, word: str, plural: str | None = None) -> str:
