@@ -3,13 +3,14 @@ Outlook Autodiscover, the Apple profile, the MTA-STS policy and the first-run me
 from __future__ import annotations
 
 import http.client
+import os
 import plistlib
 import socket
 import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.harness import MailServer
+from tests.harness import MailServer, write_toml
 
 ADDRESS = "alice@example.org"
 OUTLOOK_NS = "{http://schemas.microsoft.com/exchange/autodiscover/outlook/responseschema/2006a}"
@@ -321,3 +322,34 @@ def test_which_addresses_are_answered(value, parsed):
     from mailsuite.autoconfig.settings import parse_address
 
     assert parse_address(value) == parsed
+
+
+def test_https_with_an_ssl_endpoint(make_server):
+    """Production on 443: `[listen] autoconfig = "ssl:..."` with the mail certificate."""
+    import ssl
+
+    from mailsuite.tls import create_self_signed
+    from tests.harness import free_port
+
+    server = make_server(start=False)
+    key = os.path.join(os.path.dirname(server.cafile), "key.pem")
+    create_self_signed(server.hostname, server.cafile, key)
+    port = free_port()
+    server.ports["autoconfig"] = port
+    server.sections["listen"]["autoconfig"] = (
+        f"ssl:{port}:privateKey={key}:certKey={server.cafile}:interface=127.0.0.1")
+    write_toml(server.config_path, server.sections)
+    server.start()
+    server.add_user(ADDRESS)
+    context = ssl.create_default_context(cafile=server.cafile)
+    conn = http.client.HTTPSConnection(server.hostname, port, timeout=15, context=context)
+    # Connect to 127.0.0.1 but verify the certificate for the mail host name.
+    conn.sock = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=15),
+                                    server_hostname=server.hostname)
+    try:
+        conn.request("GET", f"/mail/config-v1.1.xml?emailaddress={ADDRESS}")
+        response = conn.getresponse()
+        assert response.status == 200
+        assert servers_in(response.read())[2].get("id") == "example.org"
+    finally:
+        conn.close()
