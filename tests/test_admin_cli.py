@@ -103,11 +103,24 @@ def test_remove_domain_with_users_needs_force(cli):
 
 
 # -- users ---------------------------------------------------------------------------------------
-def test_user_commands(cli):
+@pytest.fixture
+def two_users(cli):
+    """example.org with alice (password PW) and bob ("bob pw"), and a store on the database."""
     cli.ok("domain", "add", "example.org")
     assert cli.ok("user", "add", "Alice@Example.org", "--password-stdin",
                   input=PW + "\n") == "added user alice@example.org\n"
     cli.ok("user", "add", "bob@example.org", "--password-stdin", input="bob pw\r\n")
+    store = cli.store()
+    yield store
+    store.close()
+
+
+def test_user_add_and_refusals(cli, two_users):
+    store = two_users
+    _, stored, enabled = store.password_record("alice@example.org")
+    assert enabled and stored.startswith("$argon2id$")
+    assert passwords.verify_password(PW, stored)[0]
+    assert passwords.verify_password("bob pw", store.password_record("bob@example.org")[1])[0]
     cli.refused("user", "add", "ALICE@example.org", "--password-stdin", input=PW + "\n",
                 match="user alice@example.org already exists")
     cli.refused("user", "add", "carol@example.com", "--password-stdin", input=PW + "\n",
@@ -120,50 +133,46 @@ def test_user_commands(cli):
     cli.refused("user", "add", "carol@example.org", "--password-stdin", input="",
                 match="empty password refused")
     assert cli.ok("user", "list") == "alice@example.org\nbob@example.org\n"
+    cli.refused("user", "list", "unknown.example", match="unknown domain unknown.example")
 
-    store = cli.store()
-    try:
-        _, stored, enabled = store.password_record("alice@example.org")
-        assert enabled and stored.startswith("$argon2id$")
-        assert passwords.verify_password(PW, stored)[0]
-        assert passwords.verify_password("bob pw", store.password_record("bob@example.org")[1])[0]
 
-        assert cli.ok("user", "passwd", "alice@example.org", "--password-stdin",
-                      input="new pw\n") == "changed the password of alice@example.org\n"
-        stored = store.password_record("alice@example.org")[1]
-        assert passwords.verify_password("new pw", stored)[0]
-        assert not passwords.verify_password(PW, stored)[0]
-        cli.refused("user", "passwd", "nobody@example.org", "--password-stdin", input="x\n",
-                    match="no user nobody@example.org")
-        cli.refused("user", "passwd", "alice@example.org", "--password-stdin", input="\n",
-                    match="empty password refused")
+def test_user_passwd_disable_enable_remove(cli, two_users):
+    store = two_users
+    assert cli.ok("user", "passwd", "alice@example.org", "--password-stdin",
+                  input="new pw\n") == "changed the password of alice@example.org\n"
+    stored = store.password_record("alice@example.org")[1]
+    assert passwords.verify_password("new pw", stored)[0]
+    assert not passwords.verify_password(PW, stored)[0]
+    cli.refused("user", "passwd", "nobody@example.org", "--password-stdin", input="x\n",
+                match="no user nobody@example.org")
+    cli.refused("user", "passwd", "alice@example.org", "--password-stdin", input="\n",
+                match="empty password refused")
 
-        cli.ok("user", "disable", "bob@example.org")
-        assert store.password_record("bob@example.org")[2] is False
-        assert cli.ok("user", "list", "example.org") == (
-            "alice@example.org\nbob@example.org\tdisabled\n")
-        cli.ok("user", "enable", "BOB@example.org")
-        assert store.password_record("bob@example.org")[2] is True
-        cli.refused("user", "disable", "nobody@example.org", match="no user nobody@example.org")
-        cli.refused("user", "enable", "x@unknown.example", match="unknown domain unknown.example")
+    cli.ok("user", "disable", "bob@example.org")
+    assert store.password_record("bob@example.org")[2] is False
+    assert cli.ok("user", "list", "example.org") == (
+        "alice@example.org\nbob@example.org\tdisabled\n")
+    cli.ok("user", "enable", "BOB@example.org")
+    assert store.password_record("bob@example.org")[2] is True
+    cli.refused("user", "disable", "nobody@example.org", match="no user nobody@example.org")
+    cli.refused("user", "enable", "x@unknown.example", match="unknown domain unknown.example")
 
-        # Importing an existing (Dovecot) hash instead of a password.
-        dovecot = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("dave pw")
-        cli.ok("user", "add", "dave@example.org", "--hash-stdin", input=dovecot + "\n")
-        assert store.password_record("dave@example.org")[1] == dovecot
-        cli.refused("user", "add", "erin@example.org", "--hash-stdin", input="garbage\n",
-                    match="unrecognised password hash")
-        cli.refused("user", "passwd", "dave@example.org", "--hash-stdin", input="{FOO}x\n",
-                    match="unrecognised password hash")
-        assert cli.run("user", "add", "erin@example.org", "--hash-stdin", "--password-stdin",
-                       input="x\n").returncode == 2
+    assert "removed user bob@example.org" in cli.ok("user", "remove", "bob@example.org")
+    assert store.password_record("bob@example.org") is None
+    cli.refused("user", "remove", "bob@example.org", match="no user bob@example.org")
 
-        assert "removed user bob@example.org" in cli.ok("user", "remove", "bob@example.org")
-        assert store.password_record("bob@example.org") is None
-        cli.refused("user", "remove", "bob@example.org", match="no user bob@example.org")
-        cli.refused("user", "list", "unknown.example", match="unknown domain unknown.example")
-    finally:
-        store.close()
+
+def test_user_import_existing_hash(cli, two_users):
+    store = two_users
+    dovecot = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash("dave pw")
+    cli.ok("user", "add", "dave@example.org", "--hash-stdin", input=dovecot + "\n")
+    assert store.password_record("dave@example.org")[1] == dovecot
+    cli.refused("user", "add", "erin@example.org", "--hash-stdin", input="garbage\n",
+                match="unrecognised password hash")
+    cli.refused("user", "passwd", "dave@example.org", "--hash-stdin", input="{FOO}x\n",
+                match="unrecognised password hash")
+    assert cli.run("user", "add", "erin@example.org", "--hash-stdin", "--password-stdin",
+                   input="x\n").returncode == 2  # one or the other
 
 
 def run_on_terminal(argv: list[str], answers: list[str], timeout: float = 60.0
