@@ -200,6 +200,8 @@ class ImapProbe:
         if not uids:
             return False, set()
         typ, data = self.client.uid("FETCH", uids[0], "(FLAGS)")
+        if typ != "OK" or not data or not isinstance(data[0], bytes):
+            return False, set()  # moved away by Thunderbird between SEARCH and FETCH
         flags = re.search(rb"FLAGS \(([^)]*)\)", data[0]).group(1).decode().split()
         return True, set(flags)
 

@@ -170,7 +170,13 @@ config.outgoingAlternatives = outgoing.filter(s => s !== chosenOut);
 config.outgoing = chosenOut;
 AccountConfig.replaceVariables(config, realname, address, password);
 config.incoming.loginAtStartup = false;
-const account = await CreateInBackend.createAccountInBackend(config);
+// What the setup dialog's "Done" does first: log in to the incoming server with these settings.
+const { ConfigVerifier } = ChromeUtils.importESModule(
+  'resource:///modules/accountcreation/ConfigVerifier.sys.mjs');
+const verified = await withTimeout(
+  new ConfigVerifier(null, new AbortController().signal).verifyConfig(config, false), 15000,
+  'login check of the setup dialog');
+const account = await CreateInBackend.createAccountInBackend(verified);
 const server = account.incomingServer;
 // The test drives every connection itself: no timed checks, no background downloads.
 server.doBiff = false;
