@@ -287,7 +287,11 @@ class IMAPServer(LineReceiver, TimeoutMixin):
 
     on_close: Any = None  # set by the factory: connection accounting per client IP
 
+    _abort_call: Any = None
+
     def connectionLost(self, reason: Any = None) -> None:
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
@@ -305,7 +309,25 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.resetTimeout()
             return
         self.send(b"* BYE autologout; idle for too long")
+        self.hangup()
+
+    def hangup(self) -> None:
+        """Close after what was written. The transport must read again first: a TLS close
+        waits for the client's close_notify (or its FIN), which a paused transport would never
+        see, leaving the connection (and its per-IP slot) open forever."""
+        if self.transport is None:
+            return
+        self.closed = True
+        from twisted.internet import reactor
+
+        self.transport.resumeProducing()  # LineReceiver stays paused: no more commands run
         self.transport.loseConnection()
+        # A client that never answers the TLS close: drop it after a grace period.
+        self._abort_call = reactor.callLater(10, self._abort)
+
+    def _abort(self) -> None:
+        if self.transport is not None and self.on_close is not None:
+            self.transport.abortConnection()
 
     def send(self, line: bytes) -> None:
         if not self.closed:
@@ -325,6 +347,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
 
     # -- input: lines, literals, continuations ---------------------------------------------------
     def lineReceived(self, line: bytes) -> None:
+        if self.closed:
+            return  # hanging up: ignore whatever the client still sends
         self.resetTimeout()
         if line.endswith(b"\r"):
             line = line[:-1]
@@ -368,7 +392,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
                 # A non-synchronizing literal is coming anyway (RFC 7888 §4): read and drop it.
                 if size > 2 * limit + MAX_LINE:
                     self.send(b"* BYE literal too large")
-                    self.transport.loseConnection()
+                    self.hangup()
                     return
                 self.skip_command = True
                 self.literal_discard = True
@@ -387,6 +411,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.rawDataReceived(b"")
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
         self.resetTimeout()
         if self.overlong:
             nl = data.find(b"\n")
@@ -538,7 +564,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
     def do_LOGOUT(self, tag: bytes, args: list) -> None:
         self.send(b"* BYE logging out")
         self.send(tag + b" OK LOGOUT completed")
-        self.transport.loseConnection()
+        self.hangup()
         self.closed = True
 
     def do_ID(self, tag: bytes, args: list) -> bytes:
@@ -620,7 +646,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             if self.auth_failures >= self.config.limits.max_auth_failures:
                 self.send(self.tag + b" NO " + R.code(R.AUTHENTICATIONFAILED) + b"authentication failed")
                 self.send(b"* BYE too many authentication failures")
-                self.transport.loseConnection()
+                self.hangup()
                 self.closed = True
                 return None
             raise no("authentication failed", R.AUTHENTICATIONFAILED)
@@ -1205,7 +1231,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             log.info("imap: selected folder {folder} of {user} vanished", folder=sel.folder.name,
                      user=self.user)
             self.send(b"* BYE the selected mailbox was deleted or renamed")
-            self.transport.loseConnection()
+            self.hangup()
             self.closed = True
             return
         if self.sel is not sel:
