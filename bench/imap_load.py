@@ -103,8 +103,44 @@ def timed(label: str, fn, results: dict) -> object:
     t = time.monotonic()
     out = fn()
     results[label] = time.monotonic() - t
-    print(f"{label:<62} {results[label]:8.3f} s", flush=True)
+    print(f"{label:<74} {results[label]:8.3f} s", flush=True)
     return out
+
+
+class RawClient:
+    """Counts `* n FETCH` responses up to the tagged reply, skipping literals unparsed."""
+
+    def __init__(self, server: MailServer):
+        sock = socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout=600)
+        self.sock = server.ssl_context().wrap_socket(sock)
+        self.f = self.sock.makefile("rb", buffering=1 << 20)
+        self.f.readline()
+        self.command(f"l LOGIN {USER} {PASSWORD}".encode())
+
+    def command(self, line: bytes) -> int:
+        import re
+
+        tag = line.split(b" ", 1)[0] + b" "
+        self.sock.sendall(line + b"\r\n")
+        fetches = 0
+        while True:
+            resp = self.f.readline()
+            if not resp:
+                raise RuntimeError("connection closed")
+            if resp.startswith(b"* ") and b" FETCH " in resp[:20]:
+                fetches += 1
+            m = re.search(rb"\{(\d+)\}\r\n$", resp)
+            while m:
+                self.f.read(int(m.group(1)))
+                resp = self.f.readline()
+                m = re.search(rb"\{(\d+)\}\r\n$", resp)
+            if resp.startswith(tag):
+                if not resp.startswith(tag + b"OK"):
+                    raise RuntimeError(resp)
+                return fetches
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def idle_clients(server: MailServer, count: int) -> list[ssl.SSLSocket]:
@@ -155,14 +191,25 @@ def main() -> int:
         assert typ == "OK" and int(data[0]) == args.messages, data
         m.close()
         timed("later SELECT INBOX", lambda: m.select("INBOX"), results)
-        typ, data = timed("UID FETCH 1:* (UID FLAGS RFC822.SIZE)",
+        typ, data = timed("UID FETCH 1:* (UID FLAGS RFC822.SIZE)   [imaplib]",
                           lambda: m.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE)"), results)
         assert typ == "OK" and len(data) == args.messages, (typ, len(data))
-        typ, data = timed("UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])",
+        typ, data = timed("UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)]) [imaplib]",
                           lambda: m.uid("FETCH", "1:*", "(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])"),
                           results)
         assert typ == "OK" and len([d for d in data if isinstance(d, tuple)]) == args.messages
         m.logout()
+        # The same commands read by a raw socket (no client-side parsing): the server's time.
+        raw = RawClient(server)
+        raw.command(b"s SELECT INBOX")
+        n = timed("UID FETCH 1:* (UID FLAGS RFC822.SIZE)   [raw socket]",
+                  lambda: raw.command(b"f UID FETCH 1:* (UID FLAGS RFC822.SIZE)"), results)
+        assert n == args.messages, n
+        n = timed("UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)]) [raw socket]",
+                  lambda: raw.command(b"h UID FETCH 1:* (BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])"),
+                  results)
+        assert n == args.messages, n
+        raw.close()
         m2 = connect(server)
         timed("SELECT INBOX in a second session", lambda: m2.select("INBOX"), results)
         m2.logout()
