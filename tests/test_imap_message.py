@@ -113,3 +113,54 @@ def test_append_date_time():
     assert date_time(Str(b"17-Jul-1996 02:44:25 -0700")) == 837596665.0
     with pytest.raises(ParseError):
         date_time(Str(b"31-Foo-1996 02:44:25 -0700"))
+
+
+# -- fuzzing (hypothesis): hostile bytes never raise anything but ParseError -------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_IMAPISH = st.lists(st.sampled_from([b"a", b"FETCH", b" ", b"(", b")", b'"', b"\\", b"[", b"]", b"<",
+                                     b">", b"1", b":", b"*", b",", b".", b"BODY[", b"HEADER.FIELDS",
+                                     b"\xff", b"\x00", b"{3}", b"%"]), max_size=30).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_IMAPISH, st.one_of(st.none(), st.binary(max_size=20)))
+def test_tokenizer_and_fetch_parser_only_raise_parse_errors(line, literal):
+    try:
+        toks = tokenize([(line, literal)])
+    except ParseError:
+        return
+    for t in toks:
+        try:
+            fetch_atts(t)
+        except ParseError:
+            pass
+        try:
+            sequence_set(t)
+        except ParseError:
+            pass
+
+
+_MIMEISH = st.lists(st.sampled_from([
+    b"Content-Type: multipart/mixed; boundary=b\r\n", b"Content-Type: message/rfc822\r\n",
+    b"Content-Type: text/plain;\r\n", b"\r\n", b"--b\r\n", b"--b--\r\n", b"Subject: x\r\n",
+    b" folded\r\n", b"body\r\n", b"\xc3\xbc", b"\n", b"From: <a@b>, \"q\\\" <c>\r\n",
+    b"Content-Disposition: attachment; filename=\"x;y\r\n"]), max_size=40).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_MIMEISH)
+def test_mime_views_never_raise(raw):
+    root = mime.parse(raw)
+    mime.serialize(mime.bodystructure(raw, root))
+    mime.serialize(mime.bodystructure(raw, root, extensible=False))
+    mime.serialize(mime.envelope(raw, root))
+    for path in ([], [1], [1, 1], [2], [1, 2, 1]):
+        for text in (None, b"HEADER", b"TEXT", b"MIME", b"HEADER.FIELDS"):
+            try:
+                piece = mime.section(raw, root, path, text, [b"SUBJECT"])
+            except mime.NoSuchPart:
+                continue
+            if isinstance(piece, tuple):
+                assert 0 <= piece[0] and piece[0] + piece[1] <= len(raw)
