@@ -879,3 +879,16 @@ def test_selected_folder_deleted_by_another_session(srv):
             resp.append(r.line())
     assert resp and resp[0].startswith(b"* BYE"), resp
     r.close()
+
+
+def test_command_pipelined_after_done_waits_for_idle_to_end(srv):
+    r = Raw(srv)
+    r.cmd(b"s SELECT INBOX")
+    r.send(b"i IDLE\r\n")
+    assert r.line().startswith(b"+")
+    time.sleep(0.2)
+    r.send(b"DONE\r\nn NOOP\r\nc CAPABILITY\r\n")
+    lines = r.response(b"c")
+    tags = [line.split(b" ")[0] for line in lines if not line.startswith(b"*")]
+    assert tags == [b"i", b"n", b"c"], lines
+    r.close()

@@ -353,10 +353,14 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         if line.endswith(b"\r"):
             line = line[:-1]
         if self.idling is not None:
+            # Stop reading at once: a command pipelined after DONE must wait until IDLE has
+            # finished (its refresh may still be running).
+            self.pauseProducing()
             if not self.idling.called:
                 self.idling.callback(line)
             return
         if self.continuation is not None:
+            self.pauseProducing()
             d, self.continuation = self.continuation, None
             d.callback(line)
             return
