@@ -281,6 +281,21 @@ class Thunderbird:
         return ("\n--- Thunderbird IMAP trace (last lines) ---\n" + self.protocol_log(80)
                 + "\n--- Thunderbird SMTP/POP3 trace (last lines) ---\n" + self.console_trace(40))
 
+    def drain_dialogs(self, quiet: float = 1.5, timeout: float = 15.0) -> str:
+        """Collect (and close) dialogs until none has come for `quiet` seconds: after a failure
+        Thunderbird may show a second one (a failed login, then "Sending of the message
+        failed")."""
+        collected = ""
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() - last_new < quiet and time.monotonic() < deadline:
+            report = self._dialog_report()
+            if report:
+                collected += report
+                last_new = time.monotonic()
+            time.sleep(0.2)
+        return collected
+
     def _dialog_report(self) -> str:
         """The texts of the dialogs Thunderbird showed since the last call ("" for none).
 
