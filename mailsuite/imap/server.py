@@ -1244,6 +1244,18 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         old = sel.view
         if infos is old and not sel.own:
             return  # the very list we already reported: nothing changed
+        m = len(old)
+        if not sel.own and len(infos) == m and infos == old:
+            sel.view = infos
+            return  # a new list with the same messages and flags
+        if not sel.own and len(infos) > m and (m == 0 or infos[m - 1] is old[-1]) and infos[:m] == old:
+            # Only new messages (the common case while idling): the store reuses the info
+            # objects of unchanged messages, so this comparison runs at C speed on 100k.
+            sel.view = infos
+            sel.recent = sel.folder.recent
+            self.send(b"* %d EXISTS" % len(sel))
+            self.send(b"* %d RECENT" % len(sel.recent))
+            return
         # Merge the old and new lists (both in UID order): gone, flag changes, new messages.
         gone: list[int] = []
         changed: list[int] = []
