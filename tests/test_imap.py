@@ -892,3 +892,22 @@ def test_command_pipelined_after_done_waits_for_idle_to_end(srv):
     tags = [line.split(b" ")[0] for line in lines if not line.startswith(b"*")]
     assert tags == [b"i", b"n", b"c"], lines
     r.close()
+
+
+def test_empty_mailbox_star_ranges_and_plain_authzid(srv):
+    c = client(srv)
+    c.create_folder("Empty")
+    c.logout()
+    r = Raw(srv)
+    r.cmd(b"s SELECT Empty")
+    assert r.cmd(b"a FETCH 1:* FLAGS") == [b"a OK FETCH completed"]
+    assert r.cmd(b"b UID FETCH 1:* FLAGS") == [b"b OK FETCH completed"]
+    assert tagged(r.cmd(b"c FETCH 1 FLAGS")).startswith(b"c BAD")
+    assert r.cmd(b"d SEARCH ALL")[0] == b"* SEARCH"
+    r.close()
+    import base64
+
+    r = Raw(srv, login_as=None)
+    ir = base64.b64encode(b"bob@example.org\0alice@example.org\0" + PASSWORD.encode())
+    assert tagged(r.cmd(b"a AUTHENTICATE PLAIN " + ir)).startswith(b"a NO")
+    r.close()

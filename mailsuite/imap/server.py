@@ -207,6 +207,8 @@ class Selection:
         """UIDs of the messages a sequence set names; BAD for numbers beyond the count."""
         n = len(self.view)
         picked: set[int] = set()
+        if n == 0 and any(lo is None or hi is None for lo, hi in s.ranges):
+            return []  # `1:*` in an empty mailbox names nothing (clients send it blindly)
         for lo, hi in s.resolve(n):
             if hi > n or lo < 1:
                 # RFC 3501 §9: sequence numbers beyond the message count are invalid.
@@ -630,9 +632,12 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             response = b""
         try:
             decoded = base64.b64decode(response.strip(), validate=True)
-            _authzid, user, password = decoded.split(b"\0")
+            authzid, user, password = decoded.split(b"\0")
         except (ValueError, TypeError):
             raise bad("malformed PLAIN response")
+        if authzid and authzid.lower() != user.lower():
+            # RFC 4616 §2: acting as another user is not supported.
+            raise no("authorization identity not permitted", R.AUTHENTICATIONFAILED)
         result = yield self.login(user, password)
         return result
 
