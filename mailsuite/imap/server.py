@@ -19,6 +19,7 @@ import mmap
 import os
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import twisted.mail.imap4  # noqa: F401  registers the "imap4-utf-7" codec (RFC 3501 §5.1.3)
@@ -684,9 +685,10 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         except self.store_errors() as e:
             raise no(str(e) or "no such mailbox", R.NONEXISTENT)
         sel = Selection(folder, readonly)
-        infos, keywords, token = yield self.io(_sync_folder, folder)
+        st = yield self.io(_sync_folder, folder)
+        infos, keywords, token = st.infos, st.keywords, st.token
         sel.view = infos
-        sel.recent = folder.recent
+        sel.recent = st.recent
         sel.token = token
         flags = list(SYSTEM_FLAGS) + [k for k in keywords if k not in SYSTEM_FLAGS]
         self.send(b"* FLAGS " + flag_list(flags))
@@ -697,8 +699,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             if "\\Seen" not in info.flags:
                 self.send(b"* OK [UNSEEN %d] first unseen message" % seq)
                 break
-        self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % folder.uidvalidity)
-        self.send(b"* OK [UIDNEXT %d] predicted next UID" % folder.uidnext)
+        self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % st.uidvalidity)
+        self.send(b"* OK [UIDNEXT %d] predicted next UID" % st.uidnext)
         self.sel = sel
         self.state = "selected"
         mode = R.READ_ONLY if readonly else R.READ_WRITE
@@ -870,13 +872,13 @@ class IMAPServer(LineReceiver, TimeoutMixin):
                 folder = yield self.io(self.account.folder, name)
             except self.store_errors() as e:
                 raise no(str(e) or "no such mailbox", R.NONEXISTENT)
-        infos, _kw, _tok = yield self.io(_sync_folder, folder)
-        recent = folder.recent
+        st = yield self.io(_sync_folder, folder)
+        infos, recent = st.infos, st.recent
         values = {
             b"MESSAGES": len(infos),
             b"RECENT": len(recent & {i.uid for i in infos}),
-            b"UIDNEXT": folder.uidnext,
-            b"UIDVALIDITY": folder.uidvalidity,
+            b"UIDNEXT": st.uidnext,
+            b"UIDVALIDITY": st.uidvalidity,
             b"UNSEEN": len([i for i in infos if "\\Seen" not in i.flags]),
             b"SIZE": sum(i.size for i in infos),
         }
@@ -912,7 +914,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
                 # TWISTED-NOTES §4.4 #3: the client may CREATE and retry.
                 raise no(str(e) or "no such mailbox", R.TRYCREATE)
         uid = yield self.io(folder.append, data, flags, date)
-        validity = folder.uidvalidity
+        validity = yield self.io(_uidvalidity, folder)
         # Untagged EXISTS only for the selected folder, via refresh (TWISTED-NOTES §4.4 #2).
         yield self.refresh()
         return R.code(b"APPENDUID", b"%d" % validity, b"%d" % uid) + b"APPEND completed"
@@ -1013,7 +1015,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             return verb + b" completed (nothing to do)"
         pairs = yield self.io(sel.folder.move if move else sel.folder.copy, uids, dest)
         pairs = sorted(pairs)
-        copyuid = R.code(b"COPYUID", b"%d" % dest.uidvalidity, format_set([a for a, _ in pairs]),
+        validity = yield self.io(_uidvalidity, dest)
+        copyuid = R.code(b"COPYUID", b"%d" % validity, format_set([a for a, _ in pairs]),
                          format_set([b for _, b in pairs])) if pairs else b""
         if move:
             # RFC 6851 §4.3: COPYUID comes in an untagged OK before the EXPUNGEs.
@@ -1233,7 +1236,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         from mailsuite.mailbox.store import NoSuchFolder
 
         try:
-            infos, _kw, token = yield self.io(_sync_folder, sel.folder)
+            st = yield self.io(_sync_folder, sel.folder)
+            infos, token = st.infos, st.token
         except NoSuchFolder:
             # Deleted or renamed by another session: RFC 3501 §7.1.5 allows BYE here, and
             # sequence numbers could no longer be kept consistent.
@@ -1257,7 +1261,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             # Only new messages (the common case while idling): the store reuses the info
             # objects of unchanged messages, so this comparison runs at C speed on 100k.
             sel.view = infos
-            sel.recent = sel.folder.recent
+            sel.recent = st.recent
             self.send(b"* %d EXISTS" % len(sel))
             self.send(b"* %d RECENT" % len(sel.recent))
             return
@@ -1279,7 +1283,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         before = len(sel)
         sel.view = infos
         sel.own = {}
-        sel.recent = sel.folder.recent
+        sel.recent = st.recent
         for u in changed:
             self.send(b"* %d FETCH (UID %d FLAGS %s)" % (sel.seq_of(u), u, flag_list(sel.flags(u))))
         if len(sel) != before:
@@ -1359,10 +1363,28 @@ def _batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int
     return out
 
 
-def _sync_folder(folder: Any) -> tuple:
+@dataclass
+class FolderState:
+    """Everything SELECT/STATUS/refresh need, read in one io-pool call: the store's
+    properties take its folder lock, which must never be waited for on the reactor."""
+
+    infos: list
+    keywords: list
+    token: Any
+    uidvalidity: int
+    uidnext: int
+    recent: frozenset
+
+
+def _sync_folder(folder: Any) -> FolderState:
     token = folder.state_token()
     infos = folder.sync()
-    return infos, list(folder.keywords), token
+    return FolderState(infos, list(folder.keywords), token, folder.uidvalidity, folder.uidnext,
+                       folder.recent)
+
+
+def _uidvalidity(folder: Any) -> int:
+    return folder.uidvalidity
 
 
 def _folders_and_subs(account: Any) -> tuple[list[str], list[str]]:
