@@ -645,6 +645,9 @@ def _search_box(srv):
     ("OR SEEN FLAGGED", [1, 2]), ("NOT SEEN", [2, 3, 4]), ("NOT (OR SEEN FLAGGED)", [3, 4]),
     ("(SEEN) (SUBJECT apple)", [1]), ("2:3", [2, 3]), ("UID 1,4", [1, 4]), ("1:* NOT 2", [1, 3, 4]),
     ("OR (SUBJECT first) (OR BODY dog LARGER 4000)", [1, 2, 3]),
+    ("UNFLAGGED", [1, 3, 4]), ("ANSWERED", []), ("UNANSWERED", [1, 2, 3, 4]), ("DRAFT", []),
+    ("UNDRAFT", [1, 2, 3, 4]), ("OLD", [1, 2, 3, 4]), ("NEW", []), ("RECENT", []),
+    ("HEADER X-Absent \"\"", []), ("HEADER Cc \"\"", [2]), ("*", [4]), ("UID *", [4]),
 ])
 def test_search_keys(srv, criteria, expected):
     c = _search_box(srv)
@@ -724,6 +727,7 @@ def test_expunge_numbers_shift_correctly_and_uid_expunge(srv):
     assert resp[0] == b"* 3 EXPUNGE" and tagged(resp).startswith(b"e OK")
     resp = r.cmd(b"f UID SEARCH DELETED")
     assert resp[0] == b"* SEARCH 4"
+    assert tagged(r.cmd(b"f2 CHECK")).startswith(b"f2 OK")
     resp = r.cmd(b"g CLOSE")
     assert tagged(resp).startswith(b"g OK") and not resp[:-1]
     resp = r.cmd(b"h STATUS Expunge (MESSAGES)")
