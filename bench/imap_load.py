@@ -223,6 +223,23 @@ def main() -> int:
         after = rss_kb(pid)
         print(f"server RSS with {args.idle_clients} idle clients: {after} kB "
               f"({(after - before) / max(1, args.idle_clients):.0f} kB per client)")
+        # One new message while everybody idles: how long until every client has its EXISTS?
+        t = time.monotonic()
+        with smtplib.SMTP("127.0.0.1", server.ports["mx"], timeout=60) as c:
+            c.sendmail("sender@remote.example", [USER], message(args.messages))
+        latest = 0.0
+        for s in socks:
+            s.settimeout(30)
+            buf = b""
+            while b"EXISTS" not in buf:
+                chunk = s.recv(4096)
+                if not chunk:
+                    raise RuntimeError("idle client lost its connection")
+                buf += chunk
+            latest = time.monotonic() - t
+        results["idle_exists"] = latest
+        print(f"{'new mail seen as EXISTS by all ' + str(len(socks)) + ' idle clients after':<74} "
+              f"{latest:8.3f} s (SMTP accept + queue delivery + IDLE poll)")
         for s in socks:
             s.close()
     finally:
