@@ -826,6 +826,7 @@ def test_malformed_commands_get_bad_and_session_continues(srv):
         assert b" BAD " in got or got.startswith(b"* BAD") or b" NO " in got, (line, got)
     assert tagged(r.cmd(b"z NOOP")).startswith(b"z OK")
     r.close()
+    assert "imap: BAD command from 127.0.0.1" in srv.log_text()
 
 
 def test_long_lines_accepted_up_to_64k_and_refused_beyond(srv):

@@ -505,6 +505,8 @@ class IMAPServer(LineReceiver, TimeoutMixin):
             self.done()
             return
         except ParseError as e:
+            log.info("imap: BAD command from {peer} ({user}): {error}", peer=self.peer,
+                     user=self.user or "-", error=str(e))
             self.send(tag + b" BAD " + str(e).encode("ascii", "replace"))
             self.done()
             return
@@ -512,7 +514,7 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         kwargs = {"uid": uid} if name in (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE") else {}
         d = defer.maybeDeferred(handler, tag, args, **kwargs)
         if name in REFRESH_AFTER:
-            d.addCallback(self._refresh_then, )
+            d.addCallback(self._refresh_then)
         d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
         d.addBoth(lambda _: self.done())
 
@@ -536,6 +538,9 @@ class IMAPServer(LineReceiver, TimeoutMixin):
         if failure.check(CommandError):
             self.finish(tag, failure.value)
         elif failure.check(ParseError):
+            log.info("imap: BAD {command} from {peer} ({user}): {error}", peer=self.peer,
+                     user=self.user or "-", command=name.decode("ascii", "replace"),
+                     error=str(failure.value))
             self.send(tag + b" BAD " + str(failure.value).encode("ascii", "replace"))
         elif failure.check(ierror.ConnectionDone, ierror.ConnectionLost, defer.CancelledError):
             pass
