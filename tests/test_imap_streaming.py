@@ -69,7 +69,16 @@ def test_whole_message_fetch_of_40_mb_streams_without_copies(big_server):
     resp = r.cmd(b"b FETCH 1 (BODYSTRUCTURE BODY.PEEK[1] BODY.PEEK[2]<0.76>)")
     assert b'"APPLICATION" "OCTET-STREAM"' in resp[0] and b"see attachment" in resp[0]
     assert line in resp[0]
+    # A client that hangs up in the middle of a streamed literal: the server cleans up quietly.
+    r.send(b"c FETCH 1 (BODY[])\r\n")
+    r.read_exact(1 << 20)
     r.close()
+    time.sleep(0.5)
+    r2 = Raw(big_server)
+    assert tagged(r2.cmd(b"d NOOP")).startswith(b"d OK")
+    r2.close()
+    log = big_server.log_text()
+    assert "Traceback" not in log and "critical" not in log, log[-3000:]
 
 
 def test_idle_connection_is_logged_out_after_imap_timeout(big_server):
