@@ -307,6 +307,11 @@ def test_path_escaping_mailbox_names_are_refused(srv, name):
     else:
         resp = r.cmd(b"a CREATE " + name)
     assert tagged(resp).startswith((b"a NO", b"a BAD")), resp
+    if not name.startswith(b"{"):
+        assert tagged(r.cmd(b"b RENAME Junk " + name)).startswith((b"b NO", b"b BAD"))
+        resp = r.cmd(b"c APPEND " + name + b" {4+}\r\nx\r\n\r\n")
+        assert tagged(resp).startswith((b"c NO", b"c BAD")), resp
+        assert tagged(r.cmd(b"d SELECT " + name)).startswith((b"d NO", b"d BAD"))
     assert set(os.listdir(os.path.dirname(srv.maildir("alice@example.org")))) == before
     assert set(os.listdir(mail_dir)) == before_root
     assert tagged(r.cmd(b"b NOOP")).startswith(b"b OK")  # the session goes on
