@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 
-from mailsuite.queue.spool import fsync_dir
+from mailsuite.safeio import fsync_dir, write_all
 
 SUBDIRS = ("cur", "new", "tmp")
 _CHUNK = 1024 * 1024
@@ -66,13 +66,13 @@ def deliver_to_maildir(maildir: str, header: bytes, message_path: str | None = N
             continue
     try:
         try:
-            written = _write_all(fd, header)
+            written = write_all(fd, header)
             if message_path is not None:
                 with open(message_path, "rb") as src:
                     while chunk := src.read(_CHUNK):
-                        written += _write_all(fd, chunk)
+                        written += write_all(fd, chunk)
             else:
-                written += _write_all(fd, data)
+                written += write_all(fd, data)
             if written != size:  # the spool file changed under us: never publish a wrong S=
                 raise OSError(f"message size changed while copying ({written} != {size})")
             os.fsync(fd)
@@ -88,12 +88,3 @@ def deliver_to_maildir(maildir: str, header: bytes, message_path: str | None = N
         raise
     fsync_dir(new_dir)
     return final_path
-
-
-def _write_all(fd: int, data: bytes) -> int:
-    view = memoryview(data)
-    total = len(view)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
-    return total

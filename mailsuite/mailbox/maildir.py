@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from mailsuite.safeio import atomic_write
+
 UIDLIST = "dovecot-uidlist"
 KEYWORDS = "dovecot-keywords"
 INDEX = "mailsuite-index"
@@ -107,33 +109,6 @@ def info_name(key: str, letters: str) -> str:
 
 
 # -- files ---------------------------------------------------------------------------------------
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Write-to-temp, fsync, rename: readers see the old or the new file, never half of one."""
-    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}.{secrets.token_hex(3)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_dir(os.path.dirname(path) or ".")
-
-
 def file_stamp(path: str) -> tuple | None:
     """(inode, size, mtime_ns) of a file, None if missing: tells whether it changed."""
     try:

@@ -29,10 +29,11 @@ from typing import BinaryIO, Iterable
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
 from mailsuite.mailbox.maildir import (
-    FLAG_LETTERS, KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList, atomic_write,
-    file_stamp, flags_to_letters, fsync_dir, info_name, letters_to_flags, read_keywords,
+    FLAG_LETTERS, KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList,
+    file_stamp, flags_to_letters, info_name, letters_to_flags, read_keywords,
     read_uidlist, size_from_key, split_name, unique_key, write_keywords,
 )
+from mailsuite.safeio import atomic_write, fsync_dir
 
 
 class MailboxError(Exception):

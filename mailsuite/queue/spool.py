@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Literal
 
+from mailsuite.safeio import atomic_write, fsync_dir
+
 RecipientState = Literal["pending", "sent", "bounced"]
 DeliveryStatus = Literal["sent", "deferred", "bounced"]
 
@@ -101,41 +103,10 @@ def entry_from_json(raw: bytes) -> QueueEntry:
     return QueueEntry(recipients=recipients, **data)
 
 
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_file_durably(directory: str, name: str, chunks: Iterator[bytes] | list[bytes],
                        sync_dir: bool = True) -> int:
-    """Write <directory>/<name> atomically: a dot-tmp file, fsync, rename. Returns the size."""
-    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(4)}.tmp")
-    size = 0
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                    size += n
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, os.path.join(directory, name))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if sync_dir:
-        fsync_dir(directory)
-    return size
+    """Write <directory>/<name> atomically (safeio: hidden tmp file, fsync, rename)."""
+    return atomic_write(os.path.join(directory, name), chunks, sync_dir=sync_dir)
 
 
 class Claim:
