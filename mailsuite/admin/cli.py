@@ -3,7 +3,8 @@
 Each area lives in its own module (`mailsuite/admin/<area>_cmd.py`) exposing
 `register(subparsers)`, which adds its sub-commands with `set_defaults(func=...)`; a command
 function takes (config, args) and returns the exit status. Errors are one line on stderr and a
-non-zero exit: raise `CommandError`.
+non-zero exit: raise `CommandError`, or an exception class the module lists in `ERRORS` (e.g. the
+directory's or the spool's own refusals).
 """
 from __future__ import annotations
 
@@ -21,11 +22,16 @@ class CommandError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], ...]]:
     parser = argparse.ArgumentParser(prog="mailsuite", description="Administer a mailsuite server.")
     parser.add_argument("--config", "-c", default=None,
                         help="TOML configuration file (default: built-in defaults, ./mailsuite-data)")
     subparsers = parser.add_subparsers(dest="area", metavar="AREA")
     subparsers.required = True
+    errors: list[type[BaseException]] = [CommandError, config_module.ConfigError]
     for name in AREAS:
         try:
             module = importlib.import_module(f"mailsuite.admin.{name}")
@@ -34,16 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue  # that area is not built yet
         module.register(subparsers)
-    return parser
+        errors.extend(getattr(module, "ERRORS", ()))
+    return parser, tuple(errors)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser, errors = _build()
     args = parser.parse_args(argv)
     try:
         config = config_module.load(args.config)
         return args.func(config, args) or 0
-    except (CommandError, config_module.ConfigError) as e:
+    except errors as e:
         sys.stderr.write(f"mailsuite: {e}\n")
         return 1
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from typing import Any
 from mailsuite.admin.cli import CommandError
 from mailsuite.autoconfig.records import DNSRecord, normalize_txt, records_for
 from mailsuite.autoconfig.settings import valid_domain
-from mailsuite.config import Config, ConfigError
+from mailsuite.config import Config
 
 QUERY_TIMEOUT = (1, 3)  # seconds per retry (twisted.names): a test or a LAN resolver is quick
 
@@ -34,16 +34,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> int:
-    # Refusals are reported here, not by the dispatcher: under `python -m mailsuite.admin.cli`
-    # it catches `__main__.CommandError`, a different class from the one imported here.
-    try:
-        return _run(config, args)
-    except (CommandError, ConfigError) as e:
-        sys.stderr.write(f"mailsuite: {e}\n")
-        return 1
-
-
-def _run(config: Config, args: argparse.Namespace) -> int:
     domain = valid_domain(args.domain)
     if domain is None:
         raise CommandError(f"{args.domain!r} is not a domain name")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from typing import Any, Callable
 
-from mailsuite.admin.cli import CommandError
 from mailsuite.directory import DirectoryError, DirectoryStore
+
+# Refusals the dispatcher reports as one line (also for the user and alias areas).
+ERRORS = (DirectoryError,)
 
 
 def register(subparsers: Any) -> None:
@@ -37,24 +38,15 @@ def register(subparsers: Any) -> None:
 # -- shared by the directory commands (domain, user, alias) -------------------------------------
 def directory_command(fn: Callable[[DirectoryStore, argparse.Namespace], int | None]
                       ) -> Callable[[Any, argparse.Namespace], int]:
-    """Give `fn` an open, prepared DirectoryStore and turn refusals into one line + exit 1.
-
-    Refusals are reported here rather than by the dispatcher: under `python -m
-    mailsuite.admin.cli` the dispatcher catches `__main__.CommandError`, a different class.
-    """
+    """Give `fn` an open, prepared DirectoryStore (closed afterwards)."""
     @functools.wraps(fn)
     def wrapper(config: Any, args: argparse.Namespace) -> int:
-        store = None
+        store = DirectoryStore(config.database_url, admin_address=config.server.admin_address)
         try:
-            store = DirectoryStore(config.database_url, admin_address=config.server.admin_address)
             store.prepare()  # the CLI may run before the server ever started
             return fn(store, args) or 0
-        except (CommandError, DirectoryError) as e:
-            sys.stderr.write(f"mailsuite: {e}\n")
-            return 1
         finally:
-            if store is not None:
-                store.close()
+            store.close()
 
     return wrapper
 

@@ -8,16 +8,17 @@ A running server notices `retry` and `release` within about a second: they touch
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
-import sys
 import time
 from dataclasses import asdict
 from typing import Any
 
 from mailsuite.admin.cli import CommandError
 from mailsuite.queue.spool import QueueEntry, Spool, SpoolError, valid_queue_id
+
+# Refusals the dispatcher reports as one line (unknown or damaged entries...).
+ERRORS = (SpoolError,)
 
 
 def register(subparsers: Any) -> None:
@@ -51,21 +52,6 @@ def register(subparsers: Any) -> None:
 
 
 # -- commands ------------------------------------------------------------------------------------
-def _one_line_errors(fn: Any) -> Any:
-    """Report refusals ourselves: under `python -m mailsuite.admin.cli` the dispatcher's
-    CommandError is a different class (__main__'s copy) and would not be caught there."""
-    @functools.wraps(fn)
-    def wrapper(config: Any, args: argparse.Namespace) -> int:
-        try:
-            return fn(config, args)
-        except (CommandError, SpoolError) as e:
-            sys.stderr.write(f"mailsuite: {e}\n")
-            return 1
-
-    return wrapper
-
-
-@_one_line_errors
 def cmd_list(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     entries, damaged = [], []
@@ -100,7 +86,6 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors
 def cmd_show(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     try:
@@ -121,7 +106,6 @@ def cmd_show(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors
 def cmd_retry(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     if args.all == bool(args.id):
@@ -143,7 +127,6 @@ def cmd_retry(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors
 def cmd_delete(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     # No envelope parsing here: a damaged entry must be removable too. Without a message file
@@ -158,7 +141,6 @@ def cmd_delete(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors
 def cmd_hold(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     _change(spool, args.id, lambda e: setattr(e, "held", True))
@@ -166,7 +148,6 @@ def cmd_hold(config: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-@_one_line_errors
 def cmd_release(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     _change(spool, args.id, lambda e: (setattr(e, "held", False), _make_due(e)))
