@@ -332,3 +332,22 @@ def test_idle_client_is_disconnected_after_pop3_timeout(make_server):
     assert f.readline() == b""  # then the connection is closed
     assert 1.5 <= time.monotonic() - t < 15
     raw.close()
+
+
+def test_connections_per_ip_are_limited(make_server):
+    s: MailServer = make_server(listeners=["pop3", "pop3s"],
+                                extra={"limits": {"max_connections_per_ip": 2}})
+    first = poplib.POP3(HOST, s.ports["pop3"], timeout=10)
+    second = poplib.POP3(HOST, s.ports["pop3"], timeout=10)
+    extra = socket.create_connection((HOST, s.ports["pop3"]), timeout=10)
+    assert extra.recv(512).startswith(b"-ERR [SYS/TEMP]")
+    extra.close()
+    # Limits are per listener: the implicit-TLS port counts its own connections.
+    tls = poplib.POP3_SSL(HOST, s.ports["pop3s"], context=s.ssl_context(), timeout=10)
+    assert tls.getwelcome().startswith(b"+OK")
+    first.quit()
+    time.sleep(0.3)
+    again = poplib.POP3(HOST, s.ports["pop3"], timeout=10)  # QUIT gave the slot back
+    assert again.getwelcome().startswith(b"+OK")
+    for client in (again, second, tls):
+        client.quit()

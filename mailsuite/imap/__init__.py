@@ -5,11 +5,12 @@
 """
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
+
+from mailsuite.limits import ConnectionCounter
 
 log = Logger()
 
@@ -26,27 +27,20 @@ class IMAPFactory(Factory):
     def __init__(self, suite: Any, implicit_tls: bool = False):
         self.suite = suite
         self.implicit_tls = implicit_tls
-        self.active: Counter = Counter()  # client IP -> open connections
+        limits = suite.config.limits
+        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> Any:
         from mailsuite.imap.server import IMAPServer
 
-        limits = self.suite.config.limits
         ip = getattr(addr, "host", "?")
-        if (sum(self.active.values()) >= limits.max_connections
-                or self.active[ip] >= limits.max_connections_per_ip):
+        if not self.connections.admit(ip):
             log.warn("imap: refused a connection from {ip}: connection limit reached", ip=ip)
             return _Refused()
-        self.active[ip] += 1
         p = IMAPServer(self.suite, implicit_tls=self.implicit_tls)
         p.factory = self
-        p.on_close = lambda: self._closed(ip)
+        p.on_close = lambda: self.connections.release(ip)
         return p
-
-    def _closed(self, ip: str) -> None:
-        self.active[ip] -= 1
-        if self.active[ip] <= 0:
-            del self.active[ip]
 
 
 def server_factory(suite: Any, implicit_tls: bool = False, **kwargs: Any) -> IMAPFactory:

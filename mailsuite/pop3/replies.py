@@ -27,6 +27,7 @@ BEGIN_TLS = ok("Begin TLS negotiation")
 CAPA_FOLLOWS = ok("Capability list follows")
 
 # -- refusals --------------------------------------------------------------------------------
+TOO_MANY_CONNECTIONS = err("[SYS/TEMP] too many connections, try again later")
 UNKNOWN_COMMAND = err("Unknown command")
 BAD_SYNTAX = err("Syntax error")
 LINE_TOO_LONG = err("Line too long")

@@ -28,6 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
+from mailsuite.limits import ConnectionCounter
 from mailsuite.mailbox.store import MessageInfo
 from mailsuite.pop3 import replies
 
@@ -195,6 +196,7 @@ class _Drop:
 
 
 class POP3Server(protocol.Protocol, TimeoutMixin):
+    on_close: Any = None  # set by the factory: connection accounting per client IP
     def __init__(self, suite: Any, implicit_tls: bool = False):
         self.suite = suite
         self.config = suite.config
@@ -224,6 +226,9 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Any = None) -> None:
         self._closed = True
         self.setTimeout(None)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         drop, self.drop = self.drop, None
         if drop is not None:
             # RFC 1939 §6: without QUIT there is no UPDATE state; nothing is removed.
@@ -614,12 +619,27 @@ def _apply_update(folder: Any, delete: list[int], seen: list[int]) -> list[int]:
     return folder.expunge(delete) if delete else []
 
 
+class _Refused(protocol.Protocol):
+    """Over a connection limit: a negative greeting (RFC 3206 [SYS/TEMP]) and hang up."""
+
+    def connectionMade(self) -> None:
+        self.transport.write(replies.TOO_MANY_CONNECTIONS)
+        self.transport.loseConnection()
+
+
 class POP3Factory(protocol.ServerFactory):
     def __init__(self, suite: Any, implicit_tls: bool = False):
         self.suite = suite
         self.implicit_tls = implicit_tls
+        limits = suite.config.limits
+        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
-    def buildProtocol(self, addr: Any) -> POP3Server:
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        ip = getattr(addr, "host", "?")
+        if not self.connections.admit(ip):
+            log.warn("pop3: refused a connection from {ip}: connection limit reached", ip=ip)
+            return _Refused()
         p = POP3Server(self.suite, self.implicit_tls)
         p.factory = self
+        p.on_close = lambda: self.connections.release(ip)
         return p
