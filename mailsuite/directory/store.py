@@ -24,7 +24,7 @@ import os
 import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Any, Iterator
 
 from sqlalchemy import create_engine, delete, event, func, or_, select, update
 from sqlalchemy.engine import Engine, make_url
@@ -238,30 +238,20 @@ class DirectoryStore:
     def set_password(self, address: str, password: str) -> str:
         canonical = canonical_address(address)
         _check_password(password)
-        password_hash = passwords.hash_password(password)
-        with self._unit(write=True) as s:
-            result = s.execute(update(User).where(User.address == canonical)
-                               .values(password_hash=password_hash))
-            if not result.rowcount:
-                raise DirectoryError(self._no_user(s, canonical))
-        return canonical
+        return self._update_user(canonical, password_hash=passwords.hash_password(password))
 
     def set_password_hash(self, address: str, password_hash: str) -> str:
         """Store an existing hash as is (import from Dovecot or another server)."""
         canonical = canonical_address(address)
-        password_hash = _check_hash(password_hash)
-        with self._unit(write=True) as s:
-            result = s.execute(update(User).where(User.address == canonical)
-                               .values(password_hash=password_hash))
-            if not result.rowcount:
-                raise DirectoryError(self._no_user(s, canonical))
-        return canonical
+        return self._update_user(canonical, password_hash=_check_hash(password_hash))
 
     def set_enabled(self, address: str, enabled: bool) -> str:
-        canonical = canonical_address(address)
+        return self._update_user(canonical_address(address), enabled=enabled)
+
+    def _update_user(self, canonical: str, **values: Any) -> str:
+        """Set columns of one user; an unknown user is a DirectoryError saying why."""
         with self._unit(write=True) as s:
-            result = s.execute(update(User).where(User.address == canonical)
-                               .values(enabled=enabled))
+            result = s.execute(update(User).where(User.address == canonical).values(**values))
             if not result.rowcount:
                 raise DirectoryError(self._no_user(s, canonical))
         return canonical
