@@ -5,7 +5,9 @@ TLS material) and contributes a protocol factory for its listeners; this module 
 """
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -68,6 +70,11 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
     except OSError as e:
         raise ConfigError(f"cannot create data directory {e.filename}: {e.strerror}")
     tls = load_or_create(config)
+    tls.server_context()  # read the key now: after `twistd --uid` it may be unreadable
+    created = [config.mail_dir, config.queue_dir]
+    if os.path.dirname(tls.cert_path) == config.tls_dir:  # the self-signed pair is ours too
+        created += [config.tls_dir, tls.cert_path, tls.key_path]
+    _give_to_data_dir_owner(config, created)
     if tls.generated:
         log.info("created a self-signed TLS certificate: {cert} (key {key}); set [tls] cert/key "
                  "to use your own", cert=tls.cert_path, key=tls.key_path)
@@ -83,7 +90,32 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
     return suite
 
 
+def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
+    """Started as root to bind ports 25/465/587 and dropping privileges with `twistd --uid`, the
+    server runs as the owner of data_dir: what start-up created as root must belong to it.
+    (Only these paths: Maildirs and queue entries are created later, by the server itself.)"""
+    if os.geteuid() != 0:
+        return
+    owner = os.stat(config.data_dir)
+    if owner.st_uid == 0:
+        return
+    for path in paths:
+        if os.path.exists(path) and os.stat(path).st_uid == 0:
+            os.chown(path, owner.st_uid, owner.st_gid)
+
+
+def _import_every_part() -> None:
+    """Import all of mailsuite now. `twistd --uid` drops privileges after make_service, and a
+    module first imported later (a lazy import on the bounce path, say) may then be unreadable:
+    a virtualenv under a 0700 home directory is enough for that."""
+    import mailsuite
+
+    for module in pkgutil.walk_packages(mailsuite.__path__, "mailsuite."):
+        importlib.import_module(module.name)
+
+
 def make_service(config: Config, reactor: Any = None) -> service.MultiService:
+    _import_every_part()
     suite = build_suite(config, reactor)
     top = _Suite(suite)
     top.suite = suite  # tests and the admin tools reach the parts through here

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,9 +28,14 @@ class TLSMaterial:
     cert_path: str
     key_path: str
     generated: bool  # True when this start created the self-signed pair
+    _context: ssl.CertificateOptions | None = field(default=None, repr=False, compare=False)
 
     def server_context(self) -> ssl.CertificateOptions:
-        return server_context(self.cert_path, self.key_path)
+        """One context for every listener, built on first use. service.py builds it at start-up,
+        while still root: after `twistd --uid` drops privileges a root-only key is unreadable."""
+        if self._context is None:
+            self._context = server_context(self.cert_path, self.key_path)
+        return self._context
 
 
 def load_or_create(config: Config) -> TLSMaterial:
@@ -39,7 +44,7 @@ def load_or_create(config: Config) -> TLSMaterial:
         if not (config.tls.cert and config.tls.key):
             raise ConfigError("[tls] needs both cert and key, or neither (for a self-signed one)")
         material = TLSMaterial(config.tls.cert, config.tls.key, generated=False)
-        server_context(material.cert_path, material.key_path)  # fail now, with a clear line
+        material.server_context()  # fail now, with a clear line
         return material
     cert_path = os.path.join(config.tls_dir, "cert.pem")
     key_path = os.path.join(config.tls_dir, "key.pem")

@@ -82,11 +82,13 @@ class MailServer:
         self.process: subprocess.Popen | None = None
 
     # -- life cycle -------------------------------------------------------------------------
-    def start(self, timeout: float = 30.0) -> "MailServer":
+    def start(self, timeout: float = 30.0, twistd_args: list[str] | tuple = ()) -> "MailServer":
+        """Start and wait until every listener accepts; `twistd_args` go before the plugin
+        name (e.g. ["--uid=nobody", "--gid=nogroup"])."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         self.process = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "--logfile", self.log_path,
+            twistd_command() + ["-n", "--pidfile=", "--logfile", self.log_path, *twistd_args,
                                 "mailsuite", "--config", self.config_path],
             cwd=self.base_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
