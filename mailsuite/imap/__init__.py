@@ -10,6 +10,7 @@ from typing import Any
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
+from mailsuite.imap.server import IMAPServer
 from mailsuite.limits import ConnectionCounter
 
 log = Logger()
@@ -31,8 +32,6 @@ class IMAPFactory(Factory):
         self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def buildProtocol(self, addr: Any) -> Any:
-        from mailsuite.imap.server import IMAPServer
-
         ip = getattr(addr, "host", "?")
         if not self.connections.admit(ip):
             log.warn("imap: refused a connection from {ip}: connection limit reached", ip=ip)

@@ -6,8 +6,10 @@ and Python lists for parenthesised lists.
 """
 from __future__ import annotations
 
+import bisect
 import calendar
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
@@ -130,8 +132,6 @@ class SequenceSet:
 
     def select(self, values: list[int], largest: int) -> list[int]:
         """Members of the ascending list `values` inside the set (each once, ascending)."""
-        import bisect
-
         picked: set[int] = set()
         for lo, hi in self.resolve(largest):
             i = bisect.bisect_left(values, lo)
@@ -303,8 +303,6 @@ def date_time(tok: Token) -> float:
 
 
 def format_internaldate(t: float) -> bytes:
-    import time
-
     tm = time.gmtime(t)
     return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
         tm.tm_mday, MONTHS[tm.tm_mon - 1].capitalize(), tm.tm_year, tm.tm_hour, tm.tm_min, tm.tm_sec)

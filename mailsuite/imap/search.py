@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import codecs
 import datetime
 import email.header
 import email.utils
@@ -229,8 +230,6 @@ def decode_header(value: bytes) -> str:
 
 
 def _known(cs: Optional[str]) -> bool:
-    import codecs
-
     try:
         codecs.lookup(cs or "utf-8")
         return True

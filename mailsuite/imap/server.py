@@ -13,6 +13,7 @@ CVE-2011-0411 class of injection, TWISTED-NOTES §4.4 #9).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import bisect
 import functools
 import mmap
@@ -1397,8 +1398,6 @@ def _folders_and_subs(account: Any) -> tuple[list[str], list[str]]:
 
 
 def _with_flags(info: Any, flags: frozenset) -> Any:
-    import dataclasses
-
     return dataclasses.replace(info, flags=frozenset(flags))
 
 

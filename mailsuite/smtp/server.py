@@ -28,6 +28,7 @@ from typing import Any, Callable
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+from twisted.names import client as names_client
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -778,9 +779,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             self.client_name = "localhost"
             return
         try:
-            from twisted.names import client
-
-            d = client.lookupPointer(ip.reverse_pointer, timeout=(2,))
+            d = names_client.lookupPointer(ip.reverse_pointer, timeout=(2,))
         except Exception:
             return
 
