@@ -13,8 +13,13 @@ class ConnectionCounter:
         self.active: Counter[str] = Counter()
         self._total = 0
 
+    @property
+    def full(self) -> bool:
+        """The listener's total is reached (as opposed to one client's share)."""
+        return self._total >= self.max_total
+
     def admit(self, ip: str) -> bool:
-        if self._total >= self.max_total or self.active[ip] >= self.max_per_ip:
+        if self.full or self.active[ip] >= self.max_per_ip:
             return False
         self.active[ip] += 1
         self._total += 1

@@ -331,7 +331,7 @@ def test_connection_limit_per_ip(double):
         assert c.code() == 220
     extra = Raw(double.ports["mx"])
     code, lines = extra.reply()
-    assert lines[0].startswith(b"421 4.7.0")
+    assert lines[0].startswith(b"421 4.7.0 Too many connections from your address")
     assert extra.closed()
     clients[0].sock.close()
     time.sleep(0.2)

@@ -22,7 +22,6 @@ import binascii
 import email.utils
 import ipaddress
 import secrets
-from collections import Counter
 from typing import Any, Callable
 
 from twisted.cred.error import UnauthorizedLogin
@@ -32,6 +31,7 @@ from twisted.names import client as names_client
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mailsuite.limits import ConnectionCounter
 from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument, PathError, parse_path_argument
 from mailsuite.smtp.policy import POLICIES, AuthThrottle, Policy, Session
@@ -65,8 +65,8 @@ class SMTPServerFactory(protocol.ServerFactory):
         self.config = suite.config
         self.policy = policy
         self.implicit_tls = implicit_tls
-        self.connections = 0
-        self.per_ip: Counter[str] = Counter()
+        limits = self.config.limits
+        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
         self.throttle = AuthThrottle(self.config.limits.auth_failure_delay)
         self._tls_context: Any = None
         if not implicit_tls and getattr(suite, "tls", None) is not None:
@@ -93,6 +93,7 @@ class SMTPServerFactory(protocol.ServerFactory):
 
 class SMTPServer(protocol.Protocol, TimeoutMixin):
     factory: SMTPServerFactory
+    _counted = False  # this connection holds a slot in factory.connections
 
     # -- connection life cycle ---------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -118,12 +119,10 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._delayed_calls: list[Any] = []
         self._command = ""  # for refusal log lines (never includes AUTH secrets)
         self._reset_transaction()
-        f.connections += 1
-        f.per_ip[self.client_ip] += 1
-        if f.connections > self.limits.max_connections:
-            return self._refuse_connection(replies.TOO_MANY_CONNECTIONS)
-        if f.per_ip[self.client_ip] > self.limits.max_connections_per_ip:
-            return self._refuse_connection(replies.TOO_MANY_FROM_IP)
+        self._counted = f.connections.admit(self.client_ip)
+        if not self._counted:
+            return self._refuse_connection(replies.TOO_MANY_CONNECTIONS if f.connections.full
+                                           else replies.TOO_MANY_FROM_IP)
         self.setTimeout(self.limits.smtp_timeout)
         self._lookup_client_name()
         self._send(replies.greeting(self.hostname))
@@ -131,11 +130,9 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
-        f = self.factory
-        f.connections -= 1
-        f.per_ip[self.client_ip] -= 1
-        if f.per_ip[self.client_ip] <= 0:
-            del f.per_ip[self.client_ip]
+        if self._counted:
+            self._counted = False
+            self.factory.connections.release(self.client_ip)
         if self._mode == "data":
             # Nothing was handed to the queue: the partial message only lived in _chunks.
             log.info("client {client_ip} disconnected during DATA; message discarded",
