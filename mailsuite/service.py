@@ -69,8 +69,7 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
             os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"cannot create data directory {e.filename}: {e.strerror}")
-    tls = load_or_create(config)
-    tls.server_context()  # read the key now: after `twistd --uid` it may be unreadable
+    tls = load_or_create(config)  # reads the key now, while we may still be root
     created = [config.mail_dir, config.queue_dir]
     if os.path.dirname(tls.cert_path) == config.tls_dir:  # the self-signed pair is ours too
         created += [config.tls_dir, tls.cert_path, tls.key_path]

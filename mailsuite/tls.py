@@ -39,20 +39,23 @@ class TLSMaterial:
 
 
 def load_or_create(config: Config) -> TLSMaterial:
-    """The configured certificate, or the self-signed one in data_dir (created if missing)."""
+    """The configured certificate, or the self-signed one in data_dir (created if missing),
+    with its context already built: a bad file fails start-up with a clear line, and the key is
+    read before `twistd --uid` drops privileges (it may be root-only)."""
     if config.tls.cert or config.tls.key:
         if not (config.tls.cert and config.tls.key):
             raise ConfigError("[tls] needs both cert and key, or neither (for a self-signed one)")
         material = TLSMaterial(config.tls.cert, config.tls.key, generated=False)
-        material.server_context()  # fail now, with a clear line
-        return material
-    cert_path = os.path.join(config.tls_dir, "cert.pem")
-    key_path = os.path.join(config.tls_dir, "key.pem")
-    generated = False
-    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
-        create_self_signed(config.hostname, cert_path, key_path)
-        generated = True
-    return TLSMaterial(cert_path, key_path, generated)
+    else:
+        cert_path = os.path.join(config.tls_dir, "cert.pem")
+        key_path = os.path.join(config.tls_dir, "key.pem")
+        generated = False
+        if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+            create_self_signed(config.hostname, cert_path, key_path)
+            generated = True
+        material = TLSMaterial(cert_path, key_path, generated)
+    material.server_context()
+    return material
 
 
 def create_self_signed(hostname: str, cert_path: str, key_path: str) -> None:
