@@ -5,7 +5,7 @@ filling it with SQL or argon2 work would stall outbound delivery (TWISTED-NOTES 
 """
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Protocol, TypeVar
 
 from twisted.application.service import Service
 from twisted.internet import defer, threads
@@ -69,3 +69,17 @@ class Pools(Service):
         super().stopService()
         for pool in (self.db, self.hash, self.io):
             pool.stop()
+
+
+class WorkPool(Protocol):
+    """What parts need of a pool: run blocking `fn` off the reactor, get a Deferred."""
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        ...
+
+
+class InlinePool:
+    """A WorkPool that runs `fn` at once on the calling thread (unit tests only)."""
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        return defer.maybeDeferred(fn, *args, **kwargs)

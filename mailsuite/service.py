@@ -1,7 +1,7 @@
 """Builds the twisted.application service tree of one mailsuite process from a Config.
 
-Every part gets the same `Suite` (configuration, thread pools, directory, queue, mailbox store,
-TLS material) and contributes a protocol factory for its listeners; this module only wires them.
+This is the composition root: it creates the shared objects (thread pools, directory, mailbox
+store, queue, TLS material) and hands each part the ones it uses, as typed arguments.
 """
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ import importlib
 import os
 import pkgutil
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer, endpoints
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -22,47 +23,89 @@ from mailsuite.config import Config, ConfigError
 from mailsuite.pools import Pools
 from mailsuite.tls import TLSMaterial, load_or_create
 
+if TYPE_CHECKING:
+    from mailsuite.directory.api import Directory
+    from mailsuite.mailbox.store import MailStore
+    from mailsuite.queue.runner import QueueRunner
+
 log = Logger()
 
 
 @dataclass
-class Suite:
-    """What every part of one mailsuite process shares."""
+class Parts:
+    """The shared objects of one process. Only this module holds them together: every part gets
+    the ones it uses as explicit, typed arguments (see the `_build_*` functions below)."""
 
     config: Config
     pools: Pools
     tls: TLSMaterial
-    directory: Any  # mailsuite.directory.Directory
-    queue: Any  # mailsuite.queue.runner.QueueRunner
-    mailstore: Any  # mailsuite.mailbox.store.MailStore
-    reactor: Any
+    directory: "Directory"
+    mailstore: "MailStore"
+    queue: "QueueRunner"
+    reactor: IReactorTime
 
 
-def _listener_builders() -> dict[str, tuple[Callable[..., Any], dict, bool]]:
-    """listen-key -> (factory builder, its keyword arguments, implicit TLS?)."""
-    from mailsuite import autoconfig, imap, pop3, smtp
+# -- one builder per listener: what each protocol receives ------------------------------------
 
-    return {
-        "mx": (smtp.server_factory, {"policy": "mx"}, False),
-        "submission": (smtp.server_factory, {"policy": "submission"}, False),
-        "submissions": (smtp.server_factory, {"policy": "submission", "implicit_tls": True}, True),
-        "imap": (imap.server_factory, {}, False),
-        "imaps": (imap.server_factory, {"implicit_tls": True}, True),
-        "pop3": (pop3.server_factory, {}, False),
-        "pop3s": (pop3.server_factory, {"implicit_tls": True}, True),
-        "autoconfig": (autoconfig.server_factory, {}, False),
-    }
+def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
+    from mailsuite import smtp
+
+    return smtp.server_factory(parts, policy=policy, implicit_tls=implicit_tls)
 
 
-def build_suite(config: Config, reactor: Any = None) -> Suite:
+def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
+    from mailsuite import imap
+
+    return imap.server_factory(parts, implicit_tls=implicit_tls)
+
+
+def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
+    from mailsuite import pop3
+
+    return pop3.server_factory(parts, implicit_tls=implicit_tls)
+
+
+def _build_autoconfig(parts: Parts) -> Any:
+    from mailsuite import autoconfig
+
+    return autoconfig.server_factory(parts.config, parts.directory)
+
+
+# listen-key -> (builder, its keyword arguments, implicit TLS?)
+LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
+    "mx": (_build_smtp, {"policy": "mx"}, False),
+    "submission": (_build_smtp, {"policy": "submission"}, False),
+    "submissions": (_build_smtp, {"policy": "submission", "implicit_tls": True}, True),
+    "imap": (_build_imap, {}, False),
+    "imaps": (_build_imap, {"implicit_tls": True}, True),
+    "pop3": (_build_pop3, {}, False),
+    "pop3s": (_build_pop3, {"implicit_tls": True}, True),
+    "autoconfig": (_build_autoconfig, {}, False),
+}
+
+
+# -- the delivery path: queue, local and remote agents, notifications --------------------------
+
+def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
+                 reactor: IReactorTime) -> "QueueRunner":
+    from mailsuite import courier
+    from mailsuite.queue.runner import QueueRunner
+
+    suite = Parts(config=config, pools=pools, tls=None, directory=directory,  # type: ignore
+                  mailstore=mailstore, queue=None, reactor=reactor)  # type: ignore[arg-type]
+    suite.queue = QueueRunner(suite)
+    courier.install(suite)  # remote delivery, bounces and DKIM plug into the queue runner
+    return suite.queue
+
+
+def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     """Create data directories, certificate, database schema and the shared objects."""
     if reactor is None:
         from twisted.internet import reactor as _reactor
 
-        reactor = _reactor
+        reactor = _reactor  # type: ignore[assignment]
     from mailsuite.directory import Directory
     from mailsuite.mailbox.store import MailStore
-    from mailsuite.queue.runner import QueueRunner
 
     try:
         for path in (config.data_dir, config.mail_dir, config.queue_dir):
@@ -80,13 +123,10 @@ def build_suite(config: Config, reactor: Any = None) -> Suite:
     pools = Pools(db_threads=1 if config.database_url.startswith("sqlite") else 4, reactor=reactor)
     directory = Directory(config, pools)
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
-    suite = Suite(config=config, pools=pools, tls=tls, directory=directory, queue=None,
-                  mailstore=MailStore(config.mail_dir), reactor=reactor)
-    suite.queue = QueueRunner(suite)
-    from mailsuite import courier
-
-    courier.install(suite)  # remote delivery, bounces and DKIM plug into the queue runner
-    return suite
+    mailstore = MailStore(config.mail_dir)
+    queue = _build_queue(config, pools, directory, mailstore, reactor)
+    return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
+                 queue=queue, reactor=reactor)
 
 
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
@@ -115,49 +155,47 @@ def _import_every_part() -> None:
 
 def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     _import_every_part()
-    suite = build_suite(config, reactor)
-    top = _Suite(suite)
-    top.suite = suite  # tests and the admin tools reach the parts through here
-    suite.queue.setServiceParent(top.front)
-    builders = _listener_builders()
-    for name, (builder, kwargs, implicit_tls) in builders.items():
+    parts = build_parts(config, reactor)
+    top = _Process(parts.pools)
+    parts.queue.setServiceParent(top.front)
+    for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:
             continue
-        factory = builder(suite, **kwargs)
+        factory = builder(parts, **kwargs)
         if factory is None:
             log.info("listener {name} is not available in this version", name=name)
             continue
         if implicit_tls:
-            factory = TLSMemoryBIOFactory(suite.tls.server_context(), False, factory)
+            factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
         try:
-            endpoint = endpoints.serverFromString(suite.reactor, description)
+            endpoint = endpoints.serverFromString(parts.reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
         listener = _Listener(name, description, endpoint, factory)
         listener.setServiceParent(top.front)
     from mailsuite.autoconfig import first_run_message
 
-    message = first_run_message(suite)
+    message = first_run_message(config)
     if message:
         log.info("{message}", message=message)
     return top
 
 
-class _Suite(service.MultiService):
+class _Process(service.MultiService):
     """The process: `front` (listeners, queue runner) stops first, the thread pools last.
 
     MultiService stops its children all at once; a session still being served during shutdown
     would then find the SQL or file pool gone.
     """
 
-    def __init__(self, suite: Suite):
+    def __init__(self, pools: Pools):
         super().__init__()
         self.front = service.MultiService()
         self.front.setName("front")
-        suite.pools.setServiceParent(self)
+        pools.setServiceParent(self)
         self.front.setServiceParent(self)
-        self._pools = suite.pools
+        self._pools = pools
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)

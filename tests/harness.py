@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any
 
+# The checkout under test: subprocesses import mailsuite from here, never an installed copy.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENERS = ["mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "autoconfig"]
 HOST = "127.0.0.1"
 
@@ -43,6 +45,12 @@ def write_toml(path: str, sections: dict[str, dict[str, Any]]) -> None:
             for key, value in values.items():
                 f.write(f"{key} = {toml_value(value)}\n")
             f.write("\n")
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """os.environ with the checkout first on PYTHONPATH (twistd finds our plugin there too)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return dict(os.environ, PYTHONPATH=REPO_ROOT + (os.pathsep + path if path else ""), **extra)
 
 
 def twistd_command() -> list[str]:
@@ -85,7 +93,7 @@ class MailServer:
     def start(self, timeout: float = 30.0, twistd_args: list[str] | tuple = ()) -> "MailServer":
         """Start and wait until every listener accepts; `twistd_args` go before the plugin
         name (e.g. ["--uid=nobody", "--gid=nogroup"])."""
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = subprocess_env(PYTHONUNBUFFERED="1")
         self._log_offset = os.path.getsize(self.log_path) if os.path.exists(self.log_path) else 0
         self.process = subprocess.Popen(
             twistd_command() + ["-n", "--pidfile=", "--logfile", self.log_path, *twistd_args,
@@ -141,7 +149,7 @@ class MailServer:
               ) -> subprocess.CompletedProcess:
         result = subprocess.run(
             [sys.executable, "-m", "mailsuite.admin.cli", "--config", self.config_path, *args],
-            input=input, capture_output=True, text=True, timeout=60,
+            input=input, capture_output=True, text=True, timeout=60, env=subprocess_env(),
         )
         if check and result.returncode != 0:
             raise AssertionError(f"mailsuite {' '.join(args)} failed ({result.returncode}): "

@@ -268,11 +268,9 @@ def test_first_run_message_does_not_break_start_up(tmp_path):
     garbage = tmp_path / "not-a-database.db"
     garbage.write_bytes(b"this is not SQLite\n" * 100)
 
-    class Suite:
-        config = Config()
-
-    Suite.config.database.url = f"sqlite:///{garbage}"
-    assert first_run_message(Suite()) is None
+    config = Config()
+    config.database.url = f"sqlite:///{garbage}"
+    assert first_run_message(config) is None
 
 
 def test_wrong_mta_sts_mode_stops_start_up_with_one_line(make_server):

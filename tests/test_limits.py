@@ -1,5 +1,5 @@
 """The connection counter every listener uses for [limits] max_connections(_per_ip)."""
-from mailsuite.limits import ConnectionCounter
+from mailsuite.listeners import ConnectionCounter
 
 
 def test_per_ip_and_total_limits():

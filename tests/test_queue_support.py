@@ -14,7 +14,7 @@ from mailsuite.config import Config
 from mailsuite.directory.api import Route
 from mailsuite.pools import Pools
 from mailsuite.queue.runner import QueueRunner
-from mailsuite.service import Suite
+from mailsuite.service import Parts as Suite
 
 
 def make_config(data_dir: str, **queue: Any) -> Config:

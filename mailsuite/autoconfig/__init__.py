@@ -1,37 +1,42 @@
 """Client autoconfiguration: the HTTP listener that tells mail clients their settings, the DNS
 records to publish (`mailsuite dns`), and the first-run message.
 
-service.py calls `server_factory(suite)` for the `[listen] autoconfig` endpoint and
-`first_run_message(suite)` once at start-up.
+service.py calls `server_factory(config, directory)` for the `[listen] autoconfig` endpoint and
+`first_run_message(config)` once at start-up.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.logger import Logger
+
+from mailsuite.config import Config
+
+if TYPE_CHECKING:
+    from mailsuite.directory.api import DirectoryService
 
 log = Logger()
 
 
-def server_factory(suite: Any, **kwargs: Any):
+def server_factory(config: Config, directory: "DirectoryService") -> Any:
     """The twisted.web Site answering Mozilla autoconfig, Autodiscover and Apple profiles."""
     from mailsuite.autoconfig.records import mta_sts_policy
     from mailsuite.autoconfig.web import build_site
 
-    mta_sts_policy(suite.config)  # a wrong [dns] mta_sts_mode stops start-up with one line
-    return build_site(suite)
+    mta_sts_policy(config)  # a wrong [dns] mta_sts_mode stops start-up with one line
+    return build_site(config, directory)
 
 
-def first_run_message(suite: Any) -> str | None:
+def first_run_message(config: Config) -> str | None:
     """What to do next when no domain exists yet (the first start on an empty data directory).
 
     Returns None when there is at least one domain, and on any error: a friendly message must
     never be the reason the server does not start.
     """
     try:
-        if _has_domains(suite.config):
+        if _has_domains(config):
             return None
-        return _message(suite.config)
+        return _message(config)
     except Exception:
         log.failure("could not build the first-run message")
         return None

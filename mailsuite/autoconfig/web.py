@@ -26,6 +26,8 @@ from twisted.web import http, resource, server
 from mailsuite.autoconfig import documents
 from mailsuite.autoconfig.records import mta_sts_policy
 from mailsuite.autoconfig.settings import client_servers, parse_address, valid_domain
+from mailsuite.config import Config
+from mailsuite.directory.api import DirectoryService
 
 log = Logger()
 
@@ -45,8 +47,8 @@ class BadRequest(Exception):
     """A request we cannot answer: 400 and the reason (also logged)."""
 
 
-def build_site(suite: Any) -> server.Site:
-    site = server.Site(ClientConfigResource(suite), timeout=REQUEST_TIMEOUT)
+def build_site(config: Config, directory: DirectoryService) -> server.Site:
+    site = server.Site(ClientConfigResource(config, directory), timeout=REQUEST_TIMEOUT)
     site.requestFactory = _LimitedRequest
     site.displayTracebacks = False  # errors are logged; clients get a plain status line
     site.noisy = False
@@ -68,9 +70,10 @@ class _LimitedRequest(server.Request):
 class ClientConfigResource(resource.Resource):
     isLeaf = True
 
-    def __init__(self, suite: Any):
+    def __init__(self, config: Config, directory: DirectoryService):
         super().__init__()
-        self.suite = suite
+        self.config = config
+        self.directory = directory
         self.routes: dict[str, tuple[bytes, Callable[[server.Request], Any]]] = {
             "/.well-known/autoconfig/mail/config-v1.1.xml": (b"GET", self.mozilla),
             "/mail/config-v1.1.xml": (b"GET", self.mozilla),
@@ -120,7 +123,7 @@ class ClientConfigResource(resource.Resource):
                 raise BadRequest("Host is not autoconfig.<domain>")
         if not (yield self._hosted(domain)):
             return Reply(http.NOT_FOUND, b"not a domain of this server\n")
-        body = documents.mozilla_autoconfig(client_servers(self.suite.config), domain)
+        body = documents.mozilla_autoconfig(client_servers(self.config), domain)
         log.info("autoconfig: sent config-v1.1.xml for {domain} to {client}", domain=domain,
                  client=_client(request))
         return Reply(http.OK, body, b"application/xml; charset=utf-8")
@@ -137,7 +140,7 @@ class ClientConfigResource(resource.Resource):
         address, domain = parsed
         if not (yield self._hosted(domain)):
             return Reply(http.NOT_FOUND, b"not a domain of this server\n")
-        document = documents.autodiscover_response(client_servers(self.suite.config), address)
+        document = documents.autodiscover_response(client_servers(self.config), address)
         log.info("autoconfig: sent Autodiscover settings for {address} to {client}",
                  address=address, client=_client(request))
         return Reply(http.OK, document, b"application/xml; charset=utf-8")
@@ -150,7 +153,7 @@ class ClientConfigResource(resource.Resource):
         address, domain = parsed
         if not (yield self._hosted(domain)):
             return Reply(http.NOT_FOUND, b"not a domain of this server\n")
-        config = self.suite.config
+        config = self.config
         profile = documents.apple_mobileconfig(client_servers(config), address, config.hostname)
         if profile is None:
             return Reply(http.NOT_FOUND, b"no IMAP/POP3 and submission listeners are configured\n")
@@ -166,19 +169,19 @@ class ClientConfigResource(resource.Resource):
         # RFC 8461 §3.2: the policy lives at https://mta-sts.<domain>/.well-known/mta-sts.txt.
         host = _host(request)
         domain = valid_domain(host[len("mta-sts."):]) if host.startswith("mta-sts.") else None
-        policy = mta_sts_policy(self.suite.config)
+        policy = mta_sts_policy(self.config)
         if domain is None or policy is None or not (yield self._hosted(domain)):
             return Reply(http.NOT_FOUND, b"not found\n")
         return Reply(http.OK, policy.encode("ascii"))
 
     def index(self, request: server.Request) -> Reply:
-        hostname = html.escape(self.suite.config.hostname)
+        hostname = html.escape(self.config.hostname)
         page = _INDEX.format(hostname=hostname).encode("utf-8")
         return Reply(http.OK, page, b"text/html; charset=utf-8")
 
     # -- plumbing --------------------------------------------------------------------------
     def _hosted(self, domain: str) -> defer.Deferred:
-        return defer.maybeDeferred(self.suite.directory.is_hosted, domain)
+        return defer.maybeDeferred(self.directory.is_hosted, domain)
 
     def _failed(self, failure: Any, request: server.Request) -> Reply:
         if failure.check(BadRequest):

@@ -6,7 +6,7 @@ data. Nothing is cached, so `mailsuite user add` in another process takes effect
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -24,8 +24,31 @@ from mailsuite.directory.throttle import LoginThrottle
 
 log = Logger()
 
-__all__ = ["Directory", "DirectoryChecker", "DirectoryError", "DirectoryUnavailable", "Route",
+__all__ = ["Directory", "DirectoryChecker", "DirectoryService", "DirectoryError", "DirectoryUnavailable", "Route",
            "LoginThrottle"]
+
+
+@runtime_checkable
+class DirectoryService(Protocol):
+    """What protocol code may ask the directory; every answer is a Deferred (see `Directory`)."""
+
+    throttle: LoginThrottle
+
+    def route(self, address: str) -> defer.Deferred:
+        ...
+
+    def sender_addresses(self, user: str) -> defer.Deferred:
+        ...
+
+    def is_hosted(self, domain: str) -> defer.Deferred:
+        ...
+
+    def user_exists(self, address: str) -> defer.Deferred:
+        ...
+
+    def authenticate(self, address: str | bytes, password: str | bytes,
+                     client_ip: str | None = None) -> defer.Deferred:
+        ...
 
 
 class Directory:

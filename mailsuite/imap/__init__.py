@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 
 from mailsuite.imap.server import IMAPServer
-from mailsuite.limits import ConnectionCounter
+from mailsuite.listeners import ConnectionCounter
 
 log = Logger()
 

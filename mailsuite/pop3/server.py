@@ -28,7 +28,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
-from mailsuite.limits import ConnectionCounter
+from mailsuite.listeners import ConnectionCounter
 from mailsuite.mailbox.store import MessageInfo
 from mailsuite.pop3 import replies
 

@@ -31,7 +31,7 @@ from twisted.names import client as names_client
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailsuite.limits import ConnectionCounter
+from mailsuite.listeners import ConnectionCounter
 from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument, PathError, parse_path_argument
 from mailsuite.smtp.policy import POLICIES, AuthThrottle, Policy, Session

@@ -1,0 +1,46 @@
+"""The seams of the queue: what it calls to deliver, and what others call to enqueue.
+
+The queue runner receives one `DeliveryAgent` per kind of recipient (local Maildir, remote SMTP)
+and a `BounceNotifier`; it imports neither implementation. The SMTP server, the DSN notifier and
+anything else that accepts mail see the queue only as a `MessageQueue`.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+
+from twisted.internet.defer import Deferred
+
+from mailsuite.queue.spool import QueueEntry, Recipient
+
+
+@runtime_checkable
+class DeliveryAgent(Protocol):
+    """Delivers some recipients of one spooled message.
+
+    Fires with one `DeliveryResult` per recipient, in any order; never errbacks for a delivery
+    problem (that is a "deferred" or "bounced" result). Blocking work runs in the agent's pool.
+    """
+
+    def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],
+                message_path: str) -> Deferred:
+        ...
+
+
+@runtime_checkable
+class BounceNotifier(Protocol):
+    """Tells the envelope sender what happened (RFC 3464 DSNs)."""
+
+    def bounce(self, entry: QueueEntry, recipients: Sequence[Recipient]) -> Deferred | None:
+        ...
+
+    def delay(self, entry: QueueEntry, recipients: Sequence[Recipient]) -> Deferred | None:
+        ...
+
+
+@runtime_checkable
+class MessageQueue(Protocol):
+    """Accepts a message durably: fires with the queue id once message and envelope are fsynced."""
+
+    def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
+               meta: Mapping[str, Any]) -> Deferred:
+        ...
