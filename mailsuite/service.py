@@ -56,7 +56,8 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import imap
 
-    return imap.server_factory(parts, implicit_tls=implicit_tls)
+    return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:

@@ -1,47 +1,36 @@
 """IMAP4rev1 front end of the mailbox store (RFC 3501 plus the extensions clients use).
 
-`server_factory(suite, implicit_tls=False)` is called by mailsuite.service for the `imap`
-(STARTTLS) and `imaps` (implicit TLS, wrapped by service.py) listeners.
+`server_factory(...)` is called by mailsuite.service for the `imap` (STARTTLS) and `imaps`
+(implicit TLS, wrapped by service.py) listeners. The protocol is `server.IMAPServer`; the
+module map is in docs/design/imap.md.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Optional
 
-from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.internet.interfaces import IAddress, IReactorTime
 
+from mailsuite.config import Config
+from mailsuite.directory.api import DirectoryService
 from mailsuite.imap.server import IMAPServer
-from mailsuite.listeners import ConnectionCounter
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.mailbox import MailStoreAPI
+from mailsuite.pools import WorkPool
+from mailsuite.tls import TLSMaterial
 
-log = Logger()
-
-
-class _Refused(Protocol):
-    """Over a connection limit: say why (RFC 3501 §7.1.5 BYE greeting) and hang up."""
-
-    def connectionMade(self) -> None:
-        self.transport.write(b"* BYE too many connections, try again later\r\n")
-        self.transport.loseConnection()
+# RFC 3501 §7.1.5: a BYE greeting says why the server will not serve this connection.
+REFUSAL = Refusal(b"* BYE too many connections, try again later\r\n",
+                  b"* BYE too many connections, try again later\r\n")
 
 
-class IMAPFactory(Factory):
-    def __init__(self, suite: Any, implicit_tls: bool = False):
-        self.suite = suite
-        self.implicit_tls = implicit_tls
-        limits = suite.config.limits
-        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
+                   io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
+                   implicit_tls: bool = False) -> LimitedFactory:
+    """The protocol factory for one IMAP listener, with its own connection limits."""
+    limits = config.limits
+    counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
-    def buildProtocol(self, addr: Any) -> Any:
-        ip = getattr(addr, "host", "?")
-        if not self.connections.admit(ip):
-            log.warn("imap: refused a connection from {ip}: connection limit reached", ip=ip)
-            return _Refused()
-        p = IMAPServer(self.suite, implicit_tls=self.implicit_tls)
-        p.factory = self
-        p.on_close = lambda: self.connections.release(ip)
-        return p
+    def build(addr: IAddress) -> IMAPServer:
+        return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls)
 
-
-def server_factory(suite: Any, implicit_tls: bool = False, **kwargs: Any) -> IMAPFactory:
-    """The protocol factory for one IMAP listener."""
-    return IMAPFactory(suite, implicit_tls)
+    return LimitedFactory("imap", counter, REFUSAL, build)

@@ -26,3 +26,21 @@ CLIENTBUG = b"CLIENTBUG"
 
 def code(name: bytes, *args: bytes) -> bytes:
     return b"[" + b" ".join((name,) + args) + b"] "
+
+
+class CommandError(Exception):
+    """Refuse the current command: `tag <condition> [code] text`."""
+
+    def __init__(self, condition: bytes, text: str, code: bytes = b""):
+        super().__init__(text)
+        self.condition = condition
+        self.text = text
+        self.code = code
+
+
+def no(text: str, code: bytes = b"") -> CommandError:
+    return CommandError(NO, text, code)
+
+
+def bad(text: str) -> CommandError:
+    return CommandError(BAD, text)

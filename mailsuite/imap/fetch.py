@@ -1,0 +1,343 @@
+"""FETCH and UID FETCH (selected state, RFC 3501 §6.4.5): one `FetchCommand` per command.
+
+Items that the index knows (FLAGS, UID, INTERNALDATE, RFC822.SIZE) never open a message file.
+The others are computed from the raw file bytes in the io pool, a batch at a time, while the
+previous batch is written; sections larger than STREAM_THRESHOLD are streamed from the file
+with backpressure from the transport. See docs/design/imap.md, "FETCH".
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from typing import BinaryIO, Optional, Union
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from zope.interface import implementer
+
+from mailsuite.imap import message as mime
+from mailsuite.imap.flags import flag_list
+from mailsuite.imap.messages import store_flags
+from mailsuite.imap.parser import FetchAtt, Token, fetch_atts, format_internaldate
+from mailsuite.imap.responses import bad
+from mailsuite.imap.selection import Selection
+from mailsuite.imap.session import Session
+from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
+
+STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the file
+CHUNK = 64 * 1024
+BATCH = 200  # messages per thread-pool call
+BATCH_BYTES = 4 * 1024 * 1024  # message octets per batch (see batches)
+INDEX_ITEMS = (b"FLAGS", b"UID", b"INTERNALDATE", b"RFC822.SIZE")  # answered from the index
+HEADER_TEXTS = (b"HEADER", b"HEADER.FIELDS", b"HEADER.FIELDS.NOT")
+
+
+class FileRange:
+    """A large section to stream from a message file."""
+
+    def __init__(self, uid: int, offset: int, length: int):
+        self.uid, self.offset, self.length = uid, offset, length
+
+
+Piece = Union[bytes, FileRange]
+
+
+@implementer(IPushProducer)
+class WriteGate:
+    """Learns from the transport when its buffer is full, so FETCH can wait (backpressure)."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiters: list[defer.Deferred] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    def wait(self) -> defer.Deferred:
+        if not self.paused or self.stopped:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+
+class FetchCommands(Session):
+    """The FETCH handler; the work is done by FetchCommand."""
+
+    gate: WriteGate
+
+    def do_FETCH(self, tag: bytes, args: list[Token], uid: bool = False) -> defer.Deferred:
+        if len(args) < 2:
+            raise bad("FETCH needs a set and items")
+        uids = self.resolve(args[0], uid)
+        atts = fetch_atts(args[1] if len(args) == 2 else list(args[1:]))
+        if uid and b"UID" not in {a.name for a in atts}:
+            atts.insert(0, FetchAtt(b"UID"))
+        return FetchCommand(self, uids, atts, uid).run()
+
+
+class FetchCommand:
+    """One FETCH: the messages and items asked for, and how to answer them."""
+
+    def __init__(self, session: FetchCommands, uids: list[int], atts: list[FetchAtt], uid: bool):
+        assert session.sel is not None
+        self.session = session
+        self.sel: Selection = session.sel
+        self.uids = uids
+        self.atts = atts
+        self.uid = uid
+        self.needs_file = any(a.name not in INDEX_ITEMS for a in atts)
+        # RFC 3501 §6.4.5: BODY[...] (not BODY.PEEK) and RFC822/RFC822.TEXT set \Seen.
+        self.sets_seen = not self.sel.readonly and any(
+            a.name in (b"BODY", b"RFC822", b"RFC822.TEXT") and (a.section is not None or a.name != b"BODY")
+            for a in atts)
+
+    @defer.inlineCallbacks
+    def run(self):
+        s = self.session
+        s.transport.registerProducer(s.gate, True)
+        try:
+            chunks = batches(self.sel, self.uids, self.needs_file)
+            pending = self._compute(chunks[0]) if self.needs_file and chunks else None
+            for ci, chunk in enumerate(chunks):
+                computed = None
+                if self.needs_file:
+                    computed = yield pending
+                    # Read the next batch in the io pool while this one is written out.
+                    if ci + 1 < len(chunks):
+                        pending = self._compute(chunks[ci + 1])
+                if self.sets_seen:
+                    yield self._mark_seen(chunk, computed)
+                yield self._write_batch(chunk, computed)
+                yield s.gate.wait()
+                if s.closed:
+                    return None
+        finally:
+            if not s.closed:
+                s.transport.unregisterProducer()
+        if self.uid:
+            yield s.refresh()
+        return b"FETCH completed"
+
+    def _compute(self, chunk: list[int]) -> defer.Deferred:
+        return self.session.io(compute_batch, self.sel.folder, chunk, self.atts)
+
+    @defer.inlineCallbacks
+    def _mark_seen(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
+        sel = self.sel
+        need = [u for u, _, info in sel.locate(chunk) if "\\Seen" not in info.flags
+                and (computed is None or u in computed)]
+        if need:
+            results = yield self.session.io(store_flags, sel.folder, need, ["\\Seen"], b"+")
+            for u, new in results:
+                sel.set_flags(u, new)
+
+    @defer.inlineCallbacks
+    def _write_batch(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
+        s = self.session
+        out = bytearray()
+        for u, seq, info in self.sel.locate(chunk):
+            pieces = computed.get(u) if computed is not None else None
+            if pieces is None and computed is not None:
+                continue  # its file vanished (expunged elsewhere): nothing to send
+            out += b"* %d FETCH (" % seq
+            first = True
+            for it in self._items(u, info, pieces):
+                if isinstance(it, FileRange):
+                    s.transport.write(bytes(out))
+                    out = bytearray()
+                    yield self._stream(it)
+                    continue
+                if not first and not out.endswith(b" "):
+                    out += b" "
+                out += it
+                first = False
+            out += b")\r\n"
+            if len(out) > CHUNK:
+                s.transport.write(bytes(out))
+                out = bytearray()
+                yield s.gate.wait()
+        if out and not s.closed:
+            s.transport.write(bytes(out))
+
+    def _items(self, u: int, info: MessageInfo, pieces: Optional[dict[int, Piece]]) -> list[Piece]:
+        """The response items of one message, in the order asked for."""
+        sel = self.sel
+        items: list[Piece] = []
+        flags_sent = False
+        for a in self.atts:
+            if a.name == b"FLAGS":
+                items.append(b"FLAGS " + flag_list(sel.flags(u, info)))
+                flags_sent = True
+            elif a.name == b"UID":
+                items.append(b"UID %d" % u)
+            elif a.name == b"INTERNALDATE":
+                items.append(b"INTERNALDATE " + format_internaldate(info.internaldate))
+            elif a.name == b"RFC822.SIZE":
+                items.append(b"RFC822.SIZE %d" % info.size)
+            else:
+                assert pieces is not None
+                items.append(a.response_name() + b" ")
+                items.append(pieces[id(a)])
+        if self.sets_seen and not flags_sent:
+            items.append(b"FLAGS " + flag_list(sel.flags(u)))
+        return items
+
+    @defer.inlineCallbacks
+    def _stream(self, fr: FileRange):
+        """Send a literal of fr.length octets read from the file in chunks (no whole copy)."""
+        s = self.session
+        s.transport.write(b"{%d}\r\n" % fr.length)
+        f = yield s.io(self.sel.folder.open_message, fr.uid)
+        try:
+            yield s.io(f.seek, fr.offset)
+            left = fr.length
+            while left > 0 and not s.closed:
+                data = yield s.io(f.read, min(CHUNK, left))
+                if not data:
+                    # The file shrank under us: pad so the literal length stays true.
+                    data = b" " * min(CHUNK, left)
+                left -= len(data)
+                s.transport.write(data)
+                yield s.gate.wait()
+        finally:
+            s.io(f.close)
+
+
+def batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]]:
+    """FETCH work units: BATCH messages per io call, and (bodies) at most BATCH_BYTES of
+    message files, so a batch and its prefetched successor stay small in memory."""
+    if not needs_file:
+        step = BATCH * 25
+        return [uids[i:i + step] for i in range(0, len(uids), step)]
+    out: list[list[int]] = []
+    current: list[int] = []
+    size = 0
+    for u, _seq, info in sel.locate(uids):
+        if current and (len(current) >= BATCH or size + info.size > BATCH_BYTES):
+            out.append(current)
+            current, size = [], 0
+        current.append(u)
+        size += info.size
+    if current:
+        out.append(current)
+    return out
+
+
+# -- in the io pool: the items that need the message file ------------------------------------
+
+def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict[int, dict[int, Piece]]:
+    """For each message: {id(att): bytes | FileRange} for the items that need the file."""
+    out: dict[int, dict[int, Piece]] = {}
+    for u in uids:
+        try:
+            f = folder.open_message(u)
+        except (NoSuchMessage, OSError):
+            continue
+        with f:
+            try:
+                out[u] = compute_one(f, u, atts)
+            except (OSError, ValueError):
+                continue
+    return out
+
+
+def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt]) -> dict[int, Piece]:
+    size = os.fstat(f.fileno()).st_size
+    wanted = [a for a in atts if a.name not in INDEX_ITEMS]
+    # Thunderbird's new-mail fetch is HEADER.FIELDS: read only the header block for that.
+    only_header = all(a.name == b"RFC822.HEADER" or (a.section is not None and not a.path
+                                                     and a.text in HEADER_TEXTS) for a in wanted)
+    need_tree = any(a.name in (b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822.TEXT") and a.section is None
+                    or (a.section is not None and a.path) for a in wanted)
+    mapped = None
+    buf: Union[bytes, mmap.mmap]
+    if only_header:
+        buf = read_header(f)
+    elif size > 4 * 1024 * 1024:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buf = mapped
+    else:
+        buf = f.read()
+    try:
+        if need_tree:
+            root = mime.parse(buf)
+        else:
+            hend = mime.header_end(buf)
+            root = mime.Part(0, hend, len(buf), mime.parse_headers(buf, 0, hend))
+        return {id(a): _piece(buf, root, a, uid, size) for a in wanted}
+    finally:
+        if mapped is not None:
+            mapped.close()
+
+
+def _piece(buf: Union[bytes, mmap.mmap], root: mime.Part, a: FetchAtt, uid: int, size: int) -> Piece:
+    """One item's value: a structure, or a section's literal (headers are served from the raw
+    bytes, never rebuilt: docs/design/imap.md, "Headers from raw bytes")."""
+    if a.name == b"ENVELOPE":
+        return mime.serialize(mime.envelope(buf, root))
+    if a.name == b"BODYSTRUCTURE" or (a.name == b"BODY" and a.section is None):
+        return mime.serialize(mime.bodystructure(buf, root, a.name == b"BODYSTRUCTURE"))
+    rng: Union[bytes, tuple[int, int]]
+    if a.name == b"RFC822" or (a.section is not None and not a.path and a.text is None):
+        rng = (0, size)
+    elif a.name == b"RFC822.HEADER":
+        rng = (0, root.body_start)
+    elif a.name == b"RFC822.TEXT" or (a.text == b"TEXT" and not a.path):
+        rng = (root.body_start, size - root.body_start)
+    else:
+        try:
+            rng = mime.section(buf, root, a.path, a.text, a.fields)
+        except mime.NoSuchPart:
+            rng = b""  # RFC 3501 §6.4.5: a part that does not exist is an empty string
+    return literal(buf, uid, rng, a.partial)
+
+
+def literal(buf: Union[bytes, mmap.mmap], uid: int, rng: Union[bytes, tuple[int, int]],
+            partial: Optional[tuple[int, int]]) -> Piece:
+    """The literal for a section, sliced to <origin.octets> (RFC 3501 §6.4.5;
+    docs/design/imap.md, "Partial FETCH")."""
+    if isinstance(rng, bytes):
+        data = rng
+        if partial:
+            o, n = partial
+            data = data[o:o + n]
+        return b"{%d}\r\n" % len(data) + data
+    offset, length = rng
+    if partial:
+        o, n = partial
+        if o >= length:
+            return b'""'  # RFC 3501 §6.4.5: origin past the end gives an empty string
+        offset, length = offset + o, min(n, length - o)
+    if length > STREAM_THRESHOLD:
+        return FileRange(uid, offset, length)
+    data = bytes(buf[offset:offset + length])
+    if len(data) < length:  # only the header block was read: fall back to streaming
+        return FileRange(uid, offset, length)
+    return b"{%d}\r\n" % len(data) + data
+
+
+def read_header(f: BinaryIO) -> bytes:
+    """Read up to and including the blank line that ends the header block."""
+    buf = b""
+    while True:
+        chunk = f.read(16384)
+        if not chunk:
+            return buf
+        start = max(0, len(buf) - 3)
+        buf += chunk
+        if mime._HEADER_END.search(buf, start) or buf.startswith(b"\r\n") or buf.startswith(b"\n"):
+            return buf
+        if len(buf) > 8 * 1024 * 1024:
+            return buf

@@ -1,0 +1,246 @@
+"""Folder commands of the authenticated (and selected) state: LIST, LSUB, CREATE, DELETE,
+RENAME, SUBSCRIBE, UNSUBSCRIBE, STATUS, NAMESPACE (RFC 3501 §6.3, RFC 5258 LIST-EXTENDED,
+RFC 6154 SPECIAL-USE, RFC 2342 NAMESPACE).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Callable
+
+from twisted.internet import defer
+
+from mailsuite.imap import responses as R
+from mailsuite.imap.names import decode_name, encode_name, quote
+from mailsuite.imap.parser import Atom, Token, astring
+from mailsuite.imap.responses import bad, no
+from mailsuite.imap.selection import sync_folder
+from mailsuite.imap.session import Session
+from mailsuite.mailbox.store import Account, FolderExists, MailboxError
+
+LIST_SELECT_OPTIONS = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
+STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE"}
+
+
+@dataclass
+class ListRequest:
+    """A LIST or LSUB command, parsed (RFC 5258 §3 for the selection and return options)."""
+
+    lsub: bool
+    ref: bytes
+    patterns: list[bytes]
+    select_opts: set[bytes] = field(default_factory=set)
+    return_opts: set[bytes] = field(default_factory=set)
+
+    @property
+    def only_subscribed(self) -> bool:
+        return self.lsub or b"SUBSCRIBED" in self.select_opts
+
+    @property
+    def show_subscribed(self) -> bool:
+        return b"SUBSCRIBED" in self.select_opts or b"SUBSCRIBED" in self.return_opts
+
+
+def parse_list(args: list[Token], lsub: bool) -> ListRequest:
+    args = list(args)
+    select_opts: set[bytes] = set()
+    if not lsub and args and isinstance(args[0], list):  # LIST-EXTENDED selection options
+        select_opts = {astring(a).upper() for a in args.pop(0)}
+    if len(args) < 2:
+        raise bad("LIST needs a reference and a pattern")
+    pats = args[1]
+    patterns = [astring(p) for p in pats] if isinstance(pats, list) else [astring(pats)]
+    req = ListRequest(lsub, astring(args[0]), patterns, select_opts)
+    rest = args[2:]
+    if rest:
+        if len(rest) != 2 or not isinstance(rest[0], Atom) or rest[0].upper() != b"RETURN" \
+                or not isinstance(rest[1], list):
+            raise bad("invalid LIST return options")
+        req.return_opts = {astring(a).upper() for a in rest[1]}
+    if select_opts - LIST_SELECT_OPTIONS:
+        raise bad("unsupported LIST selection option")
+    return req
+
+
+def name_matcher(ref: bytes, patterns: list[bytes]) -> Callable[[str], bool]:
+    """Whether a folder name matches one of the patterns (RFC 3501 §6.3.8: `*` matches across
+    the delimiter, `%` does not; INBOX matches in any case)."""
+    ref_s = decode_name(ref) if ref else ""
+    matchers = []
+    for p in patterns:
+        pat = ref_s + decode_name(p) if p else ref_s
+        rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pat)
+        matchers.append(re.compile("^" + rx + "$", re.I if pat.upper().startswith("INBOX") else 0))
+
+    def matches(n: str) -> bool:
+        return any(m.match(n) or (n == "INBOX" and m.match("inbox")) for m in matchers)
+    return matches
+
+
+def list_entries(req: ListRequest, existing: list[str], subscribed: list[str],
+                 special: dict[str, str | None]) -> list[tuple[str, list[str]]]:
+    """(name, attributes) for every folder the LIST/LSUB answers with."""
+    matches = name_matcher(req.ref, req.patterns)
+    exist_set, sub_set = set(existing), set(subscribed)
+    names = sorted(sub_set if req.only_subscribed else exist_set, key=lambda n: (n != "INBOX", n))
+    lines = []
+    emitted = set()
+    for n in names:
+        if not matches(n):
+            continue
+        lines.append((n, _attributes(req, n, exist_set, sub_set, special.get(n))))
+        emitted.add(n)
+    # `%` stops at the delimiter: a matching parent that exists only as a path is \Noselect.
+    if not req.only_subscribed:
+        for n in exist_set:
+            parts = n.split("/")
+            for i in range(1, len(parts)):
+                parent = "/".join(parts[:i])
+                if parent not in exist_set and parent not in emitted and matches(parent):
+                    lines.append((parent, ["\\Noselect", "\\HasChildren"]))
+                    emitted.add(parent)
+    return lines
+
+
+def _attributes(req: ListRequest, n: str, exist_set: set[str], sub_set: set[str],
+                use: str | None) -> list[str]:
+    attrs = []
+    if n not in exist_set:
+        # Never report a subscribed but missing folder as selectable (docs/design/imap.md,
+        # "Folders").
+        attrs.append("\\NonExistent" if b"SUBSCRIBED" in req.select_opts else "\\Noselect")
+    else:
+        children = any(o.startswith(n + "/") for o in exist_set)
+        attrs.append("\\HasChildren" if children else "\\HasNoChildren")
+    if use:  # RFC 6154 §3: attributes may always be returned, not only on request
+        attrs.append(use)
+    if req.show_subscribed and n in sub_set:
+        attrs.append("\\Subscribed")
+    return attrs
+
+
+def folders_and_subscriptions(account: Account) -> tuple[list[str], list[str]]:
+    return account.list_folders(), account.subscriptions()
+
+
+class FolderCommands(Session):
+    """LIST/LSUB/CREATE/DELETE/RENAME/SUBSCRIBE/UNSUBSCRIBE/STATUS/NAMESPACE."""
+
+    def do_NAMESPACE(self, tag: bytes, args: list[Token]) -> bytes:
+        self.send(b'* NAMESPACE (("" "/")) NIL NIL')
+        return b"NAMESPACE completed"
+
+    @defer.inlineCallbacks
+    def do_LIST(self, tag: bytes, args: list[Token], lsub: bool = False):
+        req = parse_list(args, lsub)
+        verb = b"LSUB" if lsub else b"LIST"
+        if not lsub and req.patterns == [b""]:
+            # RFC 3501 §6.3.8: the hierarchy delimiter and root name.
+            self.send(b'* LIST (\\Noselect) "/" ""')
+            return b"LIST completed"
+        account = self.account
+        existing, subscribed = yield self.io(folders_and_subscriptions, account)
+        special = {n: account.special_use(n) for n in existing}
+        for n, attrs in list_entries(req, existing, subscribed, special):
+            self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' + quote(encode_name(n)))
+        return verb + b" completed"
+
+    def do_LSUB(self, tag: bytes, args: list[Token]) -> defer.Deferred:
+        return self.do_LIST(tag, args, lsub=True)
+
+    @defer.inlineCallbacks
+    def do_CREATE(self, tag: bytes, args: list[Token]):
+        if len(args) != 1:
+            raise bad("CREATE needs a mailbox name")
+        name = decode_name(astring(args[0])).rstrip("/")
+        if name.upper() == "INBOX":
+            raise no("INBOX always exists", R.ALREADYEXISTS)
+        try:
+            yield self.io(self.account.create_folder, name)
+        except MailboxError as e:
+            code = R.ALREADYEXISTS if isinstance(e, FolderExists) else R.CANNOT
+            raise no(str(e) or "cannot create that mailbox", code)
+        return b"CREATE completed"
+
+    @defer.inlineCallbacks
+    def do_DELETE(self, tag: bytes, args: list[Token]):
+        if len(args) != 1:
+            raise bad("DELETE needs a mailbox name")
+        name = decode_name(astring(args[0]))
+        if name == "INBOX":
+            raise no("INBOX cannot be deleted", R.CANNOT)
+        if self.sel is not None and self.sel.folder.name == name:
+            self.sel = None
+            self.state = "auth"
+        try:
+            yield self.io(self.account.delete_folder, name)
+        except MailboxError as e:
+            raise no(str(e) or "cannot delete that mailbox", R.NONEXISTENT)
+        # A deleted folder must not stay subscribed: Thunderbird would APPEND to it
+        # (docs/design/imap.md, "Folders").
+        try:
+            yield self.io(self.account.unsubscribe, name)
+        except MailboxError:
+            pass
+        return b"DELETE completed"
+
+    @defer.inlineCallbacks
+    def do_RENAME(self, tag: bytes, args: list[Token]):
+        if len(args) != 2:
+            raise bad("RENAME needs two mailbox names")
+        old, new = decode_name(astring(args[0])), decode_name(astring(args[1])).rstrip("/")
+        try:
+            yield self.io(self.account.rename_folder, old, new)
+        except MailboxError as e:
+            raise no(str(e) or "cannot rename that mailbox", R.CANNOT)
+        return b"RENAME completed"
+
+    @defer.inlineCallbacks
+    def do_SUBSCRIBE(self, tag: bytes, args: list[Token]):
+        if len(args) != 1:
+            raise bad("SUBSCRIBE needs a mailbox name")
+        try:
+            yield self.io(self.account.subscribe, decode_name(astring(args[0])))
+        except MailboxError as e:
+            raise no(str(e) or "cannot subscribe")
+        return b"SUBSCRIBE completed"
+
+    @defer.inlineCallbacks
+    def do_UNSUBSCRIBE(self, tag: bytes, args: list[Token]):
+        if len(args) != 1:
+            raise bad("UNSUBSCRIBE needs a mailbox name")
+        try:
+            yield self.io(self.account.unsubscribe, decode_name(astring(args[0])))
+        except MailboxError as e:
+            raise no(str(e) or "cannot unsubscribe")
+        return b"UNSUBSCRIBE completed"
+
+    @defer.inlineCallbacks
+    def do_STATUS(self, tag: bytes, args: list[Token]):
+        if len(args) != 2 or not isinstance(args[1], list):
+            raise bad("STATUS needs a mailbox name and a list of items")
+        name = decode_name(astring(args[0]))
+        items = [astring(a).upper() for a in args[1]]
+        if not items or set(items) - STATUS_ITEMS:
+            raise bad("unknown STATUS item")
+        if self.sel is not None and self.sel.folder.name == name:
+            folder = self.sel.folder
+        else:
+            try:
+                folder = yield self.io(self.account.folder, name)
+            except MailboxError as e:
+                raise no(str(e) or "no such mailbox", R.NONEXISTENT)
+        st = yield self.io(sync_folder, folder)
+        infos = st.infos
+        values = {
+            b"MESSAGES": len(infos),
+            b"RECENT": len(st.recent & {i.uid for i in infos}),
+            b"UIDNEXT": st.uidnext,
+            b"UIDVALIDITY": st.uidvalidity,
+            b"UNSEEN": len([i for i in infos if "\\Seen" not in i.flags]),
+            b"SIZE": sum(i.size for i in infos),
+        }
+        self.send(b"* STATUS " + quote(encode_name(name)) + b" (" +
+                  b" ".join(b"%s %d" % (k, values[k]) for k in items) + b")")
+        yield self.refresh()
+        return b"STATUS completed"

@@ -1,0 +1,61 @@
+"""What the command groups use of their connection.
+
+`server.IMAPServer` implements this and mixes in one class per command group (selection.py,
+folders.py, messages.py, fetch.py, idle.py); each group's methods reach the connection only
+through the names declared here. See docs/design/imap.md, "Module map".
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime, ITransport
+
+from mailsuite.config import Config
+from mailsuite.imap.parser import Token
+from mailsuite.mailbox.store import Account, Folder
+from mailsuite.pools import WorkPool
+
+if TYPE_CHECKING:
+    from mailsuite.imap.selection import Selection
+
+
+class Session:
+    """The state of one connection that every command handler may read or change."""
+
+    config: Config
+    clock: IReactorTime
+    pool: WorkPool
+    transport: ITransport
+    state: str  # "notauth", "auth" or "selected": the keys of server.COMMANDS
+    user: Optional[str]
+    account: Optional[Account]
+    sel: Optional["Selection"]
+    peer: str
+    closed: bool
+    tls: bool
+
+    def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """Run blocking store work in the io pool; never on the reactor thread."""
+        return self.pool.run(fn, *args, **kwargs)
+
+    if TYPE_CHECKING:
+        def send(self, line: bytes) -> None: ...
+
+        def hangup(self) -> None: ...
+
+        def refresh(self, shared: bool = False) -> defer.Deferred: ...
+
+        def report_expunged(self, removed: Iterable[int]) -> None: ...
+
+        def resolve(self, args_set: Token, uid: bool) -> list[int]: ...
+
+        def shared_state_token(self, folder: Folder) -> defer.Deferred: ...
+
+        def pauseProducing(self) -> None: ...
+
+        def resumeProducing(self) -> None: ...
+
+        def resetTimeout(self) -> None: ...
+
+        def setTimeout(self, period: Optional[float]) -> Optional[float]: ...
