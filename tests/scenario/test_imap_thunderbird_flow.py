@@ -8,7 +8,7 @@ import smtplib
 import time
 
 from tests.harness import MailServer
-from tests.test_imap import PASSWORD, Raw, tagged
+from tests.scenario.test_imap import PASSWORD, Raw, tagged
 
 HEADER_FIELDS = (b"From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups "
                  b"In-Reply-To Content-Type Reply-To Received")

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.harness import MailServer
-from tests.test_imap import PASSWORD, Raw, tagged
+from tests.scenario.test_imap import PASSWORD, Raw, tagged
 
 BIG = 40 * 1024 * 1024
 
