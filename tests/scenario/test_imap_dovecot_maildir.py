@@ -9,7 +9,7 @@ import re
 import pytest
 
 from tests.harness import MailServer
-from tests.scenario.test_imap import PASSWORD, Raw, tagged
+from tests.scenario.imapraw import PASSWORD, Raw, tagged
 
 
 def _msg(subject: str) -> bytes:

@@ -1,4 +1,4 @@
-"""The command sequence Thunderbird sends (shared/THUNDERBIRD.md "What Thunderbird sends"),
+"""The command sequence Thunderbird sends (docs/design/imap.md, "What Thunderbird sends"),
 over three parallel connections, with mail arriving through SMTP while one connection idles."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import smtplib
 import time
 
 from tests.harness import MailServer
-from tests.scenario.test_imap import PASSWORD, Raw, tagged
+from tests.scenario.imapraw import PASSWORD, Raw, tagged
 
 HEADER_FIELDS = (b"From To Cc Bcc Subject Date Message-ID Priority X-Priority References Newsgroups "
                  b"In-Reply-To Content-Type Reply-To Received")

@@ -11,7 +11,7 @@ from mailsuite.imap.search import decode_header
 
 
 def test_bodystructure_without_content_type_is_text_plain_us_ascii():
-    """TWISTED-NOTES §4.4 #6: Twisted gave NIL NIL."""
+    """Twisted gave NIL NIL (docs/design/imap.md, "Headers from raw bytes")."""
     raw = b"Subject: x\r\n\r\nhello\r\nworld\r\n"
     bs = mime.serialize(mime.bodystructure(raw, mime.parse(raw)))
     assert bs == b'("TEXT" "PLAIN" ("CHARSET" "us-ascii") NIL NIL "7BIT" 14 2 NIL NIL NIL NIL)'

@@ -1,0 +1,82 @@
+"""A raw IMAP connection to the real server (TLS or plain), for the conversations the client
+libraries hide. Shared by the IMAP scenario tests."""
+from __future__ import annotations
+
+import re
+import socket
+
+PASSWORD = "secret-pw-1"
+
+
+class Raw:
+    """A raw IMAP connection (TLS by default); logs in as `login_as` unless it is None."""
+
+    def __init__(self, srv, tls: bool = True, login_as: str | None = "alice@example.org"):
+        sock = socket.create_connection(("127.0.0.1", srv.ports["imaps" if tls else "imap"]), timeout=10)
+        self.sock = srv.ssl_context().wrap_socket(sock) if tls else sock
+        self.buf = b""
+        self.greeting = self.line()
+        if login_as:
+            self.cmd(b"L LOGIN " + login_as.encode() + b" " + PASSWORD.encode())
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError(f"closed; pending {self.buf[:200]!r}")
+            self.buf += d
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            d = self.sock.recv(65536)
+            if not d:
+                raise ConnectionError("closed")
+            self.buf += d
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+    def response(self, tag: bytes) -> list[bytes]:
+        """Lines up to and including the tagged one; literals are inlined."""
+        lines = []
+        while True:
+            line = self.line()
+            while True:
+                m = re.search(rb"\{(\d+)\}$", line)
+                if not m:
+                    break
+                line += b"\r\n" + self.read_exact(int(m.group(1))) + self.line()
+            lines.append(line)
+            if line.startswith(tag + b" "):
+                return lines
+
+    def cmd(self, line: bytes) -> list[bytes]:
+        tag = line.split(b" ", 1)[0]
+        self.send(line + b"\r\n")
+        return self.response(tag)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def tagged(lines: list[bytes]) -> bytes:
+    return lines[-1]
+
+
+def admitted(srv, tls: bool = True) -> Raw | None:
+    """A new connection if the server greets it with OK; None (and closed) if it says BYE."""
+    try:
+        r = Raw(srv, tls=tls, login_as=None)
+    except (ConnectionError, OSError):
+        return None
+    if r.greeting.startswith(b"* OK"):
+        return r
+    r.close()
+    return None
