@@ -1,8 +1,8 @@
 """IMAP views of one message, computed from its raw bytes: BODYSTRUCTURE, ENVELOPE, sections.
 
 Everything here works on the original octets (a `bytes` or an `mmap`), and every section is
-answered as a slice of them: headers are never re-synthesised (TWISTED-NOTES §4.4 #5: Twisted
-rebuilt them from a dict, lost duplicates and order, and dropped the connection on 8-bit bytes).
+answered as a slice of them: headers are never re-synthesised (docs/design/imap.md, "Headers
+from raw bytes").
 A section that is a contiguous range of the file is returned as `(offset, length)` so a large
 one can be streamed from disk instead of copied into memory.
 """
@@ -140,7 +140,7 @@ _PARAM = re.compile(rb";\s*(" + _TOKEN + rb")\s*=\s*(\"(?:[^\"\\]|\\.)*\"|[^;\s]
 def parse_content_type(value: Optional[bytes], default: bytes = b"text/plain"
                        ) -> tuple[bytes, bytes, list[tuple[bytes, bytes]]]:
     """(type, subtype, params) in lower case (values keep their case: the boundary is
-    case-sensitive, TWISTED-NOTES §4.4 #6). Malformed values fall back to the default type."""
+    case-sensitive, RFC 2046 §5.1.1). Malformed values fall back to the default type."""
     maintype, _, subtype = default.partition(b"/")
     if not value:
         return maintype, subtype, []

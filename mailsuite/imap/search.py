@@ -2,7 +2,8 @@
 
 Keys that only need the index (flags, UID, sizes, INTERNALDATE) never open the message file;
 the others load it once per message. String keys match case-insensitively after decoding
-RFC 2047 encoded words, as Thunderbird expects for non-ASCII subjects (TWISTED-NOTES §4.4 #7-8).
+RFC 2047 encoded words, as Thunderbird expects for non-ASCII subjects (docs/design/imap.md,
+"SEARCH").
 """
 from __future__ import annotations
 
