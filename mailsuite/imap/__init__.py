@@ -33,4 +33,4 @@ def server_factory(config: Config, directory: DirectoryService, mailstore: MailS
     def build(addr: IAddress) -> IMAPServer:
         return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls)
 
-    return LimitedFactory("imap", counter, REFUSAL, build)
+    return LimitedFactory("imaps" if implicit_tls else "imap", counter, REFUSAL, build)

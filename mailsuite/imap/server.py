@@ -413,7 +413,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         return b"ENABLE completed"
 
     # -- not authenticated ----------------------------------------------------------------------
-    def do_STARTTLS(self, tag: bytes, args: list[Token]) -> bytes:
+    def do_STARTTLS(self, tag: bytes, args: list[Token]) -> None:
         if self.tls:
             raise bad("TLS is already active")
         if self.tls_material is None:

@@ -26,7 +26,7 @@ class Session:
     config: Config
     clock: IReactorTime
     pool: WorkPool
-    transport: ITransport
+    transport: Optional[ITransport]
     state: str  # "notauth", "auth" or "selected": the keys of server.COMMANDS
     user: Optional[str]
     account: Optional[Account]

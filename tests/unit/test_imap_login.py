@@ -107,3 +107,27 @@ def test_idle_connection_is_logged_out_after_imap_timeout(tmp_path):
     w.clock.advance(0.2)
     assert r.line().startswith(b"* BYE")
     assert r.disconnected
+
+
+def test_connection_limit_refuses_with_bye_and_frees_the_slot_on_close(tmp_path):
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    from mailsuite.imap import server_factory
+    from mailsuite.pools import InlinePool
+
+    w = World(str(tmp_path), max_connections_per_ip=1)
+    factory = server_factory(w.config, w.directory, w.store, InlinePool(), w.tls, w.clock,
+                             implicit_tls=True)
+    addr = IPv4Address("TCP", "127.0.0.1", 50000)
+    first, t1 = factory.buildProtocol(addr), StringTransport(peerAddress=addr)
+    first.makeConnection(t1)
+    assert t1.value().startswith(b"* OK")
+    second, t2 = factory.buildProtocol(addr), StringTransport(peerAddress=addr)
+    second.makeConnection(t2)
+    assert t2.value() == b"* BYE too many connections, try again later\r\n"
+    assert t2.disconnecting
+    first.connectionLost(None)
+    third, t3 = factory.buildProtocol(addr), StringTransport(peerAddress=addr)
+    third.makeConnection(t3)
+    assert t3.value().startswith(b"* OK")
