@@ -4,7 +4,7 @@ DONE waits for IDLE to finish (docs/design/imap.md, "IDLE")."""
 from __future__ import annotations
 
 from mailsuite.imap.idle import IDLE_POLL
-from tests.unit.imapkit import simple, tagged, world  # noqa: F401
+from tests.unit.imapkit import World, simple, tagged, world  # noqa: F401
 
 
 def test_idle_sees_delivery_within_two_seconds(world):
@@ -28,7 +28,8 @@ def test_idle_sees_delivery_within_two_seconds(world):
     assert tagged(r.cmd(b"l NOOP")).startswith(b"l OK")
 
 
-def test_idle_sends_nothing_while_nothing_changes(world):
+def test_idle_sends_nothing_while_nothing_changes(tmp_path):
+    world = World(str(tmp_path), imap_timeout=3)
     r = world.connect()
     r.cmd(b"s SELECT INBOX")
     r.send(b"i IDLE\r\n")
@@ -36,7 +37,8 @@ def test_idle_sends_nothing_while_nothing_changes(world):
     for _ in range(20):
         world.clock.advance(IDLE_POLL)
     assert r.pending() == b""
-    assert not r.disconnected  # IDLE raises the idle timeout to at least 30 minutes
+    # 10 s idling with imap_timeout = 3: IDLE raises the timeout to at least 30 minutes.
+    assert not r.disconnected
     r.send(b"DONE\r\n")
     assert r.response(b"i") == [b"i OK IDLE terminated"]
 
