@@ -256,15 +256,17 @@ class Client:
         self.transport.clear()
 
     def _complete_reply(self) -> list[bytes] | None:
-        lines = []
-        rest = self.buf
-        while b"\r\n" in rest:
-            line, rest = rest.split(b"\r\n", 1)
-            lines.append(line)
-            if line[3:4] != b"-":
-                self.buf = rest
+        end = 0
+        while True:
+            nl = self.buf.find(b"\r\n", end)
+            if nl < 0:
+                return None
+            last = self.buf[end + 3:end + 4] != b"-"
+            end = nl + 2
+            if last:
+                lines = self.buf[:end - 2].split(b"\r\n")
+                self.buf = self.buf[end:]
                 return lines
-        return None
 
     def wait(self, seconds: float) -> None:
         """Let `seconds` of clock time pass, in small steps (timers fire in order)."""
