@@ -17,7 +17,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generator, Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
@@ -328,7 +328,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return self._update(drop)
 
     @defer.inlineCallbacks
-    def _update(self, drop: _Drop) -> defer.Deferred | None:
+    def _update(self, drop: _Drop) -> Generator[defer.Deferred, Any, None]:
         uids = [drop.messages[n - 1].uid for n in sorted(drop.deleted)]
         seen = [drop.messages[n - 1].uid for n in sorted(drop.retrieved - drop.deleted)]
         ok = True
@@ -416,7 +416,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                            password.decode("utf-8", "replace"))
 
     @defer.inlineCallbacks
-    def _login(self, user: str, password: str) -> defer.Deferred | None:
+    def _login(self, user: str, password: str) -> Generator[defer.Deferred, Any, None]:
         try:
             address = yield self.directory.authenticate(user, password, client_ip=self.client_ip)
         except UnauthorizedLogin:
@@ -530,7 +530,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return self._send_message(found[1], int(parts[1]), None)
 
     @defer.inlineCallbacks
-    def _send_message(self, info: MessageInfo, top_lines: int | None, retr_n: int | None) -> defer.Deferred | None:
+    def _send_message(self, info: MessageInfo, top_lines: int | None,
+                      retr_n: int | None) -> Generator[defer.Deferred, Any, None]:
         try:
             f = yield self.io(_open_for_sending, self.drop.folder, info, top_lines)
         except Exception as e:

@@ -327,7 +327,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._command = verb if verb == "AUTH" else text[:200]
         if not verb.isascii() or not verb.isalpha():
             return replies.BAD_CHARACTERS if not verb.isascii() else replies.UNKNOWN_COMMAND
-        handler: Callable[[str], Reply | defer.Deferred | None] | None = getattr(self, "do_" + verb, None)
+        handler: Callable[[str], Reply | defer.Deferred | None] | None = getattr(
+            self, "do_" + verb, None)
         if handler is None:
             return replies.UNKNOWN_COMMAND
         if not text.isascii() and verb not in ("MAIL", "RCPT"):
