@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generator, Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
-from twisted.internet.interfaces import IReactorTime, ITLSTransport
+from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
@@ -42,6 +42,22 @@ if TYPE_CHECKING:
     from mailsuite.mailbox.store import Folder, MaildropLock
 
 log = Logger()
+
+
+def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
+                   io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
+                   implicit_tls: bool = False) -> LimitedFactory:
+    """The factory of one POP3 listener: pop3 (STLS offered when `tls` is given) or pop3s
+    (`implicit_tls`: service.py wraps the factory in TLS). Over a connection limit the client
+    gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on."""
+    limits = config.limits
+    counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+    refusal = Refusal(replies.TOO_MANY_CONNECTIONS, replies.TOO_MANY_CONNECTIONS)
+
+    def build(addr: IAddress) -> POP3Server:
+        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls)
+
+    return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)
 
 
 class _Readable(Protocol):
@@ -604,19 +620,3 @@ def _apply_update(folder: "Folder", delete: list[int], seen: list[int]) -> list[
         except Exception:
             pass  # removed or renamed meanwhile by another client: not worth failing QUIT
     return folder.expunge(delete) if delete else []
-
-
-def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
-                   io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
-                   implicit_tls: bool = False) -> LimitedFactory:
-    """The factory of one POP3 listener: pop3 (STLS offered when `tls` is given) or pop3s
-    (`implicit_tls`: service.py wraps the factory in TLS). Over a connection limit the client
-    gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on."""
-    limits = config.limits
-    counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
-    refusal = Refusal(replies.TOO_MANY_CONNECTIONS, replies.TOO_MANY_CONNECTIONS)
-
-    def build(addr: object) -> POP3Server:
-        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls)
-
-    return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)

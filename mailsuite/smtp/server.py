@@ -30,6 +30,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import (IAddress, IDelayedCall, IPushProducer, IReactorTime,
                                          IResolver, ITLSTransport)
 from twisted.logger import Logger
+from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
@@ -785,7 +786,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         except Exception:
             return
 
-        def found(result: tuple[list[Any], list[Any], list[Any]]) -> None:
+        def found(result: tuple[list[dns.RRHeader], list[dns.RRHeader],
+                                list[dns.RRHeader]]) -> None:
             answers = result[0]
             for answer in answers:
                 name = getattr(answer.payload, "name", None)
