@@ -48,9 +48,18 @@ class Parts:
 # -- one builder per listener: what each protocol receives ------------------------------------
 
 def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
-    from mailsuite import smtp
+    from twisted.names import client as names_client
 
-    return smtp.server_factory(parts, policy=policy, implicit_tls=implicit_tls)
+    from mailsuite import smtp
+    from mailsuite.smtp.policy import POLICIES
+
+    if policy not in POLICIES:
+        raise ValueError(f"unknown SMTP policy {policy!r}")
+    return smtp.server_factory(config=parts.config,
+                               policy=POLICIES[policy](parts.directory, parts.config),
+                               queue=parts.queue, directory=parts.directory, tls=parts.tls,
+                               clock=parts.reactor, resolver=names_client.getResolver(),
+                               implicit_tls=implicit_tls)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -63,7 +72,8 @@ def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import pop3
 
-    return pop3.server_factory(parts, implicit_tls=implicit_tls)
+    return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
 
 
 def _build_autoconfig(parts: Parts) -> Any:

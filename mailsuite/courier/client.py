@@ -22,6 +22,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.courier import status
+from mailsuite.dotstuff import DotStuffer, dot_stuff  # noqa: F401 (re-exported for agent.py)
 
 log = Logger()
 
@@ -87,53 +88,6 @@ class SMTPError(Exception):
     @property
     def enhanced(self) -> str:
         return self.reply.enhanced if self.reply else self.failure.status
-
-
-class DotStuffer:
-    """Stateful transparency (RFC 5321 §4.5.2) over any chunking of the message.
-
-    Lines beginning with "." get another "." in front, wherever chunk boundaries fall (the
-    defect of Twisted's per-chunk transformChunk); bare CR and bare LF become CRLF so no
-    receiver can see an end-of-data the sender did not mean (SMTP smuggling).
-    """
-
-    _EOL = re.compile(rb"\r\n|\r|\n")
-
-    def __init__(self) -> None:
-        self._at_line_start = True
-        self._pending_cr = False  # a chunk ended in CR: it may be half of a CRLF
-
-    def feed(self, chunk: bytes) -> bytes:
-        data = (b"\r" + chunk) if self._pending_cr else chunk
-        self._pending_cr = data.endswith(b"\r")
-        if self._pending_cr:
-            data = data[:-1]
-        if not data:
-            return b""
-        data = self._EOL.sub(CRLF, data)
-        if self._at_line_start and data.startswith(b"."):
-            data = b"." + data
-        data = data.replace(b"\r\n.", b"\r\n..")
-        self._at_line_start = data.endswith(CRLF)
-        return data
-
-    def finish(self) -> bytes:
-        """The rest of the data and the terminating <CRLF>.<CRLF>."""
-        tail = b""
-        if self._pending_cr:
-            self._pending_cr = False
-            tail = CRLF
-            self._at_line_start = True
-        if not self._at_line_start:
-            tail += CRLF
-        return tail + b".\r\n"
-
-
-def dot_stuff(message: bytes, chunk_size: int = 1 << 16) -> bytes:
-    stuffer = DotStuffer()
-    parts = [stuffer.feed(message[i:i + chunk_size]) for i in range(0, len(message), chunk_size)]
-    parts.append(stuffer.finish())
-    return b"".join(parts)
 
 
 class SMTPClientProtocol(LineReceiver):

@@ -1,12 +1,8 @@
-"""POP3 (RFC 1939) with STLS, SASL PLAIN and RESP-CODES over the mailbox store's INBOX."""
-from __future__ import annotations
+"""POP3 (RFC 1939) with STLS, SASL PLAIN and RESP-CODES over the mailbox store's INBOX.
 
-from typing import Any
+`server_factory(config, directory, mailstore, io, tls, clock, implicit_tls)` is what service.py
+calls for the pop3 and pop3s listeners; the protocol is in server.py, reply texts in replies.py.
+"""
+from mailsuite.pop3.server import POP3Server, server_factory
 
-
-def server_factory(suite: Any, implicit_tls: bool = False, **kwargs: Any) -> Any:
-    """The protocol factory for the pop3 (STLS) and pop3s (implicit TLS, wrapped by
-    service.py) listeners."""
-    from mailsuite.pop3.server import POP3Factory
-
-    return POP3Factory(suite, implicit_tls=implicit_tls)
+__all__ = ["POP3Server", "server_factory"]

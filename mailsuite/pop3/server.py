@@ -1,16 +1,14 @@
 """The POP3 server protocol: RFC 1939 with CAPA/RESP-CODES/PIPELINING (RFC 2449), STLS
 (RFC 2595) and SASL PLAIN (RFC 5034, RFC 4616), over the mailbox store's INBOX.
 
-Our own protocol class rather than twisted.mail.pop3.POP3 (TWISTED-NOTES §5): that one has no
-STLS, SASL that cannot do PLAIN, joke capabilities, and a RETR dot-stuffer that is wrong at
-its 16 KiB chunk boundaries (a "." line there ends the message early and the rest reaches the
-client as fake replies). Here:
+Our own protocol class rather than twisted.mail.pop3.POP3 (docs/design/pop3.md explains why).
+Here:
 - commands are handled one at a time in arrival order; pipelined lines wait in the buffer;
 - STLS discards whatever was pipelined after it (CVE-2011-0411 class injection);
 - USER/PASS and AUTH work only under TLS; failures are logged with the client address and
   held back by the directory's throttle;
-- RETR/TOP stream the file with a push producer, reading 64 KiB at a time in suite.pools.io,
-  through a stateful dot-stuffer (`DotStuffer`) that is correct across chunk boundaries;
+- RETR/TOP stream the file with a push producer, reading 64 KiB at a time in the io pool,
+  through the one dot-stuffer (mailsuite.dotstuff), which is correct across chunk boundaries;
 - DELE marks; only QUIT (the UPDATE state) removes. A dropped connection removes nothing.
 """
 from __future__ import annotations
@@ -18,66 +16,62 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Callable
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generator, Protocol
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
+from twisted.internet.interfaces import IAddress, IReactorTime, ITLSTransport
 from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsuite.listeners import ConnectionCounter
+from mailsuite.config import Config
+from mailsuite.directory.api import DirectoryService
+from mailsuite.directory.records import DirectoryUnavailable
+from mailsuite.dotstuff import DotStuffer
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.store import MessageInfo
+from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
+from mailsuite.tls import TLSMaterial
+
+if TYPE_CHECKING:
+    from mailsuite.mailbox.store import Folder, MaildropLock
 
 log = Logger()
+
+
+def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
+                   io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
+                   implicit_tls: bool = False) -> LimitedFactory:
+    """The factory of one POP3 listener: pop3 (STLS offered when `tls` is given) or pop3s
+    (`implicit_tls`: service.py wraps the factory in TLS). Over a connection limit the client
+    gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on."""
+    limits = config.limits
+    counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
+    refusal = Refusal(replies.TOO_MANY_CONNECTIONS, replies.TOO_MANY_CONNECTIONS)
+
+    def build(addr: IAddress) -> POP3Server:
+        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls)
+
+    return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)
+
+
+class _Readable(Protocol):
+    """An open message: the file itself (RETR) or a TopReader over it (TOP)."""
+
+    def read(self, size: int) -> bytes:
+        ...
+
+    def close(self) -> None:
+        ...
 
 MAX_LINE = 2048  # RFC 2449 §4 allows 255 for commands; SASL responses can be longer
 MAX_ERRORS = 10
 CHUNK = 64 * 1024
-
-
-# -- dot-stuffing ----------------------------------------------------------------------------
-class DotStuffer:
-    """RFC 1939 §3 byte-stuffing for a multi-line response, fed in arbitrary chunks.
-
-    Keeps the one bit of state that Twisted's transformChunk forgets: whether the next byte
-    starts a line. Bare LF becomes CRLF (a CR at the end of a chunk waits for the next one)."""
-
-    _bare_lf = re.compile(rb"(?<!\r)\n")
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self.pending_cr = False
-
-    def feed(self, data: bytes) -> bytes:
-        if self.pending_cr:
-            data = b"\r" + data
-            self.pending_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self.pending_cr = True
-        if not data:
-            return b""
-        data = self._bare_lf.sub(b"\r\n", data)
-        data = data.replace(b"\n.", b"\n..")
-        if self.at_line_start and data[:1] == b".":
-            data = b"." + data
-        self.at_line_start = data.endswith(b"\n")
-        return data
-
-    def finish(self) -> bytes:
-        """The rest, a line end if the message did not end with one, and the final '.'."""
-        tail = b""
-        if self.pending_cr:
-            tail = b"\r\n"
-            self.pending_cr = False
-            self.at_line_start = True
-        if not self.at_line_start:
-            tail += b"\r\n"
-        return tail + b".\r\n"
 
 
 class TopReader:
@@ -116,7 +110,7 @@ class _MessageSender:
     """Streams one file through a DotStuffer: one read in the io pool at a time, paused while
     the transport's buffer is full (so a 50 MB message never sits in memory)."""
 
-    def __init__(self, proto: "POP3Server", f: Any):
+    def __init__(self, proto: "POP3Server", f: _Readable):
         self.proto = proto
         self.f = f
         self.stuffer = DotStuffer()
@@ -149,14 +143,14 @@ class _MessageSender:
         self.proto.transport.write(self.stuffer.feed(data))
         self._next()
 
-    def _failed(self, failure: Any) -> None:
+    def _failed(self, failure: Failure) -> None:
         self.reading = False
         log.failure("reading a message for {user} failed", failure, user=self.proto.user)
         # The response has started: we cannot send -ERR any more, so drop the connection.
         self._end(failure)
         self.proto.transport.loseConnection()
 
-    def _end(self, result: Any) -> None:
+    def _end(self, result: Failure | None) -> None:
         if self.stopped:
             return
         self.stopped = True
@@ -188,18 +182,29 @@ class _MessageSender:
 class _Drop:
     """The maildrop of one TRANSACTION state: a snapshot of INBOX taken at login."""
 
-    folder: Any
-    lock: Any
+    folder: "Folder"
+    lock: "MaildropLock"
     messages: list[MessageInfo]
     deleted: set[int]  # message numbers (1-based)
     retrieved: set[int]
 
 
 class POP3Server(protocol.Protocol, TimeoutMixin):
-    on_close: Any = None  # set by the factory: connection accounting per client IP
-    def __init__(self, suite: Any, implicit_tls: bool = False):
-        self.suite = suite
-        self.config = suite.config
+    """One POP3 session. Everything it uses is passed in; `on_close` is set by LimitedFactory
+    and gives the connection's slot back."""
+
+    on_close: Callable[[], None] | None = None
+
+    def __init__(self, config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
+                 io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
+                 implicit_tls: bool = False):
+        self.config = config
+        self.directory = directory
+        self.mailstore = mailstore
+        self.io_pool = io
+        self.tls_material = tls
+        self.clock = clock
+        self.callLater = clock.callLater  # TimeoutMixin's idle timer runs on our clock
         self.tls = implicit_tls
         self.state = "AUTHORIZATION"
         self.user: str | None = None
@@ -212,7 +217,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._closed = False
         self._errors = 0
         self._auth_failures = 0
-        self._sasl: Callable[[bytes], Any] | None = None
+        self._sasl: Callable[[bytes], defer.Deferred | None] | None = None
 
     # -- connection life ---------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -223,7 +228,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                  tls=self.tls)
         self.transport.write(replies.greeting(self.config.hostname))
 
-    def connectionLost(self, reason: Any = None) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
         on_close, self.on_close = self.on_close, None
@@ -242,8 +247,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.transport.write(replies.TIMEOUT)
         self.transport.loseConnection()
 
-    def io(self, fn: Callable, *args: Any) -> defer.Deferred:
-        return self.suite.pools.io.run(fn, *args)
+    def io(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return self.io_pool.run(fn, *args)
 
     # -- input -------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
@@ -273,12 +278,12 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             d.addErrback(self._internal_error)
             d.addBoth(self._done)
 
-    def _done(self, _: Any) -> None:
+    def _done(self, _: None) -> None:
         self._busy = False
         if self._buffer and not self._closed:
-            self.suite.reactor.callLater(0, self._process)
+            self.clock.callLater(0, self._process)
 
-    def _internal_error(self, failure: Any) -> None:
+    def _internal_error(self, failure: Failure) -> None:
         log.failure("pop3 command failed for {client_ip}", failure, client_ip=self.client_ip)
         if not self._closed:
             self.send(replies.err("[SYS/TEMP] Internal error"))
@@ -296,7 +301,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return
         self.send(reply)
 
-    def _line(self, line: bytes) -> Any:
+    def _line(self, line: bytes) -> defer.Deferred | None:
         if self._sasl is not None:
             handler, self._sasl = self._sasl, None
             return handler(line)
@@ -321,14 +326,14 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             if self.tls:
                 # RFC 2595 §4 / RFC 8314: plaintext mechanisms only inside TLS.
                 caps += ["USER", "SASL PLAIN"]
-            elif self.suite.tls is not None:
+            elif self.tls_material is not None:
                 caps.append("STLS")
         self.send(replies.CAPA_FOLLOWS + "".join(c + "\r\n" for c in caps).encode() + b".\r\n")
 
     def do_NOOP(self, arg: str) -> None:
         self.send(replies.ok())
 
-    def do_QUIT(self, arg: str) -> Any:
+    def do_QUIT(self, arg: str) -> defer.Deferred | None:
         if self.state != "TRANSACTION" or self.drop is None:
             self.send(replies.ok(replies.SIGNING_OFF))
             self.transport.loseConnection()
@@ -339,7 +344,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return self._update(drop)
 
     @defer.inlineCallbacks
-    def _update(self, drop: _Drop) -> Any:
+    def _update(self, drop: _Drop) -> Generator[defer.Deferred, Any, None]:
         uids = [drop.messages[n - 1].uid for n in sorted(drop.deleted)]
         seen = [drop.messages[n - 1].uid for n in sorted(drop.retrieved - drop.deleted)]
         ok = True
@@ -359,8 +364,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def do_STLS(self, arg: str) -> None:
         if self.tls:
             return self._error(replies.TLS_ACTIVE)
-        start_tls = getattr(self.transport, "startTLS", None)
-        if start_tls is None or self.suite.tls is None:
+        transport = ITLSTransport(self.transport, None)
+        if transport is None or self.tls_material is None:
             return self._error(replies.TLS_UNAVAILABLE)
         self.send(replies.BEGIN_TLS)
         if self._buffer:
@@ -369,7 +374,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                      n=len(self._buffer), client_ip=self.client_ip)
             self._buffer.clear()
         self._discarding = False
-        start_tls(self.suite.tls.server_context())
+        transport.startTLS(self.tls_material.server_context())
         self.tls = True
         self.pending_user = None
 
@@ -382,7 +387,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.pending_user = arg.strip()
         self.send(replies.ok("Send your password"))
 
-    def do_PASS(self, arg: str) -> Any:
+    def do_PASS(self, arg: str) -> defer.Deferred | None:
         if not self.tls:
             return self._error(replies.TLS_REQUIRED)
         if self.pending_user is None:
@@ -391,7 +396,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         # RFC 1939 §7: the password may contain spaces; it is the rest of the line.
         return self._login(user, arg)
 
-    def do_AUTH(self, arg: str) -> Any:
+    def do_AUTH(self, arg: str) -> defer.Deferred | None:
         if not arg.strip():
             # RFC 5034 allows no argument as "list mechanisms" (what older clients send).
             mechs = b"PLAIN\r\n" if self.tls else b""
@@ -408,7 +413,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._sasl = self._auth_plain
         return None
 
-    def _auth_plain(self, response: bytes) -> Any:
+    def _auth_plain(self, response: bytes) -> defer.Deferred | None:
         response = response.strip()
         if response == b"*":
             return self._error(replies.AUTH_CANCELLED)
@@ -427,12 +432,9 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                            password.decode("utf-8", "replace"))
 
     @defer.inlineCallbacks
-    def _login(self, user: str, password: str) -> Any:
-        from mailsuite.directory.records import DirectoryUnavailable
-
+    def _login(self, user: str, password: str) -> Generator[defer.Deferred, Any, None]:
         try:
-            address = yield self.suite.directory.authenticate(user, password,
-                                                              client_ip=self.client_ip)
+            address = yield self.directory.authenticate(user, password, client_ip=self.client_ip)
         except UnauthorizedLogin:
             log.info("pop3 login failed for {user!r} from {client_ip}", user=user[:100],
                      client_ip=self.client_ip)
@@ -444,7 +446,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         if self._closed:
             return
         try:
-            drop = yield self.io(_open_maildrop, self.suite.mailstore, address)
+            drop = yield self.io(_open_maildrop, self.mailstore, address)
         except Exception:
             log.failure("pop3 could not open the maildrop of {user}", user=address)
             self.send(replies.MAILDROP_ERROR)
@@ -527,14 +529,14 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.drop.deleted.clear()
         self.send(replies.ok(f"{len(self.drop.messages)} messages"))
 
-    def do_RETR(self, arg: str) -> Any:
+    def do_RETR(self, arg: str) -> defer.Deferred | None:
         found = self._message(arg)
         if not found:
             return None
         n, info = found
         return self._send_message(info, None, n)
 
-    def do_TOP(self, arg: str) -> Any:
+    def do_TOP(self, arg: str) -> defer.Deferred | None:
         parts = arg.split()
         if len(parts) != 2 or not parts[1].isdigit():
             return self._error(replies.BAD_SYNTAX)
@@ -544,7 +546,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return self._send_message(found[1], int(parts[1]), None)
 
     @defer.inlineCallbacks
-    def _send_message(self, info: MessageInfo, top_lines: int | None, retr_n: int | None) -> Any:
+    def _send_message(self, info: MessageInfo, top_lines: int | None,
+                      retr_n: int | None) -> Generator[defer.Deferred, Any, None]:
         try:
             f = yield self.io(_open_for_sending, self.drop.folder, info, top_lines)
         except Exception as e:
@@ -588,8 +591,8 @@ def uidl(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
-# -- blocking helpers (run in suite.pools.io) --------------------------------------------------
-def _open_maildrop(store: Any, address: str) -> _Drop | None:
+# -- blocking helpers (run in the io pool) -----------------------------------------------------
+def _open_maildrop(store: MailStoreAPI, address: str) -> _Drop | None:
     account = store.account(address)
     account.ensure_layout()
     lock = account.lock_maildrop()
@@ -604,12 +607,12 @@ def _open_maildrop(store: Any, address: str) -> _Drop | None:
     return _Drop(folder=folder, lock=lock, messages=messages, deleted=set(), retrieved=set())
 
 
-def _open_for_sending(folder: Any, info: MessageInfo, top_lines: int | None) -> Any:
+def _open_for_sending(folder: "Folder", info: MessageInfo, top_lines: int | None) -> _Readable:
     f = folder.open_message(info.uid)
     return f if top_lines is None else TopReader(f, top_lines)
 
 
-def _apply_update(folder: Any, delete: list[int], seen: list[int]) -> list[int]:
+def _apply_update(folder: "Folder", delete: list[int], seen: list[int]) -> list[int]:
     """The UPDATE state: mark retrieved messages \\Seen (as Dovecot does), remove deleted."""
     for uid in seen:
         try:
@@ -617,29 +620,3 @@ def _apply_update(folder: Any, delete: list[int], seen: list[int]) -> list[int]:
         except Exception:
             pass  # removed or renamed meanwhile by another client: not worth failing QUIT
     return folder.expunge(delete) if delete else []
-
-
-class _Refused(protocol.Protocol):
-    """Over a connection limit: a negative greeting (RFC 3206 [SYS/TEMP]) and hang up."""
-
-    def connectionMade(self) -> None:
-        self.transport.write(replies.TOO_MANY_CONNECTIONS)
-        self.transport.loseConnection()
-
-
-class POP3Factory(protocol.ServerFactory):
-    def __init__(self, suite: Any, implicit_tls: bool = False):
-        self.suite = suite
-        self.implicit_tls = implicit_tls
-        limits = suite.config.limits
-        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
-
-    def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        ip = getattr(addr, "host", "?")
-        if not self.connections.admit(ip):
-            log.warn("pop3: refused a connection from {ip}: connection limit reached", ip=ip)
-            return _Refused()
-        p = POP3Server(self.suite, self.implicit_tls)
-        p.factory = self
-        p.on_close = lambda: self.connections.release(ip)
-        return p

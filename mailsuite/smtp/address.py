@@ -1,7 +1,7 @@
 """Parsing of MAIL FROM / RCPT TO command arguments: the path and the ESMTP parameters.
 
 RFC 5321 §4.1.2 paths and RFC 6531 (SMTPUTF8) UTF-8 local parts and domains. Our own small
-grammar instead of `twisted.mail.smtp.Address`: Twisted's atom is ASCII-only (TWISTED-NOTES §1.2),
+grammar instead of `twisted.mail.smtp.Address` (docs/design/smtp.md): Twisted's atom is ASCII-only,
 it rejects address literals (`x@[192.0.2.1]`) and silently appends a default domain to `<ab>`.
 """
 from __future__ import annotations

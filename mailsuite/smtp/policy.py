@@ -1,18 +1,20 @@
 """Who may do what on an SMTP port: the MX policy (port 25) and the submission policy (587/465).
 
-The protocol class (server.py) parses and replies; it asks its policy whether a sender or a
-recipient is acceptable, and whether AUTH is offered. Policies ask the directory and return
-Deferreds of replies, never touching SQL themselves (DESIGN.md, "Rules of the house").
+The protocol class (server.py) parses and replies; it asks its policy whether AUTH is offered
+and allowed, and whether a sender or a recipient is acceptable. Policies ask the directory and
+return Deferreds of replies, never touching SQL themselves (docs/design/smtp.md).
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Generator
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
+from mailsuite.config import Config
+from mailsuite.directory.api import DirectoryService, DirectoryUnavailable, Route
 from mailsuite.smtp import replies
 from mailsuite.smtp.replies import Reply
 
@@ -33,7 +35,7 @@ class Session:
 @dataclass
 class RecipientDecision:
     reply: Reply
-    route: Any = None  # mailsuite.directory.api.Route when accepted
+    route: Route | None = None  # when accepted
 
 
 class Policy:
@@ -41,12 +43,20 @@ class Policy:
 
     name = "base"
     add_missing_headers = False  # Message-ID and Date (RFC 6409 §8.2/8.3 allow a MSA to add them)
+    accepts_auth = False  # AUTH exists on this port at all (else 502 to any AUTH)
 
-    def __init__(self, suite: Any):
-        self.suite = suite
+    def __init__(self, directory: DirectoryService, config: Config):
+        self.directory = directory
+        self.config = config
 
     def auth_offered(self, session: Session) -> bool:
+        """Advertise AUTH in this session's EHLO reply."""
         return False
+
+    def auth_refusal(self, session: Session) -> Reply | None:
+        """Why AUTH may not be used in this session now (asked after the sequence checks), or
+        None."""
+        return replies.AUTH_NOT_OFFERED
 
     def check_sender(self, session: Session, sender: str) -> defer.Deferred:
         return defer.succeed(replies.SENDER_OK)
@@ -55,18 +65,16 @@ class Policy:
         return defer.succeed(RecipientDecision(replies.RELAY_DENIED))
 
     @defer.inlineCallbacks
-    def route(self, address: str):
+    def route(self, address: str) -> Generator[defer.Deferred, Route, Route]:
         """The directory's Route; bare "postmaster" (RFC 5321 §4.1.1.3) is postmaster of our
         host name, or the configured admin address when that is not a hosted domain."""
-        directory = self.suite.directory
+        directory = self.directory
         if address == "postmaster":
-            route = yield directory.route("postmaster@" + self.suite.config.hostname)
-            admin = self.suite.config.server.admin_address
+            route = yield directory.route("postmaster@" + self.config.hostname)
+            admin = self.config.server.admin_address
             if not route.exists and admin:
                 route = yield directory.route(admin)
                 if not route.hosted:
-                    from mailsuite.directory.api import Route
-
                     # Forwarded like an alias to a remote target.
                     route = Route("postmaster", hosted=True, remote=(admin,))
             return route
@@ -74,12 +82,13 @@ class Policy:
 
 
 class MXPolicy(Policy):
-    """Port 25: mail for our users from anyone, never relaying, never AUTH (issue 2)."""
+    """Port 25: mail for our users from anyone, never relaying, never AUTH."""
 
     name = "mx"
 
     @defer.inlineCallbacks
-    def check_recipient(self, session: Session, address: str):
+    def check_recipient(self, session: Session, address: str
+                        ) -> Generator[defer.Deferred, Route, RecipientDecision]:
         route = yield self.route(address).addErrback(_lookup_failed)
         if isinstance(route, RecipientDecision):
             return route
@@ -96,19 +105,24 @@ class SubmissionPolicy(Policy):
 
     name = "submission"
     add_missing_headers = True
+    accepts_auth = True
 
     def auth_offered(self, session: Session) -> bool:
         # Passwords never travel in clear text: AUTH is advertised and accepted only under TLS.
         return session.tls and session.auth_user is None
 
+    def auth_refusal(self, session: Session) -> Reply | None:
+        return None if session.tls else replies.AUTH_NEEDS_TLS
+
     @defer.inlineCallbacks
-    def check_sender(self, session: Session, sender: str):
+    def check_sender(self, session: Session, sender: str
+                     ) -> Generator[defer.Deferred, frozenset[str], Reply]:
         if session.auth_user is None:
             return replies.AUTH_REQUIRED
         if sender == "":
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
             return replies.NOT_YOUR_ADDRESS
-        owned = yield self.suite.directory.sender_addresses(session.auth_user)
+        owned = yield self.directory.sender_addresses(session.auth_user)
         owned = {a.lower() for a in owned}
         candidate = sender.lower()
         local, _, domain = candidate.rpartition("@")
@@ -119,7 +133,8 @@ class SubmissionPolicy(Policy):
         return replies.NOT_YOUR_ADDRESS
 
     @defer.inlineCallbacks
-    def check_recipient(self, session: Session, address: str):
+    def check_recipient(self, session: Session, address: str
+                        ) -> Generator[defer.Deferred, Route, RecipientDecision]:
         if session.auth_user is None:
             return RecipientDecision(replies.AUTH_REQUIRED)
         route = yield self.route(address).addErrback(_lookup_failed)
@@ -131,10 +146,8 @@ class SubmissionPolicy(Policy):
         return RecipientDecision(replies.RECIPIENT_OK, route)
 
 
-def _lookup_failed(failure: Any) -> Any:
+def _lookup_failed(failure: Failure) -> RecipientDecision | Failure:
     """A directory outage is temporary (451), never a reason to refuse mail for good."""
-    from mailsuite.directory import DirectoryUnavailable
-
     if failure.check(DirectoryUnavailable):
         log.warn("directory unavailable: {error}", error=str(failure.value))
         return RecipientDecision(replies.TEMP_LOOKUP_FAILURE)
@@ -142,30 +155,3 @@ def _lookup_failed(failure: Any) -> Any:
 
 
 POLICIES = {"mx": MXPolicy, "submission": SubmissionPolicy}
-
-
-@dataclass
-class AuthThrottle:
-    """Failed logins per client IP across connections, for the delay before each 535.
-
-    The delay grows with recent failures from the same address (capped), so a brute force over
-    many connections slows down as much as one over a single connection.
-    """
-
-    delay: float
-    window: float = 600.0
-    cap: float = 10.0
-    _failures: dict[str, list[float]] = field(default_factory=dict)
-
-    def record_failure(self, ip: str) -> float:
-        """Note one failure; the seconds to wait before answering it."""
-        now = time.monotonic()
-        recent = [t for t in self._failures.get(ip, []) if now - t < self.window]
-        recent.append(now)
-        self._failures[ip] = recent[-50:]
-        if len(self._failures) > 10000:  # bounded memory under a distributed attack
-            self._failures.pop(next(iter(self._failures)))
-        return min(self.delay * len(recent), self.cap)
-
-    def record_success(self, ip: str) -> None:
-        self._failures.pop(ip, None)

@@ -1,10 +1,10 @@
 """The ESMTP server protocol shared by the MX and submission ports (mechanics only).
 
-Our own line handling instead of `twisted.mail.smtp.ESMTP` (TWISTED-NOTES §1), because the fixes
-would override most of that class:
+Our own line handling instead of `twisted.mail.smtp.ESMTP`, because the fixes would override most
+of that class (docs/design/smtp.md lists its defects):
 - Commands are processed strictly one at a time. While a Deferred (directory lookup, password
   check, queue fsync) is pending, further pipelined input stays in our (bounded) buffer, and the
-  transport is paused if much piles up, so replies always go out in order (RFC 2920; #8126).
+  transport is paused if much piles up, so replies always go out in order (RFC 2920).
 - STARTTLS throws away whatever was pipelined after it and forgets HELO/MAIL/RCPT/AUTH
   (RFC 3207 §4.2, CVE-2011-0411).
 - Only CRLF ends a line. Command lines over the limit get 500 and are discarded without growing
@@ -14,7 +14,8 @@ would override most of that class:
   reject bare CR/LF (550 5.6.2) rather than normalise them: what we store is then exactly what the
   client meant, and no downstream hop can read a different line structure into it.
 - Any unexpected exception is logged and answered 451 4.3.0; the session goes on.
-Decisions (who may send, to whom) are made by a `Policy` (policy.py); reply texts are in replies.py.
+Decisions (who may send, to whom, whether AUTH is offered) are made by a `Policy` (policy.py);
+reply texts are in replies.py. Everything the protocol uses is passed to `server_factory`.
 """
 from __future__ import annotations
 
@@ -26,16 +27,22 @@ from typing import Any, Callable
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
+from twisted.internet.interfaces import (IAddress, IDelayedCall, IPushProducer, IReactorTime,
+                                         IResolver, ITLSTransport)
 from twisted.logger import Logger
-from twisted.names import client as names_client
+from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailsuite.listeners import ConnectionCounter
+from mailsuite.config import Config
+from mailsuite.directory.api import DirectoryService, Route
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.queue.agents import MessageQueue
 from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument, PathError, parse_path_argument
-from mailsuite.smtp.policy import POLICIES, AuthThrottle, Policy, Session
+from mailsuite.smtp.policy import Policy, RecipientDecision, Session
 from mailsuite.smtp.replies import Reply
+from mailsuite.tls import TLSMaterial
 
 log = Logger()
 
@@ -49,51 +56,56 @@ PENDING_INPUT_CAP = 1024 * 1024
 MAX_ERRORS = 20
 
 
-def server_factory(suite: Any, policy: str = "mx", implicit_tls: bool = False
+def server_factory(config: Config, policy: Policy, queue: MessageQueue,
+                   directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
+                   resolver: IResolver | None = None, implicit_tls: bool = False
                    ) -> "SMTPServerFactory":
-    """The factory for one listener; `implicit_tls` says the transport is already TLS (465)."""
-    if policy not in POLICIES:
-        raise ValueError(f"unknown SMTP policy {policy!r}")
-    return SMTPServerFactory(suite, POLICIES[policy](suite), implicit_tls)
+    """The factory for one listener (MX or submission, by `policy`).
+
+    `tls` is what STARTTLS uses (None: not offered); `implicit_tls` says the transport is already
+    TLS (port 465, wrapped by service.py). `resolver` finds the client's host name for the
+    Received: header (None: no reverse look-ups)."""
+    return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls)
 
 
-class SMTPServerFactory(protocol.ServerFactory):
-    noisy = False  # no "Starting factory" lines; listeners are logged by service.py
+class SMTPServerFactory(LimitedFactory):
+    """Counts connections (421 over a limit) and holds what every session of a listener uses."""
 
-    def __init__(self, suite: Any, policy: Policy, implicit_tls: bool = False):
-        self.suite = suite
-        self.config = suite.config
+    def __init__(self, config: Config, policy: Policy, queue: MessageQueue,
+                 directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
+                 resolver: IResolver | None = None, implicit_tls: bool = False):
+        limits = config.limits
+        super().__init__(
+            "submissions" if implicit_tls else policy.name,
+            ConnectionCounter(limits.max_connections, limits.max_connections_per_ip),
+            Refusal(replies.TOO_MANY_CONNECTIONS.lines(), replies.TOO_MANY_FROM_IP.lines()),
+            self._build)
+        self.config = config
         self.policy = policy
+        self.queue = queue
+        self.directory = directory
+        self.clock = clock
+        self.resolver = resolver
         self.implicit_tls = implicit_tls
-        limits = self.config.limits
-        self.connections = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
-        self.throttle = AuthThrottle(self.config.limits.auth_failure_delay)
-        self._tls_context: Any = None
-        if not implicit_tls and getattr(suite, "tls", None) is not None:
+        self._tls = tls
+        self._tls_context: object | None = None
+        if not implicit_tls and tls is not None:
             # Read the certificate now, at start-up, not on the reactor thread at first STARTTLS.
-            self._tls_context = suite.tls.server_context()
+            self._tls_context = tls.server_context()
 
-    def buildProtocol(self, addr: Any) -> "SMTPServer":
-        p = SMTPServer()
-        p.factory = self
-        return p
+    def _build(self, addr: IAddress) -> "SMTPServer":
+        return SMTPServer()
 
-    def tls_context(self) -> Any:
-        if self._tls_context is None:
-            self._tls_context = self.suite.tls.server_context()
+    def tls_context(self) -> object | None:
+        """The context STARTTLS hands to the transport; None when we have no certificate."""
+        if self._tls_context is None and self._tls is not None:
+            self._tls_context = self._tls.server_context()
         return self._tls_context
-
-    @property
-    def reactor(self) -> Any:
-        reactor = getattr(self.suite, "reactor", None)
-        if reactor is None:
-            from twisted.internet import reactor
-        return reactor
 
 
 class SMTPServer(protocol.Protocol, TimeoutMixin):
     factory: SMTPServerFactory
-    _counted = False  # this connection holds a slot in factory.connections
+    on_close: Callable[[], None] | None = None  # set by LimitedFactory: gives the slot back
 
     # -- connection life cycle ---------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -101,6 +113,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self.config = f.config
         self.limits = f.config.limits
         self.policy = f.policy
+        self.clock = f.clock
+        self.callLater = f.clock.callLater  # TimeoutMixin's idle timer runs on our clock
         self.hostname = f.config.hostname
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "unknown")
@@ -116,13 +130,9 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._errors = 0
         self._auth_failures = 0
         self._auth_state: tuple = ()
-        self._delayed_calls: list[Any] = []
+        self._delayed_calls: list[IDelayedCall] = []
         self._command = ""  # for refusal log lines (never includes AUTH secrets)
         self._reset_transaction()
-        self._counted = f.connections.admit(self.client_ip)
-        if not self._counted:
-            return self._refuse_connection(replies.TOO_MANY_CONNECTIONS if f.connections.full
-                                           else replies.TOO_MANY_FROM_IP)
         self.setTimeout(self.limits.smtp_timeout)
         self._lookup_client_name()
         self._send(replies.greeting(self.hostname))
@@ -130,9 +140,9 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
-        if self._counted:
-            self._counted = False
-            self.factory.connections.release(self.client_ip)
+        on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
         if self._mode == "data":
             # Nothing was handed to the queue: the partial message only lived in _chunks.
             log.info("client {client_ip} disconnected during DATA; message discarded",
@@ -147,12 +157,6 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(replies.IDLE_TIMEOUT)
         self._close()
 
-    def _refuse_connection(self, reply: Reply) -> None:
-        log.info("refused connection from {client_ip}: {code} {text}", client_ip=self.client_ip,
-                 code=reply.code, text=reply.text)
-        self._send(reply)
-        self._close()
-
     def _close(self, linger: float = 0.0) -> None:
         """Close after the pending replies are written.
 
@@ -163,7 +167,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._buffer.clear()
         if linger:
             self._delayed_calls.append(
-                self.factory.reactor.callLater(linger, self.transport.loseConnection))
+                self.clock.callLater(linger, self.transport.loseConnection))
         else:
             self.transport.loseConnection()
 
@@ -273,13 +277,14 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                     command=self._command, client_ip=self.client_ip)
         return replies.LOCAL_ERROR
 
-    def _reader(self) -> Any:
+    def _reader(self) -> IPushProducer | None:
         """What to pause: the TCP transport (under implicit TLS, the one below the TLS layer;
         TLSMemoryBIOProtocol itself is not a producer)."""
-        transport = self.transport
-        if not hasattr(transport, "pauseProducing"):
-            transport = getattr(transport, "transport", None)
-        return transport if hasattr(transport, "pauseProducing") else None
+        reader = IPushProducer(self.transport, None)
+        if reader is None:
+            below = getattr(self.transport, "transport", None)  # TLSMemoryBIOProtocol's
+            reader = IPushProducer(below, None)
+        return reader
 
     def _pause(self) -> None:
         reader = self._reader()
@@ -323,7 +328,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._command = verb if verb == "AUTH" else text[:200]
         if not verb.isascii() or not verb.isalpha():
             return replies.BAD_CHARACTERS if not verb.isascii() else replies.UNKNOWN_COMMAND
-        handler: Callable[[str], Any] | None = getattr(self, "do_" + verb, None)
+        handler: Callable[[str], Reply | defer.Deferred | None] | None = getattr(
+            self, "do_" + verb, None)
         if handler is None:
             return replies.UNKNOWN_COMMAND
         if not text.isascii() and verb not in ("MAIL", "RCPT"):
@@ -388,13 +394,13 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return replies.TLS_ALREADY
         if self.session.helo is None:
             return replies.NEED_HELO
-        start_tls = getattr(self.transport, "startTLS", None)
+        transport = ITLSTransport(self.transport, None)
         try:
             context = self.factory.tls_context()
         except Exception:
             log.failure("cannot build the TLS context")
             context = None
-        if context is None or start_tls is None:
+        if context is None or transport is None:
             return replies.TLS_NOT_AVAILABLE
         self._send(replies.READY_FOR_TLS)
         if self._buffer:
@@ -402,21 +408,22 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             log.info("discarded {n} octets pipelined after STARTTLS from {client_ip}",
                      n=len(self._buffer), client_ip=self.client_ip)
         self._buffer.clear()
-        start_tls(context)
+        transport.startTLS(context)
         # RFC 3207 §4.2: forget everything learnt from the client before TLS; EHLO again.
         self.session = Session(self.client_ip, tls=True)
         self._reset_transaction()
         return None
 
     def do_AUTH(self, arg: str) -> Reply | defer.Deferred:
-        if self.policy.name != "submission":
+        if not self.policy.accepts_auth:
             return replies.AUTH_NOT_OFFERED
         if self.session.helo is None or not self.session.esmtp:
             return replies.NEED_HELO
         if self.session.auth_user is not None:
             return replies.AUTH_ALREADY
-        if not self.session.tls:
-            return replies.AUTH_NEEDS_TLS
+        refusal = self.policy.auth_refusal(self.session)
+        if refusal is not None:
+            return refusal
         if self._mail is not None:
             return replies.AUTH_IN_TRANSACTION
         parts = arg.split()
@@ -496,7 +503,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if len(self._rcpts) >= self.limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
 
-        def decided(decision: Any) -> Reply:
+        def decided(decision: RecipientDecision) -> Reply:
             if decision.reply.success:
                 self._rcpts.append((path.address, decision.route))
             return decision.reply
@@ -578,44 +585,40 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 return replies.AUTH_BAD_ENCODING
         if not user or not password:
             return self._auth_failed(user, "empty user or password")
-        directory = self.factory.suite.directory
-        if getattr(directory, "throttle", None) is not None:
-            # The directory's throttle is shared with IMAP and POP3 and delays failures itself.
-            d = defer.maybeDeferred(directory.authenticate, user, password,
-                                    client_ip=self.client_ip)
-            own_delay = False
-        else:
-            d = defer.maybeDeferred(directory.authenticate, user, password)
-            own_delay = True
+        # The directory counts failures in its throttle (shared with IMAP and POP3) and holds
+        # back its answer by the throttle's delay.
+        d = defer.maybeDeferred(self.factory.directory.authenticate, user, password,
+                                client_ip=self.client_ip)
 
         def ok(canonical: str) -> Reply:
             self.session.auth_user = canonical
-            if own_delay:
-                self.factory.throttle.record_success(self.client_ip)
             log.info("authenticated {user} from {client_ip}", user=canonical,
                      client_ip=self.client_ip)
             return replies.AUTH_OK
 
         def failed(failure: Failure) -> Reply | defer.Deferred:
             if failure.check(UnauthorizedLogin):
-                return self._auth_failed(user, "bad credentials", own_delay)
+                return self._auth_failed(user, "bad credentials", delay=0.0)
             log.failure("authentication backend error for {client_ip}", failure,
                         client_ip=self.client_ip)
             return replies.AUTH_TEMP_FAILURE
 
         return d.addCallbacks(ok, failed)
 
-    def _auth_failed(self, user: str, why: str, own_delay: bool = True) -> defer.Deferred:
+    def _auth_failed(self, user: str, why: str, delay: float | None = None) -> defer.Deferred:
+        """Answer a failed AUTH after `delay` seconds; None means a failure the directory never
+        saw (refused before asking it), which we count in its throttle ourselves."""
         self._auth_failures += 1
-        delay = self.factory.throttle.record_failure(self.client_ip) if own_delay else 0.0
+        if delay is None:
+            delay = self.factory.directory.throttle.failed(self.client_ip)
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
                  "connection)", user=user[:100], client_ip=self.client_ip, why=why,
                  n=self._auth_failures)
         # The delay slows down password guessing without blocking anyone else.
-        d = defer.Deferred()
-        call = self.factory.reactor.callLater(delay, d.callback, None)
+        d: defer.Deferred = defer.Deferred()
+        call = self.clock.callLater(delay, d.callback, None)
 
-        def answer(_: Any) -> None:
+        def answer(_: None) -> Reply | None:
             if self._closed:
                 return None
             if self._auth_failures >= self.limits.max_auth_failures:
@@ -714,7 +717,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         data = b"".join(headers) + body
         meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
                 "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
-        d = defer.maybeDeferred(self.factory.suite.queue.submit, mail.address, rcpts, data, meta)
+        d = defer.maybeDeferred(self.factory.queue.submit, mail.address, rcpts, data, meta)
 
         def queued(queue_id: str) -> Reply:
             log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
@@ -733,7 +736,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
 
         return d.addCallbacks(queued, failed)
 
-    def _received_header(self, txid: str, rcpts: list[tuple[str, Any]]) -> bytes:
+    def _received_header(self, txid: str, rcpts: list[tuple[str, Route]]) -> bytes:
         """RFC 5321 §4.4 trace line: from/by/with/id/for, then the date."""
         tcp_info = f"{self.client_name} [{self.client_ip}]" if self.client_name \
             else f"[{self.client_ip}]"
@@ -759,7 +762,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
 
     def _reset_transaction(self) -> None:
         self._mail: PathArgument | None = None
-        self._rcpts: list[tuple[str, Any]] = []
+        self._rcpts: list[tuple[str, Route]] = []
         self._smtputf8 = False
         self._chunks: list[bytes] = []
         self._size = 0
@@ -775,12 +778,16 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if ip.is_loopback:
             self.client_name = "localhost"
             return
+        resolver = self.factory.resolver
+        if resolver is None:
+            return
         try:
-            d = names_client.lookupPointer(ip.reverse_pointer, timeout=(2,))
+            d = resolver.lookupPointer(ip.reverse_pointer, timeout=(2,))
         except Exception:
             return
 
-        def found(result: Any) -> None:
+        def found(result: tuple[list[dns.RRHeader], list[dns.RRHeader],
+                                list[dns.RRHeader]]) -> None:
             answers = result[0]
             for answer in answers:
                 name = getattr(answer.payload, "name", None)

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 import uuid
 
 import pytest
 
 from tests.harness import HOST, MailServer
+from tests.polling import wait_until
 
 SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
-pytestmark = pytest.mark.skipif(not shutil.which("swaks"), reason="swaks is not installed")
+pytestmark = [pytest.mark.external,
+              pytest.mark.skipif(not shutil.which("swaks"), reason="swaks is not installed")]
 
 
 @pytest.fixture(scope="module")
@@ -33,17 +34,20 @@ def swaks(port: int, *args: str) -> subprocess.CompletedProcess:
                            *args], capture_output=True, text=True, timeout=60)
 
 
-def find_message(server: MailServer, address: str, marker: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        for path in server.messages(address):
-            with open(path, "rb") as f:
-                data = f.read()
-            if marker.encode() in data:
-                return data
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
+def stored_message(server: MailServer, address: str, marker: str) -> bytes | None:
+    """The message in `address`'s Maildir containing `marker`, if it is there now."""
+    for path in server.messages(address):
+        with open(path, "rb") as f:
+            data = f.read()
+        if marker.encode() in data:
+            return data
+    return None
+
+
+def find_message(server: MailServer, address: str, marker: str, timeout: float = 15.0) -> bytes:
+    """The stored message for `address` containing `marker`, waiting for its delivery."""
+    return wait_until(lambda: stored_message(server, address, marker), timeout,
+                      message=f"a message with {marker} for {address}")
 
 
 def test_swaks_mx(smtp_server):

@@ -1,5 +1,6 @@
-"""The POP3 dot-stuffer and TOP reader, fed in every kind of chunking (TWISTED-NOTES §5:
-Twisted's transformChunk loses the line-start state at chunk boundaries)."""
+"""The one dot-stuffer (mailsuite.dotstuff, used by POP3 RETR/TOP and the courier's DATA), fed
+in every kind of chunking: Twisted's per-chunk stuffing loses the line-start state at chunk
+boundaries (docs/design/pop3.md)."""
 from __future__ import annotations
 
 import io
@@ -7,12 +8,14 @@ import random
 
 import pytest
 
-from mailsuite.pop3.server import DotStuffer, TopReader
+from mailsuite.dotstuff import DotStuffer, dot_stuff
+from mailsuite.pop3.server import TopReader
 
 
 def reference(data: bytes) -> bytes:
-    """Whole-message stuffing: CRLF lines, '.' doubled at line starts, '.' terminator."""
-    data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    """Whole-message stuffing: CRLF lines (a bare CR or LF is a line end too), '.' doubled at
+    line starts, '.' terminator."""
+    data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
     lines = data.split(b"\r\n")
     if lines[-1] == b"":
         lines.pop()
@@ -36,6 +39,8 @@ SAMPLES = [
     b"",
     b"a" * 16383 + b"\n.\r\n+OK injected\r\n",
     b"\r\n.\r\n",
+    b"bare\rcr\r.dot after bare cr\r\r\n",
+    b"\r.\r\n\r",
 ]
 
 
@@ -62,6 +67,24 @@ def test_random_chunkings_of_a_dotty_message():
 def test_dot_line_exactly_at_16k():
     data = b"x" * 16382 + b"\r\n" + b".\r\nafter\r\n"
     assert stuff(data, [16384]).endswith(b"\r\n..\r\nafter\r\n.\r\n")
+
+
+def test_bare_cr_and_bare_lf_become_crlf_everywhere():
+    """The one defined behaviour: every line end on the wire is CRLF, so a bare CR before a
+    "." cannot hide an end-of-data from the peer (nor end the message early)."""
+    assert dot_stuff(b"a\rb") == b"a\r\nb\r\n.\r\n"
+    assert dot_stuff(b"a\r.\rb") == b"a\r\n..\r\nb\r\n.\r\n"
+    assert dot_stuff(b"a\nb\rc\r\n.\n.") == b"a\r\nb\r\nc\r\n..\r\n..\r\n.\r\n"
+    assert dot_stuff(b"") == b".\r\n"
+    assert dot_stuff(b"x\r") == b"x\r\n.\r\n"
+    for chunk_size in (1, 2, 3):  # a CR at the end of one chunk, the LF at the start of the next
+        assert dot_stuff(b"a\r\n.b\r\r\n", chunk_size) == b"a\r\n..b\r\n\r\n.\r\n"
+
+
+def test_dot_at_message_start_and_16k_boundaries_in_one_pass():
+    data = b".first\r\n" + b"x" * (16384 - 10) + b"\r\n.\r\n" + b"y" * 16380 + b"\r\n.z\r\n"
+    assert dot_stuff(data, chunk_size=16384) == reference(data)
+    assert dot_stuff(data, chunk_size=16384).startswith(b"..first\r\n")
 
 
 def test_top_reader_limits_body_lines():

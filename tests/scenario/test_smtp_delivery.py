@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 import smtplib
 import socket
-import time
 import uuid
 
 import pytest
 
 from tests.harness import HOST, MailServer, free_port
+from tests.polling import wait_until
 
 SMTP_LISTENERS = ["mx", "submission", "submissions"]
 PASSWORD = "secret-pw-1"
@@ -42,17 +42,20 @@ def token() -> str:
     return uuid.uuid4().hex
 
 
-def find_message(server, address: str, marker: str, timeout: float = 15.0) -> bytes | None:
-    """The stored message for `address` containing `marker`, waiting for delivery."""
-    deadline = time.monotonic() + timeout
-    while True:
-        for path in server.messages(address):
-            data = read(path)
-            if marker.encode() in data:
-                return data
-        if time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
+def stored_message(server: MailServer, address: str, marker: str) -> bytes | None:
+    """The message in `address`'s Maildir containing `marker`, if it is there now."""
+    for path in server.messages(address):
+        with open(path, "rb") as f:
+            data = f.read()
+        if marker.encode() in data:
+            return data
+    return None
+
+
+def find_message(server: MailServer, address: str, marker: str, timeout: float = 15.0) -> bytes:
+    """The stored message for `address` containing `marker`, waiting for its delivery."""
+    return wait_until(lambda: stored_message(server, address, marker), timeout,
+                      message=f"a message with {marker} for {address}")
 
 
 def read(path: str) -> bytes:
@@ -214,13 +217,12 @@ def test_submission_alias_sender_allowed(smtp_server):
 def test_submission_remote_recipient_is_queued(smtp_server):
     with submit(smtp_server) as c:
         c.sendmail("alice@example.org", ["friend@far-away.example"], b"Subject: r\r\n\r\nb\r\n")
-    deadline = time.monotonic() + 10
-    while True:
-        listing = smtp_server.admin("queue", "list").stdout
-        if "friend@far-away.example" in listing or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert "friend@far-away.example" in listing
+    def queue_listing() -> str:
+        out = smtp_server.admin("queue", "list").stdout
+        return out if "friend@far-away.example" in out else ""
+
+    listing = wait_until(queue_listing, timeout=10, interval=0.2,
+                         message="the remote recipient in `mailsuite queue list`")
     assert "alice@example.org" in listing
 
 
@@ -240,11 +242,9 @@ def test_disconnect_mid_data_leaves_nothing(smtp_server):
     sock.sendall(f"Subject: {t}\r\n\r\n".encode() + b"x" * 5000 + b"\r\n")
     f.close()  # the makefile() object holds the descriptor open too
     sock.close()
-    deadline = time.monotonic() + 10
-    while "disconnected during DATA" not in smtp_server.log_text():
-        assert time.monotonic() < deadline, "the server did not notice the disconnect"
-        time.sleep(0.1)
-    assert find_message(smtp_server, "alice@example.org", t, timeout=0.5) is None
+    wait_until(lambda: "disconnected during DATA" in smtp_server.log_text(), timeout=10,
+               message="the server noticing the disconnect")
+    assert stored_message(smtp_server, "alice@example.org", t) is None
     for root, _, files in os.walk(os.path.join(smtp_server.data_dir, "queue")):
         for name in files:
             assert t.encode() not in read(os.path.join(root, name))
