@@ -12,7 +12,6 @@ import re
 import smtplib
 import socket
 import threading
-import time
 
 from tests.polling import wait_until
 

@@ -20,7 +20,6 @@ from mailsuite.delivery.local import LocalAgent
 from mailsuite.directory.api import Route
 from mailsuite.mailbox.store import MailStore
 from mailsuite.pools import InlinePool, WorkPool
-from mailsuite.queue.agents import Notification
 from mailsuite.queue.runner import QueueRunner
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient, Spool
 

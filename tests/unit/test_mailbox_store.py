@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from mailsuite.mailbox.maildir import UIDLIST, DotLock, UidList, read_uidlist
+from mailsuite.mailbox.maildir import UIDLIST, DotLock, UidList
 from mailsuite.mailbox.store import (
     FolderExists, InvalidMailboxName, MailboxError, MailStore, NoSuchFolder, NoSuchMessage,
 )
