@@ -1,6 +1,6 @@
 """A compact ESMTP client for outbound delivery, on LineReceiver.
 
-Not Twisted's ESMTPClient (docs/design/courier.md, "Why our own client"): its dot-stuffing is wrong at 16 KiB chunk
+Not Twisted's ESMTPClient (docs/design/courier.md): its dot-stuffing is wrong at 16 KiB chunk
 boundaries and on a first line starting with ".", it waits forever without a timeout, verifies
 every certificate (so MX delivery to self-signed hosts fails instead of falling back), and knows
 neither SIZE, 8BITMIME nor PIPELINING. This client: EHLO (HELO fallback), opportunistic or required

@@ -7,8 +7,8 @@ blocking: protocol code and the delivery agent call it through the io pool.
 
 Public API (used by IMAP, POP3, delivery and the tests):
     MailStore(mail_dir).account(address) -> Account
-    Account: deliver, ensure_layout, list_folders, folder, create_folder, delete_folder, rename_folder,
-             subscribe, unsubscribe, subscriptions, special_use, folder_exists
+    Account: deliver, ensure_layout, list_folders, folder, create_folder, delete_folder,
+             rename_folder, subscribe, unsubscribe, subscriptions, special_use, folder_exists
     Folder:  sync, messages, get, uidvalidity, uidnext, open_message, set_flags, append,
              copy, move, expunge, keywords, state_token, recent
 """
