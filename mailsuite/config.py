@@ -143,9 +143,10 @@ class Config:
         return os.path.join(self.data_dir, "dkim")
 
     def maildir_for(self, address: str) -> str:
-        """<data_dir>/mail/<domain>/<localpart>/ for a canonical (lower-case) address."""
-        local, _, domain = address.lower().rpartition("@")
-        return os.path.join(self.mail_dir, domain, local)
+        """The INBOX Maildir of `address`, as the mailbox store maps it (MailStore.account)."""
+        from mailsuite.mailbox.store import MailStore
+
+        return MailStore(self.mail_dir).account(address).path
 
 
 def load(path: str | None = None) -> Config:

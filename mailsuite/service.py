@@ -99,14 +99,25 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
 
 def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
                  reactor: IReactorTime) -> "QueueRunner":
+    """The spool and its runner, with the local and remote agents and the DSN notifier."""
     from mailsuite import courier
+    from mailsuite.courier.agent import RemoteAgent
+    from mailsuite.courier.dkim import Signer
+    from mailsuite.courier.notifier import Notifier
+    from mailsuite.delivery.local import LocalAgent
     from mailsuite.queue.runner import QueueRunner
+    from mailsuite.queue.spool import Spool
 
-    suite = Parts(config=config, pools=pools, tls=None, directory=directory,  # type: ignore
-                  mailstore=mailstore, queue=None, reactor=reactor)  # type: ignore[arg-type]
-    suite.queue = QueueRunner(suite)
-    courier.install(suite)  # remote delivery, bounces and DKIM plug into the queue runner
-    return suite.queue
+    courier.check_settings(config.courier)
+    remote = RemoteAgent(config.courier, config.hostname, reactor=reactor,  # type: ignore[arg-type]
+                         clock=reactor, io=pools.io,
+                         signer=Signer(config.dkim_dir) if config.dkim.sign else None)
+    reactor.addSystemEventTrigger("before", "shutdown", remote.close)  # type: ignore[attr-defined]
+    return QueueRunner(
+        Spool(config.queue_dir), config.queue, io=pools.io, clock=reactor,
+        local=LocalAgent(mailstore, pools.io, config.hostname),
+        remote=remote,
+        notifier=Notifier(directory, pools.io, config.hostname, float(config.queue.max_age)))
 
 
 def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:

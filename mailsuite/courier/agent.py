@@ -8,24 +8,31 @@ except the permanent DNS cases (NXDOMAIN, null MX) that bounce at once.
 
 Connections are cached per domain for a few seconds after a transaction (RSET before reuse), and
 at most `max_connections_per_domain` sessions per domain (or to the smarthost) run at once.
+TLS client options that read files (the relay's CA) are built once, here, at start-up; see
+docs/design/courier.md.
 """
 from __future__ import annotations
 
-import os
-import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
+from OpenSSL import SSL, crypto
 from twisted.internet import defer, endpoints, ssl
 from twisted.internet.error import ConnectError, DNSLookupError, TimeoutError as NetTimeoutError
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IReactorTCP, IReactorTime
 from twisted.logger import Logger
 
+from mailsuite import maillog
+from mailsuite.config import ConfigError, CourierSection
 from mailsuite.courier import status
+from mailsuite.courier.dkim import Signer
 from mailsuite.courier.client import (Credentials, SMTPClientProtocol, SMTPError, Session,
                                       TLSPolicy, dot_stuff)
-from mailsuite.courier.mx import MailHost, MXResolver, make_resolver, parse_hostport
+from mailsuite.courier.mx import MXResolver, make_resolver, parse_hostport
+from mailsuite.pools import WorkPool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+from mailsuite.tls import client_context_opportunistic
 
 log = Logger()
 
@@ -43,29 +50,45 @@ class Payload:
 
 
 class RemoteAgent:
-    def __init__(self, suite: Any, signer: Any = None):
-        self.suite = suite
-        self.config = suite.config.courier
-        self.reactor = suite.reactor
+    """The DeliveryAgent for remote recipients.
+
+    `settings` is the [courier] section, `hostname` our EHLO name, `reactor` makes the outbound
+    connections and `clock` runs the timers (the same reactor in the server), `io` reads and
+    signs the message off the reactor, `signer` adds DKIM signatures (None: never sign).
+    Call `close()` at shutdown to QUIT cached connections.
+    """
+
+    def __init__(self, settings: CourierSection, hostname: str, reactor: IReactorTCP,
+                 clock: IReactorTime, io: WorkPool, signer: Signer | None = None,
+                 resolver: MXResolver | None = None):
+        self.config = settings
+        self.hostname = hostname
+        self.reactor = reactor
+        self.clock = clock
+        self.io = io
         self.signer = signer
-        self.mx = MXResolver(make_resolver(self.config.nameservers, self.reactor))
+        self.mx = resolver or MXResolver(make_resolver(settings.nameservers, reactor))
         self._slots: dict[str, defer.DeferredSemaphore] = {}
         self._idle: dict[str, list[tuple[Session, Any]]] = defaultdict(list)
         self._plain_only: dict[tuple[str, int], float] = {}  # hosts whose TLS handshake failed
-        self.relay = parse_hostport(self.config.relay, 25) if self.config.relay else None
-        self.reactor.addSystemEventTrigger("before", "shutdown", self.close)
+        self.relay = parse_hostport(settings.relay, 25) if settings.relay else None
+        # Everything that reads a file is done now, at start-up, never per connection.
+        self._trust = _load_trust(settings.relay_cafile)
+        self._opportunistic = client_context_opportunistic()
+        self._verified: dict[str, IOpenSSLClientConnectionCreator] = {}
+        self._relay_tls = self._relay_policy() if self.relay else None
 
     # -- the queue's entry point ---------------------------------------------------------------
     @defer.inlineCallbacks
-    def deliver(self, entry: QueueEntry, recipients: list[Recipient], message_path: str) -> Any:
+    def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],
+                message_path: str) -> Any:
         by_domain: dict[str, list[Recipient]] = defaultdict(list)
         for r in recipients:
             by_domain[r.address.rpartition("@")[2].lower()].append(r)
         try:
             payload = yield self._prepare(entry, message_path)
         except OSError as e:
-            log.error("{queue_id}: cannot read {path}: {error}", queue_id=entry.id,
-                      path=message_path, error=e)
+            maillog.internal_error(entry.id, f"cannot read {message_path}: {e}")
             return [_result(r, "deferred", f"{status.MESSAGE_UNREADABLE.status} "
                             f"{status.MESSAGE_UNREADABLE.text}", "") for r in recipients]
         outcomes = yield defer.gatherResults(
@@ -94,8 +117,8 @@ class RemoteAgent:
         try:
             return (yield self._attempt(entry, domain, key, recipients, payload))
         except Exception as e:  # a bug must not lose the recipients: defer them
-            log.failure("{queue_id}: delivery to {domain} failed unexpectedly",
-                        queue_id=entry.id, domain=domain)
+            maillog.internal_error(entry.id, f"delivery to {domain} failed unexpectedly",
+                                   defer.Failure())
             return [_result(r, "deferred", f"4.3.0 internal error: {type(e).__name__}", "")
                     for r in recipients]
         finally:
@@ -126,8 +149,7 @@ class RemoteAgent:
         targets = yield self._targets(domain)
         if isinstance(targets, status.Failure):
             verdict = "bounced" if targets.permanent else "deferred"
-            log.info("{queue_id}: {domain}: {status} {text}", queue_id=entry.id, domain=domain,
-                     status=targets.status, text=targets.text)
+            maillog.route_failed(entry.id, domain, f"{targets.status} {targets.text}")
             return [_result(r, verdict, f"{targets.status} {targets.text}", "")
                     for r in recipients]
         last_host = ""
@@ -136,8 +158,8 @@ class RemoteAgent:
             try:
                 session = yield self._connect(domain, host, address, port)
             except SMTPError as e:
-                log.info("{queue_id}: {domain}: {relay}: {error}", queue_id=entry.id,
-                         domain=domain, relay=f"{host}[{address}]:{port}", error=e.detail)
+                maillog.route_failed(entry.id, domain, e.detail,
+                                     relay=f"{host}[{address}]:{port}")
                 last = e
                 if e.next_host:
                     continue
@@ -170,12 +192,9 @@ class RemoteAgent:
             if reused and e.reply is None and e.next_host:
                 return None  # died idle (peer timeout): nothing was sent, try a fresh one
             return e
-        log.info("{queue_id}: to {domain} via {relay} tls={tls} {tls_info} reused={reused} "
-                 "accepted={accepted}/{total}", queue_id=entry.id, domain=domain,
-                 relay=session.relay, tls="yes" if session.tls else "no",
-                 tls_info=session.tls_info, reused="yes" if reused else "no",
-                 accepted=sum(1 for r in results.values() if r.code // 100 == 2),
-                 total=len(addresses))
+        maillog.transaction(entry.id, domain, session.relay, session.tls, session.tls_info,
+                            reused, sum(1 for r in results.values() if r.code // 100 == 2),
+                            len(addresses))
         self._park(key, session)
         return results
 
@@ -207,30 +226,33 @@ class RemoteAgent:
         return [(h.name, a, port) for h in resolution.hosts for a in h.addresses]
 
     def _tls_policy(self, domain: str, host: str, address: str, port: int) -> TLSPolicy:
-        cfg = self.config
-        if self.relay:
-            mode = {"tls": "implicit", "starttls": "required", "none": "none"}[cfg.relay_tls]
-            if mode == "required" and not cfg.relay_verify:
-                mode = "opportunistic"
-            return TLSPolicy(mode, self._client_context(host, verify=cfg.relay_verify))
-        if domain in {d.lower() for d in cfg.require_tls_domains}:
-            return TLSPolicy("required", self._client_context(host, verify=True))
-        if self._plain_only.get((address, port), 0) > time.time():
+        if self._relay_tls is not None:
+            return self._relay_tls
+        if domain in {d.lower() for d in self.config.require_tls_domains}:
+            return TLSPolicy("required", self._verified_context(host))
+        if self._plain_only.get((address, port), 0) > self.clock.seconds():
             return TLSPolicy("none")
-        from mailsuite.tls import client_context_opportunistic
+        return TLSPolicy("opportunistic", self._opportunistic)
 
-        return TLSPolicy("opportunistic", client_context_opportunistic())
+    def _relay_policy(self) -> TLSPolicy:
+        """The smarthost's TLS, decided (and its CA read) once at start-up."""
+        cfg = self.config
+        assert self.relay is not None
+        mode = {"tls": "implicit", "starttls": "required", "none": "none"}[cfg.relay_tls]
+        if mode == "required" and not cfg.relay_verify:
+            mode = "opportunistic"
+        context = (self._verified_context(self.relay[0]) if cfg.relay_verify
+                   else self._opportunistic)
+        return TLSPolicy(mode, context)
 
-    def _client_context(self, host: str, verify: bool) -> Any:
-        if not verify:
-            from mailsuite.tls import client_context_opportunistic
-
-            return client_context_opportunistic()
-        trust = None
-        if self.config.relay_cafile:
-            with open(self.config.relay_cafile, "rb") as f:
-                trust = ssl.Certificate.loadPEM(f.read())
-        return ssl.optionsForClientTLS(host, trustRoot=trust)
+    def _verified_context(self, host: str) -> IOpenSSLClientConnectionCreator:
+        """Options that verify `host`'s certificate against the CA loaded at start-up (or the
+        system's trust store), one per host name."""
+        context = self._verified.get(host)
+        if context is None:
+            context = self._verified[host] = ssl.optionsForClientTLS(host,
+                                                                    trustRoot=self._trust)
+        return context
 
     @defer.inlineCallbacks
     def _connect(self, domain: str, host: str, address: str, port: int) -> Any:
@@ -247,7 +269,7 @@ class RemoteAgent:
                                                     timeout=cfg.connect_timeout)
         if tls.mode == "implicit":
             endpoint = endpoints.wrapClientTLS(tls.context, endpoint)
-        protocol = SMTPClientProtocol(self.reactor, cfg.command_timeout)
+        protocol = SMTPClientProtocol(self.clock, cfg.command_timeout)
         try:
             yield endpoints.connectProtocol(endpoint, protocol)
         except (ConnectError, DNSLookupError, NetTimeoutError, defer.TimeoutError) as e:
@@ -258,7 +280,7 @@ class RemoteAgent:
                        if self.relay and cfg.relay_username else None)
         session = Session(protocol, host, address, port)
         try:
-            yield session.start(self.suite.config.hostname, tls, credentials)
+            yield session.start(self.hostname, tls, credentials)
         except SMTPError as e:
             protocol.abort()
             if e.tls_failed and tls.mode == "opportunistic":
@@ -266,7 +288,7 @@ class RemoteAgent:
                 # the host for an hour and reconnect without STARTTLS right away.
                 log.info("TLS handshake with {host}[{address}] failed: delivering without TLS",
                          host=host, address=address)
-                self._plain_only[(address, port)] = time.time() + 3600
+                self._plain_only[(address, port)] = self.clock.seconds() + 3600
                 return (yield self._connect(domain, host, address, port))
             if e.tls_failed:
                 raise SMTPError(status.TLS_REQUIRED, next_host=True)
@@ -289,7 +311,7 @@ class RemoteAgent:
                     break
             session.quit()
 
-        idle.append((session, self.reactor.callLater(IDLE_TIMEOUT, expire)))
+        idle.append((session, self.clock.callLater(IDLE_TIMEOUT, expire)))
 
     # -- message preparation ---------------------------------------------------------------------
     def _prepare(self, entry: QueueEntry, message_path: str) -> defer.Deferred:
@@ -303,7 +325,7 @@ class RemoteAgent:
                 message = signer.sign(message, entry.sender)
             return Payload(dot_stuff(message), len(message), not message.isascii())
 
-        return self.suite.pools.io.run(work)
+        return self.io.run(work)
 
 
 def _result(r: Recipient, verdict: str, detail: str, remote: str, enhanced: str = ""
@@ -313,6 +335,18 @@ def _result(r: Recipient, verdict: str, detail: str, remote: str, enhanced: str 
         enhanced = next((p for p in first[:2] if p[:1] in "245" and p.count(".") == 2), "")
     return DeliveryResult(address=r.address, status=verdict, detail=detail, remote_mta=remote,
                           enhanced=enhanced)
+
+
+def _load_trust(cafile: str) -> ssl.Certificate | None:
+    """The CA certificate of [courier] relay_cafile, None for the system's trust store."""
+    if not cafile:
+        return None
+    try:
+        with open(cafile, "rb") as f:
+            return ssl.Certificate.loadPEM(f.read())
+    except (OSError, crypto.Error, SSL.Error) as e:
+        raise ConfigError(f"[courier] relay_cafile = {cafile!r} is not a readable PEM "
+                          f"certificate: {e}")
 
 
 def _reason(e: Exception) -> str:

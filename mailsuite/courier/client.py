@@ -1,6 +1,6 @@
 """A compact ESMTP client for outbound delivery, on LineReceiver.
 
-Not Twisted's ESMTPClient (TWISTED-NOTES §2.1): its dot-stuffing is wrong at 16 KiB chunk
+Not Twisted's ESMTPClient (docs/design/courier.md): its dot-stuffing is wrong at 16 KiB chunk
 boundaries and on a first line starting with ".", it waits forever without a timeout, verifies
 every certificate (so MX delivery to self-signed hosts fails instead of falling back), and knows
 neither SIZE, 8BITMIME nor PIPELINING. This client: EHLO (HELO fallback), opportunistic or required
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, error as net_error
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -96,8 +97,8 @@ class SMTPClientProtocol(LineReceiver):
     delimiter = CRLF
     MAX_LENGTH = 8192  # reply lines are at most 512 octets (RFC 5321 §4.5.3.1.5); be lenient
 
-    def __init__(self, reactor: Any, timeout: float):
-        self.reactor = reactor
+    def __init__(self, clock: IReactorTime, timeout: float):
+        self.clock = clock
         self.timeout = timeout
         self._lines: list[str] = []
         self._replies: deque[Reply] = deque()
@@ -152,7 +153,7 @@ class SMTPClientProtocol(LineReceiver):
                                         tls_failed=self._tls_in_handshake()))
         d: defer.Deferred = defer.Deferred(lambda _: self._cancel(d))
         self._waiters.append(d)
-        d.addTimeout(timeout or self.timeout, self.reactor,
+        d.addTimeout(timeout or self.timeout, self.clock,
                      onTimeoutCancel=lambda *_: self._timed_out())
         return d
 

@@ -2,7 +2,7 @@
 
 Built as bytes, not with the email package's generator: the original header section is copied
 verbatim, including 8-bit bytes in whatever charset the sender used (Twisted's bounce module
-crashes on those, TWISTED-NOTES §2.2), and every line ends in CRLF as the spool requires.
+crashes on those: docs/design/courier.md), and every line ends in CRLF as the spool requires.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Where mail for a domain goes: MX lookup with twisted.names (RFC 5321 §5.1, RFC 7505).
 
 Not Twisted's MXCalculator: it crashes on equal preferences, returns one host, and maps a null MX
-to '' (TWISTED-NOTES §2.2). Here: MX records sorted by preference and shuffled within one
+to '' (docs/design/courier.md). Here: MX records sorted by preference and shuffled within one
 preference, each exchange resolved to its A/AAAA addresses; no MX means the domain's own address
 records; NXDOMAIN and null MX are permanent, SERVFAIL and timeouts temporary.
 """

@@ -1,1 +1,1 @@
-"""Local delivery agent: recipients of our domains into their Maildir, atomically and durably."""
+"""Local delivery agent: recipients of our domains into their INBOX, through the mailbox store."""

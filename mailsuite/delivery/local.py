@@ -1,18 +1,22 @@
-"""Local delivery agent: one copy per local recipient into `config.maildir_for(address)`.
+"""Local delivery agent: one copy per local recipient into its INBOX, through the mailbox store.
 
-Same interface as the courier's remote agent: `deliver(entry, recipients, message_path)` returns
-a Deferred list of DeliveryResult. A write failure (disk full, permissions, a broken Maildir) is a
-temporary failure: the queue retries it with backoff and never drops the message.
+The queue calls it like the remote agent, as a `DeliveryAgent`: `deliver(entry, recipients,
+message_path)` fires with one DeliveryResult per recipient. The mailbox store owns the Maildir
+layout and the durable write (docs/design/maildir.md); this module only adds the trace headers
+and turns a write failure (disk full, permissions, a broken Maildir) into a temporary failure, so
+the queue retries it with backoff and never drops the message.
 """
 from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import Sequence
 
 from twisted.internet import defer
 
-from mailsuite.delivery.maildir import deliver_to_maildir
+from mailsuite.mailbox import MailStoreAPI
+from mailsuite.mailbox.store import MailboxError
+from mailsuite.pools import WorkPool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
 
 
@@ -25,37 +29,41 @@ def trace_headers(sender: str, address: str) -> bytes:
             .encode("utf-8"))
 
 
-class LocalDeliveryAgent:
-    """Writes spooled messages into local Maildirs, in suite.pools.io."""
+class LocalAgent:
+    """A DeliveryAgent writing into our users' INBOXes; the writes run in the `io` pool."""
 
-    def __init__(self, suite: Any):
-        self.suite = suite
+    def __init__(self, mailstore: MailStoreAPI, io: WorkPool, hostname: str):
+        self.mailstore = mailstore
+        self.io = io
+        self.hostname = hostname
 
-    def deliver(self, entry: QueueEntry, recipients: list[Recipient],
+    def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],
                 message_path: str) -> defer.Deferred:
-        return self.suite.pools.io.run(self.deliver_blocking, entry, recipients, message_path)
+        return self.io.run(self._deliver_all, entry, list(recipients), message_path)
 
-    def deliver_blocking(self, entry: QueueEntry, recipients: list[Recipient],
-                         message_path: str) -> list[DeliveryResult]:
-        """The same, synchronously (the queue runner calls this inside its own io job)."""
+    def _deliver_all(self, entry: QueueEntry, recipients: list[Recipient],
+                     message_path: str) -> list[DeliveryResult]:
         return [self._deliver_one(entry, r, message_path) for r in recipients]
 
     def _deliver_one(self, entry: QueueEntry, recipient: Recipient,
                      message_path: str) -> DeliveryResult:
-        config = self.suite.config
-        maildir = config.maildir_for(recipient.address.lower())
         try:
-            path = deliver_to_maildir(maildir, trace_headers(entry.sender, recipient.address),
-                                      message_path=message_path, hostname=config.hostname)
+            account = self.mailstore.account(recipient.address.lower())
+        except MailboxError as e:  # the directory never routes to one; defer, keep the message
+            return DeliveryResult(recipient.address, "deferred", f"451 4.3.0 {e}",
+                                  enhanced="4.3.0")
+        try:
+            path = account.deliver(trace_headers(entry.sender, recipient.address),
+                                   message_path=message_path, hostname=self.hostname)
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 # RFC 3463 §3.4 / §3.5: mailbox or system full, both temporary.
                 return DeliveryResult(recipient.address, "deferred",
-                                      f"452 4.3.1 cannot write Maildir {maildir}: {reason}",
+                                      f"452 4.3.1 cannot write Maildir {account.path}: {reason}",
                                       enhanced="4.3.1")
             return DeliveryResult(recipient.address, "deferred",
-                                  f"451 4.3.0 cannot write Maildir {maildir}: {reason}",
+                                  f"451 4.3.0 cannot write Maildir {account.path}: {reason}",
                                   enhanced="4.3.0")
         return DeliveryResult(recipient.address, "sent",
                               f"250 2.0.0 delivered to maildir as {os.path.basename(path)}",

@@ -1,5 +1,6 @@
 """Low-level Maildir and Dovecot file formats: names, flags, dotlocks, dovecot-uidlist,
-dovecot-keywords, atomic rewrites. Synchronous; no knowledge of accounts or IMAP."""
+dovecot-keywords, atomic rewrites, and the writer that delivers into new/. Synchronous; no
+knowledge of accounts or IMAP. The layout and the rules we follow are in docs/design/maildir.md."""
 from __future__ import annotations
 
 import errno
@@ -13,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from mailsuite.safeio import atomic_write
+from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
 UIDLIST = "dovecot-uidlist"
 KEYWORDS = "dovecot-keywords"
@@ -43,17 +44,20 @@ _counter_lock = threading.Lock()
 _last_uidvalidity = 0
 
 
-def unique_key(size: int) -> str:
-    """`<sec>.M<usec>P<pid>Q<n>R<random>.<host>,S=<size>`: unique across processes and hosts.
+def unique_key(size: int, hostname: str | None = None) -> str:
+    """`<sec>.M<usec>P<pid>Q<n>R<random>.<host>,S=<size>`: unique across threads, processes
+    and hosts.
 
-    The pid is read now, not at import (TWISTED-NOTES §3: twistd forks after import)."""
+    The pid is read at every call, not at import: twistd forks after importing us, and a child
+    must not reuse its parent's. Q is a per-process counter shared by all threads; `/` and `:`
+    in the host name are escaped as the Maildir specification asks."""
     now = time.time()
     with _counter_lock:
         n = next(_counter)
-    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host},S={size}"
+    return f"{sec}.M{usec:06d}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host},S={size}"
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -106,6 +110,73 @@ def flags_to_letters(flags: Iterable[str], keywords: list[str], keep: str = "") 
 
 def info_name(key: str, letters: str) -> str:
     return f"{key}:2,{letters}"
+
+
+# -- directories and delivery --------------------------------------------------------------------
+SUBDIRS = ("cur", "new", "tmp")
+_CHUNK = 1024 * 1024
+
+
+def make_maildir(path: str, subfolder: bool = False) -> None:
+    """Create the Maildir (and its parents) with cur/ new/ tmp/, private to the owner.
+
+    `subfolder` marks a Maildir++ folder with the `maildirfolder` file. An existing
+    non-directory in the way raises FileExistsError: that is a broken Maildir, and a delivery
+    must then be deferred, never written elsewhere."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    for sub in SUBDIRS:
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+    if subfolder:
+        marker = os.path.join(path, "maildirfolder")
+        if not os.path.exists(marker):
+            open(marker, "ab").close()
+
+
+def deliver(maildir: str, header: bytes, message_path: str | None = None, data: bytes = b"",
+            hostname: str | None = None) -> str:
+    """Write `header` + (the file at message_path, or data) into maildir/new/; return the path.
+
+    tmp/ -> write -> fsync -> rename into new/ -> fsync(new/): a reader never sees half a
+    message, and a delivery that returned survives a crash. Blocking: run it in the io pool.
+    On any failure nothing is left in tmp/ or new/ and the OSError propagates.
+    """
+    make_maildir(maildir)
+    body_size = os.path.getsize(message_path) if message_path is not None else len(data)
+    size = len(header) + body_size
+    tmp_dir = os.path.join(maildir, "tmp")
+    new_dir = os.path.join(maildir, "new")
+    while True:
+        name = unique_key(size, hostname)
+        tmp_path = os.path.join(tmp_dir, name)
+        try:
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            break
+        except FileExistsError:  # only if the clock went backwards; Q makes the next name new
+            continue
+    try:
+        try:
+            written = write_all(fd, header)
+            if message_path is not None:
+                with open(message_path, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        written += write_all(fd, chunk)
+            else:
+                written += write_all(fd, data)
+            if written != size:  # the spool file changed under us: never publish a wrong S=
+                raise OSError(f"message size changed while copying ({written} != {size})")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        final_path = os.path.join(new_dir, name)
+        os.rename(tmp_path, final_path)
+    except BaseException:
+        try:
+            os.unlink(tmp_path)
+        except OSError:
+            pass
+        raise
+    fsync_dir(new_dir)
+    return final_path
 
 
 # -- files ---------------------------------------------------------------------------------------

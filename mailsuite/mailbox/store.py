@@ -3,12 +3,12 @@
 INBOX is the user's Maildir itself; folder `Archive/2026` is the directory `.Archive.2026/`.
 Each folder keeps Dovecot's `dovecot-uidlist` (UIDs, UIDVALIDITY) and `dovecot-keywords`
 (keyword letters a-z), flags live in the file name (`:2,FRS`). Everything here is synchronous and
-blocking: protocol code calls it through `suite.pools.io.run(...)`.
+blocking: protocol code and the delivery agent call it through the io pool.
 
 Public API (used by IMAP, POP3, delivery and the tests):
     MailStore(mail_dir).account(address) -> Account
-    Account: ensure_layout, list_folders, folder, create_folder, delete_folder, rename_folder,
-             subscribe, unsubscribe, subscriptions, special_use, folder_exists
+    Account: deliver, ensure_layout, list_folders, folder, create_folder, delete_folder,
+             rename_folder, subscribe, unsubscribe, subscriptions, special_use, folder_exists
     Folder:  sync, messages, get, uidvalidity, uidnext, open_message, set_flags, append,
              copy, move, expunge, keywords, state_token, recent
 """
@@ -31,8 +31,9 @@ import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for 
 from mailsuite.mailbox.maildir import (
     FLAG_LETTERS, KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList,
     file_stamp, flags_to_letters, info_name, letters_to_flags, read_keywords,
-    read_uidlist, size_from_key, split_name, unique_key, write_keywords,
+    make_maildir, read_uidlist, size_from_key, split_name, unique_key, write_keywords,
 )
+from mailsuite.mailbox import maildir as _maildir
 from mailsuite.safeio import atomic_write, fsync_dir
 
 
@@ -112,7 +113,10 @@ class MailStore:
         self._lock = threading.Lock()
 
     def account(self, address: str) -> "Account":
-        """The account of a canonical address (does not create anything on disk)."""
+        """The account of an address: <mail_dir>/<domain>/<localpart>/, lower-cased.
+
+        The one mapping from address to Maildir; it creates nothing on disk and raises
+        InvalidMailboxName for an address that could escape mail_dir."""
         local, at, domain = address.lower().rpartition("@")
         for part in (local, domain):
             if (not at or not part or part.startswith(".") or "/" in part or "\\" in part
@@ -147,15 +151,25 @@ class Account:
         self.address = address
         self.path = path
 
+    # -- final delivery ------------------------------------------------------------------------
+    def deliver(self, header: bytes, message_path: str | None = None, data: bytes = b"",
+                hostname: str | None = None) -> str:
+        """Deliver `header` + the message (a file, or `data`) into the INBOX's new/, durably.
+
+        Creates the Maildir if needed; returns the path of the new file. Raises OSError (disk
+        full, a broken Maildir) with nothing left behind. Blocking: call it in the io pool."""
+        return _maildir.deliver(self.path, header, message_path=message_path, data=data,
+                                hostname=hostname)
+
     # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         """Create the Maildir and Sent, Drafts, Trash, Junk, Archive (subscribed) if missing."""
-        _make_maildir(self.path, subfolder=False)
+        make_maildir(self.path, subfolder=False)
         subscribed = set(self.subscriptions())
         for name in SPECIAL_USE:
             path = self._path_of(name)
             if not os.path.isdir(os.path.join(path, "cur")):
-                _make_maildir(path, subfolder=True)
+                make_maildir(path, subfolder=True)
             if name not in subscribed:
                 self.subscribe(name)
 
@@ -202,7 +216,7 @@ class Account:
         if not os.path.isdir(os.path.join(path, "cur")):
             if name == "INBOX":
                 # INBOX always exists for a valid user (the first delivery creates it anyway).
-                _make_maildir(path, subfolder=False)
+                make_maildir(path, subfolder=False)
             else:
                 raise NoSuchFolder(f"no folder named {name}")
         return Folder(self, name, path)
@@ -214,8 +228,8 @@ class Account:
         if name == "INBOX" or os.path.exists(path):
             raise FolderExists(f"folder {name} already exists")
         if not os.path.isdir(os.path.join(self.path, "cur")):
-            _make_maildir(self.path, subfolder=False)
-        _make_maildir(path, subfolder=True)
+            make_maildir(self.path, subfolder=False)
+        make_maildir(path, subfolder=True)
         return Folder(self, name, path)
 
     def delete_folder(self, name: str) -> None:
@@ -310,7 +324,7 @@ class Account:
 
     def _write_subscriptions(self, names: list[str]) -> None:
         if not os.path.isdir(self.path):
-            _make_maildir(self.path, subfolder=False)
+            make_maildir(self.path, subfolder=False)
         data = "V\t2\n\n" + "".join(
             "\t".join(_tab_escape(part) for part in n.split(DELIMITER)) + "\n" for n in names)
         atomic_write(os.path.join(self.path, "subscriptions"), data.encode("utf-8"))
@@ -320,7 +334,7 @@ class Account:
         """An exclusive lock on INBOX for one POP3 session (RFC 1939 section 8), or None if
         another session (in any process) holds it. flock() conflicts between open files even
         within one process, and the kernel drops it when a process dies."""
-        _make_maildir(self.path, subfolder=False)
+        make_maildir(self.path, subfolder=False)
         fd = os.open(os.path.join(self.path, "mailsuite-pop3.lock"),
                      os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -1156,12 +1170,3 @@ def _delivery_order(key: str) -> tuple:
         digits = rest[1:].split("P", 1)[0]
         usec = int(digits) if digits.isdigit() else 0
     return (int(sec) if sec.isdigit() else 0, usec, key)
-
-
-def _make_maildir(path: str, subfolder: bool) -> None:
-    for sub in ("cur", "new", "tmp"):
-        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
-    if subfolder:
-        marker = os.path.join(path, "maildirfolder")  # Maildir++: marks a sub-folder
-        if not os.path.exists(marker):
-            open(marker, "ab").close()

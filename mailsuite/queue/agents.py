@@ -1,11 +1,13 @@
 """The seams of the queue: what it calls to deliver, and what others call to enqueue.
 
 The queue runner receives one `DeliveryAgent` per kind of recipient (local Maildir, remote SMTP)
-and a `BounceNotifier`; it imports neither implementation. The SMTP server, the DSN notifier and
-anything else that accepts mail see the queue only as a `MessageQueue`.
+and a `BounceNotifier`; it imports neither implementation. The SMTP server and anything else that
+accepts mail see the queue only as a `MessageQueue`. The notifier does not enqueue: it returns a
+`Notification` and the runner submits it (docs/design/queue.md, "Notifications").
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from twisted.internet.defer import Deferred
@@ -26,14 +28,30 @@ class DeliveryAgent(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class Notification:
+    """A message the queue should send from <> (a DSN): what `MessageQueue.submit` takes."""
+
+    recipients: Sequence[tuple[str, Any]]  # (address, its directory Route)
+    data: bytes
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
 @runtime_checkable
 class BounceNotifier(Protocol):
-    """Tells the envelope sender what happened (RFC 3464 DSNs)."""
+    """Builds what tells the envelope sender what happened (RFC 3464 DSNs).
 
-    def bounce(self, entry: QueueEntry, recipients: Sequence[Recipient]) -> Deferred | None:
+    Both methods fire with a `Notification` for the queue to submit, or None when there is
+    nothing to send. The message file is still in the spool while they run (a DSN quotes its
+    headers). They never submit anything themselves, so the notifier needs no queue.
+    """
+
+    def bounce(self, entry: QueueEntry, recipients: Sequence[Recipient],
+               message_path: str) -> Deferred:
         ...
 
-    def delay(self, entry: QueueEntry, recipients: Sequence[Recipient]) -> Deferred | None:
+    def delay(self, entry: QueueEntry, recipients: Sequence[Recipient],
+              message_path: str) -> Deferred:
         ...
 
 

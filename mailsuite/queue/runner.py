@@ -2,10 +2,11 @@
 
 Life of an entry: `submit()` spools it (fsynced; then the SMTP server says 250) and attempts it at
 once. Each attempt claims the entry (flock, so several processes on one spool never work on it at
-the same time), delivers the due local recipients into Maildirs and hands the due remote ones to
-`remote_agent` (the courier), records each outcome in the envelope, and removes the entry once every
-recipient is sent or bounced. Deferred recipients wait for `retry_schedule`; past `max_age` they
-bounce. `on_bounce` / `on_delay` (installed by the courier) turn outcomes into DSNs.
+the same time), hands the due local recipients to the `local` DeliveryAgent and saves their
+outcome, hands the due remote ones to the `remote` DeliveryAgent, records each outcome in the
+envelope, and removes the entry once every recipient is sent or bounced. Deferred recipients wait
+for `retry_schedule`; past `max_age` they bounce. The `notifier` builds the DSNs (bounce, delay
+warning) and this runner submits them. Details: docs/design/queue.md.
 
 Waking up: a timer for the next due entry, a full rescan every `scan_interval` (entries of other
 processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds, which
@@ -17,14 +18,18 @@ import heapq
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from twisted.application.service import Service
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsuite.delivery.local import LocalDeliveryAgent
+from mailsuite import maillog
+from mailsuite.config import QueueSection
+from mailsuite.pools import WorkPool
+from mailsuite.queue.agents import BounceNotifier, DeliveryAgent, Notification
 from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
                                    SpoolError, new_queue_id)
 
@@ -33,25 +38,35 @@ log = Logger(namespace="mailsuite.queue")
 KICK_POLL = 0.5  # seconds between looks at the .kick file
 BUSY_RETRY = 5.0  # seconds before looking again at an entry another process has claimed
 NO_REMOTE = "451 4.3.2 no remote delivery configured"
+NULL_SENDER = "no bounce for the null sender <>"
 _RECEIVED = re.compile(rb"^received:", re.IGNORECASE | re.MULTILINE)
 
 
+@dataclass(frozen=True)
+class _Skip:
+    """What the first io job of an attempt says when there is nothing to do now."""
+
+    due: float | None  # next attempt (inf: held or damaged), None: the entry is gone
+    damage: str = ""  # reported once, on the reactor thread
+
+
 class QueueRunner(Service):
-    """The twisted Service that owns the spool of one process (suite.queue)."""
+    """The twisted Service that owns the spool of one process."""
 
     name = "queue"
     # Entries worked on at the same time by this process. Remote attempts can take minutes
     # (timeouts), so this is generous; the courier has its own per-domain connection caps.
     max_parallel = 64
 
-    def __init__(self, suite: Any):
-        self.suite = suite
-        self.spool = Spool(suite.config.queue_dir)
-        self.local_agent = LocalDeliveryAgent(suite)
-        # Installed by mailsuite.courier.install(suite):
-        self.remote_agent: Any = None  # .deliver(entry, recipients, message_path) -> Deferred
-        self.on_bounce: Any = None  # (entry, bounced recipients) -> None | Deferred
-        self.on_delay: Any = None  # (entry, still pending recipients) -> None | Deferred
+    def __init__(self, spool: Spool, settings: QueueSection, io: WorkPool, clock: IReactorTime,
+                 local: DeliveryAgent, remote: DeliveryAgent | None, notifier: BounceNotifier):
+        self.spool = spool
+        self.config = settings
+        self.io = io
+        self.clock = clock
+        self.local = local
+        self.remote = remote
+        self.notifier = notifier
         self._due: dict[str, float] = {}  # id -> when it next needs an attempt (inf: never)
         # (due, id) min-heap over _due; entries whose due no longer matches _due are stale and
         # skipped, so updates are O(log n) and a big backlog does not make _pump quadratic.
@@ -62,39 +77,27 @@ class QueueRunner(Service):
         self._damaged: set[str] = set()  # entries without message file, already reported
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
         self._inflight: dict[str, defer.Deferred] = {}
-        self._timer: Any = None
-        self._wake_call: Any = None
+        self._timer: IDelayedCall | None = None
+        self._wake_call: IDelayedCall | None = None
         self._loops: list[task.LoopingCall] = []
         self._kick_seen: int | None = None
         self._scanning = False
         self._stopping = False
 
-    @property
-    def config(self) -> Any:
-        return self.suite.config.queue
-
-    @property
-    def reactor(self) -> Any:
-        return self.suite.reactor
-
     # -- public API ----------------------------------------------------------------------------
-    def submit(self, sender: str, recipients: list[tuple[str, Any]], data: bytes,
-               meta: dict[str, Any]) -> defer.Deferred:
+    def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
+               meta: Mapping[str, Any] | None = None) -> defer.Deferred:
         """Spool a message; fires with its queue id once message and envelope are fsynced."""
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         entry = QueueEntry(id=new_queue_id(now), sender=sender,
                            recipients=expand_recipients(recipients), created=now,
                            meta=dict(meta or {}))
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
-        d = self.suite.pools.io.run(self.spool.store, entry, data)
+        d = self.io.run(self.spool.store, entry, data)
 
         def stored(_: Any) -> str:
-            log.info("queue_id={queue_id} from=<{sender}> size={size} nrcpt={nrcpt} "
-                     "client={client} protocol={protocol} status=queued",
-                     queue_id=entry.id, sender=sender, size=len(data),
-                     nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
-                     protocol=entry.meta.get("protocol", ""))
+            maillog.received(entry, len(data))
             if self.running and not self._stopping:
                 self._set_due(entry.id, 0.0)
                 self._wake()
@@ -123,7 +126,7 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        d = self.suite.pools.io.run(self._startup_blocking)
+        d = self.io.run(self._startup_blocking)
         d.addCallback(self._started)
         d.addErrback(lambda f: log.failure("queue start-up failed", f))
 
@@ -135,14 +138,14 @@ class QueueRunner(Service):
     def _started(self, result: tuple[int, list[str]]) -> None:
         kick_mtime, removed = result
         for name in removed:
-            log.info("queue: removed {name} left behind by a crash", name=name)
+            maillog.leftover(name)
         if self._stopping:
             return
         self._kick_seen = kick_mtime
         scan = task.LoopingCall(self._scan)
-        scan.clock = self.reactor
+        scan.clock = self.clock
         kick = task.LoopingCall(self._check_kick)
-        kick.clock = self.reactor
+        kick.clock = self.clock
         self._loops = [scan, kick]
         # The first scan delivers whatever a previous run (or a crash) left in the spool.
         scan.start(max(self.config.scan_interval, 0.1), now=True).addErrback(
@@ -152,7 +155,7 @@ class QueueRunner(Service):
 
     def stopService(self) -> None:
         # Attempts in progress are abandoned where they stand: what was delivered is already in
-        # the envelope (saved in the same io job as the Maildir writes), the rest stays pending.
+        # the envelope (saved right after the local agent returned), the rest stays pending.
         # We must not start new io jobs: the pools stop right after us.
         super().stopService()
         self._stopping = True
@@ -172,8 +175,11 @@ class QueueRunner(Service):
             return defer.succeed(None)
         self._scanning = True
 
-        def scanned(found: dict[str, float]) -> None:
+        def scanned(result: tuple[dict[str, float], list[tuple[str, str]]]) -> None:
+            found, damaged = result
             self._scanning = False
+            for queue_id, error in damaged:
+                maillog.damaged(queue_id, error)
             due = {i: d for i, d in found.items() if i not in self._inflight}
             due.update({i: d for i, d in self._due.items() if i in self._inflight})
             self._due = due
@@ -185,13 +191,15 @@ class QueueRunner(Service):
             self._scanning = False
             log.failure("queue scan failed", f)
 
-        return self.suite.pools.io.run(self._scan_blocking).addCallbacks(scanned, failed)
+        return self.io.run(self._scan_blocking).addCallbacks(scanned, failed)
 
-    def _scan_blocking(self) -> dict[str, float]:
-        """io thread: id -> due of every entry; only changed envelopes are parsed again."""
+    def _scan_blocking(self) -> tuple[dict[str, float], list[tuple[str, str]]]:
+        """io thread: id -> due of every entry, and the envelopes newly found unreadable; only
+        changed envelopes are parsed again."""
         self.spool.cleanup()
         cache = self._envelope_cache
         found: dict[str, float] = {}
+        damaged: list[tuple[str, str]] = []
         for queue_id in self.spool.ids():
             try:
                 st = os.stat(self.spool.envelope_path(queue_id))
@@ -202,9 +210,7 @@ class QueueRunner(Service):
                         due = entry_due(self.spool.load(queue_id))
                     except SpoolError as e:
                         # Reported once per version of the file, then left for the admin.
-                        self.reactor.callFromThread(
-                            log.error, "{error}; see `mailsuite queue show {queue_id}`",
-                            error=str(e), queue_id=queue_id)
+                        damaged.append((queue_id, str(e)))
                         due = float("inf")
                     cached = cache[queue_id] = (key, due)
             except OSError:
@@ -212,7 +218,7 @@ class QueueRunner(Service):
             found[queue_id] = cached[1]
         for queue_id in set(cache) - set(found):
             del cache[queue_id]
-        return found
+        return found, damaged
 
     def _check_kick(self) -> defer.Deferred | None:
         if self._stopping:
@@ -224,7 +230,7 @@ class QueueRunner(Service):
                 log.info("queue: retry requested by the admin, rescanning")
                 self._scan()
 
-        d = self.suite.pools.io.run(self.spool.kick_mtime)
+        d = self.io.run(self.spool.kick_mtime)
         return d.addCallbacks(seen, lambda f: log.failure("queue kick check failed", f))
 
     def _wake(self) -> None:
@@ -232,13 +238,13 @@ class QueueRunner(Service):
         if self._stopping or not self.running:
             return
         if self._wake_call is None or not self._wake_call.active():
-            self._wake_call = self.reactor.callLater(0, self._pump)
+            self._wake_call = self.clock.callLater(0, self._pump)
 
     def _pump(self) -> None:
         """Start attempts for due entries, then sleep until the next one is due."""
         if self._stopping or not self.running:
             return
-        now = self.reactor.seconds()
+        now = self.clock.seconds()
         heap = self._heap
         while heap and len(self._inflight) < self.max_parallel:
             due, queue_id = heap[0]
@@ -254,7 +260,7 @@ class QueueRunner(Service):
         self._timer = None
         if heap and len(self._inflight) < self.max_parallel and heap[0][0] != float("inf"):
             delay = min(heap[0][0] - now, self.config.scan_interval)
-            self._timer = self.reactor.callLater(max(delay, 0.01), self._pump)
+            self._timer = self.clock.callLater(max(delay, 0.01), self._pump)
 
     def _set_due(self, queue_id: str, due: float) -> None:
         self._due[queue_id] = due
@@ -264,15 +270,16 @@ class QueueRunner(Service):
     def _start(self, queue_id: str) -> defer.Deferred:
         if self._stopping or queue_id in self._inflight:
             return defer.succeed(None)
-        d = self._attempt(queue_id, force=queue_id in self._forced)
+        # Registered before the attempt runs: with an inline pool it may finish at once.
+        d = self._inflight[queue_id] = defer.Deferred()
+        force = queue_id in self._forced
         self._forced.discard(queue_id)
-        self._inflight[queue_id] = d
 
         def done(result: Any) -> Any:
             self._inflight.pop(queue_id, None)
             if isinstance(result, Failure):
-                log.failure("queue_id={queue_id}: attempt failed", result, queue_id=queue_id)
-                self._set_due(queue_id, self.reactor.seconds() + self.config.scan_interval)
+                maillog.internal_error(queue_id, "attempt failed", result)
+                self._set_due(queue_id, self.clock.seconds() + self.config.scan_interval)
                 result = None
             elif result is None:
                 self._due.pop(queue_id, None)
@@ -281,20 +288,33 @@ class QueueRunner(Service):
             self._wake()
             return None
 
-        return d.addBoth(done)
+        d.addBoth(done)
+        self._attempt(queue_id, force=force).chainDeferred(d)
+        return d
 
     # -- one attempt ---------------------------------------------------------------------------
     @defer.inlineCallbacks
     def _attempt(self, queue_id: str, force: bool = False) -> Any:
         """Work on one entry; returns its next due time, or None once it is gone."""
-        work = yield self.suite.pools.io.run(self._attempt_local, queue_id, force)
-        if isinstance(work, float) or work is None:
-            return work  # claimed elsewhere (retry later), held (inf), or gone (None)
-        work.flush_logs()
-        if work.finished:
-            log.info("queue_id={queue_id} status=removed", queue_id=queue_id)
-            return None
+        work = yield self.io.run(self._claim_blocking, queue_id, force)
+        if isinstance(work, _Skip):
+            if work.damage:
+                maillog.damaged(queue_id, work.damage)
+            return work.due  # claimed elsewhere (retry later), held (inf), or gone (None)
         try:
+            work.flush_logs()  # a mail loop is recorded in the claim job
+            if work.local:
+                results = yield self._deliver(self.local, work, work.local)
+                work.now = self.clock.seconds()
+                work.record(work.local, results, relay="local")
+                work.flush_logs()
+            if work.changed or work.can_finish_now(self.config):
+                # Saved before anything else happens, even while stopping: a crash or stop
+                # while remote delivery runs must not deliver these local copies again.
+                yield self.io.run(self._save_local_blocking, work)
+            if work.finished:
+                maillog.removed(queue_id)
+                return None
             if self._stopping:
                 return None
             yield self._attempt_remote(work)
@@ -303,30 +323,28 @@ class QueueRunner(Service):
             yield self._notify(work)
             if self._stopping:
                 return None
-            due = yield self.suite.pools.io.run(self._finish_blocking, work)
+            due = yield self.io.run(self._finish_blocking, work)
             work.claim = None  # released by _finish_blocking
             if due is None:
-                log.info("queue_id={queue_id} status=removed", queue_id=queue_id)
+                maillog.removed(queue_id)
             return due
         finally:
             if work.claim is not None:
                 work.claim.release()
 
-    def _attempt_local(self, queue_id: str, force: bool) -> "_Work | float | None":
-        """io thread: claim, read the envelope, check for loops, deliver local recipients."""
+    def _claim_blocking(self, queue_id: str, force: bool) -> "_Work | _Skip":
+        """io thread: claim, read the envelope, check for loops, sort the due recipients."""
         claim = self.spool.claim(queue_id)
         if claim is None:
             if not os.path.exists(self.spool.envelope_path(queue_id)):
-                return None  # delivered and removed (by us or another process), or deleted
+                return _Skip(None)  # delivered and removed (by us or another process), deleted
             if not os.path.exists(self.spool.message_path(queue_id)):
                 if queue_id in self._damaged:
-                    return float("inf")
+                    return _Skip(float("inf"))
                 self._damaged.add(queue_id)  # io thread only; reported once per entry
-                self.reactor.callFromThread(
-                    log.error, "queue_id={queue_id}: envelope without message file; remove it "
-                    "with `mailsuite queue delete {queue_id}`", queue_id=queue_id)
-                return float("inf")
-            return self.reactor.seconds() + BUSY_RETRY  # another process is working on it
+                return _Skip(float("inf"), "envelope without message file; remove it with "
+                                           f"`mailsuite queue delete {queue_id}`")
+            return _Skip(self.clock.seconds() + BUSY_RETRY)  # another process works on it
         try:
             entry = self.spool.load(queue_id)
         except Exception:
@@ -334,8 +352,8 @@ class QueueRunner(Service):
             raise
         if entry.held:
             claim.release()
-            return float("inf")
-        now = self.reactor.seconds()
+            return _Skip(float("inf"))
+        now = self.clock.seconds()
         work = _Work(claim=claim, entry=entry, now=now,
                      message_path=self.spool.message_path(queue_id),
                      retry_schedule=list(self.config.retry_schedule),
@@ -345,89 +363,90 @@ class QueueRunner(Service):
         if due and self._is_loop(queue_id):
             # RFC 5321 §6.3: a message with too many trace headers is looping; bounce it,
             # local recipients included, with RFC 3463 5.4.6 (routing loop detected).
-            limit = self.suite.config.queue.max_received_headers
+            limit = self.config.max_received_headers
             detail = f"554 5.4.6 mail loop: more than {limit} Received headers"
             work.record(due, [DeliveryResult(r.address, "bounced", detail, enhanced="5.4.6")
                               for r in due], relay="local")
             due = []
-        local = [r for r in due if r.local]
+        work.local = [r for r in due if r.local]
         work.remote = [r for r in due if not r.local]
-        if local:
-            try:
-                results = self.local_agent.deliver_blocking(entry, local, work.message_path)
-            except Exception as e:  # never lose the entry over a bug: defer and log
-                log.failure("queue_id={queue_id}: local delivery crashed", queue_id=queue_id)
-                results = [DeliveryResult(r.address, "deferred", f"451 4.3.0 internal error: {e}")
-                           for r in local]
-            work.record(local, results, relay="local")
-        if not work.remote and not work.bounced and not work.needs_warning(self.config):
-            if all(r.state != "pending" for r in entry.recipients):
-                # The common case, all local and all delivered: remove at once, no extra save.
-                self.spool.remove(queue_id)
-                claim.release()
-                work.claim = None
-                work.finished = True
-                return work
-        if work.changed:
-            # Save now, in the same job as the Maildir writes: a crash or stop while remote
-            # delivery runs must not deliver these local copies a second time.
-            self.spool.save(entry)
-            work.changed = False
         return work
+
+    def _save_local_blocking(self, work: "_Work") -> None:
+        """io thread: after local delivery, remove the entry if that was all, else save it."""
+        if work.can_finish_now(self.config):
+            # The common case, all local and all delivered: remove at once, no extra save.
+            self.spool.remove(work.entry.id)
+            work.claim.release()
+            work.claim = None
+            work.finished = True
+            return
+        self.spool.save(work.entry)
+        work.changed = False
 
     def _is_loop(self, queue_id: str) -> bool:
         headers = self.spool.read_headers(queue_id)
-        return len(_RECEIVED.findall(headers)) > self.suite.config.queue.max_received_headers
+        return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
+
+    @defer.inlineCallbacks
+    def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient]) -> Any:
+        """Call one agent; a crash in it defers these recipients, never loses the entry."""
+        try:
+            results = yield defer.maybeDeferred(agent.deliver, work.entry, list(recipients),
+                                                work.message_path)
+        except Exception as e:
+            what = "local delivery" if agent is self.local else "remote delivery"
+            maillog.internal_error(work.entry.id, f"{what} crashed", Failure())
+            text = "internal error" if agent is self.local else "remote delivery error"
+            results = [DeliveryResult(r.address, "deferred", f"451 4.3.0 {text}: {e}")
+                       for r in recipients]
+        return list(results or [])
 
     @defer.inlineCallbacks
     def _attempt_remote(self, work: "_Work") -> Any:
         if not work.remote:
             return
-        if self.remote_agent is None:
+        if self.remote is None:
             results = [DeliveryResult(r.address, "deferred", NO_REMOTE) for r in work.remote]
         else:
-            try:
-                results = yield defer.maybeDeferred(self.remote_agent.deliver, work.entry,
-                                                    list(work.remote), work.message_path)
-            except Exception as e:
-                log.failure("queue_id={queue_id}: remote delivery failed",
-                            queue_id=work.entry.id)
-                results = [DeliveryResult(r.address, "deferred",
-                                          f"451 4.3.0 remote delivery error: {e}")
-                           for r in work.remote]
-        work.now = self.reactor.seconds()
-        work.record(work.remote, list(results or []), relay=None)
+            results = yield self._deliver(self.remote, work, work.remote)
+        work.now = self.clock.seconds()
+        work.record(work.remote, results, relay=None)
         work.flush_logs()
 
     @defer.inlineCallbacks
     def _notify(self, work: "_Work") -> Any:
-        """Delay warning (once) and bounces, through the courier's hooks; never to <>."""
+        """Delay warning (once) and bounces: the notifier builds them, we queue them."""
         entry = work.entry
-        now = self.reactor.seconds()
-        pending = [r for r in entry.recipients if r.state == "pending"]
-        warn_after = self.suite.config.queue.delay_warning
-        if (pending and not entry.warned and warn_after > 0 and now - entry.created >= warn_after
-                and self.on_delay is not None and entry.sender):
+        work.now = self.clock.seconds()
+        if work.needs_warning(self.config):
             entry.warned = True
             work.changed = True
-            try:
-                yield defer.maybeDeferred(self.on_delay, entry, pending)
-            except Exception:
-                log.failure("queue_id={queue_id}: delay warning failed", queue_id=entry.id)
+            pending = [r for r in entry.recipients if r.state == "pending"]
+            yield self._send_notification("delayed", self.notifier.delay, work, pending)
         if not work.bounced:
             return
         if not entry.sender:
             # RFC 3464 §4 / RFC 5321 §6.1: never bounce a bounce.
-            log.info("queue_id={queue_id}: no bounce for the null sender <>", queue_id=entry.id)
+            maillog.dsn_skipped(entry, "failed", NULL_SENDER)
             return
-        if self.on_bounce is None:
-            log.warn("queue_id={queue_id}: no bounce hook installed; {n} recipient(s) dropped "
-                     "without a DSN", queue_id=entry.id, n=len(work.bounced))
-            return
+        yield self._send_notification("failed", self.notifier.bounce, work, list(work.bounced))
+
+    @defer.inlineCallbacks
+    def _send_notification(self, action: str, build: Callable[..., defer.Deferred],
+                           work: "_Work", recipients: list[Recipient]) -> Any:
+        entry = work.entry
         try:
-            yield defer.maybeDeferred(self.on_bounce, entry, list(work.bounced))
+            notification: Notification | None = yield defer.maybeDeferred(
+                build, entry, recipients, work.message_path)
+            if notification is None:
+                return
+            dsn_id = yield self.submit("", notification.recipients, notification.data,
+                                       notification.meta)
         except Exception:
-            log.failure("queue_id={queue_id}: bounce generation failed", queue_id=entry.id)
+            maillog.dsn_failed(entry, action, Failure())
+            return
+        maillog.dsn_queued(entry, action, dsn_id, len(recipients))
 
     def _finish_blocking(self, work: "_Work") -> float | None:
         """io thread: remove the finished entry or save it, then release the claim."""
@@ -453,6 +472,7 @@ class _Work:
     message_path: str
     retry_schedule: list[int] = field(default_factory=lambda: [300])
     max_age: float = 5 * 24 * 3600
+    local: list[Recipient] = field(default_factory=list)
     remote: list[Recipient] = field(default_factory=list)
     bounced: list[Recipient] = field(default_factory=list)  # newly bounced in this attempt
     changed: bool = False
@@ -461,7 +481,12 @@ class _Work:
     logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
         default_factory=list)
 
-    def needs_warning(self, config: Any) -> bool:
+    def can_finish_now(self, config: QueueSection) -> bool:
+        """Only local recipients, all done, nothing to tell the sender: remove at once."""
+        return (not self.remote and not self.bounced and not self.needs_warning(config)
+                and all(r.state != "pending" for r in self.entry.recipients))
+
+    def needs_warning(self, config: QueueSection) -> bool:
         """Is a delay warning due (decided and sent by QueueRunner._notify)?"""
         return (not self.entry.warned and config.delay_warning > 0 and bool(self.entry.sender)
                 and self.now - self.entry.created >= config.delay_warning
@@ -470,7 +495,7 @@ class _Work:
     def flush_logs(self) -> None:
         logs, self.logs = self.logs, []
         for args in logs:
-            log_attempt(*args)
+            maillog.attempt(*args)
 
     def record(self, recipients: list[Recipient], results: Iterable[DeliveryResult],
                relay: str | None) -> None:
@@ -546,25 +571,6 @@ def expand_recipients(recipients: Iterable[tuple[str, Any]]) -> list[Recipient]:
             out.append(Recipient(address=target.lower() if local else target,
                                  original=address, local=local))
     return out
-
-
-def log_attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryResult,
-                now: float, relay: str) -> None:
-    """The Postfix-style line every mail admin greps for."""
-    detail = result.detail.replace("\\", "\\\\").replace('"', '\\"')
-    if rcpt.state == "bounced" and status == "bounced":
-        detail = rcpt.last_error.replace("\\", "\\\\").replace('"', '\\"')
-    fields = dict(queue_id=entry.id, sender=entry.sender, rcpt=rcpt.address,
-                  status=status, delay=f"{max(now - entry.created, 0):.1f}", relay=relay,
-                  attempts=rcpt.attempts, detail=detail, orig=rcpt.original)
-    text = ('queue_id={queue_id} from=<{sender}> to=<{rcpt}> status={status} delay={delay}s '
-            'relay={relay} attempts={attempts} detail="{detail}"')
-    if rcpt.original.lower() != rcpt.address.lower():
-        text += " orig_to=<{orig}>"
-    if status == "deferred":
-        log.warn(text, **fields)
-    else:
-        log.info(text, **fields)
 
 
 def _fold_domain(address: str) -> str:

@@ -130,7 +130,7 @@ class Claim:
 
 
 class Spool:
-    """Synchronous spool operations; the runner calls them through suite.pools.io."""
+    """Synchronous spool operations; the runner calls them in its io pool."""
 
     def __init__(self, directory: str):
         self.directory = directory

@@ -1,8 +1,8 @@
-"""The spool on real files: durable atomic writes, JSON envelopes, claims between processes."""
+"""The spool on real files in tmp_path: durable atomic writes, JSON envelopes, claims within one
+process. (Claims between processes: tests/scenario/test_spool_processes.py.)"""
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import time
 
@@ -137,56 +137,6 @@ def test_claim_is_exclusive_within_a_process(spool):
     again.release()
 
 
-def _hold_claim(directory: str, queue_id: str, ready, done) -> None:
-    s = Spool(directory)
-    claim = s.claim(queue_id)
-    ready.put(claim is not None)
-    done.wait(10)
-
-
-def _hold_and_die(directory: str, queue_id: str, ready) -> None:
-    s = Spool(directory)
-    claim = s.claim(queue_id)
-    ready.put(claim is not None)
-    time.sleep(30)
-
-
-def test_claim_is_exclusive_between_processes(spool):
-    entry = make_entry()
-    spool.store(entry, DATA)
-    ctx = multiprocessing.get_context("fork")
-    ready, done = ctx.Queue(), ctx.Event()
-    child = ctx.Process(target=_hold_claim, args=(spool.directory, entry.id, ready, done))
-    child.start()
-    try:
-        assert ready.get(timeout=10) is True
-        assert spool.claim(entry.id) is None
-        with pytest.raises(SpoolError, match="being delivered"):
-            spool.claim_wait(entry.id, timeout=0.3)
-    finally:
-        done.set()
-        child.join(10)
-    claim = spool.claim(entry.id)
-    assert claim is not None
-    claim.release()
-
-
-def test_claim_of_a_killed_process_is_released(spool):
-    entry = make_entry()
-    spool.store(entry, DATA)
-    ctx = multiprocessing.get_context("fork")
-    ready = ctx.Queue()
-    child = ctx.Process(target=_hold_and_die, args=(spool.directory, entry.id, ready))
-    child.start()
-    assert ready.get(timeout=10) is True
-    assert spool.claim(entry.id) is None
-    child.kill()  # SIGKILL: no cleanup code runs; the kernel drops the flock
-    child.join(10)
-    claim = spool.claim(entry.id)
-    assert claim is not None
-    claim.release()
-
-
 def test_claim_after_removal_by_the_previous_holder_fails(spool):
     entry = make_entry()
     spool.store(entry, DATA)
@@ -221,7 +171,12 @@ def test_cleanup_removes_only_stale_leftovers(spool):
 
 
 def test_kick_changes_mtime(spool):
+    assert spool.kick_mtime() == 0
+    spool.kick()
+    first = spool.kick_mtime()
+    assert first != 0
+    old = time.time() - 60  # an earlier kick, without waiting for the clock to move
+    os.utime(spool.kick_path, (old, old))
     before = spool.kick_mtime()
-    time.sleep(0.01)
     spool.kick()
     assert spool.kick_mtime() != before

@@ -19,14 +19,16 @@ import smtplib
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 
 from tests.dnsserver import DNSServer
 from tests.harness import MailServer, free_port
-from tests.integration.test_outbound import (dsn_fields, make_message, queue_is_empty, submit,
-                                             wait_for_dsn)
+from tests.polling import wait_until
+from tests.scenario.test_outbound import (dsn_fields, make_message, queue_is_empty, submit,
+                                          wait_for_dsn)
+
+pytestmark = pytest.mark.external
 
 POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix")
                                       else None)
@@ -132,26 +134,31 @@ class PrivatePostfix:
         if result.returncode != 0:
             raise RuntimeError(f"postfix start failed: {result.stdout}{result.stderr}"
                                f"{self.log_text()}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def listening() -> bool:
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
+                return True
             except OSError:
-                time.sleep(0.1)
-        raise RuntimeError(f"postfix did not listen on {self.port}: {self.log_text()}")
+                return False
+        try:
+            wait_until(listening, timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise RuntimeError(f"postfix did not listen on {self.port}: {self.log_text()}")
 
     def stop(self) -> None:
         self.postfix("stop")
         pid_file = os.path.join(self.queue_dir, "pid", "master.pid")
-        deadline = time.monotonic() + 10
-        while os.path.exists(pid_file) and time.monotonic() < deadline:
+        def stopped() -> bool:
             try:
                 pid = int(open(pid_file).read().strip())
                 os.kill(pid, 0)
             except (ValueError, ProcessLookupError, FileNotFoundError):
-                break
-            time.sleep(0.1)
+                return True
+            return False
+        try:
+            wait_until(stopped, timeout=10, interval=0.1)
+        except AssertionError:
+            pass  # the temporary directory goes anyway; Postfix logs why it lingered
 
     def log_text(self) -> str:
         try:
@@ -169,11 +176,10 @@ class PrivatePostfix:
         return found
 
     def wait_for_messages(self, count: int = 1, timeout: float = 20) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if len(self.messages()) >= count:
-                break
-            time.sleep(0.1)
+        try:
+            wait_until(lambda: len(self.messages()) >= count, timeout=timeout, interval=0.1)
+        except AssertionError:
+            pass  # the caller asserts on what arrived
         return self.messages()
 
 

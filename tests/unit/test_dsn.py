@@ -8,7 +8,7 @@ from mailsuite.courier.dsn import build_dsn, recipient_status
 from mailsuite.queue.spool import QueueEntry, Recipient
 
 # Original headers with raw ISO-8859-1 bytes (no RFC 2047 encoding), as badly behaved clients
-# send them: Twisted's bounce module crashes on exactly this (TWISTED-NOTES §2.2).
+# send them: Twisted's bounce module crashes on exactly this (docs/design/courier.md).
 HEADERS = (b"Received: from x by y\r\nFrom: J\xfcrgen <j@a.test>\r\nTo: b@remote.test\r\n"
            b"Subject: Gr\xfc\xdfe\r\nMessage-ID: <m1@a.test>\r\n\r\n")
 

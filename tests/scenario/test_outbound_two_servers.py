@@ -7,11 +7,11 @@ import email
 import email.policy
 import os
 import re
-import time
 
 from tests.dnsserver import DNSServer
 from tests.harness import MailServer, write_toml
-from tests.integration.test_outbound import make_message, queue_is_empty, submit
+from tests.polling import wait_until
+from tests.scenario.test_outbound import make_message, queue_is_empty, submit
 
 
 def read(path: str) -> email.message.EmailMessage:
@@ -117,9 +117,8 @@ def test_smarthost_with_starttls_and_auth(tmp_path):
         sender.start()
         submit(sender, "alice@a.test", ["carol@c.test"],
                make_message("alice@a.test", "carol@c.test", "wrong password"))
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and "4.7.0" not in queue_text(sender):
-            time.sleep(0.1)
+        wait_until(lambda: "4.7.0" in queue_text(sender), timeout=15, interval=0.1,
+                   message="a 4.7.0 deferral in the queue")
         assert "carol@c.test" in queue_text(sender) and "4.7.0" in queue_text(sender)
         assert "bounced" not in queue_text(sender)
         assert len(relay.messages("carol@c.test")) == 1

@@ -10,8 +10,10 @@ import email
 import os
 import re
 import smtplib
+import socket
 import threading
-import time
+
+from tests.polling import wait_until
 
 ALICE = "alice@example.org"
 NAME_RE = re.compile(r",S=(\d+)")
@@ -31,7 +33,15 @@ def _client(port: int, n: int, accepted: list[str], stop: threading.Event) -> No
                     smtp.sendmail("carol@remote.example", [ALICE], msg)
                     accepted.append(subject)  # only after the 250
         except (OSError, smtplib.SMTPException):
-            time.sleep(0.05)  # the server is down: keep trying until told to stop
+            stop.wait(0.05)  # the server is down: try again soon, or end when told to stop
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
 
 
 def _delivered(server) -> tuple[dict[str, int], list[str]]:
@@ -62,25 +72,24 @@ def test_kill_9_mid_stream_loses_nothing(make_server):
     for c in clients:
         c.start()
     try:
-        deadline = time.monotonic() + 20
-        while len(accepted) < 40 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert len(accepted) >= 40, "clients could not send"
+        wait_until(lambda: len(accepted) >= 40, timeout=20, message="clients sending")
         server.kill()  # SIGKILL while the clients are still sending
-        time.sleep(0.3)
+        wait_until(lambda: _refused(server.ports["mx"]), timeout=10, message="the server down")
         stop.set()
     finally:
         stop.set()
         for c in clients:
             c.join(15)
     server.start()
-    deadline = time.monotonic() + 30
-    while True:
-        found, broken = _delivered(server)
-        missing = [s for s in accepted if s not in found]
-        if not missing or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    def all_delivered() -> bool:
+        found, _ = _delivered(server)
+        return all(s in found for s in accepted)
+    try:
+        wait_until(all_delivered, timeout=30, interval=0.1)
+    except AssertionError:
+        pass  # reported below, with what is missing
+    found, broken = _delivered(server)
+    missing = [s for s in accepted if s not in found]
     assert broken == [], f"half-written files in the Maildir: {broken}"
     assert missing == [], f"{len(missing)} of {len(accepted)} accepted messages lost: {missing[:5]}"
     # Once-or-more; more than once only for what was in flight at the kill.

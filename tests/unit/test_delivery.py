@@ -1,21 +1,23 @@
-"""The Maildir writer and the local delivery agent, on real files."""
+"""The Maildir writer (mailsuite.mailbox) and the local delivery agent, on real files in
+tmp_path, in this process. (Several writer processes: tests/scenario/test_maildir_processes.py.)"""
 from __future__ import annotations
 
-import multiprocessing
+import errno
 import os
 import re
-import resource
-import signal
 import threading
 
 import pytest
 
-from mailsuite.config import Config
-from mailsuite.delivery.local import LocalDeliveryAgent, trace_headers
-from mailsuite.delivery.maildir import deliver_to_maildir, ensure_maildir, unique_name
+from mailsuite.delivery.local import LocalAgent, trace_headers
+from mailsuite.mailbox.maildir import deliver as deliver_to_maildir
+from mailsuite.mailbox.maildir import make_maildir as ensure_maildir
+from mailsuite.mailbox.maildir import unique_key
+from mailsuite.mailbox.store import MailStore
+from mailsuite.pools import InlinePool
 from mailsuite.queue.spool import QueueEntry, Recipient
 
-NAME_RE = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)\.([^/:]+),S=(\d+)$")
+NAME_RE = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)R[0-9a-f]{8}\.([^/:]+),S=(\d+)$")
 HEADER = b"Return-Path: <carol@remote.example>\r\nDelivered-To: alice@example.org\r\n"
 BODY = b"Subject: test\r\n\r\nline one\r\nline two\r\n"
 
@@ -46,7 +48,7 @@ def test_delivery_from_bytes(tmp_path):
 
 
 def test_hostname_is_escaped():
-    name = unique_name(10, "bad/host:name")
+    name = unique_key(10, "bad/host:name")
     assert "/" not in name and ":" not in name
     assert r"bad\057host\072name" in name
 
@@ -94,29 +96,23 @@ def test_failure_after_tmp_created_cleans_tmp(tmp_path):
     assert os.listdir(maildir / "new") == []
 
 
-def _write_with_file_size_limit(maildir: str, result) -> None:
-    # A real short write (EFBIG) as a full disk would give: the file size rlimit, with the
-    # signal that would otherwise kill us ignored.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
-    try:
-        deliver_to_maildir(maildir, HEADER, data=b"x" * 100_000)
-        result.put("no error")
-    except OSError as e:
-        result.put(e.errno)
-
-
-def test_disk_full_during_write_leaves_nothing(tmp_path):
+def test_disk_full_during_write_leaves_nothing(tmp_path, monkeypatch):
+    """A short write and then EFBIG, as a file size limit (or a full disk) gives."""
     maildir = str(tmp_path / "md")
     ensure_maildir(maildir)
-    ctx = multiprocessing.get_context("fork")
-    result = ctx.Queue()
-    child = ctx.Process(target=_write_with_file_size_limit, args=(maildir, result))
-    child.start()
-    child.join(20)
-    import errno
+    real_write = os.write
+    budget = [4096]
 
-    assert result.get(timeout=5) == errno.EFBIG
+    def write(fd, data):
+        if budget[0] <= 0:
+            raise OSError(errno.EFBIG, "File too large")
+        n = real_write(fd, bytes(data[:budget[0]]))
+        budget[0] -= n
+        return n
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OSError) as raised:
+        deliver_to_maildir(maildir, HEADER, data=b"x" * 100_000)
+    assert raised.value.errno == errno.EFBIG
     assert os.listdir(os.path.join(maildir, "tmp")) == []
     assert os.listdir(os.path.join(maildir, "new")) == []
 
@@ -138,26 +134,6 @@ def test_names_unique_across_threads(tmp_path):
         t.join()
     assert len(paths) == 800
     assert len(set(os.listdir(os.path.join(maildir, "new")))) == 800
-
-
-def _deliver_many(maildir: str, n: int) -> None:
-    for _ in range(n):
-        deliver_to_maildir(maildir, HEADER, data=BODY)
-
-
-def test_names_unique_across_processes(tmp_path):
-    maildir = str(tmp_path / "md")
-    ensure_maildir(maildir)
-    ctx = multiprocessing.get_context("fork")
-    children = [ctx.Process(target=_deliver_many, args=(maildir, 100)) for _ in range(4)]
-    for c in children:
-        c.start()
-    for c in children:
-        c.join(60)
-        assert c.exitcode == 0
-    names = os.listdir(os.path.join(maildir, "new"))
-    assert len(names) == 400
-    assert len({NAME_RE.match(n).group(3) for n in names}) == 4  # four pids
 
 
 def test_no_partial_file_is_ever_visible_in_new(tmp_path):
@@ -200,40 +176,51 @@ def test_no_partial_file_is_ever_visible_in_new(tmp_path):
 
 
 # -- the local delivery agent -------------------------------------------------------------------
-class _Suite:
-    def __init__(self, data_dir: str):
-        self.config = Config()
-        self.config.server.data_dir = data_dir
-        self.config.server.hostname = "mx.test.example"
+def deliver_with_agent(tmp_path, entry, src) -> list:
+    store = MailStore(str(tmp_path / "mail"))
+    results: list = []
+    LocalAgent(store, InlinePool(), "mx.test.example").deliver(
+        entry, entry.recipients, str(src)).addCallback(results.extend)
+    return results
 
 
 def test_agent_prepends_return_path_and_delivered_to(tmp_path):
-    suite = _Suite(str(tmp_path))
     src = tmp_path / "m.eml"
     src.write_bytes(BODY)
     entry = QueueEntry("6b0a0000000000000000a", "carol@remote.example",
                        [Recipient("alice@example.org", "Alice+x@Example.org", True)], 0.0)
-    [result] = LocalDeliveryAgent(suite).deliver_blocking(entry, entry.recipients, str(src))
+    [result] = deliver_with_agent(tmp_path, entry, src)
     assert result.status == "sent"
     assert result.detail.startswith("250 2.0.0")
-    [name] = os.listdir(os.path.join(suite.config.maildir_for("alice@example.org"), "new"))
-    with open(os.path.join(suite.config.maildir_for("alice@example.org"), "new", name), "rb") as f:
+    maildir = MailStore(str(tmp_path / "mail")).account("alice@example.org").path
+    assert maildir == str(tmp_path / "mail" / "example.org" / "alice")
+    [name] = os.listdir(os.path.join(maildir, "new"))
+    assert NAME_RE.match(name).group(5) == "mx.test.example"
+    with open(os.path.join(maildir, "new", name), "rb") as f:
         assert f.read() == (b"Return-Path: <carol@remote.example>\r\n"
                             b"Delivered-To: alice@example.org\r\n" + BODY)
 
 
 def test_agent_defers_on_broken_maildir(tmp_path):
-    suite = _Suite(str(tmp_path))
-    maildir = suite.config.maildir_for("alice@example.org")
+    maildir = MailStore(str(tmp_path / "mail")).account("alice@example.org").path
     os.makedirs(maildir)
     with open(os.path.join(maildir, "new"), "w"):
         pass
     src = tmp_path / "m.eml"
     src.write_bytes(BODY)
     entry = QueueEntry("6b0a0000000000000000a", "", [Recipient("alice@example.org", "a", True)], 0)
-    [result] = LocalDeliveryAgent(suite).deliver_blocking(entry, entry.recipients, str(src))
+    [result] = deliver_with_agent(tmp_path, entry, src)
     assert result.status == "deferred"
     assert result.detail.startswith("451 4.3.0 cannot write Maildir")
+
+
+def test_agent_defers_an_address_the_store_refuses(tmp_path):
+    src = tmp_path / "m.eml"
+    src.write_bytes(BODY)
+    entry = QueueEntry("6b0a0000000000000000a", "", [Recipient("../x@example.org", "a", True)], 0)
+    [result] = deliver_with_agent(tmp_path, entry, src)
+    assert (result.status, result.enhanced) == ("deferred", "4.3.0")
+    assert not os.path.exists(tmp_path / "x")
 
 
 def test_null_sender_return_path_and_header_injection():

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
+from types import SimpleNamespace
 
 import dkim
 import pytest
 
+from mailsuite.admin.cli import main
 from mailsuite.courier.dkim import Signer, generate, load_keys
 
 MESSAGE = (b"Received: from client by mx\r\nFrom: \"Alice\" <alice@signed.test>\r\n"
@@ -70,12 +70,16 @@ def test_no_key_means_unchanged_and_envelope_domain_fallback(tmp_path):
     assert dkim.verify(signed, dnsfunc=dns_of(keys))
 
 
-def test_admin_command(tmp_path):
+def test_admin_command(tmp_path, capsys):
     config = tmp_path / "m.toml"
     config.write_text(f'[server]\ndata_dir = "{tmp_path}/data"\n')
-    run = lambda *a: subprocess.run([sys.executable, "-m", "mailsuite.admin.cli", "--config",
-                                     str(config), "dkim", *a], capture_output=True, text=True,
-                                    timeout=60)
+    def run(*args: str) -> SimpleNamespace:
+        """The admin command line, in this process: exit code, stdout, stderr."""
+        capsys.readouterr()
+        code = main(["--config", str(config), "dkim", *args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+
     out = run("generate", "example.net", "--algorithm", "ed25519")
     assert out.returncode == 0, out.stderr
     assert re.search(r'^mail\._domainkey\.example\.net\. IN TXT "v=DKIM1; k=ed25519; p=\S+"$',

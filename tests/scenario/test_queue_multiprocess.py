@@ -1,7 +1,8 @@
 """Several queue runner processes on one spool deliver every message exactly once.
 
-The child processes are real runners (`python -m tests.test_queue_multiprocess DATA_DIR`) on
-their own reactors, started together on a spool full of entries, so they race for every entry.
+The child processes are real runners (`python -m tests.scenario.test_queue_multiprocess ...`)
+on their own reactors and thread pools, started together on a spool full of entries, so they race
+for every entry.
 """
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import subprocess
 import sys
 import time
 
+from mailsuite.mailbox.store import MailStore
 from mailsuite.queue.spool import QueueEntry, Recipient, Spool, new_queue_id
-from tests.test_queue_support import make_config, message
+from tests.polling import wait_until
+from tests.unit.queuekit import make_config, message
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -31,12 +34,15 @@ def test_two_runner_processes_deliver_each_message_exactly_once(tmp_path):
                            time.time())
         spool.store(entry, message(f"m{i:04d}"))
     go = str(tmp_path / "go")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    children = [subprocess.Popen([sys.executable, "-m", "tests.test_queue_multiprocess",
-                                  data_dir, go, str(tmp_path / f"log{n}")], cwd=repo)
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    ready = [str(tmp_path / f"ready{n}") for n in range(2)]
+    children = [subprocess.Popen([sys.executable, "-m", "tests.scenario.test_queue_multiprocess",
+                                  data_dir, go, str(tmp_path / f"log{n}"), ready[n]], cwd=repo)
                 for n in range(2)]
     try:
-        time.sleep(1.0)  # both import and start their pools; then both start at once
+        # Both have imported everything and built their runners; then both start at once.
+        wait_until(lambda: all(os.path.exists(r) for r in ready), timeout=30,
+                   message="both runner processes ready")
         open(go, "w").close()
         for child in children:
             assert child.wait(60) == 0
@@ -46,41 +52,44 @@ def test_two_runner_processes_deliver_each_message_exactly_once(tmp_path):
                 child.kill()
                 child.wait()
     assert spool.ids() == []
+    store = MailStore(config.mail_dir)
     for address in (ALICE, BOB):
-        new = os.path.join(config.maildir_for(address), "new")
+        new = os.path.join(store.account(address).path, "new")
         subjects = collections.Counter()
         for name in os.listdir(new):
             with open(os.path.join(new, name), "rb") as f:
                 subjects[email.message_from_bytes(f.read())["Subject"]] += 1
         assert len(subjects) == count
         assert set(subjects.values()) == {1}, [s for s, n in subjects.items() if n > 1]
-        assert os.listdir(os.path.join(config.maildir_for(address), "tmp")) == []
+        assert os.listdir(os.path.join(store.account(address).path, "tmp")) == []
     sent = [sum(line.count("status=sent") for line in open(tmp_path / f"log{n}"))
             for n in range(2)]
     assert sum(sent) == 2 * count
     print("deliveries per process:", sent)
 
 
-def run_child(data_dir: str, go: str, log_path: str) -> None:
-    """A runner process: wait for `go`, deliver until the spool is empty, exit."""
+def run_child(data_dir: str, go: str, log_path: str, ready: str) -> None:
+    """A runner process: say it is ready, wait for `go`, deliver until the spool is empty, exit."""
     from twisted.internet import reactor, task
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from tests.test_queue_support import make_suite
+    from mailsuite.pools import Pools
+    from tests.unit.queuekit import build_runner
 
     log_file = open(log_path, "w")
     globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)])
-    suite = make_suite(data_dir, scan_interval=0.2)
-    while not os.path.exists(go):
-        time.sleep(0.01)
-    suite.pools.startService()
-    suite.queue.startService()
+    pools = Pools(reactor=reactor)
+    runner = build_runner(make_config(data_dir, scan_interval=0.2), pools.io, reactor)
+    open(ready, "w").close()
+    wait_until(lambda: os.path.exists(go), timeout=30, interval=0.005, message="go")
+    pools.startService()
+    runner.startService()
 
     def check() -> None:
-        if not suite.queue.spool.ids() and not suite.queue._inflight:
+        if not runner.spool.ids() and not runner._inflight:
             loop.stop()
-            suite.queue.stopService()
-            suite.pools.stopService()
+            runner.stopService()
+            pools.stopService()
             reactor.stop()
 
     loop = task.LoopingCall(check)
@@ -91,4 +100,4 @@ def run_child(data_dir: str, go: str, log_path: str) -> None:
 
 
 if __name__ == "__main__":
-    run_child(*sys.argv[1:4])
+    run_child(*sys.argv[1:5])

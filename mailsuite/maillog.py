@@ -1,0 +1,148 @@
+"""The mail log: one line per event in the life of a message, in one Postfix-like shape.
+
+Every line starts with `queue_id=<id>` and goes on with `key=value` fields, so
+`grep queue_id=<id>` gives the whole story of a message: received, each delivery attempt
+(status=sent|deferred|bounced with relay=, delay=, attempts=, detail=), the DSN it caused
+(status=dsn-queued, or dsn-skipped for the null sender), the outbound transaction, its removal,
+or a damaged entry left for the admin. Values with spaces or quotes are quoted, `"` and `\\`
+escaped. The format is described in docs/design/queue.md.
+
+Only this module writes these lines (namespace "mailsuite.maillog"); every function must be
+called on the reactor thread (twisted.logger observers are not all thread-safe).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+
+NAMESPACE = "mailsuite.maillog"
+log = Logger(namespace=NAMESPACE)
+
+
+def quote(value: object) -> str:
+    """A field value: as is when it is one plain word, else in double quotes, escaped."""
+    text = str(value)
+    if text and not any(c in text for c in ' "\\=\t') and text.isprintable():
+        return text
+    return f'"{_escape(text)}"'
+
+
+def line(queue_id: str, **fields: Any) -> str:
+    """`queue_id=<id> key=value ...`, fields in the given order; None values are left out."""
+    parts = [f"queue_id={queue_id}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        if key in _VERBATIM:
+            parts.append(f"{key}={value}")
+        elif key in _ALWAYS_QUOTED:
+            parts.append(f'{key}="{_escape(str(value))}"')
+        else:
+            parts.append(f"{key}={quote(value)}")
+    return " ".join(parts)
+
+
+# Fields whose values we format ourselves (addresses in <>, a delay with its unit, a count).
+_VERBATIM = frozenset({"from", "to", "orig_to", "delay", "nrcpt", "size", "attempts", "accepted"})
+# Always in quotes, so a reader's pattern does not depend on the text (`detail="..."`).
+_ALWAYS_QUOTED = frozenset({"detail"})
+
+
+def received(entry: QueueEntry, size: int) -> None:
+    """The message is spooled (fsynced): the server is about to answer 250."""
+    _emit("info", line(entry.id, **{"from": _angle(entry.sender)}, size=size,
+                       nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
+                       protocol=entry.meta.get("protocol", ""), status="queued"))
+
+
+def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryResult,
+            now: float, relay: str) -> None:
+    """One delivery attempt for one recipient: the line every mail admin greps for."""
+    detail = result.detail
+    if rcpt.state == "bounced" and status == "bounced":
+        detail = rcpt.last_error  # says why we gave up (e.g. expired)
+    fields: dict[str, Any] = {
+        "from": _angle(entry.sender), "to": _angle(rcpt.address), "status": status,
+        "delay": f"{max(now - entry.created, 0):.1f}s", "relay": relay,
+        "attempts": rcpt.attempts, "detail": detail,
+    }
+    if rcpt.original.lower() != rcpt.address.lower():
+        fields["orig_to"] = _angle(rcpt.original)
+    _emit("warn" if status == "deferred" else "info", line(entry.id, **fields))
+
+
+def removed(queue_id: str) -> None:
+    """Every recipient is sent or bounced: the entry left the spool."""
+    _emit("info", line(queue_id, status="removed"))
+
+
+def leftover(name: str) -> None:
+    """Start-up removed a temporary file a crash left in the spool (no message is lost)."""
+    queue_id = name.lstrip(".").split(".", 1)[0]
+    _emit("info", line(queue_id or "-", status="cleanup", file=name,
+                       detail="left behind by a crash"))
+
+
+def damaged(queue_id: str, detail: str) -> None:
+    """An entry we cannot work on (unreadable envelope, missing message): left for the admin."""
+    _emit("error", line(queue_id, status="damaged", detail=detail,
+                        hint=f"mailsuite queue show {queue_id}"))
+
+
+def internal_error(queue_id: str, what: str, failure: Failure | None = None) -> None:
+    """A bug or an unexpected error while working on the entry; it stays in the spool."""
+    text = line(queue_id, status="error", detail=what)
+    if failure is not None:
+        log.failure("{text}", failure, text=text)
+    else:
+        _emit("error", text)
+
+
+def dsn_queued(entry: QueueEntry, action: str, dsn_id: str, count: int) -> None:
+    """A delivery status notification (RFC 3464) to the sender is in the queue."""
+    _emit("info", line(entry.id, status="dsn-queued", action=action, to=_angle(entry.sender),
+                       dsn=dsn_id, nrcpt=count))
+
+
+def dsn_skipped(entry: QueueEntry, action: str, reason: str) -> None:
+    """No notification, e.g. for the null sender <> (never bounce a bounce)."""
+    _emit("info", line(entry.id, status="dsn-skipped", action=action, detail=reason))
+
+
+def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None) -> None:
+    """The notification could not be built or queued."""
+    text = line(entry.id, status="dsn-failed", action=action, to=_angle(entry.sender))
+    if failure is not None:
+        log.failure("{text}", failure, text=text)
+    else:
+        _emit("error", text)
+
+
+def transaction(queue_id: str, domain: str, relay: str, tls: bool, tls_info: str,
+                reused: bool, accepted: int, total: int) -> None:
+    """One outbound SMTP transaction carried this message to `relay`."""
+    _emit("info", line(queue_id, domain=domain, relay=relay, tls="yes" if tls else "no",
+                       tls_info=tls_info or None, reused="yes" if reused else "no",
+                       accepted=f"{accepted}/{total}"))
+
+
+def route_failed(queue_id: str, domain: str, detail: str, relay: str | None = None) -> None:
+    """An outbound step that failed before any recipient was answered (DNS, connect, TLS)."""
+    _emit("info", line(queue_id, domain=domain, relay=relay, detail=detail))
+
+
+def _angle(address: str) -> str:
+    return f"<{address}>"
+
+
+def _escape(text: str) -> str:
+    text = text.replace("\\", "\\\\").replace('"', '\\"')
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _emit(level: str, text: str) -> None:
+    getattr(log, level)("{text}", text=text)
