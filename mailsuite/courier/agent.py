@@ -28,8 +28,9 @@ from mailsuite.config import ConfigError, CourierSection
 from mailsuite.courier import status
 from mailsuite.courier.dkim import Signer
 from mailsuite.courier.client import (Credentials, SMTPClientProtocol, SMTPError, Session,
-                                      TLSPolicy, dot_stuff)
+                                      TLSPolicy)
 from mailsuite.courier.mx import MXResolver, make_resolver, parse_hostport
+from mailsuite.dotstuff import dot_stuff
 from mailsuite.pools import WorkPool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
 from mailsuite.tls import client_context_opportunistic

@@ -23,7 +23,6 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.courier import status
-from mailsuite.dotstuff import DotStuffer, dot_stuff  # noqa: F401 (re-exported for agent.py)
 
 log = Logger()
 

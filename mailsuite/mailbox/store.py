@@ -793,7 +793,6 @@ class _FolderState:
         files = self.files
         infos: dict[int, MessageInfo] = {}
         old = self.infos
-        prefix = self.cur_prefix
         for uid, key in sorted((uids[k], k) for k in files if k in uids):
             name = files[key]
             prev = old.get(uid)

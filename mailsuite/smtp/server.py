@@ -23,7 +23,7 @@ import binascii
 import email.utils
 import ipaddress
 import secrets
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
