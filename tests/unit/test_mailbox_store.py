@@ -256,34 +256,27 @@ def test_state_token_changes_on_delivery(account):
     assert inbox.state_token() != token
 
 
-def test_large_folder_sync_timing(account, tmp_path):
-    """10,000 messages: first sync (new -> cur, UIDs, stat) and later ones (cached)."""
-    n = 10_000
+def test_large_folder_sync_reads_only_what_changed(account, monkeypatch):
+    """2,000 messages: the first sync lists and numbers them all; a fresh store (a new process)
+    gets the same UIDs from its index; an unchanged folder is not listed again, and one new
+    message is picked up. (The timings are measured by bench/mailbox_sync.py, never here.)"""
+    n = 2_000
     deliver(account.path, n)
     inbox = account.folder("INBOX")
-    t = time.perf_counter()
-    assert len(inbox.sync()) == n
-    first = time.perf_counter() - t
-    t = time.perf_counter()
-    inbox.sync()
-    second = time.perf_counter() - t
+    first = [(m.uid, m.key) for m in inbox.sync()]
+    assert len(first) == n and [uid for uid, _ in first] == list(range(1, n + 1))
+    assert [(m.uid, m.key) for m in inbox.sync()] == first
     fresh = MailStore(account.store.mail_dir).account("alice@example.org").folder("INBOX")
-    t = time.perf_counter()
-    assert len(fresh.sync()) == n
-    reopen = time.perf_counter() - t
+    assert [(m.uid, m.key) for m in fresh.sync()] == first
     settle(account.path)  # directory mtimes settled: an unchanged folder costs a few stats
     fresh.sync()
-    t = time.perf_counter()
+    listed = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(os, "listdir", lambda p=".": listed.append(p) or real_listdir(p))
     fresh.sync()
-    unchanged = time.perf_counter() - t
+    assert listed == []
     deliver(account.path, 1, start=n)
-    t = time.perf_counter()
     assert len(fresh.sync()) == n + 1
-    one_new = time.perf_counter() - t
-    print(f"\n10k sync: first {first:.3f}s, second {second:.3f}s, fresh process {reopen:.3f}s, "
-          f"unchanged {unchanged * 1000:.2f}ms, one new message {one_new:.3f}s")
-    assert unchanged < 0.05
-    assert reopen < 5
 
 
 def test_move_back_and_forth_never_reuses_a_uid(account):
