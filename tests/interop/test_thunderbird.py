@@ -26,11 +26,12 @@ import os
 import re
 import shutil
 import smtplib
-import time
 import uuid
 
 import pytest
 
+from tests import polling
+from tests.environment import unavailable
 from tests.harness import MailServer
 from tests.thunderbird.driver import BINARY, Thunderbird, ThunderbirdError
 
@@ -41,12 +42,18 @@ except ImportError:
     HAVE_MARIONETTE = False
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists(BINARY),
-                       reason="Thunderbird is not installed (Debian package `thunderbird`)"),
-    pytest.mark.skipif(not HAVE_MARIONETTE,
-                       reason="the marionette-driver package (PyPI) is not installed"),
+    pytest.mark.external,
     pytest.mark.timeout(180),  # includes the shared set-up (Thunderbird start-up) on a busy machine
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def thunderbird_installed():
+    """Before any module fixture starts Thunderbird: skip, or fail under CI."""
+    if not os.path.exists(BINARY):
+        unavailable("Thunderbird is not installed (Debian package thunderbird)")
+    if not HAVE_MARIONETTE:
+        unavailable("the marionette-driver package (PyPI, in .[test]) is not installed")
 
 from tests.thunderbird.mail import (SOCKET_SSL, SOCKET_STARTTLS, TBAccount,  # noqa: E402
                                     exchange_autodiscover, proxy_prefs)
@@ -151,17 +158,19 @@ def deliver_via_mx(mail: MailServer, to: str, data: bytes) -> bytes:
     with smtplib.SMTP("127.0.0.1", mail.ports["mx"], timeout=30) as client:
         client.ehlo("remote.test")
         client.sendmail("carol@remote.test", [to], data)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def arrived() -> bytes | None:
         for path in mail.messages(to):
             if _unique(path) not in before:
                 try:
                     with open(path, "rb") as f:
                         return f.read()
                 except FileNotFoundError:
-                    break  # an IMAP session moved it to cur/ meanwhile: look again
-        time.sleep(0.05)
-    raise AssertionError(f"the message for {to} did not reach its Maildir")
+                    return None  # an IMAP session moved it to cur/ meanwhile: look again
+        return None
+
+    return polling.wait_until(arrived, timeout=15, interval=0.05,
+                              message=f"the message for {to} to reach its Maildir")
 
 
 def _unique(path: str) -> str:
@@ -226,14 +235,7 @@ class ImapProbe:
 
 
 def wait_until(check, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return polling.wait_until(check, timeout=timeout, interval=0.1, message=what)
 
 
 def find_subject(mail: MailServer, user: str, folder: str, subject: str
