@@ -69,7 +69,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
 
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory):
-    """The server, and three fresh Thunderbird profiles launched while it starts (Thunderbird's
+    """The server, and four fresh Thunderbird profiles launched while it starts (Thunderbird's
     start-up is most of this test's time)."""
     base = tmp_path_factory.mktemp("thunderbird")
     server = MailServer(str(base / "server"))
@@ -81,8 +81,12 @@ def mail(tmp_path_factory):
                        os.path.join(os.path.dirname(server.cafile), "key.pem"))
     server.thunderbirds = {name: _thunderbird(server, str(base / f"profile-{name}"))
                            for name in ("starttls", "tls", "pop3")}
+    # Its own profile for the test that logs in with a wrong password on purpose, so that its
+    # 535 replies are not in the traces the error check reads, whatever the order of the tests.
+    server.dialog_thunderbird = _thunderbird(server, str(base / "profile-dialog"))
+    everyone = [*server.thunderbirds.values(), server.dialog_thunderbird]
     try:
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.launch()
         server.start()
         # In-process rather than admin CLI runs: start-up of a Python process is slow on a busy
@@ -99,9 +103,9 @@ def mail(tmp_path_factory):
             store.close()
         yield server
     finally:
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.request_quit()
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.wait()
         server.stop()
 
@@ -116,7 +120,21 @@ def _thunderbird(mail: MailServer, profile_dir: str) -> Thunderbird:
 def profiles(mail):
     for tb in mail.thunderbirds.values():
         tb.connect(60)
-    return mail.thunderbirds
+    yield mail.thunderbirds
+    # After every test of the module, in whatever order they ran: nothing went wrong underneath.
+    problems = server_errors_behind_thunderbirds_back(mail, mail.thunderbirds)
+    assert not problems, "\n".join(problems[:10])
+
+
+@pytest.fixture(scope="module")
+def dialog_tb(mail):
+    """Alice again, in a profile of its own (see `mail`)."""
+    mail.dialog_thunderbird.connect(60)
+    account = TBAccount.from_autoconfig(mail.dialog_thunderbird, ALICE, PASSWORD,
+                                        "Alice Example", "imap", SOCKET_STARTTLS,
+                                        SOCKET_STARTTLS)
+    account.sync_folder("INBOX")
+    return account
 
 
 @pytest.fixture(scope="module")
@@ -412,8 +430,14 @@ def test_pop3_stls_download(mail, profiles):
 
 def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     """Thunderbird hides some failures (it shrugs off a failed IDLE and polls instead): read its
-    own IMAP, SMTP and POP3 traces for error replies, and the server log for tracebacks. Runs
-    last."""
+    own IMAP, SMTP and POP3 traces for error replies, and the server log for tracebacks. This
+    checks what happened so far; the `profiles` fixture checks again after the last test."""
+    problems = server_errors_behind_thunderbirds_back(mail, profiles)
+    assert not problems, "\n".join(problems[:10])
+
+
+def server_errors_behind_thunderbirds_back(mail: MailServer, profiles: dict) -> list[str]:
+    """Error replies in Thunderbird's protocol traces, and tracebacks in the server log."""
     problems = []
     for name, tb in profiles.items():
         sent: dict[tuple[str, str], str] = {}  # (connection, tag) -> command
@@ -442,13 +466,14 @@ def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     if "Traceback" in log:
         start = log.index("Traceback")
         problems.append("server log:\n" + log[max(0, start - 300):start + 1500])
-    assert not problems, "\n".join(problems[:10])
+    return problems
 
 
-def test_a_dialog_fails_the_step_with_its_text(mail, alice_tb):
+def test_a_dialog_fails_the_step_with_its_text(mail, dialog_tb):
     """The harness itself: a wrong SMTP password makes Thunderbird show a blocking dialog; the
-    step must fail with the dialog's text instead of hanging. (After the error check above: the
-    535 replies here are on purpose.)"""
+    step must fail with the dialog's text instead of hanging. (In its own profile: the 535
+    replies here are on purpose.)"""
+    alice_tb = dialog_tb
     alice_tb.run(r"""
 const identity = theAccount().defaultIdentity;
 MailServices.outgoingServer.getServerByIdentity(identity).password = 'not-the-password';
