@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from tests.harness import subprocess_env
+from tests.polling import wait_until
 
 BINARY = "/usr/lib/thunderbird/thunderbird"  # the real binary, not the /usr/bin wrapper
 
@@ -132,19 +133,23 @@ class Thunderbird:
         from marionette_driver.marionette import Marionette
 
         port = self.prefs["marionette.port"]
-        deadline = self._launched + timeout
-        while True:
+
+        def listening() -> bool:
             if self.process.poll() is not None:
                 raise ThunderbirdError(f"thunderbird exited with {self.process.returncode}:\n"
                                        f"{self.log_text()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
+                return True
             except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise ThunderbirdError("Marionette did not start:\n" + self.log_text()[-3000:])
-                time.sleep(0.05)
+                return False
+
+        try:  # the timeout counts from the launch
+            wait_until(listening, timeout=max(0.0, self._launched + timeout - time.monotonic()),
+                       interval=0.05, message="Marionette")
+        except AssertionError:
+            self.kill()
+            raise ThunderbirdError("Marionette did not start:\n" + self.log_text()[-3000:])
         self.client = Marionette(host="127.0.0.1", port=port, startup_timeout=timeout)
         # "ignore": a modal dialog must not abort the running script silently; the dialog
         # watcher below records its text and closes it, and the step fails with that text.
