@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""IMAP load figures for a large folder (issue 3): SELECT, FETCH over the whole folder, and the
+"""IMAP load figures for a large folder: SELECT, FETCH over the whole folder, and the
 server's resident memory with many idle clients.
 
     python bench/imap_load.py --messages 10000                  # delivered through SMTP (MX port)

@@ -2,8 +2,8 @@
 """Load generator: N concurrent SMTP clients sending fixed-size messages; prints messages/second.
 
 Only messages whose end-of-data got a 250 reply are counted (a 4xx/5xx or a dropped connection
-is reported separately), so the figure is "messages durably queued per second" (DESIGN.md: 250
-after DATA means message and envelope are fsynced).
+is reported separately), so the figure is "messages durably queued per second" (docs/design/architecture.md,
+"Invariants": 250 after DATA means message and envelope are fsynced).
 
     python bench/smtp_load.py --port 2525 --to alice@example.org            # a running server
     python bench/smtp_load.py --spawn                                      # a throwaway server

@@ -1,7 +1,7 @@
 """Thread pools we own for blocking work: SQL, password hashing, file I/O with fsync.
 
 Never the reactor's default pool: Twisted's resolver uses it for every hostname connect, so
-filling it with SQL or argon2 work would stall outbound delivery (TWISTED-NOTES §8).
+filling it with SQL or argon2 work would stall outbound delivery (docs/design/twisted.md).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class WorkerPool:
             self._started = True
 
     def stop(self) -> None:
-        # ThreadPool.stop() twice raises AlreadyQuit (TWISTED-NOTES §8): stay idempotent. A
+        # ThreadPool.stop() twice raises AlreadyQuit: stay idempotent. A
         # stopped ThreadPool cannot start again, so a stopped WorkerPool stays stopped.
         self._stopped = True
         if self._started:

@@ -2,7 +2,7 @@
 
 With no certificate configured, a self-signed one is created on first start under
 <data_dir>/tls/ (and reused afterwards), so the suite runs out of the box. Contexts are built from
-`cryptography` objects (pyOpenSSL objects are deprecated, TWISTED-NOTES §6.3), TLS 1.2 minimum.
+`cryptography` objects (pyOpenSSL objects are deprecated: docs/design/twisted.md), TLS 1.2 minimum.
 """
 from __future__ import annotations
 

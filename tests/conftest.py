@@ -1,11 +1,25 @@
-"""Fixtures shared by all tests: a real mailsuite process per test (or per module)."""
+"""Fixtures shared by all layers: a real mailsuite process per test (scenario and interop), and
+`require_program` (skip locally, fail under CI; see tests/environment.py)."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
+from tests import environment
 from tests.harness import MailServer
+
+
+@pytest.fixture
+def require_program():
+    """require_program(name, package=None) -> path: skip when missing, fail under CI."""
+    return environment.require_program
+
+
+@pytest.fixture
+def postgresql_url() -> str:
+    """A reachable PostgreSQL URL: skip when there is none, fail under CI."""
+    return environment.require_postgresql()
 
 
 @pytest.fixture

@@ -53,13 +53,16 @@ class DNSServer:
         os.utime(self.zone_path, (now, now + (time.monotonic_ns() % 1000) / 1e6))
 
     def start(self, timeout: float = 15.0) -> "DNSServer":
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        # Imported here: the server process (`python -m tests.dnsserver`) needs neither.
+        from tests.harness import REPO_ROOT as root
+        from tests.harness import subprocess_env
+        from tests.polling import wait_until
+
+        env = subprocess_env()
         with open(os.path.join(self._dir, "stderr.log"), "wb") as stderr:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "tests.dnsserver", self.zone_path], cwd=root, env=env,
                 stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
-        deadline = time.monotonic() + timeout
         line = self.process.stdout.readline().decode()
         if not line.startswith("PORT "):
             with open(os.path.join(self._dir, "stderr.log"), errors="replace") as f:
@@ -67,12 +70,20 @@ class DNSServer:
             self.stop()
             raise RuntimeError(f"DNS server did not start: {line!r} {err}")
         self.port = int(line.split()[1])
-        while time.monotonic() < deadline:  # the TCP side must accept too (truncated answers)
+
+        def tcp_accepts() -> bool:  # the TCP side must accept too (truncated answers)
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                break
+                return True
             except OSError:
-                time.sleep(0.05)
+                return False
+
+        try:
+            wait_until(tcp_accepts, timeout=timeout, interval=0.05,
+                       message="the DNS server's TCP port")
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"DNS server did not accept TCP on port {self.port}")
         return self
 
     def stop(self) -> None:

@@ -1,7 +1,9 @@
 """Run the real server (`twistd -n mailsuite`) in a subprocess on free loopback ports.
 
-Scenario tests talk to it with real clients (smtplib, imaplib, poplib, swaks, mbsync...). The
-admin CLI runs as a subprocess too, exactly as an operator would run it.
+Scenario tests talk to it with real clients (smtplib, imaplib, poplib, swaks, mbsync...).
+Users and domains are seeded in this process with `DirectoryStore` on the server's database (the
+server reads the directory on every look-up, so no restart is needed); `MailServer.admin` runs the
+real admin CLI as a subprocess, for tests of the CLI itself. See docs/design/testing.md.
 """
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from typing import Any
+
+from mailsuite import config as config_module
+from mailsuite.directory import DirectoryStore
+from tests.polling import wait_until
 
 # The checkout under test: subprocesses import mailsuite from here, never an installed copy.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -101,9 +106,9 @@ class MailServer:
             cwd=self.base_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
         pending = set(self.ports)
-        while pending:
+
+        def listening() -> bool:
             if self.process.poll() is not None:
                 out = self.process.stdout.read().decode(errors="replace")
                 raise RuntimeError(f"mailsuite exited with {self.process.returncode}:\n{out}\n"
@@ -114,11 +119,14 @@ class MailServer:
                     pending.discard(name)
                 except OSError:
                     pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"mailsuite did not listen on {sorted(pending)}:\n"
-                                   f"{self.log_text()}")
-            time.sleep(0.05)
+            return not pending
+
+        try:
+            wait_until(listening, timeout=timeout, interval=0.05, message="the listeners")
+        except AssertionError:
+            self.stop()
+            raise RuntimeError(f"mailsuite did not listen on {sorted(pending)}:\n"
+                               f"{self.log_text()}")
         return self
 
     def stop(self, timeout: float = 15.0) -> None:
@@ -156,14 +164,38 @@ class MailServer:
                                  f"{result.stderr}{result.stdout}")
         return result
 
+    def config(self) -> config_module.Config:
+        """The generated configuration, read with the loader the server uses."""
+        return config_module.load(self.config_path)
+
+    @property
+    def database_url(self) -> str:
+        return self.config().database_url
+
+    def directory(self) -> DirectoryStore:
+        """A DirectoryStore on the server's database (close it after use)."""
+        config = self.config()
+        store = DirectoryStore(config.database_url, admin_address=config.server.admin_address)
+        store.prepare()  # idempotent; lets tests seed users before the server first starts
+        return store
+
     def add_domain(self, domain: str) -> None:
-        self.admin("domain", "add", domain)
+        store = self.directory()
+        try:
+            store.add_domain(domain)
+        finally:
+            store.close()
 
     def add_user(self, address: str, password: str = "secret-pw-1") -> None:
+        """Add the user, and its domain first if that is not hosted yet."""
         domain = address.rpartition("@")[2]
-        if domain not in self.admin("domain", "list").stdout.split():
-            self.add_domain(domain)
-        self.admin("user", "add", address, "--password-stdin", input=password + "\n")
+        store = self.directory()
+        try:
+            if not store.is_hosted(domain):
+                store.add_domain(domain)
+            store.add_user(address, password)
+        finally:
+            store.close()
 
     # -- looking at results -----------------------------------------------------------------
     def maildir(self, address: str, folder: str = "") -> str:
@@ -183,12 +215,19 @@ class MailServer:
 
     def wait_for_messages(self, address: str, count: int = 1, folder: str = "",
                           timeout: float = 15.0) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            found = self.messages(address, folder)
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
+        """Poll until `count` messages are there; at the deadline return what there is (callers
+        assert on the list, with the log in the message)."""
+        found: list[str] = []
+
+        def enough() -> bool:
+            found[:] = self.messages(address, folder)
+            return len(found) >= count
+
+        try:
+            wait_until(enough, timeout=timeout, interval=0.05)
+        except AssertionError:
+            pass
+        return found
 
     @property
     def cafile(self) -> str:

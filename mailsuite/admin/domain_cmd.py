@@ -61,7 +61,7 @@ def cmd_add(store: DirectoryStore, args: argparse.Namespace) -> int:
 
 @directory_command
 def cmd_list(store: DirectoryStore, args: argparse.Namespace) -> int:
-    # Exactly one name per line and nothing else: scripts (and tests/harness.py) parse this.
+    # Exactly one name per line and nothing else: scripts parse this.
     for domain in store.list_domains():
         print(domain.name)
     return 0

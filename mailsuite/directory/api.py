@@ -1,7 +1,7 @@
 """The asynchronous directory the protocols use: `suite.directory`.
 
 Every method returns a Deferred. SQL runs in `pools.db`, password hashing in `pools.hash`
-(TWISTED-NOTES §8), each call is its own unit of work on `DirectoryStore`, and results are plain
+(docs/design/directory.md, "Thread pools"), each call is its own unit of work on `DirectoryStore`, and results are plain
 data. Nothing is cached, so `mailsuite user add` in another process takes effect at once.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Everything here is CPU-bound (100-600 ms per call): callers on the reactor run i
 
 Stored hashes are either passlib/crypt(3) strings (`$argon2id$...`, `$2y$...`, `$6$...`,
 `{SSHA512}...`) or Dovecot `{SCHEME}value` strings as exported by `doveadm pw` or a Dovecot
-passwd-file/SQL table (TWISTED-NOTES §7). A successful login with anything but current argon2id
+passwd-file/SQL table (docs/design/directory.md). A successful login with anything but current argon2id
 parameters yields a new hash to store (`verify_and_update`), so imported accounts migrate silently.
 """
 from __future__ import annotations

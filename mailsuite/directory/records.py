@@ -1,5 +1,5 @@
 """Plain records the directory hands out (never ORM objects: they would lazy-load on the reactor
-thread, TWISTED-NOTES §8), and its errors."""
+thread: docs/design/twisted.md, "Blocking work"), and its errors."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -4,7 +4,7 @@ One `Thunderbird` is one process with a fresh profile: quiet, offline at start (
 connects, and no password prompt appears, before the test has set passwords), isolated from the
 network, with the test server's self-signed certificate imported as a CA into the profile's NSS
 database (never TLS switched off). Chrome-context JavaScript does the work; see
-/work/shared/THUNDERBIRD.md for the interfaces and pitfalls this follows.
+docs/design/testing.md ("Driving Thunderbird") for the pitfalls this follows.
 """
 from __future__ import annotations
 
@@ -18,9 +18,12 @@ import subprocess
 import time
 from typing import Any
 
+from tests.harness import subprocess_env
+from tests.polling import wait_until
+
 BINARY = "/usr/lib/thunderbird/thunderbird"  # the real binary, not the /usr/bin wrapper
 
-# Quiet, offline, isolated start (THUNDERBIRD.md "Profile" and "Network isolation").
+# Quiet, offline, isolated start (docs/design/testing.md, "Driving Thunderbird").
 BASE_PREFS: dict[str, Any] = {
     "mail.provider.enabled": False,
     "mail.provider.suppress_dialog_on_startup": True,
@@ -110,8 +113,9 @@ class Thunderbird:
             self._import_ca(self.cafile)
         if self.cert_overrides:
             self._write_cert_overrides()
-        env = dict(os.environ, MOZ_DISABLE_NONLOCAL_CONNECTIONS="1", MOZ_CRASHREPORTER_DISABLE="1",
-                   MOZ_HEADLESS="1", MOZ_HEADLESS_WIDTH="1280", MOZ_HEADLESS_HEIGHT="800")
+        env = subprocess_env(MOZ_DISABLE_NONLOCAL_CONNECTIONS="1", MOZ_CRASHREPORTER_DISABLE="1",
+                             MOZ_HEADLESS="1", MOZ_HEADLESS_WIDTH="1280",
+                             MOZ_HEADLESS_HEIGHT="800")
         env.pop("DISPLAY", None)
         # Thunderbird's own protocol trace: what it sent and what it got, for failure reports.
         env["MOZ_LOG"] = "IMAP:5,SMTP:5,POP3:5,timestamp,sync"
@@ -129,19 +133,23 @@ class Thunderbird:
         from marionette_driver.marionette import Marionette
 
         port = self.prefs["marionette.port"]
-        deadline = self._launched + timeout
-        while True:
+
+        def listening() -> bool:
             if self.process.poll() is not None:
                 raise ThunderbirdError(f"thunderbird exited with {self.process.returncode}:\n"
                                        f"{self.log_text()[-3000:]}")
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-                break
+                return True
             except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise ThunderbirdError("Marionette did not start:\n" + self.log_text()[-3000:])
-                time.sleep(0.05)
+                return False
+
+        try:  # the timeout counts from the launch
+            wait_until(listening, timeout=max(0.0, self._launched + timeout - time.monotonic()),
+                       interval=0.05, message="Marionette")
+        except AssertionError:
+            self.kill()
+            raise ThunderbirdError("Marionette did not start:\n" + self.log_text()[-3000:])
         self.client = Marionette(host="127.0.0.1", port=port, startup_timeout=timeout)
         # "ignore": a modal dialog must not abort the running script silently; the dialog
         # watcher below records its text and closes it, and the step fails with that text.
@@ -153,10 +161,10 @@ class Thunderbird:
     def _import_ca(self, cafile: str) -> None:
         db = "sql:" + self.profile_dir
         subprocess.run(["certutil", "-N", "--empty-password", "-d", db], check=True,
-                       capture_output=True)
+                       capture_output=True, env=subprocess_env())
         # The self-signed server certificate is its own CA (basicConstraints CA:TRUE).
         subprocess.run(["certutil", "-A", "-n", "mailsuite-test-ca", "-t", "C,,", "-i", cafile,
-                        "-d", db], check=True, capture_output=True)
+                        "-d", db], check=True, capture_output=True, env=subprocess_env())
 
     def _write_cert_overrides(self) -> None:
         # mozilla::pkix refuses a CA certificate as a server's own certificate
@@ -339,7 +347,7 @@ class Thunderbird:
 
 
 # Records the text of every common dialog (prompts, alerts: a failed login, a certificate
-# problem) in a pref, and closes the dialog so the run does not hang (THUNDERBIRD.md pitfalls).
+# problem) in a pref, and closes the dialog so the run does not hang (docs/design/testing.md).
 _DIALOG_WATCHER = r"""
 if (!Services.prefs.getBoolPref('mailsuite.test.watcher', false)) {
   Services.prefs.setBoolPref('mailsuite.test.watcher', true);

@@ -26,11 +26,12 @@ import os
 import re
 import shutil
 import smtplib
-import time
 import uuid
 
 import pytest
 
+from tests import polling
+from tests.environment import unavailable
 from tests.harness import MailServer
 from tests.thunderbird.driver import BINARY, Thunderbird, ThunderbirdError
 
@@ -41,12 +42,18 @@ except ImportError:
     HAVE_MARIONETTE = False
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists(BINARY),
-                       reason="Thunderbird is not installed (Debian package `thunderbird`)"),
-    pytest.mark.skipif(not HAVE_MARIONETTE,
-                       reason="the marionette-driver package (PyPI) is not installed"),
+    pytest.mark.external,
     pytest.mark.timeout(180),  # includes the shared set-up (Thunderbird start-up) on a busy machine
 ]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def thunderbird_installed():
+    """Before any module fixture starts Thunderbird: skip, or fail under CI."""
+    if not os.path.exists(BINARY):
+        unavailable("Thunderbird is not installed (Debian package thunderbird)")
+    if not HAVE_MARIONETTE:
+        unavailable("the marionette-driver package (PyPI, in .[test]) is not installed")
 
 from tests.thunderbird.mail import (SOCKET_SSL, SOCKET_STARTTLS, TBAccount,  # noqa: E402
                                     exchange_autodiscover, proxy_prefs)
@@ -62,7 +69,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
 
 @pytest.fixture(scope="module")
 def mail(tmp_path_factory):
-    """The server, and three fresh Thunderbird profiles launched while it starts (Thunderbird's
+    """The server, and four fresh Thunderbird profiles launched while it starts (Thunderbird's
     start-up is most of this test's time)."""
     base = tmp_path_factory.mktemp("thunderbird")
     server = MailServer(str(base / "server"))
@@ -74,8 +81,12 @@ def mail(tmp_path_factory):
                        os.path.join(os.path.dirname(server.cafile), "key.pem"))
     server.thunderbirds = {name: _thunderbird(server, str(base / f"profile-{name}"))
                            for name in ("starttls", "tls", "pop3")}
+    # Its own profile for the test that logs in with a wrong password on purpose, so that its
+    # 535 replies are not in the traces the error check reads, whatever the order of the tests.
+    server.dialog_thunderbird = _thunderbird(server, str(base / "profile-dialog"))
+    everyone = [*server.thunderbirds.values(), server.dialog_thunderbird]
     try:
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.launch()
         server.start()
         # In-process rather than admin CLI runs: start-up of a Python process is slow on a busy
@@ -92,9 +103,9 @@ def mail(tmp_path_factory):
             store.close()
         yield server
     finally:
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.request_quit()
-        for tb in server.thunderbirds.values():
+        for tb in everyone:
             tb.wait()
         server.stop()
 
@@ -109,7 +120,21 @@ def _thunderbird(mail: MailServer, profile_dir: str) -> Thunderbird:
 def profiles(mail):
     for tb in mail.thunderbirds.values():
         tb.connect(60)
-    return mail.thunderbirds
+    yield mail.thunderbirds
+    # After every test of the module, in whatever order they ran: nothing went wrong underneath.
+    problems = server_errors_behind_thunderbirds_back(mail, mail.thunderbirds)
+    assert not problems, "\n".join(problems[:10])
+
+
+@pytest.fixture(scope="module")
+def dialog_tb(mail):
+    """Alice again, in a profile of its own (see `mail`)."""
+    mail.dialog_thunderbird.connect(60)
+    account = TBAccount.from_autoconfig(mail.dialog_thunderbird, ALICE, PASSWORD,
+                                        "Alice Example", "imap", SOCKET_STARTTLS,
+                                        SOCKET_STARTTLS)
+    account.sync_folder("INBOX")
+    return account
 
 
 @pytest.fixture(scope="module")
@@ -151,17 +176,19 @@ def deliver_via_mx(mail: MailServer, to: str, data: bytes) -> bytes:
     with smtplib.SMTP("127.0.0.1", mail.ports["mx"], timeout=30) as client:
         client.ehlo("remote.test")
         client.sendmail("carol@remote.test", [to], data)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
+
+    def arrived() -> bytes | None:
         for path in mail.messages(to):
             if _unique(path) not in before:
                 try:
                     with open(path, "rb") as f:
                         return f.read()
                 except FileNotFoundError:
-                    break  # an IMAP session moved it to cur/ meanwhile: look again
-        time.sleep(0.05)
-    raise AssertionError(f"the message for {to} did not reach its Maildir")
+                    return None  # an IMAP session moved it to cur/ meanwhile: look again
+        return None
+
+    return polling.wait_until(arrived, timeout=15, interval=0.05,
+                              message=f"the message for {to} to reach its Maildir")
 
 
 def _unique(path: str) -> str:
@@ -226,14 +253,7 @@ class ImapProbe:
 
 
 def wait_until(check, what: str, timeout: float = 15.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
+    return polling.wait_until(check, timeout=timeout, interval=0.1, message=what)
 
 
 def find_subject(mail: MailServer, user: str, folder: str, subject: str
@@ -410,8 +430,14 @@ def test_pop3_stls_download(mail, profiles):
 
 def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     """Thunderbird hides some failures (it shrugs off a failed IDLE and polls instead): read its
-    own IMAP, SMTP and POP3 traces for error replies, and the server log for tracebacks. Runs
-    last."""
+    own IMAP, SMTP and POP3 traces for error replies, and the server log for tracebacks. This
+    checks what happened so far; the `profiles` fixture checks again after the last test."""
+    problems = server_errors_behind_thunderbirds_back(mail, profiles)
+    assert not problems, "\n".join(problems[:10])
+
+
+def server_errors_behind_thunderbirds_back(mail: MailServer, profiles: dict) -> list[str]:
+    """Error replies in Thunderbird's protocol traces, and tracebacks in the server log."""
     problems = []
     for name, tb in profiles.items():
         sent: dict[tuple[str, str], str] = {}  # (connection, tag) -> command
@@ -440,13 +466,14 @@ def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     if "Traceback" in log:
         start = log.index("Traceback")
         problems.append("server log:\n" + log[max(0, start - 300):start + 1500])
-    assert not problems, "\n".join(problems[:10])
+    return problems
 
 
-def test_a_dialog_fails_the_step_with_its_text(mail, alice_tb):
+def test_a_dialog_fails_the_step_with_its_text(mail, dialog_tb):
     """The harness itself: a wrong SMTP password makes Thunderbird show a blocking dialog; the
-    step must fail with the dialog's text instead of hanging. (After the error check above: the
-    535 replies here are on purpose.)"""
+    step must fail with the dialog's text instead of hanging. (In its own profile: the 535
+    replies here are on purpose.)"""
+    alice_tb = dialog_tb
     alice_tb.run(r"""
 const identity = theAccount().defaultIdentity;
 MailServices.outgoingServer.getServerByIdentity(identity).password = 'not-the-password';

@@ -1,99 +1,34 @@
-"""The directory on a real database: SQLite (a file, WAL) and PostgreSQL (a fresh schema per test).
+"""The synchronous DirectoryStore on a SQLite file (WAL): schema, domains, users, aliases,
+routing, sender addresses, and the password hash forms.
 
-PostgreSQL comes from $MAILSUITE_TEST_PG, else postgresql+psycopg://postgres@127.0.0.1:5432/test
-(or user root); tests skip with the reason when none is reachable.
-
-The synchronous DirectoryStore is tested with plain pytest functions; the asynchronous Directory
-with twisted.trial TestCases, so its Deferreds run on the real reactor and real thread pools.
+tests/scenario/test_directory_postgresql.py runs the same store tests on PostgreSQL by
+overriding the `db_url` fixture; the asynchronous Directory is in test_directory_async.py.
 """
 from __future__ import annotations
 
 import base64
-import functools
 import hashlib
 import os
 import time
-import uuid
 
 import pytest
 from passlib.hash import bcrypt, sha512_crypt
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
-from twisted.trial import unittest as trial
 
-from mailsuite.config import Config
-from mailsuite.directory import Directory, DirectoryError, DirectoryStore, LoginThrottle, Route
+from mailsuite.directory import DirectoryError, DirectoryStore, Route
 from mailsuite.directory import passwords
 from mailsuite.directory.store import MAX_DEPTH
-from mailsuite.pools import Pools
 
-PG_CANDIDATES = ["postgresql+psycopg://postgres@127.0.0.1:5432/test",
-                 "postgresql+psycopg://root@127.0.0.1:5432/test"]
 PASSWORD = "correct horse"
 # One argon2id hash for the routing fixtures, so that setting up twenty users costs no hashing.
-_HASH = passwords.hash_password(PASSWORD)
+_HASH = passwords.CONTEXT.copy(argon2__rounds=1, argon2__memory_cost=4096,
+                               argon2__parallelism=1).hash(PASSWORD)
 
 
 # -- databases -----------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
-def pg_base_url() -> tuple[str | None, str]:
-    """(URL of a reachable PostgreSQL, "") or (None, why not)."""
-    candidates = [os.environ["MAILSUITE_TEST_PG"]] if os.environ.get("MAILSUITE_TEST_PG") \
-        else PG_CANDIDATES
-    reasons = []
-    for url in candidates:
-        engine = create_engine(url, connect_args={"connect_timeout": 3})
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("select 1"))
-            return url, ""
-        except Exception as e:  # any failure to connect means "not available here"
-            reasons.append(f"{make_url(url).render_as_string()}: {str(e).splitlines()[0]}")
-        finally:
-            engine.dispose()
-    return None, "PostgreSQL not reachable (set MAILSUITE_TEST_PG): " + "; ".join(reasons)
-
-
-class PgSchema:
-    """A fresh schema for one test: the directory's URL points into it (search_path)."""
-
-    def __init__(self) -> None:
-        base, reason = pg_base_url()
-        if base is None:
-            raise unittest_skip(reason)
-        self.schema = "ms_test_" + uuid.uuid4().hex[:12]
-        self.admin = create_engine(base, isolation_level="AUTOCOMMIT")
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE SCHEMA "{self.schema}"'))
-        self.url = make_url(base).update_query_dict(
-            {"options": f"-csearch_path={self.schema}"}).render_as_string(hide_password=False)
-
-    def drop(self) -> None:
-        with self.admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
-        self.admin.dispose()
-
-
-def unittest_skip(reason: str) -> Exception:
-    return trial.SkipTest(reason)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    if request.param == "sqlite":
-        yield "sqlite:///" + str(tmp_path / "directory.db")
-        return
-    base, reason = pg_base_url()
-    if base is None:
-        pytest.skip(reason)
-    pg = PgSchema()
-    try:
-        yield pg.url
-    finally:
-        pg.drop()
+@pytest.fixture
+def db_url(tmp_path):
+    """The database under test; the PostgreSQL scenario module overrides this fixture."""
+    return "sqlite:///" + str(tmp_path / "directory.db")
 
 
 @pytest.fixture
@@ -440,10 +375,8 @@ def test_changes_are_seen_by_another_store_at_once(db_url, store):
         other.close()
 
 
-def test_database_errors_are_one_line():
-    bad = DirectoryStore("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
-    with pytest.raises(DirectoryError, match=r"^database postgresql\+psycopg://nobody@[^\n]*$"):
-        bad.list_domains()
+def test_unsupported_database_url():
+    # An unreachable server is tested in tests/scenario/test_directory_postgresql.py.
     with pytest.raises(DirectoryError, match="unsupported database URL"):
         DirectoryStore("oracle+nothing://x/y")
 
@@ -468,202 +401,3 @@ def test_dovecot_and_legacy_hash_forms():
 
 
 # -- the asynchronous Directory, on the reactor --------------------------------------------------
-class _DirectoryTests:
-    """Run against a real database with real thread pools; subclasses choose the database."""
-
-    auth_delay = 0.0
-
-    def make_url(self) -> str:
-        raise NotImplementedError
-
-    def setUp(self):
-        self.url = self.make_url()
-        config = Config()
-        config.server.data_dir = self.mktemp()
-        config.server.admin_address = "boss@admin.example"
-        config.database.url = self.url
-        config.limits.auth_failure_delay = self.auth_delay
-        self.pools = Pools(db_threads=1 if self.url.startswith("sqlite") else 4)
-        self.pools.startService()
-        self.directory = Directory(config, self.pools)
-        self.directory.prepare()
-        self.store = DirectoryStore(self.url)  # plays the admin CLI, a separate client
-        populate(self.store)
-        self.store.set_password("alice@example.org", PASSWORD)
-
-    def tearDown(self):
-        self.pools.stopService()
-        self.directory.close()
-        self.store.close()
-
-    @defer.inlineCallbacks
-    def test_authenticate(self):
-        self.assertEqual((yield self.directory.authenticate("Alice@EXAMPLE.org", PASSWORD)),
-                         "alice@example.org")
-        self.assertEqual((yield self.directory.authenticate(b"alice@example.org",
-                                                            PASSWORD.encode())),
-                         "alice@example.org")
-        for user, password in [("alice@example.org", "wrong"), ("alice@example.org", ""),
-                               ("nobody@example.org", PASSWORD), ("alice", PASSWORD),
-                               (b"\xff@example.org", PASSWORD)]:
-            yield self.assertFailure(self.directory.authenticate(user, password),
-                                     UnauthorizedLogin)
-
-    @defer.inlineCallbacks
-    def test_disabled_user_cannot_log_in(self):
-        self.store.set_enabled("alice@example.org", False)
-        yield self.assertFailure(self.directory.authenticate("alice@example.org", PASSWORD),
-                                 UnauthorizedLogin)
-        self.store.set_enabled("alice@example.org", True)
-        self.assertEqual((yield self.directory.authenticate("alice@example.org", PASSWORD)),
-                         "alice@example.org")
-
-    @defer.inlineCallbacks
-    def test_unknown_user_takes_as_long_as_a_wrong_password(self):
-        def timed(user):
-            started = time.monotonic()
-            d = self.assertFailure(self.directory.authenticate(user, "wrong"), UnauthorizedLogin)
-            d.addCallback(lambda _: time.monotonic() - started)
-            return d
-
-        known, unknown = [], []
-        for _ in range(3):
-            known.append((yield timed("alice@example.org")))
-            unknown.append((yield timed("nobody@example.org")))
-        known, unknown = min(known), min(unknown)
-        # Both run one argon2id verification; without dummy_verify unknown would take ~1 ms.
-        self.assertGreater(unknown, known * 0.4, (known, unknown))
-
-    @defer.inlineCallbacks
-    def test_legacy_sha512_crypt_is_rehashed_to_argon2id(self):
-        legacy = sha512_crypt.using(rounds=5000).hash(PASSWORD)
-        self.store.set_password_hash("bob@example.org", legacy)
-        yield self.assertFailure(self.directory.authenticate("bob@example.org", "wrong"),
-                                 UnauthorizedLogin)
-        self.assertEqual(self.store.password_record("bob@example.org")[1], legacy)
-        self.assertEqual((yield self.directory.authenticate("bob@example.org", PASSWORD)),
-                         "bob@example.org")
-        stored = self.store.password_record("bob@example.org")[1]
-        self.assertTrue(stored.startswith("$argon2id$"), stored)
-        self.assertEqual((yield self.directory.authenticate("bob@example.org", PASSWORD)),
-                         "bob@example.org")
-
-    @defer.inlineCallbacks
-    def test_dovecot_sha512_crypt_hash(self):
-        dovecot = "{SHA512-CRYPT}" + sha512_crypt.using(rounds=5000).hash(PASSWORD)
-        self.store.add_user("imported@example.net", password_hash=dovecot)
-        self.assertEqual((yield self.directory.authenticate("imported@example.net", PASSWORD)),
-                         "imported@example.net")
-        self.assertTrue(self.store.password_record("imported@example.net")[1]
-                        .startswith("$argon2id$"))
-
-    @defer.inlineCallbacks
-    def test_checker(self):
-        checker = self.directory.checker()
-        avatar = yield checker.requestAvatarId(UsernamePassword(b"ALICE@example.org",
-                                                                PASSWORD.encode()))
-        self.assertEqual(avatar, "alice@example.org")
-        self.assertIsInstance(avatar, str)
-        yield self.assertFailure(checker.requestAvatarId(UsernamePassword(b"alice@example.org",
-                                                                          b"nope")),
-                                 UnauthorizedLogin)
-
-    @defer.inlineCallbacks
-    def test_lookups(self):
-        self.store.add_alias("sales@example.org", ["alice@example.org", "far@remote.example"])
-        route = yield self.directory.route("Sales+x@Example.org")
-        self.assertEqual(route, Route("sales+x@example.org", True, ("alice@example.org",),
-                                      ("far@remote.example",)))
-        self.assertEqual((yield self.directory.route("x@remote.example")),
-                         Route("x@remote.example", False))
-        self.assertEqual((yield self.directory.sender_addresses("alice@example.org")),
-                         frozenset({"alice@example.org", "sales@example.org"}))
-        self.assertTrue((yield self.directory.is_hosted("EXAMPLE.net")))
-        self.assertFalse((yield self.directory.is_hosted("remote.example")))
-        self.assertTrue((yield self.directory.user_exists("Bob@example.org")))
-        self.assertFalse((yield self.directory.user_exists("sales@example.org")))
-        self.assertFalse((yield self.directory.user_exists("not an address")))
-
-    @defer.inlineCallbacks
-    def test_changes_take_effect_without_restart(self):
-        self.assertFalse((yield self.directory.route("erin@example.org")).exists)
-        self.store.add_user("erin@example.org", PASSWORD)
-        self.assertEqual((yield self.directory.route("erin@example.org")).mailboxes,
-                         ("erin@example.org",))
-        self.assertEqual((yield self.directory.authenticate("erin@example.org", PASSWORD)),
-                         "erin@example.org")
-        self.store.set_password("erin@example.org", "changed")
-        yield self.assertFailure(self.directory.authenticate("erin@example.org", PASSWORD),
-                                 UnauthorizedLogin)
-
-
-class SQLiteDirectoryTests(_DirectoryTests, trial.TestCase):
-    def make_url(self) -> str:
-        return "sqlite:///" + os.path.abspath(self.mktemp()) + ".db"
-
-
-class PostgreSQLDirectoryTests(_DirectoryTests, trial.TestCase):
-    def make_url(self) -> str:
-        self.pg = PgSchema()
-        self.addCleanup(self.pg.drop)
-        return self.pg.url
-
-
-class ThrottleTests(trial.TestCase):
-    """Failed logins with a client address are answered later and later; success resets."""
-
-    def setUp(self):
-        url = "sqlite:///" + os.path.abspath(self.mktemp()) + ".db"
-        config = Config()
-        config.database.url = url
-        config.limits.auth_failure_delay = 0.3
-        self.pools = Pools(db_threads=1)
-        self.pools.startService()
-        self.directory = Directory(config, self.pools)
-        self.directory.prepare()
-        self.store = DirectoryStore(url)
-        self.store.add_domain("example.org")
-        self.store.add_user("alice@example.org", password_hash=_HASH)
-
-    def tearDown(self):
-        self.pools.stopService()
-        self.directory.close()
-        self.store.close()
-
-    @defer.inlineCallbacks
-    def test_failures_are_delayed_per_client(self):
-        def timed(password, ip):
-            started = time.monotonic()
-            d = self.directory.authenticate("alice@example.org", password, client_ip=ip)
-            d.addBoth(lambda r: (r, time.monotonic() - started))
-            return d
-
-        plain = (yield timed(PASSWORD, "192.0.2.1"))[1]  # warm-up and baseline
-        result, first = yield timed("wrong", "192.0.2.1")
-        self.assertIsInstance(result.value, UnauthorizedLogin)
-        result, second = yield timed("wrong", "192.0.2.1")
-        self.assertGreaterEqual(first, 0.3)
-        self.assertGreaterEqual(second, 0.6)
-        self.assertEqual(self.directory.throttle.failures("192.0.2.1"), 2)
-        # Another client is not slowed down by 192.0.2.1's failures.
-        self.assertEqual(self.directory.throttle.failures("192.0.2.2"), 0)
-        result, _ = yield timed(PASSWORD, "192.0.2.1")
-        self.assertEqual(result, "alice@example.org")
-        self.assertEqual(self.directory.throttle.failures("192.0.2.1"), 0)
-        # Without a client address there is no throttling: a third failure in a row would
-        # otherwise be held back 0.9 s.
-        for _ in range(3):
-            result, elapsed = yield timed("wrong", None)
-            self.assertIsInstance(result.value, UnauthorizedLogin)
-        self.assertLess(elapsed, plain + 0.7)
-
-    def test_window_and_cap(self):
-        from twisted.internet.task import Clock
-
-        clock = Clock()
-        throttle = LoginThrottle(delay=2.0, max_delay=5.0, window=60.0, clock=clock)
-        self.assertEqual([throttle.failed("ip") for _ in range(4)], [2.0, 4.0, 5.0, 5.0])
-        self.assertEqual(throttle.delay_for("ip"), 5.0)
-        clock.advance(61)
-        self.assertEqual(throttle.failures("ip"), 0)
-        self.assertEqual(throttle.failed("ip"), 2.0)

@@ -1,7 +1,10 @@
 """The configuration file: defaults that run out of the box, and one clear line for mistakes."""
+import os
+
 import pytest
 
 from mailsuite import config
+from tests.harness import REPO_ROOT
 
 
 def write(tmp_path, text):
@@ -21,7 +24,7 @@ def test_defaults_are_unprivileged_loopback():
 
 
 def test_example_configuration_loads():
-    c = config.load("etc/mailsuite.toml")
+    c = config.load(os.path.join(REPO_ROOT, "etc", "mailsuite.toml"))
     assert c.server.hostname == "mail.example.org"
     assert c.listen.mx == "tcp:25" and c.listen.submission == "tcp:587"
     assert c.maildir_for("Alice@Example.ORG") == "/var/lib/mailsuite/mail/example.org/alice"

@@ -1,118 +1,34 @@
-"""`mailsuite dns DOMAIN` (the records to publish) and `--check` against a real DNS server.
+"""`mailsuite dns DOMAIN --check` against a real DNS server, end to end.
 
-The check is tested end to end: the zone printed by `mailsuite dns` is parsed and served by a
-small authoritative twisted.names server on a free loopback port (run as
-`python -m tests.test_dns_cmd ZONE.json`, it speaks UDP and TCP), then `mailsuite dns --check
---nameserver 127.0.0.1:PORT` asks it.
+The zone printed by `mailsuite dns` is parsed and served by a small authoritative twisted.names
+server on a free loopback port (run as `python -m tests.scenario.test_dns_cmd ZONE.json`, it
+speaks UDP and TCP), then `mailsuite dns --check --nameserver 127.0.0.1:PORT` (the real command,
+a subprocess) asks it. Printing the records is tested in process in tests/unit/test_dns_cmd.py.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 import time
 
 import pytest
 
-from tests.harness import MailServer, free_port
+from tests.harness import REPO_ROOT, MailServer, free_port, subprocess_env
+from tests.unit.test_dns_cmd import zone_records
 
 ADDRESS = "alice@example.org"
 
 
 @pytest.fixture(scope="module")
 def hosted(tmp_path_factory):
-    """A server hosting example.org, with DKIM keys made by `mailsuite dkim generate`."""
+    """A server's configuration hosting example.org, with DKIM keys made by `mailsuite dkim
+    generate`. It is not started: the command reads the configuration and the database."""
     server = MailServer(str(tmp_path_factory.mktemp("dns") / "server"))
-    server.start()
-    try:
-        server.add_user(ADDRESS)
-        server.admin("dkim", "generate", "example.org")
-        yield server
-    finally:
-        server.stop()
-
-
-def zone_records(output: str) -> list[tuple[str, str, str]]:
-    """(name, type, rdata) of each record line of `mailsuite dns` output; TXT rdata unquoted."""
-    records = []
-    for line in output.splitlines():
-        if not line.strip() or line.startswith(";"):
-            continue
-        match = re.match(r"^(\S+)\s+(\d+)\s+IN\s+(\S+)\s+(.*)$", line)
-        assert match, f"not a zone-file record line: {line!r}"
-        name, ttl, rtype, rdata = match.groups()
-        assert name.endswith(".") and int(ttl) > 0
-        if rtype == "TXT":
-            strings = re.findall(r'"((?:[^"\\]|\\.)*)"', rdata)
-            assert strings and all(len(s.encode()) <= 255 for s in strings)
-            rdata = "".join(s.replace('\\"', '"').replace("\\\\", "\\") for s in strings)
-        records.append((name.rstrip(".").lower(), rtype, rdata))
-    return records
-
-
-def test_dns_prints_every_record(hosted):
-    result = hosted.admin("dns", "example.org")
-    records = zone_records(result.stdout)
-    host = hosted.hostname
-    p = hosted.ports
-    by_name = {}
-    for name, rtype, rdata in records:
-        by_name.setdefault((name, rtype), []).append(rdata)
-    assert by_name[("example.org", "MX")] == [f"10 {host}."]
-    assert by_name[("example.org", "TXT")] == ["v=spf1 mx -all"]
-    assert by_name[("_dmarc.example.org", "TXT")] == ["v=DMARC1; p=quarantine"]
-    assert by_name[("autoconfig.example.org", "CNAME")] == [f"{host}."]
-    assert by_name[("autodiscover.example.org", "CNAME")] == [f"{host}."]
-    assert by_name[("_submissions._tcp.example.org", "SRV")] == [f"0 1 {p['submissions']} {host}."]
-    assert by_name[("_submission._tcp.example.org", "SRV")] == [f"10 1 {p['submission']} {host}."]
-    assert by_name[("_imaps._tcp.example.org", "SRV")] == [f"0 1 {p['imaps']} {host}."]
-    assert by_name[("_imap._tcp.example.org", "SRV")] == [f"10 1 {p['imap']} {host}."]
-    assert by_name[("_pop3s._tcp.example.org", "SRV")] == [f"20 1 {p['pop3s']} {host}."]
-    # DKIM: exactly the values `mailsuite dkim generate` wrote, RSA split into 255-octet strings.
-    dkim_dir = os.path.join(hosted.data_dir, "dkim", "example.org")
-    for name in os.listdir(dkim_dir):
-        if name.endswith(".txt"):
-            with open(os.path.join(dkim_dir, name)) as f:
-                value = f.read().strip()
-            assert by_name[(f"{name[:-4]}._domainkey.example.org", "TXT")] == [value]
-    assert len([n for n, t in by_name if n.endswith("._domainkey.example.org")]) == 2
-    # Not configured: no MTA-STS or TLS-RPT records.
-    assert not [n for n, _ in by_name if "mta-sts" in n or "_smtp._tls" in n]
-    assert "A/AAAA" in result.stdout  # the reminder about the host's own address records
-
-
-def test_dns_optional_records_and_disabled_listeners(make_server):
-    server = make_server(listeners=["mx", "submission", "imaps", "autoconfig"],
-                         extra={"dns": {"mta_sts_mode": "testing",
-                                        "tlsrpt_rua": "mailto:tls@example.org",
-                                        "dmarc_policy": "reject",
-                                        "dmarc_rua": "mailto:dmarc@example.org"}})
-    server.add_domain("example.org")
-    result = server.admin("dns", "example.org")
-    records = {(n, t): r for n, t, r in zone_records(result.stdout)}
-    assert records[("_dmarc.example.org", "TXT")] == \
-        "v=DMARC1; p=reject; rua=mailto:dmarc@example.org"
-    assert records[("_mta-sts.example.org", "TXT")].startswith("v=STSv1; id=")
-    assert records[("mta-sts.example.org", "CNAME")] == f"{server.hostname}."
-    assert records[("_smtp._tls.example.org", "TXT")] == "v=TLSRPTv1; rua=mailto:tls@example.org"
-    # RFC 6186 §4: a service that is not offered is published with the target ".".
-    for service in ("_submissions", "_imap", "_pop3s", "_pop3"):
-        assert records[(f"{service}._tcp.example.org", "SRV")] == "0 0 0 ."
-    assert records[("_imaps._tcp.example.org", "SRV")] == \
-        f"0 1 {server.ports['imaps']} {server.hostname}."
-    assert "no DKIM key yet" in result.stdout
-
-
-def test_dns_unknown_domain_is_one_line(hosted):
-    result = hosted.admin("dns", "not-hosted.test", check=False)
-    assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == [
-        "mailsuite: not-hosted.test is not a domain of this server (add it with "
-        "`mailsuite domain add not-hosted.test`)"]
-    result = hosted.admin("dns", "bad_name!", check=False)
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    server.add_user(ADDRESS)
+    server.admin("dkim", "generate", "example.org")
+    return server
 
 
 def test_dns_check_ok_missing_wrong(hosted, tmp_path):
@@ -166,13 +82,6 @@ def test_dns_check_without_an_answering_resolver(hosted):
     assert time.monotonic() - started < 30
 
 
-def test_dns_check_bad_nameserver_argument(hosted):
-    result = hosted.admin("dns", "example.org", "--check", "--nameserver", "127.0.0.1:x",
-                          check=False)
-    assert result.returncode == 1
-    assert result.stderr.strip() == "mailsuite: --nameserver '127.0.0.1:x' is not HOST or HOST:PORT"
-
-
 # -- a small authoritative DNS server (twisted.names) for the zone a test writes ---------------
 
 class DNSServer:
@@ -188,10 +97,9 @@ class DNSServer:
         return f"127.0.0.1:{self.port}"
 
     def __enter__(self) -> "DNSServer":
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.process = subprocess.Popen([sys.executable, "-m", "tests.test_dns_cmd",
-                                         self.zone_path], cwd=root, stdout=subprocess.PIPE,
-                                        start_new_session=True)
+        self.process = subprocess.Popen([sys.executable, "-m", "tests.scenario.test_dns_cmd",
+                                         self.zone_path], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                        start_new_session=True, env=subprocess_env())
         line = self.process.stdout.readline().decode()
         assert line.startswith("PORT "), f"DNS server did not start: {line!r}"
         self.port = int(line.split()[1])

@@ -3,16 +3,29 @@ mail down, a flag change up, a new folder (with a message) up."""
 from __future__ import annotations
 
 import os
-import shutil
 import smtplib
 import subprocess
 
 import pytest
+from imapclient import IMAPClient
 
-from tests.harness import MailServer
-from tests.test_imap import PASSWORD, client
+from tests.environment import require_program
+from tests.harness import MailServer, subprocess_env
 
-pytestmark = pytest.mark.skipif(shutil.which("mbsync") is None, reason="isync (mbsync) not installed")
+pytestmark = pytest.mark.external
+PASSWORD = "secret-pw-1"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def mbsync_installed():
+    require_program("mbsync", "isync")
+
+
+def client(server: MailServer, user: str = "alice@example.org") -> IMAPClient:
+    c = IMAPClient("127.0.0.1", port=server.ports["imaps"], ssl=True,
+                   ssl_context=server.ssl_context())
+    c.login(user, PASSWORD)
+    return c
 
 
 def _config(server: MailServer, local: str, tls: str) -> str:
@@ -48,7 +61,7 @@ SyncState *
 
 def _mbsync(rc: str, home: str) -> subprocess.CompletedProcess:
     result = subprocess.run(["mbsync", "-c", rc, "-a"], capture_output=True, text=True, timeout=60,
-                            env=dict(os.environ, HOME=home))
+                            env=subprocess_env(HOME=home))
     assert result.returncode == 0, result.stdout + result.stderr
     return result
 

@@ -5,18 +5,18 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
-from tests.harness import HOST, MailServer, twistd_command, write_toml
+from tests.harness import HOST, MailServer, subprocess_env, twistd_command, write_toml
+from tests.polling import wait_until
 
 DEFAULT_PORTS = [2525, 2587, 2465, 2143, 2993, 2110, 2995]
 
 
 def run_twistd(cwd, *args, timeout=30):
     return subprocess.run(twistd_command() + ["-n", "--pidfile=", "mailsuite", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=subprocess_env())
 
 
 def assert_one_clear_line(result, *fragments):
@@ -30,7 +30,8 @@ def assert_one_clear_line(result, *fragments):
 
 
 def test_plugin_is_listed_by_twistd():
-    result = subprocess.run(twistd_command() + ["--help"], capture_output=True, text=True)
+    result = subprocess.run(twistd_command() + ["--help"], capture_output=True, text=True,
+                            env=subprocess_env())
     assert "mailsuite" in result.stdout
 
 
@@ -48,19 +49,21 @@ def test_no_arguments_starts_on_embedded_defaults(tmp_path):
         pytest.skip("a default port (2525/2587/2465/2143/2993/2110/2995) is in use on this machine")
     process = subprocess.Popen(twistd_command() + ["-n", "--pidfile=", "mailsuite"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, env=subprocess_env())
     try:
-        deadline = time.monotonic() + 30
         pending = set(DEFAULT_PORTS)
-        while pending and time.monotonic() < deadline and process.poll() is None:
+
+        def listening() -> bool:
+            assert process.poll() is None, "twistd exited"
             for port in list(pending):
                 try:
                     socket.create_connection((HOST, port), timeout=0.5).close()
                     pending.discard(port)
                 except OSError:
                     pass
-            time.sleep(0.1)
-        assert not pending, f"not listening on {pending}"
+            return not pending
+
+        wait_until(listening, timeout=30, interval=0.1, message="the default ports")
         data = tmp_path / "mailsuite-data"
         assert (data / "mailsuite.db").exists()
         assert (data / "tls" / "cert.pem").exists() and (data / "tls" / "key.pem").exists()

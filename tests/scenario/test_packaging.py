@@ -7,13 +7,15 @@ import zipfile
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.harness import REPO_ROOT as ROOT
+from tests.harness import subprocess_env
 
 
 def test_wheel_contains_plugin_and_package(tmp_path):
     src = tmp_path / "src"
     # Build from a copy of the tracked files: what a clean clone would build.
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           env=subprocess_env())
     if files.returncode != 0:
         pytest.skip("not a git checkout")
     for name in files.stdout.split():
@@ -22,7 +24,7 @@ def test_wheel_contains_plugin_and_package(tmp_path):
             shutil.copy2(os.path.join(ROOT, name), src / name)
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
                              "-q", "-w", str(tmp_path / "dist"), str(src)],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, env=subprocess_env())
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("mailsuite-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

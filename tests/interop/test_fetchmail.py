@@ -3,15 +3,19 @@ server's certificate, keeps mail with `keep` and removes it without."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 
 import pytest
 
-from tests.harness import HOST
+from tests.environment import require_program
+from tests.harness import HOST, subprocess_env
 
-pytestmark = pytest.mark.skipif(shutil.which("fetchmail") is None,
-                                reason="fetchmail is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.external
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fetchmail_installed():
+    require_program("fetchmail")
 
 
 def deliver(server, address: str, subject: str, n: int) -> str:
@@ -41,7 +45,7 @@ def fetch(server, tmp_path, implicit_tls: bool, keep: bool) -> tuple[int, str]:
         f"  mda \"/bin/sh -c 'cat >> {out}'\"\n"
     )
     os.chmod(rc, 0o600)
-    env = dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
+    env = subprocess_env(FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path))
     result = subprocess.run(
         ["fetchmail", "-f", str(rc), "-i", str(tmp_path / "fetchids"), "--nosyslog", "-v",
          "--pidfile", str(tmp_path / "fetchmail.pid")],
@@ -93,7 +97,7 @@ def test_fetchmail_refuses_a_server_it_cannot_verify(server, tmp_path):
         ["fetchmail", "-f", str(rc), "-i", str(tmp_path / "ids"), "--nosyslog",
          "--pidfile", str(tmp_path / "pid")],
         capture_output=True, text=True, timeout=60,
-        env=dict(os.environ, FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path)),
+        env=subprocess_env(FETCHMAILHOME=str(tmp_path), HOME=str(tmp_path)),
     )
     assert result.returncode not in (0, 1)
     assert len(server.messages("alice@example.org")) == 1

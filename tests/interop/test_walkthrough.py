@@ -4,15 +4,15 @@ from __future__ import annotations
 import email
 import email.policy
 import re
-import shutil
 import subprocess
 
 import pytest
 
-PASSWORD = "correct horse battery staple"
+from tests.environment import require_program
+from tests.harness import subprocess_env
 
-swaks = shutil.which("swaks")
-needs_swaks = pytest.mark.skipif(swaks is None, reason="swaks is not installed (apt-get install swaks)")
+pytestmark = pytest.mark.external
+PASSWORD = "correct horse battery staple"
 
 
 def read(path: str) -> email.message.EmailMessage:
@@ -20,8 +20,8 @@ def read(path: str) -> email.message.EmailMessage:
         return email.message_from_binary_file(f, policy=email.policy.default)
 
 
-@needs_swaks
 def test_walkthrough(make_server):
+    swaks = require_program("swaks")
     server = make_server()
     server.admin("domain", "add", "example.org")
     server.admin("user", "add", "alice@example.org", "--password-stdin", input=PASSWORD + "\n")
@@ -31,7 +31,7 @@ def test_walkthrough(make_server):
     mx = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(server.ports["mx"]),
                          "--from", "someone@elsewhere.test", "--to", "info@example.org",
                          "--header", "Subject: walkthrough via MX"],
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert mx.returncode == 0, mx.stdout + mx.stderr
     assert re.search(r"^<-  250 .*queued", mx.stdout, re.M), mx.stdout
 
@@ -42,7 +42,7 @@ def test_walkthrough(make_server):
                           "--auth-password", PASSWORD,
                           "--from", "alice@example.org", "--to", "alice+notes@example.org",
                           "--header", "Subject: walkthrough via submission"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert sub.returncode == 0, sub.stdout + sub.stderr
     assert "<~  235 " in sub.stdout  # authenticated (inside TLS: swaks marks TLS lines with ~)
     assert re.search(r"^<~  250 .*queued", sub.stdout, re.M), sub.stdout
@@ -57,16 +57,16 @@ def test_walkthrough(make_server):
     assert "queue is empty" in server.admin("queue", "list").stdout.lower()
 
 
-@needs_swaks
 def test_submission_refuses_wrong_password(make_server):
+    swaks = require_program("swaks")
     server = make_server()
     server.add_user("alice@example.org", PASSWORD)
     result = subprocess.run([swaks, "--server", "127.0.0.1", "--port", str(server.ports["submissions"]),
                              "--tlsc", "--tls-verify", "--tls-ca-path", server.cafile,
-                                "--auth", "PLAIN", "--auth-user", "alice@example.org",
+                             "--auth", "PLAIN", "--auth-user", "alice@example.org",
                              "--auth-password", "wrong", "--from", "alice@example.org",
                              "--to", "alice@example.org"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, env=subprocess_env())
     assert result.returncode != 0
     assert "535 " in result.stdout
     assert server.messages("alice@example.org") == []

@@ -1,5 +1,6 @@
 """The real server (`twistd -n mailsuite`) and its database at start-up: a database that cannot be
-used stops start-up with one line naming it, and a fresh database gets its schema."""
+used stops start-up with one line naming it, and a fresh database gets its schema. (The store
+alone against a server that does not answer is here too: it needs a real socket.)"""
 from __future__ import annotations
 
 import os
@@ -7,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from mailsuite.directory import DirectoryError, DirectoryStore
 from tests.harness import MailServer
 
 
@@ -37,3 +39,9 @@ def test_fresh_database_gets_its_schema(tmp_path):
         assert server.admin("domain", "list").stdout == "example.org\n"
     finally:
         server.stop()
+
+
+def test_unreachable_database_is_one_line():
+    bad = DirectoryStore("postgresql+psycopg://nobody@127.0.0.1:1/none?connect_timeout=2")
+    with pytest.raises(DirectoryError, match=r"^database postgresql\+psycopg://nobody@[^\n]*$"):
+        bad.list_domains()
