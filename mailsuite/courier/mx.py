@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.names import client, dns, error
+from twisted.names import cache, client, dns, error, hosts, resolve
 
 from mailsuite.courier import status
 
@@ -41,7 +41,11 @@ class Resolution:
 def make_resolver(nameservers: list[str], reactor: Any = None) -> Any:
     """A twisted.names resolver using `nameservers` ("host:port") or the system's."""
     if not nameservers:
-        return client.createResolver()
+        # What client.createResolver() builds, but on `reactor` (its resolv.conf re-reads and
+        # cache expiries are timed calls, which must not land on the global reactor).
+        return resolve.ResolverChain([hosts.Resolver(file=b"/etc/hosts"),
+                                      cache.CacheResolver(reactor=reactor),
+                                      client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)])
     servers = []
     for ns in nameservers:
         servers.append(parse_hostport(ns, 53))

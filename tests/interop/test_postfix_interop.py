@@ -23,6 +23,7 @@ import tempfile
 import pytest
 
 from tests.dnsserver import DNSServer
+from tests.environment import unavailable
 from tests.harness import MailServer, free_port
 from tests.polling import wait_until
 from tests.scenario.test_outbound import (dsn_fields, make_message, queue_is_empty, submit,
@@ -206,7 +207,7 @@ def _postfix_unusable() -> str | None:
 def postfix_world(tmp_path):
     reason = _postfix_unusable()
     if reason:
-        pytest.skip(reason)
+        unavailable(reason)
     base = tempfile.mkdtemp(prefix="mailsuite-postfix-")  # /tmp/pytest-of-root is 0700
     zones = {"pf.test": [("pf.test", "MX", "10 mx.pf.test"), ("mx.pf.test", "A", "127.0.0.1")]}
     dns = DNSServer(zones).start()
@@ -223,7 +224,7 @@ def postfix_world(tmp_path):
         try:
             postfix.start()
         except RuntimeError as e:
-            pytest.skip(f"Postfix would not start here: {str(e)[:500]}")
+            unavailable(f"Postfix would not start here: {str(e)[:500]}")
         server.start()
         server.add_user("alice@a.test")
         yield server, postfix

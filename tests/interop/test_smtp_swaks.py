@@ -8,16 +8,17 @@ import uuid
 
 import pytest
 
+from tests.environment import require_program
 from tests.harness import HOST, MailServer
 from tests.polling import wait_until
 
 SWAKS = shutil.which("swaks") or "/usr/bin/swaks"
-pytestmark = [pytest.mark.external,
-              pytest.mark.skipif(not shutil.which("swaks"), reason="swaks is not installed")]
+pytestmark = pytest.mark.external
 
 
 @pytest.fixture(scope="module")
 def smtp_server(tmp_path_factory):
+    require_program("swaks")
     s = MailServer(str(tmp_path_factory.mktemp("swaks")),
                    listeners=["mx", "submission", "submissions"])
     s.start()

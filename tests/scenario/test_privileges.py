@@ -11,10 +11,15 @@ import tempfile
 import pytest
 
 from mailsuite.tls import create_self_signed
+from tests.environment import unavailable
 from tests.harness import HOST, MailServer
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
-                                reason="starting as root and dropping privileges needs root")
+
+
+@pytest.fixture(autouse=True)
+def _root() -> None:
+    if os.geteuid() != 0:
+        unavailable("starting as root and dropping privileges needs root")
 
 
 @pytest.fixture

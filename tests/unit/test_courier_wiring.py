@@ -7,7 +7,7 @@ import email
 
 import pytest
 from twisted.internet import defer, task
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from mailsuite.config import Config, ConfigError
 from mailsuite.courier import check_settings
@@ -20,7 +20,7 @@ from mailsuite.queue.spool import QueueEntry, Recipient
 
 
 def make_agent(config: Config) -> RemoteAgent:
-    return RemoteAgent(config.courier, "mx.test.example", reactor=MemoryReactor(),
+    return RemoteAgent(config.courier, "mx.test.example", reactor=MemoryReactorClock(),
                        clock=task.Clock(), io=InlinePool())
 
 

@@ -1,6 +1,7 @@
-"""Opt-in benchmark of Folder.sync() on a large folder (MAILSUITE_BENCH=100000 to run):
+#!/usr/bin/env python3
+"""Benchmark of Folder.sync() on a large folder, in process (no server):
 
-    MAILSUITE_BENCH=100000 python -m pytest tests/unit/test_mailbox_bench.py -q -s
+    python bench/mailbox_sync.py --messages 100000
 
 Prints the time of the first sync (new/ -> cur/, UID assignment, one stat per file), of later
 syncs in the same process (unchanged, and after one delivery) and of the first sync in a fresh
@@ -8,18 +9,18 @@ process (what a new IMAP login pays: dovecot-uidlist + mailsuite-index, no per-f
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
+import tempfile
 import time
 
-import pytest
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mailsuite.mailbox.store import MailStore
-
-N = int(os.environ.get("MAILSUITE_BENCH", "0"))
-pytestmark = pytest.mark.skipif(N <= 0, reason="set MAILSUITE_BENCH=<messages> to run")
+from mailsuite.mailbox.store import MailStore  # noqa: E402
 
 
-def test_sync_timing(tmp_path):
+def measure(tmp_path: str, N: int) -> None:
     account = MailStore(str(tmp_path)).account("bench@example.org")
     account.ensure_layout()
     body = b"From: a@example.net\r\nSubject: small\r\n\r\nhello\r\n"
@@ -71,3 +72,15 @@ def _rss_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=10_000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        measure(tmp, args.messages)
+
+
+if __name__ == "__main__":
+    main()
