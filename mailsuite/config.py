@@ -142,12 +142,6 @@ class Config:
     def dkim_dir(self) -> str:
         return os.path.join(self.data_dir, "dkim")
 
-    def maildir_for(self, address: str) -> str:
-        """The INBOX Maildir of `address`, as the mailbox store maps it (MailStore.account)."""
-        from mailsuite.mailbox.store import MailStore
-
-        return MailStore(self.mail_dir).account(address).path
-
 
 def load(path: str | None = None) -> Config:
     """Read `path` (TOML) over the defaults; None gives the built-in defaults."""

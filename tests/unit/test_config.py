@@ -4,6 +4,7 @@ import os
 import pytest
 
 from mailsuite import config
+from mailsuite.mailbox.store import MailStore
 from tests.harness import REPO_ROOT
 
 
@@ -27,7 +28,8 @@ def test_example_configuration_loads():
     c = config.load(os.path.join(REPO_ROOT, "etc", "mailsuite.toml"))
     assert c.server.hostname == "mail.example.org"
     assert c.listen.mx == "tcp:25" and c.listen.submission == "tcp:587"
-    assert c.maildir_for("Alice@Example.ORG") == "/var/lib/mailsuite/mail/example.org/alice"
+    assert (MailStore(c.mail_dir).account("Alice@Example.ORG").path
+            == "/var/lib/mailsuite/mail/example.org/alice")
 
 
 def test_values_override_defaults(tmp_path):
