@@ -2,8 +2,13 @@
 
 `LimitedFactory` admits a connection while the listener's `[limits] max_connections` and
 `max_connections_per_ip` allow it and builds the protocol with `build(addr)`; over a limit it
-writes the protocol's refusal greeting and hangs up. A built protocol calls `self.on_close()`
-once from `connectionLost` to give its slot back.
+writes the protocol's refusal greeting and hangs up. A built protocol reports to its factory
+through three hooks the factory sets on it:
+
+- `self.on_close()`, once from `connectionLost`: gives its slot back;
+- `self.on_progress()`, after each complete command it has processed: the client is doing
+  something (fairness prefers such clients to silent ones);
+- `self.on_authenticated()`, once after a successful login: the session leaves the pre-auth pool.
 """
 from __future__ import annotations
 
@@ -94,4 +99,10 @@ class LimitedFactory(protocol.ServerFactory):
                 self.connections.release(ip)
 
         p.on_close = on_close  # type: ignore[attr-defined]
+        p.on_progress = _nothing  # type: ignore[attr-defined]
+        p.on_authenticated = _nothing  # type: ignore[attr-defined]
         return p
+
+
+def _nothing() -> None:
+    pass

@@ -50,6 +50,21 @@ def validate_local(local: str, address: str) -> None:
                              "part (use letters, digits, . - _ + and the like)")
 
 
+# A user's local part names a directory (<mail_dir>/<domain>/<local>/): besides being a valid
+# dot-atom it must not be able to leave that directory or look like a Maildir++ folder.
+_PATH_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def mailbox_local_problem(local: str) -> str | None:
+    """Why `local` cannot be a mailbox's directory name (None when it can): a path separator or a
+    control character, a leading dot (hidden, Maildir++ folder), or `.`/`..`."""
+    if _PATH_UNSAFE.search(local):
+        return "a path separator or control character"
+    if local.startswith("."):
+        return "a leading dot"
+    return None
+
+
 def split_address(address: str) -> tuple[str, str]:
     """(local, domain) of a syntactically valid address, without changing case of the local part.
 

@@ -147,14 +147,14 @@ class Directory:
                 log.info("rehashed the password of {address} with {scheme}", address=canonical,
                          scheme=new_hash.split("$")[1] if new_hash.startswith("$") else "?")
         if client_ip is not None:
-            self.throttle.succeeded(client_ip)
+            self.throttle.succeeded(client_ip, canonical)
         return canonical
 
     async def _refuse(self, address: str, client_ip: str | None, reason: str) -> str:
         log.info("authentication failed for {address} from {client_ip}: {reason}",
                  address=address, client_ip=client_ip or "-", reason=reason)
         if client_ip is not None:
-            delay = self.throttle.failed(client_ip)
+            delay = self.throttle.failed(client_ip, address.lower())
             if delay > 0:
                 await task.deferLater(self.reactor, delay, lambda: None)
         raise UnauthorizedLogin("authentication failed")

@@ -3,6 +3,7 @@
 API (all on the reactor thread; no I/O):
 
     throttle = LoginThrottle(delay=1.0, max_delay=15.0, window=900.0, clock=reactor)
+    (every method also takes `user`, the login name tried, lower-cased)
     throttle.failed(ip) -> float      record one failure from `ip`; returns the seconds to hold
                                       back the failure reply: delay * (recent failures), capped
                                       at max_delay
@@ -36,7 +37,7 @@ class LoginThrottle:
         self._clock = clock
         self._failures: dict[str, tuple[int, float]] = {}  # ip -> (count, time of the last one)
 
-    def failures(self, ip: str) -> int:
+    def failures(self, ip: str, user: str = "") -> int:
         entry = self._failures.get(ip)
         if entry is None:
             return 0
@@ -46,10 +47,10 @@ class LoginThrottle:
             return 0
         return count
 
-    def delay_for(self, ip: str) -> float:
+    def delay_for(self, ip: str, user: str = "") -> float:
         return min(self.delay * (self.failures(ip) + 1), self.max_delay)
 
-    def failed(self, ip: str) -> float:
+    def failed(self, ip: str, user: str = "") -> float:
         delay = self.delay_for(ip)
         count = self.failures(ip) + 1
         self._failures.pop(ip, None)  # re-insert: dict order = least recently failed first
@@ -59,5 +60,5 @@ class LoginThrottle:
                 del self._failures[old]
         return delay
 
-    def succeeded(self, ip: str) -> None:
+    def succeeded(self, ip: str, user: str = "") -> None:
         self._failures.pop(ip, None)

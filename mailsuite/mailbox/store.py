@@ -28,6 +28,7 @@ from typing import BinaryIO, Iterable
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
+from mailsuite.directory.addresses import mailbox_local_problem
 from mailsuite.mailbox.maildir import (
     FLAG_LETTERS, KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList,
     file_stamp, flags_to_letters, info_name, letters_to_flags, read_keywords,
@@ -118,11 +119,13 @@ class MailStore:
         The one mapping from address to Maildir; it creates nothing on disk and raises
         InvalidMailboxName for an address that could escape mail_dir."""
         local, at, domain = address.lower().rpartition("@")
-        for part in (local, domain):
-            if (not at or not part or part.startswith(".") or "/" in part or "\\" in part
-                    or "\0" in part):
-                raise InvalidMailboxName(f"not a mailbox address: {address!r}")
-        return Account(self, address.lower(), os.path.join(self.mail_dir, domain, local))
+        if not at or not local or not domain or any(
+                mailbox_local_problem(part) for part in (local, domain)):
+            raise InvalidMailboxName(f"not a mailbox address: {address!r}")
+        path = os.path.join(self.mail_dir, domain, local)
+        if os.path.dirname(os.path.dirname(path)) != self.mail_dir:  # proven under mail_dir
+            raise InvalidMailboxName(f"not a mailbox address: {address!r}")
+        return Account(self, address.lower(), path)
 
     def _state(self, path: str) -> "_FolderState":
         with self._lock:

@@ -610,7 +610,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         saw (refused before asking it), which we count in its throttle ourselves."""
         self._auth_failures += 1
         if delay is None:
-            delay = self.factory.directory.throttle.failed(self.client_ip)
+            delay = self.factory.directory.throttle.failed(self.client_ip, user.lower())
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
                  "connection)", user=user[:100], client_ip=self.client_ip, why=why,
                  n=self._auth_failures)
