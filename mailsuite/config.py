@@ -67,6 +67,21 @@ class LimitsSection:
 
 
 @dataclass
+class SMTPSection:
+    """[smtp]: what the SMTP server accepts, beyond [limits]."""
+
+
+@dataclass
+class IMAPSection:
+    """[imap]: IMAP protocol limits, beyond [limits]."""
+
+
+@dataclass
+class POP3Section:
+    """[pop3]: POP3 protocol limits, beyond [limits]."""
+
+
+@dataclass
 class QueueSection:
     # Seconds between attempts; the last value repeats until max_age.
     retry_schedule: list[int] = field(default_factory=lambda: [300, 600, 1200, 2400, 3600])
@@ -107,6 +122,9 @@ class Config:
     listen: ListenSection = field(default_factory=ListenSection)
     tls: TLSSection = field(default_factory=TLSSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    smtp: SMTPSection = field(default_factory=SMTPSection)
+    imap: IMAPSection = field(default_factory=IMAPSection)
+    pop3: POP3Section = field(default_factory=POP3Section)
     queue: QueueSection = field(default_factory=QueueSection)
     courier: CourierSection = field(default_factory=CourierSection)
     dkim: DKIMSection = field(default_factory=DKIMSection)
