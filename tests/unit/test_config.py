@@ -43,7 +43,7 @@ def test_values_override_defaults(tmp_path):
 
 @pytest.mark.parametrize("text, message", [
     ('[server]\nhostnme = "x"\n', "unknown key 'hostnme' in [server]"),
-    ('[smtp]\nport = 25\n', "unknown section [smtp]"),
+    ('[smpt]\nport = 25\n', "unknown section [smpt]"),
     ('[limits]\nmax_recipients = "many"\n', "limits.max_recipients must be of type int"),
     ('[limits]\nmax_recipients = true\n', "limits.max_recipients must be of type int"),
     ('[courier]\nnameservers = "127.0.0.1"\n', "courier.nameservers must be a list"),
