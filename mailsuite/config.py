@@ -78,7 +78,10 @@ class IMAPSection:
 
 @dataclass
 class POP3Section:
-    """[pop3]: POP3 protocol limits, beyond [limits]."""
+    """[pop3]: POP3 protocol limits, beyond [limits] (docs/design/pop3.md, "Limits")."""
+
+    max_commands_per_second: int = 20  # before login; a burst of this many, then closed; 0 = off
+    login_timeout: int = 60  # seconds from connect to a successful login, then -ERR and closed
 
 
 @dataclass

@@ -3,7 +3,9 @@
 
 Our own protocol class rather than twisted.mail.pop3.POP3 (docs/design/pop3.md explains why).
 Here:
-- commands are handled one at a time in arrival order; pipelined lines wait in the buffer;
+- commands are handled one at a time in arrival order; pipelined lines wait in a bounded buffer
+  and the transport stops reading while a command runs or the client does not read its replies
+  (docs/design/pop3.md, "Limits");
 - STLS discards whatever was pipelined after it (CVE-2011-0411 class injection);
 - USER/PASS and AUTH work only under TLS; failures are logged with the client address and
   held back by the directory's throttle;
@@ -33,7 +35,7 @@ from mailsuite.directory.records import DirectoryUnavailable
 from mailsuite.dotstuff import DotStuffer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 from mailsuite.mailbox import MailStoreAPI
-from mailsuite.mailbox.store import MessageInfo
+from mailsuite.mailbox.store import MessageInfo, NoSuchMessage
 from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
 from mailsuite.tls import TLSMaterial
@@ -69,7 +71,11 @@ class _Readable(Protocol):
     def close(self) -> None:
         ...
 
-MAX_LINE = 2048  # RFC 2449 §4 allows 255 for commands; SASL responses can be longer
+# docs/design/pop3.md, "Limits", adds these up into the memory one connection may hold.
+MAX_COMMAND_LINE = 512  # RFC 2449 §4 allows 255 octets; some clients send a little more
+MAX_SASL_LINE = 8192  # an AUTH PLAIN response: base64 of two identities and a password
+MAX_DISCARD = 64 * 1024  # octets of one over-long line skipped before the client is dropped
+MAX_PENDING = 128 * 1024  # input held while a command runs: one transport read and a TLS record
 MAX_ERRORS = 10
 CHUNK = 64 * 1024
 
@@ -105,27 +111,28 @@ class TopReader:
         self._f.close()
 
 
-@implementer(interfaces.IPushProducer)
 class _MessageSender:
-    """Streams one file through a DotStuffer: one read in the io pool at a time, paused while
-    the transport's buffer is full (so a 50 MB message never sits in memory)."""
+    """Streams one file through a DotStuffer: one read in the io pool at a time, none while the
+    session's output is paused (POP3Server is the transport's producer), so a 50 MB message
+    never sits in memory and a client that does not read holds at most one chunk."""
 
     def __init__(self, proto: "POP3Server", f: _Readable):
         self.proto = proto
-        self.f = f
+        self.f: _Readable | None = f
         self.stuffer = DotStuffer()
-        self.paused = False
         self.reading = False
         self.stopped = False
         self.done: defer.Deferred = defer.Deferred()
 
     def start(self) -> defer.Deferred:
-        self.proto.transport.registerProducer(self, True)
         self._next()
         return self.done
 
+    def resume(self) -> None:
+        self._next()
+
     def _next(self) -> None:
-        if self.paused or self.reading or self.stopped:
+        if self.reading or self.stopped or self.proto.output_paused:
             return
         self.reading = True
         d = self.proto.io(self.f.read, CHUNK)
@@ -134,47 +141,38 @@ class _MessageSender:
     def _got(self, data: bytes) -> None:
         self.reading = False
         if self.stopped:
+            self._release()
             return
         if not data:
-            self.proto.transport.write(self.stuffer.finish())
-            self._end(None)
+            self.proto.send(self.stuffer.finish())
+            self.stop()
             return
         self.proto.resetTimeout()  # a long download is not an idle client
-        self.proto.transport.write(self.stuffer.feed(data))
+        self.proto.send(self.stuffer.feed(data))
         self._next()
 
     def _failed(self, failure: Failure) -> None:
         self.reading = False
-        log.failure("reading a message for {user} failed", failure, user=self.proto.user)
+        log.error("pop3 {user}: reading a message failed: {error}; closing the connection",
+                  user=self.proto.user, error=_describe(failure.value))
         # The response has started: we cannot send -ERR any more, so drop the connection.
-        self._end(failure)
-        self.proto.transport.loseConnection()
+        self.stop()
+        self.proto.abort()
 
-    def _end(self, result: Failure | None) -> None:
-        if self.stopped:
-            return
-        self.stopped = True
-        try:
-            self.proto.transport.unregisterProducer()
-        except Exception:
-            pass
-        self.proto.io(self.f.close)
-        if not self.done.called:
-            self.done.callback(None)
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        self._next()
-
-    def stopProducing(self) -> None:
+    def stop(self) -> None:
+        """End the transfer (done, failed, or the connection went away); closes the file once
+        no read is in flight."""
         if not self.stopped:
             self.stopped = True
-            self.proto.io(self.f.close)
             if not self.done.called:
                 self.done.callback(None)
+        if not self.reading:
+            self._release()
+
+    def _release(self) -> None:
+        f, self.f = self.f, None
+        if f is not None:
+            self.proto.io(f.close).addErrback(lambda _: None)
 
 
 # -- the protocol ----------------------------------------------------------------------------
@@ -189,9 +187,14 @@ class _Drop:
     retrieved: set[int]
 
 
+@implementer(interfaces.IPushProducer)
 class POP3Server(protocol.Protocol, TimeoutMixin):
-    """One POP3 session. Everything it uses is passed in; `on_close` is set by LimitedFactory
-    and gives the connection's slot back."""
+    """One POP3 session. Everything it uses is passed in; LimitedFactory sets the hooks
+    `on_close` (gives the connection's slot back), `on_progress` and `on_authenticated`.
+
+    The session is the transport's streaming producer for its whole life: when the client does
+    not read, the transport pauses it and no command runs and no message chunk is read until it
+    resumes (docs/design/pop3.md, "Limits")."""
 
     on_close: Callable[[], None] | None = None
 
@@ -211,19 +214,37 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.pending_user: str | None = None
         self.drop: _Drop | None = None
         self.client_ip = "-"
+        self.output_paused = False  # the transport's buffer is full: the client is not reading
         self._buffer = bytearray()
         self._busy = False
-        self._discarding = False
+        self._reading_paused = False
+        self._discarding = 0  # octets of an over-long line skipped so far
         self._closed = False
         self._errors = 0
         self._auth_failures = 0
         self._sasl: Callable[[bytes], defer.Deferred | None] | None = None
+        self._sender: _MessageSender | None = None
+        self._login_timer: Any = None
+        rate = config.pop3.max_commands_per_second
+        self._tokens = float(rate)
+        self._tokens_at = clock.seconds()
+
+    # The hooks LimitedFactory replaces (mailsuite/listeners.py); no-ops for a bare protocol.
+    def on_progress(self) -> None:
+        pass
+
+    def on_authenticated(self) -> None:
+        pass
 
     # -- connection life ---------------------------------------------------------------------
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.client_ip = getattr(peer, "host", "-")
         self.setTimeout(self.config.limits.pop3_timeout)
+        if self.config.pop3.login_timeout > 0:
+            self._login_timer = self.clock.callLater(self.config.pop3.login_timeout,
+                                                     self._login_expired)
+        self.transport.registerProducer(self, True)
         log.info("pop3 connection from {client_ip} tls={tls}", client_ip=self.client_ip,
                  tls=self.tls)
         self.transport.write(replies.greeting(self.config.hostname))
@@ -231,6 +252,12 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.setTimeout(None)
+        self._cancel_login_timer()
+        self._buffer = bytearray()  # a pending backlog is freed now, not when the object goes
+        self._sasl = None
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.stop()
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
@@ -240,53 +267,157 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             if drop.deleted:
                 log.info("pop3 {user} dropped the connection: {n} messages marked for deletion "
                          "are kept", user=self.user, n=len(drop.deleted))
-            self.io(drop.lock.release)
+            self.io(drop.lock.release).addErrback(self._release_failed)
+
+    def _release_failed(self, failure: Failure) -> None:
+        log.error("pop3 {user}: releasing the maildrop lock failed: {error}", user=self.user,
+                  error=_describe(failure.value))
 
     def timeoutConnection(self) -> None:
         log.info("pop3 idle timeout for {client_ip}", client_ip=self.client_ip)
-        self.transport.write(replies.TIMEOUT)
-        self.transport.loseConnection()
+        self._close(replies.TIMEOUT)
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.state == "AUTHORIZATION" and not self._closed:
+            log.info("pop3 {client_ip} did not log in within {n} s: closing",
+                     client_ip=self.client_ip, n=self.config.pop3.login_timeout)
+            self._close(replies.LOGIN_TIMEOUT)
+
+    def _cancel_login_timer(self) -> None:
+        timer, self._login_timer = self._login_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _close(self, reply: bytes | None = None) -> None:
+        """Say why (if anything) and hang up; a client that does not read its replies is cut
+        off at once rather than left holding the connection until it reads."""
+        if self._closed:
+            return
+        if reply is not None:
+            self.send(reply)
+        self._closed = True
+        self._buffer = bytearray()
+        if self.output_paused:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._buffer = bytearray()
+            self.transport.abortConnection()
 
     def io(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         return self.io_pool.run(fn, *args)
 
+    # -- output flow control (IPushProducer, registered with the transport) ------------------
+    def pauseProducing(self) -> None:
+        self.output_paused = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        if self._closed:
+            return
+        self.output_paused = False
+        if self._sender is not None:
+            self._sender.resume()
+        elif not self._busy and self._buffer:
+            self.clock.callLater(0, self._process)
+        self._update_reading()
+
+    def stopProducing(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.stop()
+
     # -- input -------------------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
         self._buffer += data
         self._process()
+        if len(self._buffer) > MAX_PENDING and not self._closed:
+            # Only a client ignoring flow control gets here: reading stops while a command runs.
+            log.info("pop3 {client_ip} sent {n} octets ahead of the replies: closing",
+                     client_ip=self.client_ip, n=len(self._buffer))
+            self._close(replies.INPUT_OVERFLOW)
 
     def _process(self) -> None:
-        while not self._busy and not self._closed:
+        while not self._busy and not self._closed and not self.output_paused:
+            limit = MAX_SASL_LINE if self._sasl is not None else MAX_COMMAND_LINE
             idx = self._buffer.find(b"\n")
             if idx < 0:
-                if len(self._buffer) > MAX_LINE:
+                if len(self._buffer) > limit + 1:
+                    # An over-long line: skip it up to its end, then say so (once).
+                    self._discarding += len(self._buffer)
                     self._buffer.clear()
-                    self._discarding = True
-                return
+                    if self._discarding > MAX_DISCARD:
+                        log.info("pop3 {client_ip} sent a line of more than {n} octets: "
+                                 "closing", client_ip=self.client_ip, n=MAX_DISCARD)
+                        self._close(replies.LINE_TOO_LONG_CLOSING)
+                break
             line = bytes(self._buffer[:idx]).rstrip(b"\r")
             del self._buffer[: idx + 1]
-            if self._discarding or len(line) > MAX_LINE:
-                self._discarding = False
+            if self._discarding or len(line) > limit:
+                self._discarding = 0
+                # An over-long SASL response ends the exchange, so replies stay in step.
+                self._sasl = None
                 self._error(replies.LINE_TOO_LONG)
                 continue
+            if not self._within_rate():
+                log.info("pop3 {client_ip} sent more than {n} commands a second before login: "
+                         "closing", client_ip=self.client_ip,
+                         n=self.config.pop3.max_commands_per_second)
+                self._close(replies.TOO_FAST)
+                break
             self.resetTimeout()
             self._busy = True
-            try:
-                d = defer.maybeDeferred(self._line, line)
-            except Exception:  # pragma: no cover - maybeDeferred catches
-                d = defer.fail()
+            d = defer.maybeDeferred(self._line, line)
             d.addErrback(self._internal_error)
             d.addBoth(self._done)
+        self._update_reading()
+
+    def _within_rate(self) -> bool:
+        """A token bucket of max_commands_per_second before login (a burst of that many)."""
+        rate = self.config.pop3.max_commands_per_second
+        if self.state != "AUTHORIZATION" or rate <= 0:
+            return True
+        now = self.clock.seconds()
+        self._tokens = min(float(rate), self._tokens + (now - self._tokens_at) * rate)
+        self._tokens_at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+    def _update_reading(self) -> None:
+        """Read from the client only while nothing is waiting: no command running, output
+        flowing, no complete line left to handle. TCP's window then holds the client back."""
+        if self._closed or getattr(self.transport, "disconnecting", False):
+            return
+        pause = self._busy or self.output_paused or b"\n" in self._buffer
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
 
     def _done(self, _: None) -> None:
         self._busy = False
-        if self._buffer and not self._closed:
+        if self._closed:
+            return
+        self.on_progress()
+        if self._buffer:
             self.clock.callLater(0, self._process)
+        else:
+            self._update_reading()
 
     def _internal_error(self, failure: Failure) -> None:
         log.failure("pop3 command failed for {client_ip}", failure, client_ip=self.client_ip)
-        if not self._closed:
-            self.send(replies.err("[SYS/TEMP] Internal error"))
+        self.send(replies.INTERNAL_ERROR)
 
     def send(self, data: bytes) -> None:
         if not self._closed:
@@ -295,9 +426,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def _error(self, reply: bytes) -> None:
         self._errors += 1
         if self._errors >= MAX_ERRORS:
-            self.send(replies.TOO_MANY_ERRORS)
-            self.transport.loseConnection()
-            self._closed = True
+            self._close(replies.TOO_MANY_ERRORS)
             return
         self.send(reply)
 
@@ -335,9 +464,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def do_QUIT(self, arg: str) -> defer.Deferred | None:
         if self.state != "TRANSACTION" or self.drop is None:
-            self.send(replies.ok(replies.SIGNING_OFF))
-            self.transport.loseConnection()
-            self._closed = True
+            self._close(replies.ok(replies.SIGNING_OFF))
             return None
         drop, self.drop = self.drop, None
         self.state = "UPDATE"
@@ -351,14 +478,16 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         try:
             removed = yield self.io(_apply_update, drop.folder, uids, seen)
             log.info("pop3 {user} quit: removed {n} messages", user=self.user, n=len(removed))
-        except Exception:
-            log.failure("pop3 update for {user} failed", user=self.user)
+        except Exception as e:
+            log.error("pop3 update for {user} failed: {error}", user=self.user,
+                      error=_describe(e))
             ok = False
-        finally:
+        try:
             yield self.io(drop.lock.release)
-        self.send(replies.ok(replies.SIGNING_OFF) if ok else replies.UPDATE_FAILED)
-        self.transport.loseConnection()
-        self._closed = True
+        except Exception as e:
+            log.error("pop3 {user}: releasing the maildrop lock failed: {error}",
+                      user=self.user, error=_describe(e))
+        self._close(replies.ok(replies.SIGNING_OFF) if ok else replies.UPDATE_FAILED)
 
     # -- AUTHORIZATION -----------------------------------------------------------------------
     def do_STLS(self, arg: str) -> None:
@@ -373,7 +502,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             log.info("discarded {n} octets pipelined after STLS from {client_ip}",
                      n=len(self._buffer), client_ip=self.client_ip)
             self._buffer.clear()
-        self._discarding = False
+        self._discarding = 0
         transport.startTLS(self.tls_material.server_context())
         self.tls = True
         self.pending_user = None
@@ -440,15 +569,20 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                      client_ip=self.client_ip)
             self._failed_login()
             return
-        except DirectoryUnavailable:
+        except DirectoryUnavailable as e:
+            log.warn("pop3 login for {user!r} from {client_ip}: directory unavailable: {error}",
+                     user=user[:100], client_ip=self.client_ip, error=str(e)[:200])
             self.send(replies.DIRECTORY_DOWN)
             return
         if self._closed:
             return
         try:
             drop = yield self.io(_open_maildrop, self.mailstore, address)
-        except Exception:
-            log.failure("pop3 could not open the maildrop of {user}", user=address)
+        except Exception as e:
+            # A mailbox that cannot be read (I/O error, permissions, full disk for the index)
+            # is the environment's fault: one line, and the client may try later.
+            log.error("pop3 could not open the maildrop of {user}: {error}", user=address,
+                      error=_describe(e))
             self.send(replies.MAILDROP_ERROR)
             return
         if drop is None:
@@ -462,6 +596,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.drop = drop
         self.user = address
         self.state = "TRANSACTION"
+        self._cancel_login_timer()
+        self.on_authenticated()
         total = sum(m.size for m in drop.messages)
         log.info("pop3 login {user} from {client_ip}: {n} messages", user=address,
                  client_ip=self.client_ip, n=len(drop.messages))
@@ -470,9 +606,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def _failed_login(self) -> None:
         self._auth_failures += 1
         if self._auth_failures >= self.config.limits.max_auth_failures:
-            self.send(replies.TOO_MANY_FAILURES)
-            self.transport.loseConnection()
-            self._closed = True
+            self._close(replies.TOO_MANY_FAILURES)
             return
         self.send(replies.AUTH_FAILED)
 
@@ -550,17 +684,25 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                       retr_n: int | None) -> Generator[defer.Deferred, Any, None]:
         try:
             f = yield self.io(_open_for_sending, self.drop.folder, info, top_lines)
-        except Exception as e:
-            log.info("pop3 {user}: cannot open message {uid}: {error}", user=self.user,
-                     uid=info.uid, error=str(e))
+        except NoSuchMessage:
+            log.info("pop3 {user}: message {uid} was removed meanwhile", user=self.user,
+                     uid=info.uid)
             self.send(replies.MESSAGE_GONE)
+            return
+        except Exception as e:
+            log.error("pop3 {user}: cannot open message {uid}: {error}", user=self.user,
+                      uid=info.uid, error=_describe(e))
+            self.send(replies.READ_ERROR)
             return
         if self._closed:
             self.io(f.close)
             return
         self.send(replies.ok(f"{info.size} octets") if top_lines is None else replies.ok())
-        yield _MessageSender(self, f).start()
-        if retr_n is not None and self.drop is not None:
+        self._sender = sender = _MessageSender(self, f)
+        yield sender.start()
+        if self._sender is sender:
+            self._sender = None
+        if retr_n is not None and self.drop is not None and not self._closed:
             self.drop.retrieved.add(retr_n)
 
 
@@ -581,6 +723,12 @@ _STATES: dict[str, tuple[str, ...]] = {
     "RETR": ("TRANSACTION",),
     "TOP": ("TRANSACTION",),
 }
+
+
+def _describe(error: BaseException) -> str:
+    """An exception in one log line: its class and message, never a traceback."""
+    text = str(error).replace("\n", " ")[:300]
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def uidl(key: str) -> str:
