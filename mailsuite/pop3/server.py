@@ -393,11 +393,13 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         return True
 
     def _update_reading(self) -> None:
-        """Read from the client only while nothing is waiting: no command running, output
-        flowing, no complete line left to handle. TCP's window then holds the client back."""
+        """Read from the client only while nothing waits: no command running and no complete
+        line left to handle (a paused output leaves lines waiting). TCP's window then holds the
+        client back. A paused output alone does not stop reading: TLS may need to read before
+        it can write (the greeting is written before the handshake of pop3s)."""
         if self._closed or getattr(self.transport, "disconnecting", False):
             return
-        pause = self._busy or self.output_paused or b"\n" in self._buffer
+        pause = self._busy or b"\n" in self._buffer
         if pause != self._reading_paused:
             self._reading_paused = pause
             if pause:

@@ -30,10 +30,16 @@ def plain(user: str, password: str = PASSWORD, authzid: str = "") -> str:
 
 
 class Pop3World:
-    def __init__(self, mail_dir: str, **limits: Any):
+    """`limits` are [limits] keys; `pop3` sets [pop3] keys; `latency` delays the directory's
+    answers by that many clock seconds (like SQL in a thread pool)."""
+
+    def __init__(self, mail_dir: str, pop3: dict[str, Any] | None = None, latency: float = 0.0,
+                 **limits: Any):
         self.clock = task.Clock()
         self.config = unit_config(**limits)
-        self.directory = FakeDirectory(self.clock,
+        for key, value in (pop3 or {}).items():
+            setattr(self.config.pop3, key, value)
+        self.directory = FakeDirectory(self.clock, latency=latency,
                                        auth_failure_delay=self.config.limits.auth_failure_delay)
         self.store = MailStore(mail_dir)
         self.mail_dir = mail_dir
@@ -58,11 +64,13 @@ class Pop3World:
         os.rename(os.path.join(md, "tmp", key), os.path.join(md, "new", key))
         return key
 
-    def connect(self, port: str = "pop3s", ip: str = "127.0.0.1") -> "Pop3Client":
-        return Pop3Client(self.factories[port], self.clock, ip)
+    def connect(self, port: str = "pop3s", ip: str = "127.0.0.1",
+                buffer_size: int | None = None) -> "Pop3Client":
+        return Pop3Client(self.factories[port], self.clock, ip, buffer_size)
 
-    def login(self, address: str = USERS[0], port: str = "pop3s") -> "Pop3Client":
-        c = self.connect(port)
+    def login(self, address: str = USERS[0], port: str = "pop3s",
+              buffer_size: int | None = None) -> "Pop3Client":
+        c = self.connect(port, buffer_size=buffer_size)
         assert c.line().startswith(b"+OK")
         if port == "pop3":
             c.command("STLS")
@@ -71,12 +79,44 @@ class Pop3World:
         return c
 
 
+class FlowTransport(TLSStringTransport):
+    """Pauses its streaming producer when more than `buffer_size` octets wait to be read, like
+    a TCP transport whose client does not read (twisted.internet.abstract.FileDescriptor);
+    `drain()` is the client reading everything, which resumes the producer."""
+
+    def __init__(self, buffer_size: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.buffer_size = buffer_size
+        self.producer_paused = False
+        self.peak = 0
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        size = len(self.io.getvalue())
+        self.peak = max(self.peak, size)
+        if (size > self.buffer_size and self.producer is not None and self.streaming
+                and not self.producer_paused):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def drain(self) -> bytes:
+        data = self.value()
+        self.clear()
+        if self.producer_paused and self.producer is not None:
+            self.producer_paused = False
+            self.producer.resumeProducing()
+        return data
+
+
 class Pop3Client:
     step = 0.05
 
-    def __init__(self, factory: ServerFactory, clock: task.Clock, ip: str):
+    def __init__(self, factory: ServerFactory, clock: task.Clock, ip: str,
+                 buffer_size: int | None = None):
         self.clock = clock
-        self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", ip, 40000))
+        address = IPv4Address("TCP", ip, 40000)
+        self.transport = (TLSStringTransport(peerAddress=address) if buffer_size is None
+                          else FlowTransport(buffer_size, peerAddress=address))
         self.proto: Protocol = factory.buildProtocol(self.transport.getPeer())
         self.proto.makeConnection(self.transport)
         self.buf = b""  # an incomplete last line
@@ -109,11 +149,20 @@ class Pop3Client:
     def retr_bytes(self, n: int) -> bytes:
         """RETR n, un-stuffed like poplib does, each line ending with CRLF."""
         assert self.command(f"RETR {n}").startswith(b"+OK")
+        return self.retr_bytes_after_command()
+
+    def retr_bytes_after_command(self) -> bytes:
+        """The next RETR response (already asked for, e.g. pipelined), un-stuffed."""
+        assert self.line().startswith(b"+OK")
         return b"".join((l[1:] if l.startswith(b"..") else l) + b"\r\n" for l in self.multiline())
 
     def _take(self) -> None:
-        *complete, self.buf = (self.buf + self.transport.value()).split(b"\r\n")
-        self.transport.clear()
+        if isinstance(self.transport, FlowTransport):
+            data = self.transport.drain()
+        else:
+            data = self.transport.value()
+            self.transport.clear()
+        *complete, self.buf = (self.buf + data).split(b"\r\n")
         self.lines.extend(complete)
 
     def unread(self) -> bytes:
