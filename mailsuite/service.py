@@ -79,7 +79,7 @@ def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
 def _build_autoconfig(parts: Parts) -> Any:
     from mailsuite import autoconfig
 
-    return autoconfig.server_factory(parts.config, parts.directory)
+    return autoconfig.server_factory(parts.config, parts.directory, parts.reactor)
 
 
 # listen-key -> (builder, its keyword arguments, implicit TLS?)

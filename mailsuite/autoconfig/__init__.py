@@ -1,7 +1,7 @@
 """Client autoconfiguration: the HTTP listener that tells mail clients their settings, the DNS
 records to publish (`mailsuite dns`), and the first-run message.
 
-service.py calls `server_factory(config, directory)` for the `[listen] autoconfig` endpoint and
+service.py calls `server_factory(config, directory, clock)` for the `[listen] autoconfig` endpoint and
 `first_run_message(config)` once at start-up.
 """
 from __future__ import annotations
@@ -13,18 +13,22 @@ from twisted.logger import Logger
 from mailsuite.config import Config
 
 if TYPE_CHECKING:
+    from twisted.internet.interfaces import IReactorTime
+
     from mailsuite.directory.api import DirectoryService
 
 log = Logger()
 
 
-def server_factory(config: Config, directory: "DirectoryService") -> Any:
-    """The twisted.web Site answering Mozilla autoconfig, Autodiscover and Apple profiles."""
+def server_factory(config: Config, directory: "DirectoryService",
+                   clock: "IReactorTime | None" = None) -> Any:
+    """The factory of the listener answering Mozilla autoconfig, Autodiscover and Apple
+    profiles: a twisted.web Site behind the connection limits (docs/design/autoconfig.md)."""
     from mailsuite.autoconfig.records import mta_sts_policy
-    from mailsuite.autoconfig.web import build_site
+    from mailsuite.autoconfig.web import build_factory
 
     mta_sts_policy(config)  # a wrong [dns] mta_sts_mode stops start-up with one line
-    return build_site(config, directory)
+    return build_factory(config, directory, clock)
 
 
 def first_run_message(config: Config) -> str | None:

@@ -11,6 +11,11 @@ Routes (paths are matched case-insensitively: Outlook spells Autodiscover both w
 
 Only hosted domains are answered (404 otherwise, so the listener does not tell strangers which
 addresses exist beyond what DNS already says); a malformed request gets 400 and a log line.
+
+The listener faces the internet before anyone logs in (there is no login at all), so everything
+a client can make it hold is bounded (docs/design/autoconfig.md): connections per listener and
+per client through mailsuite.listeners.LimitedFactory, the time to send a whole request, the
+request line, the number and size of headers, the body, and one request at a time.
 """
 from __future__ import annotations
 
@@ -19,8 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 from urllib.parse import quote, urlsplit
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
 from mailsuite.autoconfig import documents
@@ -28,11 +35,27 @@ from mailsuite.autoconfig.records import mta_sts_policy
 from mailsuite.autoconfig.settings import client_servers, parse_address, valid_domain
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 
 log = Logger()
 
+# docs/design/autoconfig.md, "Limits": what one connection may make the listener hold.
 MAX_BODY = 64 * 1024  # an Autodiscover request is a few hundred bytes
-REQUEST_TIMEOUT = 60  # seconds of silence before the connection is dropped
+MAX_DROPPED_BODY = 4 * MAX_BODY  # body octets skipped after MAX_BODY before we hang up with 413
+REQUEST_TIMEOUT = 10  # seconds to send a whole request (line, headers, body); also keep-alive idle
+MAX_LINE = 4096  # the request line and each header line
+MAX_HEADERS = 40
+MAX_HEADER_BYTES = 8192  # the request line and all headers together
+# A client asks for one document and leaves: a handful of connections per client is plenty, and
+# the listener's share stays small whatever [limits] allows the mail listeners.
+MAX_CONNECTIONS = 128
+MAX_CONNECTIONS_PER_IP = 8
+
+_UNAVAILABLE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                b"Retry-After: 60\r\nConnection: close\r\n\r\n")
+_TIMEOUT = b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+_TOO_LARGE = (b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 0\r\n"
+              b"Connection: close\r\n\r\n")
 
 
 @dataclass
@@ -47,22 +70,155 @@ class BadRequest(Exception):
     """A request we cannot answer: 400 and the reason (also logged)."""
 
 
-def build_site(config: Config, directory: DirectoryService) -> server.Site:
-    site = server.Site(ClientConfigResource(config, directory), timeout=REQUEST_TIMEOUT)
+def build_factory(config: Config, directory: DirectoryService,
+                  clock: IReactorTime | None = None) -> LimitedFactory:
+    """The listener's factory: the Site behind the connection limits every listener has. Over a
+    limit the client gets 503 and is hung up on without its request being read."""
+    site = build_site(config, directory, clock)
+    limits = config.limits
+    counter = ConnectionCounter(min(limits.max_connections, MAX_CONNECTIONS),
+                                min(limits.max_connections_per_ip, MAX_CONNECTIONS_PER_IP))
+
+    def build(addr: Any) -> _Connection:
+        return _Connection(site, addr)
+
+    return _SiteFactory(site, "autoconfig", counter, Refusal(_UNAVAILABLE, _UNAVAILABLE), build)
+
+
+def build_site(config: Config, directory: DirectoryService,
+               clock: IReactorTime | None = None) -> server.Site:
+    # No twisted.web idle timer: _Channel's request deadline covers idle connections too.
+    site = server.Site(ClientConfigResource(config, directory), timeout=None, reactor=clock)
+    site.protocol = _Channel  # HTTP/1.1 only, with our limits (no HTTP/2 negotiation)
     site.requestFactory = _LimitedRequest
     site.displayTracebacks = False  # errors are logged; clients get a plain status line
     site.noisy = False
     return site
 
 
+class _SiteFactory(LimitedFactory):
+    """LimitedFactory for the Site: the Site's access log starts and stops with the port."""
+
+    def __init__(self, site: server.Site, *args: Any):
+        super().__init__(*args)
+        self.site = site
+
+    def startFactory(self) -> None:
+        self.site.doStart()
+
+    def stopFactory(self) -> None:
+        self.site.doStop()
+
+
+class _Connection(protocol.Protocol):
+    """What LimitedFactory counts and gives the listener hooks to: it hands the bytes to the
+    Site's HTTP channel, which writes to the transport itself."""
+
+    on_close: Any = None
+
+    def __init__(self, site: server.Site, addr: Any):
+        self.channel: _Channel = site.buildProtocol(addr)
+        self.channel.connection = self
+
+    # The hooks LimitedFactory replaces (mailsuite/listeners.py); no-ops for a bare connection.
+    def on_progress(self) -> None:
+        pass
+
+    def on_authenticated(self) -> None:
+        pass
+
+    def connectionMade(self) -> None:
+        self.channel.makeConnection(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.channel.dataReceived(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        try:
+            self.channel.connectionLost(reason)
+        finally:
+            self.channel.connection = None
+            on_close, self.on_close = self.on_close, None
+            if on_close is not None:
+                on_close()
+
+
+class _Channel(http.HTTPChannel):
+    """HTTPChannel with small bounds and a deadline for each request.
+
+    twisted.web already answers 400 and hangs up over MAX_LENGTH, maxHeaders and
+    totalHeadersSize, and stops reading once 16 KiB wait behind the request being answered (one
+    request in flight). Its idle timeout restarts with every byte, which a slowloris client
+    feeds one byte at a time: the deadline here does not."""
+
+    MAX_LENGTH = MAX_LINE
+    maxHeaders = MAX_HEADERS
+    totalHeadersSize = MAX_HEADER_BYTES
+    connection: _Connection | None = None
+    _deadline: Any = None
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self._arm()
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: server.Request) -> None:
+        # Armed before the buffered next request is replayed, which may complete it at once.
+        self._arm()
+        super().requestDone(request)
+        if self.connection is not None:
+            self.connection.on_progress()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # LineReceiver would hang up without a word; say 400 like the other head limits.
+        log.info("autoconfig: {client} sent a request line or header over {n} octets",
+                 client=_peer(self), n=MAX_LINE)
+        self._respondToBadRequestAndDisconnect()
+
+    def refuse_body(self) -> None:
+        log.info("autoconfig: {client} sent a body of more than {n} octets: closing",
+                 client=_peer(self), n=MAX_BODY + MAX_DROPPED_BODY)
+        self._disarm()
+        self.transport.write(_TOO_LARGE)
+        self.transport.loseConnection()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.callLater(REQUEST_TIMEOUT, self._too_slow)
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        log.info("autoconfig: {client} sent no complete request within {n} s: closing",
+                 client=_peer(self), n=REQUEST_TIMEOUT)
+        self.transport.write(_TIMEOUT)
+        self.transport.loseConnection()
+
+
 class _LimitedRequest(server.Request):
-    """Drops request bodies beyond MAX_BODY instead of spooling them to disk (413 later)."""
+    """Drops request bodies beyond MAX_BODY instead of spooling them to disk (413 later); a
+    client that goes on sending well beyond is hung up on."""
 
     too_large = False
+    _dropped = 0
 
     def handleContentChunk(self, data: bytes) -> None:
         if self.too_large or self.content.tell() + len(data) > MAX_BODY:
             self.too_large = True
+            self._dropped += len(data)
+            if self._dropped > MAX_DROPPED_BODY and isinstance(self.channel, _Channel):
+                self.channel.refuse_body()
             return
         super().handleContentChunk(data)
 
@@ -241,6 +397,12 @@ def _host(request: server.Request) -> str:
         return raw.decode("ascii").lower().rstrip(".")
     except UnicodeDecodeError:
         return ""
+
+
+def _peer(channel: http.HTTPChannel) -> str:
+    transport = channel.transport
+    peer = transport.getPeer() if transport is not None else None
+    return getattr(peer, "host", str(peer))
 
 
 def _client(request: server.Request) -> str:
