@@ -224,6 +224,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._auth_failures = 0
         self._sasl: Callable[[bytes], defer.Deferred | None] | None = None
         self._sender: _MessageSender | None = None
+        self._in_process = False  # _process's loop is running (it picks up the next line)
+        self._process_call: Any = None  # a _process scheduled on the clock
         self._login_timer: Any = None
         rate = config.pop3.max_commands_per_second
         self._tokens = float(rate)
@@ -255,6 +257,9 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._cancel_login_timer()
         self._buffer = bytearray()  # a pending backlog is freed now, not when the object goes
         self._sasl = None
+        call, self._process_call = self._process_call, None
+        if call is not None and call.active():
+            call.cancel()
         sender, self._sender = self._sender, None
         if sender is not None:
             sender.stop()
@@ -324,7 +329,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         if self._sender is not None:
             self._sender.resume()
         elif not self._busy and self._buffer:
-            self.clock.callLater(0, self._process)
+            self._schedule_process()
         self._update_reading()
 
     def stopProducing(self) -> None:
@@ -344,7 +349,23 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                      client_ip=self.client_ip, n=len(self._buffer))
             self._close(replies.INPUT_OVERFLOW)
 
+    def _schedule_process(self) -> None:
+        if self._process_call is None:
+            self._process_call = self.clock.callLater(0, self._scheduled_process)
+
+    def _scheduled_process(self) -> None:
+        self._process_call = None
+        self._process()
+
     def _process(self) -> None:
+        self._in_process = True
+        try:
+            self._process_lines()
+        finally:
+            self._in_process = False
+        self._update_reading()
+
+    def _process_lines(self) -> None:
         while not self._busy and not self._closed and not self.output_paused:
             limit = MAX_SASL_LINE if self._sasl is not None else MAX_COMMAND_LINE
             idx = self._buffer.find(b"\n")
@@ -377,7 +398,6 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             d = defer.maybeDeferred(self._line, line)
             d.addErrback(self._internal_error)
             d.addBoth(self._done)
-        self._update_reading()
 
     def _within_rate(self) -> bool:
         """A token bucket of max_commands_per_second before login (a burst of that many)."""
@@ -412,8 +432,10 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         if self._closed:
             return
         self.on_progress()
+        if self._in_process:
+            return  # finished at once: the loop in _process takes the next line
         if self._buffer:
-            self.clock.callLater(0, self._process)
+            self._schedule_process()
         else:
             self._update_reading()
 

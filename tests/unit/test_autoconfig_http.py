@@ -280,13 +280,13 @@ def requests(draw) -> bytes:
     return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(requests(), min_size=1, max_size=3), st.integers(1, 5))
 def test_fuzz_requests(reqs, chunks):
     check(Web(), b"".join(reqs), chunks)
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=3000))
 def test_fuzz_raw_bytes(data):
     check(Web(), data)
