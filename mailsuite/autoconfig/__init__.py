@@ -1,8 +1,8 @@
 """Client autoconfiguration: the HTTP listener that tells mail clients their settings, the DNS
 records to publish (`mailsuite dns`), and the first-run message.
 
-service.py calls `server_factory(config, directory, clock)` for the `[listen] autoconfig` endpoint and
-`first_run_message(config)` once at start-up.
+service.py calls `server_factory(config, directory, clock)` for the `[listen] autoconfig`
+endpoint and `first_run_message(config)` once at start-up.
 """
 from __future__ import annotations
 

@@ -89,7 +89,8 @@ def build_site(config: Config, directory: DirectoryService,
                clock: IReactorTime | None = None) -> server.Site:
     # No twisted.web idle timer: _Channel's request deadline covers idle connections too.
     site = server.Site(ClientConfigResource(config, directory), timeout=None, reactor=clock)
-    site.protocol = _Channel  # HTTP/1.1 only, with our limits (no HTTP/2 negotiation)
+    # HTTP/1.x only, with our limits (no HTTP/2 negotiation).
+    site.protocol = _Channel  # type: ignore[assignment,method-assign]
     site.requestFactory = _LimitedRequest
     site.displayTracebacks = False  # errors are logged; clients get a plain status line
     site.noisy = False
@@ -172,7 +173,7 @@ class _Channel(http.HTTPChannel):
         if self.connection is not None:
             self.connection.on_progress()
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._disarm()
         super().connectionLost(reason)
 

@@ -234,7 +234,8 @@ def test_corpus(name):
 
 tokens = st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"OPTIONS", b"get", b"G\x00T", b""])
 paths = st.one_of(
-    st.sampled_from([b"/", b"/mail/config-v1.1.xml", b"/.well-known/autoconfig/mail/config-v1.1.xml",
+    st.sampled_from([b"/", b"/mail/config-v1.1.xml",
+                     b"/.well-known/autoconfig/mail/config-v1.1.xml",
                      b"/autodiscover/autodiscover.xml", b"/Autodiscover/Autodiscover.xml",
                      b"/apple/mailsuite.mobileconfig", b"/.well-known/mta-sts.txt",
                      b"http://autoconfig.example.org/mail/config-v1.1.xml", b"*", b"//..//"]),
