@@ -72,9 +72,18 @@ def parse_headers(buf: Buffer, start: int, end: int) -> list[tuple[bytes, int, i
     return fields
 
 
+# A hostile message may nest multiparts or message/rfc822 parts thousands deep, or hold
+# millions of tiny parts: deeper or further parts stay opaque (docs/design/imap.md, "Limits").
+MAX_DEPTH = 50
+MAX_PARTS = 5000  # parts of one message
+
+
 def parse(buf: Buffer, start: int = 0, end: Optional[int] = None, default_type: bytes = b"text/plain",
-          depth: int = 0) -> Part:
+          depth: int = 0, budget: Optional[list[int]] = None) -> Part:
     """The MIME tree of the entity buf[start:end]."""
+    if budget is None:
+        budget = [MAX_PARTS]
+    budget[0] -= 1
     if end is None:
         end = len(buf)
     hend = header_end(buf, start, end)
@@ -85,20 +94,23 @@ def parse(buf: Buffer, start: int = 0, end: Optional[int] = None, default_type: 
         # RFC 2045 §5.2: text without a charset is us-ascii (clients expect it in BODYSTRUCTURE).
         params = params + [(b"charset", b"us-ascii")]
     part.maintype, part.subtype, part.params = maintype, subtype, params
-    if depth > 50:  # a hostile nesting depth: stop descending, the rest stays opaque
+    if depth >= MAX_DEPTH or budget[0] <= 0:
         return part
     if maintype == b"multipart":
         boundary = param(params, b"boundary")
         if boundary:
             child_default = b"message/rfc822" if subtype == b"digest" else b"text/plain"
-            for s, e in split_multipart(buf, hend, end, boundary):
-                part.children.append(parse(buf, s, e, child_default, depth + 1))
+            for s, e in split_multipart(buf, hend, end, boundary, budget[0]):
+                if budget[0] <= 0:
+                    break
+                part.children.append(parse(buf, s, e, child_default, depth + 1, budget))
     elif maintype == b"message" and subtype in (b"rfc822", b"global"):
-        part.message = parse(buf, hend, end, b"text/plain", depth + 1)
+        part.message = parse(buf, hend, end, b"text/plain", depth + 1, budget)
     return part
 
 
-def split_multipart(buf: Buffer, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+def split_multipart(buf: Buffer, start: int, end: int, boundary: bytes,
+                    limit: int = MAX_PARTS) -> list[tuple[int, int]]:
     """Body ranges of the parts between boundary lines (RFC 2046 §5.1.1).
 
     The CRLF before a delimiter line belongs to the delimiter, not to the preceding part.
@@ -107,6 +119,9 @@ def split_multipart(buf: Buffer, start: int, end: int, boundary: bytes) -> list[
     parts: list[tuple[int, int]] = []
     current: Optional[int] = None
     for m in delim.finditer(buf, start, end):
+        if len(parts) >= limit:
+            current = None
+            break
         if current is not None:
             stop = m.start()
             if stop > current and buf[stop - 1:stop] == b"\n":

@@ -18,6 +18,7 @@ from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import SequenceSet, Token, astring, sequence_set
 from mailsuite.imap.responses import bad, no
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.maildir import MAX_KEYWORDS
 from mailsuite.mailbox.store import Folder, MailboxError, MessageInfo, NoSuchFolder
 
 log = Logger()
@@ -206,7 +207,9 @@ class SelectionCommands(Session):
         """The untagged data of SELECT (RFC 3501 §6.3.1)."""
         flags = list(SYSTEM_FLAGS) + [k for k in st.keywords if k not in SYSTEM_FLAGS]
         self.send(b"* FLAGS " + flag_list(flags))
-        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + ["\\*"]) + b"] flags permitted")
+        # \* only while the folder has room for another keyword (RFC 3501 §7.1, PERMANENTFLAGS).
+        room = ["\\*"] if len(st.keywords) < MAX_KEYWORDS else []
+        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + room) + b"] flags permitted")
         self.send(b"* %d EXISTS" % len(sel))
         self.send(b"* %d RECENT" % len(sel.recent))
         for seq, info in sel.infos():
