@@ -60,7 +60,7 @@ class LiteralSpool:
             elif self.discarded or self.file is None:
                 d.errback(Failure(OSError("the spooled literal is gone")))
             else:
-                self.pool.run(self.file.seek, 0).chainDeferred(d)
+                self.pool.run(self._rewind).chainDeferred(d)
         self._chain.addBoth(done)
         return d
 
@@ -101,6 +101,12 @@ class LiteralSpool:
     def _open(self) -> None:
         fd, self.path = tempfile.mkstemp(prefix="imap-append.", suffix=".part", dir=self.directory)
         self.file = os.fdopen(fd, "w+b")
+
+    def _rewind(self) -> BinaryIO:
+        assert self.file is not None
+        self.file.flush()
+        self.file.seek(0)
+        return self.file
 
     def _remove(self) -> None:
         if self.file is not None:
