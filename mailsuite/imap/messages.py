@@ -219,4 +219,6 @@ def search_batch(program: searchmod.Node, cands: list[searchmod.Candidate], max_
                 hits.append(c.uid)
         except (NoSuchMessage, OSError):
             continue
+        finally:
+            c._raw = None  # one message file in memory at a time, not a batch of them
     return hits
