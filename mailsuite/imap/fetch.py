@@ -49,6 +49,7 @@ class WriteGate:
     def __init__(self) -> None:
         self.paused = False
         self.stopped = False
+        self.resumes = 0  # how often the client made room: a stalled client makes none
         self._waiters: list[defer.Deferred] = []
 
     def pauseProducing(self) -> None:
@@ -56,6 +57,7 @@ class WriteGate:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.resumes += 1
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)

@@ -131,6 +131,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self._window_count = 0
         self._login_call: Optional[IDelayedCall] = None
         self._resume_call: Optional[IDelayedCall] = None
+        self._resumes_seen = -1  # the gate's resume count at the last timeout
 
     # -- connection ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -172,9 +173,12 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.idle_wakeup()
 
     def timeoutConnection(self) -> None:
-        if self.busy and self.idling is None:
-            # A long FETCH is streaming to a slow client: that is activity, not idleness.
-            self.resetTimeout()
+        if self.busy and self.idling is None and (
+                not self.gate.paused or self.gate.resumes != self._resumes_seen):
+            # A long FETCH is streaming to a slow client: that is activity, not idleness. A
+            # client that has read nothing for a whole timeout period is idle, though.
+            self._resumes_seen = self.gate.resumes
+            self.setTimeout(self.timeOut)  # re-arm: resetTimeout does nothing once it fired
             return
         self.send(b"* BYE autologout; idle for too long")
         self.hangup()
@@ -655,9 +659,9 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
                 self.closed = True
                 return None
             raise no("authentication failed", R.AUTHENTICATIONFAILED)
-        self.user = canonical
-        self.account = self.mailstore.account(canonical)
-        yield self.io(self.account.ensure_layout)  # first login creates Sent, Drafts, ...
+        account = self.mailstore.account(canonical)
+        yield self.io(account.ensure_layout)  # first login creates Sent, Drafts, ...
+        self.user, self.account = canonical, account
         self.state = "auth"
         self.MAX_LENGTH = MAX_LINE
         if self._login_call is not None and self._login_call.active():
@@ -677,6 +681,8 @@ def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> 
              error=f"{type(e).__name__}: {e}"[:300])
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return R.code(R.OVERQUOTA) + b"no space left for the message, try again later"
+    if e.errno == errno.ENAMETOOLONG:
+        return R.code(R.CANNOT) + b"name too long"
     return R.code(R.UNAVAILABLE) + b"temporary failure of the mail store, try again later"
 
 

@@ -220,3 +220,36 @@ def test_fetch_of_big_bodies_waits_for_the_client(world):
         c.pending()
         c.proto.gate.pauseProducing()
     assert b"f199 OK" in c.buf
+
+
+def test_a_client_that_reads_nothing_for_a_timeout_period_is_closed(world):
+    big = simple("big", body="x" * 600 * 1024 + "\r\n")
+    world.append("alice@example.org", "", big)
+    c = world.connect()
+    c.cmd(b"s SELECT INBOX")
+    c.proto.gate.pauseProducing()
+    c.send(b"f FETCH 1 BODY.PEEK[]\r\n")
+    timeout = world.config.limits.imap_timeout
+    c.clock.advance(timeout)
+    assert not c.disconnected  # a FETCH in progress is given the benefit of the doubt once
+    c.clock.advance(timeout)
+    assert c.disconnected and b"* BYE" in c.pending()
+
+
+def test_a_slow_but_reading_client_is_not_closed(world):
+    big = simple("big", body="x" * 600 * 1024 + "\r\n")
+    world.append("alice@example.org", "", big)
+    c = world.connect()
+    c.cmd(b"s SELECT INBOX")
+    write = c.transport.write
+
+    def write_and_fill(data: bytes) -> None:  # every write fills the transport's buffer
+        write(data)
+        c.proto.gate.pauseProducing()
+    c.transport.write = write_and_fill
+    c.send(b"f FETCH 1 BODY.PEEK[]\r\n")
+    timeout = world.config.limits.imap_timeout
+    for _ in range(4):
+        c.clock.advance(timeout - 1)
+        c.proto.gate.resumeProducing()  # it read a little
+    assert not c.disconnected and c.proto.busy
