@@ -11,7 +11,7 @@ import calendar
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 class ParseError(Exception):
@@ -30,7 +30,7 @@ class FileLiteral(Str):
     """A literal spooled to a file instead of memory (APPEND, docs/design/imap.md, "Lines and
     literals"): empty as bytes; `spool` holds the file, `size` its length."""
 
-    spool: object = None
+    spool: Any = None  # a spool.LiteralSpool
     size: int = 0
 
 

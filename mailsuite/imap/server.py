@@ -147,7 +147,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
     on_close: Optional[Callable[[], None]] = None  # set by LimitedFactory: gives the per-IP slot back
 
     def on_progress(self) -> None:
-        """Called after each complete command; LimitedFactory replaces it (mailsuite/listeners.py)."""
+        """Called after each complete command; LimitedFactory replaces it (listeners.py)."""
 
     def on_authenticated(self) -> None:
         """Called once after a successful login; LimitedFactory replaces it."""

@@ -101,7 +101,8 @@ def serve_normal_client(srv, user: str = "bob@example.org", source: str = "127.0
     try:
         r = Raw(srv, login_as=None, source=source)
         try:
-            if not tagged(r.cmd(b"L LOGIN " + user.encode() + b" " + PASSWORD.encode())).startswith(b"L OK"):
+            login = r.cmd(b"L LOGIN " + user.encode() + b" " + PASSWORD.encode())
+            if not tagged(login).startswith(b"L OK"):
                 return False
             msg = b"Subject: normal\r\n\r\nstill served\r\n"
             if not tagged(r.cmd(b"A APPEND INBOX {%d+}\r\n" % len(msg) + msg)).startswith(b"A OK"):

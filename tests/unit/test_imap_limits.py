@@ -177,7 +177,8 @@ def test_hooks_progress_and_authenticated(world):
 # -- environment faults -------------------------------------------------------------------------
 
 def test_login_during_directory_outage_is_unavailable_in_one_line(world):
-    world.directory.authenticate = lambda *a, **k: defer.fail(DirectoryUnavailable("database is down"))
+    down = DirectoryUnavailable("database is down")
+    world.directory.authenticate = lambda *a, **k: defer.fail(down)
     c = _preauth(world)
     with capturedLogs() as events:
         resp = c.cmd(b"a LOGIN alice@example.org " + PASSWORD.encode())
