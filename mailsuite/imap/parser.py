@@ -143,17 +143,37 @@ class SequenceSet:
             out.append((lo, hi))
         return out
 
+    def merged(self, largest: int) -> list[tuple[int, int]]:
+        """The resolved ranges sorted and coalesced: `1:*,1:*,...` a thousand times is one
+        range, so SEARCH and FETCH cost no more than for the set written plainly."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.resolve(largest)):
+            if out and lo <= out[-1][1] + 1:
+                if hi > out[-1][1]:
+                    out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
+
     def contains(self, n: int, largest: int) -> bool:
-        return any(lo <= n <= hi for lo, hi in self.resolve(largest))
+        cached = self._cache
+        if cached is None or cached[0] != largest:
+            merged = self.merged(largest)
+            cached = self._cache = (largest, [lo for lo, _ in merged], merged)
+        i = bisect.bisect_right(cached[1], n) - 1
+        return i >= 0 and n <= cached[2][i][1]
 
     def select(self, values: list[int], largest: int) -> list[int]:
         """Members of the ascending list `values` inside the set (each once, ascending)."""
-        picked: set[int] = set()
-        for lo, hi in self.resolve(largest):
+        picked: list[int] = []
+        for lo, hi in self.merged(largest):
             i = bisect.bisect_left(values, lo)
             j = bisect.bisect_right(values, hi)
-            picked.update(values[i:j])
-        return sorted(picked)
+            picked.extend(values[i:j])
+        return picked
+
+    _cache: Optional[tuple[int, list[int], list[tuple[int, int]]]] = field(
+        default=None, repr=False, compare=False)
 
 
 _SEQ_RANGE = re.compile(rb"^(\d+|\*)(?::(\d+|\*))?$")

@@ -77,25 +77,26 @@ class Selection:
 
     def select_uids(self, s: SequenceSet) -> list[int]:
         """UIDs of the messages a UID set names, ascending."""
-        picked: set[int] = set()
+        # Merged ranges: `1:*,1:*,...` costs one pass, not one per repetition.
+        picked: list[int] = []
         view = self.view
-        for lo, hi in s.resolve(self.last_uid):
+        for lo, hi in s.merged(self.last_uid):
             i = bisect.bisect_left(view, lo, key=_uid)
             j = bisect.bisect_right(view, hi, key=_uid)
-            picked.update(view[k].uid for k in range(i, j))
-        return sorted(picked)
+            picked.extend(view[k].uid for k in range(i, j))
+        return picked
 
     def select_seqs(self, s: SequenceSet) -> list[int]:
         """UIDs of the messages a sequence set names; BAD for numbers beyond the count."""
         n = len(self.view)
-        picked: set[int] = set()
+        picked: list[int] = []
         if n == 0 and any(lo is None or hi is None for lo, hi in s.ranges):
             return []  # `1:*` in an empty mailbox names nothing (clients send it blindly)
-        for lo, hi in s.resolve(n):
+        for lo, hi in s.merged(n):
             if hi > n or lo < 1:
                 # RFC 3501 §9: sequence numbers beyond the message count are invalid.
                 raise bad("invalid message sequence number")
-            picked.update(self.view[k].uid for k in range(lo - 1, hi))
+            picked.extend(self.view[k].uid for k in range(lo - 1, hi))
         return sorted(picked)
 
     def remove(self, uids: Iterable[int]) -> list[int]:

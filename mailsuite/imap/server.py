@@ -45,6 +45,7 @@ log = Logger()
 MAX_LINE = 64 * 1024  # long UID sets are legal; Dovecot allows 64k lines too
 MAX_LITERAL = 1024 * 1024  # literals of commands other than APPEND
 ABORT_AFTER = 10  # seconds a hung-up client gets to answer the TLS close
+MAX_LITERALS = 256  # literals in one command (each costs a line and a segment)
 PREAUTH_DISCARD = 1024 * 1024  # octets of an over-long AUTHENTICATE line skipped before BYE
 
 Segments = list[tuple[bytes, Optional[bytes]]]  # command line pieces, each with its literal
@@ -260,6 +261,9 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
             name = first[2].upper()
         if self.skip_command:
             self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"")
+            return
+        if len(self.segments) > MAX_LITERALS:
+            self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"too many literals")
             return
         in_memory = sum(len(line) + len(lit or b"") for line, lit in self.segments
                         if not isinstance(lit, FileLiteral))
