@@ -5,6 +5,7 @@ KiB; the server's RSS stays flat and other clients are served meanwhile
 (docs/design/imap.md, "Limits"). Prints `ATTACK imap_literals: ...`."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -110,3 +111,50 @@ def test_preauth_literals_and_endless_lines(srv):
     log = srv.log_text()
     assert "Traceback" not in log and "SERVERBUG" not in log
     assert Raw(srv).cmd(b"n NOOP")[-1].startswith(b"n OK")
+
+
+def test_big_appends_after_login_go_to_disk_not_memory(srv):
+    """Logged-in clients APPENDing 20 MiB each at once: the literals are spooled to files as
+    they arrive, so RSS stays flat, and the stored messages are intact."""
+    assert serve_normal_client(srv)
+    before = rss_kb(srv)
+    size = 20 * MIB
+    line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
+    msg = b"Subject: big append\r\n\r\n" + line * ((size - 30) // len(line))
+    clients = [Raw(srv, source=src) for src in ATTACKERS[:5]]
+    for i, r in enumerate(clients):
+        r.send(b"a%d APPEND INBOX {%d}\r\n" % (i, len(msg)))
+        assert r.line().startswith(b"+")
+    # Interleave the five literals so the server holds all of them at once.
+    for off in range(0, len(msg), MIB):
+        for r in clients:
+            r.send(msg[off:off + MIB])
+    peak = rss_kb(srv)
+    for i, r in enumerate(clients):
+        r.send(b"\r\n")
+        assert r.response(b"a%d" % i)[-1].startswith(b"a%d OK [APPENDUID" % i)
+    served = int(serve_normal_client(srv))
+    after = rss_kb(srv)
+    for r in clients:
+        r.close()
+    stored = [p for p in srv.messages("alice@example.org") if os.path.getsize(p) == len(msg)]
+    print(f"\nATTACK imap_append_after_login: rss_before={before}KiB rss_after={after}KiB "
+          f"rss_during={peak}KiB served={served}/1")
+    assert len(stored) == 5
+    assert open(stored[0], "rb").read() == msg
+    assert max(peak, after) - before < 40 * 1024, (before, peak, after)  # 100 MiB offered
+    assert served == 1
+    tmp = os.path.join(srv.maildir("alice@example.org"), "tmp")
+    assert not [n for n in os.listdir(tmp) if n.startswith("imap-append.")]
+
+
+def test_no_login_in_time_is_closed(make_server):
+    s = make_server(listeners=["imap", "imaps"], extra={"imap": {"login_timeout": 2}})
+    s.add_user("bob@example.org", PASSWORD)
+    silent = [_connect(s, src) for src in ATTACKERS[:5]]
+    assert serve_normal_client(s)
+    for sock in silent:
+        sock.settimeout(15)
+        out = read_until_closed(sock)
+        assert b"* BYE" in out, out
+        sock.close()
