@@ -126,6 +126,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.MAX_LENGTH = config.imap.preauth_max_line
         self.spools: list[LiteralSpool] = []  # APPEND literals of the command being read
         self.spool: Optional[LiteralSpool] = None  # the one being written now
+        self.running_spools: list[LiteralSpool] = []  # those of the command running now
         self.overlong_continuation = False
         self.discarded = 0
         self._window_start = -1.0
@@ -526,8 +527,6 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
             sp.discard()
         self.on_progress()
         self._resume_reading(self._pace())
-
-    running_spools: list[LiteralSpool] = []
 
     def _resume_reading(self, delay: float = 0.0) -> None:
         """Read the next command, once the client has read our output (the gate) and, before
