@@ -379,6 +379,8 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
             sp.discard()
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self.closed:
+            return
         self.segments = []
         self._discard_spools()
         if self.continuation is not None:
