@@ -49,6 +49,7 @@ class WriteGate:
     def __init__(self) -> None:
         self.paused = False
         self.stopped = False
+        self.resumes = 0  # how often the client made room: a stalled client makes none
         self._waiters: list[defer.Deferred] = []
 
     def pauseProducing(self) -> None:
@@ -56,6 +57,7 @@ class WriteGate:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        self.resumes += 1
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
@@ -105,27 +107,24 @@ class FetchCommand:
 
     @defer.inlineCallbacks
     def run(self):
+        # The connection's gate is registered with the transport for the whole session
+        # (server.py), so a client that does not read pauses us here.
         s = self.session
-        s.transport.registerProducer(s.gate, True)
-        try:
-            chunks = batches(self.sel, self.uids, self.needs_file)
-            pending = self._compute(chunks[0]) if self.needs_file and chunks else None
-            for ci, chunk in enumerate(chunks):
-                computed = None
-                if self.needs_file:
-                    computed = yield pending
-                    # Read the next batch in the io pool while this one is written out.
-                    if ci + 1 < len(chunks):
-                        pending = self._compute(chunks[ci + 1])
-                if self.sets_seen:
-                    yield self._mark_seen(chunk, computed)
-                yield self._write_batch(chunk, computed)
-                yield s.gate.wait()
-                if s.closed:
-                    return None
-        finally:
-            if not s.closed:
-                s.transport.unregisterProducer()
+        chunks = batches(self.sel, self.uids, self.needs_file)
+        pending = self._compute(chunks[0]) if self.needs_file and chunks else None
+        for ci, chunk in enumerate(chunks):
+            computed = None
+            if self.needs_file:
+                computed = yield pending
+                # Read the next batch in the io pool while this one is written out.
+                if ci + 1 < len(chunks):
+                    pending = self._compute(chunks[ci + 1])
+            if self.sets_seen:
+                yield self._mark_seen(chunk, computed)
+            yield self._write_batch(chunk, computed)
+            yield s.gate.wait()
+            if s.closed:
+                return None
         if self.uid:
             yield s.refresh()
         return b"FETCH completed"

@@ -72,9 +72,18 @@ def parse_headers(buf: Buffer, start: int, end: int) -> list[tuple[bytes, int, i
     return fields
 
 
+# A hostile message may nest multiparts or message/rfc822 parts thousands deep, or hold
+# millions of tiny parts: deeper or further parts stay opaque (docs/design/imap.md, "Limits").
+MAX_DEPTH = 50
+MAX_PARTS = 5000  # parts of one message
+
+
 def parse(buf: Buffer, start: int = 0, end: Optional[int] = None, default_type: bytes = b"text/plain",
-          depth: int = 0) -> Part:
+          depth: int = 0, budget: Optional[list[int]] = None) -> Part:
     """The MIME tree of the entity buf[start:end]."""
+    if budget is None:
+        budget = [MAX_PARTS]
+    budget[0] -= 1
     if end is None:
         end = len(buf)
     hend = header_end(buf, start, end)
@@ -85,42 +94,77 @@ def parse(buf: Buffer, start: int = 0, end: Optional[int] = None, default_type: 
         # RFC 2045 §5.2: text without a charset is us-ascii (clients expect it in BODYSTRUCTURE).
         params = params + [(b"charset", b"us-ascii")]
     part.maintype, part.subtype, part.params = maintype, subtype, params
-    if depth > 50:  # a hostile nesting depth: stop descending, the rest stays opaque
+    if depth >= MAX_DEPTH or budget[0] <= 0:
         return part
     if maintype == b"multipart":
         boundary = param(params, b"boundary")
         if boundary:
             child_default = b"message/rfc822" if subtype == b"digest" else b"text/plain"
-            for s, e in split_multipart(buf, hend, end, boundary):
-                part.children.append(parse(buf, s, e, child_default, depth + 1))
+            for s, e in split_multipart(buf, hend, end, boundary, budget[0]):
+                if budget[0] <= 0:
+                    break
+                part.children.append(parse(buf, s, e, child_default, depth + 1, budget))
     elif maintype == b"message" and subtype in (b"rfc822", b"global"):
-        part.message = parse(buf, hend, end, b"text/plain", depth + 1)
+        part.message = parse(buf, hend, end, b"text/plain", depth + 1, budget)
     return part
 
 
-def split_multipart(buf: Buffer, start: int, end: int, boundary: bytes) -> list[tuple[int, int]]:
+def split_multipart(buf: Buffer, start: int, end: int, boundary: bytes,
+                    limit: int = MAX_PARTS) -> list[tuple[int, int]]:
     """Body ranges of the parts between boundary lines (RFC 2046 §5.1.1).
 
     The CRLF before a delimiter line belongs to the delimiter, not to the preceding part.
     """
-    delim = re.compile(rb"(?:^|(?<=\n))--" + re.escape(boundary) + rb"(--)?[ \t]*(\r?\n|$)", re.M)
     parts: list[tuple[int, int]] = []
     current: Optional[int] = None
-    for m in delim.finditer(buf, start, end):
+    # bytes.find, not a regex with a line-start alternation: a part nested 50 deep is scanned
+    # 50 times, so this runs over the message that often (docs/design/imap.md, "Limits").
+    for dstart, dend, closing in _delimiters(buf, start, end, b"--" + boundary):
+        if len(parts) >= limit:
+            current = None
+            break
         if current is not None:
-            stop = m.start()
+            stop = dstart
             if stop > current and buf[stop - 1:stop] == b"\n":
                 stop -= 1
                 if stop > current and buf[stop - 1:stop] == b"\r":
                     stop -= 1
             parts.append((current, max(stop, current)))
-        if m.group(1):
+        if closing:
             current = None
             break
-        current = m.end()
+        current = dend
     if current is not None:  # no closing delimiter: the last part runs to the end
         parts.append((current, end))
     return parts
+
+
+def _delimiters(buf: Buffer, start: int, end: int, needle: bytes):
+    """(start, end, closing?) of each boundary line `--boundary[--][ \t]*` + line end."""
+    pos = start
+    while True:
+        p = buf.find(needle, pos, end)
+        if p < 0:
+            return
+        pos = p + 1
+        if p != 0 and buf[p - 1:p] != b"\n":
+            continue
+        q = p + len(needle)
+        closing = q + 2 <= end and buf[q:q + 2] == b"--"
+        if closing:
+            q += 2
+        while q < end and buf[q:q + 1] in (b" ", b"\t"):
+            q += 1
+        if q >= end:
+            line_end = end
+        elif buf[q:q + 1] == b"\n":
+            line_end = q + 1
+        elif q + 2 <= end and buf[q:q + 2] == b"\r\n":
+            line_end = q + 2
+        else:
+            continue
+        yield p, line_end, closing
+        pos = line_end
 
 
 def field_value(buf: Buffer, part: Part, name: bytes) -> Optional[bytes]:

@@ -12,10 +12,11 @@ from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
 from mailsuite.imap.flags import flag_list, parse_flags
 from mailsuite.imap.names import decode_name
-from mailsuite.imap.parser import Str, Token, astring, date_time, format_set
+from mailsuite.imap.parser import FileLiteral, Str, Token, astring, date_time, format_set
 from mailsuite.imap.responses import bad, no
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.maildir import MAX_KEYWORDS
 from mailsuite.mailbox.store import Folder, MailboxError, NoSuchMessage
 
 BATCH = 200  # messages per thread-pool call in SEARCH (and FETCH, see fetch.py)
@@ -42,6 +43,8 @@ class MessageCommands(Session):
         if sel.readonly:
             raise no("mailbox is read-only", R.READ_ONLY)
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
+        if mode != b"-" and _keywords(flags):
+            yield self.io(check_keyword_room, sel.folder, flags)
         results = yield self.io(store_flags, sel.folder, uids, flags, mode)
         for u, new in results:
             if not sel.has(u):
@@ -121,7 +124,8 @@ class MessageCommands(Session):
     @defer.inlineCallbacks
     def do_APPEND(self, tag: bytes, args: list[Token]):
         name, flags, date, data = parse_append(args)
-        if len(data) > self.config.limits.max_message_size:
+        size = data.size if isinstance(data, FileLiteral) else len(data)
+        if size > self.config.limits.max_message_size:
             raise no("message too large", R.TOOBIG)
         if self.sel is not None and self.sel.folder.name == name:
             folder = self.sel.folder
@@ -131,7 +135,14 @@ class MessageCommands(Session):
             except MailboxError as e:
                 # RFC 3501 §6.3.11: the client may CREATE the folder and try again.
                 raise no(str(e) or "no such mailbox", R.TRYCREATE)
-        new_uid = yield self.io(folder.append, data, flags, date)
+        if _keywords(flags):
+            yield self.io(check_keyword_room, folder, flags)
+        if isinstance(data, FileLiteral):
+            # Streamed to a file while it arrived (docs/design/imap.md, "Lines and literals").
+            source = yield data.spool.finish()
+        else:
+            source = data
+        new_uid = yield self.io(folder.append, source, flags, date)
         validity = yield self.io(uidvalidity, folder)
         # Untagged EXISTS only for the selected folder, through refresh (docs/design/imap.md,
         # "Selection and refresh").
@@ -139,11 +150,13 @@ class MessageCommands(Session):
         return R.code(b"APPENDUID", b"%d" % validity, b"%d" % new_uid) + b"APPEND completed"
 
 
-def parse_append(args: list[Token]) -> tuple[str, list[str], Optional[float], bytes]:
+def parse_append(args: list[Token]) -> tuple[str, list[str], Optional[float], Str]:
     """APPEND mailbox [(flags)] [date-time] literal; the flag list and date are optional."""
     args = list(args)
     if len(args) < 2:
         raise bad("APPEND needs a mailbox and a message")
+    if isinstance(args[0], FileLiteral):
+        raise bad("mailbox name too long")
     name = decode_name(astring(args.pop(0)))
     flags: list[str] = []
     date: Optional[float] = None
@@ -155,6 +168,21 @@ def parse_append(args: list[Token]) -> tuple[str, list[str], Optional[float], by
         raise bad("APPEND needs the message as a literal")
     # The literal as read: no further copy of a message of up to the size limit.
     return name, [f for f in flags if f != "\\Recent"], date, args[0]
+
+
+def _keywords(flags: list[str]) -> list[str]:
+    return [f for f in flags if not f.startswith("\\")]
+
+
+def check_keyword_room(folder: Folder, flags: list[str]) -> None:
+    """NO [LIMIT] when `flags` bring keywords the folder has no room for: a Maildir folder
+    holds MAX_KEYWORDS (letters a..z), and a keyword past them would be lost (RFC 5530).
+    Runs in the io pool."""
+    known = {k.lower() for k in folder.keywords}
+    new = {f.lower() for f in _keywords(flags)} - known
+    if new and len(known) + len(new) > MAX_KEYWORDS:
+        raise no(f"this folder already has {len(known)} keywords, the most it can hold is "
+                 f"{MAX_KEYWORDS}", R.LIMIT)
 
 
 def store_flags(folder: Folder, uids: list[int], flags: list[str],
@@ -191,4 +219,6 @@ def search_batch(program: searchmod.Node, cands: list[searchmod.Candidate], max_
                 hits.append(c.uid)
         except (NoSuchMessage, OSError):
             continue
+        finally:
+            c._raw = None  # one message file in memory at a time, not a batch of them
     return hits

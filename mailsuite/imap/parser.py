@@ -11,7 +11,7 @@ import calendar
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 
 class ParseError(Exception):
@@ -24,6 +24,18 @@ class Atom(bytes):
 
 class Str(bytes):
     pass
+
+
+class FileLiteral(Str):
+    """A literal spooled to a file instead of memory (APPEND, docs/design/imap.md, "Lines and
+    literals"): empty as bytes; `spool` holds the file, `size` its length."""
+
+    spool: Any = None  # a spool.LiteralSpool
+    size: int = 0
+
+
+MAX_DEPTH = 64  # nested parentheses in one command (docs/design/imap.md, "Limits")
+MAX_NUMBER_DIGITS = 19  # a number of more digits is no valid UID, size or offset
 
 
 Token = Union[Atom, Str, list]
@@ -41,6 +53,8 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
             if c == b" ":
                 pos += 1
             elif c == b"(":
+                if len(stack) > MAX_DEPTH:
+                    raise ParseError("too deeply nested")
                 new: list = []
                 stack[-1].append(new)
                 stack.append(new)
@@ -82,7 +96,9 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
                 if any(b < 0x20 or b == 0x7F for b in atom):
                     raise ParseError("control character in command")
                 stack[-1].append(Atom(atom))
-        if literal is not None:
+        if isinstance(literal, FileLiteral):
+            stack[-1].append(literal)
+        elif literal is not None:
             stack[-1].append(Str(literal))
     if len(stack) != 1:
         raise ParseError("unbalanced parenthesis")
@@ -127,17 +143,37 @@ class SequenceSet:
             out.append((lo, hi))
         return out
 
+    def merged(self, largest: int) -> list[tuple[int, int]]:
+        """The resolved ranges sorted and coalesced: `1:*,1:*,...` a thousand times is one
+        range, so SEARCH and FETCH cost no more than for the set written plainly."""
+        out: list[tuple[int, int]] = []
+        for lo, hi in sorted(self.resolve(largest)):
+            if out and lo <= out[-1][1] + 1:
+                if hi > out[-1][1]:
+                    out[-1] = (out[-1][0], hi)
+            else:
+                out.append((lo, hi))
+        return out
+
     def contains(self, n: int, largest: int) -> bool:
-        return any(lo <= n <= hi for lo, hi in self.resolve(largest))
+        cached = self._cache
+        if cached is None or cached[0] != largest:
+            merged = self.merged(largest)
+            cached = self._cache = (largest, [lo for lo, _ in merged], merged)
+        i = bisect.bisect_right(cached[1], n) - 1
+        return i >= 0 and n <= cached[2][i][1]
 
     def select(self, values: list[int], largest: int) -> list[int]:
         """Members of the ascending list `values` inside the set (each once, ascending)."""
-        picked: set[int] = set()
-        for lo, hi in self.resolve(largest):
+        picked: list[int] = []
+        for lo, hi in self.merged(largest):
             i = bisect.bisect_left(values, lo)
             j = bisect.bisect_right(values, hi)
-            picked.update(values[i:j])
-        return sorted(picked)
+            picked.extend(values[i:j])
+        return picked
+
+    _cache: Optional[tuple[int, list[int], list[tuple[int, int]]]] = field(
+        default=None, repr=False, compare=False)
 
 
 _SEQ_RANGE = re.compile(rb"^(\d+|\*)(?::(\d+|\*))?$")
@@ -149,7 +185,7 @@ def sequence_set(tok: Token) -> SequenceSet:
     ranges = []
     for piece in bytes(tok).split(b","):
         m = _SEQ_RANGE.match(piece)
-        if not m:
+        if not m or any(len(g or b"") > MAX_NUMBER_DIGITS for g in m.groups()):
             raise ParseError("invalid sequence set")
         lo = None if m.group(1) == b"*" else int(m.group(1))
         hi = lo if m.group(2) is None else (None if m.group(2) == b"*" else int(m.group(2)))
@@ -248,14 +284,22 @@ def fetch_att(tok: Token) -> FetchAtt:
     if not m:
         raise ParseError(f"unknown fetch attribute {tok[:40].decode('ascii', 'replace')}")
     att = FetchAtt(m.group(1).upper(), section=m.group(2))
+    if len(m.group(2)) > 4096:
+        raise ParseError("section too long")
     if m.group(3) is not None:
+        if len(m.group(3)) > MAX_NUMBER_DIGITS or len(m.group(4)) > MAX_NUMBER_DIGITS:
+            raise ParseError("invalid partial range")
         att.partial = (int(m.group(3)), int(m.group(4)))
     if m.group(2):
         s = _SECTION.match(m.group(2).strip())
         if not s or (s.group(3) is not None and not (s.group(2) or b"").upper().startswith(b"HEADER.FIELDS")):
             raise ParseError("invalid section")
         if s.group(1):
-            att.path = [int(p) for p in s.group(1).split(b".")]
+            parts = s.group(1).split(b".")
+            # Deeper than the MIME tree we build (message.MAX_DEPTH) can name no part.
+            if len(parts) > 128 or any(len(p) > 9 for p in parts):
+                raise ParseError("section part too deep or too large")
+            att.path = [int(p) for p in parts]
             if 0 in att.path:
                 raise ParseError("invalid section part 0")
         if s.group(2):

@@ -16,6 +16,7 @@ import email.utils
 import quopri
 import re
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -68,24 +69,32 @@ def parse(tokens: list[Token], charset_ok: bool = True) -> Node:
     if not toks:
         raise ParseError("SEARCH needs a key")
     keys = []
-    while toks:
-        keys.append(_key(toks))
+    queue = deque(toks)  # popped from the left: a long flat key list stays linear
+    while queue:
+        keys.append(_key(queue, 0))
     return ("AND", keys)
+
+
+# NOT, OR and parenthesised groups nest; evaluating them recurses, so their depth is capped
+# (docs/design/imap.md, "Limits"). Real clients nest a handful of levels.
+MAX_DEPTH = 100
 
 
 class BadCharset(ParseError):
     pass
 
 
-def _key(toks: list[Token]) -> Node:
-    tok = toks.pop(0)
+def _key(toks: deque, depth: int) -> Node:
+    if depth > MAX_DEPTH:
+        raise ParseError("search keys nested too deeply")
+    tok = toks.popleft()
     if isinstance(tok, list):
         if not tok:
             raise ParseError("empty search group")
-        inner = list(tok)
+        inner = deque(tok)
         keys = []
         while inner:
-            keys.append(_key(inner))
+            keys.append(_key(inner, depth + 1))
         return ("AND", keys)
     if not isinstance(tok, Atom):
         raise ParseError("invalid search key")
@@ -94,7 +103,7 @@ def _key(toks: list[Token]) -> Node:
     def arg() -> Token:
         if not toks:
             raise ParseError(f"{k.decode()} needs an argument")
-        return toks.pop(0)
+        return toks.popleft()
 
     if k == b"ALL":
         return ("ALL",)
@@ -110,10 +119,16 @@ def _key(toks: list[Token]) -> Node:
     if k == b"RECENT":
         return ("RECENT",)
     if k == b"NOT":
-        return ("NOT", _key(toks))
+        if not toks:
+            raise ParseError("NOT needs a key")
+        return ("NOT", _key(toks, depth + 1))
     if k == b"OR":
-        a = _key(toks)
-        return ("OR", a, _key(toks))
+        if not toks:
+            raise ParseError("OR needs two keys")
+        a = _key(toks, depth + 1)
+        if not toks:
+            raise ParseError("OR needs two keys")
+        return ("OR", a, _key(toks, depth + 1))
     if k in (b"LARGER", b"SMALLER"):
         return (k.decode(), number(arg()))
     if k in (b"BEFORE", b"ON", b"SINCE", b"SENTBEFORE", b"SENTON", b"SENTSINCE"):

@@ -18,6 +18,7 @@ from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import SequenceSet, Token, astring, sequence_set
 from mailsuite.imap.responses import bad, no
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.maildir import MAX_KEYWORDS
 from mailsuite.mailbox.store import Folder, MailboxError, MessageInfo, NoSuchFolder
 
 log = Logger()
@@ -76,25 +77,26 @@ class Selection:
 
     def select_uids(self, s: SequenceSet) -> list[int]:
         """UIDs of the messages a UID set names, ascending."""
-        picked: set[int] = set()
+        # Merged ranges: `1:*,1:*,...` costs one pass, not one per repetition.
+        picked: list[int] = []
         view = self.view
-        for lo, hi in s.resolve(self.last_uid):
+        for lo, hi in s.merged(self.last_uid):
             i = bisect.bisect_left(view, lo, key=_uid)
             j = bisect.bisect_right(view, hi, key=_uid)
-            picked.update(view[k].uid for k in range(i, j))
-        return sorted(picked)
+            picked.extend(view[k].uid for k in range(i, j))
+        return picked
 
     def select_seqs(self, s: SequenceSet) -> list[int]:
         """UIDs of the messages a sequence set names; BAD for numbers beyond the count."""
         n = len(self.view)
-        picked: set[int] = set()
+        picked: list[int] = []
         if n == 0 and any(lo is None or hi is None for lo, hi in s.ranges):
             return []  # `1:*` in an empty mailbox names nothing (clients send it blindly)
-        for lo, hi in s.resolve(n):
+        for lo, hi in s.merged(n):
             if hi > n or lo < 1:
                 # RFC 3501 §9: sequence numbers beyond the message count are invalid.
                 raise bad("invalid message sequence number")
-            picked.update(self.view[k].uid for k in range(lo - 1, hi))
+            picked.extend(self.view[k].uid for k in range(lo - 1, hi))
         return sorted(picked)
 
     def remove(self, uids: Iterable[int]) -> list[int]:
@@ -206,7 +208,9 @@ class SelectionCommands(Session):
         """The untagged data of SELECT (RFC 3501 §6.3.1)."""
         flags = list(SYSTEM_FLAGS) + [k for k in st.keywords if k not in SYSTEM_FLAGS]
         self.send(b"* FLAGS " + flag_list(flags))
-        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + ["\\*"]) + b"] flags permitted")
+        # \* only while the folder has room for another keyword (RFC 3501 §7.1, PERMANENTFLAGS).
+        room = ["\\*"] if len(st.keywords) < MAX_KEYWORDS else []
+        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + room) + b"] flags permitted")
         self.send(b"* %d EXISTS" % len(sel))
         self.send(b"* %d RECENT" % len(sel.recent))
         for seq, info in sel.infos():

@@ -12,6 +12,8 @@ STARTTLS are handled: docs/design/imap.md.
 from __future__ import annotations
 
 import base64
+import errno
+import os
 from typing import Any, Callable, Optional, Union
 
 from twisted.cred.error import UnauthorizedLogin
@@ -23,15 +25,17 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailsuite.config import Config
-from mailsuite.directory.api import DirectoryService
+from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
 from mailsuite.imap.messages import MessageCommands
-from mailsuite.imap.parser import LITERAL_MARKER, Atom, ParseError, Token, astring, tokenize
+from mailsuite.imap.parser import LITERAL_MARKER, Atom, FileLiteral, ParseError, Token, astring, \
+    tokenize
 from mailsuite.imap.responses import CommandError, bad, no
 from mailsuite.imap.selection import Selection, SelectionCommands
+from mailsuite.imap.spool import LiteralSpool
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
@@ -41,6 +45,8 @@ log = Logger()
 MAX_LINE = 64 * 1024  # long UID sets are legal; Dovecot allows 64k lines too
 MAX_LITERAL = 1024 * 1024  # literals of commands other than APPEND
 ABORT_AFTER = 10  # seconds a hung-up client gets to answer the TLS close
+MAX_LITERALS = 256  # literals in one command (each costs a line and a segment)
+PREAUTH_DISCARD = 1024 * 1024  # octets of an over-long AUTHENTICATE line skipped before BYE
 
 Segments = list[tuple[bytes, Optional[bytes]]]  # command line pieces, each with its literal
 
@@ -115,15 +121,38 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.peer = "?"
         self.tag = b"*"
         self.busy = False
+        # Before login: short lines, small literals, few commands a second, limited time
+        # (docs/design/imap.md, "Limits").
+        self.MAX_LENGTH = config.imap.preauth_max_line
+        self.spools: list[LiteralSpool] = []  # APPEND literals of the command being read
+        self.spool: Optional[LiteralSpool] = None  # the one being written now
+        self.running_spools: list[LiteralSpool] = []  # those of the command running now
+        self.overlong_continuation = False
+        self.discarded = 0
+        self._window_start = -1.0
+        self._window_count = 0
+        self._login_call: Optional[IDelayedCall] = None
+        self._resume_call: Optional[IDelayedCall] = None
+        self._resumes_seen = -1  # the gate's resume count at the last timeout
 
     # -- connection ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
         self.peer = getattr(peer, "host", str(peer))
         self.setTimeout(self.config.limits.imap_timeout)
+        # Output backpressure for every command: the transport pauses the gate when its buffer
+        # is full, and no further command is read until it drains (docs/design/imap.md, "Limits").
+        self.transport.registerProducer(self.gate, True)
+        self._login_call = self.clock.callLater(self.config.imap.login_timeout, self._login_expired)
         self.send(b"* OK [CAPABILITY " + self.capabilities() + b"] mailsuite IMAP4rev1 ready")
 
     on_close: Optional[Callable[[], None]] = None  # set by LimitedFactory: gives the per-IP slot back
+
+    def on_progress(self) -> None:
+        """Called after each complete command; LimitedFactory replaces it (listeners.py)."""
+
+    def on_authenticated(self) -> None:
+        """Called once after a successful login; LimitedFactory replaces it."""
 
     _abort_call: Optional[IDelayedCall] = None
 
@@ -133,6 +162,10 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         if self.on_close is not None:
             self.on_close()
             self.on_close = None
+        for call in (self._login_call, self._resume_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._discard_spools()
         self.closed = True
         self.setTimeout(None)
         self.gate.stopProducing()
@@ -142,9 +175,12 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.idle_wakeup()
 
     def timeoutConnection(self) -> None:
-        if self.busy and self.idling is None:
-            # A long FETCH is streaming to a slow client: that is activity, not idleness.
-            self.resetTimeout()
+        if self.busy and self.idling is None and (
+                not self.gate.paused or self.gate.resumes != self._resumes_seen):
+            # A long FETCH is streaming to a slow client: that is activity, not idleness. A
+            # client that has read nothing for a whole timeout period is idle, though.
+            self._resumes_seen = self.gate.resumes
+            self.setTimeout(self.timeOut)  # re-arm: resetTimeout does nothing once it fired
             return
         self.send(b"* BYE autologout; idle for too long")
         self.hangup()
@@ -156,7 +192,10 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         if self.transport is None:
             return
         self.closed = True
+        self._discard_spools()
         self.transport.resumeProducing()  # LineReceiver stays paused: no more commands run
+        # A TLS close waits for the producer to go away (twisted.protocols.tls).
+        self.transport.unregisterProducer()
         self.transport.loseConnection()
         # A client that never answers the TLS close: drop it after a grace period.
         self._abort_call = self.clock.callLater(ABORT_AFTER, self._abort)
@@ -221,34 +260,76 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         name = first[1].upper() if len(first) > 1 else b""
         if name == b"UID" and len(first) > 2:
             name = first[2].upper()
-        limit = self.config.limits.max_message_size if name == b"APPEND" else MAX_LITERAL
-        total = sum(len(s) + len(lit or b"") for s, lit in self.segments)
-        if self.skip_command or size > limit or total + size > limit + MAX_LINE:
-            self._refuse_literal(tag, name, size, plus, limit)
+        if self.skip_command:
+            self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"")
             return
+        if len(self.segments) > MAX_LITERALS:
+            self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"too many literals")
+            return
+        in_memory = sum(len(line) + len(lit or b"") for line, lit in self.segments
+                        if not isinstance(lit, FileLiteral))
+        if self.state == "notauth":
+            # Only LOGIN/AUTHENTICATE (and ID) carry literals before login, and they are small.
+            limit = self.config.imap.preauth_max_literal
+            if name.decode("ascii", "replace") not in COMMANDS["notauth"]:
+                self._refuse_literal(tag, name, size, plus, limit, b"log in first")
+            elif in_memory + size > limit + self.config.imap.preauth_max_line:
+                self._refuse_literal(tag, name, size, plus, limit, b"literal too large")
+            else:
+                self._read_literal(size, plus)
+            return
+        if name == b"APPEND":
+            limit = self.config.limits.max_message_size
+            spooled = sum(lit.size for _, lit in self.segments if isinstance(lit, FileLiteral))
+            if size > limit or spooled + size > limit:
+                self._refuse_literal(tag, name, size, plus, limit, b"")
+            elif size > self.config.imap.append_spool_threshold:
+                self._read_literal(size, plus, spool=True)
+            elif in_memory + size > MAX_LITERAL + MAX_LINE:
+                self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"literal too large")
+            else:
+                self._read_literal(size, plus)
+            return
+        if size > MAX_LITERAL or in_memory + size > MAX_LITERAL + MAX_LINE:
+            self._refuse_literal(tag, name, size, plus, MAX_LITERAL, b"literal too large")
+            return
+        self._read_literal(size, plus)
+
+    def _read_literal(self, size: int, plus: bool, spool: bool = False) -> None:
         self.literal_left = size
         self.literal_buf = bytearray()
         self.literal_discard = False
+        if spool:
+            assert self.account is not None
+            self.spool = LiteralSpool(self.pool, os.path.join(self.account.path, "tmp"), size)
+            self.spool.on_drained = self._spool_drained
+            self.spools.append(self.spool)
         if not plus:
             self.send(b"+ Ready for literal data")
         self.setRawMode()
         if size == 0:
             self.rawDataReceived(b"")
 
-    def _refuse_literal(self, tag: bytes, name: bytes, size: int, plus: bool, limit: int) -> None:
+    def _refuse_literal(self, tag: bytes, name: bytes, size: int, plus: bool, limit: int,
+                        text: bytes) -> None:
+        """Refuse a literal without asking for it: NO [TOOBIG] for an APPEND over the size
+        limit, else BAD with `text`."""
         if not self.skip_command:
-            if name == b"APPEND":
+            if not text:
                 self.send(tag + b" NO " + R.code(R.TOOBIG) + b"message exceeds the size limit of %d "
                           b"octets" % self.config.limits.max_message_size)
             else:
-                self.send(tag + b" BAD literal too large")
-            log.info("imap: refused a literal of {size} octets from {peer}", size=size, peer=self.peer)
+                self.send(tag + b" BAD " + text)
+            log.info("imap: refused a literal of {size} octets from {peer} ({user})", size=size,
+                     peer=self.peer, user=self.user or "-")
+        self._discard_spools()
         self.segments = []
         if not plus:
             self.skip_command = False
             return
-        # A non-synchronizing literal is coming anyway (RFC 7888 §4): read and drop it.
-        if size > 2 * limit + MAX_LINE:
+        # A non-synchronizing literal is coming anyway (RFC 7888 §4). Before login nothing is
+        # read that was not asked for: close. After it, read and drop it unless it is absurd.
+        if self.state == "notauth" or size > 2 * limit + MAX_LINE:
             self.send(b"* BYE literal too large")
             self.hangup()
             return
@@ -262,36 +343,85 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
             return
         self.resetTimeout()
         if self.overlong:
-            nl = data.find(b"\n")
-            if nl < 0:
-                return
-            self.overlong = False
-            self.send(self._overlong_tag + b" BAD command line too long")
-            self.setLineMode(data[nl + 1:])
+            self._skip_overlong(data)
             return
         take = data[:self.literal_left]
         rest = data[self.literal_left:]
         self.literal_left -= len(take)
-        if not self.literal_discard:
+        if self.spool is not None:
+            self.spool.write(take)
+        elif not self.literal_discard:
             self.literal_buf += take
         if self.literal_left > 0:
+            if self.spool is not None and self.spool.wants_pause:
+                self.pauseProducing()  # the disk is behind: read again once it catches up
             return
-        if not self.literal_discard:
+        if self.spool is not None:
+            spool, self.spool = self.spool, None
+            line, _ = self.segments[-1]
+            lit = FileLiteral(b"")
+            lit.spool, lit.size = spool, spool.size
+            self.segments[-1] = (line, lit)
+        elif not self.literal_discard:
             line, _ = self.segments[-1]
             self.segments[-1] = (line, bytes(self.literal_buf))
             self.literal_buf = bytearray()
         self.literal_discard = False
         self.setLineMode(rest)
 
+    def _spool_drained(self) -> None:
+        if not self.closed and self.paused and not self.busy and self.spool is not None:
+            self.resumeProducing()
+
+    def _discard_spools(self) -> None:
+        spools, self.spools, self.spool = self.spools, [], None
+        for sp in spools:
+            sp.discard()
+
     def lineLengthExceeded(self, line: bytes) -> None:
-        # Answer BAD and go on with the next line instead of dropping the connection
-        # (docs/design/imap.md, "Lines and literals").
+        if self.closed:
+            return
         self.segments = []
+        self._discard_spools()
+        if self.continuation is not None:
+            # An AUTHENTICATE response too long: skip to its end, then answer the command BAD,
+            # so the next line is read as the next command (docs/design/imap.md, "Limits").
+            self.overlong_continuation = True
+        elif self.state == "notauth":
+            log.info("imap: command line over {n} octets before login from {peer}: closing",
+                     n=self.MAX_LENGTH, peer=self.peer)
+            self.send(b"* BAD command line too long")
+            self.send(b"* BYE command line too long")
+            self.hangup()
+            return
+        # After login: answer BAD and go on with the next line instead of dropping the
+        # connection (docs/design/imap.md, "Lines and literals").
         self._overlong_tag = (line.split(None, 1) or [b"*"])[0][:64]
         self.overlong = True
+        self.discarded = 0
         self.setRawMode()
         self.rawDataReceived(line)
         self.clock.callLater(0, self._kick)
+
+    def _skip_overlong(self, data: bytes) -> None:
+        nl = data.find(b"\n")
+        if nl < 0:
+            self.discarded += len(data)
+            if self.state == "notauth" and self.discarded > PREAUTH_DISCARD:
+                self.send(b"* BYE line too long")
+                self.hangup()
+            return
+        self.overlong = False
+        if self.overlong_continuation:
+            self.overlong_continuation = False
+            d, self.continuation = self.continuation, None
+            self.pauseProducing()
+            self.setLineMode(data[nl + 1:])
+            if d is not None:
+                d.errback(CommandError(R.BAD, "response line too long"))
+            return
+        self.send(self._overlong_tag + b" BAD command line too long")
+        self.setLineMode(data[nl + 1:])
 
     def _kick(self) -> None:
         if not self.closed and not self.paused:
@@ -304,11 +434,20 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.resumeProducing()
         return d
 
+    def _login_expired(self) -> None:
+        self._login_call = None
+        if self.state == "notauth" and not self.closed:
+            log.info("imap: no login from {peer} within {n} s: closing", peer=self.peer,
+                     n=self.config.imap.login_timeout)
+            self.send(b"* BYE no login in time")
+            self.hangup()
+
     # -- dispatch -------------------------------------------------------------------------------
     def dispatch(self, segments: Segments) -> None:
         # Strictly one command at a time (docs/design/imap.md, "Serialized dispatch").
         self.pauseProducing()
         self.busy = True
+        self.running_spools, self.spools = self.spools, []
         tag = _sound_tag(segments)
         try:
             tag, name, args, uid = parse_command(segments)
@@ -369,6 +508,14 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
             self.send(tag + b" BAD " + str(failure.value).encode("ascii", "replace"))
         elif failure.check(ierror.ConnectionDone, ierror.ConnectionLost, defer.CancelledError):
             pass
+        elif failure.check(DirectoryUnavailable):
+            # An environment fault, not a bug: one line, a temporary error (RFC 5530).
+            log.warn("imap: {command} from {peer}: directory unavailable: {error}",
+                     command=name.decode("ascii", "replace"), peer=self.peer,
+                     error=str(failure.value)[:200])
+            self.send(tag + b" NO " + R.code(R.UNAVAILABLE) + b"temporary failure, try again later")
+        elif failure.check(OSError):
+            self.send(tag + b" NO " + _os_error_reply(failure.value, name, self.user, self.peer))
         else:
             log.failure("imap: {command} failed for {user} from {peer}", failure,
                         command=name.decode("ascii", "replace"), user=self.user, peer=self.peer)
@@ -377,8 +524,37 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
     def done(self) -> None:
         self.busy = False
         self.resetTimeout()
-        if not self.closed and self.idling is None and self.continuation is None:
+        spools, self.running_spools = self.running_spools, []
+        for sp in spools:
+            sp.discard()
+        self.on_progress()
+        self._resume_reading(self._pace())
+
+    def _resume_reading(self, delay: float = 0.0) -> None:
+        """Read the next command, once the client has read our output (the gate) and, before
+        login, no sooner than the command rate allows (docs/design/imap.md, "Limits")."""
+        self._resume_call = None
+        if self.closed or self.idling is not None or self.continuation is not None or self.busy:
+            return
+        if delay > 0:
+            self._resume_call = self.clock.callLater(delay, self._resume_reading)
+        elif self.gate.paused:
+            self.gate.wait().addCallback(lambda _: self._resume_reading())
+        else:
             self.resumeProducing()
+
+    def _pace(self) -> float:
+        """Seconds to wait before reading the next command: before login, at most
+        `[imap] max_commands_per_second`."""
+        if self.state != "notauth":
+            return 0.0
+        now = self.clock.seconds()
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count >= self.config.imap.max_commands_per_second:
+            return max(0.0, self._window_start + 1.0 - now)
+        return 0.0
 
     # -- any state ------------------------------------------------------------------------------
     def do_CAPABILITY(self, tag: bytes, args: list[Token]) -> bytes:
@@ -473,6 +649,10 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         try:
             # The directory slows repeated failures from one address down (its LoginThrottle).
             canonical = yield self.directory.authenticate(user, password, client_ip=self.peer)
+        except DirectoryUnavailable as e:
+            log.warn("imap: login of {user} from {peer}: directory unavailable: {error}",
+                     user=user[:100], peer=self.peer, error=str(e)[:200])
+            raise no("temporary failure, try again later", R.UNAVAILABLE)
         except UnauthorizedLogin:
             self.auth_failures += 1
             log.warn("imap: authentication failed for {user} from {peer} (failure {n})",
@@ -484,13 +664,31 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
                 self.closed = True
                 return None
             raise no("authentication failed", R.AUTHENTICATIONFAILED)
-        self.user = canonical
-        self.account = self.mailstore.account(canonical)
-        yield self.io(self.account.ensure_layout)  # first login creates Sent, Drafts, ...
+        account = self.mailstore.account(canonical)
+        yield self.io(account.ensure_layout)  # first login creates Sent, Drafts, ...
+        self.user, self.account = canonical, account
         self.state = "auth"
+        self.MAX_LENGTH = MAX_LINE
+        if self._login_call is not None and self._login_call.active():
+            self._login_call.cancel()
+        self._login_call = None
+        self.on_authenticated()
         log.info("imap: {user} logged in from {peer}", user=canonical, peer=self.peer)
         return R.code(b"CAPABILITY", self.capabilities()) + b"logged in"
 
+
+
+def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> bytes:
+    """The store failed with an environment fault (full disk, quota, I/O error): a temporary
+    NO with one log line, no traceback (RFC 5530 codes)."""
+    log.warn("imap: {command} for {user} from {peer} failed: {error}",
+             command=name.decode("ascii", "replace"), user=user or "-", peer=peer,
+             error=f"{type(e).__name__}: {e}"[:300])
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return R.code(R.OVERQUOTA) + b"no space left for the message, try again later"
+    if e.errno == errno.ENAMETOOLONG:
+        return R.code(R.CANNOT) + b"name too long"
+    return R.code(R.UNAVAILABLE) + b"temporary failure of the mail store, try again later"
 
 
 # Commands after which other sessions' changes are reported, because the client may not
