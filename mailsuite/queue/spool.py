@@ -198,7 +198,7 @@ class Spool:
         longer runs (a crash, a restart) or is this one (called at start-up, before we receive),
         and any staged file older than a day. Other processes on the same spool keep theirs."""
         now = time.time() if now is None else now
-        removed = []
+        removed: list[str] = []
         try:
             names = os.listdir(self.incoming_dir)
         except FileNotFoundError:

@@ -113,7 +113,7 @@ class StagedMessage:
 
     def _written(self, _: int, n: int) -> None:
         self._busy = False
-        self.backlog -= n
+        self.backlog = max(0, self.backlog - n)  # 0 already if discarded meanwhile
         if self.backlog < LOW_WATER:
             self._release()
         self._pump()
