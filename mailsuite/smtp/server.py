@@ -218,6 +218,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         """
         self._closed = True
         self._buffer.clear()
+        self._discard_staged()  # a message still being received will never be answered
         if linger:
             self._delayed_calls.append(
                 self.clock.callLater(linger, self.transport.loseConnection))
@@ -228,7 +229,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.resetTimeout()
+        # The idle timer is reset by complete lines only (_process), not by bytes: a client
+        # trickling a byte at a time (slowloris) is idle by this measure.
         self._buffer += data
         if self._waiting:
             # Lines wait in our buffer until the pending reply is sent (pipelining order). Stop
@@ -257,6 +259,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 line = self._next_command_line()
                 if line is None:
                     break
+                self.resetTimeout()
                 self._handle_line(line)
         finally:
             self._processing = False
@@ -773,9 +776,12 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             continuation, self._continuation = self._continuation, False
             if line == b"." and not continuation:
                 del buf[:pos]
+                self.resetTimeout()
                 self._end_of_data()
                 return True
             self._data_line(line, continuation)
+        if pos:
+            self.resetTimeout()
         del buf[:pos]
         if len(buf) > limit:
             # A line longer than allowed and still no CRLF: keep memory flat, remember that

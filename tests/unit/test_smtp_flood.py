@@ -232,3 +232,33 @@ def test_queue_write_failure_is_temporary_in_one_line(errno_, code):
         assert c.reply()[0].startswith(code)
     assert tracebacks(events) == []
     assert world.queue.staged() == []
+
+
+# -- slowloris -------------------------------------------------------------------------------
+@pytest.mark.parametrize("in_data", [False, True])
+def test_a_byte_at_a_time_is_idle_and_gets_the_timeout(in_data):
+    world = World(limits={"smtp_timeout": 30})
+    c = world.connect("mx")
+    c.ehlo()
+    if in_data:
+        c.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+        assert [c.code() for _ in range(3)] == [250, 250, 354]
+    for _ in range(6):  # one byte every 5 s, never a complete line
+        c.send(b"N")
+        c.wait(5)
+    assert c.reply()[0].startswith(b"421 4.4.2")
+    assert c.closed()
+    assert world.queue.staged() == []
+
+
+def test_slow_but_complete_lines_keep_the_session():
+    world = World(limits={"smtp_timeout": 30})
+    c = world.connect("mx")
+    c.ehlo()
+    c.send(b"MAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    assert [c.code() for _ in range(3)] == [250, 250, 354]
+    for i in range(10):
+        c.send(b"line %d\r\n" % i)
+        c.wait(20)
+    c.send(b".\r\n")
+    assert c.code() == 250
