@@ -303,7 +303,10 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             log.failure("internal error handling a command from {client_ip}",
                         client_ip=self.client_ip)
             self._respond(replies.LOCAL_ERROR)
-        if self.on_progress is not None:
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None and not self._closed:
             self.on_progress()
 
     def _command_burst(self) -> float:
@@ -778,10 +781,13 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 del buf[:pos]
                 self.resetTimeout()
                 self._end_of_data()
+                self._progress()
                 return True
             self._data_line(line, continuation)
         if pos:
+            # Complete message lines are progress too: a long DATA is not an idle client.
             self.resetTimeout()
+            self._progress()
         del buf[:pos]
         if len(buf) > limit:
             # A line longer than allowed and still no CRLF: keep memory flat, remember that
