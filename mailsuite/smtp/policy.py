@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import Generator
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsuite.config import Config
@@ -19,7 +18,6 @@ from mailsuite.smtp import replies
 from mailsuite.smtp.headers import header_addresses
 from mailsuite.smtp.replies import Reply
 
-log = Logger()
 
 
 @dataclass
@@ -37,6 +35,7 @@ class Session:
 class RecipientDecision:
     reply: Reply
     route: Route | None = None  # when accepted
+    problem: str = ""  # an environment fault behind a temporary reply, for the server's log line
 
 
 class Policy:
@@ -180,8 +179,9 @@ def _owns(owned: frozenset[str] | set[str], address: str) -> bool:
 def _lookup_failed(failure: Failure) -> RecipientDecision | Failure:
     """A directory outage is temporary (451), never a reason to refuse mail for good."""
     if failure.check(DirectoryUnavailable):
-        log.warn("directory unavailable: {error}", error=str(failure.value))
-        return RecipientDecision(replies.TEMP_LOOKUP_FAILURE)
+        # Logged by the server, in the one line of this refusal.
+        return RecipientDecision(replies.TEMP_LOOKUP_FAILURE,
+                                 problem=f"directory unavailable: {failure.value}")
     return failure
 
 

@@ -171,6 +171,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._auth_state: tuple = ()
         self._delayed_calls: list[IDelayedCall] = []
         self._command = ""  # for refusal log lines (never includes AUTH secrets)
+        self._refusal_logged = False  # the next refusal has had its own, more telling log line
         self._reset_transaction()
         self.setTimeout(self.limits.smtp_timeout)
         if self.policy.accepts_auth and self.smtp.auth_timeout > 0:
@@ -404,7 +405,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
 
     # -- output ---------------------------------------------------------------------------------
     def _send(self, reply: Reply) -> None:
-        if reply.code >= 400:
+        logged, self._refusal_logged = self._refusal_logged, False
+        if reply.code >= 400 and not logged:
             log.info("refused {command} from {client_ip}: {code} {enhanced} {text}",
                      command=self._command or "-", client_ip=self.client_ip, code=reply.code,
                      enhanced=reply.enhanced, text=reply.text.split("\n")[0])
@@ -583,6 +585,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if failure.check(DirectoryUnavailable):
             log.warn("directory unavailable during {command} from {client_ip}: {error}",
                      command=self._command, client_ip=self.client_ip, error=str(failure.value))
+            self._refusal_logged = True
             return replies.TEMP_LOOKUP_FAILURE
         return failure
 
@@ -626,6 +629,12 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         def decided(decision: RecipientDecision) -> Reply:
             if decision.reply.success:
                 self._rcpts.append((path.address, decision.route))
+            elif decision.problem:
+                log.warn("{command} from {client_ip}: {problem}; answered {code} {enhanced}",
+                         command=self._command, client_ip=self.client_ip,
+                         problem=decision.problem, code=decision.reply.code,
+                         enhanced=decision.reply.enhanced)
+                self._refusal_logged = True
             return decision.reply
 
         d = defer.maybeDeferred(self.policy.check_recipient, self.session, path.address)
@@ -730,6 +739,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             if failure.check(DirectoryUnavailable):
                 log.warn("authentication unavailable for {client_ip}: {error}",
                          client_ip=self.client_ip, error=str(failure.value))
+                self._refusal_logged = True
             else:
                 log.failure("authentication backend error for {client_ip}", failure,
                             client_ip=self.client_ip)
@@ -872,6 +882,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             log.info("refused message from=<{sender}> client={client_ip} size={size}: {text}",
                      sender=mail.address if mail else "", client_ip=self.client_ip, size=size,
                      text=error.text)
+            self._refusal_logged = True
             self._reset_transaction()
             self._respond(error)
             return
@@ -907,6 +918,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 log.info("refused message from=<{sender}> client={client_ip} auth={auth_user}: "
                          "{text}", sender=mail.address, client_ip=self.client_ip,
                          auth_user=meta["auth_user"], text=refusal.text)
+                self._refusal_logged = True
                 return refusal
             if self._closed:
                 return None  # the client is gone: no 250 can reach it, so nothing is queued
@@ -934,6 +946,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if isinstance(error, OSError):
             log.warn("queueing failed for message from=<{sender}> client={client_ip}: {error}",
                      sender=sender, client_ip=self.client_ip, error=error)
+            self._refusal_logged = True
             return replies.QUEUE_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) \
                 else replies.QUEUE_FAILED
         log.failure("queueing failed for message from=<{sender}> client={client_ip}",
@@ -954,6 +967,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         except DirectoryUnavailable as e:
             log.warn("directory unavailable checking From: for {client_ip}: {error}",
                      client_ip=self.client_ip, error=str(e))
+            self._refusal_logged = True
             return replies.TEMP_LOOKUP_FAILURE
         return reply
 

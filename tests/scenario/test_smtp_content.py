@@ -111,7 +111,8 @@ def test_bare_line_ends_are_stored_and_relayed_as_crlf(normalising, relay):
     assert b"\r" not in wire.replace(b"\r\n", b"") and b"\n" not in wire.replace(b"\r\n", b"")
     assert wire.count(b"\r\n.\r\n") == 1 and wire.endswith(b"\r\n.\r\n")
     body = wire.split(b"\r\n\r\n", 1)[1]
-    assert body == b"one\r\ntwo\r\nthree\r\n\r\n..\r\nMAIL FROM:<evil@x.example>\r\n..\r\nend\r\n.\r\n"
+    assert body == (b"one\r\ntwo\r\nthree\r\n\r\n..\r\nMAIL FROM:<evil@x.example>\r\n..\r\n"
+                    b"end\r\n.\r\n")
     # The local copy is the same bytes as the spool held.
     normalising.wait_for_messages("bob@example.org", 1)
     with open(normalising.messages("bob@example.org")[0], "rb") as f:
@@ -128,8 +129,8 @@ def test_nul_is_refused_and_never_relayed(normalising, relay):
     assert (code, text[:5]) == (550, b"5.6.0")
     # A message sent after it is relayed; the refused one never is.
     follow = uuid.uuid4().hex.encode()
-    assert submit_raw(normalising, ["far@remote.example"],
-                      b"From: alice@example.org\r\nSubject: " + follow + b"\r\n\r\nok\r\n")[0] == 250
+    ok = b"From: alice@example.org\r\nSubject: " + follow + b"\r\n\r\nok\r\n"
+    assert submit_raw(normalising, ["far@remote.example"], ok)[0] == 250
     relayed(relay, follow)
     assert not any(marker in m for m in relay.messages)
 

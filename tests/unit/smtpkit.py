@@ -145,8 +145,9 @@ class Queued:
 
 class FakeQueue:
     """A MessageQueue that keeps every message in memory. `fail_marker` in the data makes the
-    submission fail like a broken disk (EIO; `fail_with` for any other error). Staged messages (`submit_file`) are read back and the file
-    removed, as the real queue's rename would; `incoming_dir` is a private temporary directory."""
+    submission fail like a broken disk (EIO; `fail_with` for any other error). Staged messages
+    (`submit_file`) are read back and the file removed, as the real queue's rename would;
+    `incoming_dir` is a private temporary directory."""
 
     fail_marker = b"FAIL-THE-QUEUE"
 

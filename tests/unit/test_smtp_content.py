@@ -54,7 +54,8 @@ def test_nul_is_refused_in_both_modes(mode, body):
     assert transaction(c, b"Subject: ok\r\n\r\nfine\r\n").startswith(b"250")
 
 
-@pytest.mark.parametrize("body", [b"Subject: a\r\n\r\none\ntwo\r\n", b"Subject: a\r\n\r\none\rtwo\r\n",
+@pytest.mark.parametrize("body", [b"Subject: a\r\n\r\none\ntwo\r\n",
+                                  b"Subject: a\r\n\r\none\rtwo\r\n",
                                   b"Subject: a\r\n\r\nend\r\r\n", b"Subject: a\n\r\nx\r\n"])
 def test_bare_line_ends_are_refused_by_default(body):
     world, c = mx()

@@ -29,6 +29,11 @@ def tracebacks(events) -> list[dict]:
     return [e for e in events if "log_failure" in e]
 
 
+def smtp_lines(events) -> list[str]:
+    return [e["log_format"] for e in events
+            if e.get("log_namespace", "").startswith("mailsuite.smtp")]
+
+
 # -- commands per second ---------------------------------------------------------------------
 def test_command_flood_before_auth_gets_421_and_close():
     world = World(smtp={"max_commands_per_second": 10})
@@ -191,6 +196,7 @@ def test_directory_down_during_auth_is_454_in_one_line():
         c.send(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\n")
         assert c.reply()[0].startswith(b"454 4.7.0")
     assert tracebacks(events) == []
+    assert len(smtp_lines(events)) == 1, smtp_lines(events)
 
 
 def test_directory_down_during_rcpt_is_451_in_one_line():
@@ -203,6 +209,7 @@ def test_directory_down_during_rcpt_is_451_in_one_line():
         assert c.code() == 250
         assert c.reply()[0].startswith(b"451 4.3.0")
     assert tracebacks(events) == []
+    assert len(smtp_lines(events)) == 1, smtp_lines(events)
 
 
 def test_directory_down_during_mail_from_on_submission_is_451_in_one_line():
@@ -216,6 +223,7 @@ def test_directory_down_during_mail_from_on_submission_is_451_in_one_line():
         c.send(b"MAIL FROM:<alice@example.org>\r\n")
         assert c.reply()[0].startswith(b"451 4.3.0")
     assert tracebacks(events) == []
+    assert len(smtp_lines(events)) == 1, smtp_lines(events)
 
 
 @pytest.mark.parametrize("errno_, code", [(28, b"452 4.3.1"), (5, b"451 4.3.0"),
@@ -231,6 +239,7 @@ def test_queue_write_failure_is_temporary_in_one_line(errno_, code):
         c.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
         assert c.reply()[0].startswith(code)
     assert tracebacks(events) == []
+    assert len(smtp_lines(events)) == 1, smtp_lines(events)
     assert world.queue.staged() == []
 
 

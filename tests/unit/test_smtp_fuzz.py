@@ -146,13 +146,15 @@ def test_header_scan_never_raises_and_stays_bounded(lines):
 
 
 # -- whole sessions -----------------------------------------------------------------------------
-COMMANDS = [b"EHLO client.example", b"HELO client.example", b"EHLO", b"MAIL FROM:<x@remote.example>",
-            b"MAIL FROM:<alice@example.org>", b"MAIL FROM:<>", b"MAIL FROM:<x@remote.example> SIZE=100",
+COMMANDS = [b"EHLO client.example", b"HELO client.example", b"EHLO",
+            b"MAIL FROM:<x@remote.example>", b"MAIL FROM:<alice@example.org>", b"MAIL FROM:<>",
+            b"MAIL FROM:<x@remote.example> SIZE=100",
             b"RCPT TO:<alice@example.org>", b"RCPT TO:<nobody@example.org>",
             b"RCPT TO:<bob@example.org>", b"RCPT TO:<x@other.example>", b"DATA", b"RSET", b"NOOP",
             b"VRFY alice", b"HELP", b"QUIT", b"BDAT 10 LAST", b"AUTH PLAIN", b"AUTH LOGIN",
             b"AUTH PLAIN " + ALICE, b"AUTH PLAIN AAAA", b"*", b"", b".", b"EXPN x",
-            b"MAIL FROM:<x@remote.example> " + b"A=B " * 20, b"RCPT TO:<a@b.example> X=" + b"y" * 600,
+            b"MAIL FROM:<x@remote.example> " + b"A=B " * 20,
+            b"RCPT TO:<a@b.example> X=" + b"y" * 600,
             b"MAIL FROM:<\xc3\xa9@example.org> SMTPUTF8", b"NOOP \xff"]
 BODY_PIECES = [b".", b"..", b"\r", b"\n", b"\0", b"\r\n", b"\r\n.\r\n", b"\n.\n", b"\r.\r",
                b"Received: from x", b"From: bob@example.org", b"From: alice@example.org",
