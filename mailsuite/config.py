@@ -77,7 +77,7 @@ class SMTPSection:
     check_from_header: bool = True
     # Commands a connection may send per second before AUTH (averaged over 10 s; a message
     # accepted gives its commands back), else 421 and close.
-    max_commands_per_second: int = 20
+    max_commands_per_second: int = 50
     # Submission: seconds from connect to a successful AUTH, else 421 and close.
     auth_timeout: int = 120
 
