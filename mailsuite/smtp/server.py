@@ -203,6 +203,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return
         log.info("closing {client_ip}: not authenticated within {n} s", client_ip=self.client_ip,
                  n=self.smtp.auth_timeout)
+        self._refusal_logged = True
         self._send(replies.AUTH_TIMEOUT)
         self._close(linger=0.5)
 
@@ -329,6 +330,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         log.info("closing {client_ip}: more than {n} commands per second before "
                  "authentication", client_ip=self.client_ip,
                  n=self.smtp.max_commands_per_second)
+        self._refusal_logged = True
         self._send(replies.COMMAND_FLOOD)
         self._close(linger=0.5)
         return False
