@@ -32,8 +32,9 @@ ALICE = base64.b64encode(b"\0alice@example.org\0secret-pw-1")
 class Session:
     """One connection with counters around the protocol's command and end-of-DATA handlers."""
 
-    def __init__(self, port: str, smtp: dict | None = None):
-        self.world = World(smtp=smtp or {}, limits={"auth_failure_delay": 0.0})
+    def __init__(self, port: str, smtp: dict | None = None, io=None):
+        self.io = io
+        self.world = World(smtp=smtp or {}, limits={"auth_failure_delay": 0.0}, io=io)
         self.client = self.world.connect(port)
         proto = self.client.proto
         self.proto = proto
@@ -52,9 +53,12 @@ class Session:
         proto._handle_line = counted_line
         proto._end_of_data = counted_end
 
-    def feed(self, chunks: list[bytes]) -> None:
+    def feed(self, chunks: list[bytes], io_steps: list[int] = ()) -> None:
         limit = self.world.config.limits.max_line_length
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            if self.io is not None:  # the disk catches up a little, or not at all
+                for _ in range(io_steps[i % len(io_steps)] if io_steps else 1):
+                    self.io.step()
             self.client.send(chunk)
             assert not self.client.dropped, self.client.dropped
             proto = self.proto
@@ -62,6 +66,10 @@ class Session:
             assert len(proto._out) <= smtp_server.DATA_FLUSH + 4 * limit + 4096
             if proto._staged is not None:
                 assert proto._staged.backlog <= HIGH_WATER + smtp_server.DATA_FLUSH + 4 * limit
+        if self.io is not None:
+            while self.io.jobs:
+                self.io.drain()
+                self.client.wait(0.1)
         self.client.wait(20)  # delayed answers (AUTH failures) come out
 
     def check(self) -> None:
@@ -84,14 +92,16 @@ class Session:
             assert len(answers) == self.handled, (len(answers), self.handled)
 
 
-def run_session(data: bytes, cuts: list[int], port: str = "mx", smtp: dict | None = None
-                ) -> Session:
-    session = Session(port, smtp)
+def run_session(data: bytes, cuts: list[int], port: str = "mx", smtp: dict | None = None,
+                io=None, io_steps: list[int] = ()) -> Session:
+    session = Session(port, smtp, io)
     points = sorted({c for c in cuts if 0 < c < len(data)})
     bounds = [0, *points, len(data)]
-    session.feed([data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a])
+    session.feed([data[a:b] for a, b in zip(bounds, bounds[1:]) if b > a], io_steps)
     session.check()
     session.client.disconnect()
+    if io is not None:
+        io.drain()
     assert session.world.queue.staged() == []
     return session
 
@@ -175,6 +185,18 @@ def test_random_sessions_keep_the_invariants(steps, cuts, port, mode):
     if port == "submissions":
         prefix += b"AUTH PLAIN " + ALICE + b"\r\n"
     run_session(prefix + b"".join(steps), cuts, port, {"bad_line_endings": mode})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(step, max_size=20), st.lists(st.integers(0, 4000), max_size=30),
+       st.lists(st.integers(0, 3), min_size=1, max_size=10))
+def test_random_sessions_with_a_slow_disk_keep_the_invariants(steps, cuts, io_steps):
+    """The same, with the staged-file writes running only now and then (ManualPool)."""
+    from tests.unit.test_smtp_streaming import ManualPool
+
+    data = (b"EHLO fuzz.example\r\nMAIL FROM:<x@remote.example>\r\nRCPT TO:<alice@example.org>\r\n"
+            b"DATA\r\n" + b"".join(steps))
+    run_session(data, cuts, io=ManualPool(), io_steps=io_steps)
 
 
 @settings(max_examples=30, deadline=None)
