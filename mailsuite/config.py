@@ -68,7 +68,18 @@ class LimitsSection:
 
 @dataclass
 class SMTPSection:
-    """[smtp]: what the SMTP server accepts, beyond [limits]."""
+    """[smtp]: what the SMTP server accepts, beyond [limits] (docs/design/smtp.md)."""
+
+    # NUL, bare CR or bare LF in DATA: "reject" (550 after the final dot) or "normalise" (bare
+    # CR/LF stored as CRLF; NUL is refused either way).
+    bad_line_endings: str = "reject"
+    # Submission: every From:/Sender: address must be one the authenticated user may send as.
+    check_from_header: bool = True
+    # Commands a connection may send per second before AUTH (averaged over 10 s; a message
+    # accepted gives its commands back), else 421 and close.
+    max_commands_per_second: int = 50
+    # Submission: seconds from connect to a successful AUTH, else 421 and close.
+    auth_timeout: int = 120
 
 
 @dataclass

@@ -55,11 +55,21 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
 
     if policy not in POLICIES:
         raise ValueError(f"unknown SMTP policy {policy!r}")
+    # DATA streams into the queue's incoming directory: what a crashed process left there goes
+    # now, before we receive anything (other live processes on the spool keep theirs).
+    spool = parts.queue.spool
+    try:
+        spool.ensure()
+        _give_to_data_dir_owner(parts.config, [spool.ensure_incoming()])  # started as root
+        for name in spool.clean_incoming():
+            log.info("removed {name}, a message left half-received by a previous run", name=name)
+    except OSError as e:
+        raise ConfigError(f"cannot prepare {spool.incoming_dir}: {e.strerror}")
     return smtp.server_factory(config=parts.config,
                                policy=POLICIES[policy](parts.directory, parts.config),
                                queue=parts.queue, directory=parts.directory, tls=parts.tls,
                                clock=parts.reactor, resolver=names_client.getResolver(),
-                               implicit_tls=implicit_tls)
+                               implicit_tls=implicit_tls, io=parts.pools.io)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:

@@ -57,8 +57,20 @@ class BounceNotifier(Protocol):
 
 @runtime_checkable
 class MessageQueue(Protocol):
-    """Accepts a message durably: fires with the queue id once message and envelope are fsynced."""
+    """Accepts a message durably: fires with the queue id once message and envelope are fsynced.
+
+    A message held in memory (a DSN) goes to `submit`. A receiver that streams a message to disk
+    (SMTP DATA) writes it to a file of its own in `incoming_dir` (same filesystem as the spool)
+    and hands it to `submit_file`, which takes the file over (fsync, rename into the spool) or,
+    on failure, leaves it where it was for the receiver to remove (docs/design/smtp.md).
+    """
+
+    incoming_dir: str
 
     def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
                meta: Mapping[str, Any]) -> Deferred:
+        ...
+
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
+                    size: int, meta: Mapping[str, Any]) -> Deferred:
         ...

@@ -95,15 +95,32 @@ class QueueRunner(Service):
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
         d = self.io.run(self.spool.store, entry, data)
+        return d.addCallback(self._stored, entry, len(data))
 
-        def stored(_: Any) -> str:
-            maillog.received(entry, len(data))
-            if self.running and not self._stopping:
-                self._set_due(entry.id, 0.0)
-                self._wake()
-            return entry.id
+    @property
+    def incoming_dir(self) -> str:
+        """Where receivers stage messages for `submit_file` (created on first use)."""
+        return self.spool.incoming_dir
 
-        return d.addCallback(stored)
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
+                    size: int, meta: Mapping[str, Any] | None = None) -> defer.Deferred:
+        """Spool a message staged in `incoming_dir`, taking the file over; fires with its queue
+        id once message and envelope are fsynced. On failure the file is still at `path`."""
+        now = self.clock.seconds()
+        entry = QueueEntry(id=new_queue_id(now), sender=sender,
+                           recipients=expand_recipients(recipients), created=now,
+                           meta=dict(meta or {}))
+        if not entry.recipients:
+            return defer.fail(ValueError("a queue entry needs at least one recipient"))
+        d = self.io.run(self.spool.store_file, entry, path)
+        return d.addCallback(self._stored, entry, size)
+
+    def _stored(self, _: Any, entry: QueueEntry, size: int) -> str:
+        maillog.received(entry, size)
+        if self.running and not self._stopping:
+            self._set_due(entry.id, 0.0)
+            self._wake()
+        return entry.id
 
     def kick(self, entry_id: str | None = None) -> defer.Deferred:
         """Attempt one entry (or all, with None) now, ignoring its retry time.

@@ -65,6 +65,8 @@ class DeliveryResult:
 # <queue_dir>/<id>.json  the envelope (QueueEntry); its presence is what makes an entry exist
 # <queue_dir>/.<...>.tmp files being written; renamed into place after fsync
 # <queue_dir>/.kick      touched by `mailsuite queue retry`: a running server rescans at once
+# <queue_dir>/incoming/  messages being received (SMTP DATA streams there); `store_file` renames
+#                        one into the spool, so it must be on the same filesystem
 #
 # Every write is tmp -> write -> fsync -> rename -> fsync(directory), so after a crash a file is
 # either complete or absent. One directory keeps that to a single directory fsync per change.
@@ -75,6 +77,8 @@ class DeliveryResult:
 ENVELOPE_VERSION = 1
 _ID_RE = re.compile(r"^[0-9a-f]{12,40}$")
 STALE_TMP_AGE = 3600.0  # a tmp file this old was left by a crash, not by a writer still at work
+INCOMING = "incoming"
+STALE_STAGED_AGE = 24 * 3600.0  # a staged file this old is abandoned, whoever its writer was
 
 
 class SpoolError(Exception):
@@ -146,6 +150,11 @@ class Spool:
         return os.path.join(self.directory, queue_id + ".json")
 
     @property
+    def incoming_dir(self) -> str:
+        """Where a receiver stages a message before `store_file` takes it over."""
+        return os.path.join(self.directory, INCOMING)
+
+    @property
     def kick_path(self) -> str:
         return os.path.join(self.directory, ".kick")
 
@@ -157,6 +166,54 @@ class Spool:
         # envelope (crash in between) is garbage that cleanup() removes.
         write_file_durably(self.directory, entry.id + ".eml", [data], sync_dir=False)
         write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
+
+    def store_file(self, entry: QueueEntry, staged_path: str) -> None:
+        """Spool a new entry from a complete message file in `incoming_dir` (SMTP DATA streams
+        there), taking the file over: when this returns, message and envelope survive a crash
+        and the staged name is gone. On failure the staged file is left to the caller."""
+        self.ensure()
+        fd = os.open(staged_path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)  # the writer's data, before any name points at it
+        finally:
+            os.close(fd)
+        os.rename(staged_path, self.message_path(entry.id))
+        try:
+            # The envelope's directory fsync also makes the message's rename durable.
+            write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
+        except BaseException:
+            try:  # give the staged file back so the caller's clean-up finds it
+                os.rename(self.message_path(entry.id), staged_path)
+            except OSError:
+                pass
+            raise
+
+    def ensure_incoming(self) -> str:
+        path = self.incoming_dir
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def clean_incoming(self, now: float | None = None) -> list[str]:
+        """Remove staged files of receivers that are gone: files named `<pid>.*` whose process no
+        longer runs (a crash, a restart) or is this one (called at start-up, before we receive),
+        and any staged file older than a day. Other processes on the same spool keep theirs."""
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        try:
+            names = os.listdir(self.incoming_dir)
+        except FileNotFoundError:
+            return removed
+        for name in names:
+            path = os.path.join(self.incoming_dir, name)
+            pid_text = name.split(".", 1)[0]
+            try:
+                if not (pid_text.isdigit() and _pid_alive(int(pid_text))
+                        and now - os.lstat(path).st_mtime < STALE_STAGED_AGE):
+                    os.unlink(path)
+                    removed.append(name)
+            except FileNotFoundError:
+                continue
+        return removed
 
     def save(self, entry: QueueEntry) -> None:
         """Atomically replace the envelope (call with the entry claimed)."""
@@ -296,3 +353,15 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # our own leftovers: from a previous process that had our pid
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 # RFC 5321 §4.5.3.1: local part 64, domain 255 octets.
 MAX_LOCAL = 64
 MAX_DOMAIN = 255
+# ESMTP parameters on one MAIL/RCPT, and octets of one "keyword=value", at most (we know five
+# keywords; RFC 5321 §4.5.3.1 leaves room for extensions, not for kilobytes of them).
+MAX_PARAMS = 10
+MAX_PARAM_LENGTH = 500
 
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\x80-\U0010ffff]"
 _DOT_ATOM = re.compile(rf"^{_ATEXT}+(\.{_ATEXT}+)*$")
@@ -30,6 +34,10 @@ class PathError(ValueError):
     def __init__(self, message: str, non_ascii: bool = False):
         super().__init__(message)
         self.non_ascii = non_ascii
+
+
+class ParamError(PathError):
+    """The ESMTP parameters are malformed, too many, too long or repeated."""
 
 
 @dataclass
@@ -75,10 +83,17 @@ def parse_path_argument(arg: str, prefix: str, allow_utf8: bool = False,
 
 def parse_params(text: str) -> dict[str, str | None]:
     params: dict[str, str | None] = {}
-    for item in text.split():
+    items = text.split()
+    if len(items) > MAX_PARAMS:
+        raise ParamError(f"{len(items)} parameters")
+    for item in items:
+        if len(item) > MAX_PARAM_LENGTH:
+            raise ParamError("parameter too long")
         key, eq, value = item.partition("=")
         if not _KEYWORD.match(key) or (eq and not _VALUE.match(value)):
-            raise PathError(f"bad parameter {item!r}")
+            raise ParamError(f"bad parameter {item[:50]!r}")
+        if key.upper() in params:
+            raise ParamError(f"repeated parameter {key[:50]!r}")
         params[key.upper()] = value if eq else None
     return params
 

@@ -10,15 +10,14 @@ from dataclasses import dataclass
 from typing import Generator
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable, Route
 from mailsuite.smtp import replies
+from mailsuite.smtp.headers import header_addresses
 from mailsuite.smtp.replies import Reply
 
-log = Logger()
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Session:
 class RecipientDecision:
     reply: Reply
     route: Route | None = None  # when accepted
+    problem: str = ""  # an environment fault behind a temporary reply, for the server's log line
 
 
 class Policy:
@@ -44,6 +44,7 @@ class Policy:
     name = "base"
     add_missing_headers = False  # Message-ID and Date (RFC 6409 §8.2/8.3 allow a MSA to add them)
     accepts_auth = False  # AUTH exists on this port at all (else 502 to any AUTH)
+    checks_from_header = False  # From:/Sender: must be the user's ([smtp] check_from_header)
 
     def __init__(self, directory: DirectoryService, config: Config):
         self.directory = directory
@@ -63,6 +64,11 @@ class Policy:
 
     def check_recipient(self, session: Session, address: str) -> defer.Deferred:
         return defer.succeed(RecipientDecision(replies.RELAY_DENIED))
+
+    def check_header_senders(self, session: Session, from_values: list[bytes],
+                             sender_values: list[bytes]) -> defer.Deferred:
+        """A Deferred reply (None: fine) to the raw From:/Sender: values of a message."""
+        return defer.succeed(None)
 
     @defer.inlineCallbacks
     def route(self, address: str) -> Generator[defer.Deferred, Route, Route]:
@@ -106,6 +112,7 @@ class SubmissionPolicy(Policy):
     name = "submission"
     add_missing_headers = True
     accepts_auth = True
+    checks_from_header = True
 
     def auth_offered(self, session: Session) -> bool:
         # Passwords never travel in clear text: AUTH is advertised and accepted only under TLS.
@@ -123,14 +130,28 @@ class SubmissionPolicy(Policy):
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
             return replies.NOT_YOUR_ADDRESS
         owned = yield self.directory.sender_addresses(session.auth_user)
-        owned = {a.lower() for a in owned}
-        candidate = sender.lower()
-        local, _, domain = candidate.rpartition("@")
-        untagged = local.split("+", 1)[0] + "@" + domain
-        # alice+lists@ is alice's too: the directory strips +tags for delivery the same way.
-        if candidate in owned or untagged in owned:
+        if _owns(owned, sender):
             return replies.SENDER_OK
         return replies.NOT_YOUR_ADDRESS
+
+    @defer.inlineCallbacks
+    def check_header_senders(self, session: Session, from_values: list[bytes],
+                             sender_values: list[bytes]
+                             ) -> Generator[defer.Deferred, frozenset[str], Reply | None]:
+        """Every address of every From: and Sender: field must be one the user may send as
+        (the same set as MAIL FROM); a field we cannot parse is refused, not guessed at."""
+        addresses: list[str] = []
+        for raw in from_values + sender_values:
+            found = header_addresses(raw)
+            if found is None:
+                return replies.FROM_NOT_YOURS
+            addresses += found
+        if not addresses or session.auth_user is None:
+            return None  # no From: at all: nothing claims to be anyone
+        owned = yield self.directory.sender_addresses(session.auth_user)
+        if all(_owns(owned, a) for a in addresses):
+            return None
+        return replies.FROM_NOT_YOURS
 
     @defer.inlineCallbacks
     def check_recipient(self, session: Session, address: str
@@ -146,11 +167,21 @@ class SubmissionPolicy(Policy):
         return RecipientDecision(replies.RECIPIENT_OK, route)
 
 
+def _owns(owned: frozenset[str] | set[str], address: str) -> bool:
+    owned = {a.lower() for a in owned}
+    candidate = address.lower()
+    local, _, domain = candidate.rpartition("@")
+    untagged = local.split("+", 1)[0] + "@" + domain
+    # alice+lists@ is alice's too: the directory strips +tags for delivery the same way.
+    return candidate in owned or untagged in owned
+
+
 def _lookup_failed(failure: Failure) -> RecipientDecision | Failure:
     """A directory outage is temporary (451), never a reason to refuse mail for good."""
     if failure.check(DirectoryUnavailable):
-        log.warn("directory unavailable: {error}", error=str(failure.value))
-        return RecipientDecision(replies.TEMP_LOOKUP_FAILURE)
+        # Logged by the server, in the one line of this refusal.
+        return RecipientDecision(replies.TEMP_LOOKUP_FAILURE,
+                                 problem=f"directory unavailable: {failure.value}")
     return failure
 
 

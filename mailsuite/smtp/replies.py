@@ -53,6 +53,8 @@ IDLE_TIMEOUT = Reply(421, "4.4.2", "Idle timeout, closing connection")
 LINE_FLOOD = Reply(421, "4.7.0", "Line too long without end, closing connection")
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors, closing connection")
 SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
+COMMAND_FLOOD = Reply(421, "4.7.0", "Too many commands, closing connection")
+AUTH_TIMEOUT = Reply(421, "4.7.0", "Authentication timeout, closing connection")
 
 # -- generic -----------------------------------------------------------------------------------
 OK = Reply(250, "2.0.0", "Ok")
@@ -80,6 +82,7 @@ BAD_SENDER_ADDRESS = Reply(501, "5.1.7", "Bad sender address syntax")
 NON_ASCII_ADDRESS = Reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
 UNKNOWN_PARAMETER = Reply(555, "5.5.4", "Unsupported MAIL/RCPT parameter")
 BAD_PARAMETER = Reply(501, "5.5.4", "Invalid parameter value")
+TOO_MANY_PARAMETERS = Reply(501, "5.5.4", "Too many or too long parameters")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 UNKNOWN_USER = Reply(550, "5.1.1", "No such user here")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
@@ -87,6 +90,7 @@ NOT_YOUR_ADDRESS = Reply(553, "5.7.1", "Sender address not owned by the authenti
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 TEMP_LOOKUP_FAILURE = Reply(451, "4.3.0", "Temporary lookup failure, try again later")
+FROM_NOT_YOURS = Reply(553, "5.7.1", "From: or Sender: header not owned by the authenticated user")
 
 # -- DATA --------------------------------------------------------------------------------------
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
@@ -94,7 +98,10 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 NEED_RCPT = Reply(503, "5.5.1", "Need RCPT before DATA")
 BARE_LINE_ENDING = Reply(550, "5.6.2", "Bare CR or LF in message; lines must end with CRLF")
 DATA_LINE_TOO_LONG = Reply(500, "5.5.2", "Message line too long (RFC 5321 limit 1000 octets)")
+NUL_IN_MESSAGE = Reply(550, "5.6.0", "NUL character in message")
+MAIL_LOOP = Reply(554, "5.4.6", "Too many Received headers: mail loop detected")
 QUEUE_FAILED = Reply(451, "4.3.0", "Could not queue the message, try again later")
+QUEUE_FULL = Reply(452, "4.3.1", "Insufficient system storage, try again later")
 
 
 def queued(queue_id: str) -> Reply:

@@ -9,11 +9,17 @@ of that class (docs/design/smtp.md lists its defects):
   (RFC 3207 §4.2, CVE-2011-0411).
 - Only CRLF ends a line. Command lines over the limit get 500 and are discarded without growing
   the buffer; a peer that never sends CRLF is disconnected. In DATA only CRLF.CRLF ends the message;
-  a bare CR or LF, a too-long line or a too-big message is consumed up to the terminator and then
-  refused, so body text is never run as commands (SMTP smuggling, CVE-2023-51764 family). We
-  reject bare CR/LF (550 5.6.2) rather than normalise them: what we store is then exactly what the
-  client meant, and no downstream hop can read a different line structure into it.
-- Any unexpected exception is logged and answered 451 4.3.0; the session goes on.
+  a NUL, a bare CR or LF, a too-long line or a too-big message is consumed up to the terminator and
+  then refused, so body text is never run as commands (SMTP smuggling, CVE-2023-51764 family).
+  Bare CR/LF are refused (550 5.6.2) or, with `[smtp] bad_line_endings = "normalise"`, stored as
+  CRLF; either way no downstream hop can read a different line structure into what we store.
+- DATA streams to a file in the queue's incoming directory through a bounded buffer (staging.py);
+  the client is paused while the disk is behind. The queue takes the file over before the 250.
+- Before AUTH a connection may send `max_commands_per_second` commands (a token bucket over
+  COMMAND_WINDOW seconds; an accepted message gives its commands back); on submission it must
+  authenticate within `auth_timeout` seconds.
+- Any unexpected exception is logged and answered 451 4.3.0; the session goes on. A directory
+  outage or a failing disk is one log line and a temporary reply, no traceback.
 Decisions (who may send, to whom, whether AUTH is offered) are made by a `Policy` (policy.py);
 reply texts are in replies.py. Everything the protocol uses is passed to `server_factory`.
 """
@@ -21,9 +27,11 @@ from __future__ import annotations
 
 import binascii
 import email.utils
+import errno
 import ipaddress
+import re
 import secrets
-from typing import Callable
+from typing import Callable, Generator
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol
@@ -34,14 +42,17 @@ from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailsuite.config import Config
-from mailsuite.directory.api import DirectoryService, Route
+from mailsuite.config import Config, ConfigError
+from mailsuite.directory.api import DirectoryService, DirectoryUnavailable, Route
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.pools import InlinePool, WorkPool
 from mailsuite.queue.agents import MessageQueue
 from mailsuite.smtp import replies
-from mailsuite.smtp.address import PathArgument, PathError, parse_path_argument
+from mailsuite.smtp.address import ParamError, PathArgument, PathError, parse_path_argument
+from mailsuite.smtp.headers import HeaderScan
 from mailsuite.smtp.policy import Policy, RecipientDecision, Session
 from mailsuite.smtp.replies import Reply
+from mailsuite.smtp.staging import StagedMessage
 from mailsuite.tls import TLSMaterial
 
 log = Logger()
@@ -54,18 +65,29 @@ PAUSE_THRESHOLD = 64 * 1024
 PENDING_INPUT_CAP = 1024 * 1024
 # Postfix's smtpd_hard_error_limit: a peer that keeps sending garbage is not a mail client.
 MAX_ERRORS = 20
+# Seconds over which [smtp] max_commands_per_second is averaged (the burst a client may send).
+COMMAND_WINDOW = 10.0
+# Message bytes collected before they are handed to the staged file (one io job).
+DATA_FLUSH = 64 * 1024
+BAD_LINE_ENDINGS = ("reject", "normalise")
+_BARE_LINE_END = re.compile(rb"\r|\n")
 
 
 def server_factory(config: Config, policy: Policy, queue: MessageQueue,
                    directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
-                   resolver: IResolver | None = None, implicit_tls: bool = False
-                   ) -> "SMTPServerFactory":
+                   resolver: IResolver | None = None, implicit_tls: bool = False,
+                   io: WorkPool | None = None) -> "SMTPServerFactory":
     """The factory for one listener (MX or submission, by `policy`).
 
     `tls` is what STARTTLS uses (None: not offered); `implicit_tls` says the transport is already
     TLS (port 465, wrapped by service.py). `resolver` finds the client's host name for the
-    Received: header (None: no reverse look-ups)."""
-    return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls)
+    Received: header (None: no reverse look-ups). `io` runs the writes of DATA to the staged file
+    (None: inline, for unit tests only)."""
+    if config.smtp.bad_line_endings not in BAD_LINE_ENDINGS:
+        raise ConfigError(f"[smtp] bad_line_endings must be \"reject\" or \"normalise\", not "
+                          f"{config.smtp.bad_line_endings!r}")
+    return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls,
+                             io)
 
 
 class SMTPServerFactory(LimitedFactory):
@@ -73,7 +95,8 @@ class SMTPServerFactory(LimitedFactory):
 
     def __init__(self, config: Config, policy: Policy, queue: MessageQueue,
                  directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
-                 resolver: IResolver | None = None, implicit_tls: bool = False):
+                 resolver: IResolver | None = None, implicit_tls: bool = False,
+                 io: WorkPool | None = None):
         limits = config.limits
         super().__init__(
             "submissions" if implicit_tls else policy.name,
@@ -87,6 +110,7 @@ class SMTPServerFactory(LimitedFactory):
         self.clock = clock
         self.resolver = resolver
         self.implicit_tls = implicit_tls
+        self.io: WorkPool = io if io is not None else InlinePool()
         self._tls = tls
         self._tls_context: object | None = None
         if not implicit_tls and tls is not None:
@@ -105,13 +129,18 @@ class SMTPServerFactory(LimitedFactory):
 
 class SMTPServer(protocol.Protocol, TimeoutMixin):
     factory: SMTPServerFactory
-    on_close: Callable[[], None] | None = None  # set by LimitedFactory: gives the slot back
+    # Set by LimitedFactory (mailsuite/listeners.py): give the slot back, report a complete
+    # command, report a successful login.
+    on_close: Callable[[], None] | None = None
+    on_progress: Callable[[], None] | None = None
+    on_authenticated: Callable[[], None] | None = None
 
     # -- connection life cycle ---------------------------------------------------------------
     def connectionMade(self) -> None:
         f = self.factory
         self.config = f.config
         self.limits = f.config.limits
+        self.smtp = f.config.smtp
         self.policy = f.policy
         self.clock = f.clock
         self.callLater = f.clock.callLater  # TimeoutMixin's idle timer runs on our clock
@@ -124,6 +153,16 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._mode = "command"  # "command" | "data" | "auth"
         self._waiting = False  # a Deferred for the current command is pending
         self._paused = False  # we stopped reading from the transport
+        self._pause_reasons: set[str] = set()  # "input" (pipelined pile-up), "disk" (DATA)
+        self._staged: StagedMessage | None = None  # the message being received
+        self._out = bytearray()  # stored message bytes not yet handed to _staged
+        self._scan = HeaderScan()
+        self._txid = ""
+        # Token bucket of commands before AUTH; _tx_commands are given back when a message is
+        # accepted (a busy MX peer sending many messages is not a flood).
+        self._tokens = float(self._command_burst())
+        self._tokens_at = self.clock.seconds()
+        self._tx_commands = 0
         self._processing = False
         self._closed = False
         self._overlong = 0  # octets of a too-long command line discarded so far
@@ -132,8 +171,12 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._auth_state: tuple = ()
         self._delayed_calls: list[IDelayedCall] = []
         self._command = ""  # for refusal log lines (never includes AUTH secrets)
+        self._refusal_logged = False  # the next refusal has had its own, more telling log line
         self._reset_transaction()
         self.setTimeout(self.limits.smtp_timeout)
+        if self.policy.accepts_auth and self.smtp.auth_timeout > 0:
+            self._delayed_calls.append(
+                self.clock.callLater(self.smtp.auth_timeout, self._auth_deadline))
         self._lookup_client_name()
         self._send(replies.greeting(self.hostname))
 
@@ -144,13 +187,25 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if on_close is not None:
             on_close()
         if self._mode == "data":
-            # Nothing was handed to the queue: the partial message only lived in _chunks.
+            # Nothing was handed to the queue: the staged file is removed.
             log.info("client {client_ip} disconnected during DATA; message discarded",
                      client_ip=self.client_ip)
-        self._chunks = []
+        self._discard_staged()
         for call in self._delayed_calls:
             if call.active():
                 call.cancel()
+
+    def _auth_deadline(self) -> None:
+        if self._closed or self.session.auth_user is not None:
+            return
+        if self._waiting:  # a password check is in flight: let it answer first
+            self._delayed_calls.append(self.clock.callLater(1.0, self._auth_deadline))
+            return
+        log.info("closing {client_ip}: not authenticated within {n} s", client_ip=self.client_ip,
+                 n=self.smtp.auth_timeout)
+        self._refusal_logged = True
+        self._send(replies.AUTH_TIMEOUT)
+        self._close(linger=0.5)
 
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {client_ip}", client_ip=self.client_ip)
@@ -165,6 +220,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         """
         self._closed = True
         self._buffer.clear()
+        self._discard_staged()  # a message still being received will never be answered
         if linger:
             self._delayed_calls.append(
                 self.clock.callLater(linger, self.transport.loseConnection))
@@ -175,7 +231,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.resetTimeout()
+        # The idle timer is reset by complete lines only (_process), not by bytes: a client
+        # trickling a byte at a time (slowloris) is idle by this measure.
         self._buffer += data
         if self._waiting:
             # Lines wait in our buffer until the pending reply is sent (pipelining order). Stop
@@ -185,9 +242,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 self._send(replies.LINE_FLOOD)
                 self._close(linger=0.5)
                 return
-            if len(self._buffer) > PAUSE_THRESHOLD and not self._paused:
-                self._paused = True
-                self._pause()
+            if len(self._buffer) > PAUSE_THRESHOLD:
+                self._hold("input", True)
             return
         self._process()
 
@@ -205,6 +261,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 line = self._next_command_line()
                 if line is None:
                     break
+                self.resetTimeout()
                 self._handle_line(line)
         finally:
             self._processing = False
@@ -232,6 +289,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         return line
 
     def _handle_line(self, line: bytes | Reply) -> None:
+        if not self._take_token():
+            return
         try:
             if isinstance(line, Reply):
                 self._command = "(too long)"
@@ -246,6 +305,40 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             log.failure("internal error handling a command from {client_ip}",
                         client_ip=self.client_ip)
             self._respond(replies.LOCAL_ERROR)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.on_progress is not None and not self._closed:
+            self.on_progress()
+
+    def _command_burst(self) -> float:
+        return max(1.0, self.smtp.max_commands_per_second * COMMAND_WINDOW)
+
+    def _take_token(self) -> bool:
+        """Count one command before AUTH; False (after 421 and a close) when flooded."""
+        if self.session.auth_user is not None or self.smtp.max_commands_per_second <= 0:
+            return True
+        now = self.clock.seconds()
+        burst = self._command_burst()
+        self._tokens = min(burst, self._tokens
+                           + (now - self._tokens_at) * self.smtp.max_commands_per_second)
+        self._tokens_at = now
+        self._tx_commands += 1
+        self._tokens -= 1
+        if self._tokens >= 0:
+            return True
+        log.info("closing {client_ip}: more than {n} commands per second before "
+                 "authentication", client_ip=self.client_ip,
+                 n=self.smtp.max_commands_per_second)
+        self._refusal_logged = True
+        self._send(replies.COMMAND_FLOOD)
+        self._close(linger=0.5)
+        return False
+
+    def _give_back_commands(self) -> None:
+        """An accepted message: its commands were mail, not a flood."""
+        self._tokens = min(self._command_burst(), self._tokens + self._tx_commands)
+        self._tx_commands = 0
 
     def _respond(self, result: Reply | defer.Deferred | None) -> None:
         """Send a reply now, or pause input until the Deferred gives one (pipelining order)."""
@@ -267,9 +360,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             self._send(reply)
         self.setTimeout(self.limits.smtp_timeout)
         self._waiting = False
-        if self._paused:
-            self._paused = False
-            self._resume()
+        self._hold("input", False)
         self._process()
 
     def _internal_error(self, failure: Failure) -> Reply:
@@ -286,19 +377,38 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             reader = IPushProducer(below, None)
         return reader
 
-    def _pause(self) -> None:
+    def _hold(self, reason: str, on: bool) -> None:
+        """Stop reading from the client while any reason holds, read again when none does."""
+        if on:
+            self._pause_reasons.add(reason)
+        else:
+            self._pause_reasons.discard(reason)
+        want = bool(self._pause_reasons)
+        if want == self._paused:
+            return
+        self._paused = want
         reader = self._reader()
-        if reader is not None:
+        if reader is None:
+            return
+        if want:
             reader.pauseProducing()
-
-    def _resume(self) -> None:
-        reader = self._reader()
-        if reader is not None and not self._closed:
+        elif not self._closed:
             reader.resumeProducing()
+
+    def _disk_backlog(self, over: bool) -> None:
+        """The staged file is behind (or caught up): our slowness, not the client's idleness."""
+        if self._closed:
+            return
+        self._hold("disk", over)
+        if over:
+            self.setTimeout(None)
+        elif not self._waiting:
+            self.setTimeout(self.limits.smtp_timeout)
 
     # -- output ---------------------------------------------------------------------------------
     def _send(self, reply: Reply) -> None:
-        if reply.code >= 400:
+        logged, self._refusal_logged = self._refusal_logged, False
+        if reply.code >= 400 and not logged:
             log.info("refused {command} from {client_ip}: {code} {enhanced} {text}",
                      command=self._command or "-", client_ip=self.client_ip, code=reply.code,
                      enhanced=reply.enhanced, text=reply.text.split("\n")[0])
@@ -448,8 +558,11 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return replies.NEED_HELO
         if self._mail is not None:
             return replies.NESTED_MAIL
+        self._tx_commands = 1  # this transaction's commands, given back if a message is accepted
         try:
             path = parse_path_argument(arg, "FROM:", allow_utf8=True, allow_null=True)
+        except ParamError:
+            return replies.TOO_MANY_PARAMETERS
         except PathError:
             return replies.BAD_SENDER_ADDRESS if arg[:5].upper() == "FROM:" else \
                 replies.SYNTAX_ERROR
@@ -466,7 +579,17 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                 self._smtputf8 = smtputf8
             return reply
 
-        return self.policy.check_sender(self.session, path.address).addCallback(decided)
+        d = defer.maybeDeferred(self.policy.check_sender, self.session, path.address)
+        return d.addCallbacks(decided, self._lookup_failed)
+
+    def _lookup_failed(self, failure: Failure) -> Reply | Failure:
+        """A directory outage is temporary: one log line and 451, never a traceback."""
+        if failure.check(DirectoryUnavailable):
+            log.warn("directory unavailable during {command} from {client_ip}: {error}",
+                     command=self._command, client_ip=self.client_ip, error=str(failure.value))
+            self._refusal_logged = True
+            return replies.TEMP_LOOKUP_FAILURE
+        return failure
 
     def _check_mail_params(self, path: PathArgument) -> Reply | None:
         if path.params and not self.session.esmtp:
@@ -494,6 +617,8 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             return replies.NEED_MAIL
         try:
             path = parse_path_argument(arg, "TO:", allow_utf8=self._smtputf8)
+        except ParamError:
+            return replies.TOO_MANY_PARAMETERS
         except PathError as e:
             if e.non_ascii:
                 return replies.NON_ASCII_ADDRESS
@@ -506,9 +631,16 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         def decided(decision: RecipientDecision) -> Reply:
             if decision.reply.success:
                 self._rcpts.append((path.address, decision.route))
+            elif decision.problem:
+                log.warn("{command} from {client_ip}: {problem}; answered {code} {enhanced}",
+                         command=self._command, client_ip=self.client_ip,
+                         problem=decision.problem, code=decision.reply.code,
+                         enhanced=decision.reply.enhanced)
+                self._refusal_logged = True
             return decision.reply
 
-        return self.policy.check_recipient(self.session, path.address).addCallback(decided)
+        d = defer.maybeDeferred(self.policy.check_recipient, self.session, path.address)
+        return d.addCallbacks(decided, self._lookup_failed)
 
     def do_DATA(self, arg: str) -> Reply:
         if arg.strip():
@@ -518,10 +650,15 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         if not self._rcpts:
             return replies.NO_VALID_RECIPIENTS  # RFC 2920 §3.1
         self._mode = "data"
-        self._chunks = []
         self._size = 0
         self._data_error = None
         self._continuation = False
+        self._scan = HeaderScan()
+        self._txid = secrets.token_hex(6)
+        self._staged = StagedMessage(self.factory.io, self.factory.queue.incoming_dir,
+                                     self._disk_backlog)
+        # Our trace field goes first (RFC 5321 §4.4); the body streams after it.
+        self._out = bytearray(self._received_header(self._txid, self._rcpts))
         return replies.START_DATA
 
     def do_BDAT(self, arg: str) -> Reply:
@@ -594,13 +731,20 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             self.session.auth_user = canonical
             log.info("authenticated {user} from {client_ip}", user=canonical,
                      client_ip=self.client_ip)
+            if self.on_authenticated is not None:
+                self.on_authenticated()
             return replies.AUTH_OK
 
         def failed(failure: Failure) -> Reply | defer.Deferred:
             if failure.check(UnauthorizedLogin):
                 return self._auth_failed(user, "bad credentials", delay=0.0)
-            log.failure("authentication backend error for {client_ip}", failure,
-                        client_ip=self.client_ip)
+            if failure.check(DirectoryUnavailable):
+                log.warn("authentication unavailable for {client_ip}: {error}",
+                         client_ip=self.client_ip, error=str(failure.value))
+                self._refusal_logged = True
+            else:
+                log.failure("authentication backend error for {client_ip}", failure,
+                            client_ip=self.client_ip)
             return replies.AUTH_TEMP_FAILURE
 
         return d.addCallbacks(ok, failed)
@@ -610,7 +754,7 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         saw (refused before asking it), which we count in its throttle ourselves."""
         self._auth_failures += 1
         if delay is None:
-            delay = self.factory.directory.throttle.failed(self.client_ip, user.lower())
+            delay = self.factory.directory.throttle.failed(self.client_ip, user.lower()[:320])
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
                  "connection)", user=user[:100], client_ip=self.client_ip, why=why,
                  n=self._auth_failures)
@@ -647,9 +791,15 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             continuation, self._continuation = self._continuation, False
             if line == b"." and not continuation:
                 del buf[:pos]
+                self.resetTimeout()
                 self._end_of_data()
+                self._progress()
                 return True
             self._data_line(line, continuation)
+        if pos:
+            # Complete message lines are progress too: a long DATA is not an idle client.
+            self.resetTimeout()
+            self._progress()
         del buf[:pos]
         if len(buf) > limit:
             # A line longer than allowed and still no CRLF: keep memory flat, remember that
@@ -659,82 +809,169 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
             self._size += len(buf) - keep
             del buf[: len(buf) - keep]
             self._continuation = True
+        self._flush_out(DATA_FLUSH)
         return False
 
     def _data_line(self, line: bytes, continuation: bool) -> None:
         if len(line) + 2 > self.limits.max_line_length:
             self._note_data_error(replies.DATA_LINE_TOO_LONG)
-        if b"\r" in line or b"\n" in line:
-            self._note_data_error(replies.BARE_LINE_ENDING)
+        if b"\0" in line:
+            # NUL has no place in a message (RFC 5322 §3.5) and truncates strings elsewhere;
+            # refused whatever bad_line_endings says.
+            self._note_data_error(replies.NUL_IN_MESSAGE)
         if line.startswith(b".") and not continuation:
             line = line[1:]  # RFC 5321 §4.5.2 transparency
         self._size += len(line) + 2
         if self._size > self.limits.max_message_size:
             self._note_data_error(replies.MESSAGE_TOO_BIG)
-        if self._data_error is None:
-            self._chunks.append(line)
+        if b"\r" in line or b"\n" in line:
+            if self.smtp.bad_line_endings != "normalise":
+                self._note_data_error(replies.BARE_LINE_ENDING)
+            else:
+                # Each bare CR or LF becomes CRLF: stored (and relayed) lines are the ones a
+                # reader that splits on any line end would see.
+                line = _BARE_LINE_END.sub(b"\r\n", line)
+        if self._data_error is not None:
+            return
+        if self._scan.in_header:
+            for piece in line.split(b"\r\n"):
+                if self._scan.line(piece):
+                    self._out += self._added_headers()
+                self._out += piece + b"\r\n"
+        else:
+            self._out += line + b"\r\n"
+        self._flush_out(DATA_FLUSH)
+
+    def _flush_out(self, at_least: int = 0) -> None:
+        if self._staged is not None and self._out and len(self._out) >= at_least:
+            self._staged.write(bytes(self._out))
+            self._out.clear()
+
+    def _added_headers(self) -> bytes:
+        """Message-ID and Date where the submitted header section lacks them (RFC 6409 §8)."""
+        if not self.policy.add_missing_headers:
+            return b""
+        headers = b""
+        if not self._scan.has_message_id:
+            headers += b"Message-ID: <%s.%s@%s>\r\n" % (
+                self._txid.encode(), secrets.token_hex(8).encode(), self.hostname.encode())
+        if not self._scan.has_date:
+            headers += b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode()
+        return headers
 
     def _note_data_error(self, reply: Reply) -> None:
         if self._data_error is None:
             self._data_error = reply
-            self._chunks = []  # nothing of this message will be stored
+            self._discard_staged()  # nothing of this message will be stored
+
+    def _discard_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        self._out.clear()
+        if staged is not None:
+            staged.discard()
+        self._hold("disk", False)
 
     def _end_of_data(self) -> None:
         self._mode = "command"
         self._command = "DATA (end)"
         error, size = self._data_error, self._size
-        chunks, self._chunks = self._chunks, []
+        mail = self._mail
+        if error is None and self._scan.received >= self.config.queue.max_received_headers:
+            # With ours it would be over the limit: a loop (RFC 5321 §6.3). Refused now rather
+            # than accepted and bounced to a sender that may be forged.
+            error = replies.MAIL_LOOP
         if error is not None:
-            mail = self._mail
             log.info("refused message from=<{sender}> client={client_ip} size={size}: {text}",
                      sender=mail.address if mail else "", client_ip=self.client_ip, size=size,
                      text=error.text)
+            self._refusal_logged = True
             self._reset_transaction()
             self._respond(error)
             return
+        if self._scan.in_header:
+            self._out += self._added_headers()  # a message that is all header
         try:
-            self._respond(self._queue_message(chunks, size))
+            self._respond(self._queue_message())
         except Exception:
             log.failure("internal error building the message from {client_ip}",
                         client_ip=self.client_ip)
             self._reset_transaction()
             self._respond(replies.LOCAL_ERROR)
 
-    def _queue_message(self, chunks: list[bytes], size: int) -> defer.Deferred:
-        mail, rcpts = self._mail, list(self._rcpts)
-        assert mail is not None
+    @defer.inlineCallbacks
+    def _queue_message(self) -> Generator[defer.Deferred, object, Reply]:
+        """The end of DATA: finish the staged file, check the headers, queue it, answer."""
+        mail, rcpts, txid, scan = self._mail, list(self._rcpts), self._txid, self._scan
+        staged = self._staged
+        assert mail is not None and staged is not None
+        self._flush_out()
+        self._staged = None  # ours now: _reset_transaction must not discard it
         self._reset_transaction()
-        body = b"\r\n".join(chunks) + b"\r\n" if chunks else b""
-        txid = secrets.token_hex(6)
-        headers = [self._received_header(txid, rcpts)]
-        if self.policy.add_missing_headers:
-            present = _header_names(body)
-            if b"message-id" not in present:
-                headers.append(b"Message-ID: <%s.%s@%s>\r\n" % (
-                    txid.encode(), secrets.token_hex(8).encode(), self.hostname.encode()))
-            if b"date" not in present:
-                headers.append(b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode())
-        data = b"".join(headers) + body
         meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
                 "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
-        d = defer.maybeDeferred(self.factory.queue.submit, mail.address, rcpts, data, meta)
+        queued = False
+        try:
+            try:
+                path = yield staged.finish()
+            except Exception as e:
+                return self._queue_failed(mail.address, e)
+            refusal = yield self._check_headers(scan)
+            if refusal is not None:
+                log.info("refused message from=<{sender}> client={client_ip} auth={auth_user}: "
+                         "{text}", sender=mail.address, client_ip=self.client_ip,
+                         auth_user=meta["auth_user"], text=refusal.text)
+                self._refusal_logged = True
+                return refusal
+            if self._closed:
+                return None  # the client is gone: no 250 can reach it, so nothing is queued
+            try:
+                queue_id = yield self.factory.queue.submit_file(mail.address, rcpts, path,
+                                                                staged.size, meta)
+            except Exception as e:
+                return self._queue_failed(mail.address, e)
+            queued = True
+        finally:
+            if not queued:
+                staged.discard()
+        self._give_back_commands()
+        log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
+                 "client={client_ip} helo={helo} auth={auth_user} proto={protocol} id={txid}",
+                 queue_id=queue_id, sender=mail.address,
+                 rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=staged.size,
+                 client_ip=self.client_ip, helo=meta["helo"], auth_user=meta["auth_user"],
+                 protocol=meta["protocol"], txid=txid)
+        return replies.queued(str(queue_id))
 
-        def queued(queue_id: str) -> Reply:
-            log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
-                     "client={client_ip} helo={helo} auth={auth_user} proto={protocol} id={txid}",
-                     queue_id=queue_id, sender=mail.address,
-                     rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=len(data),
-                     client_ip=self.client_ip, helo=meta["helo"], auth_user=meta["auth_user"],
-                     protocol=meta["protocol"], txid=txid)
-            return replies.queued(str(queue_id))
+    def _queue_failed(self, sender: str, error: Exception) -> Reply:
+        """A local failure (disk, database) is temporary: the client must retry, not bounce.
+        An OS error is the environment's fault: one line, no traceback."""
+        if isinstance(error, OSError):
+            log.warn("queueing failed for message from=<{sender}> client={client_ip}: {error}",
+                     sender=sender, client_ip=self.client_ip, error=error)
+            self._refusal_logged = True
+            return replies.QUEUE_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else replies.QUEUE_FAILED
+        log.failure("queueing failed for message from=<{sender}> client={client_ip}",
+                    Failure(error), sender=sender, client_ip=self.client_ip)
+        return replies.QUEUE_FAILED
 
-        def failed(failure: Failure) -> Reply:
-            # A local failure (disk, database) is temporary: the client must retry, not bounce.
-            log.failure("queueing failed for message from=<{sender}> client={client_ip}",
-                        failure, sender=mail.address, client_ip=self.client_ip)
-            return replies.QUEUE_FAILED
-
-        return d.addCallbacks(queued, failed)
+    @defer.inlineCallbacks
+    def _check_headers(self, scan: HeaderScan) -> Generator[defer.Deferred, object, Reply | None]:
+        """Submission: From:/Sender: must be the authenticated user's (docs/design/smtp.md)."""
+        if not (self.smtp.check_from_header and self.session.auth_user is not None
+                and self.policy.checks_from_header):
+            return None
+        if scan.address_overflow:
+            return replies.FROM_NOT_YOURS
+        try:
+            reply = yield self.policy.check_header_senders(
+                self.session, scan.values("from"), scan.values("sender"))
+        except DirectoryUnavailable as e:
+            log.warn("directory unavailable checking From: for {client_ip}: {error}",
+                     client_ip=self.client_ip, error=str(e))
+            self._refusal_logged = True
+            return replies.TEMP_LOOKUP_FAILURE
+        return reply
 
     def _received_header(self, txid: str, rcpts: list[tuple[str, Route]]) -> bytes:
         """RFC 5321 §4.4 trace line: from/by/with/id/for, then the date."""
@@ -764,10 +1001,11 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._mail: PathArgument | None = None
         self._rcpts: list[tuple[str, Route]] = []
         self._smtputf8 = False
-        self._chunks: list[bytes] = []
         self._size = 0
         self._data_error: Reply | None = None
         self._continuation = False
+        if getattr(self, "_staged", None) is not None:
+            self._discard_staged()
 
     # -- client name for Received: ------------------------------------------------------------
     def _lookup_client_name(self) -> None:
@@ -796,22 +1034,6 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
                     return
 
         d.addCallbacks(found, lambda _: None)
-
-
-def _header_names(body: bytes) -> set[bytes]:
-    """Lower-case names of the header fields at the top of a message."""
-    end = body.find(b"\r\n\r\n")
-    block = body if end < 0 else body[:end]
-    if body.startswith(b"\r\n"):
-        return set()
-    names = set()
-    for line in block.split(b"\r\n"):
-        if line[:1] in (b" ", b"\t"):
-            continue  # folded continuation
-        name, colon, _ = line.partition(b":")
-        if colon:
-            names.add(name.strip().lower())
-    return names
 
 
 def _b64(data: bytes) -> str:

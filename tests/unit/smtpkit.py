@@ -6,8 +6,12 @@ Nothing here opens a socket or sleeps: time passes only when the clock is advanc
 from __future__ import annotations
 
 import base64
+import errno
 import os
 import re
+import shutil
+import tempfile
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -141,18 +145,44 @@ class Queued:
 
 class FakeQueue:
     """A MessageQueue that keeps every message in memory. `fail_marker` in the data makes the
-    submission fail like a full disk."""
+    submission fail like a broken disk (EIO; `fail_with` for any other error). Staged messages
+    (`submit_file`) are read back and the file removed, as the real queue's rename would;
+    `incoming_dir` is a private temporary directory."""
 
     fail_marker = b"FAIL-THE-QUEUE"
 
-    def __init__(self, clock: task.Clock, latency: float = 0.0):
+    def __init__(self, clock: task.Clock, latency: float = 0.0, incoming_dir: str | None = None):
         self.messages: list[Queued] = []
         self._later = _Later(clock, latency)
+        if incoming_dir is None:
+            incoming_dir = tempfile.mkdtemp(prefix="smtpkit-incoming-")
+            weakref.finalize(self, shutil.rmtree, incoming_dir, True)
+        self.incoming_dir = incoming_dir
+        self.fail_with: OSError | None = None  # every submission fails with this
+
+    def staged(self) -> list[str]:
+        """Staged files still in the incoming directory."""
+        try:
+            return sorted(os.listdir(self.incoming_dir))
+        except FileNotFoundError:
+            return []
+
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
+                    size: int, meta: Mapping[str, Any]) -> defer.Deferred:
+        with open(path, "rb") as f:
+            data = f.read()
+        assert len(data) == size, (len(data), size)
+        d = self.submit(sender, recipients, data, meta)
+        if not (self.fail_marker in data or self.fail_with is not None):
+            os.unlink(path)  # taken over, like the spool's rename
+        return d
 
     def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
                meta: Mapping[str, Any]) -> defer.Deferred:
+        if self.fail_with is not None:
+            return self._later.fail(self.fail_with)
         if self.fail_marker in data:
-            return self._later.fail(OSError(28, "No space left on device"))
+            return self._later.fail(OSError(errno.EIO, "Input/output error"))
         queued = Queued(f"Q{len(self.messages) + 1}", sender, list(recipients), data, dict(meta))
         self.messages.append(queued)
         return self._later.succeed(queued.queue_id)
@@ -189,12 +219,17 @@ class World:
     limits: dict[str, Any] = field(default_factory=dict)
     latency: float = 0.0
     tls: bool = True
+    smtp: dict[str, Any] = field(default_factory=dict)  # [smtp] settings
+    io: Any = None  # the WorkPool for staged DATA writes (None: InlinePool)
+    queue_dir: str | None = None  # FakeQueue's incoming directory (None: a temporary one)
 
     def __post_init__(self) -> None:
         self.config = unit_config(**self.limits)
+        for key, value in self.smtp.items():
+            setattr(self.config.smtp, key, value)
         self.directory = FakeDirectory(self.clock, latency=self.latency,
                                        auth_failure_delay=self.config.limits.auth_failure_delay)
-        self.queue = FakeQueue(self.clock, latency=self.latency)
+        self.queue = FakeQueue(self.clock, latency=self.latency, incoming_dir=self.queue_dir)
         self.factories = {
             "mx": self._factory(MXPolicy, False),
             "submission": self._factory(SubmissionPolicy, False),
@@ -204,7 +239,7 @@ class World:
     def _factory(self, policy: type, implicit_tls: bool) -> ServerFactory:
         return server_factory(self.config, policy(self.directory, self.config), self.queue,
                               self.directory, FakeTLS() if self.tls else None, self.clock,
-                              implicit_tls=implicit_tls)
+                              implicit_tls=implicit_tls, io=self.io)
 
     def connect(self, port: str = "mx", ip: str = "127.0.0.1") -> "Client":
         return Client(self.factories[port], self.clock, ip, secure=port == "submissions")

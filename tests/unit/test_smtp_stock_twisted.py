@@ -157,6 +157,14 @@ DEFECTS = {
     # no error limit: the 21st bad command does not close the connection
     "too_many_errors": "expected 421 4.7.0, got no reply within 30.0 s",
     # no recipient limit
+    # a message with 50 Received: fields is accepted (to be bounced later to a forgeable sender)
+    "received_loop": "expected 554 5.4.6, got [b'250 Delivery in progress']",
+    # a submitted message whose From: names another user is accepted
+    "from_header_spoof": "expected 553 5.7.1, got [b'250 Delivery in progress']",
+    # eleven ESMTP parameters on MAIL are accepted
+    "mail_parameters_flood": "expected 501 5.5.4, got [b'250 Sender address accepted']",
+    # a NUL in the body is stored
+    "nul_in_data": "expected 550 5.6.0, got [b'250 Delivery in progress']",
     "too_many_recipients": "expected 452 4.5.3, got [b'250 Recipient address accepted']",
     # EXPN (a known command we do not implement) gets 500 "unknown" instead of 502
     "unknown_command": "expected 502 5.5.1, got [b'500 Command not implemented']",

@@ -1,0 +1,170 @@
+"""A message being received, streamed to a file in the queue's incoming directory.
+
+The SMTP server hands body bytes to `StagedMessage.write` as they arrive; the writes run one at a
+time in the io pool, in order. `backlog` is what is not on disk yet: the server stops reading from
+the client while it is over `HIGH_WATER` and reads again once it falls under `LOW_WATER`
+(`on_backlog(True/False)`), so a client faster than the disk cannot grow our memory
+(docs/design/smtp.md, "DATA"). `finish()` fires once everything is written and the file closed;
+the queue then takes the file over (`MessageQueue.submit_file`). `discard()` removes it.
+Nothing here touches a file on the reactor thread.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+from typing import Callable
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+
+from mailsuite.pools import WorkPool
+from mailsuite.safeio import write_all
+
+# Bytes handed to one io job at most, and the backlog that pauses / resumes the client.
+WRITE_CHUNK = 64 * 1024
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+class StagedMessage:
+    def __init__(self, io: WorkPool, directory: str, on_backlog: Callable[[bool], None]):
+        self._io = io
+        self._directory = directory
+        self._on_backlog = on_backlog
+        self._pending: list[bytes] = []
+        self.backlog = 0  # bytes accepted by write() and not yet on disk
+        self.size = 0  # bytes accepted by write()
+        self.path: str | None = None
+        self._fd: int | None = None
+        self._busy = True  # an io job (open, write, close) is running
+        self._over = False  # we asked the server to stop reading
+        self.error: Failure | None = None  # the first failed io job; further writes are dropped
+        self._done: list[defer.Deferred] = []  # finish()/discard() waiting for the last job
+        self._closing = False
+        self._discarded = False
+        self._io_job(_open, directory).addCallbacks(self._opened, self._failed)
+
+    # -- reactor side ------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not data or self._closing or self.error is not None:
+            return
+        self._pending.append(data)
+        self.backlog += len(data)
+        self.size += len(data)
+        if self.backlog > HIGH_WATER and not self._over:
+            self._over = True
+            self._on_backlog(True)
+        self._pump()
+
+    def finish(self) -> defer.Deferred:
+        """Fires with the path once every byte is written and the file closed; errbacks with
+        the first io failure (the file is then already removed)."""
+        self._closing = True
+        d: defer.Deferred = defer.Deferred()
+        self._done.append(d)
+        self._pump()
+        return d
+
+    def discard(self) -> None:
+        """Abandon the message: stop writing and remove the file (after the job in flight)."""
+        self._discarded = self._closing = True
+        self._pending = []
+        self.backlog = 0
+        self._release()
+        self._pump()
+
+    # -- io jobs -----------------------------------------------------------------------------
+    def _io_job(self, fn: Callable, *args: object) -> defer.Deferred:
+        try:
+            return self._io.run(fn, *args)
+        except Exception:
+            return defer.fail()
+
+    def _opened(self, result: tuple[int, str]) -> None:
+        self._fd, self.path = result
+        self._busy = False
+        self._pump()
+
+    def _pump(self) -> None:
+        if self._busy:
+            return
+        if self._fd is None and self.path is None:
+            self._complete()  # the open failed: nothing to write or remove
+            return
+        if self._pending and not self._discarded and self.error is None:
+            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+            chunk, rest = data[:WRITE_CHUNK], data[WRITE_CHUNK:]
+            self._pending = [rest] if rest else []
+            self._busy = True
+            self._io_job(write_all, self._fd, chunk).addCallbacks(
+                self._written, self._failed, callbackArgs=(len(chunk),))
+            return
+        if not self._closing:
+            return
+        fd, self._fd = self._fd, None
+        remove = self._discarded or self.error is not None
+        if fd is None and not remove:
+            self._complete()
+            return
+        path = self.path if remove else None
+        self.path = None if remove else self.path
+        self._busy = True
+        self._io_job(_close, fd, path).addBoth(self._closed)
+
+    def _written(self, _: int, n: int) -> None:
+        self._busy = False
+        self.backlog = max(0, self.backlog - n)  # 0 already if discarded meanwhile
+        if self.backlog < LOW_WATER:
+            self._release()
+        self._pump()
+
+    def _release(self) -> None:
+        if self._over:
+            self._over = False
+            self._on_backlog(False)
+
+    def _failed(self, failure: Failure) -> None:
+        self._busy = False
+        if self.error is None:
+            self.error = failure
+        self._pending = []
+        self.backlog = 0
+        self._release()
+        self._closing = True  # nothing more will be written: remove the file
+        self._pump()
+
+    def _closed(self, result: object) -> None:
+        self._busy = False
+        if isinstance(result, Failure) and self.error is None and not self._discarded:
+            self.error = result
+        self._complete()
+
+    def _complete(self) -> None:
+        done, self._done = self._done, []
+        for d in done:
+            if self.error is not None and not self._discarded:
+                d.errback(self.error)
+            else:
+                d.callback(self.path)
+
+
+def _open(directory: str) -> tuple[int, str]:
+    """io thread: a new file `<pid>.<random>` (the pid lets start-up clean-up tell a crashed
+    receiver's files from those of a live process on the same spool)."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    return fd, path
+
+
+def _close(fd: int | None, remove: str | None) -> None:
+    """io thread: close, and unlink `remove` if given (close errors are reported)."""
+    try:
+        if fd is not None:
+            os.close(fd)
+    finally:
+        if remove is not None:
+            try:
+                os.unlink(remove)
+            except FileNotFoundError:
+                pass
