@@ -102,6 +102,12 @@ def internal_error(queue_id: str, what: str, failure: Failure | None = None) -> 
         _emit("error", text)
 
 
+def environment_fault(queue_id: str, what: str, error: str) -> None:
+    """An attempt stopped by the environment (EMFILE, EIO, a full disk under the spool): one
+    line, no traceback; the entry stays and is attempted again later."""
+    _emit("warn", line(queue_id, status="retry-later", detail=f"{what}: {error}"))
+
+
 def dsn_queued(entry: QueueEntry, action: str, dsn_id: str, count: int) -> None:
     """A delivery status notification (RFC 3464) to the sender is in the queue."""
     _emit("info", line(entry.id, status="dsn-queued", action=action, to=_angle(entry.sender),

@@ -14,6 +14,7 @@ processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds
 """
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import re
@@ -76,6 +77,12 @@ class QueueRunner(Service):
         self._envelope_cache: dict[str, tuple[tuple[int, int], float]] = {}
         self._damaged: set[str] = set()  # entries without message file, already reported
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
+        # Entries whose envelope records every local delivery this process made: submitted
+        # here, or last attempted here to a clean end. Any other entry (left by a crash, by
+        # another process, by an attempt that failed half-way) is delivered with `after_crash`,
+        # so copies already written are found, not written twice (docs/design/queue.md,
+        # "Exactly once").
+        self._settled: set[str] = set()
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: IDelayedCall | None = None
         self._wake_call: IDelayedCall | None = None
@@ -97,6 +104,7 @@ class QueueRunner(Service):
         d = self.io.run(self.spool.store, entry, data)
 
         def stored(_: Any) -> str:
+            self._settled.add(entry.id)
             maillog.received(entry, len(data))
             if self.running and not self._stopping:
                 self._set_due(entry.id, 0.0)
@@ -126,9 +134,24 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._start_up()
+
+    def _start_up(self) -> None:
+        if self._stopping or not self.running:
+            return
+
+        def failed(f: Failure) -> None:
+            if not f.check(OSError):
+                log.failure("queue start-up failed", f)
+                return
+            # An environment fault (EMFILE, EIO, ...): one line, and try again later.
+            log.warn("queue start-up failed: {error}; retrying in {delay:g}s",
+                     error=_os_error(f.value), delay=self.config.scan_interval)
+            self.clock.callLater(max(self.config.scan_interval, 0.1), self._start_up)
+
         d = self.io.run(self._startup_blocking)
         d.addCallback(self._started)
-        d.addErrback(lambda f: log.failure("queue start-up failed", f))
+        d.addErrback(failed)
 
     def _startup_blocking(self) -> tuple[int, list[str]]:
         self.spool.ensure()
@@ -189,7 +212,11 @@ class QueueRunner(Service):
 
         def failed(f: Failure) -> None:
             self._scanning = False
-            log.failure("queue scan failed", f)
+            if f.check(OSError):  # EMFILE, ENFILE, EIO: the next scan tries again
+                log.warn("queue scan failed: {error}; next scan in {delay:g}s",
+                         error=_os_error(f.value), delay=self.config.scan_interval)
+            else:
+                log.failure("queue scan failed", f)
 
         return self.io.run(self._scan_blocking).addCallbacks(scanned, failed)
 
@@ -230,8 +257,13 @@ class QueueRunner(Service):
                 log.info("queue: retry requested by the admin, rescanning")
                 self._scan()
 
-        d = self.io.run(self.spool.kick_mtime)
-        return d.addCallbacks(seen, lambda f: log.failure("queue kick check failed", f))
+        def failed(f: Failure) -> None:
+            if f.check(OSError):
+                log.warn("queue kick check failed: {error}", error=_os_error(f.value))
+            else:
+                log.failure("queue kick check failed", f)
+
+        return self.io.run(self.spool.kick_mtime).addCallbacks(seen, failed)
 
     def _wake(self) -> None:
         """Run _pump soon, once, from a clean stack (coalesces many wake-ups into one)."""
@@ -278,11 +310,18 @@ class QueueRunner(Service):
         def done(result: Any) -> Any:
             self._inflight.pop(queue_id, None)
             if isinstance(result, Failure):
-                maillog.internal_error(queue_id, "attempt failed", result)
+                # Local copies may be written but not recorded: look for them next time.
+                self._settled.discard(queue_id)
+                if result.check(OSError):  # EMFILE, ENOSPC on the envelope, EIO: one line
+                    maillog.environment_fault(queue_id, "attempt failed",
+                                              _os_error(result.value))
+                else:
+                    maillog.internal_error(queue_id, "attempt failed", result)
                 self._set_due(queue_id, self.clock.seconds() + self.config.scan_interval)
                 result = None
             elif result is None:
                 self._due.pop(queue_id, None)
+                self._settled.discard(queue_id)
             else:
                 self._set_due(queue_id, result)
             self._wake()
@@ -298,13 +337,16 @@ class QueueRunner(Service):
         """Work on one entry; returns its next due time, or None once it is gone."""
         work = yield self.io.run(self._claim_blocking, queue_id, force)
         if isinstance(work, _Skip):
+            # Perhaps claimed by another process, which may die after writing copies.
+            self._settled.discard(queue_id)
             if work.damage:
                 maillog.damaged(queue_id, work.damage)
             return work.due  # claimed elsewhere (retry later), held (inf), or gone (None)
         try:
             work.flush_logs()  # a mail loop is recorded in the claim job
             if work.local:
-                results = yield self._deliver(self.local, work, work.local)
+                results = yield self._deliver(self.local, work, work.local,
+                                              after_crash=queue_id not in self._settled)
                 work.now = self.clock.seconds()
                 work.record(work.local, results, relay="local")
                 work.flush_logs()
@@ -327,6 +369,8 @@ class QueueRunner(Service):
             work.claim = None  # released by _finish_blocking
             if due is None:
                 maillog.removed(queue_id)
+            else:
+                self._settled.add(queue_id)  # the envelope we saved says all we did
             return due
         finally:
             if work.claim is not None:
@@ -389,11 +433,15 @@ class QueueRunner(Service):
         return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
 
     @defer.inlineCallbacks
-    def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient]) -> Any:
-        """Call one agent; a crash in it defers these recipients, never loses the entry."""
+    def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient],
+                 after_crash: bool = False) -> Any:
+        """Call one agent; a crash in it defers these recipients, never loses the entry.
+        `after_crash` (local agent only) asks it to look for copies it may already have
+        written (docs/design/queue.md, "Exactly once")."""
+        extra = {"after_crash": True} if after_crash else {}
         try:
             results = yield defer.maybeDeferred(agent.deliver, work.entry, list(recipients),
-                                                work.message_path)
+                                                work.message_path, **extra)
         except Exception as e:
             what = "local delivery" if agent is self.local else "remote delivery"
             maillog.internal_error(work.entry.id, f"{what} crashed", Failure())
@@ -538,6 +586,13 @@ def apply_result(entry: QueueEntry, rcpt: Recipient, result: DeliveryResult, now
         else 300
     rcpt.next_attempt = now + step
     return "deferred"
+
+
+def _os_error(e: BaseException) -> str:
+    """An OSError in a few words for a log line (no traceback: an environment fault)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else e.strerror
+    return str(e)
 
 
 def entry_due(entry: QueueEntry) -> float:
