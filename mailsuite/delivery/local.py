@@ -46,9 +46,12 @@ class LocalAgent:
 
     def _deliver_all(self, entry: QueueEntry, recipients: list[Recipient],
                      message_path: str, after_crash: bool) -> list[DeliveryResult]:
-        return [self._deliver_one(entry, r, message_path, after_crash) for r in recipients]
+        # A recipient's place in the envelope names its file (see _deliver_one).
+        index = {id(r): i for i, r in enumerate(entry.recipients)}
+        return [self._deliver_one(entry, r, index.get(id(r)), message_path, after_crash)
+                for r in recipients]
 
-    def _deliver_one(self, entry: QueueEntry, recipient: Recipient,
+    def _deliver_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
                      message_path: str, after_crash: bool) -> DeliveryResult:
         try:
             account = self.mailstore.account(recipient.address.lower())
@@ -58,14 +61,16 @@ class LocalAgent:
         # One file name per (queue id, recipient): a second attempt writes the same name, and
         # a recipient attempted before (by a crashed process, or deferred after a write that
         # may have landed) is looked for first. docs/design/maildir.md, "Exactly once".
-        index = next((i for i, r in enumerate(entry.recipients) if r is recipient), None)
-        if index is None:
-            index = next(i for i, r in enumerate(entry.recipients)
-                         if r.address == recipient.address and r.local)
+        if index is None:  # a copy of the recipient, not the envelope's own object
+            index = next((i for i, r in enumerate(entry.recipients)
+                          if r.address == recipient.address and r.local), None)
+        # Not in the envelope at all (a caller outside the queue): a name of its own.
+        unique = (f"Q{entry.id}N{index}" if index is not None
+                  else f"Q{entry.id}R{os.urandom(4).hex()}")
         try:
             path, written = account.deliver_once(
                 trace_headers(entry.sender, recipient.address), message_path,
-                when=entry.created, unique=f"Q{entry.id}N{index}", hostname=self.hostname,
+                when=entry.created, unique=unique, hostname=self.hostname,
                 recheck=after_crash or recipient.attempts > 0)
         except OSError as e:
             reason = e.strerror or str(e)
