@@ -108,6 +108,11 @@ def environment_fault(queue_id: str, what: str, error: str) -> None:
     _emit("warn", line(queue_id, status="retry-later", detail=f"{what}: {error}"))
 
 
+def normalised(queue_id: str, detail: str) -> None:
+    """The courier made the message wire-safe before relaying it (NUL, bare CR/LF)."""
+    _emit("warn", line(queue_id, status="normalised", detail=detail))
+
+
 def dsn_queued(entry: QueueEntry, action: str, dsn_id: str, count: int) -> None:
     """A delivery status notification (RFC 3464) to the sender is in the queue."""
     _emit("info", line(entry.id, status="dsn-queued", action=action, to=_angle(entry.sender),
