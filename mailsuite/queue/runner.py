@@ -206,6 +206,8 @@ class QueueRunner(Service):
             due = {i: d for i, d in found.items() if i not in self._inflight}
             due.update({i: d for i, d in self._due.items() if i in self._inflight})
             self._due = due
+            # Forget ids that left the spool some other way (the admin CLI, another process).
+            self._settled.intersection_update(found.keys() | self._inflight.keys())
             self._heap = [(d, i) for i, d in due.items() if i not in self._inflight]
             heapq.heapify(self._heap)
             self._pump()
