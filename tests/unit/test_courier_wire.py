@@ -47,7 +47,7 @@ def test_corpus():
         assert_wire_safe(message)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.sampled_from([b"\0", b"\r", b"\n", b"\r\n", b".", b"a", b"\xff", b" "]),
                 max_size=40).map(b"".join))
 def test_any_bytes_become_wire_safe(message):
