@@ -124,13 +124,16 @@ def dsn_skipped(entry: QueueEntry, action: str, reason: str) -> None:
     _emit("info", line(entry.id, status="dsn-skipped", action=action, detail=reason))
 
 
-def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None) -> None:
-    """The notification could not be built or queued."""
-    text = line(entry.id, status="dsn-failed", action=action, to=_angle(entry.sender))
+def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None,
+               error: str = "") -> None:
+    """The notification could not be built or queued: a bug (`failure`, with its traceback)
+    or an environment fault (`error`, one line; a bounce is then tried again later)."""
+    text = line(entry.id, status="dsn-failed", action=action, to=_angle(entry.sender),
+                detail=error or None)
     if failure is not None:
         log.failure("{text}", failure, text=text)
     else:
-        _emit("error", text)
+        _emit("warn" if error else "error", text)
 
 
 def transaction(queue_id: str, domain: str, relay: str, tls: bool, tls_info: str,

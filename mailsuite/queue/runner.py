@@ -406,6 +406,7 @@ class QueueRunner(Service):
                      max_age=float(self.config.max_age))
         pending = [r for r in entry.recipients if r.state == "pending"]
         due = [r for r in pending if force or r.next_attempt <= now]
+        work.retry_bounce = bool(entry.bounce_pending) and (force or entry.bounce_at <= now)
         if due and self._is_loop(queue_id):
             # RFC 5321 §6.3: a message with too many trace headers is looping; bounce it,
             # local recipients included, with RFC 3463 5.4.6 (routing loop detected).
@@ -474,35 +475,58 @@ class QueueRunner(Service):
             work.changed = True
             pending = [r for r in entry.recipients if r.state == "pending"]
             yield self._send_notification("delayed", self.notifier.delay, work, pending)
-        if not work.bounced:
+        bounced = list(work.bounced)
+        if work.retry_bounce:  # a bounce an environment fault held back last time
+            bounced += [entry.recipients[i] for i in entry.bounce_pending
+                        if 0 <= i < len(entry.recipients)
+                        and entry.recipients[i] not in bounced]
+        if not bounced:
             return
         if not entry.sender:
             # RFC 3464 §4 / RFC 5321 §6.1: never bounce a bounce.
             maillog.dsn_skipped(entry, "failed", NULL_SENDER)
             return
-        yield self._send_notification("failed", self.notifier.bounce, work, list(work.bounced))
+        sent = yield self._send_notification("failed", self.notifier.bounce, work, bounced)
+        if sent is False and work.now - entry.created < 2 * self.config.max_age:
+            # The database is down or the disk full: the sender must still hear of it, so
+            # the entry stays for another try (given up after twice max_age).
+            index = {id(r): i for i, r in enumerate(entry.recipients)}
+            entry.bounce_pending = sorted({index[id(r)] for r in bounced})
+            step = self.config.retry_schedule[0] if self.config.retry_schedule else 300
+            entry.bounce_at = work.now + step
+            work.changed = True
+        elif entry.bounce_pending:
+            entry.bounce_pending = []
+            entry.bounce_at = 0.0
+            work.changed = True
 
     @defer.inlineCallbacks
     def _send_notification(self, action: str, build: Callable[..., defer.Deferred],
                            work: "_Work", recipients: list[Recipient]) -> Any:
+        """Fires with True (queued, or nothing to send), False after an environment fault
+        (worth another try), None after any other failure (logged with its traceback)."""
         entry = work.entry
         try:
             notification: Notification | None = yield defer.maybeDeferred(
                 build, entry, recipients, work.message_path)
             if notification is None:
-                return
+                return True
             dsn_id = yield self.submit("", notification.recipients, notification.data,
                                        notification.meta)
-        except Exception:
+        except Exception as e:
+            if _environment_fault(e):
+                maillog.dsn_failed(entry, action, error=_os_error(e))
+                return False
             maillog.dsn_failed(entry, action, Failure())
-            return
+            return None
         maillog.dsn_queued(entry, action, dsn_id, len(recipients))
+        return True
 
     def _finish_blocking(self, work: "_Work") -> float | None:
         """io thread: remove the finished entry or save it, then release the claim."""
         try:
             entry = work.entry
-            if all(r.state != "pending" for r in entry.recipients):
+            if all(r.state != "pending" for r in entry.recipients) and not entry.bounce_pending:
                 self.spool.remove(entry.id)
                 return None
             if work.changed:
@@ -527,6 +551,7 @@ class _Work:
     bounced: list[Recipient] = field(default_factory=list)  # newly bounced in this attempt
     changed: bool = False
     finished: bool = False  # removed from the spool in the first io job
+    retry_bounce: bool = False  # entry.bounce_pending is due: try queuing that bounce again
     # Log lines made in io threads are emitted from the reactor thread (flush_logs).
     logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
         default_factory=list)
@@ -534,6 +559,7 @@ class _Work:
     def can_finish_now(self, config: QueueSection) -> bool:
         """Only local recipients, all done, nothing to tell the sender: remove at once."""
         return (not self.remote and not self.bounced and not self.needs_warning(config)
+                and not self.entry.bounce_pending
                 and all(r.state != "pending" for r in self.entry.recipients))
 
     def needs_warning(self, config: QueueSection) -> bool:
@@ -590,6 +616,13 @@ def apply_result(entry: QueueEntry, rcpt: Recipient, result: DeliveryResult, now
     return "deferred"
 
 
+def _environment_fault(e: BaseException) -> bool:
+    """A fault of the environment, not of our code: the disk, the file table, the database.
+    (Recognised by name: the runner imports no directory code.)"""
+    return isinstance(e, OSError) or any(c.__name__ == "DirectoryUnavailable"
+                                         for c in type(e).__mro__)
+
+
 def _os_error(e: BaseException) -> str:
     """An OSError in a few words for a log line (no traceback: an environment fault)."""
     if isinstance(e, OSError) and e.strerror:
@@ -602,6 +635,8 @@ def entry_due(entry: QueueEntry) -> float:
     if entry.held:
         return float("inf")
     times = [r.next_attempt for r in entry.recipients if r.state == "pending"]
+    if entry.bounce_pending:
+        times.append(entry.bounce_at)
     return min(times) if times else 0.0
 
 

@@ -7,11 +7,15 @@ import errno
 import os
 
 import pytest
+from twisted.internet import defer
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from mailsuite.directory.records import DirectoryUnavailable
 from mailsuite.mailbox import maildir as maildir_module
+from mailsuite.queue.agents import Notification
 from mailsuite.queue.spool import QueueEntry, Recipient, Spool, new_queue_id
-from tests.unit.queuekit import ALICE, Kit, local_route, make_kit, message, submit
+from tests.unit.queuekit import (ALICE, FakeAgent, FakeNotifier, Kit, Told, always, local_route,
+                                 make_kit, message, remote_route, submit)
 
 CAROL = "carol@remote.example"
 
@@ -158,3 +162,45 @@ def test_start_up_fault_is_retried(tmp_path, logs, monkeypatch, request):
     qid = submit(kit, CAROL, [(ALICE, local_route(ALICE))], message("after"))
     kit.advance(0)
     assert len(kit.messages(ALICE)) == 1 and not kit.exists(qid)
+
+
+class FlakyNotifier(FakeNotifier):
+    """Raises `fault` for the first `failures` bounces, then answers like FakeNotifier."""
+
+    def __init__(self, fault: Exception, failures: int = 1):
+        super().__init__(reply=Notification(recipients=[(CAROL, None)], data=b"DSN\r\n"))
+        self.fault = fault
+        self.failures = failures
+
+    def bounce(self, entry, recipients, message_path):
+        if self.failures:
+            self.failures -= 1
+            self.told.append(Told("bounce-failed", entry, list(recipients), True))
+            return defer.fail(self.fault)
+        return super().bounce(entry, recipients, message_path)
+
+
+@pytest.mark.parametrize("fault", [DirectoryUnavailable("database is down"),
+                                   OSError(errno.ENOSPC, "No space left on device")])
+def test_a_bounce_held_back_by_the_environment_is_sent_later(make, logs, fault):
+    """The recipient bounced, but the DSN could not be built or queued (database down, disk
+    full): one line, the entry stays, and the bounce is queued at the next retry."""
+    remote = FakeAgent(outcome=always("bounced", "550 5.1.1 no such user", "5.1.1"))
+    notifier = FlakyNotifier(fault)
+    kit = make(remote=remote, notifier=notifier, retry_schedule=[2])
+    qid = submit(kit, CAROL, [("nobody@far.example", remote_route("nobody@far.example"))],
+                 message("bounce"))
+    kit.advance(0)
+    assert kit.exists(qid)
+    entry = kit.spool.load(qid)
+    assert entry.bounce_pending == [0] and entry.recipients[0].state == "bounced"
+    [line] = logs.matching(f"queue_id={qid} status=dsn-failed")
+    assert str(fault.args[-1]) in line
+    assert logs.tracebacks() == [] and logs.errors() == []
+    kit.advance(2.1)
+    assert [t.kind for t in notifier.told] == ["bounce-failed", "bounce"]
+    assert notifier.told[1].recipients[0].address == "nobody@far.example"
+    assert len(logs.matching(f"queue_id={qid} status=dsn-queued")) == 1
+    assert not kit.exists(qid)
+    # The recipient itself is not attempted again (the other call carries the DSN to carol).
+    assert remote.calls == [["nobody@far.example"], [CAROL]]
