@@ -558,6 +558,7 @@ class Folder:
     def append(self, data: bytes | BinaryIO, flags: Iterable[str] = (),
                internaldate: float | None = None) -> int:
         """Store a message (bytes or a binary file object) with fsync; returns its UID."""
+        self._prove()
         state = self._state
         tmp_path = os.path.join(self.path, "tmp", unique_key(0) + ".part")
         try:
@@ -591,6 +592,7 @@ class Folder:
     def copy(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
         """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs.
         Files are hard-linked when possible (content never changes in place)."""
+        dest._prove()
         sources = self._sources(uids)
         dstate = dest._state
         pairs_keys: list[tuple[int, str]] = []
@@ -627,6 +629,8 @@ class Folder:
         A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
         if dest.path == self.path:
             return [(u, u) for u in sorted(set(uids))]
+        self._prove()
+        dest._prove()
         sources = self._sources(uids)
         dstate = dest._state
         moved: list[tuple[int, str]] = []
@@ -663,6 +667,7 @@ class Folder:
     def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
         """Remove messages: the given UIDs, or (None) every message flagged \\Deleted.
         Returns the UIDs actually removed, ascending."""
+        self._prove()
         state = self._state
         with state.lock:
             self.sync()
@@ -686,6 +691,11 @@ class Folder:
             return removed
 
     # -- helpers --------------------------------------------------------------------------------
+    def _prove(self) -> None:
+        """Checked at every write, not only when the session opened the folder: a directory
+        can be replaced by a symlink while a session is open (docs/design/maildir.md)."""
+        self.account.store.prove(self.path, _maildir.SUBDIRS)
+
     def _sources(self, uids: Iterable[int]) -> list[tuple[MessageInfo, str]]:
         """(info, current path) of existing messages, under this folder's lock only."""
         with self._state.lock:

@@ -161,3 +161,27 @@ def test_environment_faults_are_store_unavailable(store, monkeypatch, code):
         account.subscribe("Other")
     monkeypatch.undo()
     assert [m.uid for m in inbox.sync()] == []  # nothing half-stored
+
+
+def test_folder_replaced_by_a_symlink_during_a_session(store, elsewhere):
+    """A Folder object opened before the swap still refuses to write through it."""
+    account = store.account("alice@example.org")
+    account.ensure_layout()
+    inbox = account.folder("INBOX")
+    sent = account.folder("Sent")
+    uid = inbox.append(BODY)
+    real = os.path.join(account.path, ".Sent")
+    os.rename(real, real + "-moved")
+    os.symlink(elsewhere, real)
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(elsewhere, sub))
+    with pytest.raises(UnsafePath):
+        sent.append(BODY)
+    with pytest.raises(UnsafePath):
+        inbox.copy([uid], sent)
+    with pytest.raises(UnsafePath):
+        inbox.move([uid], sent)
+    with pytest.raises(UnsafePath):
+        sent.expunge()
+    assert sorted(everything_under(elsewhere)) == sorted(
+        os.path.join(elsewhere, sub) for sub in ("cur", "new", "tmp"))
