@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, cast
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
@@ -1189,7 +1189,7 @@ def _open_append(path: str, mode: str) -> BinaryIO:
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
     if "+" in mode:
         flags = (flags & ~os.O_WRONLY) | os.O_RDWR
-    return os.fdopen(os.open(path, flags, 0o600), mode)
+    return cast(BinaryIO, os.fdopen(os.open(path, flags, 0o600), mode))
 
 
 def _ascending(infos: dict[int, MessageInfo]) -> bool:
