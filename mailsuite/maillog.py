@@ -102,6 +102,17 @@ def internal_error(queue_id: str, what: str, failure: Failure | None = None) -> 
         _emit("error", text)
 
 
+def environment_fault(queue_id: str, what: str, error: str) -> None:
+    """An attempt stopped by the environment (EMFILE, EIO, a full disk under the spool): one
+    line, no traceback; the entry stays and is attempted again later."""
+    _emit("warn", line(queue_id, status="retry-later", detail=f"{what}: {error}"))
+
+
+def normalised(queue_id: str, detail: str) -> None:
+    """The courier made the message wire-safe before relaying it (NUL, bare CR/LF)."""
+    _emit("warn", line(queue_id, status="normalised", detail=detail))
+
+
 def dsn_queued(entry: QueueEntry, action: str, dsn_id: str, count: int) -> None:
     """A delivery status notification (RFC 3464) to the sender is in the queue."""
     _emit("info", line(entry.id, status="dsn-queued", action=action, to=_angle(entry.sender),
@@ -113,13 +124,16 @@ def dsn_skipped(entry: QueueEntry, action: str, reason: str) -> None:
     _emit("info", line(entry.id, status="dsn-skipped", action=action, detail=reason))
 
 
-def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None) -> None:
-    """The notification could not be built or queued."""
-    text = line(entry.id, status="dsn-failed", action=action, to=_angle(entry.sender))
+def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None,
+               error: str = "") -> None:
+    """The notification could not be built or queued: a bug (`failure`, with its traceback)
+    or an environment fault (`error`, one line; a bounce is then tried again later)."""
+    text = line(entry.id, status="dsn-failed", action=action, to=_angle(entry.sender),
+                detail=error or None)
     if failure is not None:
         log.failure("{text}", failure, text=text)
     else:
-        _emit("error", text)
+        _emit("warn" if error else "error", text)
 
 
 def transaction(queue_id: str, domain: str, relay: str, tls: bool, tls_info: str,

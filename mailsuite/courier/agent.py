@@ -13,6 +13,7 @@ docs/design/courier.md.
 """
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -48,6 +49,7 @@ class Payload:
     wire: bytes
     size: int
     eight_bit: bool
+    repaired: str = ""  # what wire_safe() changed, for the mail log; "" if nothing
 
 
 class RemoteAgent:
@@ -92,6 +94,8 @@ class RemoteAgent:
             maillog.internal_error(entry.id, f"cannot read {message_path}: {e}")
             return [_result(r, "deferred", f"{status.MESSAGE_UNREADABLE.status} "
                             f"{status.MESSAGE_UNREADABLE.text}", "") for r in recipients]
+        if payload.repaired:
+            maillog.normalised(entry.id, payload.repaired)
         outcomes = yield defer.gatherResults(
             [self._deliver_domain(entry, domain, rcpts, payload)
              for domain, rcpts in by_domain.items()], consumeErrors=True)
@@ -316,17 +320,42 @@ class RemoteAgent:
 
     # -- message preparation ---------------------------------------------------------------------
     def _prepare(self, entry: QueueEntry, message_path: str) -> defer.Deferred:
-        """Read, DKIM-sign (when a key exists) and dot-stuff the message, off the reactor."""
+        """Read, make wire-safe, DKIM-sign (when a key exists) and dot-stuff the message, off
+        the reactor. Made safe before signing, so the signature covers the bytes sent."""
         signer = self.signer
 
         def work() -> Payload:
             with open(message_path, "rb") as f:
                 message = f.read()
+            message, repaired = wire_safe(message)
             if signer is not None:
                 message = signer.sign(message, entry.sender)
-            return Payload(dot_stuff(message), len(message), not message.isascii())
+            return Payload(dot_stuff(message), len(message), not message.isascii(), repaired)
 
         return self.io.run(work)
+
+
+_BARE_LINE_END = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def wire_safe(message: bytes) -> tuple[bytes, str]:
+    """The message as we may relay it, and what was changed ("" if nothing).
+
+    NUL is not allowed in a message, not even in 8bit data (RFC 2045 §2.8), and CR and LF
+    may only occur together as CRLF (RFC 5321 §2.3.8): a bare one is a line end that some
+    receivers see and others do not (SMTP smuggling). NULs are removed, bare CR/LF become
+    CRLF, and the caller logs it. The SMTP server already refuses or normalises these at
+    DATA; this catches spool entries of older versions, DSNs quoting such headers, anything
+    else that reaches the queue (docs/design/courier.md, "Wire safety")."""
+    changes = []
+    nuls = message.count(b"\0")
+    if nuls:
+        message = message.replace(b"\0", b"")
+        changes.append(f"{nuls} NUL byte{'s' if nuls > 1 else ''} removed")
+    if _BARE_LINE_END.search(message):
+        message, n = _BARE_LINE_END.subn(b"\r\n", message)
+        changes.append(f"{n} bare CR/LF made CRLF")
+    return message, ", ".join(changes)
 
 
 def _result(r: Recipient, verdict: str, detail: str, remote: str, enhanced: str = ""

@@ -38,23 +38,40 @@ class LocalAgent:
         self.hostname = hostname
 
     def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],
-                message_path: str) -> defer.Deferred:
-        return self.io.run(self._deliver_all, entry, list(recipients), message_path)
+                message_path: str, after_crash: bool = False) -> defer.Deferred:
+        """`after_crash`: an attempt of this entry may have been cut short after writing some
+        copies (the queue runner cannot tell otherwise); look for them before writing."""
+        return self.io.run(self._deliver_all, entry, list(recipients), message_path,
+                           after_crash)
 
     def _deliver_all(self, entry: QueueEntry, recipients: list[Recipient],
-                     message_path: str) -> list[DeliveryResult]:
-        return [self._deliver_one(entry, r, message_path) for r in recipients]
+                     message_path: str, after_crash: bool) -> list[DeliveryResult]:
+        # A recipient's place in the envelope names its file (see _deliver_one).
+        index = {id(r): i for i, r in enumerate(entry.recipients)}
+        return [self._deliver_one(entry, r, index.get(id(r)), message_path, after_crash)
+                for r in recipients]
 
-    def _deliver_one(self, entry: QueueEntry, recipient: Recipient,
-                     message_path: str) -> DeliveryResult:
+    def _deliver_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
+                     message_path: str, after_crash: bool) -> DeliveryResult:
         try:
             account = self.mailstore.account(recipient.address.lower())
         except MailboxError as e:  # the directory never routes to one; defer, keep the message
             return DeliveryResult(recipient.address, "deferred", f"451 4.3.0 {e}",
                                   enhanced="4.3.0")
+        # One file name per (queue id, recipient): a second attempt writes the same name, and
+        # a recipient attempted before (by a crashed process, or deferred after a write that
+        # may have landed) is looked for first. docs/design/maildir.md, "Exactly once".
+        if index is None:  # a copy of the recipient, not the envelope's own object
+            index = next((i for i, r in enumerate(entry.recipients)
+                          if r.address == recipient.address and r.local), None)
+        # Not in the envelope at all (a caller outside the queue): a name of its own.
+        unique = (f"Q{entry.id}N{index}" if index is not None
+                  else f"Q{entry.id}R{os.urandom(4).hex()}")
         try:
-            path = account.deliver(trace_headers(entry.sender, recipient.address),
-                                   message_path=message_path, hostname=self.hostname)
+            path, written = account.deliver_once(
+                trace_headers(entry.sender, recipient.address), message_path,
+                when=entry.created, unique=unique, hostname=self.hostname,
+                recheck=after_crash or recipient.attempts > 0)
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -65,6 +82,13 @@ class LocalAgent:
             return DeliveryResult(recipient.address, "deferred",
                                   f"451 4.3.0 cannot write Maildir {account.path}: {reason}",
                                   enhanced="4.3.0")
+        except MailboxError as e:  # UnsafePath: the Maildir resolves outside mail_dir
+            return DeliveryResult(recipient.address, "deferred", f"451 4.3.0 {e}",
+                                  enhanced="4.3.0")
+        name = os.path.basename(path)
+        if not written:
+            return DeliveryResult(recipient.address, "sent",
+                                  f"250 2.0.0 already in maildir as {name} (an interrupted "
+                                  f"attempt delivered it)", enhanced="2.0.0")
         return DeliveryResult(recipient.address, "sent",
-                              f"250 2.0.0 delivered to maildir as {os.path.basename(path)}",
-                              enhanced="2.0.0")
+                              f"250 2.0.0 delivered to maildir as {name}", enhanced="2.0.0")

@@ -141,18 +141,69 @@ def deliver(maildir: str, header: bytes, message_path: str | None = None, data: 
     On any failure nothing is left in tmp/ or new/ and the OSError propagates.
     """
     make_maildir(maildir)
-    body_size = os.path.getsize(message_path) if message_path is not None else len(data)
-    size = len(header) + body_size
-    tmp_dir = os.path.join(maildir, "tmp")
-    new_dir = os.path.join(maildir, "new")
+    size = len(header) + (os.path.getsize(message_path) if message_path is not None
+                          else len(data))
     while True:
         name = unique_key(size, hostname)
-        tmp_path = os.path.join(tmp_dir, name)
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            break
+            return _write_into_new(maildir, name, header, message_path, data, size)
         except FileExistsError:  # only if the clock went backwards; Q makes the next name new
             continue
+
+
+def delivery_marker(when: float, unique: str) -> str:
+    """The start of a queue delivery's file name, `<sec>.M<usec>Q<queue id>N<index>.`: what
+    `deliver_once` looks for after a crash (the host and `,S=` that follow may differ)."""
+    sec = int(when)
+    usec = min(int(round((when - sec) * 1_000_000)), 999_999)
+    return f"{sec}.M{usec:06d}{unique}."
+
+
+def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float, unique: str,
+                 hostname: str | None = None, recheck: bool = False) -> tuple[str, bool]:
+    """Deliver like `deliver`, under a name fixed by (`when`, `unique`) instead of a fresh one,
+    so the same queue delivery always writes the same file (docs/design/maildir.md,
+    "Exactly once"). Returns (path, written): written is False when `recheck` found the copy a
+    crashed attempt had already put in new/ or cur/ (a reader may have moved and flagged it).
+
+    Without `recheck` nothing is listed: a copy still in new/ is simply replaced by the same
+    bytes under the same name."""
+    marker = delivery_marker(when, unique)
+    make_maildir(maildir)
+    if recheck:
+        found = find_delivered(maildir, marker)
+        if found is not None:
+            return found, False
+    size = len(header) + os.path.getsize(message_path)
+    host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
+    name = f"{marker}{host},S={size}"
+    return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True), True
+
+
+def find_delivered(maildir: str, marker: str) -> str | None:
+    """The file of new/ or cur/ whose name starts with `marker`, or None (lists both)."""
+    for sub in ("new", "cur"):
+        directory = os.path.join(maildir, sub)
+        for name in os.listdir(directory):
+            if name.startswith(marker):
+                return os.path.join(directory, name)
+    return None
+
+
+def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | None,
+                    data: bytes, size: int, replace_tmp: bool = False) -> str:
+    """tmp/<name> -> write -> fsync -> rename to new/<name> -> fsync(new/); FileExistsError if
+    tmp/<name> exists (unless `replace_tmp`: a name of ours that a crash left there)."""
+    tmp_path = os.path.join(maildir, "tmp", name)
+    new_dir = os.path.join(maildir, "new")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        fd = os.open(tmp_path, flags, 0o600)
+    except FileExistsError:
+        if not replace_tmp:
+            raise
+        os.unlink(tmp_path)  # half-written by an attempt that crashed; we hold the claim
+        fd = os.open(tmp_path, flags, 0o600)
     try:
         try:
             written = write_all(fd, header)

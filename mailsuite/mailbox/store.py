@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import functools
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
 import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Iterable, cast
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
@@ -56,6 +59,52 @@ class InvalidMailboxName(MailboxError):
 
 class NoSuchMessage(MailboxError):
     pass
+
+
+class UnsafePath(MailboxError):
+    """A Maildir path that resolves (through a symlink) outside mail_dir: nothing is written
+    (docs/design/maildir.md, "Paths")."""
+
+
+class StoreUnavailable(MailboxError, OSError):
+    """An environment fault under the store (disk full, I/O error, too many open files, a
+    Dovecot lock held too long): temporary, worth a retry. Both a MailboxError (protocols
+    answer it: IMAP `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`) and an OSError with the
+    original errno and strerror (the delivery agent defers on it)."""
+
+    def __init__(self, errno_: int | None, strerror: str | None):
+        OSError.__init__(self, errno_, strerror)
+
+    def __str__(self) -> str:  # fit for a client: no path, no errno number
+        return f"mail storage temporarily unavailable: {self.strerror or 'I/O error'}"
+
+
+def _environment_faults(fn):
+    """Re-raise an OSError of a store operation as StoreUnavailable."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MailboxError:
+            raise
+        except OSError as e:
+            raise StoreUnavailable(e.errno, e.strerror or str(e)) from e
+    return wrapper
+
+
+def _translate_faults(*skip: str):
+    """Class decorator: every public method and property raises StoreUnavailable, never a
+    bare OSError (those in `skip` are memory-only hot paths)."""
+    def decorate(cls):
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or name in skip:
+                continue
+            if isinstance(value, property):
+                setattr(cls, name, property(_environment_faults(value.fget)))
+            elif callable(value):
+                setattr(cls, name, _environment_faults(value))
+        return cls
+    return decorate
 
 
 # RFC 6154 attributes of the folders every account gets on first login.
@@ -107,6 +156,9 @@ class MailStore:
 
     def __init__(self, mail_dir: str):
         self.mail_dir = os.path.abspath(mail_dir)
+        # mail_dir itself may legitimately be a symlink (/var/mail -> /srv/mail): paths are
+        # compared after resolving, against where it resolves.
+        self.mail_dir_real = os.path.realpath(self.mail_dir)
         # Weak: a state lives while a Folder (session) uses it, or while it is in _recent.
         self._states: weakref.WeakValueDictionary[str, _FolderState] = (
             weakref.WeakValueDictionary())
@@ -127,6 +179,22 @@ class MailStore:
             raise InvalidMailboxName(f"not a mailbox address: {address!r}")
         return Account(self, address.lower(), path)
 
+    def prove(self, path: str, subdirs: Iterable[str] = ()) -> None:
+        """Raise UnsafePath unless `path` resolves under mail_dir and none of its `subdirs`
+        is a symlink. Called before every write (docs/design/maildir.md, "Paths"): a domain,
+        user or folder directory replaced by a symlink must not carry mail elsewhere."""
+        real = os.path.realpath(path)
+        root = self.mail_dir_real
+        if not real.startswith(root + os.sep):
+            raise UnsafePath(f"mailbox path leaves the mail directory: {path}")
+        for sub in subdirs:
+            try:
+                mode = os.lstat(os.path.join(path, sub)).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(mode):
+                raise UnsafePath(f"mailbox path leaves the mail directory: {path}/{sub}")
+
     def _state(self, path: str) -> "_FolderState":
         with self._lock:
             state = self._states.get(path)
@@ -146,6 +214,7 @@ class MailStore:
                 self._recent.pop(p, None)
 
 
+@_translate_faults()
 class Account:
     """One user's Maildir++ tree."""
 
@@ -160,17 +229,30 @@ class Account:
         """Deliver `header` + the message (a file, or `data`) into the INBOX's new/, durably.
 
         Creates the Maildir if needed; returns the path of the new file. Raises OSError (disk
-        full, a broken Maildir) with nothing left behind. Blocking: call it in the io pool."""
+        full, a broken Maildir) with nothing left behind, UnsafePath if the Maildir resolves
+        outside mail_dir. Blocking: call it in the io pool."""
+        self.store.prove(self.path, _maildir.SUBDIRS)
         return _maildir.deliver(self.path, header, message_path=message_path, data=data,
                                 hostname=hostname)
+
+    def deliver_once(self, header: bytes, message_path: str, *, when: float, unique: str,
+                     hostname: str | None = None, recheck: bool = False) -> tuple[str, bool]:
+        """The queue's delivery: the file name is fixed by (when, unique), and with `recheck`
+        a copy already in new/ or cur/ is found instead of written again; returns (path,
+        written). See maildir.deliver_once and docs/design/maildir.md, "Exactly once"."""
+        self.store.prove(self.path, _maildir.SUBDIRS)
+        return _maildir.deliver_once(self.path, header, message_path, when=when, unique=unique,
+                                     hostname=hostname, recheck=recheck)
 
     # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:
         """Create the Maildir and Sent, Drafts, Trash, Junk, Archive (subscribed) if missing."""
+        self.store.prove(self.path, _maildir.SUBDIRS)
         make_maildir(self.path, subfolder=False)
         subscribed = set(self.subscriptions())
         for name in SPECIAL_USE:
             path = self._path_of(name)
+            self.store.prove(path, _maildir.SUBDIRS)
             if not os.path.isdir(os.path.join(path, "cur")):
                 make_maildir(path, subfolder=True)
             if name not in subscribed:
@@ -216,6 +298,7 @@ class Account:
         """An existing folder (INBOX case-insensitively); NoSuchFolder otherwise."""
         name = canonical_name(name)
         path = self._path_of(name)
+        self.store.prove(path, _maildir.SUBDIRS)
         if not os.path.isdir(os.path.join(path, "cur")):
             if name == "INBOX":
                 # INBOX always exists for a valid user (the first delivery creates it anyway).
@@ -230,6 +313,8 @@ class Account:
         path = self._path_of(name)
         if name == "INBOX" or os.path.exists(path):
             raise FolderExists(f"folder {name} already exists")
+        self.store.prove(self.path, _maildir.SUBDIRS)
+        self.store.prove(path, _maildir.SUBDIRS)
         if not os.path.isdir(os.path.join(self.path, "cur")):
             make_maildir(self.path, subfolder=False)
         make_maildir(path, subfolder=True)
@@ -243,6 +328,7 @@ class Account:
         path = self._path_of(name)
         if not os.path.isdir(path):
             raise NoSuchFolder(f"no folder named {name}")
+        self.store.prove(path)
         # Rename first (atomic: the folder vanishes at once for every session), then remove.
         # A name starting with ".." is never listed as a folder (Dovecot does the same).
         trash = os.path.join(self.path, f"..DELETED.{secrets.token_hex(6)}")
@@ -276,6 +362,9 @@ class Account:
             if os.path.exists(self._path_of(dst)):
                 raise FolderExists(f"folder {dst} already exists")
         subscribed = set(self.subscriptions())
+        for src, dst in moves:
+            self.store.prove(self._path_of(src))
+            self.store.prove(self._path_of(dst))
         for src, dst in moves:
             self.store._forget(self._path_of(src))
             os.rename(self._path_of(src), self._path_of(dst))
@@ -326,6 +415,7 @@ class Account:
         return result
 
     def _write_subscriptions(self, names: list[str]) -> None:
+        self.store.prove(self.path, _maildir.SUBDIRS)
         if not os.path.isdir(self.path):
             make_maildir(self.path, subfolder=False)
         data = "V\t2\n\n" + "".join(
@@ -337,9 +427,10 @@ class Account:
         """An exclusive lock on INBOX for one POP3 session (RFC 1939 section 8), or None if
         another session (in any process) holds it. flock() conflicts between open files even
         within one process, and the kernel drops it when a process dies."""
+        self.store.prove(self.path, _maildir.SUBDIRS)
         make_maildir(self.path, subfolder=False)
         fd = os.open(os.path.join(self.path, "mailsuite-pop3.lock"),
-                     os.O_RDWR | os.O_CREAT, 0o600)
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -364,6 +455,7 @@ class MaildropLock:
             os.close(fd)
 
 
+@_translate_faults("messages", "get", "recent")
 class Folder:
     """One Maildir (INBOX or a .Sub folder). Keep one instance per IMAP session/selection:
     it remembers which messages this session saw first (\\Recent)."""
@@ -466,10 +558,11 @@ class Folder:
     def append(self, data: bytes | BinaryIO, flags: Iterable[str] = (),
                internaldate: float | None = None) -> int:
         """Store a message (bytes or a binary file object) with fsync; returns its UID."""
+        self._prove()
         state = self._state
         tmp_path = os.path.join(self.path, "tmp", unique_key(0) + ".part")
         try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as f:
                 if isinstance(data, (bytes, bytearray, memoryview)):
                     f.write(data)
@@ -499,6 +592,7 @@ class Folder:
     def copy(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
         """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs.
         Files are hard-linked when possible (content never changes in place)."""
+        dest._prove()
         sources = self._sources(uids)
         dstate = dest._state
         pairs_keys: list[tuple[int, str]] = []
@@ -535,6 +629,8 @@ class Folder:
         A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
         if dest.path == self.path:
             return [(u, u) for u in sorted(set(uids))]
+        self._prove()
+        dest._prove()
         sources = self._sources(uids)
         dstate = dest._state
         moved: list[tuple[int, str]] = []
@@ -571,6 +667,7 @@ class Folder:
     def expunge(self, uids: Iterable[int] | None = None) -> list[int]:
         """Remove messages: the given UIDs, or (None) every message flagged \\Deleted.
         Returns the UIDs actually removed, ascending."""
+        self._prove()
         state = self._state
         with state.lock:
             self.sync()
@@ -594,6 +691,11 @@ class Folder:
             return removed
 
     # -- helpers --------------------------------------------------------------------------------
+    def _prove(self) -> None:
+        """Checked at every write, not only when the session opened the folder: a directory
+        can be replaced by a symlink while a session is open (docs/design/maildir.md)."""
+        self.account.store.prove(self.path, _maildir.SUBDIRS)
+
     def _sources(self, uids: Iterable[int]) -> list[tuple[MessageInfo, str]]:
         """(info, current path) of existing messages, under this folder's lock only."""
         with self._state.lock:
@@ -914,7 +1016,7 @@ class _FolderState:
                 atomic_write(path, ul.serialize())
             elif added:
                 # Append, as Dovecot does; readers take max(N, last UID + 1) as next UID.
-                with open(path, "ab+") as f:
+                with _open_append(path, "ab+") as f:
                     if f.tell() > 0:
                         f.seek(-1, os.SEEK_END)
                         if f.read(1) != b"\n":
@@ -1059,7 +1161,7 @@ class _FolderState:
         self.meta_pending = []
         try:
             if self.meta_lines and self.meta_lines + len(entries) < 2 * len(self.files) + 1000:
-                with open(path, "ab") as f:
+                with _open_append(path, "ab") as f:
                     f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
                 self.meta_lines += len(entries)
@@ -1080,6 +1182,14 @@ class _FolderState:
         if self.meta:
             self.meta = {k: m for k, m in self.meta.items()
                          if (u := uids.get(k)) is None or u not in infos}
+
+
+def _open_append(path: str, mode: str) -> BinaryIO:
+    """open(path, mode) for appending, refusing a symlink planted in place of the file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    if "+" in mode:
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    return cast(BinaryIO, os.fdopen(os.open(path, flags, 0o600), mode))
 
 
 def _ascending(infos: dict[int, MessageInfo]) -> bool:
@@ -1164,11 +1274,15 @@ def _valid_keyword(flag: str) -> bool:
     return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
 
 
+_LEADING_DIGITS = re.compile(r"\d+")
+
+
 def _delivery_order(key: str) -> tuple:
-    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically."""
+    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
+    follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
     sec, _, rest = key.partition(".")
     usec = 0
     if rest.startswith("M"):
-        digits = rest[1:].split("P", 1)[0]
-        usec = int(digits) if digits.isdigit() else 0
+        m = _LEADING_DIGITS.match(rest, 1)
+        usec = int(m.group()) if m else 0
     return (int(sec) if sec.isdigit() else 0, usec, key)

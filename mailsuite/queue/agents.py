@@ -21,6 +21,8 @@ class DeliveryAgent(Protocol):
 
     Fires with one `DeliveryResult` per recipient, in any order; never errbacks for a delivery
     problem (that is a "deferred" or "bounced" result). Blocking work runs in the agent's pool.
+    The local agent also takes `after_crash=True`, passed only when the runner cannot vouch
+    that no copy was written yet (docs/design/queue.md, "Exactly once").
     """
 
     def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],

@@ -14,6 +14,7 @@ processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds
 """
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import re
@@ -76,6 +77,12 @@ class QueueRunner(Service):
         self._envelope_cache: dict[str, tuple[tuple[int, int], float]] = {}
         self._damaged: set[str] = set()  # entries without message file, already reported
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
+        # Entries whose envelope records every local delivery this process made: submitted
+        # here, or last attempted here to a clean end. Any other entry (left by a crash, by
+        # another process, by an attempt that failed half-way) is delivered with `after_crash`,
+        # so copies already written are found, not written twice (docs/design/queue.md,
+        # "Exactly once").
+        self._settled: set[str] = set()
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: IDelayedCall | None = None
         self._wake_call: IDelayedCall | None = None
@@ -116,6 +123,7 @@ class QueueRunner(Service):
         return d.addCallback(self._stored, entry, size)
 
     def _stored(self, _: Any, entry: QueueEntry, size: int) -> str:
+        self._settled.add(entry.id)  # this process wrote it: no crash leftover to look for
         maillog.received(entry, size)
         if self.running and not self._stopping:
             self._set_due(entry.id, 0.0)
@@ -143,9 +151,24 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        self._start_up()
+
+    def _start_up(self) -> None:
+        if self._stopping or not self.running:
+            return
+
+        def failed(f: Failure) -> None:
+            if not f.check(OSError):
+                log.failure("queue start-up failed", f)
+                return
+            # An environment fault (EMFILE, EIO, ...): one line, and try again later.
+            log.warn("queue start-up failed: {error}; retrying in {delay:g}s",
+                     error=_os_error(f.value), delay=self.config.scan_interval)
+            self.clock.callLater(max(self.config.scan_interval, 0.1), self._start_up)
+
         d = self.io.run(self._startup_blocking)
         d.addCallback(self._started)
-        d.addErrback(lambda f: log.failure("queue start-up failed", f))
+        d.addErrback(failed)
 
     def _startup_blocking(self) -> tuple[int, list[str]]:
         self.spool.ensure()
@@ -200,13 +223,19 @@ class QueueRunner(Service):
             due = {i: d for i, d in found.items() if i not in self._inflight}
             due.update({i: d for i, d in self._due.items() if i in self._inflight})
             self._due = due
+            # Forget ids that left the spool some other way (the admin CLI, another process).
+            self._settled.intersection_update(found.keys() | self._inflight.keys())
             self._heap = [(d, i) for i, d in due.items() if i not in self._inflight]
             heapq.heapify(self._heap)
             self._pump()
 
         def failed(f: Failure) -> None:
             self._scanning = False
-            log.failure("queue scan failed", f)
+            if f.check(OSError):  # EMFILE, ENFILE, EIO: the next scan tries again
+                log.warn("queue scan failed: {error}; next scan in {delay:g}s",
+                         error=_os_error(f.value), delay=self.config.scan_interval)
+            else:
+                log.failure("queue scan failed", f)
 
         return self.io.run(self._scan_blocking).addCallbacks(scanned, failed)
 
@@ -247,8 +276,13 @@ class QueueRunner(Service):
                 log.info("queue: retry requested by the admin, rescanning")
                 self._scan()
 
-        d = self.io.run(self.spool.kick_mtime)
-        return d.addCallbacks(seen, lambda f: log.failure("queue kick check failed", f))
+        def failed(f: Failure) -> None:
+            if f.check(OSError):
+                log.warn("queue kick check failed: {error}", error=_os_error(f.value))
+            else:
+                log.failure("queue kick check failed", f)
+
+        return self.io.run(self.spool.kick_mtime).addCallbacks(seen, failed)
 
     def _wake(self) -> None:
         """Run _pump soon, once, from a clean stack (coalesces many wake-ups into one)."""
@@ -295,11 +329,18 @@ class QueueRunner(Service):
         def done(result: Any) -> Any:
             self._inflight.pop(queue_id, None)
             if isinstance(result, Failure):
-                maillog.internal_error(queue_id, "attempt failed", result)
+                # Local copies may be written but not recorded: look for them next time.
+                self._settled.discard(queue_id)
+                if result.check(OSError):  # EMFILE, ENOSPC on the envelope, EIO: one line
+                    maillog.environment_fault(queue_id, "attempt failed",
+                                              _os_error(result.value))
+                else:
+                    maillog.internal_error(queue_id, "attempt failed", result)
                 self._set_due(queue_id, self.clock.seconds() + self.config.scan_interval)
                 result = None
             elif result is None:
                 self._due.pop(queue_id, None)
+                self._settled.discard(queue_id)
             else:
                 self._set_due(queue_id, result)
             self._wake()
@@ -315,13 +356,16 @@ class QueueRunner(Service):
         """Work on one entry; returns its next due time, or None once it is gone."""
         work = yield self.io.run(self._claim_blocking, queue_id, force)
         if isinstance(work, _Skip):
+            # Perhaps claimed by another process, which may die after writing copies.
+            self._settled.discard(queue_id)
             if work.damage:
                 maillog.damaged(queue_id, work.damage)
             return work.due  # claimed elsewhere (retry later), held (inf), or gone (None)
         try:
             work.flush_logs()  # a mail loop is recorded in the claim job
             if work.local:
-                results = yield self._deliver(self.local, work, work.local)
+                results = yield self._deliver(self.local, work, work.local,
+                                              after_crash=queue_id not in self._settled)
                 work.now = self.clock.seconds()
                 work.record(work.local, results, relay="local")
                 work.flush_logs()
@@ -344,6 +388,8 @@ class QueueRunner(Service):
             work.claim = None  # released by _finish_blocking
             if due is None:
                 maillog.removed(queue_id)
+            else:
+                self._settled.add(queue_id)  # the envelope we saved says all we did
             return due
         finally:
             if work.claim is not None:
@@ -377,6 +423,7 @@ class QueueRunner(Service):
                      max_age=float(self.config.max_age))
         pending = [r for r in entry.recipients if r.state == "pending"]
         due = [r for r in pending if force or r.next_attempt <= now]
+        work.retry_bounce = bool(entry.bounce_pending) and (force or entry.bounce_at <= now)
         if due and self._is_loop(queue_id):
             # RFC 5321 §6.3: a message with too many trace headers is looping; bounce it,
             # local recipients included, with RFC 3463 5.4.6 (routing loop detected).
@@ -406,11 +453,15 @@ class QueueRunner(Service):
         return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
 
     @defer.inlineCallbacks
-    def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient]) -> Any:
-        """Call one agent; a crash in it defers these recipients, never loses the entry."""
+    def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient],
+                 after_crash: bool = False) -> Any:
+        """Call one agent; a crash in it defers these recipients, never loses the entry.
+        `after_crash` (local agent only) asks it to look for copies it may already have
+        written (docs/design/queue.md, "Exactly once")."""
+        extra = {"after_crash": True} if after_crash else {}
         try:
             results = yield defer.maybeDeferred(agent.deliver, work.entry, list(recipients),
-                                                work.message_path)
+                                                work.message_path, **extra)
         except Exception as e:
             what = "local delivery" if agent is self.local else "remote delivery"
             maillog.internal_error(work.entry.id, f"{what} crashed", Failure())
@@ -441,35 +492,58 @@ class QueueRunner(Service):
             work.changed = True
             pending = [r for r in entry.recipients if r.state == "pending"]
             yield self._send_notification("delayed", self.notifier.delay, work, pending)
-        if not work.bounced:
+        bounced = list(work.bounced)
+        if work.retry_bounce:  # a bounce an environment fault held back last time
+            bounced += [entry.recipients[i] for i in entry.bounce_pending
+                        if 0 <= i < len(entry.recipients)
+                        and entry.recipients[i] not in bounced]
+        if not bounced:
             return
         if not entry.sender:
             # RFC 3464 §4 / RFC 5321 §6.1: never bounce a bounce.
             maillog.dsn_skipped(entry, "failed", NULL_SENDER)
             return
-        yield self._send_notification("failed", self.notifier.bounce, work, list(work.bounced))
+        sent = yield self._send_notification("failed", self.notifier.bounce, work, bounced)
+        if sent is False and work.now - entry.created < 2 * self.config.max_age:
+            # The database is down or the disk full: the sender must still hear of it, so
+            # the entry stays for another try (given up after twice max_age).
+            index = {id(r): i for i, r in enumerate(entry.recipients)}
+            entry.bounce_pending = sorted({index[id(r)] for r in bounced})
+            step = self.config.retry_schedule[0] if self.config.retry_schedule else 300
+            entry.bounce_at = work.now + step
+            work.changed = True
+        elif entry.bounce_pending:
+            entry.bounce_pending = []
+            entry.bounce_at = 0.0
+            work.changed = True
 
     @defer.inlineCallbacks
     def _send_notification(self, action: str, build: Callable[..., defer.Deferred],
                            work: "_Work", recipients: list[Recipient]) -> Any:
+        """Fires with True (queued, or nothing to send), False after an environment fault
+        (worth another try), None after any other failure (logged with its traceback)."""
         entry = work.entry
         try:
             notification: Notification | None = yield defer.maybeDeferred(
                 build, entry, recipients, work.message_path)
             if notification is None:
-                return
+                return True
             dsn_id = yield self.submit("", notification.recipients, notification.data,
                                        notification.meta)
-        except Exception:
+        except Exception as e:
+            if _environment_fault(e):
+                maillog.dsn_failed(entry, action, error=_os_error(e))
+                return False
             maillog.dsn_failed(entry, action, Failure())
-            return
+            return None
         maillog.dsn_queued(entry, action, dsn_id, len(recipients))
+        return True
 
     def _finish_blocking(self, work: "_Work") -> float | None:
         """io thread: remove the finished entry or save it, then release the claim."""
         try:
             entry = work.entry
-            if all(r.state != "pending" for r in entry.recipients):
+            if all(r.state != "pending" for r in entry.recipients) and not entry.bounce_pending:
                 self.spool.remove(entry.id)
                 return None
             if work.changed:
@@ -494,6 +568,7 @@ class _Work:
     bounced: list[Recipient] = field(default_factory=list)  # newly bounced in this attempt
     changed: bool = False
     finished: bool = False  # removed from the spool in the first io job
+    retry_bounce: bool = False  # entry.bounce_pending is due: try queuing that bounce again
     # Log lines made in io threads are emitted from the reactor thread (flush_logs).
     logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
         default_factory=list)
@@ -501,6 +576,7 @@ class _Work:
     def can_finish_now(self, config: QueueSection) -> bool:
         """Only local recipients, all done, nothing to tell the sender: remove at once."""
         return (not self.remote and not self.bounced and not self.needs_warning(config)
+                and not self.entry.bounce_pending
                 and all(r.state != "pending" for r in self.entry.recipients))
 
     def needs_warning(self, config: QueueSection) -> bool:
@@ -557,11 +633,27 @@ def apply_result(entry: QueueEntry, rcpt: Recipient, result: DeliveryResult, now
     return "deferred"
 
 
+def _environment_fault(e: BaseException) -> bool:
+    """A fault of the environment, not of our code: the disk, the file table, the database.
+    (Recognised by name: the runner imports no directory code.)"""
+    return isinstance(e, OSError) or any(c.__name__ == "DirectoryUnavailable"
+                                         for c in type(e).__mro__)
+
+
+def _os_error(e: BaseException) -> str:
+    """An OSError in a few words for a log line (no traceback: an environment fault)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror} ({errno.errorcode.get(e.errno, e.errno)})" if e.errno else e.strerror
+    return str(e)
+
+
 def entry_due(entry: QueueEntry) -> float:
     """When an entry next needs an attempt: the earliest pending retry time (inf if held/done)."""
     if entry.held:
         return float("inf")
     times = [r.next_attempt for r in entry.recipients if r.state == "pending"]
+    if entry.bounce_pending:
+        times.append(entry.bounce_at)
     return min(times) if times else 0.0
 
 

@@ -46,6 +46,10 @@ class QueueEntry:
     meta: dict[str, Any] = field(default_factory=dict)  # client_ip, helo, auth_user, protocol
     held: bool = False  # `mailsuite queue hold`: not attempted until released
     warned: bool = False  # the delay warning (on_delay) was sent
+    # Recipients (indexes) whose bounce could not be queued yet (database down, disk full):
+    # the entry stays until it is, retried at `bounce_at` (docs/design/queue.md).
+    bounce_pending: list[int] = field(default_factory=list)
+    bounce_at: float = 0.0
 
 
 @dataclass

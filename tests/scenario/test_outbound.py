@@ -472,3 +472,28 @@ def test_dkim_signed_message_verifies(world):
     # Tampering breaks it: the signatures cover the body and From.
     tampered = got.data.replace(b"Body with", b"Body wiht")
     assert not dkim.verify(tampered, dnsfunc=dns.dnsfunc)
+
+
+def test_nul_and_bare_line_ends_in_the_spool_are_never_relayed_raw(world):
+    """A spool entry written by an older version (before DATA refused or normalised them),
+    with a NUL and a bare-LF "." line that a lax receiver would take as end of data: the
+    courier relays it with the NUL removed and CRLF line ends, and logs what it changed."""
+    from mailsuite.queue.spool import QueueEntry, Recipient, new_queue_id
+
+    server, sink, _ = world
+    spool = Spool(os.path.join(server.data_dir, "queue"))
+    entry = QueueEntry(new_queue_id(), "alice@a.test",
+                       [Recipient("smuggle@sink.test", "smuggle@sink.test", False)], time.time())
+    spool.store(entry, b"From: alice@a.test\r\nSubject: old spool\r\n\r\nbefore\0after\n.\n"
+                       b"MAIL FROM:<evil@sink.test>\r\nend\r\n")
+    spool.kick()
+    [got] = sink.for_recipient("smuggle@sink.test")
+    assert b"\0" not in got.wire
+    assert re.search(rb"\r(?!\n)|(?<!\r)\n", got.wire) is None
+    assert got.wire.endswith(b"\r\nend\r\n.\r\n") and got.wire.count(b"\r\n.\r\n") == 1
+    assert b"beforeafter\r\n..\r\nMAIL FROM:<evil@sink.test>\r\n" in got.wire
+    wait_until(lambda: f"queue_id={entry.id} status=normalised" in server.log_text(),
+               timeout=10, message="the normalised line")
+    [line] = [text for text in server.log_text().splitlines()
+              if f"queue_id={entry.id} status=normalised" in text]
+    assert 'detail="1 NUL byte removed, 2 bare CR/LF made CRLF"' in line

@@ -18,6 +18,8 @@ from mailsuite.pools import InlinePool
 from mailsuite.queue.spool import QueueEntry, Recipient
 
 NAME_RE = re.compile(r"^(\d+)\.M(\d{6})P(\d+)Q(\d+)R[0-9a-f]{8}\.([^/:]+),S=(\d+)$")
+# A queue delivery's name is fixed by the entry: <created sec>.M<usec>Q<queue id>N<index>.
+QUEUE_NAME_RE = re.compile(r"^(\d+)\.M(\d{6})Q([0-9a-f]+)N(\d+)\.([^/:]+),S=(\d+)$")
 HEADER = b"Return-Path: <carol@remote.example>\r\nDelivered-To: alice@example.org\r\n"
 BODY = b"Subject: test\r\n\r\nline one\r\nline two\r\n"
 
@@ -195,7 +197,7 @@ def test_agent_prepends_return_path_and_delivered_to(tmp_path):
     maildir = MailStore(str(tmp_path / "mail")).account("alice@example.org").path
     assert maildir == str(tmp_path / "mail" / "example.org" / "alice")
     [name] = os.listdir(os.path.join(maildir, "new"))
-    assert NAME_RE.match(name).group(5) == "mx.test.example"
+    assert QUEUE_NAME_RE.match(name).group(5) == "mx.test.example"
     with open(os.path.join(maildir, "new", name), "rb") as f:
         assert f.read() == (b"Return-Path: <carol@remote.example>\r\n"
                             b"Delivered-To: alice@example.org\r\n" + BODY)

@@ -1,0 +1,179 @@
+"""Local delivery happens once per (queue id, recipient), whatever crash comes between writing a
+copy into the Maildir and recording it in the envelope (docs/design/queue.md, "Exactly once").
+
+The crash is injected: Spool.save/remove raise `Crash` (the process "dies" after the rename into
+new/ and before the envelope update), then a fresh runner on the same directories plays the
+restarted process. The end-to-end kill -9 is tests/scenario/test_crash.py.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from mailsuite.mailbox import maildir as maildir_module
+from mailsuite.queue.spool import Spool
+from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, make_kit, message, read,
+                                 submit)
+
+CAROL = "carol@remote.example"
+
+
+class Crash(Exception):
+    """The process dies here: nothing after this point happens."""
+
+
+@pytest.fixture
+def mail_log():
+    log = MailLog().install()
+    yield log
+    log.remove()
+
+
+def started(data_dir: str, request, **kw) -> Kit:
+    kit = make_kit(data_dir, **kw)
+    request.addfinalizer(kit.stop)
+    kit.runner.startService()
+    kit.advance(0)
+    return kit
+
+
+def crash_before_envelope_update(monkeypatch) -> None:
+    def crash(*args, **kwargs):
+        raise Crash("killed before the envelope was updated")
+    monkeypatch.setattr(Spool, "save", crash)
+    monkeypatch.setattr(Spool, "remove", crash)
+
+
+def restart(kit: Kit, monkeypatch, request) -> Kit:
+    """The dead process is gone; a new one starts on the same spool and Maildirs."""
+    kit.stop()
+    monkeypatch.undo()
+    return started(os.path.dirname(kit.config.queue_dir), request)
+
+
+def test_crash_after_rename_then_restart_delivers_once(tmp_path, monkeypatch, request, mail_log):
+    kit = started(str(tmp_path / "data"), request)
+    crash_before_envelope_update(monkeypatch)
+    qid = submit(kit, CAROL, [(ALICE, local_route(ALICE))], message("once"))
+    kit.advance(0)
+    [first] = kit.messages(ALICE)  # written, renamed into new/ ...
+    assert kit.spool.load(qid).recipients[0].attempts == 0  # ... and not recorded
+    kit = restart(kit, monkeypatch, request)
+    assert kit.messages(ALICE) == [first]
+    assert read(first).endswith(message("once"))
+    assert not kit.exists(qid)
+    # The dead attempt logged its delivery; the restarted one says it found that copy.
+    sent = [line for line in mail_log.of(qid) if "status=sent" in line]
+    assert len(sent) == 2 and "already in maildir" in sent[-1], sent
+
+
+def test_copy_moved_to_cur_by_a_reader_is_found(tmp_path, monkeypatch, request):
+    """An IMAP client saw (and flagged) the copy before the restarted queue got to it."""
+    kit = started(str(tmp_path / "data"), request)
+    crash_before_envelope_update(monkeypatch)
+    submit(kit, CAROL, [(ALICE, local_route(ALICE))], message("seen"))
+    kit.advance(0)
+    [first] = kit.messages(ALICE)
+    maildir = os.path.dirname(os.path.dirname(first))
+    seen = os.path.join(maildir, "cur", os.path.basename(first) + ":2,S")
+    os.rename(first, seen)
+    kit = restart(kit, monkeypatch, request)
+    assert kit.messages(ALICE) == [seen]
+
+
+def test_crash_between_two_recipients(tmp_path, monkeypatch, request):
+    """The first recipient's copy is durable, the second's rename is not yet fsynced."""
+    kit = started(str(tmp_path / "data"), request)
+    crash_before_envelope_update(monkeypatch)
+    calls = []
+    real = maildir_module.fsync_dir
+
+    def fsync_dir(path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise Crash("killed after the second rename")
+        real(path)
+    monkeypatch.setattr(maildir_module, "fsync_dir", fsync_dir)
+    qid = submit(kit, CAROL, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                 message("two"))
+    kit.advance(0)
+    assert len(kit.messages(ALICE)) == len(kit.messages(BOB)) == 1
+    kit = restart(kit, monkeypatch, request)
+    assert len(kit.messages(ALICE)) == len(kit.messages(BOB)) == 1
+    assert not kit.exists(qid)
+
+
+def test_same_process_envelope_write_fails_then_retry_finds_the_copy(tmp_path, monkeypatch,
+                                                                     request, mail_log):
+    """Disk full on the envelope after the Maildir write: one log line, and the retry by the
+    same process (which now cannot vouch for the entry) does not deliver again."""
+    kit = started(str(tmp_path / "data"), request, scan_interval=1)
+    real_remove = Spool.remove
+    failures = []
+
+    def remove(self, queue_id):
+        if not failures:
+            failures.append(queue_id)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_remove(self, queue_id)
+    monkeypatch.setattr(Spool, "remove", remove)
+    qid = submit(kit, CAROL, [(ALICE, local_route(ALICE))], message("enospc"))
+    kit.advance(0)
+    [first] = kit.messages(ALICE)
+    os.rename(first, first.replace("/new/", "/cur/") + ":2,")
+    assert kit.exists(qid)
+    kit.advance(1.5)
+    assert len(kit.messages(ALICE)) == 1
+    assert not kit.exists(qid)
+    assert mail_log.errors == []
+    [fault] = [line for line in mail_log.of(qid) if "status=retry-later" in line]
+    assert "No space left on device (ENOSPC)" in fault
+
+
+def test_the_normal_path_lists_no_directory(tmp_path, monkeypatch, request):
+    """Entries submitted by this process are delivered without looking at new/ or cur/."""
+    kit = started(str(tmp_path / "data"), request)
+    listed = []
+    real = os.listdir
+    monkeypatch.setattr(maildir_module.os, "listdir",
+                        lambda path=".": listed.append(path) or real(path))
+    for i in range(3):
+        submit(kit, CAROL, [(ALICE, local_route(ALICE))], message(f"n{i}"))
+    kit.advance(0)
+    assert [p for p in listed if "/mail/" in str(p)] == []
+    assert len(kit.messages(ALICE)) == 3
+
+
+def test_names_are_fixed_by_queue_id_and_recipient(tmp_path, request):
+    kit = started(str(tmp_path / "data"), request)
+    qid = submit(kit, CAROL, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                 message("names"))
+    kit.advance(0)
+    [a] = kit.messages(ALICE)
+    [b] = kit.messages(BOB)
+    assert f"Q{qid}N0." in os.path.basename(a)
+    assert f"Q{qid}N1." in os.path.basename(b)
+    assert os.path.basename(a).endswith(f",S={os.path.getsize(a)}")
+
+
+def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path):
+    src = tmp_path / "m.eml"
+    src.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    maildir = str(tmp_path / "md")
+    marker = maildir_module.delivery_marker(1_800_000_000.25, "Qabc123N0")
+    maildir_module.make_maildir(maildir)
+    leftover = os.path.join(maildir, "tmp", f"{marker}h,S=26")
+    with open(leftover, "wb") as f:
+        f.write(b"half")
+    path, written = maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src),
+                                                when=1_800_000_000.25, unique="Qabc123N0",
+                                                hostname="h")
+    assert written and os.path.basename(path) == f"{marker}h,S=26"
+    assert read(path) == b"X: 1\r\nSubject: x\r\n\r\nbody\r\n"
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+    again, written = maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src),
+                                                 when=1_800_000_000.25, unique="Qabc123N0",
+                                                 hostname="other", recheck=True)
+    assert (again, written) == (path, False)
