@@ -13,7 +13,7 @@ from twisted.internet import defer
 from mailsuite.imap import responses as R
 from mailsuite.imap.names import decode_name, encode_name, quote
 from mailsuite.imap.parser import Atom, Token, astring
-from mailsuite.imap.responses import bad, no
+from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import sync_folder
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Account, FolderExists, MailboxError
@@ -159,7 +159,7 @@ class FolderCommands(Session):
             yield self.io(self.account.create_folder, name)
         except MailboxError as e:
             code = R.ALREADYEXISTS if isinstance(e, FolderExists) else R.CANNOT
-            raise no(str(e) or "cannot create that mailbox", code)
+            raise no_for(e, "cannot create that mailbox", code)
         return b"CREATE completed"
 
     @defer.inlineCallbacks
@@ -175,7 +175,7 @@ class FolderCommands(Session):
         try:
             yield self.io(self.account.delete_folder, name)
         except MailboxError as e:
-            raise no(str(e) or "cannot delete that mailbox", R.NONEXISTENT)
+            raise no_for(e, "cannot delete that mailbox", R.NONEXISTENT)
         # A deleted folder must not stay subscribed: Thunderbird would APPEND to it
         # (docs/design/imap.md, "Folders").
         try:
@@ -192,7 +192,7 @@ class FolderCommands(Session):
         try:
             yield self.io(self.account.rename_folder, old, new)
         except MailboxError as e:
-            raise no(str(e) or "cannot rename that mailbox", R.CANNOT)
+            raise no_for(e, "cannot rename that mailbox", R.CANNOT)
         return b"RENAME completed"
 
     @defer.inlineCallbacks
@@ -202,7 +202,7 @@ class FolderCommands(Session):
         try:
             yield self.io(self.account.subscribe, decode_name(astring(args[0])))
         except MailboxError as e:
-            raise no(str(e) or "cannot subscribe")
+            raise no_for(e, "cannot subscribe")
         return b"SUBSCRIBE completed"
 
     @defer.inlineCallbacks
@@ -212,7 +212,7 @@ class FolderCommands(Session):
         try:
             yield self.io(self.account.unsubscribe, decode_name(astring(args[0])))
         except MailboxError as e:
-            raise no(str(e) or "cannot unsubscribe")
+            raise no_for(e, "cannot unsubscribe")
         return b"UNSUBSCRIBE completed"
 
     @defer.inlineCallbacks
@@ -229,7 +229,7 @@ class FolderCommands(Session):
             try:
                 folder = yield self.io(self.account.folder, name)
             except MailboxError as e:
-                raise no(str(e) or "no such mailbox", R.NONEXISTENT)
+                raise no_for(e, "no such mailbox", R.NONEXISTENT)
         st = yield self.io(sync_folder, folder)
         infos = st.infos
         values = {

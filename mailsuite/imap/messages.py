@@ -13,7 +13,7 @@ from mailsuite.imap import search as searchmod
 from mailsuite.imap.flags import flag_list, parse_flags
 from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import FileLiteral, Str, Token, astring, date_time, format_set
-from mailsuite.imap.responses import bad, no
+from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
@@ -71,7 +71,7 @@ class MessageCommands(Session):
             dest = yield self.io(self.account.folder, name)
         except MailboxError as e:
             # RFC 3501 §6.4.7: the client may CREATE the folder and try again.
-            raise no(str(e) or "no such mailbox", R.TRYCREATE)
+            raise no_for(e, "no such mailbox", R.TRYCREATE)
         if not uids:
             return verb + b" completed (nothing to do)"
         pairs = yield self.io(sel.folder.move if move else sel.folder.copy, uids, dest)
@@ -134,7 +134,7 @@ class MessageCommands(Session):
                 folder = yield self.io(self.account.folder, name)
             except MailboxError as e:
                 # RFC 3501 §6.3.11: the client may CREATE the folder and try again.
-                raise no(str(e) or "no such mailbox", R.TRYCREATE)
+                raise no_for(e, "no such mailbox", R.TRYCREATE)
         if _keywords(flags):
             yield self.io(check_keyword_room, folder, flags)
         if isinstance(data, FileLiteral):

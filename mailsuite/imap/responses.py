@@ -43,5 +43,14 @@ def no(text: str, code: bytes = b"") -> CommandError:
     return CommandError(NO, text, code)
 
 
+def no_for(error: Exception, default: str, code: bytes = b"") -> Exception:
+    """What to raise for a mail store refusal: NO with the store's reason, except for an
+    environment fault (an OSError, such as the store's StoreUnavailable), which is passed on
+    as is so that the dispatcher answers NO [UNAVAILABLE] or [OVERQUOTA] with one log line."""
+    if isinstance(error, OSError):
+        return error
+    return no(str(error) or default, code)
+
+
 def bad(text: str) -> CommandError:
     return CommandError(BAD, text)

@@ -16,7 +16,7 @@ from mailsuite.imap import responses as R
 from mailsuite.imap.flags import SYSTEM_FLAGS, flag_list, with_flags
 from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import SequenceSet, Token, astring, sequence_set
-from mailsuite.imap.responses import bad, no
+from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
 from mailsuite.mailbox.store import Folder, MailboxError, MessageInfo, NoSuchFolder
@@ -192,7 +192,7 @@ class SelectionCommands(Session):
         try:
             folder = yield self.io(self.account.folder, name)
         except MailboxError as e:
-            raise no(str(e) or "no such mailbox", R.NONEXISTENT)
+            raise no_for(e, "no such mailbox", R.NONEXISTENT)
         sel = Selection(folder, readonly)
         st = yield self.io(sync_folder, folder)
         sel.view = st.infos

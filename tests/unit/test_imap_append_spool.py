@@ -128,6 +128,23 @@ def test_other_store_errors_are_unavailable(world, monkeypatch):
     assert not [e for e in events if e.get("log_failure")]
 
 
+def test_store_unavailable_on_opening_a_folder_is_a_temporary_no(world, monkeypatch):
+    """The store's StoreUnavailable is a MailboxError too: it must still answer UNAVAILABLE,
+    not the NONEXISTENT/TRYCREATE a missing folder gets."""
+    from mailsuite.mailbox.store import Account, StoreUnavailable
+
+    def broken(self, name):
+        raise StoreUnavailable(errno.EIO, "Input/output error")
+    monkeypatch.setattr(Account, "folder", broken)
+    c = world.connect()
+    with capturedLogs() as events:
+        for tag, command in ((b"a", b"a SELECT INBOX"), (b"b", b"b STATUS INBOX (MESSAGES)"),
+                             (b"c", b"c APPEND INBOX {2+}\r\nhi")):
+            resp = c.cmd(command)
+            assert tagged(resp).startswith(tag + b" NO [UNAVAILABLE]"), resp
+    assert not [e for e in events if e.get("log_failure")]
+
+
 # -- keywords: a Maildir folder holds 26 ---------------------------------------------------------
 
 def test_keywords_beyond_the_folders_room_are_refused(world):
