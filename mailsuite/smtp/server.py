@@ -11,7 +11,7 @@ of that class (docs/design/smtp.md lists its defects):
   the buffer; a peer that never sends CRLF is disconnected. In DATA only CRLF.CRLF ends the message;
   a NUL, a bare CR or LF, a too-long line or a too-big message is consumed up to the terminator and
   then refused, so body text is never run as commands (SMTP smuggling, CVE-2023-51764 family).
-  Bare CR/LF are refused (550 5.6.2) or, with `[smtp] bad_line_endings = "normalise"`, stored as
+  Bare CR/LF are refused (550 5.6.0) or, with `[smtp] bad_line_endings = "normalise"`, stored as
   CRLF; either way no downstream hop can read a different line structure into what we store.
 - DATA streams to a file in the queue's incoming directory through a bounded buffer (staging.py);
   the client is paused while the disk is behind. The queue takes the file over before the 250.
