@@ -102,7 +102,7 @@ def sender_allowed(allowed: "frozenset[str] | set[str]", address: str) -> bool:
     `sender_addresses()`: an exact address (case-insensitive), the same address with a +tag
     (RFC 5233), or any address of a domain listed as `@domain` (a shared sender right)."""
     parts = loose_split(address)
-    if parts is None:
+    if parts is None or not parts[0]:
         return False
     local, domain = parts
     lowered = {a.lower() for a in allowed}
