@@ -114,6 +114,10 @@ class Directory:
         in one line (docs/design/directory.md, "Faults")."""
         return self.pools.db.run(fn, *args).addErrback(self._unavailable)
 
+    def _hash(self, fn: Any, *args: Any) -> defer.Deferred:
+        """Password work in `pools.hash`; a pool stopped for shutdown is DirectoryUnavailable."""
+        return self.pools.hash.run(fn, *args).addErrback(self._unavailable)
+
     def _unavailable(self, failure: Any) -> Any:
         if failure.check(UnauthorizedLogin) or (failure.check(DirectoryError)
                                                 and not failure.check(DirectoryUnavailable)):
@@ -149,10 +153,10 @@ class Directory:
         record = await self._db(self.store.password_record, address)
         if record is None:
             # Same work as a real check, so response time does not reveal which users exist.
-            await self.pools.hash.run(passwords.dummy_verify)
+            await self._hash(passwords.dummy_verify)
             return await self._refuse(address, client_ip, "unknown user")
         canonical, stored, enabled = record
-        ok, new_hash = await self.pools.hash.run(passwords.verify_password, password, stored)
+        ok, new_hash = await self._hash(passwords.verify_password, password, stored)
         if not ok:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:

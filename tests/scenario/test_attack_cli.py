@@ -98,3 +98,19 @@ def test_server_creates_the_default_database_spelt_out(tmp_path):
         assert os.path.isfile(base / "data" / "mailsuite.db")
     finally:
         server.stop()
+
+
+def test_server_refuses_an_empty_config_name(tmp_path):
+    """`twistd mailsuite --config ''` is a mistake (an unset variable), not "the defaults"."""
+    from tests.harness import twistd_command
+
+    result = subprocess.run(twistd_command() + ["-n", "--pidfile=", "--logfile",
+                                                str(tmp_path / "twistd.log"), "mailsuite",
+                                                "--config", ""],
+                            capture_output=True, timeout=60, cwd=str(tmp_path),
+                            env=subprocess_env())
+    err = result.stderr.decode("utf-8", "replace")
+    assert result.returncode != 0
+    assert "mailsuite: the configuration file name is empty" in err, err
+    assert "Traceback" not in err
+    assert not os.path.exists(tmp_path / "mailsuite-data")

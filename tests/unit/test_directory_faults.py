@@ -143,6 +143,11 @@ def test_pool_stopped_is_unavailable(tmp_path, events):
         assert _outcome(directory.route("alice@example.org")).check(DirectoryUnavailable)
         assert _outcome(directory.authenticate("alice@example.org", PASSWORD)).check(
             DirectoryUnavailable)
+        # The hash pool stops too at shutdown: a login in flight gets the same answer.
+        directory.pools = SimpleNamespace(db=InlinePool(), hash=SimpleNamespace(run=_stopped))
+        del directory.store.engine.connect  # the database answers again
+        assert _outcome(directory.authenticate("alice@example.org", PASSWORD)).check(
+            DirectoryUnavailable)
     finally:
         directory.close()
 
