@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sys
 from typing import Any
 
@@ -89,6 +90,10 @@ def read_password(args: argparse.Namespace) -> str:
     if args.password_stdin:
         password = read_stdin_line("password", MAX_PASSWORD)
     else:
+        if not _has_terminal():
+            # getpass would fall back to standard input with a warning on stderr.
+            raise CommandError("no terminal to ask for the password on: give it with "
+                               "--password-stdin")
         try:
             password = getpass.getpass("Password: ")
             again = getpass.getpass("Password (again): ")
@@ -120,6 +125,15 @@ def read_stdin_line(what: str, limit: int) -> str:
         return line.decode("utf-8")
     except UnicodeDecodeError:
         raise CommandError(f"the {what} on standard input is not valid UTF-8")
+
+
+def _has_terminal() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
 
 
 def _read_stdin(size: int) -> bytes:

@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mailsuite.admin import cli as admin_cli
+from mailsuite.admin import user_cmd
 from mailsuite.directory import DirectoryStore
 from tests.harness import write_toml
 
@@ -62,6 +63,9 @@ def setup(tmp_path_factory):
 def run(config: str, argv: list[str], stdin: bytes, capsys, monkeypatch) -> tuple[int, str]:
     capsys.readouterr()
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8"))
+    # Never wait at a developer's terminal: the prompt answers at once.
+    monkeypatch.setattr(user_cmd, "_has_terminal", lambda: True)
+    monkeypatch.setattr(user_cmd.getpass, "getpass", lambda prompt="": "fuzz pw")
     if "--config" not in argv:
         argv = ["--config", config, *argv]
     code = admin_cli.main(argv)

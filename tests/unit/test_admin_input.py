@@ -160,3 +160,13 @@ def test_user_sender_commands(domain):
     domain.refused("user", "sender", "remove", "alice@example.org", "info@example.org",
                    match="has no extra sender address info@example.org")
     assert domain.ok("user", "sender", "list") == "alice@example.org\t@example.net\n"
+
+
+def test_no_terminal_to_prompt_on_is_one_line(domain, monkeypatch):
+    """Without --password-stdin and without a terminal, getpass would read standard input after a
+    multi-line warning: refuse instead, saying what to do."""
+    from mailsuite.admin import user_cmd
+
+    monkeypatch.setattr(user_cmd, "_has_terminal", lambda: False)
+    one_line(domain.run("user", "add", "carol@example.org", input="pw\n"), 1,
+             "no terminal to ask for the password on: give it with --password-stdin")
