@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -193,8 +194,13 @@ def load(path: str | None = None) -> Config:
 
 def _read(path: str) -> bytes:
     try:
+        # A FIFO would block the open until a writer comes, a device could be endless: only a
+        # regular file (or a link to one) is a configuration file.
+        if os.path.exists(path) and not os.path.isdir(path) and \
+                not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"configuration file {path} is not a regular file")
         with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_SIZE + 1)  # a FIFO or /dev/zero has no size to stat
+            data = f.read(MAX_CONFIG_SIZE + 1)  # the file may grow while we read
     except FileNotFoundError:
         raise ConfigError(f"configuration file {path} does not exist")
     except PermissionError:

@@ -84,8 +84,12 @@ def test_hostile_files_are_one_line(tmp_path, content, message):
     assert "\n" not in str(e.value) and len(str(e.value)) < 500
 
 
-def test_directory_and_device_are_one_line(tmp_path):
+def test_directory_device_and_fifo_are_one_line(tmp_path):
     with pytest.raises(config.ConfigError, match="is a directory"):
         config.load(str(tmp_path))
-    with pytest.raises(config.ConfigError, match="larger than"):
-        config.load("/dev/zero")  # no size to stat: the read itself is bounded
+    with pytest.raises(config.ConfigError, match="is not a regular file"):
+        config.load("/dev/zero")  # endless
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(config.ConfigError, match="is not a regular file"):
+        config.load(str(fifo))  # opening it would wait for a writer forever
