@@ -8,6 +8,8 @@ import os
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from sqlalchemy import insert, select
 from twisted.cred.error import UnauthorizedLogin
 
@@ -134,3 +136,27 @@ def test_sender_allowed():
     assert not sender_allowed(allowed, "alice@example.org.evil")
     assert not sender_allowed(allowed, "@example.net")
     assert not sender_allowed(allowed, "not an address")
+
+
+ANY_CHARACTER = st.characters(exclude_categories=())  # surrogates too: undecodable bytes
+
+
+@settings(max_examples=300, deadline=None)
+@given(local=st.one_of(st.text(max_size=70), st.text(alphabet=ANY_CHARACTER, max_size=20),
+                      st.text(alphabet="a./\\\x00\x85\u202e+", max_size=12)),
+       domain=st.one_of(st.sampled_from(["example.org", "bücher.example", "EXAMPLE.org."]),
+                        st.text(alphabet=ANY_CHARACTER, max_size=30)))
+def test_any_address_user_add_accepts_has_a_maildir_under_mail_dir(local, domain):
+    """Property: whatever `user add` accepts maps to a directory directly under
+    <mail_dir>/<domain>/, and anything else is a one-line DirectoryError (never another
+    exception)."""
+    try:
+        address = mailbox_address(f"{local}@{domain}")
+    except DirectoryError as e:
+        assert "\n" not in str(e)
+        return
+    mail_dir = "/srv/mail"
+    path = MailStore(mail_dir).account(address).path
+    assert os.path.dirname(os.path.dirname(path)) == mail_dir
+    assert os.path.normpath(path) == path and os.path.basename(path) not in (".", "..")
+    assert mailbox_address_problem(address) is None
