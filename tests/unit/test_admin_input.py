@@ -170,3 +170,9 @@ def test_no_terminal_to_prompt_on_is_one_line(domain, monkeypatch):
     monkeypatch.setattr(user_cmd, "_has_terminal", lambda: False)
     one_line(domain.run("user", "add", "carol@example.org", input="pw\n"), 1,
              "no terminal to ask for the password on: give it with --password-stdin")
+
+
+def test_dkim_show_stays_under_dkim_dir(domain, tmp_path):
+    """`dkim show` names a directory under <data_dir>/dkim: a path is not a domain."""
+    for bad in ["../../etc", "/etc", "exa/mple.org"]:
+        one_line(domain.run("dkim", "show", bad), 1, "invalid domain")
