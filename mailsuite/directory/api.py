@@ -114,9 +114,9 @@ class Directory:
         in one line (docs/design/directory.md, "Faults")."""
         return self.pools.db.run(fn, *args).addErrback(self._unavailable)
 
-    def _hash(self, fn: Any, *args: Any) -> defer.Deferred:
-        """Password work in `pools.hash`; a pool stopped for shutdown is DirectoryUnavailable."""
-        return self.pools.hash.run(fn, *args).addErrback(self._unavailable)
+    def _pool_stopped(self, failure: Any) -> Any:
+        failure.trap(PoolStopped)
+        return self._unavailable(failure)
 
     def _unavailable(self, failure: Any) -> Any:
         if failure.check(UnauthorizedLogin) or (failure.check(DirectoryError)
@@ -136,7 +136,8 @@ class Directory:
     def authenticate(self, address: str | bytes, password: str | bytes,
                      client_ip: str | None = None) -> defer.Deferred:
         """Deferred[str canonical address]; errback UnauthorizedLogin (see the class docstring)."""
-        return defer.ensureDeferred(self._authenticate(address, password, client_ip))
+        d = defer.ensureDeferred(self._authenticate(address, password, client_ip))
+        return d.addErrback(self._pool_stopped)  # the hash pool, at shutdown
 
     def checker(self, client_ip: str | None = None) -> "DirectoryChecker":
         """A twisted.cred checker for IUsernamePassword; avatarId = canonical address (str).
@@ -153,10 +154,10 @@ class Directory:
         record = await self._db(self.store.password_record, address)
         if record is None:
             # Same work as a real check, so response time does not reveal which users exist.
-            await self._hash(passwords.dummy_verify)
+            await self.pools.hash.run(passwords.dummy_verify)
             return await self._refuse(address, client_ip, "unknown user")
         canonical, stored, enabled = record
-        ok, new_hash = await self._hash(passwords.verify_password, password, stored)
+        ok, new_hash = await self.pools.hash.run(passwords.verify_password, password, stored)
         if not ok:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:
