@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, get_type_hints
@@ -180,19 +181,23 @@ class Config:
         return os.path.join(self.data_dir, "dkim")
 
 
+MAX_CONFIG_SIZE = 1024 * 1024  # octets: a configuration file is a few kilobytes
+
+
 def load(path: str | None = None) -> Config:
-    """Read `path` (TOML) over the defaults; None gives the built-in defaults."""
-    if not path:
+    """Read `path` (TOML) over the defaults; None gives the built-in defaults.
+
+    Every problem is one ConfigError line: an empty name (`--config ''` is a mistake, not "no
+    file"), a file that is missing, unreadable, larger than MAX_CONFIG_SIZE, not UTF-8 or not
+    TOML, an unknown key, a wrong type, a NUL character in a string."""
+    if path is None:
         return Config()
-    try:
-        with open(path, "rb") as f:
-            raw = tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"configuration file {path} does not exist")
-    except PermissionError:
-        raise ConfigError(f"configuration file {path} is not readable")
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}")
+    if not isinstance(path, str) or not path.strip():
+        raise ConfigError("the configuration file name is empty (omit --config for the "
+                          "built-in defaults)")
+    if "\x00" in path:
+        raise ConfigError(f"the configuration file name {path!r} contains a NUL character")
+    raw = _parse(path, _read(path))
     config = Config(path=os.path.abspath(path))
     hints = get_type_hints(Config)
     for section_name, values in raw.items():
@@ -204,6 +209,39 @@ def load(path: str | None = None) -> Config:
         _apply(path, section_name, section, values)
     # Relative data_dir in a file means relative to the current directory, as on the command line.
     return config
+
+
+def _read(path: str) -> bytes:
+    try:
+        # A FIFO would block the open until a writer comes, a device could be endless: only a
+        # regular file (or a link to one) is a configuration file.
+        if os.path.exists(path) and not os.path.isdir(path) and \
+                not stat.S_ISREG(os.stat(path).st_mode):
+            raise ConfigError(f"configuration file {path} is not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_SIZE + 1)  # the file may grow while we read
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist")
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} is not readable")
+    except IsADirectoryError:
+        raise ConfigError(f"configuration file {path} is a directory")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"configuration file {path}: {getattr(e, 'strerror', None) or e}")
+    if len(data) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"configuration file {path} is larger than {MAX_CONFIG_SIZE} octets")
+    return data
+
+
+def _parse(path: str, data: bytes) -> dict:
+    try:
+        return tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid UTF-8 (at octet {e.start})")
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}")
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply")
 
 
 def _apply(path: str, section_name: str, section: Any, values: dict) -> None:
@@ -225,8 +263,15 @@ def _check_type(path: str, where: str, hint: Any, value: Any) -> Any:
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is int and isinstance(value, bool) or not isinstance(value, hint):
-        raise ConfigError(f"{path}: {where} must be of type {hint.__name__}, not {value!r}")
+        raise ConfigError(f"{path}: {where} must be of type {hint.__name__}, not "
+                          f"{_short(repr(value))}")
+    if isinstance(value, str) and "\x00" in value:
+        raise ConfigError(f"{path}: {where} contains a NUL character")
     return value
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @dataclass

@@ -55,7 +55,14 @@ def generate(config: Config, args: argparse.Namespace) -> int:
 def show_records(config: Config, args: argparse.Namespace) -> int:
     from mailsuite.courier import dkim
 
-    keys = dkim.load_keys(config.dkim_dir, args.domain.lower().rstrip("."))
+    from mailsuite.directory import DirectoryError
+    from mailsuite.directory.addresses import normalize_domain
+
+    try:
+        domain = normalize_domain(args.domain)  # a directory name under dkim_dir: no ../
+    except DirectoryError as e:
+        raise CommandError(str(e))
+    keys = dkim.load_keys(config.dkim_dir, domain)
     if not keys:
         raise CommandError(f"no DKIM key for {args.domain}; create one with "
                            f"`mailsuite dkim generate {args.domain}`")

@@ -41,7 +41,7 @@ def directory_command(fn: Callable[[DirectoryStore, argparse.Namespace], int | N
     """Give `fn` an open, prepared DirectoryStore (closed afterwards)."""
     @functools.wraps(fn)
     def wrapper(config: Any, args: argparse.Namespace) -> int:
-        store = DirectoryStore(config.database_url, admin_address=config.server.admin_address)
+        store = DirectoryStore.from_config(config)  # refuses a SQLite URL under a typo
         try:
             store.prepare()  # the CLI may run before the server ever started
             return fn(store, args) or 0

@@ -8,6 +8,7 @@ receiving host decide). Domains are stored as IDNA A-labels, so `bücher.example
 from __future__ import annotations
 
 import re
+import unicodedata
 
 from mailsuite.directory.records import DirectoryError
 
@@ -42,6 +43,8 @@ def normalize_domain(name: str) -> str:
 def validate_local(local: str, address: str) -> None:
     if not local:
         raise DirectoryError(f"invalid address {address!r}: empty local part")
+    if _unencodable(local):
+        raise DirectoryError(f"invalid address {address!r}: not valid UTF-8")
     if len(local.encode("utf-8")) > MAX_LOCAL:
         raise DirectoryError(f"invalid address {address!r}: local part longer than {MAX_LOCAL} "
                              "octets")
@@ -51,8 +54,12 @@ def validate_local(local: str, address: str) -> None:
 
 
 # A user's local part names a directory (<mail_dir>/<domain>/<local>/): besides being a valid
-# dot-atom it must not be able to leave that directory or look like a Maildir++ folder.
-_PATH_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f]")
+# dot-atom it must not be able to leave that directory or look like a Maildir++ folder
+# (docs/design/directory.md, "Addresses that name directories").
+_PATH_UNSAFE = re.compile(r"[/\\\x00-\x1f\x7f-\x9f]")
+# Unicode categories that have no business in a file name: controls, format characters (bidi
+# overrides, zero-width), surrogates (undecodable bytes), private use, line/paragraph separators.
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Zl", "Zp"}
 
 
 def mailbox_local_problem(local: str) -> str | None:
@@ -62,7 +69,54 @@ def mailbox_local_problem(local: str) -> str | None:
         return "a path separator or control character"
     if local.startswith("."):
         return "a leading dot"
+    if not local.isascii() and any(unicodedata.category(c) in _UNSAFE_CATEGORIES for c in local):
+        return "an invisible, control or undecodable character"
     return None
+
+
+def mailbox_address(address: str) -> str:
+    """The canonical form of an address that may own a Maildir: a valid address whose local part
+    and domain are both safe directory names; DirectoryError saying why otherwise. `user add`
+    refuses what this refuses (docs/design/directory.md, "Addresses that name directories")."""
+    canonical = canonical_address(address)
+    local, _, domain = canonical.rpartition("@")
+    for part, what in ((local, "local part"), (domain, "domain")):
+        problem = mailbox_local_problem(part)
+        if problem:
+            raise DirectoryError(f"invalid address {address!r}: the {what} contains {problem}, "
+                                 "unsafe as a mailbox directory name")
+    return canonical
+
+
+def mailbox_address_problem(address: str) -> str | None:
+    """Why a stored user address cannot own a Maildir (None when it can): for accounts that
+    reached the database without `user add` (an import)."""
+    local, at, domain = address.lower().rpartition("@")
+    if not at or not local or not domain:
+        return "not an address"
+    return mailbox_local_problem(local) or mailbox_local_problem(domain)
+
+
+def sender_allowed(allowed: "frozenset[str] | set[str]", address: str) -> bool:
+    """Whether `address` (a MAIL FROM or From: address) is among `allowed`, the answer of
+    `sender_addresses()`: an exact address (case-insensitive), the same address with a +tag
+    (RFC 5233), or any address of a domain listed as `@domain` (a shared sender right)."""
+    parts = loose_split(address)
+    if parts is None or not parts[0]:
+        return False
+    local, domain = parts
+    lowered = {a.lower() for a in allowed}
+    base = strip_tag(local)
+    return (f"{local}@{domain}" in lowered or "@" + domain in lowered
+            or (base is not None and f"{base}@{domain}" in lowered))
+
+
+def _unencodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: bytes that were not UTF-8 (surrogateescape)
+        return True
+    return False
 
 
 def split_address(address: str) -> tuple[str, str]:

@@ -17,10 +17,12 @@ from zope.interface import implementer
 
 from mailsuite.config import ConfigError
 from mailsuite.directory import passwords
+from mailsuite.directory.addresses import mailbox_address_problem
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
 from mailsuite.directory.store import DirectoryStore
 from mailsuite.directory.throttle import LoginThrottle
+from mailsuite.pools import PoolStopped
 
 log = Logger()
 
@@ -69,9 +71,9 @@ class Directory:
         self.config = config
         self.pools = pools
         self.reactor = reactor
+        self._outage = _OutageLog(reactor)
         try:
-            self.store = DirectoryStore(config.database_url,
-                                        admin_address=config.server.admin_address)
+            self.store = DirectoryStore.from_config(config)
         except DirectoryError as e:
             raise ConfigError(f"[database] url: {e}")
         self.throttle = LoginThrottle(delay=config.limits.auth_failure_delay, clock=reactor)
@@ -92,25 +94,50 @@ class Directory:
     # -- look-ups -----------------------------------------------------------------------------
     def route(self, address: str) -> defer.Deferred:
         """Deferred[Route] for one recipient address."""
-        return self.pools.db.run(self.store.route, address)
+        return self._db(self.store.route, address)
 
     def sender_addresses(self, user: str) -> defer.Deferred:
         """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From."""
-        return self.pools.db.run(self.store.sender_addresses, user)
+        return self._db(self.store.sender_addresses, user)
 
     def is_hosted(self, domain: str) -> defer.Deferred:
         """Deferred[bool]"""
-        return self.pools.db.run(self.store.is_hosted, domain)
+        return self._db(self.store.is_hosted, domain)
 
     def user_exists(self, address: str) -> defer.Deferred:
         """Deferred[bool]: a user account (not an alias) with this address exists."""
-        return self.pools.db.run(self.store.user_exists, address)
+        return self._db(self.store.user_exists, address)
+
+    def _db(self, fn: Any, *args: Any) -> defer.Deferred:
+        """Run one store unit of work in `pools.db`; whatever keeps the database from answering
+        (down, locked, corrupt, the pool shutting down) fails with DirectoryUnavailable, logged
+        in one line (docs/design/directory.md, "Faults")."""
+        return self.pools.db.run(fn, *args).addErrback(self._unavailable)
+
+    def _pool_stopped(self, failure: Any) -> Any:
+        failure.trap(PoolStopped)
+        return self._unavailable(failure)
+
+    def _unavailable(self, failure: Any) -> Any:
+        if failure.check(UnauthorizedLogin) or (failure.check(DirectoryError)
+                                                and not failure.check(DirectoryUnavailable)):
+            return failure  # an answer, not a fault
+        if failure.check(DirectoryUnavailable):
+            error = failure.value
+        elif failure.check(PoolStopped, MemoryError):
+            error = DirectoryUnavailable(f"directory: {type(failure.value).__name__}: "
+                                         f"{failure.getErrorMessage()}")
+        else:
+            return failure  # a bug: keep its traceback
+        self._outage.report(str(error))
+        raise error
 
     # -- authentication -----------------------------------------------------------------------
     def authenticate(self, address: str | bytes, password: str | bytes,
                      client_ip: str | None = None) -> defer.Deferred:
         """Deferred[str canonical address]; errback UnauthorizedLogin (see the class docstring)."""
-        return defer.ensureDeferred(self._authenticate(address, password, client_ip))
+        d = defer.ensureDeferred(self._authenticate(address, password, client_ip))
+        return d.addErrback(self._pool_stopped)  # the hash pool, at shutdown
 
     def checker(self, client_ip: str | None = None) -> "DirectoryChecker":
         """A twisted.cred checker for IUsernamePassword; avatarId = canonical address (str).
@@ -124,7 +151,7 @@ class Directory:
                 address = address.decode("utf-8")
             except UnicodeDecodeError:
                 address = address.decode("latin-1")  # cannot match a user; logged below
-        record = await self.pools.db.run(self.store.password_record, address)
+        record = await self._db(self.store.password_record, address)
         if record is None:
             # Same work as a real check, so response time does not reveal which users exist.
             await self.pools.hash.run(passwords.dummy_verify)
@@ -135,10 +162,16 @@ class Directory:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:
             return await self._refuse(canonical, client_ip, "account disabled")
+        unsafe = mailbox_address_problem(canonical)
+        if unsafe:
+            # An imported account whose name cannot be a Maildir (docs/design/directory.md,
+            # "Addresses that name directories"): no session could open its mailbox.
+            return await self._refuse(canonical, client_ip,
+                                      f"address unusable as a mailbox name ({unsafe}); rename it")
         if new_hash is not None:
             try:
-                replaced = await self.pools.db.run(self.store.replace_password_hash, canonical,
-                                                   stored, new_hash)
+                replaced = await self._db(self.store.replace_password_hash, canonical,
+                                          stored, new_hash)
             except DirectoryError as e:
                 replaced = False
                 log.warn("could not store the new password hash of {address}: {error}",
@@ -158,6 +191,28 @@ class Directory:
             if delay > 0:
                 await task.deferLater(self.reactor, delay, lambda: None)
         raise UnauthorizedLogin("authentication failed")
+
+
+class _OutageLog:
+    """One warning line per outage message, then at most one every `interval` seconds with the
+    number of failures in between: a database outage under load must not flood the log."""
+
+    def __init__(self, clock: Any, interval: float = 10.0):
+        self.clock = clock
+        self.interval = interval
+        self._last: tuple[str, float] | None = None
+        self._suppressed = 0
+
+    def report(self, message: str) -> None:
+        now = self.clock.seconds()
+        if self._last is not None and self._last[0] == message and \
+                now - self._last[1] < self.interval:
+            self._suppressed += 1
+            return
+        more = f" ({self._suppressed} more failures)" if self._suppressed else ""
+        log.warn("directory unavailable: {error}{more}", error=message, more=more)
+        self._last = (message, now)
+        self._suppressed = 0
 
 
 @implementer(ICredentialsChecker)

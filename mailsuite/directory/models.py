@@ -19,7 +19,9 @@ class Base(DeclarativeBase):
     pass
 
 
-SCHEMA_VERSION = 1  # bump with every change to the tables below, and migrate in store.prepare()
+# Bump with every change to the tables below, and migrate in store.prepare() (MIGRATIONS).
+# 1: domains, users, aliases. 2: ms_sender (extra sender addresses of a user).
+SCHEMA_VERSION = 2
 
 
 class SchemaInfo(Base):
@@ -81,3 +83,20 @@ class Alias(Base):
                                            nullable=False, index=True)
 
     domain: Mapped[Domain] = relationship(back_populates="aliases")
+
+
+class Sender(Base):
+    """An extra address a user may send as (submission MAIL FROM and From:), for shared
+    mailboxes: a full address, or `@domain` for every address of that domain."""
+
+    __tablename__ = "ms_sender"
+    __table_args__ = (
+        UniqueConstraint("user_id", "address", name="uq_ms_sender_user_address"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("ms_user.id", ondelete="CASCADE"),
+                                         nullable=False, index=True)
+    address: Mapped[str] = mapped_column(String(320), nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                              nullable=False)

@@ -28,14 +28,17 @@ from typing import Any, Iterator
 
 from sqlalchemy import create_engine, delete, event, func, or_, select, update
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import (ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError,
+                            SQLAlchemyError)
 from sqlalchemy.orm import Session
 from twisted.logger import Logger
 
 from mailsuite.directory import passwords
 from mailsuite.directory.addresses import (alias_source, canonical_address, loose_split,
-                                           normalize_domain, split_address, strip_tag)
-from mailsuite.directory.models import SCHEMA_VERSION, Alias, Base, Domain, SchemaInfo, User
+                                           mailbox_address, normalize_domain, split_address,
+                                           strip_tag)
+from mailsuite.directory.models import (SCHEMA_VERSION, Alias, Base, Domain, SchemaInfo, Sender,
+                                        User)
 from mailsuite.directory.records import (AliasInfo, DirectoryError, DirectoryUnavailable,
                                          DomainInfo, Route, UserInfo)
 
@@ -44,19 +47,32 @@ log = Logger()
 MAX_DEPTH = 20  # nesting levels of aliases followed before giving up
 MAX_ADDRESSES = 1000  # distinct addresses expanded for one recipient (Postfix's limit too)
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+MAX_PASSWORD = 1024  # octets (UTF-8) of a password set through the directory
+MAX_HASH = 512  # characters of a stored hash (the column's size)
 
 
 class DirectoryStore:
-    """Synchronous access to domains, users and aliases in the database at `url`."""
+    """Synchronous access to domains, users and aliases in the database at `url`.
 
-    def __init__(self, url: str, admin_address: str = ""):
+    `create_dir`: for a SQLite file whose directory does not exist, create it (the default
+    database under data_dir) or refuse with one line (any other path: a typo in a URL must not
+    silently start an empty directory). `from_config` decides which."""
+
+    def __init__(self, url: str, admin_address: str = "", create_dir: bool = True):
         self.url = url
         self.admin_address = admin_address.strip()
-        self.engine = _make_engine(url)
+        self.engine = _make_engine(url, create_dir)
         database = self.engine.url.database or ""
         self._new_sqlite_file = (self.engine.url.get_backend_name() == "sqlite"
                                  and database not in ("", ":memory:")
                                  and not os.path.exists(database))
+
+    @classmethod
+    def from_config(cls, config: Any) -> "DirectoryStore":
+        """The store of a Config: only the default database (`<data_dir>/mailsuite.db`, also
+        when spelt out in [database] url) may have its directory created."""
+        return cls(config.database_url, admin_address=config.server.admin_address,
+                   create_dir=_is_default_database(config))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -81,7 +97,25 @@ class DirectoryStore:
         elif version > SCHEMA_VERSION:
             raise DirectoryError(f"the database has directory schema version {version}, newer "
                                  f"than this mailsuite knows ({SCHEMA_VERSION}): upgrade mailsuite")
+        elif version < SCHEMA_VERSION:
+            self._migrate(version)
         self._give_sqlite_file_to_data_owner()
+
+    def _migrate(self, version: int) -> None:
+        """Bring a database of an older schema version up to SCHEMA_VERSION, one step at a
+        time, each step in one transaction with its version bump (a concurrent start-up that
+        migrated first makes the bump match no row, and this one stops)."""
+        while version < SCHEMA_VERSION:
+            with self._unit(write=True) as s:
+                MIGRATIONS[version](s)
+                bumped = s.execute(update(SchemaInfo)
+                                   .where(SchemaInfo.id == 1, SchemaInfo.version == version)
+                                   .values(version=version + 1)).rowcount
+            if not bumped:
+                return
+            log.info("directory schema upgraded from version {old} to {new}", old=version,
+                     new=version + 1)
+            version += 1
 
     def _give_sqlite_file_to_data_owner(self) -> None:
         """`mailsuite user add` run as root must not leave a root-owned database behind that the
@@ -152,6 +186,8 @@ class DirectoryStore:
             # Explicit deletes: SQLite enforces ON DELETE CASCADE only with foreign_keys=ON,
             # which a database opened by another tool may not have.
             s.execute(delete(Alias).where(Alias.domain_id == domain_id))
+            s.execute(delete(Sender).where(Sender.user_id.in_(
+                select(User.id).where(User.domain_id == domain_id))))
             s.execute(delete(User).where(User.domain_id == domain_id))
             s.execute(delete(Domain).where(Domain.id == domain_id))
         return users, aliases
@@ -168,8 +204,10 @@ class DirectoryStore:
     def add_user(self, address: str, password: str | None = None,
                  password_hash: str | None = None) -> str:
         """Create a user with a password, or with an existing hash (an import from Dovecot or
-        another server: any scheme `passwords.verify_password` knows, rehashed at first login)."""
-        canonical = canonical_address(address)
+        another server: any scheme `passwords.verify_password` knows, rehashed at first login).
+
+        The address must be able to name a Maildir (`addresses.mailbox_address`)."""
+        canonical = mailbox_address(address)
         if password_hash is None:
             _check_password(password or "")
             password_hash = passwords.hash_password(password)  # outside the transaction: slow
@@ -188,7 +226,7 @@ class DirectoryStore:
     def check_new_user(self, address: str) -> str:
         """Refuse now what add_user would refuse (bad address, unknown domain, duplicate), so
         that the CLI does not prompt for a password in vain."""
-        canonical = canonical_address(address)
+        canonical = mailbox_address(address)
         with self._unit() as s:
             self._domain_id(s, canonical.rpartition("@")[2])
             if s.scalar(select(User.id).where(User.address == canonical)) is not None:
@@ -231,6 +269,8 @@ class DirectoryStore:
         """Remove a user (aliases pointing at it stay, and so does its Maildir)."""
         canonical = canonical_address(address)
         with self._unit(write=True) as s:
+            s.execute(delete(Sender).where(Sender.user_id.in_(
+                select(User.id).where(User.address == canonical))))
             if not s.execute(delete(User).where(User.address == canonical)).rowcount:
                 raise DirectoryError(self._no_user(s, canonical))
         return canonical
@@ -348,6 +388,46 @@ class DirectoryStore:
             s.execute(delete(Alias).where(Alias.id.in_(ids)))
         return len(set(ids))
 
+    # -- extra sender addresses (shared mailboxes) --------------------------------------------
+    def add_sender(self, user: str, address: str) -> tuple[str, str]:
+        """Let `user` also send as `address` (a full address, or `@domain` for all of a
+        domain's addresses); (canonical user, canonical address)."""
+        canonical_user = canonical_address(user)
+        sender = _sender_form(address)
+        with self._unit(write=True) as s:
+            user_id = s.scalar(select(User.id).where(User.address == canonical_user))
+            if user_id is None:
+                raise DirectoryError(self._no_user(s, canonical_user))
+            if s.scalar(select(Sender.id).where(Sender.user_id == user_id,
+                                                Sender.address == sender)) is not None:
+                raise DirectoryError(f"{canonical_user} may already send as {sender}")
+            s.add(Sender(user_id=user_id, address=sender))
+        return canonical_user, sender
+
+    def remove_sender(self, user: str, address: str) -> tuple[str, str]:
+        canonical_user = canonical_address(user)
+        sender = _sender_form(address)
+        with self._unit(write=True) as s:
+            user_id = s.scalar(select(User.id).where(User.address == canonical_user))
+            if user_id is None:
+                raise DirectoryError(self._no_user(s, canonical_user))
+            if not s.execute(delete(Sender).where(Sender.user_id == user_id,
+                                                  Sender.address == sender)).rowcount:
+                raise DirectoryError(f"{canonical_user} has no extra sender address {sender}")
+        return canonical_user, sender
+
+    def list_senders(self, user: str | None = None) -> list[tuple[str, str]]:
+        """(user, extra sender address) pairs, of one user or of everyone."""
+        with self._unit() as s:
+            query = (select(User.address, Sender.address).join(User, User.id == Sender.user_id)
+                     .order_by(User.address, Sender.address))
+            if user is not None:
+                canonical_user = canonical_address(user)
+                if s.scalar(select(User.id).where(User.address == canonical_user)) is None:
+                    raise DirectoryError(self._no_user(s, canonical_user))
+                query = query.where(User.address == canonical_user)
+            return [(u, a) for u, a in s.execute(query).all()]
+
     # -- look-ups for the protocols --------------------------------------------------------
     def route(self, address: str) -> Route:
         """Where mail for `address` goes (see the module docstring for the rules)."""
@@ -355,7 +435,9 @@ class DirectoryStore:
             return _Resolver(s, self.admin_address).route(address)
 
     def sender_addresses(self, user: str) -> frozenset[str]:
-        """The user's own address plus every non-catch-all alias source that reaches it."""
+        """The user's own address, every non-catch-all alias source that reaches it, and the
+        extra sender addresses the admin gave it (`user sender add`), where `@domain` means any
+        address of that domain: test a candidate with `addresses.sender_allowed`."""
         parts = loose_split(user)
         if parts is None:
             return frozenset()
@@ -367,6 +449,8 @@ class DirectoryStore:
             for source in candidates:
                 if canonical in resolver.route(source).mailboxes:
                     found.add(source)
+            found.update(s.scalars(select(Sender.address).join(User, User.id == Sender.user_id)
+                                   .where(User.address == canonical)))
         return frozenset(found)
 
     # -- helpers ------------------------------------------------------------------------------
@@ -578,13 +662,20 @@ def _aware(value: datetime) -> datetime:
 def _check_password(password: str) -> None:
     if not password:
         raise DirectoryError("empty password refused")
+    try:
+        size = len(password.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise DirectoryError("password is not valid UTF-8")
+    if size > MAX_PASSWORD:
+        raise DirectoryError(f"password longer than {MAX_PASSWORD} octets refused")
     if any(c in password for c in "\r\n\0"):
         raise DirectoryError("password must not contain line breaks or NUL characters")
 
 
 def _check_hash(password_hash: str) -> str:
     password_hash = (password_hash or "").strip()
-    if not passwords.is_known_hash(password_hash):
+    if len(password_hash) > MAX_HASH or not password_hash.isprintable() or \
+            not passwords.is_known_hash(password_hash):
         raise DirectoryError("unrecognised password hash (expected e.g. $argon2id$..., $2y$..., "
                              "$6$..., or Dovecot's {SHA512-CRYPT}$6$..., {SSHA512}...)")
     return password_hash
@@ -594,20 +685,51 @@ def _plural(n: int, word: str, plural: str | None = None) -> str:
     return f"{n} {word if n == 1 else (plural or word + 's')}"
 
 
-def _make_engine(url: str) -> Engine:
+MIGRATIONS = {
+    # 1 -> 2: the ms_sender table, which create_all() in prepare() has just created.
+    1: lambda session: None,
+}
+
+
+def _sender_form(address: str) -> str:
+    """Canonical form of an extra sender address: `@domain` or a full address, lower-case."""
+    text = address.strip() if isinstance(address, str) else ""
+    if text.startswith("@"):
+        return "@" + normalize_domain(text[1:])
+    local, domain = split_address(text)
+    return f"{local.lower()}@{domain}"
+
+
+def _is_default_database(config: Any) -> bool:
+    default = "sqlite:///" + os.path.join(config.data_dir, "mailsuite.db")
+    if config.database_url == default:
+        return True
+    try:
+        parsed = make_url(config.database_url)
+    except ArgumentError:
+        return False
+    return (parsed.get_backend_name() == "sqlite" and bool(parsed.database)
+            and os.path.abspath(parsed.database) == os.path.join(config.data_dir, "mailsuite.db"))
+
+
+def _make_engine(url: str, create_dir: bool = True) -> Engine:
     try:
         parsed = make_url(url)
-    except ArgumentError:
+    except (ArgumentError, ValueError, TypeError):
         raise DirectoryError(f"invalid database URL {url!r}")
     try:
         if parsed.get_backend_name() == "sqlite":
             database = parsed.database or ""
             if database and database != ":memory:" and not database.startswith("file:"):
                 directory = os.path.dirname(os.path.abspath(database))
+                if not create_dir and not os.path.isdir(directory):
+                    raise DirectoryError(f"the directory {directory} of the SQLite database does "
+                                         "not exist (create it, or correct the URL)")
                 try:
                     os.makedirs(directory, mode=0o700, exist_ok=True)
-                except OSError as e:
-                    raise DirectoryError(f"cannot create {directory}: {e.strerror}")
+                except (OSError, ValueError) as e:
+                    raise DirectoryError(f"cannot create {directory}: "
+                                         f"{getattr(e, 'strerror', None) or e}")
             engine = create_engine(parsed, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
             event.listen(engine, "connect", _sqlite_connect)
             event.listen(engine, "begin", _sqlite_begin)
@@ -616,6 +738,9 @@ def _make_engine(url: str) -> Engine:
     except NoSuchModuleError:
         raise DirectoryError(f"unsupported database URL {parsed.render_as_string()!r} "
                              "(use sqlite:///PATH or postgresql+psycopg://...)")
+    except (ArgumentError, ValueError, TypeError) as e:
+        raise DirectoryError(f"invalid database URL {parsed.render_as_string()!r}: "
+                             f"{_first_line(e)}")
     except ImportError as e:
         raise DirectoryError(f"database driver missing for {parsed.drivername}: {e}")
 
@@ -646,8 +771,18 @@ def _translate_errors(url: str) -> Iterator[None]:
         # Lost a race with a concurrent writer (two `user add` at once): same message as the check.
         raise DirectoryError(f"conflicting change in the database: {_first_line(e.orig)}")
     except DBAPIError as e:
-        safe_url = make_url(url).render_as_string(hide_password=True)
-        raise DirectoryUnavailable(f"database {safe_url}: {_first_line(e.orig)}")
+        raise DirectoryUnavailable(f"database {_safe_url(url)}: {_first_line(e.orig)}")
+    except (SQLAlchemyError, OSError) as e:
+        # Pool exhausted, connection invalidated mid-transaction, a file the driver cannot
+        # open: the environment, not the request (docs/design/directory.md, "Faults").
+        raise DirectoryUnavailable(f"database {_safe_url(url)}: {_first_line(e)}")
+
+
+def _safe_url(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(invalid URL)"
 
 
 def _first_line(error: BaseException | None) -> str:

@@ -15,6 +15,8 @@ from twisted.trial import unittest as trial
 from mailsuite.pools import Pools
 from tests.environment import PgSchema, require_postgresql
 from tests.unit.test_directory_async import DirectoryCases
+from tests.unit.test_directory_senders import (  # noqa: F401 (extra senders, migration)
+    test_extra_senders_add_list_remove, test_schema_1_is_migrated)
 from tests.unit.test_directory_store import (  # noqa: F401 (collected here on PostgreSQL)
     store, test_alias_add_list_remove, test_catch_all_only_when_nothing_else_matches,
     test_changes_are_seen_by_another_store_at_once, test_disabled_users_still_receive_mail,

@@ -59,3 +59,37 @@ def test_mistakes_are_one_line_naming_the_problem(tmp_path, text, message):
 def test_missing_file(tmp_path):
     with pytest.raises(config.ConfigError, match="does not exist"):
         config.load(str(tmp_path / "nope.toml"))
+
+
+@pytest.mark.parametrize("name", ["", " "])
+def test_empty_file_name_is_refused(name):
+    """`--config ''` is a mistake (an unset variable in a script), not "use the defaults"."""
+    with pytest.raises(config.ConfigError, match="configuration file name is empty"):
+        config.load(name)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"# " + b"x" * config.MAX_CONFIG_SIZE + b"\n", "larger than 1048576 octets"),
+    (b'[server]\nhostname = "caf\xe9"\n', "not valid UTF-8"),
+    (b"a = " + b"[" * 200_000 + b"]" * 200_000 + b"\n", "not valid TOML"),
+    (b'[server]\nhostname = "a\\u0000b"\n', "server.hostname contains a NUL character"),
+    (b'[limits]\nmax_recipients = "' + b"9" * 5000 + b'"\n', "must be of type int"),
+], ids=["huge", "latin1", "nested", "nul", "long-value"])
+def test_hostile_files_are_one_line(tmp_path, content, message):
+    path = tmp_path / "mailsuite.toml"
+    path.write_bytes(content)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(path))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value) and len(str(e.value)) < 500
+
+
+def test_directory_device_and_fifo_are_one_line(tmp_path):
+    with pytest.raises(config.ConfigError, match="is a directory"):
+        config.load(str(tmp_path))
+    with pytest.raises(config.ConfigError, match="is not a regular file"):
+        config.load("/dev/zero")  # endless
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)
+    with pytest.raises(config.ConfigError, match="is not a regular file"):
+        config.load(str(fifo))  # opening it would wait for a writer forever
