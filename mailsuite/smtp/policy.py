@@ -13,6 +13,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from mailsuite.config import Config
+from mailsuite.directory.addresses import sender_allowed
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable, Route
 from mailsuite.smtp import replies
 from mailsuite.smtp.headers import header_addresses
@@ -130,7 +131,7 @@ class SubmissionPolicy(Policy):
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
             return replies.NOT_YOUR_ADDRESS
         owned = yield self.directory.sender_addresses(session.auth_user)
-        if _owns(owned, sender):
+        if sender_allowed(owned, sender):
             return replies.SENDER_OK
         return replies.NOT_YOUR_ADDRESS
 
@@ -149,7 +150,7 @@ class SubmissionPolicy(Policy):
         if not addresses or session.auth_user is None:
             return None  # no From: at all: nothing claims to be anyone
         owned = yield self.directory.sender_addresses(session.auth_user)
-        if all(_owns(owned, a) for a in addresses):
+        if all(sender_allowed(owned, a) for a in addresses):
             return None
         return replies.FROM_NOT_YOURS
 
@@ -166,14 +167,6 @@ class SubmissionPolicy(Policy):
         # Remote recipients are queued for the courier; the Route (hosted=False) says so.
         return RecipientDecision(replies.RECIPIENT_OK, route)
 
-
-def _owns(owned: frozenset[str] | set[str], address: str) -> bool:
-    owned = {a.lower() for a in owned}
-    candidate = address.lower()
-    local, _, domain = candidate.rpartition("@")
-    untagged = local.split("+", 1)[0] + "@" + domain
-    # alice+lists@ is alice's too: the directory strips +tags for delivery the same way.
-    return candidate in owned or untagged in owned
 
 
 def _lookup_failed(failure: Failure) -> RecipientDecision | Failure:

@@ -175,6 +175,18 @@ def test_from_check_uses_the_directorys_sender_addresses():
                   sender=b"team@example.org").startswith(b"250")
 
 
+def test_a_shared_domain_right_covers_mail_from_and_from_header():
+    """`mailsuite user sender add alice@example.org @shared.example`: the directory answers
+    "@shared.example", and any address of that domain may be used, in MAIL FROM and From:."""
+    world, c = submission()
+    original = world.directory.sender_addresses
+    world.directory.sender_addresses = (
+        lambda user: original(user).addCallback(lambda owned: owned | {"@shared.example"}))
+    assert submit(c, b"From: Desk <desk@shared.example>\r\n",
+                  sender=b"desk@shared.example").startswith(b"250")
+    assert submit(c, b"From: mallory@elsewhere.example\r\n").startswith(b"553 5.7.1")
+
+
 def test_from_check_can_be_switched_off():
     world, c = submission(check=False)
     assert submit(c, b"From: bob@example.org\r\n").startswith(b"250")
