@@ -62,6 +62,11 @@ class LimitsSection:
     max_connections_per_ip: int = 20
     max_auth_failures: int = 3  # per connection, then the connection is closed
     auth_failure_delay: float = 1.0  # seconds added per failed login
+    # Failed logins of one account from everywhere before its failures are slowed too (capped
+    # at auth_user_max_delay, so guessers cannot lock the owner out: docs/design/limits.md).
+    auth_user_failures: int = 10
+    auth_user_max_delay: float = 3.0
+    auth_source_failures: int = 20  # failures of one address across accounts before slowing all
     imap_timeout: int = 1800  # RFC 3501 §5.4: at least 30 minutes
     pop3_timeout: int = 600
     # Connection fairness (docs/design/limits.md). "Pre-auth": not logged in yet; on MX and

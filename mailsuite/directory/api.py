@@ -74,7 +74,11 @@ class Directory:
                                         admin_address=config.server.admin_address)
         except DirectoryError as e:
             raise ConfigError(f"[database] url: {e}")
-        self.throttle = LoginThrottle(delay=config.limits.auth_failure_delay, clock=reactor)
+        limits = config.limits
+        self.throttle = LoginThrottle(delay=limits.auth_failure_delay, clock=reactor,
+                                      user_threshold=limits.auth_user_failures,
+                                      user_max_delay=limits.auth_user_max_delay,
+                                      source_threshold=limits.auth_source_failures)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).
