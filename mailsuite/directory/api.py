@@ -131,10 +131,13 @@ class Directory:
         record = await self.pools.db.run(self.store.password_record, address)
         if record is None:
             # Same work as a real check, so response time does not reveal which users exist.
-            await self.pools.hash.run(passwords.dummy_verify)
+            await self.throttle.check_fairly(client_ip, address, self.pools.hash.run,
+                                             passwords.dummy_verify)
             return await self._refuse(address, client_ip, "unknown user")
         canonical, stored, enabled = record
-        ok, new_hash = await self.pools.hash.run(passwords.verify_password, password, stored)
+        ok, new_hash = await self.throttle.check_fairly(client_ip, canonical, self.pools.hash.run,
+                                                        passwords.verify_password, password,
+                                                        stored)
         if not ok:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:

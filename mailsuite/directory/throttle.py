@@ -29,6 +29,12 @@ takes those failures off the source's and the user's counts; failures for other 
 
 Memory: each count lives in an LRU map of at most `MAX_TRACKED` entries.
 
+Password checks themselves (argon2, ~0.5 s of a core each) are a shared resource too: a guesser
+with many connections would fill the hash pool's queue and every login would wait behind it.
+`throttle.check_fairly(ip, user, run, fn, *args)` runs them `HASH_SLOTS` at a time, taking the
+waiting ones in turn by source and, within a source, by user: another user's login waits for
+at most one check per busy source, never behind a guesser's backlog.
+
 `Directory.authenticate(..., client_ip=ip)` and `Directory.checker(client_ip=ip)` use the
 directory's own instance (`suite.directory.throttle`), so a password-guessing client that hops
 between SMTP, IMAP and POP3 is slowed down everywhere. `delay=0` (tests) disables the delay but
@@ -37,10 +43,13 @@ still counts.
 from __future__ import annotations
 
 import ipaddress
-from collections import OrderedDict
-from typing import Any, Hashable
+from collections import OrderedDict, deque
+from typing import Any, Callable, Hashable
+
+from twisted.internet import defer
 
 MAX_TRACKED = 50_000  # entries per count; the least recently failed are dropped beyond this
+HASH_SLOTS = 2  # password checks at once: the hash pool's threads (mailsuite/pools.py)
 MAX_USER_KEY = 320  # a user name longer than any address is counted by its first 320 chars
 
 
@@ -120,6 +129,13 @@ class LoginThrottle:
         self._pairs = _Counts(window, clock, max_tracked)  # (source, user)
         self._sources = _Counts(window, clock, max_tracked)  # source, across users
         self._users = _Counts(window, clock, max_tracked)  # user, across sources
+        self._turns = _FairTurns(HASH_SLOTS)
+
+    def check_fairly(self, ip: str | None, user: str, run: Callable[..., defer.Deferred],
+                     fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """`run(fn, *args)` (a pool's run) when it is this (source, user)'s turn."""
+        source = login_source(ip) if ip else "-"
+        return self._turns.run((source, _user_key(user)), run, fn, *args)
 
     def failures(self, ip: str, user: str = "") -> int:
         source = login_source(ip)
@@ -160,3 +176,46 @@ class LoginThrottle:
 
 def _user_key(user: str) -> str:
     return user[:MAX_USER_KEY].lower()
+
+
+class _FairTurns:
+    """At most `slots` jobs at once; waiting ones taken round-robin by source, then by user."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.running = 0
+        # source -> user -> waiting jobs; dict order is the rotation order
+        self._waiting: OrderedDict[str, OrderedDict[str, deque]] = OrderedDict()
+
+    def run(self, key: tuple[str, str], run: Callable[..., defer.Deferred],
+            fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        source, user = key
+        result: defer.Deferred = defer.Deferred()
+        users = self._waiting.setdefault(source, OrderedDict())
+        users.setdefault(user, deque()).append((result, run, fn, args))
+        self._start_next()
+        return result
+
+    def waiting(self) -> int:
+        return sum(len(q) for users in self._waiting.values() for q in users.values())
+
+    def _start_next(self) -> None:
+        while self.running < self.slots and self._waiting:
+            source, users = next(iter(self._waiting.items()))
+            user, queue = next(iter(users.items()))
+            result, run, fn, args = queue.popleft()
+            del users[user]
+            if queue:
+                users[user] = queue  # to the back of this source's rotation
+            del self._waiting[source]
+            if users:
+                self._waiting[source] = users  # to the back of the rotation of sources
+            self.running += 1
+            d = defer.maybeDeferred(run, fn, *args)
+            d.addBoth(self._finished)
+            d.chainDeferred(result)
+
+    def _finished(self, outcome: Any) -> Any:
+        self.running -= 1
+        self._start_next()
+        return outcome

@@ -4,7 +4,7 @@ never slowed; memory is bounded."""
 from __future__ import annotations
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 
 from mailsuite.config import Config
@@ -118,3 +118,51 @@ def test_directory_does_not_slow_bob_while_alice_is_guessed_from_the_same_addres
     finally:
         directory.close()
         store.close()
+
+
+def test_password_checks_take_turns_by_source_then_user():
+    """A guesser's backlog of checks does not delay another user's login, not even at the same
+    address: the hash pool serves the waiting checks in turn."""
+    t = throttle(task.Clock())
+    pending: list = []
+
+    def run(fn, *args):  # a pool with jobs we finish by hand
+        d = defer.Deferred()
+        pending.append((d, args))
+        return d
+
+    def check(ip: str, user: str) -> list:
+        results: list = []
+        t.check_fairly(ip, user, run, lambda *a: None, ip, user).addBoth(results.append)
+        return results
+
+    guesses = [check("192.0.2.66", ALICE) for _ in range(50)]
+    others = [check("203.0.113.1", ALICE) for _ in range(50)]
+    bob = check("192.0.2.66", BOB)
+    started = [args for _, args in pending]
+    assert len(started) == 2  # HASH_SLOTS at once
+    for _ in range(3):
+        d, _args = pending.pop(0)
+        d.callback(True)
+    # Two sources and two users at the first one: bob's check is among the first few started.
+    assert bob == [] and ("192.0.2.66", BOB) in [args for _, args in pending]
+    while pending:
+        d, _args = pending.pop(0)
+        d.callback(True)
+    assert bob == [True] and all(g == [True] for g in guesses + others)
+    assert t._turns.waiting() == 0 and t._turns.running == 0
+
+
+def test_a_failing_check_frees_its_turn():
+    t = throttle(task.Clock())
+
+    def run(fn, *args):
+        return defer.maybeDeferred(fn, *args)
+
+    def boom() -> None:
+        raise RuntimeError("hash pool stopped")
+
+    results: list = []
+    for _ in range(5):
+        t.check_fairly("192.0.2.1", ALICE, run, boom).addErrback(results.append)
+    assert len(results) == 5 and t._turns.running == 0
