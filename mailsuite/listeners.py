@@ -396,10 +396,17 @@ class LimitedFactory(protocol.ServerFactory):
     def _slowest(self, scope: str, ip: str, prefix: str
                  ) -> Optional[tuple["LimitedFactory", _Connection]]:
         """The pre-auth connection of `scope` that has gone longest without progress, if it has
-        been idle at least `evict_idle_after` seconds."""
+        been idle at least `evict_idle_after` seconds.
+
+        Beyond the newcomer's own address, only an address holding more pre-auth connections
+        than the newcomer's (two more, unless the newcomer's holds none) gives one up: a client
+        new to the listener always finds room among the silent connections of a crowd, while
+        the crowd's addresses cannot take each other's places over and over (a reconnecting
+        slowloris would otherwise keep every connection younger than `evict_idle_after`)."""
         if self.fairness_clock is None:
             return None
         now = self._now()
+        mine = self._preauth_ip[ip]
         factories: Iterable[LimitedFactory] = [self]
         if scope == "process" and self.budget is not None:
             factories = self.budget.factories
@@ -411,6 +418,8 @@ class LimitedFactory(protocol.ServerFactory):
                 if scope == "per-client" and c.ip != ip or scope == "per-network" and c.prefix != prefix:
                     continue
                 if now - c.last_progress < f.rules.evict_idle_after:
+                    continue
+                if c.ip != ip and mine and f._preauth_ip[c.ip] < mine + 2:
                     continue
                 if best is None or c.last_progress < best[1].last_progress:
                     best = (f, c)

@@ -333,3 +333,21 @@ def test_token_bucket():
     assert bucket.take() and not bucket.take()
     clock.advance(100)
     assert sum(bucket.take() for _ in range(10)) == 3
+
+
+def test_a_crowd_cannot_churn_its_own_places_but_a_new_client_gets_one():
+    clock = task.Clock()
+    f = make(name="mx", clock=clock, max_preauth_per_prefix=10, evict_idle_after=1.0)
+    crowd = {ip: [Client(f, ip) for _ in range(2)] for ip in (f"127.0.0.{n}" for n in range(2, 7))}
+    clock.advance(2)
+    normal = Client(f, "127.0.0.1")
+    assert normal.refused is None
+    (loser,) = [ip for ip, cs in crowd.items() if any(c.closing for c in cs)]
+    # The address that lost a place may swap its own idle connection, not take another's.
+    again = Client(f, loser)
+    assert again.refused is None
+    assert all(c.closing for c in crowd[loser])
+    assert not any(c.closing for ip, cs in crowd.items() if ip != loser for c in cs)
+    assert Client(f, loser).refused == SHARE  # nothing of its own left idle
+    normal.command()
+    assert not normal.closing
