@@ -269,11 +269,13 @@ class _Connection:
 class _RateLimitedLog:
     """LOG_BURST lines per LOG_PERIOD, then one line counting what was left out."""
 
-    def __init__(self, clock: Any):
+    def __init__(self, clock: Any, what: str):
         self._clock = clock
-        self._start = 0.0
+        self._what = what
+        self._start = float("-inf")
         self._lines = 0
         self._suppressed = 0
+        self._listener = "?"
         self._flush: Any = None
 
     def emit(self, fmt: str, **fields: Any) -> None:
@@ -288,21 +290,23 @@ class _RateLimitedLog:
             log.info(fmt, **fields)
             return
         self._suppressed += 1
+        self._listener = fields.get("listener", "?")
         if self._flush is None:
-            self._flush = self._clock.callLater(self._start + LOG_PERIOD - now, self._summary,
-                                                fields.get("listener", "?"))
+            self._flush = self._clock.callLater(self._start + LOG_PERIOD - now, self._summary)
 
-    def _summary(self, listener: str) -> None:
+    def _summary(self) -> None:
         self._flush = None
         n, self._suppressed = self._suppressed, 0
         if n:
-            log.info("{listener}: {n} more connections evicted or refused in the last {period:.0f}"
-                     " s (not logged one by one)", listener=listener, n=n, period=LOG_PERIOD)
+            log.info("{listener}: {n} more connections {what} in the last {period:.0f} s (not "
+                     "logged one by one)", listener=self._listener, n=n, what=self._what,
+                     period=LOG_PERIOD)
 
     def stop(self) -> None:
         if self._flush is not None and self._flush.active():
             self._flush.cancel()
         self._flush = None
+        self._summary()
 
 
 class LimitedFactory(protocol.ServerFactory):
@@ -329,7 +333,8 @@ class LimitedFactory(protocol.ServerFactory):
         self.closing = 0
         self.evictions = 0
         self.refusals = 0
-        self._log = _RateLimitedLog(None)
+        self._log = _RateLimitedLog(None, "evicted")
+        self._refusal_log = _RateLimitedLog(None, "refused")
 
     def configure(self, limits: Any, clock: Any, budget: Optional[FileBudget] = None,
                   authenticates: bool = True) -> None:
@@ -338,12 +343,14 @@ class LimitedFactory(protocol.ServerFactory):
         self.authenticates = authenticates
         self.fairness_clock = clock
         self.budget = budget
-        self._log = _RateLimitedLog(clock)
+        self._log = _RateLimitedLog(clock, "evicted")
+        self._refusal_log = _RateLimitedLog(clock, "refused")
         if budget is not None and self not in budget.factories:
             budget.factories.append(self)
 
     def doStop(self) -> None:
         self._log.stop()
+        self._refusal_log.stop()
         super().doStop()
 
     # -- admission ----------------------------------------------------------------------------
@@ -398,11 +405,12 @@ class LimitedFactory(protocol.ServerFactory):
         """The pre-auth connection of `scope` that has gone longest without progress, if it has
         been idle at least `evict_idle_after` seconds.
 
-        Beyond the newcomer's own address, only an address holding more pre-auth connections
-        than the newcomer's (two more, unless the newcomer's holds none) gives one up: a client
-        new to the listener always finds room among the silent connections of a crowd, while
-        the crowd's addresses cannot take each other's places over and over (a reconnecting
-        slowloris would otherwise keep every connection younger than `evict_idle_after`)."""
+        When the newcomer's own address is not what is full, only an address holding more
+        pre-auth connections than the newcomer's (two more, unless the newcomer's holds none)
+        gives one up: a client new to the listener always finds room among the silent
+        connections of a crowd, while the crowd cannot take its own or each other's places over
+        and over (a reconnecting slowloris would otherwise keep every connection younger than
+        `evict_idle_after`, and nobody else would find one to replace)."""
         if self.fairness_clock is None:
             return None
         now = self._now()
@@ -419,7 +427,8 @@ class LimitedFactory(protocol.ServerFactory):
                     continue
                 if now - c.last_progress < f.rules.evict_idle_after:
                     continue
-                if c.ip != ip and mine and f._preauth_ip[c.ip] < mine + 2:
+                if scope != "per-client" and mine and (c.ip == ip
+                                                       or f._preauth_ip[c.ip] < mine + 2):
                     continue
                 if best is None or c.last_progress < best[1].last_progress:
                     best = (f, c)
@@ -427,7 +436,7 @@ class LimitedFactory(protocol.ServerFactory):
 
     def _refuse(self, ip: str, scope: str) -> protocol.Protocol:
         self.refusals += 1
-        self._log.emit("{listener}: refused a connection from {ip}: {which} connection limit "
+        self._refusal_log.emit("{listener}: refused a connection from {ip}: {which} connection limit "
                        "reached", listener=self.name, ip=ip, which=scope)
         share = scope in ("per-client", "per-network")
         return _Refused(self.refusal.client_share_used if share else self.refusal.listener_full)
