@@ -250,11 +250,12 @@ class _Refused(protocol.Protocol):
 class _Connection:
     """What the factory knows of one admitted connection."""
 
-    __slots__ = ("proto", "ip", "prefix", "since", "last_progress", "received", "authenticated",
-                 "evicted", "closed", "timer")
+    __slots__ = ("proto", "transport", "ip", "prefix", "since", "last_progress", "received",
+                 "authenticated", "evicted", "closed", "timer")
 
     def __init__(self, proto: Any, ip: str, prefix: str, now: float):
         self.proto = proto
+        self.transport: Any = None  # from makeConnection (some protocols do not keep it)
         self.ip = ip
         self.prefix = prefix
         self.since = now
@@ -460,6 +461,24 @@ class LimitedFactory(protocol.ServerFactory):
         p.on_close = on_close
         p.on_progress = on_progress
         p.on_authenticated = on_authenticated
+        # The slot must come back even from a protocol that does not call on_close (a wrapped
+        # factory's, the autoconfig web Site's): connectionLost gives it back too (once).
+        lost = p.connectionLost
+
+        def connection_lost(reason: Any = protocol.connectionDone) -> None:
+            try:
+                lost(reason)
+            finally:
+                self._closed(conn)
+
+        p.connectionLost = connection_lost
+        made = p.makeConnection
+
+        def make_connection(transport: Any) -> None:
+            conn.transport = transport
+            made(transport)
+
+        p.makeConnection = make_connection
         if self.fairness_clock is not None and self.rules.progress_bytes > 0:
             # Octets received count as progress too, `progress_bytes` at a time: a message
             # being transferred is one long command (DATA, APPEND), a slowloris never gets there.
@@ -524,7 +543,7 @@ class LimitedFactory(protocol.ServerFactory):
                        " open {age:.0f} s)", listener=self.name, ip=conn.ip, reason=reason,
                        idle=idle, age=self._now() - conn.since)
         p = conn.proto
-        transport = getattr(p, "transport", None)
+        transport = conn.transport
         goodbye = getattr(p, "evict", None)
         try:
             if callable(goodbye):
@@ -543,9 +562,8 @@ class LimitedFactory(protocol.ServerFactory):
             clock.callLater(EVICT_GRACE, self._abort, conn)
 
     def _abort(self, conn: _Connection) -> None:
-        transport = getattr(conn.proto, "transport", None)
-        if not conn.closed and transport is not None:
-            transport.abortConnection()
+        if not conn.closed and conn.transport is not None:
+            conn.transport.abortConnection()
 
     def _login_timeout(self, conn: _Connection) -> None:
         conn.timer = None

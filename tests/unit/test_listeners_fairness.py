@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import StringTransport
 
 from mailsuite.config import LimitsSection
+from mailsuite.listeners import _Refused  # noqa: F401 (what a refused client gets)
 from mailsuite.listeners import (ConnectionCounter, FileBudget, LimitedFactory, Refusal,
                                  TokenBucket, WrappedFactory, limit, network_prefix)
 
@@ -61,7 +62,7 @@ class Client:
     @property
     def refused(self) -> bytes | None:
         """The refusal greeting, or None when admitted."""
-        if isinstance(self.proto, Session):
+        if not isinstance(self.proto, _Refused):
             return None
         return self.transport.value()
 
@@ -353,3 +354,16 @@ def test_a_crowd_cannot_churn_its_own_places_but_a_new_client_gets_one():
     assert Client(f, "127.0.0.50").refused is None
     normal.command()
     assert not normal.closing
+
+
+def test_a_protocol_that_never_calls_on_close_still_gives_its_slot_back():
+    class Forgetful(protocol.Protocol):
+        pass
+
+    f = LimitedFactory("x", ConnectionCounter(1, 1), Refusal(FULL, SHARE),
+                       lambda addr: Forgetful())
+    limit("autoconfig", f, LimitsSection(), task.Clock(), FileBudget(10))
+    a = Client(f, "192.0.2.1")
+    a.proto.connectionLost(None)
+    assert f.files == 0 and f.budget.open == 0 and f.connections.total == 0
+    assert Client(f, "192.0.2.1").refused is None
