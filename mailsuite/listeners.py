@@ -238,13 +238,33 @@ class TokenBucket:
 
 
 class _Refused(protocol.Protocol):
-    def __init__(self, greeting: bytes):
+    """Writes the refusal and hangs up; aborted after EVICT_GRACE if still open (a TLS client
+    that never completes its handshake would otherwise keep the descriptor). Until then it
+    holds a descriptor of the budget, counted as closing."""
+
+    def __init__(self, greeting: bytes, clock: Any = None, budget: Optional[FileBudget] = None):
         self.greeting = greeting
+        self._clock = clock
+        self._budget = budget
+        self._abort: Any = None
 
     def connectionMade(self) -> None:
+        if self._budget is not None:
+            self._budget.open += 1
+            self._budget.closing += 1
         if self.greeting:
             self.transport.write(self.greeting)
         self.transport.loseConnection()
+        if self._clock is not None:
+            self._abort = self._clock.callLater(EVICT_GRACE, self.transport.abortConnection)
+
+    def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+        if self._budget is not None:
+            self._budget.open -= 1
+            self._budget.closing -= 1
+            self._budget = None
 
 
 class _Connection:
@@ -362,7 +382,12 @@ class LimitedFactory(protocol.ServerFactory):
             scope = self._full_scope(ip, prefix)
             if scope is None:
                 break
-            victim = self._slowest(scope, ip, prefix)
+            victim = None
+            if not (scope.endswith("files") and self.budget is not None
+                    and self.budget.closing >= self.budget.closing_cap):
+                # (descriptors of connections still closing are not free yet: evicting more
+                # would not make room)
+                victim = self._slowest(scope, ip, prefix)
             if victim is None:
                 return self._refuse(ip, scope)
             victim_factory, victim_conn = victim
@@ -392,13 +417,14 @@ class LimitedFactory(protocol.ServerFactory):
             return "per-client"
         if self._preauth_prefix[prefix] >= r.max_preauth_per_prefix:
             return "per-network"
-        budget = self.budget
-        if (self.connections.full or self._preauth >= r.max_preauth
-                or (budget is not None and self.files - min(self.closing, budget.closing_cap)
-                    >= budget.listener_cap)):
+        if self.connections.full or self._preauth >= r.max_preauth:
             return "listener"
-        if budget is not None and budget.full:
-            return "process"
+        budget = self.budget
+        if budget is not None:
+            if self.files - min(self.closing, budget.closing_cap) >= budget.listener_cap:
+                return "listener files"
+            if budget.full:
+                return "process files"
         return None
 
     def _slowest(self, scope: str, ip: str, prefix: str
@@ -417,7 +443,7 @@ class LimitedFactory(protocol.ServerFactory):
         now = self._now()
         mine = self._preauth_ip[ip]
         factories: Iterable[LimitedFactory] = [self]
-        if scope == "process" and self.budget is not None:
+        if scope == "process files" and self.budget is not None:
             factories = self.budget.factories
         best: Optional[tuple[LimitedFactory, _Connection]] = None
         for f in factories:
@@ -440,7 +466,8 @@ class LimitedFactory(protocol.ServerFactory):
         self._refusal_log.emit("{listener}: refused a connection from {ip}: {which} connection limit "
                        "reached", listener=self.name, ip=ip, which=scope)
         share = scope in ("per-client", "per-network")
-        return _Refused(self.refusal.client_share_used if share else self.refusal.listener_full)
+        return _Refused(self.refusal.client_share_used if share else self.refusal.listener_full,
+                        self.fairness_clock, self.budget)
 
     # -- the hooks a protocol calls -----------------------------------------------------------
     def _attach_hooks(self, p: Any, conn: _Connection) -> None:

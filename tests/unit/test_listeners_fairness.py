@@ -258,11 +258,16 @@ def test_file_budget_per_listener_share_and_process_wide():
     mx = make(name="mx", clock=clock, budget=budget, evict_idle_after=1000)
     flood = [Client(http, f"10.0.{n}.1") for n in range(20)]
     assert sum(c.refused is None for c in flood) == 5  # one listener: half the budget at most
+    for c in flood:
+        if c.refused is not None:
+            c.proto.connectionLost(None)  # refused: closed at once (plain TCP)
     assert all(Client(imap, f"10.1.{n}.1").refused is None for n in range(3))
     assert all(Client(mx, f"10.2.{n}.1").refused is None for n in range(2))
     assert budget.open == 10 and budget.full
     # Process budget full: nobody idle long enough, refused...
-    assert Client(mx, "192.0.2.1").refused == FULL
+    late = Client(mx, "192.0.2.1")
+    assert late.refused == FULL
+    late.proto.connectionLost(None)
     # ...but once the flood has been idle, a newcomer on MX takes the place of the slowest.
     clock.advance(2000)
     for c in flood[:5]:
@@ -367,3 +372,19 @@ def test_a_protocol_that_never_calls_on_close_still_gives_its_slot_back():
     a.proto.connectionLost(None)
     assert f.files == 0 and f.budget.open == 0 and f.connections.total == 0
     assert Client(f, "192.0.2.1").refused is None
+
+
+def test_a_refused_connection_is_aborted_if_it_does_not_close():
+    """Under TLS a refusal waits for a handshake a slowloris never completes: it must not keep
+    its descriptor for long."""
+    clock = task.Clock()
+    budget = FileBudget(total=10)
+    f = make(clock=clock, budget=budget, max_connections=1, evict_idle_after=1000)
+    Client(f, "192.0.2.1")
+    refused = Client(f, "192.0.2.2")
+    assert refused.refused == FULL and refused.closing
+    assert budget.open == 2 and budget.closing == 1
+    clock.advance(2)
+    assert refused.transport.disconnected  # aborted
+    refused.proto.connectionLost(None)
+    assert budget.open == 1 and budget.closing == 0
