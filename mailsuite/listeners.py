@@ -252,11 +252,12 @@ class _Refused(protocol.Protocol):
         if self._budget is not None:
             self._budget.open += 1
             self._budget.closing += 1
+        transport: Any = self.transport
         if self.greeting:
-            self.transport.write(self.greeting)
-        self.transport.loseConnection()
+            transport.write(self.greeting)
+        transport.loseConnection()
         if self._clock is not None:
-            self._abort = self._clock.callLater(EVICT_GRACE, self.transport.abortConnection)
+            self._abort = self._clock.callLater(EVICT_GRACE, transport.abortConnection)
 
     def connectionLost(self, reason: Any = protocol.connectionDone) -> None:
         if self._abort is not None and self._abort.active():
@@ -450,7 +451,8 @@ class LimitedFactory(protocol.ServerFactory):
             for c in f._conns:
                 if c.authenticated or c.evicted:
                     continue
-                if scope == "per-client" and c.ip != ip or scope == "per-network" and c.prefix != prefix:
+                if (scope == "per-client" and c.ip != ip
+                        or scope == "per-network" and c.prefix != prefix):
                     continue
                 if now - c.last_progress < f.rules.evict_idle_after:
                     continue
@@ -463,8 +465,8 @@ class LimitedFactory(protocol.ServerFactory):
 
     def _refuse(self, ip: str, scope: str) -> protocol.Protocol:
         self.refusals += 1
-        self._refusal_log.emit("{listener}: refused a connection from {ip}: {which} connection limit "
-                       "reached", listener=self.name, ip=ip, which=scope)
+        self._refusal_log.emit("{listener}: refused a connection from {ip}: {which} connection "
+                               "limit reached", listener=self.name, ip=ip, which=scope)
         share = scope in ("per-client", "per-network")
         return _Refused(self.refusal.client_share_used if share else self.refusal.listener_full,
                         self.fairness_clock, self.budget)
