@@ -56,10 +56,13 @@ class Slowloris:
     def _open(self, n: int) -> None:
         src = ATTACKERS[n % len(ATTACKERS)]
         try:
+            # Blocking: established before the next one (a burst of non-blocking connects
+            # overflows the accept queue, and SYN retries would spread the attack over a minute).
             s = socket.socket()
             s.bind((src, 0))
+            s.settimeout(5)
+            s.connect(("127.0.0.1", self.port))
             s.setblocking(False)
-            s.connect_ex(("127.0.0.1", self.port))
         except OSError:
             return
         self.opened += 1
