@@ -1,6 +1,6 @@
 """Attack class: password guessing (docs/design/limits.md, "Login throttle").
 
-Six parallel connections from 127.0.0.66 guess alice's password over IMAPS. The guesser is
+Eight connections from each of 127.0.0.66-68 guess alice's password over IMAPS. The guesser is
 slowed down; bob logging in from the same address is not, nor is alice from 127.0.0.77 - a
 success by another account no longer resets the guesser, and a guesser no longer delays
 everyone's logins by filling the password-hashing queue.
@@ -16,8 +16,9 @@ from tests.polling import wait_until
 from tests.scenario.test_attack_slowloris import rss_kib
 
 GUESSER = "127.0.0.66"
+HELPERS = ["127.0.0.67", "127.0.0.68"]  # more guessers, so the hash pool has a backlog
 PASSWORD = "secret-pw-1"
-PARALLEL = 6
+PARALLEL = 8  # connections per guessing address
 
 
 class IMAPFrom(imaplib.IMAP4_SSL):
@@ -57,20 +58,23 @@ class Guesser:
         self.srv = srv
         self.stop = threading.Event()
         self.failures: list[float] = []  # seconds each failed attempt took
+        self.finished: list[tuple[float, float]] = []  # (started, took) of each failure
         self.current: dict[int, imaplib.IMAP4] = {}
-        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True)
-                        for n in range(PARALLEL)]
+        sources = [GUESSER] + HELPERS
+        self.threads = [threading.Thread(target=self._run, args=(n, sources[n % len(sources)]),
+                                         daemon=True)
+                        for n in range(PARALLEL * len(sources))]
 
     def start(self) -> "Guesser":
         for t in self.threads:
             t.start()
         return self
 
-    def _run(self, n: int) -> None:
+    def _run(self, n: int, source: str) -> None:
         guess = 0
         while not self.stop.is_set():
             try:
-                m = IMAPFrom(GUESSER, "127.0.0.1", self.srv.ports["imaps"],
+                m = IMAPFrom(source, "127.0.0.1", self.srv.ports["imaps"],
                              ssl_context=self.srv.ssl_context(), timeout=60)
             except OSError:
                 continue
@@ -84,7 +88,10 @@ class Guesser:
                     except imaplib.IMAP4.abort:
                         raise
                     except imaplib.IMAP4.error:
-                        self.failures.append(time.monotonic() - started)
+                        took = time.monotonic() - started
+                        self.failures.append(took)
+                        if source == GUESSER:
+                            self.finished.append((started, took))
             except (imaplib.IMAP4.abort, OSError):
                 pass  # closed after max_auth_failures: reconnect
             finally:
@@ -115,7 +122,7 @@ def test_guessing_alice_from_one_address_slows_only_the_guesser(make_server):
     served, attempts, slowest = 0, 0, 0.0
     try:
         # Wait until the guesser is being held back: its failures take several seconds each.
-        wait_until(lambda: len(guesser.failures) >= PARALLEL and
+        wait_until(lambda: len(guesser.finished) >= PARALLEL and
                    max(guesser.failures) >= 3.0, timeout=60, message="the guesser to be slowed")
         for source, user in [(GUESSER, "bob@example.org"), ("127.0.0.77", "alice@example.org"),
                              (GUESSER, "bob@example.org"), ("127.0.0.77", "alice@example.org"),
@@ -124,6 +131,13 @@ def test_guessing_alice_from_one_address_slows_only_the_guesser(make_server):
             ok, elapsed = login_time(srv, source, user)
             served += ok
             slowest = max(slowest, elapsed)
+        # Bob's successes at the guesser's address did not reset the guesser: its next
+        # failure is still held back.
+        last_success = time.monotonic()
+        wait_until(lambda: any(start > last_success for start, _ in guesser.finished),
+                   timeout=60, message="a guess after bob's logins")
+        after_bob = min(took for start, took in guesser.finished if start > last_success)
+        assert after_bob >= 3.0, after_bob
         # Alice mistyping from her own address waits at most the first-failure delay plus
         # the per-user cap, however long the guesser has been at it.
         ok, mistyped = login_time(srv, "127.0.0.77", "alice@example.org", "typo")
