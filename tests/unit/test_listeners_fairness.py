@@ -388,3 +388,66 @@ def test_a_refused_connection_is_aborted_if_it_does_not_close():
     assert refused.transport.disconnected  # aborted
     refused.proto.connectionLost(None)
     assert budget.open == 1 and budget.closing == 0
+
+
+# -- the accounting under any sequence of events --------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+EVENTS = st.lists(st.tuples(st.sampled_from(["connect", "progress", "login", "close", "tick",
+                                             "data"]),
+                            st.integers(0, 7)), max_size=80)
+
+
+@settings(max_examples=60, deadline=None)
+@given(EVENTS)
+def test_accounting_stays_exact(events):
+    """Whatever clients do and whenever the transport reports closes, the counts match the
+    connections really open, nothing goes negative and the limits hold."""
+    clock = task.Clock()
+    budget = FileBudget(total=12)
+    f = make(clock=clock, budget=budget, max_connections=8, max_connections_per_ip=4,
+             max_preauth_per_ip=2, max_preauth_per_prefix=5, preauth_timeout=30,
+             evict_idle_after=3)
+    g = make(name="mx", clock=clock, budget=budget, max_connections=8, evict_idle_after=3)
+    clients: list[Client] = []
+    for kind, n in events:
+        live = [c for c in clients if c.refused is None and not c.transport.disconnected
+                and not getattr(c, "lost", False)]
+        if kind == "connect":
+            factory = f if n % 2 else g
+            ip = f"192.0.{n % 3}.{n % 4}"
+            clients.append(Client(factory, ip))
+        elif kind == "tick":
+            clock.advance(n + 0.5)
+        elif live:
+            c = live[n % len(live)]
+            if kind == "progress":
+                c.command()
+            elif kind == "data":
+                c.proto.dataReceived(b"x" * 5000)
+            elif kind == "login":
+                c.login()
+            elif kind == "close" and n % 2:
+                c.lost = True
+                c.proto.connectionLost(None)  # the client hangs up
+        # The transport reports closes some time after loseConnection / abortConnection.
+        for c in clients:
+            closing = c.transport.disconnecting or c.transport.disconnected
+            if closing and (kind == "close" or c.transport.disconnected):
+                if not getattr(c, "lost", False):
+                    c.lost = True
+                    c.proto.connectionLost(None)
+        for factory in (f, g):
+            open_ = [c for c in factory._conns]
+            assert factory.files == len(open_)
+            assert factory.closing == sum(c.evicted for c in open_)
+            pre = [c for c in open_ if not c.authenticated and not c.evicted]
+            assert factory.preauth == len(pre) <= factory.rules.max_preauth
+            assert factory.connections.total == sum(not c.evicted for c in open_)
+            assert factory.connections.total <= factory.connections.max_total
+            assert all(v > 0 for v in factory._preauth_ip.values())
+        refused = [c for c in clients if c.refused is not None and not getattr(c, "lost", False)]
+        assert budget.open == f.files + g.files + len(refused)
+        assert budget.closing == f.closing + g.closing + len(refused)
