@@ -63,8 +63,23 @@ class LimitsSection:
     max_connections_per_ip: int = 20
     max_auth_failures: int = 3  # per connection, then the connection is closed
     auth_failure_delay: float = 1.0  # seconds added per failed login
+    # Failed logins of one account from everywhere before its failures are slowed too (capped
+    # at auth_user_max_delay, so guessers cannot lock the owner out: docs/design/limits.md).
+    auth_user_failures: int = 10
+    auth_user_max_delay: float = 3.0
+    auth_source_failures: int = 20  # failures of one address across accounts before slowing all
     imap_timeout: int = 1800  # RFC 3501 §5.4: at least 30 minutes
     pop3_timeout: int = 600
+    # Connection fairness (docs/design/limits.md). "Pre-auth": not logged in yet; on MX and
+    # autoconfig, which never authenticate, every connection.
+    preauth_share_percent: int = 50  # of max_connections; the rest is kept for logged-in sessions
+    max_preauth_per_ip: int = 10  # pre-auth connections of one address (logins: MX uses per_ip)
+    max_preauth_per_prefix: int = 50  # pre-auth connections of one /24 (IPv4) or /64 (IPv6)
+    preauth_timeout: int = 60  # seconds to log in, then the connection is closed (not MX)
+    evict_idle_after: float = 10.0  # a full pool drops its slowest connection idle this long
+    progress_bytes: int = 4096  # octets received that count as progress, like a command
+    max_open_files: int = 0  # connections of all listeners; 0 = RLIMIT_NOFILE less a reserve
+    listener_files_percent: int = 50  # of that budget, what one listener may hold
 
 
 @dataclass

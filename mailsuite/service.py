@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsuite.config import Config, ConfigError
+from mailsuite.listeners import FileBudget, limit, raise_open_files_limit
 from mailsuite.pools import Pools
 from mailsuite.tls import TLSMaterial, load_or_create
 
@@ -43,6 +44,9 @@ class Parts:
     mailstore: "MailStore"
     queue: "QueueRunner"
     reactor: IReactorTime
+    # The descriptors all listeners share (docs/design/limits.md); service.py hands it to every
+    # listener's factory through `listeners.limit`, so the `_build_*` functions need not.
+    budget: FileBudget | None = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -152,13 +156,17 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     if tls.generated:
         log.info("created a self-signed TLS certificate: {cert} (key {key}); set [tls] cert/key "
                  "to use your own", cert=tls.cert_path, key=tls.key_path)
+    soft, hard = raise_open_files_limit()
+    budget = FileBudget.from_limits(config.limits, soft)
+    log.info("open files limit {soft} (hard {hard}): {total} for connections, {per} per "
+             "listener at most", soft=soft, hard=hard, total=budget.total, per=budget.listener_cap)
     pools = Pools(db_threads=1 if config.database_url.startswith("sqlite") else 4, reactor=reactor)
     directory = Directory(config, pools)
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
     mailstore = MailStore(config.mail_dir)
     queue = _build_queue(config, pools, directory, mailstore, reactor)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
-                 queue=queue, reactor=reactor)
+                 queue=queue, reactor=reactor, budget=budget)
 
 
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
@@ -198,6 +206,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         if factory is None:
             log.info("listener {name} is not available in this version", name=name)
             continue
+        factory = limit(name, factory, config.limits, parts.reactor, parts.budget)
         if implicit_tls:
             factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
         try:

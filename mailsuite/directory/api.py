@@ -76,7 +76,11 @@ class Directory:
             self.store = DirectoryStore.from_config(config)
         except DirectoryError as e:
             raise ConfigError(f"[database] url: {e}")
-        self.throttle = LoginThrottle(delay=config.limits.auth_failure_delay, clock=reactor)
+        limits = config.limits
+        self.throttle = LoginThrottle(delay=limits.auth_failure_delay, clock=reactor,
+                                      user_threshold=limits.auth_user_failures,
+                                      user_max_delay=limits.auth_user_max_delay,
+                                      source_threshold=limits.auth_source_failures)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).
@@ -154,10 +158,13 @@ class Directory:
         record = await self._db(self.store.password_record, address)
         if record is None:
             # Same work as a real check, so response time does not reveal which users exist.
-            await self.pools.hash.run(passwords.dummy_verify)
+            await self.throttle.check_fairly(client_ip, address, self.pools.hash.run,
+                                             passwords.dummy_verify)
             return await self._refuse(address, client_ip, "unknown user")
         canonical, stored, enabled = record
-        ok, new_hash = await self.pools.hash.run(passwords.verify_password, password, stored)
+        ok, new_hash = await self.throttle.check_fairly(client_ip, canonical, self.pools.hash.run,
+                                                        passwords.verify_password, password,
+                                                        stored)
         if not ok:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:
