@@ -185,6 +185,11 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.send(b"* BYE autologout; idle for too long")
         self.hangup()
 
+    def evict(self, reason: str) -> None:
+        """The listener drops this session to serve another (docs/design/limits.md)."""
+        self.send(b"* BYE [UNAVAILABLE] " + reason.encode("ascii", "replace"))
+        self.hangup()
+
     def hangup(self) -> None:
         """Close after what was written. The transport must read again first: a TLS close
         waits for the client's close_notify (or its FIN), which a paused transport would never

@@ -278,6 +278,10 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         log.error("pop3 {user}: releasing the maildrop lock failed: {error}", user=self.user,
                   error=_describe(failure.value))
 
+    def evict(self, reason: str) -> None:
+        """The listener drops this session to serve another (docs/design/limits.md)."""
+        self._close(replies.err(f"[SYS/TEMP] {reason}"))
+
     def timeoutConnection(self) -> None:
         log.info("pop3 idle timeout for {client_ip}", client_ip=self.client_ip)
         self._close(replies.TIMEOUT)

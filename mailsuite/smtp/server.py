@@ -207,6 +207,12 @@ class SMTPServer(protocol.Protocol, TimeoutMixin):
         self._send(replies.AUTH_TIMEOUT)
         self._close(linger=0.5)
 
+    def evict(self, reason: str) -> None:
+        """The listener drops this session to serve another (docs/design/limits.md): RFC 5321
+        §3.8 wants a 421 with our name before we close."""
+        self._send(Reply(421, "4.7.0", f"{self.hostname} {reason}, closing connection"))
+        self._close()
+
     def timeoutConnection(self) -> None:
         log.info("idle timeout for {client_ip}", client_ip=self.client_ip)
         self._send(replies.IDLE_TIMEOUT)

@@ -98,3 +98,11 @@ def test_a_client_that_closes_is_not_aborted(world):
     world.clock.advance(60)
     assert not r.transport.aborted
     assert world.clock.getDelayedCalls() == []
+
+
+def test_an_evicted_session_gets_bye_unavailable_and_is_closed(world):
+    """The listener's fairness rules drop a session through its evict() (docs/design/limits.md)."""
+    c = world.connect(login_as=None)
+    c.proto.evict("idle while others wait")
+    assert c.line() == b"* BYE [UNAVAILABLE] idle while others wait"
+    assert c.transport.disconnecting

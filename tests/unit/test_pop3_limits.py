@@ -39,3 +39,13 @@ def test_listener_total_is_limited(tmp_path):
     world = Pop3World(str(tmp_path), max_connections=1)
     assert world.connect("pop3").line().startswith(b"+OK")
     assert world.connect("pop3", ip="192.0.2.9").line().startswith(b"-ERR [SYS/TEMP]")
+
+
+def test_an_evicted_session_gets_sys_temp_and_is_closed(tmp_path):
+    """The listener's fairness rules drop a session through its evict() (docs/design/limits.md)."""
+    world = Pop3World(str(tmp_path))
+    c = world.connect("pop3")
+    assert c.line().startswith(b"+OK")
+    c.proto.evict("idle while others wait")
+    assert c.line() == b"-ERR [SYS/TEMP] idle while others wait"
+    assert c.closed()

@@ -86,3 +86,14 @@ def test_an_unexpected_exception_is_451_and_the_session_goes_on():
     c.send(b"MAIL FROM:<x@remote.example>\r\nNOOP\r\n")
     assert c.reply()[0].startswith(b"451 4.3.0")
     assert c.code() == 250
+
+
+def test_an_evicted_session_gets_421_with_our_name_and_is_closed():
+    """The listener's fairness rules drop a session through its evict() (docs/design/limits.md)."""
+    world = World()
+    c = world.connect("mx")
+    assert c.code() == 220
+    c.proto.evict("idle while others wait")
+    line = c.reply()[0]
+    assert line.startswith(b"421 4.7.0 ") and b"idle while others wait" in line
+    assert c.closed()
