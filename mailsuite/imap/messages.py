@@ -74,6 +74,12 @@ class MessageCommands(Session):
             raise no_for(e, "no such mailbox", R.TRYCREATE)
         if not uids:
             return verb + b" completed (nothing to do)"
+        # The copies keep their keywords (RFC 3501 §6.4.7): refuse rather than drop any that
+        # the destination has no room for.
+        carried = sorted({f for u in uids if (info := sel.info(u)) is not None
+                          for f in info.flags if not f.startswith("\\")})
+        if carried:
+            yield self.io(check_keyword_room, dest, carried)
         pairs = yield self.io(sel.folder.move if move else sel.folder.copy, uids, dest)
         pairs = sorted(pairs)
         validity = yield self.io(uidvalidity, dest)

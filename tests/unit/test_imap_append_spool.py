@@ -167,3 +167,22 @@ def test_keywords_beyond_the_folders_room_are_refused(world):
     resp = c.cmd(b"g SELECT INBOX")
     perm = [line for line in resp if b"PERMANENTFLAGS" in line]
     assert perm and b"\\*" not in perm[0], perm
+
+
+def test_copy_and_move_into_a_full_folder_refuse_keywords_it_cannot_hold(world):
+    """A copy keeps its keywords: a destination without room gets NO [LIMIT], never a silent
+    drop (and nothing is copied or moved)."""
+    world.append("alice@example.org", "", simple("source"))
+    world.append("alice@example.org", "Archive", simple("full"))
+    c = world.connect()
+    c.cmd(b"s SELECT Archive")
+    kws = b" ".join(b"$k%d" % i for i in range(26))
+    assert tagged(c.cmd(b"a STORE 1 +FLAGS (" + kws + b")")).startswith(b"a OK")
+    c.cmd(b"t SELECT INBOX")
+    assert tagged(c.cmd(b"b STORE 1 +FLAGS ($other)")).startswith(b"b OK")
+    assert tagged(c.cmd(b"c COPY 1 Archive")).startswith(b"c NO [LIMIT]")
+    assert tagged(c.cmd(b"d MOVE 1 Archive")).startswith(b"d NO [LIMIT]")
+    assert tagged(c.cmd(b"e STORE 1 FLAGS ($k5)")).startswith(b"e OK")  # a known keyword
+    assert tagged(c.cmd(b"f COPY 1 Archive")).startswith(b"f OK [COPYUID")
+    resp = c.cmd(b"g STATUS Archive (MESSAGES)")
+    assert any(b"MESSAGES 2" in line for line in resp), resp
