@@ -52,6 +52,15 @@ def write_toml(path: str, sections: dict[str, dict[str, Any]]) -> None:
             f.write("\n")
 
 
+def rss_kib(pid: int) -> int:
+    """Resident memory of process `pid` in KiB (/proc/<pid>/status), for the attack tests."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ with the checkout first on PYTHONPATH (twistd finds our plugin there too)."""
     path = os.environ.get("PYTHONPATH", "")

@@ -395,9 +395,7 @@ class DirectoryStore:
         canonical_user = canonical_address(user)
         sender = _sender_form(address)
         with self._unit(write=True) as s:
-            user_id = s.scalar(select(User.id).where(User.address == canonical_user))
-            if user_id is None:
-                raise DirectoryError(self._no_user(s, canonical_user))
+            user_id = self._user_id(s, canonical_user)
             if s.scalar(select(Sender.id).where(Sender.user_id == user_id,
                                                 Sender.address == sender)) is not None:
                 raise DirectoryError(f"{canonical_user} may already send as {sender}")
@@ -408,13 +406,17 @@ class DirectoryStore:
         canonical_user = canonical_address(user)
         sender = _sender_form(address)
         with self._unit(write=True) as s:
-            user_id = s.scalar(select(User.id).where(User.address == canonical_user))
-            if user_id is None:
-                raise DirectoryError(self._no_user(s, canonical_user))
+            user_id = self._user_id(s, canonical_user)
             if not s.execute(delete(Sender).where(Sender.user_id == user_id,
                                                   Sender.address == sender)).rowcount:
                 raise DirectoryError(f"{canonical_user} has no extra sender address {sender}")
         return canonical_user, sender
+
+    def _user_id(self, s: Any, canonical_user: str) -> int:
+        user_id = s.scalar(select(User.id).where(User.address == canonical_user))
+        if user_id is None:
+            raise DirectoryError(self._no_user(s, canonical_user))
+        return user_id
 
     def list_senders(self, user: str | None = None) -> list[tuple[str, str]]:
         """(user, extra sender address) pairs, of one user or of everyone."""

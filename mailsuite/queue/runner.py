@@ -95,10 +95,7 @@ class QueueRunner(Service):
     def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
                meta: Mapping[str, Any] | None = None) -> defer.Deferred:
         """Spool a message; fires with its queue id once message and envelope are fsynced."""
-        now = self.clock.seconds()
-        entry = QueueEntry(id=new_queue_id(now), sender=sender,
-                           recipients=expand_recipients(recipients), created=now,
-                           meta=dict(meta or {}))
+        entry = self._new_entry(sender, recipients, meta)
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
         d = self.io.run(self.spool.store, entry, data)
@@ -113,14 +110,18 @@ class QueueRunner(Service):
                     size: int, meta: Mapping[str, Any] | None = None) -> defer.Deferred:
         """Spool a message staged in `incoming_dir`, taking the file over; fires with its queue
         id once message and envelope are fsynced. On failure the file is still at `path`."""
-        now = self.clock.seconds()
-        entry = QueueEntry(id=new_queue_id(now), sender=sender,
-                           recipients=expand_recipients(recipients), created=now,
-                           meta=dict(meta or {}))
+        entry = self._new_entry(sender, recipients, meta)
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
         d = self.io.run(self.spool.store_file, entry, path)
         return d.addCallback(self._stored, entry, size)
+
+    def _new_entry(self, sender: str, recipients: Sequence[tuple[str, Any]],
+                   meta: Mapping[str, Any] | None) -> QueueEntry:
+        now = self.clock.seconds()
+        return QueueEntry(id=new_queue_id(now), sender=sender,
+                          recipients=expand_recipients(recipients), created=now,
+                          meta=dict(meta or {}))
 
     def _stored(self, _: Any, entry: QueueEntry, size: int) -> str:
         self._settled.add(entry.id)  # this process wrote it: no crash leftover to look for

@@ -87,13 +87,6 @@ def admitted(srv, tls: bool = True) -> Raw | None:
 
 # -- attack scenarios: the server's memory, and whether other clients are still served ----------
 
-def rss_kb(srv) -> int:
-    """The server process's resident set size in KiB (/proc/<pid>/status)."""
-    with open(f"/proc/{srv.process.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def serve_normal_client(srv, user: str = "bob@example.org", source: str = "127.0.0.1") -> bool:

@@ -13,8 +13,8 @@ import selectors
 import smtplib
 import socket
 
+from tests.harness import rss_kib
 from tests.polling import wait_until
-from tests.scenario.test_attack_slowloris import rss_kib
 
 IDLE_CONNECTIONS = 1100
 BUDGET = 300  # [limits] max_open_files
@@ -29,7 +29,7 @@ def test_idle_http_flood_leaves_mx_imaps_and_the_queue_serving(make_server):
     # The server raised its soft limit to the hard one at start-up; make it small, as on a
     # host with the common 1024 default, for the whole attack.
     resource.prlimit(srv.process.pid, resource.RLIMIT_NOFILE, (512, 512))
-    before = rss_kib(srv)
+    before = rss_kib(srv.process.pid)
     sel = selectors.DefaultSelector()
     refused = {"n": 0, "503": 0}
     try:
@@ -86,7 +86,7 @@ def test_idle_http_flood_leaves_mx_imaps_and_the_queue_serving(make_server):
         # The queue opened its files and delivered while the flood still held its share.
         delivered = srv.wait_for_messages("alice@example.org", 5)
         held = len(sel.get_map())
-        after = rss_kib(srv)
+        after = rss_kib(srv.process.pid)
     finally:
         for key in list(sel.get_map().values()):
             key.fileobj.close()

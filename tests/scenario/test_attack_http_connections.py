@@ -20,7 +20,7 @@ import smtplib
 import socket
 
 from mailsuite.autoconfig.web import REQUEST_TIMEOUT
-from tests.harness import HOST
+from tests.harness import HOST, rss_kib
 from tests.polling import wait_until
 
 CONNECTIONS = 1100
@@ -28,12 +28,6 @@ ADDRESSES = 50  # 127.0.0.10 .. 127.0.0.59, 22 connections each
 SERVER_FD_LIMIT = 1024
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def open_idle(port: int) -> list[socket.socket]:

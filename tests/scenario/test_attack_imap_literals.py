@@ -10,7 +10,8 @@ import socket
 
 import pytest
 
-from tests.scenario.imapraw import PASSWORD, Raw, read_until_closed, rss_kb, serve_normal_client
+from tests.harness import rss_kib
+from tests.scenario.imapraw import PASSWORD, Raw, read_until_closed, serve_normal_client
 
 ATTACKERS = [f"127.0.0.{n}" for n in range(2, 12)]  # 10 source addresses
 MIB = 1024 * 1024
@@ -46,7 +47,7 @@ def _send_until_closed(sock: socket.socket, data: bytes, total: int) -> int:
 
 def test_preauth_literals_and_endless_lines(srv):
     assert serve_normal_client(srv)  # warm up: the Maildir and the first login exist
-    before = rss_kb(srv)
+    before = rss_kib(srv.process.pid)
     served = attempts = 0
     sockets = []
 
@@ -103,7 +104,7 @@ def test_preauth_literals_and_endless_lines(srv):
     attempts += 1
     served += serve_normal_client(srv)
 
-    after = rss_kb(srv)
+    after = rss_kib(srv.process.pid)
     print(f"\nATTACK imap_literals: rss_before={before}KiB rss_after={after}KiB "
           f"served={served}/{attempts}")
     assert served == attempts
@@ -117,7 +118,7 @@ def test_big_appends_after_login_go_to_disk_not_memory(srv):
     """Logged-in clients APPENDing 20 MiB each at once: the literals are spooled to files as
     they arrive, so RSS stays flat, and the stored messages are intact."""
     assert serve_normal_client(srv)
-    before = rss_kb(srv)
+    before = rss_kib(srv.process.pid)
     size = 20 * MIB
     line = b"0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuvwxyz\r\n"
     msg = b"Subject: big append\r\n\r\n" + line * ((size - 30) // len(line))
@@ -129,12 +130,12 @@ def test_big_appends_after_login_go_to_disk_not_memory(srv):
     for off in range(0, len(msg), MIB):
         for r in clients:
             r.send(msg[off:off + MIB])
-    peak = rss_kb(srv)
+    peak = rss_kib(srv.process.pid)
     for i, r in enumerate(clients):
         r.send(b"\r\n")
         assert r.response(b"a%d" % i)[-1].startswith(b"a%d OK [APPENDUID" % i)
     served = int(serve_normal_client(srv))
-    after = rss_kb(srv)
+    after = rss_kib(srv.process.pid)
     for r in clients:
         r.close()
     stored = [p for p in srv.messages("alice@example.org") if os.path.getsize(p) == len(msg)]

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from tests.scenario.imapraw import PASSWORD, Raw, rss_kb, serve_normal_client, tagged
+from tests.harness import rss_kib
+from tests.scenario.imapraw import PASSWORD, Raw, serve_normal_client, tagged
 
 
 @pytest.fixture
@@ -46,7 +47,7 @@ def test_deep_search_and_deep_mime(srv):
     _drop(srv, _deep_multipart(10000), 1)
     _drop(srv, _deep_rfc822(10000), 2)
     assert tagged(r.cmd(b"s SELECT INBOX")).startswith(b"s OK")
-    before = rss_kb(srv)
+    before = rss_kib(srv.process.pid)
     log_before = len(srv.log_text())
     served = attempts = 0
 
@@ -72,7 +73,7 @@ def test_deep_search_and_deep_mime(srv):
     resp = r.cmd(b"b2 FETCH 1 BODY.PEEK[" + b"1." * 3000 + b"1]")
     assert tagged(resp).startswith(b"b2 BAD")
 
-    after = rss_kb(srv)
+    after = rss_kib(srv.process.pid)
     log = srv.log_text()[log_before:]
     print(f"\nATTACK imap_nesting: rss_before={before}KiB rss_after={after}KiB "
           f"served={served}/{attempts} log_bytes={len(log)}")

@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from tests.harness import rss_kib
 from tests.polling import wait_until
-from tests.scenario.imapraw import PASSWORD, Raw, rss_kb, serve_normal_client, tagged
+from tests.scenario.imapraw import PASSWORD, Raw, serve_normal_client, tagged
 
 MIB = 1024 * 1024
 
@@ -47,7 +48,7 @@ def test_fetch_flood_without_reading(srv):
         f.write(b"From: a@example.org\r\nSubject: big\r\n\r\n" + body)
     assert tagged(r.cmd(b"s SELECT INBOX")).startswith(b"s OK")
     assert serve_normal_client(srv)
-    before = rss_kb(srv)
+    before = rss_kib(srv.process.pid)
 
     # The attacker: a small receive buffer, 200 FETCHes of 1 MiB, then NOOPs, reading nothing.
     r.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -61,7 +62,7 @@ def test_fetch_flood_without_reading(srv):
     for _ in range(5):
         attempts += 1
         served += serve_normal_client(srv)
-    after = rss_kb(srv)
+    after = rss_kib(srv.process.pid)
     print(f"\nATTACK imap_slow_reader: rss_before={before}KiB rss_after={after}KiB "
           f"served={served}/{attempts} commands_sent={sent}")
     assert served == attempts

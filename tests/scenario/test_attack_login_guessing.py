@@ -12,8 +12,8 @@ import socket
 import threading
 import time
 
+from tests.harness import rss_kib
 from tests.polling import wait_until
-from tests.scenario.test_attack_slowloris import rss_kib
 
 GUESSER = "127.0.0.66"
 HELPERS = ["127.0.0.67", "127.0.0.68"]  # more guessers, so the hash pool has a backlog
@@ -117,7 +117,7 @@ def test_guessing_alice_from_one_address_slows_only_the_guesser(make_server):
     srv.add_user("bob@example.org", PASSWORD)
     ok, baseline = login_time(srv, GUESSER, "bob@example.org")
     assert ok
-    before = rss_kib(srv)
+    before = rss_kib(srv.process.pid)
     guesser = Guesser(srv).start()
     served, attempts, slowest = 0, 0, 0.0
     try:
@@ -144,7 +144,7 @@ def test_guessing_alice_from_one_address_slows_only_the_guesser(make_server):
         assert not ok
     finally:
         guesser.finish()
-    after = rss_kib(srv)
+    after = rss_kib(srv.process.pid)
     print(f"\nATTACK login_guessing: rss_before={before}KiB rss_after={after}KiB "
           f"served={served}/{attempts} (baseline login {baseline:.2f} s, slowest during the "
           f"attack {slowest:.2f} s, alice's typo {mistyped:.2f} s; guesser: "

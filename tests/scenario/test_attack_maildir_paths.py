@@ -14,6 +14,7 @@ import smtplib
 import tempfile
 import threading
 
+from tests.harness import rss_kib
 from tests.polling import wait_until
 
 VICTIM = "carol@moved.example"
@@ -23,9 +24,6 @@ NORMAL_CLIENTS = 4
 NORMAL_MESSAGES = 10  # per client
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
 
 
 def send(port: int, to: str, subject: str) -> None:

@@ -23,18 +23,12 @@ from sqlalchemy import insert, select
 
 from mailsuite.directory.models import Domain, User
 from mailsuite.directory.passwords import hash_password
-from tests.harness import HOST, MailServer
+from tests.harness import HOST, MailServer, rss_kib
 from tests.polling import wait_until
 
 PASSWORD = "secret-pw-1"
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.harness import HOST
+from tests.harness import HOST, rss_kib
 from tests.polling import wait_until
 
 PASSWORD = "secret-pw-1"
@@ -25,12 +25,6 @@ ATTACKER, OTHER = "alice@example.org", "bob@example.org"
 RSS_GROWTH_LIMIT = 60 * 1024  # KiB: the attack may not cost more than this, during or after
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def put(maildir: str, name: str, data: bytes) -> None:

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from tests.harness import rss_kib
 from tests.polling import wait_until
 
 ATTACKERS = [f"127.0.0.{n}" for n in range(2, 27)]
@@ -25,12 +26,6 @@ NORMAL_CLIENTS = 8
 IDLE = 1.0  # [limits] evict_idle_after for the test (default 10 s): keeps the attack short
 
 
-def rss_kib(server) -> int:
-    with open(f"/proc/{server.process.pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 class Slowloris:
@@ -164,10 +159,10 @@ def attack(srv, listener: str, normal) -> tuple[int, int, Slowloris]:
 
 
 def test_slowloris_from_many_addresses_leaves_mx_and_imap_serving(srv):
-    before = rss_kib(srv)
+    before = rss_kib(srv.process.pid)
     served_mx, total_mx, mx_attack = attack(srv, "mx", lambda n: send_one(srv, n))
     served_imap, total_imap, imap_attack = attack(srv, "imap", lambda n: imap_session(srv))
-    after = rss_kib(srv)
+    after = rss_kib(srv.process.pid)
     print(f"\nATTACK slowloris: rss_before={before}KiB rss_after={after}KiB "
           f"served={served_mx + served_imap}/{total_mx + total_imap} "
           f"(mx {served_mx}/{total_mx}, imap {served_imap}/{total_imap}; crowd refused or "

@@ -17,18 +17,12 @@ from typing import Callable
 
 import pytest
 
-from tests.harness import HOST, MailServer
+from tests.harness import HOST, MailServer, rss_kib
 from tests.polling import wait_until
 
 CLIENTS = 40
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.harness import HOST, MailServer
+from tests.harness import HOST, MailServer, rss_kib
 from tests.polling import wait_until
 
 ATTACKERS = 20
@@ -25,12 +25,6 @@ CHUNK = 128 * 1024
 LINE = b"x" * 998 + b"\r\n"  # the longest line allowed (RFC 5321 §4.5.3.1.6)
 
 
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 @pytest.fixture
