@@ -1,0 +1,41 @@
+"""What the mailbox store refuses with: one class per reason, and StoreUnavailable for faults
+of the environment underneath (docs/design/maildir.md)."""
+from __future__ import annotations
+
+
+class MailboxError(Exception):
+    """Base class of the store's refusals; str(e) is a reason fit for a client."""
+
+
+class NoSuchFolder(MailboxError):
+    pass
+
+
+class FolderExists(MailboxError):
+    pass
+
+
+class InvalidMailboxName(MailboxError):
+    pass
+
+
+class NoSuchMessage(MailboxError):
+    pass
+
+
+class UnsafePath(MailboxError):
+    """A Maildir path that resolves (through a symlink) outside mail_dir: nothing is written
+    (docs/design/maildir.md, "Paths")."""
+
+
+class StoreUnavailable(MailboxError, OSError):
+    """An environment fault under the store (disk full, I/O error, too many open files, a
+    Dovecot lock held too long): temporary, worth a retry. Both a MailboxError (protocols
+    answer it: IMAP `NO [UNAVAILABLE]`, POP3 `-ERR [SYS/TEMP]`) and an OSError with the
+    original errno and strerror (the delivery agent defers on it)."""
+
+    def __init__(self, errno_: int | None, strerror: str | None):
+        OSError.__init__(self, errno_, strerror)
+
+    def __str__(self) -> str:  # fit for a client: no path, no errno number
+        return f"mail storage temporarily unavailable: {self.strerror or 'I/O error'}"

@@ -1,0 +1,500 @@
+"""What one process knows about one folder: its messages, UIDs, flags and keyword table, kept in
+memory and in the per-folder `mailsuite-index` beside Dovecot's `dovecot-uidlist` and
+`dovecot-keywords` (docs/design/maildir.md). Shared by every `Folder` of the folder (one per
+session) through `MailStore`; everything here is blocking and runs in the io pool.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import BinaryIO, Iterable, cast
+
+from mailsuite.mailbox.errors import NoSuchFolder
+from mailsuite.mailbox.maildir import (
+    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList, file_stamp, info_name,
+    letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
+)
+from mailsuite.safeio import atomic_write
+
+
+@dataclass(frozen=True, slots=True)  # slots: 100,000 of these per large folder
+class MessageInfo:
+    """One message of a folder as of the last sync().
+
+    key: the Maildir base name before ':2,' (POP3 UIDL, stable identity).
+    flags: IMAP flags (system flags and keywords; never \\Recent).
+    size: octets of the stored file (CRLF line endings), internaldate: POSIX time.
+    name: the file name in cur/ as of the last sync (it changes when flags change);
+    path: the same as an absolute path (computed: the folder prefix is one shared string).
+    """
+
+    uid: int
+    key: str
+    flags: frozenset
+    size: int
+    internaldate: float
+    name: str
+    cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
+
+    @property
+    def path(self) -> str:
+        return self.cur_dir + self.name
+
+
+class FolderIndex:
+    """What this process knows about one folder, shared by all its Folder objects.
+
+    sync() of an unchanged folder costs a stat of new/, cur/, dovecot-uidlist and
+    dovecot-keywords. A changed folder lists only the changed directory, stats only files it
+    has never seen, and appends to dovecot-uidlist (as Dovecot does) instead of rewriting it.
+    Sizes and INTERNALDATEs are kept in `mailsuite-index` (append-only, compacted now and then)
+    so a fresh process does not stat every file either."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.lock = threading.RLock()
+        self.uidlist: UidList | None = None
+        self.uidlist_stamp: tuple | None = None
+        self.keywords: list[str] = []
+        self.keywords_stamp: tuple | None = None
+        self.files: dict[str, str] = {}  # key -> file name in cur/
+        self.cur_mtime: int | None = None
+        self.new_mtime: int | None = None
+        self.meta: dict[str, tuple[int, float]] = {}  # key -> (size, internaldate)
+        self.meta_loaded = False
+        self.meta_pending: list[str] = []  # keys whose meta is not in mailsuite-index yet
+        self.meta_lines = 0
+        self.infos: dict[int, MessageInfo] = {}
+        self.snapshot: list[MessageInfo] | None = None
+        self.synced = False
+        self.unclaimed_recent: set[int] = set()
+        self.generation = 0
+        self.cur_prefix = os.path.join(path, "cur", "")
+        self.flag_cache: dict[str, frozenset] = {}  # info letters -> IMAP flags
+
+    # -- the sync algorithm -----------------------------------------------------------------
+    def sync(self) -> None:
+        path = self.path
+        new_dir = os.path.join(path, "new")
+        cur_dir = os.path.join(path, "cur")
+        try:
+            st_new = os.stat(new_dir)
+            st_cur = os.stat(cur_dir)
+        except FileNotFoundError:
+            raise NoSuchFolder("folder was deleted")
+        now_ns = time.time_ns()
+        recent_new: list[str] = []
+        if st_new.st_mtime_ns != self.new_mtime:
+            recent_new = self._move_new_to_cur(new_dir, cur_dir)
+            # A directory changed within the last second may change again within the same
+            # mtime tick: do not trust the cached mtime until it has settled.
+            self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
+            if recent_new:
+                st_cur = os.stat(cur_dir)
+        touched: set[str] = set()  # keys added or renamed (flag change) in cur/
+        removed: set[str] = set()
+        if st_cur.st_mtime_ns != self.cur_mtime:
+            files = {}
+            intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
+            for n in os.listdir(cur_dir):
+                if n[0] != ".":
+                    files[intern(n.split(":", 1)[0])] = n
+            old = self.files
+            if old:
+                touched = {k for k, n in files.items() if old.get(k) != n}
+                removed = old.keys() - files.keys()
+            else:
+                touched = set(files)
+            self.files = files
+            self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
+        full = not self.synced
+        reload = self._reload_uidlist()
+        if reload == "full":
+            full = True
+        elif reload:
+            touched |= reload  # keys another process gave UIDs to
+        if self._reload_keywords():
+            full = True
+        uids = self.uidlist.uids if self.uidlist else {}
+        candidates = self.files if full else touched
+        unknown = [k for k in candidates if k not in uids]
+        if unknown or self.uidlist is None:
+            self.register(sorted(unknown, key=_delivery_order))
+            uids = self.uidlist.uids
+        if full:
+            self._rebuild_all()
+        elif touched or removed:
+            self._update(touched, removed)
+        for key in recent_new:
+            uid = uids.get(key)
+            if uid is not None and uid in self.infos:
+                self.unclaimed_recent.add(uid)
+        self.synced = True
+        if self.meta_pending:
+            self._save_meta()
+
+    def messages(self) -> list[MessageInfo]:
+        """The current list (shared: callers must not modify it)."""
+        if self.snapshot is None:
+            self.snapshot = list(self.infos.values())
+        return self.snapshot
+
+    def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,')."""
+        moved = []
+        for name in os.listdir(new_dir):
+            if name.startswith("."):
+                continue
+            key, letters = split_name(name)
+            try:
+                os.rename(os.path.join(new_dir, name),
+                          os.path.join(cur_dir, info_name(key, letters)))
+            except FileNotFoundError:
+                continue  # another session moved it first
+            moved.append(key)
+        return moved
+
+    def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
+        meta = self._meta_for(key)
+        if meta is None:
+            meta = self._stat_meta(key, self.cur_prefix + name)
+            if meta is None:
+                return None
+        letters = name.partition(":2,")[2]
+        flags = self.flag_cache.get(letters)
+        if flags is None:
+            flags = self.flag_cache[letters] = letters_to_flags(letters, self.keywords)
+        return MessageInfo(uid, key, flags, meta[0], meta[1], name, self.cur_prefix)
+
+    def _meta_for(self, key: str) -> tuple[int, float] | None:
+        """(size, internaldate) from the index, or from the message we already list."""
+        meta = self.meta.get(key)
+        if meta is not None:
+            return meta
+        uid = self.uidlist.uids.get(key) if self.uidlist else None
+        info = self.infos.get(uid) if uid is not None else None
+        if info is not None and info.key == key:
+            return (info.size, info.internaldate)
+        return None
+
+    def _rebuild_all(self) -> None:
+        uids = self.uidlist.uids if self.uidlist else {}
+        self._load_meta()
+        files = self.files
+        infos: dict[int, MessageInfo] = {}
+        old = self.infos
+        for uid, key in sorted((uids[k], k) for k in files if k in uids):
+            name = files[key]
+            prev = old.get(uid)
+            if prev is not None and prev.key == key and prev.name == name:
+                infos[uid] = prev
+                continue
+            info = self._make_info(uid, key, name)
+            if info is not None:
+                infos[uid] = info
+        self.infos = infos
+        self._changed()
+        if not self.meta_pending:
+            self._drop_listed_meta()
+
+    def _update(self, touched: set[str], removed: set[str]) -> None:
+        uids = self.uidlist.uids if self.uidlist else {}
+        infos = self.infos
+        for key in removed:
+            uid = uids.get(key)
+            info = infos.get(uid) if uid is not None else None
+            if info is not None and info.key == key:
+                del infos[uid]
+        self._load_meta()
+        last = next(reversed(infos)) if infos else 0
+        out_of_order = False
+        found = sorted((uids[k], k) for k in touched if k in uids and k in self.files)
+        for uid, key in found:
+            info = self._make_info(uid, key, self.files[key])
+            if info is None:
+                continue
+            if uid not in infos:
+                if uid < last:
+                    out_of_order = True
+                else:
+                    last = uid
+            infos[uid] = info
+        if out_of_order:
+            # A UID below ones we already list (given by another process to a file it had
+            # in new/): keep the dict in UID order.
+            self.infos = dict(sorted(infos.items()))
+        self._changed()
+
+    def _changed(self) -> None:
+        self.snapshot = None
+        self.generation += 1
+
+    def _stat_meta(self, key: str, path: str) -> tuple[int, float] | None:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        size = size_from_key(key)
+        meta = (size if size is not None else st.st_size, st.st_mtime)
+        self.meta[key] = meta
+        self.meta_pending.append(key)
+        return meta
+
+    def invalidate(self) -> None:
+        self.cur_mtime = self.new_mtime = None
+
+    # -- UIDs -----------------------------------------------------------------------------
+    def ensure_uidlist(self) -> UidList:
+        self._reload_uidlist()
+        if self.uidlist is None:
+            self.register([])
+        return self.uidlist
+
+    def _reload_uidlist(self):
+        """False if unchanged; "full" if re-read; else the set of keys appended since."""
+        path = os.path.join(self.path, UIDLIST)
+        stamp = file_stamp(path)
+        old = self.uidlist_stamp
+        if stamp == old and self.uidlist is not None:
+            return False
+        self.uidlist_stamp = stamp
+        if (stamp is not None and old is not None and self.uidlist is not None
+                and stamp[0] == old[0] and stamp[1] > old[1]):
+            # Same file, grown: only lines were appended (a rewrite is a rename: new inode).
+            try:
+                with open(path, "rb") as f:
+                    f.seek(old[1])
+                    tail = f.read()
+                if tail.endswith(b"\n"):
+                    return self.uidlist.add_lines(tail)
+            except OSError:
+                pass
+        try:
+            self.uidlist = read_uidlist(path)
+        except (ValueError, IndexError):
+            self.uidlist = None  # corrupt: rebuilt with a new UIDVALIDITY
+        return "full"
+
+    def register(self, keys: list[str], names: dict[str, str] | None = None) -> list[int]:
+        """Give each key a UID (existing ones keep theirs) under the dotlock; returns them."""
+        path = os.path.join(self.path, UIDLIST)
+        with DotLock(path):
+            # Re-read under the lock: another process may have assigned UIDs since.
+            reload = self._reload_uidlist()
+            ul = self.uidlist
+            if reload == "full":
+                self.synced = False  # our view of UIDs must be rebuilt at the next sync
+            fresh = ul is None
+            if fresh:
+                ul = UidList.new()
+            result = []
+            added = []
+            for key in keys:
+                uid = ul.uids.get(key)
+                if uid is None:
+                    uid = ul.nextuid
+                    ul.nextuid += 1
+                    ul.uids[key] = uid
+                    added.append((uid, key))
+                result.append(uid)
+            if fresh:
+                atomic_write(path, ul.serialize())
+            elif added:
+                # Append, as Dovecot does; readers take max(N, last UID + 1) as next UID.
+                with _open_append(path, "ab+") as f:
+                    if f.tell() > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")  # another tool left the last line unterminated
+                    f.write("".join(f"{u} :{k}\n" for u, k in added)
+                            .encode("utf-8", "surrogateescape"))
+                    f.flush()
+                    os.fsync(f.fileno())
+            self.uidlist = ul
+            self.uidlist_stamp = file_stamp(path)
+            if reload and reload != "full" and self.synced:
+                # Keys another process registered: pick them up at the next sync.
+                self.invalidate()
+        if names:
+            # Our own additions (append/copy/move): add them without listing cur/ again.
+            self._load_meta()
+            for key, uid in zip(keys, result):
+                name = names[key]
+                info = self._make_info(uid, key, name)
+                if info is None:
+                    continue
+                self.files[key] = name
+                if self.infos and uid < next(reversed(self.infos)):
+                    self.infos[uid] = info
+                    self.infos = dict(sorted(self.infos.items()))
+                else:
+                    self.infos[uid] = info
+                if key in self.meta:
+                    self.meta_pending.append(key)
+            self._changed()
+            self._save_meta()
+        return result
+
+    def forget_uids(self, uids: list[int]) -> None:
+        """Drop expunged/moved messages from dovecot-uidlist (their UIDs are never reused:
+        N<nextuid> stays)."""
+        gone = set(uids)
+        path = os.path.join(self.path, UIDLIST)
+        with DotLock(path):
+            self._reload_uidlist()
+            ul = self.uidlist
+            if ul is not None:
+                # While we rewrite anyway, drop lines whose file is gone (deleted by another
+                # tool): if such a file came back it must get a new UID, not its old one.
+                # Safe under the lock: every writer renames its file into place before it
+                # registers the UID.
+                present = set()
+                for sub in ("new", "cur"):
+                    present.update(n.split(":", 1)[0]
+                                   for n in os.listdir(os.path.join(self.path, sub)))
+                for k in [k for k, u in ul.uids.items() if u in gone or k not in present]:
+                    del ul.uids[k]
+                    ul.extra.pop(k, None)
+                atomic_write(path, ul.serialize())
+                self.uidlist_stamp = file_stamp(path)
+        for uid in gone:
+            info = self.infos.pop(uid, None)
+            if info is not None:
+                self.files.pop(info.key, None)
+                self.meta.pop(info.key, None)
+        self.unclaimed_recent -= gone
+        self._changed()
+
+    # -- keywords ---------------------------------------------------------------------------
+    def _reload_keywords(self) -> bool:
+        path = os.path.join(self.path, KEYWORDS)
+        stamp = file_stamp(path)
+        if stamp == self.keywords_stamp:
+            return False
+        keywords = read_keywords(path)
+        self.keywords_stamp = stamp
+        if keywords == self.keywords:
+            return False
+        self.keywords = keywords
+        self.flag_cache = {}
+        return True
+
+    def read_keywords(self) -> list[str]:
+        self._reload_keywords()
+        return self.keywords
+
+    def keywords_for(self, flags: Iterable[str]) -> list[str]:
+        """The keyword table, extended (under its dotlock) with any new keyword in `flags`.
+        Keywords past the 26th cannot be stored in Maildir names and are dropped."""
+        if self._reload_keywords():
+            self.synced = False  # letters may mean other keywords now: rebuild flags
+        wanted = sorted(f for f in flags if not f.startswith("\\") and _valid_keyword(f))
+        lower = {k.lower() for k in self.keywords}
+        if all(w.lower() in lower for w in wanted):
+            return self.keywords
+        path = os.path.join(self.path, KEYWORDS)
+        with DotLock(path):
+            self.keywords_stamp = None
+            self._reload_keywords()
+            keywords = list(self.keywords)
+            lower = {k.lower() for k in keywords}
+            for w in wanted:
+                if w.lower() not in lower and len(keywords) < MAX_KEYWORDS:
+                    keywords.append(w)
+                    lower.add(w.lower())
+            if keywords != self.keywords:
+                write_keywords(path, keywords)
+                self.keywords = keywords
+                self.flag_cache = {}
+                self.keywords_stamp = file_stamp(path)
+        return self.keywords
+
+    # -- mailsuite-index: sizes and INTERNALDATEs --------------------------------------------
+    def _load_meta(self) -> None:
+        if self.meta_loaded:
+            return
+        self.meta_loaded = True
+        try:
+            with open(os.path.join(self.path, INDEX), "rb") as f:
+                data = f.read().decode("utf-8", "surrogateescape")
+        except FileNotFoundError:
+            return
+        lines = data.split("\n")
+        if not lines or lines[0] != "mailsuite-index 1":
+            return
+        meta = self.meta
+        count = 0
+        for line in lines[1:]:
+            parts = line.split("\t")
+            if len(parts) == 3:
+                try:
+                    meta[parts[0]] = (int(parts[1]), float(parts[2]))
+                    count += 1
+                except ValueError:
+                    continue
+        self.meta_lines = count
+
+    def _save_meta(self) -> None:
+        """Append new entries; rewrite (compact) when most lines are for deleted messages.
+        Afterwards the values live only in the MessageInfo objects (memory: one copy)."""
+        path = os.path.join(self.path, INDEX)
+        entries = []
+        for key in self.meta_pending:
+            meta = self._meta_for(key)
+            if meta is not None:
+                entries.append((key, meta))
+        self.meta_pending = []
+        try:
+            if self.meta_lines and self.meta_lines + len(entries) < 2 * len(self.files) + 1000:
+                with _open_append(path, "ab") as f:
+                    f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
+                            .encode("utf-8", "surrogateescape"))
+                self.meta_lines += len(entries)
+            else:
+                live = {i.key: (i.size, i.internaldate) for i in self.infos.values()}
+                for key, meta in entries:
+                    live.setdefault(key, meta)
+                out = ["mailsuite-index 1"]
+                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in live.items()]
+                atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
+                self.meta_lines = len(live)
+        except OSError:
+            pass  # a cache: failing to write it costs speed, not correctness
+        self._drop_listed_meta()
+
+    def _drop_listed_meta(self) -> None:
+        infos, uids = self.infos, (self.uidlist.uids if self.uidlist else {})
+        if self.meta:
+            self.meta = {k: m for k, m in self.meta.items()
+                         if (u := uids.get(k)) is None or u not in infos}
+
+
+def _open_append(path: str, mode: str) -> BinaryIO:
+    """open(path, mode) for appending, refusing a symlink planted in place of the file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    if "+" in mode:
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    return cast(BinaryIO, os.fdopen(os.open(path, flags, 0o600), mode))
+
+
+def _valid_keyword(flag: str) -> bool:
+    # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
+    return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
+
+
+_LEADING_DIGITS = re.compile(r"\d+")
+
+
+def _delivery_order(key: str) -> tuple:
+    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
+    follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
+    sec, _, rest = key.partition(".")
+    usec = 0
+    if rest.startswith("M"):
+        m = _LEADING_DIGITS.match(rest, 1)
+        usec = int(m.group()) if m else 0
+    return (int(sec) if sec.isdigit() else 0, usec, key)
