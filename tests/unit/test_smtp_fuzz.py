@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mailsuite.smtp import data as smtp_data
 from mailsuite.smtp import server as smtp_server
 from mailsuite.smtp.address import PathError, parse_path_argument
 from mailsuite.smtp.headers import HeaderScan, header_addresses
@@ -63,9 +64,9 @@ class Session:
             assert not self.client.dropped, self.client.dropped
             proto = self.proto
             assert len(proto._buffer) <= smtp_server.PENDING_INPUT_CAP + len(chunk)
-            assert len(proto._out) <= smtp_server.DATA_FLUSH + 4 * limit + 4096
+            assert len(proto._out) <= smtp_data.DATA_FLUSH + 4 * limit + 4096
             if proto._staged is not None:
-                assert proto._staged.backlog <= HIGH_WATER + smtp_server.DATA_FLUSH + 4 * limit
+                assert proto._staged.backlog <= HIGH_WATER + smtp_data.DATA_FLUSH + 4 * limit
         if self.io is not None:
             while self.io.jobs:
                 self.io.drain()

@@ -1,0 +1,262 @@
+"""The DATA phase of the SMTP server: each line of the message checked (line length, NUL, bare
+CR/LF, size) and streamed to a staged file through a bounded buffer, the header checks at the end
+(Received loop, the submission From: check), and the hand-over to the queue before the 250
+(docs/design/smtp.md, "DATA"). A mixin of `SMTPServer`.
+"""
+from __future__ import annotations
+
+import email.utils
+import errno
+import re
+import secrets
+from typing import Generator
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.directory.api import DirectoryUnavailable, Route
+from mailsuite.smtp import replies
+from mailsuite.smtp.address import PathArgument
+from mailsuite.smtp.headers import HeaderScan
+from mailsuite.smtp.replies import Reply
+
+log = Logger(namespace="mailsuite.smtp.server")
+
+# Message bytes collected before they are handed to the staged file (one io job).
+DATA_FLUSH = 64 * 1024
+_BARE_LINE_END = re.compile(rb"\r|\n")
+
+
+class DataTransfer:
+    """The DATA half of `SMTPServer`."""
+
+    def _process_data(self) -> bool:
+        """Consume body lines; True when the terminator was seen (mode changed)."""
+        buf = self._buffer
+        limit = self.limits.max_line_length
+        pos = 0
+        while True:
+            idx = buf.find(b"\r\n", pos)
+            if idx < 0:
+                break
+            line = bytes(buf[pos:idx])
+            pos = idx + 2
+            continuation, self._continuation = self._continuation, False
+            if line == b"." and not continuation:
+                del buf[:pos]
+                self.resetTimeout()
+                self._end_of_data()
+                self._progress()
+                return True
+            self._data_line(line, continuation)
+        if pos:
+            # Complete message lines are progress too: a long DATA is not an idle client.
+            self.resetTimeout()
+            self._progress()
+        del buf[:pos]
+        if len(buf) > limit:
+            # A line longer than allowed and still no CRLF: keep memory flat, remember that
+            # what comes next is the rest of this line (it can't be the "." terminator).
+            self._note_data_error(replies.DATA_LINE_TOO_LONG)
+            keep = 1 if buf.endswith(b"\r") else 0
+            self._size += len(buf) - keep
+            del buf[: len(buf) - keep]
+            self._continuation = True
+        self._flush_out(DATA_FLUSH)
+        return False
+
+    def _data_line(self, line: bytes, continuation: bool) -> None:
+        if len(line) + 2 > self.limits.max_line_length:
+            self._note_data_error(replies.DATA_LINE_TOO_LONG)
+        if b"\0" in line:
+            # NUL has no place in a message (RFC 5322 §3.5) and truncates strings elsewhere;
+            # refused whatever bad_line_endings says.
+            self._note_data_error(replies.NUL_IN_MESSAGE)
+        if line.startswith(b".") and not continuation:
+            line = line[1:]  # RFC 5321 §4.5.2 transparency
+        self._size += len(line) + 2
+        if self._size > self.limits.max_message_size:
+            self._note_data_error(replies.MESSAGE_TOO_BIG)
+        if b"\r" in line or b"\n" in line:
+            if self.smtp.bad_line_endings != "normalise":
+                self._note_data_error(replies.BARE_LINE_ENDING)
+            else:
+                # Each bare CR or LF becomes CRLF: stored (and relayed) lines are the ones a
+                # reader that splits on any line end would see.
+                line = _BARE_LINE_END.sub(b"\r\n", line)
+        if self._data_error is not None:
+            return
+        if self._scan.in_header:
+            for piece in line.split(b"\r\n"):
+                if self._scan.line(piece):
+                    self._out += self._added_headers()
+                self._out += piece + b"\r\n"
+        else:
+            self._out += line + b"\r\n"
+        self._flush_out(DATA_FLUSH)
+
+    def _flush_out(self, at_least: int = 0) -> None:
+        if self._staged is not None and self._out and len(self._out) >= at_least:
+            self._staged.write(bytes(self._out))
+            self._out.clear()
+
+    def _added_headers(self) -> bytes:
+        """Message-ID and Date where the submitted header section lacks them (RFC 6409 §8)."""
+        if not self.policy.add_missing_headers:
+            return b""
+        headers = b""
+        if not self._scan.has_message_id:
+            headers += b"Message-ID: <%s.%s@%s>\r\n" % (
+                self._txid.encode(), secrets.token_hex(8).encode(), self.hostname.encode())
+        if not self._scan.has_date:
+            headers += b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode()
+        return headers
+
+    def _note_data_error(self, reply: Reply) -> None:
+        if self._data_error is None:
+            self._data_error = reply
+            self._discard_staged()  # nothing of this message will be stored
+
+    def _discard_staged(self) -> None:
+        staged, self._staged = self._staged, None
+        self._out.clear()
+        if staged is not None:
+            staged.discard()
+        self._hold("disk", False)
+
+    def _end_of_data(self) -> None:
+        self._mode = "command"
+        self._command = "DATA (end)"
+        error, size = self._data_error, self._size
+        mail = self._mail
+        if error is None and self._scan.received >= self.config.queue.max_received_headers:
+            # With ours it would be over the limit: a loop (RFC 5321 §6.3). Refused now rather
+            # than accepted and bounced to a sender that may be forged.
+            error = replies.MAIL_LOOP
+        if error is not None:
+            log.info("refused message from=<{sender}> client={client_ip} size={size}: {text}",
+                     sender=mail.address if mail else "", client_ip=self.client_ip, size=size,
+                     text=error.text)
+            self._refusal_logged = True
+            self._reset_transaction()
+            self._respond(error)
+            return
+        if self._scan.in_header:
+            self._out += self._added_headers()  # a message that is all header
+        try:
+            self._respond(self._queue_message())
+        except Exception:
+            log.failure("internal error building the message from {client_ip}",
+                        client_ip=self.client_ip)
+            self._reset_transaction()
+            self._respond(replies.LOCAL_ERROR)
+
+    @defer.inlineCallbacks
+    def _queue_message(self) -> Generator[defer.Deferred, object, Reply]:
+        """The end of DATA: finish the staged file, check the headers, queue it, answer."""
+        mail, rcpts, txid, scan = self._mail, list(self._rcpts), self._txid, self._scan
+        staged = self._staged
+        assert mail is not None and staged is not None
+        self._flush_out()
+        self._staged = None  # ours now: _reset_transaction must not discard it
+        self._reset_transaction()
+        meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
+                "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
+        queued = False
+        try:
+            try:
+                path = yield staged.finish()
+            except Exception as e:
+                return self._queue_failed(mail.address, e)
+            refusal = yield self._check_headers(scan)
+            if refusal is not None:
+                log.info("refused message from=<{sender}> client={client_ip} auth={auth_user}: "
+                         "{text}", sender=mail.address, client_ip=self.client_ip,
+                         auth_user=meta["auth_user"], text=refusal.text)
+                self._refusal_logged = True
+                return refusal
+            if self._closed:
+                return None  # the client is gone: no 250 can reach it, so nothing is queued
+            try:
+                queue_id = yield self.factory.queue.submit_file(mail.address, rcpts, path,
+                                                                staged.size, meta)
+            except Exception as e:
+                return self._queue_failed(mail.address, e)
+            queued = True
+        finally:
+            if not queued:
+                staged.discard()
+        self._give_back_commands()
+        log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
+                 "client={client_ip} helo={helo} auth={auth_user} proto={protocol} id={txid}",
+                 queue_id=queue_id, sender=mail.address,
+                 rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=staged.size,
+                 client_ip=self.client_ip, helo=meta["helo"], auth_user=meta["auth_user"],
+                 protocol=meta["protocol"], txid=txid)
+        return replies.queued(str(queue_id))
+
+    def _queue_failed(self, sender: str, error: Exception) -> Reply:
+        """A local failure (disk, database) is temporary: the client must retry, not bounce.
+        An OS error is the environment's fault: one line, no traceback."""
+        if isinstance(error, OSError):
+            log.warn("queueing failed for message from=<{sender}> client={client_ip}: {error}",
+                     sender=sender, client_ip=self.client_ip, error=error)
+            self._refusal_logged = True
+            return replies.QUEUE_FULL if error.errno in (errno.ENOSPC, errno.EDQUOT) \
+                else replies.QUEUE_FAILED
+        log.failure("queueing failed for message from=<{sender}> client={client_ip}",
+                    Failure(error), sender=sender, client_ip=self.client_ip)
+        return replies.QUEUE_FAILED
+
+    @defer.inlineCallbacks
+    def _check_headers(self, scan: HeaderScan) -> Generator[defer.Deferred, object, Reply | None]:
+        """Submission: From:/Sender: must be the authenticated user's (docs/design/smtp.md)."""
+        if not (self.smtp.check_from_header and self.session.auth_user is not None
+                and self.policy.checks_from_header):
+            return None
+        if scan.address_overflow:
+            return replies.FROM_NOT_YOURS
+        try:
+            reply = yield self.policy.check_header_senders(
+                self.session, scan.values("from"), scan.values("sender"))
+        except DirectoryUnavailable as e:
+            log.warn("directory unavailable checking From: for {client_ip}: {error}",
+                     client_ip=self.client_ip, error=str(e))
+            self._refusal_logged = True
+            return replies.TEMP_LOOKUP_FAILURE
+        return reply
+
+    def _received_header(self, txid: str, rcpts: list[tuple[str, Route]]) -> bytes:
+        """RFC 5321 §4.4 trace line: from/by/with/id/for, then the date."""
+        tcp_info = f"{self.client_name} [{self.client_ip}]" if self.client_name \
+            else f"[{self.client_ip}]"
+        parts = [f"Received: from {self.session.helo} ({tcp_info})",
+                 f"\tby {self.hostname} (mailsuite) with {self._protocol_name()} id {txid}"]
+        date = email.utils.formatdate(localtime=True)
+        if len(rcpts) == 1:
+            # Naming the recipient only for single-recipient mail avoids leaking Bcc lists.
+            parts.append(f"\tfor <{rcpts[0][0]}>; {date}")
+        else:
+            parts[-1] += ";"
+            parts.append(f"\t{date}")
+        return ("\r\n".join(parts) + "\r\n").encode("utf-8")
+
+    def _protocol_name(self) -> str:
+        # RFC 3848 "with" keywords.
+        name = "ESMTP" if self.session.esmtp else "SMTP"
+        if self.session.tls:
+            name += "S"
+        if self.session.auth_user:
+            name += "A"
+        return name
+
+    def _reset_transaction(self) -> None:
+        self._mail: PathArgument | None = None
+        self._rcpts: list[tuple[str, Route]] = []
+        self._smtputf8 = False
+        self._size = 0
+        self._data_error: Reply | None = None
+        self._continuation = False
+        if getattr(self, "_staged", None) is not None:
+            self._discard_staged()
