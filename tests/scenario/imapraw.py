@@ -2,13 +2,14 @@
 libraries hide. Shared by the IMAP scenario tests."""
 from __future__ import annotations
 
-import re
 import socket
+
+from tests.imapwire import ResponseReader
 
 PASSWORD = "secret-pw-1"
 
 
-class Raw:
+class Raw(ResponseReader):
     """A raw IMAP connection (TLS by default); logs in as `login_as` unless it is None."""
 
     def __init__(self, srv, tls: bool = True, login_as: str | None = "alice@example.org",
@@ -43,24 +44,6 @@ class Raw:
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
 
-    def response(self, tag: bytes) -> list[bytes]:
-        """Lines up to and including the tagged one; literals are inlined."""
-        lines = []
-        while True:
-            line = self.line()
-            while True:
-                m = re.search(rb"\{(\d+)\}$", line)
-                if not m:
-                    break
-                line += b"\r\n" + self.read_exact(int(m.group(1))) + self.line()
-            lines.append(line)
-            if line.startswith(tag + b" "):
-                return lines
-
-    def cmd(self, line: bytes) -> list[bytes]:
-        tag = line.split(b" ", 1)[0]
-        self.send(line + b"\r\n")
-        return self.response(tag)
 
     def close(self) -> None:
         try:
@@ -86,7 +69,6 @@ def admitted(srv, tls: bool = True) -> Raw | None:
 
 
 # -- attack scenarios: the server's memory, and whether other clients are still served ----------
-
 
 
 def serve_normal_client(srv, user: str = "bob@example.org", source: str = "127.0.0.1") -> bool:

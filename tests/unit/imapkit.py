@@ -21,6 +21,7 @@ from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.imap.server import IMAPServer
 from mailsuite.mailbox.store import MailStore
 from mailsuite.pools import InlinePool
+from tests.imapwire import ResponseReader
 
 PASSWORD = "secret-pw-1"
 USERS = ("alice@example.org", "bob@example.org", "carol@example.org")
@@ -138,7 +139,7 @@ class World:
         return name
 
 
-class Client:
+class Client(ResponseReader):
     """One connection to an in-memory IMAPServer, read and written like a raw socket."""
 
     def __init__(self, world: World, tls: bool = True, login_as: str | None = "alice@example.org"):
@@ -193,25 +194,6 @@ class Client:
         assert len(self.buf) >= n, f"only {len(self.buf)} of {n} octets written"
         out, self.buf = self.buf[:n], self.buf[n:]
         return out
-
-    def response(self, tag: bytes) -> list[bytes]:
-        """Lines up to and including the tagged one; literals are inlined."""
-        lines = []
-        while True:
-            line = self.line()
-            while True:
-                m = re.search(rb"\{(\d+)\}$", line)
-                if not m:
-                    break
-                line += b"\r\n" + self.read_exact(int(m.group(1))) + self.line()
-            lines.append(line)
-            if line.startswith(tag + b" "):
-                return lines
-
-    def cmd(self, line: bytes) -> list[bytes]:
-        tag = line.split(b" ", 1)[0]
-        self.send(line + b"\r\n")
-        return self.response(tag)
 
 
 def tagged(lines: list[bytes]) -> bytes:
