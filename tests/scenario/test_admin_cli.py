@@ -19,25 +19,15 @@ from passlib.hash import sha512_crypt
 
 from mailsuite.directory import DirectoryStore
 from mailsuite.directory import passwords
+from tests.admincli import AdminCommand
 from tests.environment import PgSchema
 from tests.harness import REPO_ROOT as REPO
-from tests.harness import subprocess_env, write_toml
+from tests.harness import subprocess_env
 PW = "Secret pw 1"
 
 
-class CLI:
-    """The admin command against one configuration file."""
-
-    def __init__(self, base: str, database_url: str = ""):
-        self.data_dir = os.path.join(base, "data")
-        self.config_path = os.path.join(base, "mailsuite.toml")
-        sections: dict = {"server": {"data_dir": self.data_dir,
-                                     "admin_address": "admin@admin.example"}}
-        if database_url:
-            sections["database"] = {"url": database_url}
-        write_toml(self.config_path, sections)
-        self.database_url = database_url or "sqlite:///" + os.path.join(self.data_dir,
-                                                                         "mailsuite.db")
+class CLI(AdminCommand):
+    """The admin command against one configuration file, as a subprocess."""
 
     def argv(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "mailsuite.admin.cli", "--config", self.config_path, *args]
@@ -46,24 +36,6 @@ class CLI:
         return subprocess.run(self.argv(*args), input=input, capture_output=True, text=True,
                               timeout=60, cwd=REPO, env=subprocess_env())
 
-    def ok(self, *args: str, input: str | None = None) -> str:
-        result = self.run(*args, input=input)
-        assert result.returncode == 0, (args, result.stderr, result.stdout)
-        assert result.stderr == "", (args, result.stderr)
-        return result.stdout
-
-    def refused(self, *args: str, input: str | None = None, match: str) -> str:
-        """Run a command that must be refused: exit 1, one line on stderr naming the problem."""
-        result = self.run(*args, input=input)
-        assert result.returncode == 1, (args, result.returncode, result.stderr, result.stdout)
-        assert "Traceback" not in result.stderr, result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("mailsuite: "), result.stderr
-        assert match in lines[0], (match, lines[0])
-        return lines[0]
-
-    def store(self) -> DirectoryStore:
-        return DirectoryStore(self.database_url)
 
 
 @pytest.fixture

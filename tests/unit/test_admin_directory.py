@@ -8,7 +8,6 @@ statuses, standard input, the terminal prompt, PostgreSQL, a running server).
 from __future__ import annotations
 
 import io
-import os
 import sys
 from dataclasses import dataclass
 
@@ -16,9 +15,8 @@ import pytest
 from passlib.hash import sha512_crypt
 
 from mailsuite.admin import cli as admin_cli
-from mailsuite.directory import DirectoryStore
 from mailsuite.directory import passwords
-from tests.harness import write_toml
+from tests.admincli import AdminCommand
 
 PW = "Secret pw 1"
 
@@ -30,15 +28,11 @@ class Result:
     stderr: str
 
 
-class CLI:
+class CLI(AdminCommand):
     """The admin command against one configuration file, called in this process."""
 
     def __init__(self, base: str, capsys, monkeypatch):
-        self.data_dir = os.path.join(base, "data")
-        self.config_path = os.path.join(base, "mailsuite.toml")
-        write_toml(self.config_path, {"server": {"data_dir": self.data_dir,
-                                                 "admin_address": "admin@admin.example"}})
-        self.database_url = "sqlite:///" + os.path.join(self.data_dir, "mailsuite.db")
+        super().__init__(base)
         self.capsys = capsys
         self.monkeypatch = monkeypatch
 
@@ -52,24 +46,6 @@ class CLI:
         out, err = self.capsys.readouterr()
         return Result(code, out, err)
 
-    def ok(self, *args: str, input: str | None = None) -> str:
-        result = self.run(*args, input=input)
-        assert result.returncode == 0, (args, result.stderr, result.stdout)
-        assert result.stderr == "", (args, result.stderr)
-        return result.stdout
-
-    def refused(self, *args: str, input: str | None = None, match: str) -> str:
-        """Run a command that must be refused: exit 1, one line on stderr naming the problem."""
-        result = self.run(*args, input=input)
-        assert result.returncode == 1, (args, result.returncode, result.stderr, result.stdout)
-        assert "Traceback" not in result.stderr, result.stderr
-        lines = result.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("mailsuite: "), result.stderr
-        assert match in lines[0], (match, lines[0])
-        return lines[0]
-
-    def store(self) -> DirectoryStore:
-        return DirectoryStore(self.database_url)
 
 
 @pytest.fixture
