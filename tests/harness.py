@@ -61,6 +61,16 @@ def rss_kib(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
+def maildir_messages(root: str) -> list[str]:
+    """Paths of the messages of the Maildir folder at `root` (new/ and cur/), oldest first."""
+    found = []
+    for sub in ("new", "cur"):
+        d = os.path.join(root, sub)
+        if os.path.isdir(d):
+            found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
+    return sorted(found, key=os.path.basename)
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ with the checkout first on PYTHONPATH (twistd finds our plugin there too)."""
     path = os.environ.get("PYTHONPATH", "")
@@ -214,13 +224,7 @@ class MailServer:
 
     def messages(self, address: str, folder: str = "") -> list[str]:
         """Paths of the messages in a folder (new/ and cur/), oldest name first."""
-        root = self.maildir(address, folder)
-        found = []
-        for sub in ("new", "cur"):
-            d = os.path.join(root, sub)
-            if os.path.isdir(d):
-                found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
-        return sorted(found, key=os.path.basename)
+        return maildir_messages(self.maildir(address, folder))
 
     def wait_for_messages(self, address: str, count: int = 1, folder: str = "",
                           timeout: float = 15.0) -> list[str]:

@@ -21,6 +21,7 @@ from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.imap.server import IMAPServer
 from mailsuite.mailbox.store import MailStore
 from mailsuite.pools import InlinePool
+from tests.harness import maildir_messages
 from tests.imapwire import ResponseReader
 
 PASSWORD = "secret-pw-1"
@@ -108,13 +109,7 @@ class World:
         return os.path.join(path, "." + folder) if folder else path
 
     def messages(self, address: str, folder: str = "") -> list[str]:
-        root = self.maildir(address, folder)
-        found = []
-        for sub in ("new", "cur"):
-            d = os.path.join(root, sub)
-            if os.path.isdir(d):
-                found += [os.path.join(d, n) for n in os.listdir(d) if not n.startswith(".")]
-        return sorted(found, key=os.path.basename)
+        return maildir_messages(self.maildir(address, folder))
 
     def append(self, address: str, folder: str, data: bytes, flags: tuple[str, ...] = (),
                date: float | None = None) -> int:
