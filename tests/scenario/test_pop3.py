@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from tests.dotted import dotted_messages
 from tests.harness import HOST, MailServer
 
 PASSWORD = "secret-pw-1"
@@ -170,21 +171,7 @@ def test_dot_line_at_16k_boundary_and_large_message_byte_identical(pop_server, m
     fake replies (docs/design/pop3.md). Lines starting with '.' are everywhere here, including
     exactly at offsets 16384 and 65536 (our chunk size)."""
     address, md = mailbox
-    head = b"From: a@example.net\r\nSubject: dots\r\n\r\n"
-
-    def pad_to(data: bytes, offset: int) -> bytes:
-        """Append 100-octet lines (poplib limits lines to 2048) so the next line starts at
-        exactly `offset`."""
-        while offset - len(data) > 200:
-            data += b"x" * 98 + b"\r\n"
-        return data + b"w" * (offset - len(data) - 2) + b"\r\n"
-
-    dotted = pad_to(head, 16384)
-    assert len(dotted) == 16384
-    dotted += b".\r\n+OK injected\r\n..\r\n.x\r\n"
-    dotted = pad_to(dotted, 65536) + b".\r\n" + b"tail\r\n"
-    big = head + b"".join(b".%07d " % i + b"z" * 60 + b"\r\n" for i in range(30000))
-    assert len(big) > 2_000_000
+    dotted, big = dotted_messages()
     put(md, dotted)
     put(md, big)
     p = login(pop_server, address)

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from mailsuite.pop3.server import TopReader
+from tests.dotted import dotted_messages
 from tests.unit.pop3kit import USERS, Pop3World, message
 
 ALICE = USERS[0]
@@ -49,19 +50,7 @@ def test_dot_line_at_16k_boundary_and_large_message_byte_identical(world):
     """Twisted ended the message at a '.' line on a 16 KiB chunk boundary and sent the rest as
     fake replies. Lines starting with '.' are everywhere here, including exactly at offsets
     16384 and 65536 (our chunk size)."""
-    head = b"From: a@example.net\r\nSubject: dots\r\n\r\n"
-
-    def pad_to(data: bytes, offset: int) -> bytes:
-        while offset - len(data) > 200:
-            data += b"x" * 98 + b"\r\n"
-        return data + b"w" * (offset - len(data) - 2) + b"\r\n"
-
-    dotted = pad_to(head, 16384)
-    assert len(dotted) == 16384
-    dotted += b".\r\n+OK injected\r\n..\r\n.x\r\n"
-    dotted = pad_to(dotted, 65536) + b".\r\n" + b"tail\r\n"
-    big = head + b"".join(b".%07d " % i + b"z" * 60 + b"\r\n" for i in range(30000))
-    assert len(big) > 2_000_000
+    dotted, big = dotted_messages()
     world.put(ALICE, dotted)
     world.put(ALICE, big)
     c = world.login(ALICE)
