@@ -13,6 +13,7 @@ import pytest
 from mailsuite.tls import create_self_signed
 from tests.environment import unavailable
 from tests.harness import HOST, MailServer
+from tests.polling import wait_until
 
 
 
@@ -48,9 +49,14 @@ def test_root_start_drops_to_data_dir_owner(world_traversable_dir):
                                        "key": os.path.join(keys, "key.pem")}})
     try:
         server.start(twistd_args=[f"--uid={nobody.pw_uid}", f"--gid={nobody.pw_gid}"])
-        with open(f"/proc/{server.process.pid}/status") as f:
-            uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-        assert set(uids) == {str(nobody.pw_uid)}  # real, effective, saved: all dropped
+        def uids() -> set[str]:
+            with open(f"/proc/{server.process.pid}/status") as f:
+                return set(next(line for line in f if line.startswith("Uid:")).split()[1:])
+
+        # The ports listen (and the kernel accepts) while still root: twistd drops privileges
+        # just after, before its reactor runs. Real, effective and saved uid: all dropped.
+        wait_until(lambda: uids() == {str(nobody.pw_uid)}, timeout=10,
+                   message=f"the server's uids to drop to {nobody.pw_uid}")
 
         server.add_user("alice@example.org")  # the admin CLI as root, as an operator would
         for sub in ("mail", "queue"):
