@@ -164,6 +164,13 @@ class Config:
     courier: CourierSection = field(default_factory=CourierSection)
     dkim: DKIMSection = field(default_factory=DKIMSection)
     dns: DNSSection = field(default_factory=lambda: DNSSection())  # defined at the end
+    trust: TrustSection = field(default_factory=lambda: TrustSection())
+    dnsbl: DNSBLSection = field(default_factory=lambda: DNSBLSection())
+    greylist: GreylistSection = field(default_factory=lambda: GreylistSection())
+    rspamd: RspamdSection = field(default_factory=lambda: RspamdSection())
+    clamd: ClamdSection = field(default_factory=lambda: ClamdSection())
+    ratelimit: RateLimitSection = field(default_factory=lambda: RateLimitSection())
+    srs: SRSSection = field(default_factory=lambda: SRSSection())
     path: str = ""  # the file this came from, "" for built-in defaults
 
     # Derived values: every part uses these rather than re-deriving paths.
@@ -298,3 +305,85 @@ class DNSSection:
     mta_sts_mode: str = ""  # RFC 8461: "" = no MTA-STS; "testing" | "enforce" | "none"
     mta_sts_max_age: int = 7 * 24 * 3600
     tlsrpt_rua: str = ""  # RFC 8460, e.g. "mailto:tlsrpt@example.org"; "" = no TLS-RPT record
+
+
+@dataclass
+class TrustSection:
+    """[trust]: how MX judges what it receives (docs/design/trust.md)."""
+
+    enabled: bool = True  # SPF, DKIM, ARC, DMARC and Authentication-Results on MX
+    authserv_id: str = ""  # RFC 8601 authserv-id; empty: the host name
+    # What a failing message whose From: domain publishes p=reject gets: "reject" (550 5.7.1
+    # after DATA), "quarantine" (the recipient's Junk folder with $Junk) or "none" (delivered).
+    dmarc_reject: str = "reject"
+    dmarc_quarantine: str = "quarantine"  # the same for p=quarantine: "quarantine" | "none"
+    dns_timeout: float = 10.0  # seconds for all DNS queries of one check, then temperror
+    junk_folder: str = "Junk"
+
+
+@dataclass
+class DNSBLSection:
+    """[dnsbl]: DNS block and allow lists on the client address, checked at RCPT on MX."""
+
+    # Postfix postscreen syntax: "zone[=filter]*weight"; the filter is one address pattern with
+    # [a..b] ranges and ";" alternatives, e.g. "zen.spamhaus.org=127.0.0.[2..11]*3"; a negative
+    # weight makes an allow list, e.g. "list.dnswl.org=127.0.[0..255].[1..3]*-5".
+    sites: list[str] = field(default_factory=list)
+    threshold: int = 1  # a total weight this high or higher refuses the client (554 5.7.1)
+    timeout: float = 5.0  # seconds per query; a zone that does not answer counts as unlisted
+
+
+@dataclass
+class GreylistSection:
+    """[greylist]: temporary refusal of unknown (client network, sender, recipient) triplets."""
+
+    enabled: bool = False
+    delay: int = 300  # seconds before a retry of the same triplet is accepted
+    retry_window: int = 2 * 24 * 3600  # a triplet not retried within this is forgotten
+    pass_ttl: int = 35 * 24 * 3600  # a client network that retried once passes this long
+
+
+@dataclass
+class RspamdSection:
+    """[rspamd]: content scanning by rspamd's HTTP protocol (/checkv2)."""
+
+    url: str = ""  # "" = off; e.g. "http://127.0.0.1:11333"
+    password: str = ""
+    timeout: float = 20.0
+    on_failure: str = "tempfail"  # rspamd down or slow: "tempfail" (451 4.7.1) or "accept"
+    reject_action: str = "reject"  # rspamd's "reject": "reject" (550 5.7.1) or "junk"
+    add_header_action: str = "junk"  # "add header"/"rewrite subject": "junk" or "header"
+    scan_submission: bool = False  # also scan what our own users send
+    max_size: int = 20 * 1024 * 1024  # larger messages are not scanned (a header says so)
+
+
+@dataclass
+class ClamdSection:
+    """[clamd]: virus scanning by clamd's INSTREAM command."""
+
+    socket: str = ""  # "" = off; a unix socket path, or "tcp:host:port"
+    timeout: float = 30.0
+    on_failure: str = "tempfail"  # clamd down or slow: "tempfail" (451 4.7.1) or "accept"
+    scan_submission: bool = False
+    max_size: int = 25 * 1024 * 1024  # clamd's StreamMaxLength; larger: not scanned (header)
+
+
+@dataclass
+class RateLimitSection:
+    """[ratelimit]: per-client and per-user rates, counted in the SQL directory (so shared by
+    every instance on it). 0 disables a limit."""
+
+    mx_connections_per_minute: int = 60  # per client address, 421 4.7.0
+    mx_recipients_per_minute: int = 300  # per client address, 450 4.7.1
+    submission_messages_per_hour: int = 200  # per authenticated user, 450 4.7.1
+    submission_recipients_per_hour: int = 1000  # per authenticated user, 450 4.7.1
+    # Client networks the MX limits do not count (Postfix's smtpd_client_event_limit_exceptions).
+    exempt_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
+
+
+@dataclass
+class SRSSection:
+    """[srs]: Sender Rewriting Scheme for mail an alias forwards to another domain."""
+
+    domain: str = ""  # the domain of rewritten senders; empty: the host name
+    max_age_days: int = 21  # a bounce to an older SRS address is refused
