@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from twisted.internet import defer
 
@@ -27,6 +27,16 @@ def trace_headers(sender: str, address: str) -> bytes:
 
     return (f"Return-Path: <{clean(sender)}>\r\nDelivered-To: {clean(address)}\r\n"
             .encode("utf-8"))
+
+
+def quarantine(meta: Mapping[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """(folder, flags) for a queue entry: the INBOX unless its meta names a quarantine folder
+    (`folder`, `flags`: set by the SMTP server from the trust verdict)."""
+    folder = meta.get("folder")
+    flags = meta.get("flags") or ()
+    if not isinstance(folder, str) or not folder:
+        return "INBOX", ()
+    return folder, tuple(f for f in flags if isinstance(f, str))
 
 
 class LocalAgent:
@@ -68,10 +78,13 @@ class LocalAgent:
         unique = (f"Q{entry.id}N{index}" if index is not None
                   else f"Q{entry.id}R{os.urandom(4).hex()}")
         try:
+            # The trust checks may have quarantined the message (docs/design/trust.md,
+            # "Dispositions"): it goes to that folder with its keywords instead of the INBOX.
+            folder, flags = quarantine(entry.meta)
             path, written = account.deliver_once(
                 trace_headers(entry.sender, recipient.address), message_path,
                 when=entry.created, unique=unique, hostname=self.hostname,
-                recheck=after_crash or recipient.attempts > 0)
+                recheck=after_crash or recipient.attempts > 0, folder=folder, flags=flags)
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):

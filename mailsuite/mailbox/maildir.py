@@ -160,14 +160,18 @@ def delivery_marker(when: float, unique: str) -> str:
 
 
 def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float, unique: str,
-                 hostname: str | None = None, recheck: bool = False) -> tuple[str, bool]:
+                 hostname: str | None = None, recheck: bool = False,
+                 letters: str | None = None) -> tuple[str, bool]:
     """Deliver like `deliver`, under a name fixed by (`when`, `unique`) instead of a fresh one,
     so the same queue delivery always writes the same file (docs/design/maildir.md,
     "Exactly once"). Returns (path, written): written is False when `recheck` found the copy a
     crashed attempt had already put in new/ or cur/ (a reader may have moved and flagged it).
 
     Without `recheck` nothing is listed: a copy still in new/ is simply replaced by the same
-    bytes under the same name."""
+    bytes under the same name.
+
+    `letters` (info flags, e.g. "a" for the first keyword) delivers into cur/ as
+    `<name>:2,<letters>`: a message in new/ carries no flags (docs/design/maildir.md)."""
     marker = delivery_marker(when, unique)
     make_maildir(maildir)
     if recheck:
@@ -177,6 +181,9 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     size = len(header) + os.path.getsize(message_path)
     host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
     name = f"{marker}{host},S={size}"
+    if letters is not None:
+        return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True,
+                               subdir="cur", info=":2," + letters), True
     return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True), True
 
 
@@ -191,11 +198,13 @@ def find_delivered(maildir: str, marker: str) -> str | None:
 
 
 def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | None,
-                    data: bytes, size: int, replace_tmp: bool = False) -> str:
+                    data: bytes, size: int, replace_tmp: bool = False, subdir: str = "new",
+                    info: str = "") -> str:
     """tmp/<name> -> write -> fsync -> rename to new/<name> -> fsync(new/); FileExistsError if
-    tmp/<name> exists (unless `replace_tmp`: a name of ours that a crash left there)."""
+    tmp/<name> exists (unless `replace_tmp`: a name of ours that a crash left there). With
+    `subdir` "cur" and `info` ":2,<letters>" the message arrives already flagged."""
     tmp_path = os.path.join(maildir, "tmp", name)
-    new_dir = os.path.join(maildir, "new")
+    new_dir = os.path.join(maildir, subdir)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
         fd = os.open(tmp_path, flags, 0o600)
@@ -218,7 +227,7 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
             os.fsync(fd)
         finally:
             os.close(fd)
-        final_path = os.path.join(new_dir, name)
+        final_path = os.path.join(new_dir, name + info)
         os.rename(tmp_path, final_path)
     except BaseException:
         try:

@@ -175,13 +175,34 @@ class Account:
                                 hostname=hostname)
 
     def deliver_once(self, header: bytes, message_path: str, *, when: float, unique: str,
-                     hostname: str | None = None, recheck: bool = False) -> tuple[str, bool]:
+                     hostname: str | None = None, recheck: bool = False,
+                     folder: str = "INBOX", flags: Iterable[str] = ()) -> tuple[str, bool]:
         """The queue's delivery: the file name is fixed by (when, unique), and with `recheck`
         a copy already in new/ or cur/ is found instead of written again; returns (path,
-        written). See maildir.deliver_once and docs/design/maildir.md, "Exactly once"."""
-        self.store.prove(self.path, _maildir.SUBDIRS)
-        return _maildir.deliver_once(self.path, header, message_path, when=when, unique=unique,
-                                     hostname=hostname, recheck=recheck)
+        written). See maildir.deliver_once and docs/design/maildir.md, "Exactly once".
+
+        `folder` other than INBOX (e.g. Junk, for mail the trust checks quarantine) is created
+        with the account's special folders if missing; `flags` (e.g. "$Junk") are set on arrival.
+        """
+        path = self.path
+        if canonical_name(folder) != "INBOX":
+            self.store.prove(self.path, _maildir.SUBDIRS)
+            path = self._path_of(folder)
+            self.store.prove(path, _maildir.SUBDIRS)
+            if not os.path.isdir(os.path.join(path, "cur")):
+                if not os.path.isdir(os.path.join(self.path, "cur")):
+                    make_maildir(self.path, subfolder=False)
+                make_maildir(path, subfolder=True)
+                self.subscribe(folder)
+        else:
+            self.store.prove(path, _maildir.SUBDIRS)
+        letters = None
+        flags = list(flags)
+        if flags:
+            keywords = self.store._state(path).keywords_for(flags)
+            letters = flags_to_letters(flags, keywords)
+        return _maildir.deliver_once(path, header, message_path, when=when, unique=unique,
+                                     hostname=hostname, recheck=recheck, letters=letters)
 
     # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:

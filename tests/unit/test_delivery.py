@@ -229,3 +229,38 @@ def test_null_sender_return_path_and_header_injection():
     assert trace_headers("", "bob@example.org") == (b"Return-Path: <>\r\n"
                                                     b"Delivered-To: bob@example.org\r\n")
     assert b"\nX-Evil" not in trace_headers("a\r\nX-Evil: 1@x", "bob@example.org")
+
+
+def test_agent_files_a_quarantined_message_in_junk_with_its_keyword(tmp_path):
+    """A trust verdict of "junk" (docs/design/trust.md) travels in the entry's meta: the copy
+    lands in the Junk folder, already flagged $Junk, and IMAP sees the keyword."""
+    src = tmp_path / "msg.eml"
+    src.write_bytes(BODY)
+    entry = QueueEntry("6b0a0000000000000000b", "carol@remote.example",
+                       [Recipient("alice@example.org", "alice@example.org", True)], 0.0,
+                       meta={"folder": "Junk", "flags": ["$Junk"]})
+    [result] = deliver_with_agent(tmp_path, entry, src)
+    assert result.status == "sent", result.detail
+    store = MailStore(str(tmp_path / "mail"))
+    account = store.account("alice@example.org")
+    assert account.folder("INBOX").messages() == []
+    [info] = account.folder("Junk").messages()
+    assert "$Junk" in info.flags
+    assert "Junk" in account.subscriptions()
+    # A second attempt (after a crash) finds the copy instead of writing another.
+    [again] = LocalAgent(store, InlinePool(), "mx.example")._deliver_all(
+        entry, entry.recipients, str(src), True)
+    assert "already in maildir" in again.detail
+    assert len(account.folder("Junk").messages()) == 1
+
+
+def test_agent_ignores_a_meta_folder_that_is_not_a_string(tmp_path):
+    src = tmp_path / "msg.eml"
+    src.write_bytes(BODY)
+    entry = QueueEntry("6b0a0000000000000000c", "carol@remote.example",
+                       [Recipient("alice@example.org", "alice@example.org", True)], 0.0,
+                       meta={"folder": ["../../etc"], "flags": ["$Junk"]})
+    [result] = deliver_with_agent(tmp_path, entry, src)
+    assert result.status == "sent"
+    store = MailStore(str(tmp_path / "mail"))
+    assert len(store.account("alice@example.org").folder("INBOX").messages()) == 1
