@@ -35,6 +35,7 @@ from mailsuite.dotstuff import dot_stuff
 from mailsuite.pools import WorkPool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
 from mailsuite.tls import client_context_opportunistic
+from mailsuite.trust.forwarding import Forwarder
 
 log = Logger()
 
@@ -63,13 +64,14 @@ class RemoteAgent:
 
     def __init__(self, settings: CourierSection, hostname: str, reactor: IReactorTCP,
                  clock: IReactorTime, io: WorkPool, signer: Signer | None = None,
-                 resolver: MXResolver | None = None):
+                 resolver: MXResolver | None = None, forwarder: Forwarder | None = None):
         self.config = settings
         self.hostname = hostname
         self.reactor = reactor
         self.clock = clock
         self.io = io
         self.signer = signer
+        self.forwarder = forwarder  # SRS and ARC for forwarded mail (mailsuite.trust)
         self.mx = resolver or MXResolver(make_resolver(settings.nameservers, reactor))
         self._slots: dict[str, defer.DeferredSemaphore] = {}
         self._idle: dict[str, list[tuple[Session, Any]]] = defaultdict(list)
@@ -190,7 +192,7 @@ class RemoteAgent:
         """{address: Reply}, or an SMTPError that applies to every recipient (or None when a
         reused connection died before it took anything, so a fresh one should be tried)."""
         try:
-            results = yield session.transaction(entry.sender, addresses, payload.wire,
+            results = yield session.transaction(self._mail_from(entry), addresses, payload.wire,
                                                 payload.size, payload.eight_bit)
         except SMTPError as e:
             session.protocol.abort()
@@ -318,18 +320,26 @@ class RemoteAgent:
 
         idle.append((session, self.clock.callLater(IDLE_TIMEOUT, expire)))
 
+    def _mail_from(self, entry: QueueEntry) -> str:
+        if self.forwarder is None:
+            return entry.sender
+        return self.forwarder.sender(entry.sender, entry.meta)
+
     # -- message preparation ---------------------------------------------------------------------
     def _prepare(self, entry: QueueEntry, message_path: str) -> defer.Deferred:
         """Read, make wire-safe, DKIM-sign (when a key exists) and dot-stuff the message, off
         the reactor. Made safe before signing, so the signature covers the bytes sent."""
-        signer = self.signer
+        signer, forwarder = self.signer, self.forwarder
+        sender = self._mail_from(entry)
 
         def work() -> Payload:
             with open(message_path, "rb") as f:
                 message = f.read()
             message, repaired = wire_safe(message)
+            if forwarder is not None:
+                message = forwarder.seal(message, entry.meta)
             if signer is not None:
-                message = signer.sign(message, entry.sender)
+                message = signer.sign(message, sender)
             return Payload(dot_stuff(message), len(message), not message.isascii(), repaired)
 
         return self.io.run(work)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import os
 import re
 import secrets
 from typing import Generator
@@ -20,6 +21,7 @@ from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument
 from mailsuite.smtp.headers import HeaderScan
 from mailsuite.smtp.replies import Reply
+from mailsuite.trust import Envelope
 
 log = Logger(namespace="mailsuite.smtp.server")
 
@@ -164,6 +166,7 @@ class DataTransfer:
         meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
                 "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
         queued = False
+        rewritten: str | None = None  # the trust gate's copy of the staged file
         try:
             try:
                 path = yield staged.finish()
@@ -176,25 +179,50 @@ class DataTransfer:
                          auth_user=meta["auth_user"], text=refusal.text)
                 self._refusal_logged = True
                 return refusal
+            size = staged.size
+            if self.trust is not None:
+                try:
+                    inspection = yield self.trust.inspect(
+                        self._envelope(mail.address, rcpts, txid), path, size,
+                        forwards=any(route is not None and route.remote for _, route in rcpts))
+                except Exception as e:  # the rewrite's disk I/O; the checks never errback
+                    return self._queue_failed(mail.address, e)
+                verdict = inspection.verdict
+                if verdict.reply is not None and not verdict.reply.success:
+                    log.info("refused message from=<{sender}> client={client_ip} id={txid}: "
+                             "{text}", sender=mail.address, client_ip=self.client_ip,
+                             txid=txid, text=verdict.reply.text)
+                    self._refusal_logged = True
+                    return verdict.reply
+                rewritten = path = inspection.path
+                size = inspection.size
+                meta.update(inspection.meta)
             if self._closed:
                 return None  # the client is gone: no 250 can reach it, so nothing is queued
             try:
                 queue_id = yield self.factory.queue.submit_file(mail.address, rcpts, path,
-                                                                staged.size, meta)
+                                                                size, meta)
             except Exception as e:
                 return self._queue_failed(mail.address, e)
             queued = True
         finally:
             if not queued:
                 staged.discard()
+                if rewritten is not None:
+                    self.factory.io.run(_remove, rewritten).addErrback(lambda _: None)
         self._give_back_commands()
         log.info("accepted {queue_id} from=<{sender}> to={rcpts} size={size} "
                  "client={client_ip} helo={helo} auth={auth_user} proto={protocol} id={txid}",
                  queue_id=queue_id, sender=mail.address,
-                 rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=staged.size,
+                 rcpts=",".join(f"<{a}>" for a, _ in rcpts), size=size,
                  client_ip=self.client_ip, helo=meta["helo"], auth_user=meta["auth_user"],
                  protocol=meta["protocol"], txid=txid)
         return replies.queued(str(queue_id))
+
+    def _envelope(self, sender: str, rcpts: list[tuple[str, Route]], txid: str) -> Envelope:
+        return Envelope(self.client_ip, self.session.helo or "", sender,
+                        tuple(a for a, _ in rcpts), self.session.auth_user, self.session.tls,
+                        self.policy.name, txid)
 
     def _queue_failed(self, sender: str, error: Exception) -> Reply:
         """A local failure (disk, database) is temporary: the client must retry, not bounce.
@@ -260,3 +288,10 @@ class DataTransfer:
         self._continuation = False
         if getattr(self, "_staged", None) is not None:
             self._discard_staged()
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

@@ -18,6 +18,7 @@ from mailsuite.directory.api import DirectoryService, DirectoryUnavailable, Rout
 from mailsuite.smtp import replies
 from mailsuite.smtp.headers import header_addresses
 from mailsuite.smtp.replies import Reply
+from mailsuite.trust.srs import SRS, SRSError
 
 
 
@@ -47,9 +48,10 @@ class Policy:
     accepts_auth = False  # AUTH exists on this port at all (else 502 to any AUTH)
     checks_from_header = False  # From:/Sender: must be the user's ([smtp] check_from_header)
 
-    def __init__(self, directory: DirectoryService, config: Config):
+    def __init__(self, directory: DirectoryService, config: Config, srs: SRS | None = None):
         self.directory = directory
         self.config = config
+        self.srs = srs  # reverses bounces to the senders we rewrote (mailsuite.trust.srs)
 
     def auth_offered(self, session: Session) -> bool:
         """Advertise AUTH in this session's EHLO reply."""
@@ -96,6 +98,16 @@ class MXPolicy(Policy):
     @defer.inlineCallbacks
     def check_recipient(self, session: Session, address: str
                         ) -> Generator[defer.Deferred, Route, RecipientDecision]:
+        if self.srs is not None and self.srs.is_srs(address):
+            # A bounce (or reply) to a sender we rewrote when forwarding: it goes back to the
+            # original sender, but only if we made this address (docs/design/trust.md).
+            try:
+                original = self.srs.reverse(address)
+            except SRSError as e:
+                return RecipientDecision(replies.BAD_SRS_ADDRESS.with_text(
+                    f"{replies.BAD_SRS_ADDRESS.text}: {e}"))
+            return RecipientDecision(replies.RECIPIENT_OK,
+                                     Route(address, hosted=True, remote=(original,)))
         route = yield self.route(address).addErrback(_lookup_failed)
         if isinstance(route, RecipientDecision):
             return route

@@ -56,6 +56,9 @@ SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
 COMMAND_FLOOD = Reply(421, "4.7.0", "Too many commands, closing connection")
 AUTH_TIMEOUT = Reply(421, "4.7.0", "Authentication timeout, closing connection")
 
+# -- trust (mailsuite/trust) ---------------------------------------------------------------------
+BAD_SRS_ADDRESS = Reply(550, "5.7.1", "Invalid SRS address")
+
 # -- generic -----------------------------------------------------------------------------------
 OK = Reply(250, "2.0.0", "Ok")
 NOOP_OK = Reply(250, "2.0.0", "Ok")

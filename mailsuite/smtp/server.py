@@ -51,6 +51,7 @@ from mailsuite.smtp.policy import Policy, RecipientDecision, Session
 from mailsuite.smtp.replies import Reply
 from mailsuite.smtp.staging import StagedMessage
 from mailsuite.tls import TLSMaterial
+from mailsuite.trust.gate import Gate, GateSession
 
 log = Logger()
 
@@ -70,18 +71,19 @@ BAD_LINE_ENDINGS = ("reject", "normalise")
 def server_factory(config: Config, policy: Policy, queue: MessageQueue,
                    directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                    resolver: IResolver | None = None, implicit_tls: bool = False,
-                   io: WorkPool | None = None) -> "SMTPServerFactory":
+                   io: WorkPool | None = None, gate: Gate | None = None) -> "SMTPServerFactory":
     """The factory for one listener (MX or submission, by `policy`).
 
     `tls` is what STARTTLS uses (None: not offered); `implicit_tls` says the transport is already
     TLS (port 465, wrapped by service.py). `resolver` finds the client's host name for the
     Received: header (None: no reverse look-ups). `io` runs the writes of DATA to the staged file
-    (None: inline, for unit tests only)."""
+    (None: inline, for unit tests only). `gate` holds the trust checks (mailsuite.trust.gate;
+    None: none)."""
     if config.smtp.bad_line_endings not in BAD_LINE_ENDINGS:
         raise ConfigError(f"[smtp] bad_line_endings must be \"reject\" or \"normalise\", not "
                           f"{config.smtp.bad_line_endings!r}")
     return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls,
-                             io)
+                             io, gate)
 
 
 class SMTPServerFactory(LimitedFactory):
@@ -90,7 +92,7 @@ class SMTPServerFactory(LimitedFactory):
     def __init__(self, config: Config, policy: Policy, queue: MessageQueue,
                  directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                  resolver: IResolver | None = None, implicit_tls: bool = False,
-                 io: WorkPool | None = None):
+                 io: WorkPool | None = None, gate: Gate | None = None):
         limits = config.limits
         super().__init__(
             "submissions" if implicit_tls else policy.name,
@@ -105,6 +107,7 @@ class SMTPServerFactory(LimitedFactory):
         self.resolver = resolver
         self.implicit_tls = implicit_tls
         self.io: WorkPool = io if io is not None else InlinePool()
+        self.gate = gate
         self._tls = tls
         self._tls_context: object | None = None
         if not implicit_tls and tls is not None:
@@ -172,7 +175,26 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
             self._delayed_calls.append(
                 self.clock.callLater(self.smtp.auth_timeout, self._auth_deadline))
         self._lookup_client_name()
+        self.trust: GateSession | None = f.gate.session(self.client_ip) if f.gate else None
+        if self.trust is None:
+            self._send(replies.greeting(self.hostname))
+            return
+        # The connection rate is counted (in SQL) before we greet; what the client sends
+        # meanwhile waits in the buffer like pipelined commands.
+        self._waiting = True
+        self.setTimeout(None)
+        self.trust.connected().addCallback(self._connection_checked)
+
+    def _connection_checked(self, refusal: Reply | None) -> None:
+        if self._closed:
+            return
+        if refusal is not None:
+            self._refusal_logged = True
+            self._send(refusal)
+            self._close(linger=0.5)
+            return
         self._send(replies.greeting(self.hostname))
+        self._deferred_reply(None)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
@@ -573,10 +595,19 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         if not path.address.isascii() and not smtputf8:
             return replies.NON_ASCII_ADDRESS
 
-        def decided(reply: Reply) -> Reply:
-            if reply.success:
-                self._mail = path
-                self._smtputf8 = smtputf8
+        def decided(reply: Reply) -> Reply | defer.Deferred:
+            if not reply.success:
+                return reply
+            if self.trust is None:
+                return accepted(None, reply)
+            return self.trust.mail(self.session.helo or "", path.address,
+                                   self.session.auth_user).addCallback(accepted, reply)
+
+        def accepted(refusal: Reply | None, reply: Reply) -> Reply:
+            if refusal is not None:
+                return refusal
+            self._mail = path
+            self._smtputf8 = smtputf8
             return reply
 
         d = defer.maybeDeferred(self.policy.check_sender, self.session, path.address)
@@ -628,7 +659,15 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         if len(self._rcpts) >= self.limits.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
 
-        def decided(decision: RecipientDecision) -> Reply:
+        def decided(decision: RecipientDecision) -> Reply | defer.Deferred:
+            if decision.reply.success and self.trust is not None and self._mail is not None:
+                d = self.trust.rcpt(self._mail.address, path.address, self.session.auth_user)
+                return d.addCallback(trusted, decision)
+            return trusted(None, decision)
+
+        def trusted(refusal: Reply | None, decision: RecipientDecision) -> Reply:
+            if refusal is not None:
+                return refusal
             if decision.reply.success:
                 self._rcpts.append((path.address, decision.route))
             elif decision.problem:

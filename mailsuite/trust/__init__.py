@@ -13,11 +13,12 @@ Every check returns data (results, verdicts); only the SMTP server writes replie
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from mailsuite.smtp.replies import Reply
+if TYPE_CHECKING:  # the SMTP package imports this one
+    from mailsuite.smtp.replies import Reply
 
 # What happens to a message: delivered as it is, delivered to the recipients' Junk folder with
 # the $Junk keyword, refused for now (4xx), refused for good (5xx).

@@ -1,0 +1,268 @@
+"""The trust checks as the SMTP server meets them: at connect, MAIL, RCPT and the end of DATA
+(docs/design/trust.md, "The gate").
+
+`Gate` is built once per listener by service.py with everything it uses; the SMTP server makes
+one `GateSession` per connection and asks it:
+- `connected()`: the client address's connection rate (MX), and starts its DNSBL look-ups;
+- `mail(helo, sender, auth_user)`: starts SPF on MX; counts a submission user's messages;
+- `rcpt(sender, recipient)`: DNSBL (not for postmaster, RFC 5321 §4.5.1), greylisting and
+  recipient rates;
+- `inspect(envelope, path, size, routes)` at the end of DATA: DKIM, ARC, DMARC, the content
+  engines, then the message rewritten with our Authentication-Results (any earlier one that
+  claims our authserv-id removed first, RFC 8601 §5) and the engines' headers.
+Each returns a Deferred; a refusal is a Reply, "go on" is None. Nothing here writes to a client.
+"""
+from __future__ import annotations
+
+import os
+import random
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Generator, Sequence
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from mailsuite.config import Config
+from mailsuite.pools import WorkPool
+from mailsuite.smtp.replies import Reply
+from mailsuite.trust import ACCEPT, JUNK, REJECT, TEMPFAIL, AuthResult, Envelope, Verdict
+
+log = Logger()
+
+POSTMASTER = "postmaster"
+
+
+@dataclass
+class Inspection:
+    """The end-of-DATA outcome: the verdict, the file to queue (rewritten), and queue meta."""
+
+    verdict: Verdict
+    path: str = ""
+    size: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Gate:
+    """The checks of one listener ("mx" or "submission")."""
+
+    def __init__(self, config: Config, listener: str, *, reactor: IReactorTime,
+                 work: WorkPool, dns: Any = None, ratelimits: Any = None, greylist: Any = None,
+                 dnsbl: Any = None, scanners: Sequence[Any] = (), rng: random.Random | None = None):
+        self.config = config
+        self.listener = listener
+        self.reactor = reactor
+        self.work = work  # runs the blocking library checks (pyspf, dkimpy) off the reactor
+        self.dns = dns
+        self.ratelimits = ratelimits
+        self.greylist = greylist
+        self.dnsbl = dnsbl
+        self.scanners = list(scanners)
+        self.rng = rng or random.Random()
+        self.authserv_id = config.trust.authserv_id or config.hostname
+        # Sender authentication runs on MX only: submission mail is our own users'.
+        self.authenticates = listener == "mx" and config.trust.enabled and dns is not None
+
+    def session(self, client_ip: str) -> "GateSession":
+        return GateSession(self, client_ip)
+
+
+class GateSession:
+    def __init__(self, gate: Gate, client_ip: str):
+        self.gate = gate
+        self.client_ip = client_ip
+        self._dnsbl: defer.Deferred | None = None
+        self._spf: defer.Deferred | None = None
+        self._spf_result: AuthResult | None = None
+
+    # -- connect -------------------------------------------------------------------------------
+    def connected(self) -> defer.Deferred:
+        gate = self.gate
+        if gate.listener == "mx" and gate.dnsbl is not None:
+            # Started now, awaited at the first RCPT: the look-ups overlap HELO and MAIL.
+            self._dnsbl = _settled(gate.dnsbl.check(self.client_ip))
+        if gate.listener == "mx" and gate.ratelimits is not None:
+            return _reply_or_none(gate.ratelimits.connection(self.client_ip))
+        return defer.succeed(None)
+
+    # -- MAIL ----------------------------------------------------------------------------------
+    def mail(self, helo: str, sender: str, auth_user: str | None) -> defer.Deferred:
+        gate = self.gate
+        self._spf = None
+        self._spf_result = None
+        if gate.listener == "submission" and auth_user and gate.ratelimits is not None:
+            return _reply_or_none(gate.ratelimits.submission_message(auth_user))
+        if gate.authenticates:
+            from mailsuite.trust.spf import check_spf
+
+            self._spf = _settled(check_spf(gate.dns, gate.work, gate.reactor, self.client_ip,
+                                           sender, helo, gate.config.trust.dns_timeout))
+
+            def keep(result: Any) -> Any:
+                if isinstance(result, AuthResult):
+                    self._spf_result = result
+                return result
+
+            self._spf.addCallback(keep)
+        return defer.succeed(None)
+
+    # -- RCPT ----------------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def rcpt(self, sender: str, recipient: str, auth_user: str | None
+             ) -> Generator[defer.Deferred, Any, Reply | None]:
+        gate = self.gate
+        if gate.listener == "submission":
+            if auth_user and gate.ratelimits is not None:
+                return (yield _reply_or_none(gate.ratelimits.submission_recipient(auth_user)))
+            return None
+        if _is_postmaster(recipient):
+            return None  # RFC 5321 §4.5.1: postmaster is reachable whatever we think of you
+        if self._dnsbl is not None:
+            outcome = yield self._dnsbl
+            reply = getattr(outcome, "reply", None)
+            if reply is not None:
+                return reply
+        if gate.ratelimits is not None:
+            reply = yield _reply_or_none(gate.ratelimits.recipient(self.client_ip))
+            if reply is not None:
+                return reply
+        if gate.greylist is not None:
+            reply = yield _reply_or_none(gate.greylist.check(self.client_ip, sender, recipient))
+            if reply is not None:
+                return reply
+        return None
+
+    # -- end of DATA ---------------------------------------------------------------------------
+    @defer.inlineCallbacks
+    def inspect(self, envelope: Envelope, path: str, size: int, forwards: bool
+                ) -> Generator[defer.Deferred, Any, Inspection]:
+        """Judge the staged message at `path`; for a message we keep, write the rewritten copy
+        (new headers on top) next to it and remove the original. `forwards`: an alias sends a
+        copy to another domain (the courier then rewrites the sender with SRS and adds an ARC
+        set, which needs our Authentication-Results in the message)."""
+        gate = self.gate
+        checks: list[defer.Deferred] = []
+        if gate.authenticates:
+            spf = self._spf_result
+            if spf is None and self._spf is not None:
+                spf = yield self._spf
+            if not isinstance(spf, AuthResult):
+                spf = AuthResult("spf", "temperror", "SPF check failed")
+            checks.append(_settled(self._authenticate(envelope, path, spf)))
+        for scanner in gate.scanners:
+            if scanner.wanted(envelope):
+                checks.append(_settled(scanner.scan(envelope, path, size)))
+        verdict = Verdict()
+        for outcome in (yield defer.gatherResults(checks)) if checks else []:
+            if not isinstance(outcome, Verdict):
+                # A bug in a check, not a judgement: never accept silently, never lose mail.
+                log.error("trust check failed for {queue_id}: {error}",
+                          queue_id=envelope.queue_id, error=outcome)
+                outcome = Verdict(TEMPFAIL, Reply(451, "4.7.1", "message checks failed, try "
+                                                                "again later"),
+                                  log="internal error in a check")
+            verdict = verdict.combine(outcome)
+        if verdict.disposition == JUNK and envelope.listener != "mx":
+            verdict = Verdict(ACCEPT, None, verdict.headers, verdict.results, verdict.log)
+        self._log(envelope, verdict)
+        if verdict.disposition in (TEMPFAIL, REJECT):
+            return Inspection(verdict)
+        meta: dict[str, Any] = {}
+        if verdict.disposition == JUNK:
+            meta["folder"] = gate.config.trust.junk_folder
+            meta["flags"] = ["$Junk"]
+        if forwards and envelope.listener == "mx":
+            meta["forwarded"] = True
+        header_fields = list(verdict.headers)
+        if gate.authenticates:
+            from mailsuite.trust.authresults import build_header
+
+            header_fields.insert(0, build_header(gate.authserv_id, verdict.results))
+        new_path, new_size = yield gate.work.run(
+            _rewrite, path, header_fields, gate.authserv_id if gate.authenticates else None)
+        return Inspection(verdict, new_path, new_size, meta)
+
+    def _authenticate(self, envelope: Envelope, path: str, spf: AuthResult) -> defer.Deferred:
+        gate = self.gate
+        from mailsuite.trust.checks import authenticate_message
+
+        lookup = gate.dns.blocking(gate.reactor)
+        seed = gate.rng.random()
+
+        def work() -> Verdict:
+            with open(path, "rb") as f:
+                message = f.read()
+            outcome = authenticate_message(message, envelope, spf, lookup, gate.config.trust,
+                                           random.Random(seed))
+            return Verdict(outcome.disposition, outcome.reply, [], list(outcome.results),
+                           outcome.log)
+
+        return gate.work.run(work)
+
+    def _log(self, envelope: Envelope, verdict: Verdict) -> None:
+        results = " ".join(f"{r.method}={r.result}" for r in verdict.results)
+        log.info("trust {queue_id} from=<{sender}> client={client_ip}: {results} -> "
+                 "{disposition}{why}", queue_id=envelope.queue_id, sender=envelope.mail_from,
+                 client_ip=envelope.client_ip, results=results or "-",
+                 disposition=verdict.disposition,
+                 why=f" ({verdict.log})" if verdict.log else "")
+
+
+def _is_postmaster(address: str) -> bool:
+    return address.lower() == POSTMASTER or address.lower().startswith(POSTMASTER + "@")
+
+
+def _settled(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred that fires with the result or with the exception object, never errbacks
+    (so one failing check neither stops the others nor leaves an unhandled error)."""
+    return d.addErrback(lambda failure: failure.value)
+
+
+def _reply_or_none(d: defer.Deferred) -> defer.Deferred:
+    def check(result: Any) -> Reply | None:
+        if isinstance(result, Reply):
+            return result
+        if isinstance(result, BaseException):
+            log.error("trust limit check failed: {error!r}", error=result)
+        return None
+
+    return _settled(d).addCallback(check)
+
+
+# -- the rewrite, in a worker thread -------------------------------------------------------------
+
+def _rewrite(path: str, header_fields: list[str], authserv_id: str | None) -> tuple[str, int]:
+    """Write `header_fields` + the message (minus Authentication-Results fields claiming
+    `authserv_id`) to a new file beside `path`; remove `path`. Returns (new path, size)."""
+    from mailsuite.trust.authresults import strip_ours
+
+    with open(path, "rb") as f:
+        message = f.read()
+    if authserv_id is not None:
+        end = message.find(b"\r\n\r\n")
+        head, body = (message[:end + 2], message[end + 2:]) if end >= 0 else (message, b"")
+        message = strip_ours(head, authserv_id) + body
+    added = b"".join(_fold(field).encode("utf-8") + b"\r\n" for field in header_fields)
+    directory = os.path.dirname(path)
+    new_path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
+    fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        from mailsuite.safeio import write_all
+
+        write_all(fd, added)
+        write_all(fd, message)
+    except BaseException:
+        os.close(fd)
+        os.unlink(new_path)
+        raise
+    os.close(fd)
+    os.unlink(path)
+    return new_path, len(added) + len(message)
+
+
+def _fold(field: str) -> str:
+    """A header field as CRLF-folded text; CR/LF from any source cannot add a field."""
+    lines = field.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "\r\n".join(line if i == 0 else " " + line.lstrip() if line[:1] not in (" ", "\t")
+                       else line for i, line in enumerate(lines) if line or i == 0)
