@@ -59,15 +59,18 @@ class Pools(Service):
         self.db = WorkerPool("db", db_threads, reactor)
         self.hash = WorkerPool("hash", 2, reactor)  # argon2 releases the GIL: 2 cores, 2 threads
         self.io = WorkerPool("io", 8, reactor)  # Maildir/spool writes with fsync
+        # Inbound checks (pyspf, dkimpy): threads that mostly wait for DNS answers, kept apart
+        # so slow name servers cannot hold up Maildir writes.
+        self.trust = WorkerPool("trust", 8, reactor)
 
     def startService(self) -> None:
         super().startService()
-        for pool in (self.db, self.hash, self.io):
+        for pool in (self.db, self.hash, self.io, self.trust):
             pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        for pool in (self.db, self.hash, self.io):
+        for pool in (self.db, self.hash, self.io, self.trust):
             pool.stop()
 
 

@@ -44,6 +44,11 @@ class Parts:
     mailstore: "MailStore"
     queue: "QueueRunner"
     reactor: IReactorTime
+    # The one resolver of the process (courier MX look-ups, trust checks, Received: names)
+    # and the caching DNS client over it that the trust checks use (docs/design/trust.md).
+    resolver: Any = None
+    dns: Any = None
+    srs: Any = None
     # The descriptors all listeners share (docs/design/limits.md); service.py hands it to every
     # listener's factory through `listeners.limit`, so the `_build_*` functions need not.
     budget: FileBudget | None = None
@@ -52,8 +57,6 @@ class Parts:
 # -- one builder per listener: what each protocol receives ------------------------------------
 
 def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
-    from twisted.names import client as names_client
-
     from mailsuite import smtp
     from mailsuite.smtp.policy import POLICIES
 
@@ -70,10 +73,39 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
     except OSError as e:
         raise ConfigError(f"cannot prepare {spool.incoming_dir}: {e.strerror}")
     return smtp.server_factory(config=parts.config,
-                               policy=POLICIES[policy](parts.directory, parts.config),
+                               policy=POLICIES[policy](parts.directory, parts.config,
+                                                       srs=parts.srs),
                                queue=parts.queue, directory=parts.directory, tls=parts.tls,
-                               clock=parts.reactor, resolver=names_client.getResolver(),
-                               implicit_tls=implicit_tls, io=parts.pools.io)
+                               clock=parts.reactor, resolver=parts.resolver,
+                               implicit_tls=implicit_tls, io=parts.pools.io,
+                               gate=_build_gate(parts, policy))
+
+
+def _build_gate(parts: Parts, listener: str) -> Any:
+    """The trust checks of one SMTP listener (docs/design/trust.md): sender authentication,
+    DNSBL and greylisting on MX only; rates and content engines as configured."""
+    from mailsuite.trust.clamd import ClamdScanner
+    from mailsuite.trust.dnsbl import DNSBL
+    from mailsuite.trust.gate import Gate
+    from mailsuite.trust.greylist import Greylist
+    from mailsuite.trust.ratelimit import RateLimits
+    from mailsuite.trust.rspamd import RspamdScanner
+
+    config, reactor = parts.config, parts.reactor
+    mx = listener == "mx"
+    scanners: list[Any] = []
+    if config.rspamd.url:
+        scanners.append(RspamdScanner(config.rspamd, reactor, config.hostname, parts.pools.io))
+    if config.clamd.socket:
+        scanners.append(ClamdScanner(config.clamd, reactor, parts.pools.io))
+    return Gate(config, listener, reactor=reactor, work=parts.pools.trust, dns=parts.dns,
+                ratelimits=RateLimits(parts.directory, config.ratelimit, reactor),
+                greylist=(Greylist(parts.directory, config.greylist, reactor,
+                                   config.ratelimit.exempt_networks)
+                          if mx and config.greylist.enabled else None),
+                dnsbl=DNSBL(parts.dns, config.dnsbl, reactor) if mx and config.dnsbl.sites
+                else None,
+                scanners=scanners)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -112,7 +144,7 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
 # -- the delivery path: queue, local and remote agents, notifications --------------------------
 
 def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
-                 reactor: IReactorTime) -> "QueueRunner":
+                 reactor: IReactorTime, resolver: Any = None, srs: Any = None) -> "QueueRunner":
     """The spool and its runner, with the local and remote agents and the DSN notifier."""
     from mailsuite import courier
     from mailsuite.courier.agent import RemoteAgent
@@ -122,10 +154,17 @@ def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore
     from mailsuite.queue.runner import QueueRunner
     from mailsuite.queue.spool import Spool
 
+    from mailsuite.courier.mx import MXResolver
+    from mailsuite.trust.forwarding import Forwarder
+
     courier.check_settings(config.courier)
     remote = RemoteAgent(config.courier, config.hostname, reactor=reactor,  # type: ignore[arg-type]
                          clock=reactor, io=pools.io,
-                         signer=Signer(config.dkim_dir) if config.dkim.sign else None)
+                         signer=Signer(config.dkim_dir) if config.dkim.sign else None,
+                         resolver=MXResolver(resolver) if resolver is not None else None,
+                         forwarder=Forwarder(srs, config.dkim_dir,
+                                             config.trust.authserv_id or config.hostname)
+                         if srs is not None else None)
     reactor.addSystemEventTrigger("before", "shutdown", remote.close)  # type: ignore[attr-defined]
     return QueueRunner(
         Spool(config.queue_dir), config.queue, io=pools.io, clock=reactor,
@@ -164,9 +203,33 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     directory = Directory(config, pools)
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
     mailstore = MailStore(config.mail_dir)
-    queue = _build_queue(config, pools, directory, mailstore, reactor)
+    resolver, dns, srs = _build_trust(config, reactor)
+    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
-                 queue=queue, reactor=reactor, budget=budget)
+                 queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
+                 budget=budget)
+
+
+def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
+    """The process's resolver, its caching DNS client, and the SRS rewriter."""
+    from mailsuite.courier.mx import make_resolver
+    from mailsuite.trust.dns import DnsClient
+    from mailsuite.trust.spf import install_dns
+    from mailsuite.trust.srs import SRS, load_or_create_secret
+    from mailsuite import courier, trust
+
+    courier.check_settings(config.courier)  # the name servers, before the resolver uses them
+    trust.check_settings(config)
+    resolver = make_resolver(config.courier.nameservers, reactor)
+    dns = DnsClient(resolver, reactor)
+    install_dns(dns, reactor)  # pyspf's look-ups go through it (process-wide)
+    try:
+        secret = load_or_create_secret(config.data_dir)
+    except OSError as e:
+        raise ConfigError(f"cannot create the SRS secret in {config.data_dir}: {e.strerror}")
+    _give_to_data_dir_owner(config, [os.path.join(config.data_dir, "srs.key")])
+    srs = SRS(secret, config.srs.domain or config.hostname, config.srs.max_age_days)
+    return resolver, dns, srs
 
 
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:

@@ -10,7 +10,8 @@ needs no reactor):
 Answers: a name with records gets them (NOERROR with an empty answer when it has none of the asked
 type); any other name gets NXDOMAIN; a name listed in `servfail` (or under it) gets SERVFAIL. The
 zones can be replaced while the server runs (`dns.update(...)`); the server reloads the file
-before each query when it changed. Record values use zone-file syntax: "10 mx.a.test" for MX,
+before each query when it changed. A name listed in `silent` (or under it) gets no answer at all,
+so the client times out (a dead name server, for temperror cases). Record values use zone-file syntax: "10 mx.a.test" for MX,
 "." as MX exchange for a null MX (RFC 7505), the full text for TXT (split into 255-octet strings).
 """
 from __future__ import annotations
@@ -30,10 +31,10 @@ Record = tuple[str, str, str]  # (name, type, value)
 
 class DNSServer:
     def __init__(self, zones: dict[str, Iterable[Record]] | None = None,
-                 servfail: Iterable[str] = ()):
+                 servfail: Iterable[str] = (), silent: Iterable[str] = ()):
         self._dir = tempfile.mkdtemp(prefix="mailsuite-dns-")
         self.zone_path = os.path.join(self._dir, "zones.json")
-        self.update(zones or {}, servfail)
+        self.update(zones or {}, servfail, silent)
         self.process: subprocess.Popen | None = None
         self.port = 0
 
@@ -42,11 +43,13 @@ class DNSServer:
         """The "host:port" string for [courier] nameservers."""
         return f"127.0.0.1:{self.port}"
 
-    def update(self, zones: dict[str, Iterable[Record]], servfail: Iterable[str] = ()) -> None:
+    def update(self, zones: dict[str, Iterable[Record]], servfail: Iterable[str] = (),
+               silent: Iterable[str] = ()) -> None:
         records = [list(r) for rs in zones.values() for r in rs]
         tmp = self.zone_path + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"records": records, "servfail": list(servfail)}, f)
+            json.dump({"records": records, "servfail": list(servfail), "silent": list(silent)},
+                      f)
         os.replace(tmp, self.zone_path)
         # mtime granularity could hide a quick second update: bump it explicitly.
         now = time.time()
@@ -154,6 +157,7 @@ def _serve(zone_path: str) -> None:
             self._mtime = -1.0
             self._records: dict[str, list[tuple[int, object]]] = {}
             self._servfail: list[str] = []
+            self._silent: list[str] = []
 
         def _load(self) -> None:
             mtime = os.stat(zone_path).st_mtime
@@ -167,6 +171,7 @@ def _serve(zone_path: str) -> None:
                     (types[rtype.upper()], payload(rtype.upper(), value)))
             self._records = records
             self._servfail = [s.lower().rstrip(".") for s in data["servfail"]]
+            self._silent = [s.lower().rstrip(".") for s in data.get("silent", [])]
             self._mtime = mtime
 
         def _lookup(self, name, cls, type, timeout):
@@ -175,6 +180,8 @@ def _serve(zone_path: str) -> None:
             if any(key == s or key.endswith("." + s) for s in self._servfail):
                 # Not error.DNSServerError: it subclasses DomainError, which the server answers NXDOMAIN.
                 return defer.fail(RuntimeError("configured to fail"))
+            if any(key == s or key.endswith("." + s) for s in self._silent):
+                return defer.Deferred()  # never answered: the client times out
             if key not in self._records:
                 return defer.fail(error.DomainError(name))
             answers = [dns.RRHeader(name, t, dns.IN, 60, p, auth=True)

@@ -84,6 +84,22 @@ def twistd_command() -> list[str]:
     return [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
 
+_EMPTY_DNS: Any = None
+
+
+def empty_dns() -> Any:
+    """One loopback DNS server per test process that answers NXDOMAIN to everything."""
+    global _EMPTY_DNS
+    if _EMPTY_DNS is None:
+        import atexit
+
+        from tests.dnsserver import DNSServer
+
+        _EMPTY_DNS = DNSServer({}).start()
+        atexit.register(_EMPTY_DNS.stop)
+    return _EMPTY_DNS
+
+
 class MailServer:
     """One mailsuite process with its own data directory, config file and ports.
 
@@ -108,6 +124,12 @@ class MailServer:
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
+        # Every DNS question (the trust checks on MX, the courier's MX look-ups) goes to a
+        # loopback server of ours that knows no names, unless the test brings its own zones:
+        # never to the machine's resolver, whose answers a test cannot know.
+        courier = sections.setdefault("courier", {})
+        if "nameservers" not in courier:
+            courier["nameservers"] = [empty_dns().nameserver]
         self.sections = sections
         os.makedirs(base_dir, exist_ok=True)
         write_toml(self.config_path, sections)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from twisted.internet.defer import Deferred
 
 if TYPE_CHECKING:  # the SMTP package imports this one
+    from mailsuite.config import Config
     from mailsuite.smtp.replies import Reply
 
 # What happens to a message: delivered as it is, delivered to the recipients' Junk folder with
@@ -91,3 +92,34 @@ class ContentScanner(Protocol):
 
     def scan(self, envelope: Envelope, message_path: str, size: int) -> Deferred:
         ...
+
+
+def check_settings(config: "Config") -> None:
+    """Refuse at start-up, in one line, a trust setting we could not act on."""
+    from mailsuite.config import ConfigError
+
+    choices = [("trust", "dmarc_reject", ("reject", "quarantine", "none")),
+               ("trust", "dmarc_quarantine", ("quarantine", "none")),
+               ("rspamd", "on_failure", ("tempfail", "accept")),
+               ("rspamd", "reject_action", ("reject", "junk")),
+               ("rspamd", "add_header_action", ("junk", "header")),
+               ("clamd", "on_failure", ("tempfail", "accept"))]
+    for section, key, allowed in choices:
+        value = getattr(getattr(config, section), key)
+        if value not in allowed:
+            raise ConfigError(f"[{section}] {key} must be one of "
+                              f"{', '.join(repr(a) for a in allowed)}, not {value!r}")
+    for section, key in [("trust", "dns_timeout"), ("dnsbl", "timeout"), ("rspamd", "timeout"),
+                         ("clamd", "timeout")]:
+        if getattr(getattr(config, section), key) <= 0:
+            raise ConfigError(f"[{section}] {key} must be more than 0")
+    url = config.rspamd.url
+    if url and not (url.startswith("http://") or url.startswith("https://")):
+        raise ConfigError(f"[rspamd] url must start with http:// or https://, not {url!r}")
+    import ipaddress
+
+    for network in config.ratelimit.exempt_networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"[ratelimit] exempt_networks: {network!r} is not a network")
