@@ -331,6 +331,8 @@ class DNSBLSection:
     sites: list[str] = field(default_factory=list)
     threshold: int = 1  # a total weight this high or higher refuses the client (554 5.7.1)
     timeout: float = 5.0  # seconds per query; a zone that does not answer counts as unlisted
+    # Client networks never looked up (local programs sending through MX).
+    exempt_networks: list[str] = field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
 
 
 @dataclass

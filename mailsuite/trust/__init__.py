@@ -118,8 +118,9 @@ def check_settings(config: "Config") -> None:
         raise ConfigError(f"[rspamd] url must start with http:// or https://, not {url!r}")
     import ipaddress
 
-    for network in config.ratelimit.exempt_networks:
-        try:
-            ipaddress.ip_network(network, strict=False)
-        except ValueError:
-            raise ConfigError(f"[ratelimit] exempt_networks: {network!r} is not a network")
+    for section in ("ratelimit", "dnsbl"):
+        for network in getattr(config, section).exempt_networks:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ConfigError(f"[{section}] exempt_networks: {network!r} is not a network")

@@ -14,6 +14,7 @@ Each returns a Deferred; a refusal is a Reply, "go on" is None. Nothing here wri
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import random
 import secrets
@@ -61,6 +62,7 @@ class Gate:
         self.scanners = list(scanners)
         self.rng = rng or random.Random()
         self.authserv_id = config.trust.authserv_id or config.hostname
+        self.dnsbl_exempt = _networks(config.dnsbl.exempt_networks)
         # Sender authentication runs on MX only: submission mail is our own users'.
         self.authenticates = listener == "mx" and config.trust.enabled and dns is not None
 
@@ -79,7 +81,8 @@ class GateSession:
     # -- connect -------------------------------------------------------------------------------
     def connected(self) -> defer.Deferred:
         gate = self.gate
-        if gate.listener == "mx" and gate.dnsbl is not None:
+        if gate.listener == "mx" and gate.dnsbl is not None and \
+                not _in_networks(self.client_ip, gate.dnsbl_exempt):
             # Started now, awaited at the first RCPT: the look-ups overlap HELO and MAIL.
             self._dnsbl = _settled(gate.dnsbl.check(self.client_ip))
         if gate.listener == "mx" and gate.ratelimits is not None:
@@ -207,6 +210,18 @@ class GateSession:
                  client_ip=envelope.client_ip, results=results or "-",
                  disposition=verdict.disposition,
                  why=f" ({verdict.log})" if verdict.log else "")
+
+
+def _networks(texts: Sequence[str]) -> list[Any]:
+    return [ipaddress.ip_network(t, strict=False) for t in texts]
+
+
+def _in_networks(ip: str, networks: Sequence[Any]) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return any(address in n for n in networks if n.version == address.version)
 
 
 def _is_postmaster(address: str) -> bool:
