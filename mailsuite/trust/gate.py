@@ -250,11 +250,11 @@ def _reply_or_none(d: defer.Deferred) -> defer.Deferred:
 def _rewrite(path: str, header_fields: list[str], authserv_id: str | None) -> tuple[str, int]:
     """Write `header_fields` + the message (minus Authentication-Results fields claiming
     `authserv_id`) to a new file beside `path`; remove `path`. Returns (new path, size)."""
-    from mailsuite.trust.authresults import strip_ours
-
     with open(path, "rb") as f:
         message = f.read()
     if authserv_id is not None:
+        from mailsuite.trust.authresults import strip_ours
+
         end = message.find(b"\r\n\r\n")
         head, body = (message[:end + 2], message[end + 2:]) if end >= 0 else (message, b"")
         message = strip_ours(head, authserv_id) + body

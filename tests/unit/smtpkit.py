@@ -84,6 +84,7 @@ class FakeDirectory:
         self.throttle = LoginThrottle(delay=auth_failure_delay, clock=clock)
         self.calls: list[tuple[str, Any]] = []
         self.unavailable = False
+        self.forwards: dict[str, tuple[str, ...]] = {}  # alias -> remote targets
         self._later = _Later(clock, latency)
 
     def _canonical(self, address: str) -> tuple[str, str]:
@@ -99,7 +100,8 @@ class FakeDirectory:
             return self._later.succeed(Route(address, hosted=False))
         canonical = f"{local}@{domain}"
         found = (canonical,) if canonical in self.passwords else ()
-        return self._later.succeed(Route(address.lower(), hosted=True, mailboxes=found))
+        return self._later.succeed(Route(address.lower(), hosted=True, mailboxes=found,
+                                         remote=self.forwards.get(canonical, ())))
 
     def sender_addresses(self, user: str) -> defer.Deferred:
         self.calls.append(("sender_addresses", user))
@@ -222,6 +224,9 @@ class World:
     smtp: dict[str, Any] = field(default_factory=dict)  # [smtp] settings
     io: Any = None  # the WorkPool for staged DATA writes (None: InlinePool)
     queue_dir: str | None = None  # FakeQueue's incoming directory (None: a temporary one)
+    # Trust gates by listener name: {"mx": make_gate(config) -> Gate} (mailsuite.trust.gate)
+    gates: dict[str, Any] = field(default_factory=dict)
+    srs: Any = None  # the MX policy's SRS (mailsuite.trust.srs), None: no SRS addresses
 
     def __post_init__(self) -> None:
         self.config = unit_config(**self.limits)
@@ -231,15 +236,18 @@ class World:
                                        auth_failure_delay=self.config.limits.auth_failure_delay)
         self.queue = FakeQueue(self.clock, latency=self.latency, incoming_dir=self.queue_dir)
         self.factories = {
-            "mx": self._factory(MXPolicy, False),
-            "submission": self._factory(SubmissionPolicy, False),
-            "submissions": self._factory(SubmissionPolicy, True),
+            "mx": self._factory(MXPolicy, False, "mx"),
+            "submission": self._factory(SubmissionPolicy, False, "submission"),
+            "submissions": self._factory(SubmissionPolicy, True, "submission"),
         }
 
-    def _factory(self, policy: type, implicit_tls: bool) -> ServerFactory:
-        return server_factory(self.config, policy(self.directory, self.config), self.queue,
+    def _factory(self, policy: type, implicit_tls: bool, listener: str) -> ServerFactory:
+        make_gate = self.gates.get(listener)
+        return server_factory(self.config, policy(self.directory, self.config, srs=self.srs),
+                              self.queue,
                               self.directory, FakeTLS() if self.tls else None, self.clock,
-                              implicit_tls=implicit_tls, io=self.io)
+                              implicit_tls=implicit_tls, io=self.io,
+                              gate=make_gate(self.config) if make_gate else None)
 
     def connect(self, port: str = "mx", ip: str = "127.0.0.1") -> "Client":
         return Client(self.factories[port], self.clock, ip, secure=port == "submissions")
