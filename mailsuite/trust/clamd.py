@@ -26,6 +26,7 @@ from mailsuite.config import ClamdSection
 from mailsuite.pools import WorkPool
 from mailsuite.smtp.replies import Reply
 from mailsuite.trust import ACCEPT, REJECT, TEMPFAIL, Envelope, Verdict
+from mailsuite.trust.rspamd import timed_out
 
 log = Logger(namespace="mailsuite.trust.clamd")
 
@@ -181,7 +182,7 @@ class ClamdScanner:
                 log=f"clamd: not scanned, {size} bytes > max_size {self.config.max_size}"))
         d = self._exchange(message_path)
         # One deadline for the whole exchange: connect, send, answer.
-        d.addTimeout(self.config.timeout, self.reactor)
+        d.addTimeout(self.config.timeout, self.reactor, onTimeoutCancel=timed_out)
         d.addCallback(interpret)
         d.addErrback(self._failed, tag)
         return d

@@ -14,6 +14,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
@@ -159,7 +160,7 @@ class RspamdScanner:
 
         d.addCallback(send)
         # One deadline for the whole exchange: connect, send, response and body.
-        d.addTimeout(self.config.timeout, self.reactor)
+        d.addTimeout(self.config.timeout, self.reactor, onTimeoutCancel=timed_out)
         d.addCallback(self.verdict_for)
         d.addErrback(self._failed, tag)
         return d
@@ -235,6 +236,12 @@ class RspamdScanner:
             return Verdict(ACCEPT, headers=["X-Spam-Status: Unknown, scanner unavailable"],
                            log=logline)
         return Verdict(TEMPFAIL, reply=UNAVAILABLE, log=logline)
+
+
+def timed_out(result: Any, timeout: float) -> Any:
+    """addTimeout's hook: whatever the cancelled request failed with (the Agent wraps the
+    cancellation in ResponseNeverReceived), the reason is the deadline."""
+    return Failure(defer.TimeoutError(f"no answer within {timeout} s"))
 
 
 def describe_failure(failure: Any) -> str:
