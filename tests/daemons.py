@@ -4,8 +4,8 @@ process group. See docs/design/trust-engines.md, "Tests".
 
     with RspamdDaemon(tmp_dir) as rspamd:   # rspamd.url -> "http://127.0.0.1:<port>"
         ...
-    with ClamdDaemon(tmp_dir) as clamd:     # clamd.socket (unix path), clamd.tcp ("tcp:127.0.0.1:<port>")
-        ...
+    with ClamdDaemon(tmp_dir) as clamd:     # clamd.socket (a unix path), clamd.tcp
+        ...                                 # ("tcp:127.0.0.1:<port>")
 
 A missing binary skips the test (fails under CI) through tests.environment.require_program.
 """
