@@ -95,7 +95,9 @@ def _build_gate(parts: Parts, listener: str) -> Any:
     mx = listener == "mx"
     scanners: list[Any] = []
     if config.rspamd.url:
-        scanners.append(RspamdScanner(config.rspamd, reactor, config.hostname, parts.pools.io))
+        rspamd = RspamdScanner(config.rspamd, reactor, config.hostname, parts.pools.io)
+        reactor.addSystemEventTrigger("before", "shutdown", rspamd.close)  # type: ignore
+        scanners.append(rspamd)
     if config.clamd.socket:
         scanners.append(ClamdScanner(config.clamd, reactor, parts.pools.io))
     return Gate(config, listener, reactor=reactor, work=parts.pools.trust, dns=parts.dns,
