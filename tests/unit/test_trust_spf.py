@@ -11,23 +11,7 @@ from mailsuite.trust import AuthResult
 from mailsuite.trust import spf as trust_spf
 from mailsuite.trust.dns import DnsClient, DnsTempError
 from mailsuite.trust.spf import check_spf, evaluate_spf, identity_domain
-
-
-class FakeLookup:
-    """The blocking lookup (`DnsClient.blocking(...)`) backed by a dict:
-    (name, qtype) -> list of values, or an exception to raise."""
-
-    def __init__(self, records):
-        self.records = {(n.lower().rstrip("."), t): v for (n, t), v in records.items()}
-        self.asked: list[tuple[str, str]] = []
-
-    def __call__(self, name, qtype, timeout):
-        key = (name.lower().rstrip("."), qtype)
-        self.asked.append(key)
-        value = self.records.get(key, [])
-        if isinstance(value, Exception):
-            raise value
-        return list(value)
+from tests.unit.trustkit import FakeLookup
 
 
 class FakeDns:
