@@ -44,7 +44,7 @@ def dmarc_reject_reply(domain: str, spf: str, dkim: str) -> Reply:
                  f"message refused: DMARC policy of {domain} says reject (SPF {spf}, DKIM {dkim})")
 
 
-def authenticate_message(message: bytes, envelope: Envelope, spf: AuthResult,
+def authenticate_message(message: bytes, envelope: Envelope, spf: AuthResult | None,
                          dnsfunc_blocking: Lookup, config: TrustSection, rng: Any) -> AuthOutcome:
     """DKIM, ARC and DMARC for `message` (blocking: call it through a worker pool). Never raises.
 
@@ -53,6 +53,10 @@ def authenticate_message(message: bytes, envelope: Envelope, spf: AuthResult,
     temporary errors. rng: a random.Random for DMARC pct sampling."""
     if not config.enabled:
         return AuthOutcome(log="sender authentication disabled ([trust] enabled = false)")
+    if spf is None:  # the gate did not check SPF: DMARC can only align DKIM
+        spf = AuthResult("spf", "none", "not checked",
+                         (("smtp.mailfrom", envelope.mail_from),) if envelope.mail_from
+                         else (("smtp.helo", envelope.helo),))
     timeout = float(config.dns_timeout)
     try:
         dkim_results = verify_dkim(message, dkim_dnsfunc(_budget(dnsfunc_blocking, timeout),

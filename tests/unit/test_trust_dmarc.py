@@ -300,3 +300,10 @@ def test_disabled_trust_accepts_without_results():
     outcome = authenticate(MESSAGE, {"_dmarc.example.com": [REJECT_REC]},
                            config=TrustSection(enabled=False))
     assert (outcome.disposition, outcome.results) == (ACCEPT, [])
+
+
+def test_missing_spf_result_is_recorded_as_none():
+    outcome = authenticate(MESSAGE, {"_dmarc.example.com": [REJECT_REC]}, spf=None)
+    assert outcome.results[0] == AuthResult("spf", "none", "not checked",
+                                            (("smtp.mailfrom", "bounce@elsewhere.test"),))
+    assert outcome.disposition == REJECT
