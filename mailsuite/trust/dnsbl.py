@@ -99,13 +99,14 @@ def parse_site(text: str) -> DnsblSite:
         if not filter_text.strip():
             raise bad("empty filter after '='")
         try:
-            patterns = tuple(_parse_pattern(p) for p in _split_outside_brackets(filter_text))
+            patterns = tuple(_parse_pattern(p)
+                             for p in _split_outside_brackets(filter_text, ";"))
         except ValueError as e:
             raise bad(str(e))
     return DnsblSite(zone, patterns, weight, text.strip())
 
 
-def _split_outside_brackets(text: str) -> list[str]:
+def _split_outside_brackets(text: str, separator: str) -> list[str]:
     parts, depth, current = [], 0, ""
     for c in text:
         if c == "[":
@@ -116,7 +117,7 @@ def _split_outside_brackets(text: str) -> list[str]:
             depth -= 1
             if depth < 0:
                 raise ValueError("']' without '[' in the filter")
-        if c == ";" and depth == 0:
+        if c == separator and depth == 0:
             parts.append(current)
             current = ""
         else:
@@ -128,7 +129,7 @@ def _split_outside_brackets(text: str) -> list[str]:
 
 
 def _parse_pattern(pattern: str) -> tuple[frozenset[int], ...]:
-    octets = pattern.strip().split(".")
+    octets = _split_outside_brackets(pattern.strip(), ".")
     if len(octets) != 4:
         raise ValueError(f"the filter {pattern.strip()!r} is not four octets (like "
                          "127.0.0.[2..11])")
