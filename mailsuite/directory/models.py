@@ -105,7 +105,7 @@ class Sender(Base):
                                               nullable=False)
 
 
-# -- inbound trust (docs/design/trust-limits.md) ---------------------------------------------------
+# -- inbound trust (docs/design/trust-limits.md) --------------------------------------------------
 # Times are integer Unix seconds from the server's clock (the reactor), not datetimes: the
 # arithmetic (delay, windows, expiry) is then the same plain integer comparison on every backend.
 

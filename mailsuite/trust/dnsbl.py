@@ -170,7 +170,7 @@ def never_queried(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
             or addr.is_unspecified or addr.is_reserved)
 
 
-# -- the checker ------------------------------------------------------------------------------------
+# -- the checker ----------------------------------------------------------------------------------
 class DNSBL:
     """`check(ip)` at MX: Deferred[DnsblResult], never an errback."""
 

@@ -90,7 +90,7 @@ def client_key(ip: str) -> str:
     return str(addr)
 
 
-# -- shared by the trust classes that use the directory ---------------------------------------------
+# -- shared by the trust classes that use the directory -------------------------------------------
 class FailOpenLog:
     """One warning line when a check fails open, then at most one every `interval` seconds with
     the number left out: a database outage under load must not flood the log."""
@@ -145,7 +145,7 @@ def maybe_purge(directory: Any, clock: Any) -> None:
     d.addErrback(failed)
 
 
-# -- the limits -------------------------------------------------------------------------------------
+# -- the limits -----------------------------------------------------------------------------------
 class RateLimits:
     """The four [ratelimit] limits; every method fires with a Reply to refuse with, or None.
 

@@ -28,7 +28,7 @@ def a(text: str) -> ipaddress.IPv4Address:
     return ipaddress.IPv4Address(text)
 
 
-# -- syntax -----------------------------------------------------------------------------------------
+# -- syntax ---------------------------------------------------------------------------------------
 def test_parse_site_ranges_alternatives_and_weights():
     site = parse_site("zen.spamhaus.org=127.0.0.[2..11]*3")
     assert (site.zone, site.weight) == ("zen.spamhaus.org", 3)
@@ -48,7 +48,8 @@ def test_parse_site_ranges_alternatives_and_weights():
 
 
 @pytest.mark.parametrize("text", [
-    "", "  ", "zen", "zen..example.org", "bad zone.example", "zen.example.org*", "zen.example.org*x",
+    "", "  ", "zen", "zen..example.org", "bad zone.example", "zen.example.org*",
+    "zen.example.org*x",
     "zen.example.org*0", "zen.example.org=", "zen.example.org=127.0.0",
     "zen.example.org=127.0.0.256", "zen.example.org=127.0.0.[5..2]",
     "zen.example.org=127.0.0.[2..3", "zen.example.org=127.0.0.2]", "zen.example.org=127.0.0.[[2]]",
@@ -67,7 +68,7 @@ def test_bad_sites_or_threshold_stop_start_up():
         dnsbl({}, ["zen.spamhaus.org"], threshold=0)
 
 
-# -- query names ---------------------------------------------------------------------------------
+# -- query names ----------------------------------------------------------------------------------
 def test_ipv4_and_ipv6_reversal():
     assert reversed_name(ipaddress.ip_address("81.2.69.142")) == "142.69.2.81"
     assert reversed_name(ipaddress.ip_address("2a00:1450:4001:81b::200e")) == \
@@ -90,7 +91,7 @@ def test_loopback_and_private_addresses_are_never_queried():
     assert dns.queries == []
 
 
-# -- scores -----------------------------------------------------------------------------------------
+# -- scores ---------------------------------------------------------------------------------------
 def test_listed_with_filter_and_threshold():
     sites = ["zen.example.org=127.0.0.[2..11]", "bl.example.net"]
     answers = {f"{REV}.zen.example.org": ["127.0.0.4"], f"{REV}.bl.example.net": ["127.0.0.2"]}
@@ -136,7 +137,7 @@ def test_127_255_255_x_is_an_error_not_a_listing():
                              "(127.255.255.254")) == 1
 
 
-# -- failures and time ------------------------------------------------------------------------------
+# -- failures and time ----------------------------------------------------------------------------
 def test_timeout_counts_as_unlisted_and_is_not_cached():
     sites = ["slow.example.org", "bl.example.net"]
     checker, dns, clock = dnsbl({f"{REV}.slow.example.org": HANG,

@@ -33,7 +33,7 @@ def grey(store, now, network="203.0.113.0/24", sender="a@remote.example",
     return store.greylist_check(network, sender, recipient, now, DELAY, WINDOW, TTL)
 
 
-# -- rate windows -----------------------------------------------------------------------------------
+# -- rate windows ---------------------------------------------------------------------------------
 def test_rate_limit_exactly_reached_then_refused_until_the_window_rolls_over(store):
     start = 1_700_000_000 - 1_700_000_000 % 60
     for n in range(1, 4):
@@ -76,7 +76,7 @@ def test_rate_counters_reset_and_purge(store):
     assert len(store.rate_counters(now)) == 1
 
 
-# -- greylist -----------------------------------------------------------------------------------------
+# -- greylist -------------------------------------------------------------------------------------
 def test_greylist_new_early_retry_then_pass_and_the_network_is_whitelisted(store):
     t = 1_000_000
     assert grey(store, t) == GreylistOutcome(False, "new", DELAY)
@@ -149,7 +149,7 @@ def test_two_stores_on_one_database_share_the_state(db_url, store):
         other.close()
 
 
-# -- migration ------------------------------------------------------------------------------------------
+# -- migration ------------------------------------------------------------------------------------
 def test_schema_2_is_migrated(db_url):
     """A database of the previous version (no trust tables, version 2) is upgraded by
     prepare(), its data kept, and the new tables work."""
