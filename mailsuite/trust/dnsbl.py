@@ -43,6 +43,7 @@ log = Logger()
 CACHE_TTL = 300.0  # seconds a complete result is reused for the same address
 CACHE_SIZE = 10_000  # addresses remembered at most (least recently used forgotten first)
 ERROR_NETWORK = ipaddress.ip_network("127.255.255.0/24")
+ZONE_LOG_INTERVAL = 60.0  # one line per zone and kind of trouble in this time, at most
 
 _ZONE = re.compile(r"^(?=.{1,253}$)([A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
                    r"(\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$")
@@ -187,6 +188,20 @@ class DNSBL:
         self._cache: collections.OrderedDict[str, tuple[float, DnsblResult]] = \
             collections.OrderedDict()
         self._pending: dict[str, list[defer.Deferred]] = {}
+        self._logged: dict[tuple[str, str], tuple[float, int]] = {}
+
+    def _zone_log(self, zone: str, trouble: str, level: str, fmt: str, **kw: Any) -> None:
+        """Log a zone's trouble (no answer, temporary error, refusal) once, then at most once
+        every ZONE_LOG_INTERVAL seconds with the number of occurrences left out: a dead list
+        would otherwise write a line for every client."""
+        now = self.clock.seconds()
+        last, skipped = self._logged.get((zone, trouble), (None, 0))
+        if last is not None and now - last < ZONE_LOG_INTERVAL:
+            self._logged[(zone, trouble)] = (last, skipped + 1)
+            return
+        self._logged[(zone, trouble)] = (now, 0)
+        more = f" ({skipped} more since)" if skipped else ""
+        getattr(log, level)(fmt + "{more}", zone=zone, more=more, **kw)
 
     def check(self, ip: str) -> defer.Deferred:
         addr = parse_address(ip)
@@ -252,8 +267,9 @@ class DNSBL:
 
         def expire() -> None:
             if not out.called:
-                log.info("dnsbl: {zone} gave no answer for {ip} within {timeout} s; counted as "
-                         "unlisted", zone=zone, ip=ip, timeout=timeout)
+                self._zone_log(zone, "timeout", "info", "dnsbl: {zone} gave no answer for {ip} "
+                               "within {timeout} s; counted as unlisted", ip=ip,
+                               timeout=timeout)
                 out.callback(None)
 
         timer = self.clock.callLater(timeout, expire)
@@ -269,8 +285,9 @@ class DNSBL:
                 return
             timer.cancel()
             if failure.check(DnsTempError):
-                log.info("dnsbl: {zone} temporary error for {ip} ({error}); counted as "
-                         "unlisted", zone=zone, ip=ip, error=failure.getErrorMessage())
+                self._zone_log(zone, "temporary", "info", "dnsbl: {zone} temporary error for "
+                               "{ip} ({error}); counted as unlisted", ip=ip,
+                               error=failure.getErrorMessage())
             else:
                 log.failure("dnsbl: query {name} failed; counted as unlisted", failure,
                             name=name)
@@ -289,9 +306,9 @@ class DNSBL:
             except ValueError:
                 continue
             if answer in ERROR_NETWORK:
-                log.warn("dnsbl: {zone} refused to answer for {ip} ({answer}: e.g. queries "
-                         "through a public resolver or over quota); counted as unlisted",
-                         zone=zone, ip=ip, answer=str(answer))
+                self._zone_log(zone, "refused", "warn", "dnsbl: {zone} refused to answer for "
+                               "{ip} ({answer}: e.g. queries through a public resolver or over "
+                               "quota); counted as unlisted", ip=ip, answer=str(answer))
                 continue
             usable.append(answer)
         return usable

@@ -186,3 +186,16 @@ def test_no_sites_no_queries():
     checker, dns, _ = dnsbl({}, [])
     assert result_of(checker.check(IP)) == DnsblResult()
     assert dns.queries == []
+
+
+def test_a_dead_zone_logs_once_a_minute_not_once_per_client():
+    checker, _, clock = dnsbl({}, ["zen.example.org"])
+    checker.dns.answers = {f"{n}.69.2.81.zen.example.org": DnsTempError("SERVFAIL")
+                           for n in range(1, 6)}
+    with LogLines() as logs:
+        for n in range(1, 5):
+            result_of(checker.check(f"81.2.69.{n}"))
+        clock.advance(60)
+        result_of(checker.check("81.2.69.5"))
+    lines = logs.matching("zen.example.org temporary error")
+    assert len(lines) == 2 and lines[1].endswith("(3 more since)")
