@@ -52,6 +52,21 @@ class DirectoryService(Protocol):
                      client_ip: str | None = None) -> defer.Deferred:
         ...
 
+    # Inbound trust state shared by every instance (docs/design/trust-limits.md).
+    def greylist_check(self, network: str, sender: str, recipient: str, now: float, delay: int,
+                       retry_window: int, pass_ttl: int) -> defer.Deferred:
+        ...
+
+    def rate_hit(self, key: str, window_seconds: int, limit: int, now: float,
+                 cost: int = 1) -> defer.Deferred:
+        ...
+
+    def rate_counters(self, now: float) -> defer.Deferred:
+        ...
+
+    def purge_trust(self, now: float) -> defer.Deferred:
+        ...
+
 
 class Directory:
     """Who exists and who may do what, for protocol code on the reactor thread.
@@ -111,6 +126,26 @@ class Directory:
     def user_exists(self, address: str) -> defer.Deferred:
         """Deferred[bool]: a user account (not an alias) with this address exists."""
         return self._db(self.store.user_exists, address)
+
+    # -- inbound trust state (docs/design/trust-limits.md) --------------------------------------
+    def greylist_check(self, network: str, sender: str, recipient: str, now: float, delay: int,
+                       retry_window: int, pass_ttl: int) -> defer.Deferred:
+        """Deferred[GreylistOutcome] for one (client network, sender, recipient) triplet."""
+        return self._db(self.store.greylist_check, network, sender, recipient, now, delay,
+                        retry_window, pass_ttl)
+
+    def rate_hit(self, key: str, window_seconds: int, limit: int, now: float,
+                 cost: int = 1) -> defer.Deferred:
+        """Deferred[RateOutcome]: count `cost` hits of `key` in its current fixed window."""
+        return self._db(self.store.rate_hit, key, window_seconds, limit, now, cost)
+
+    def rate_counters(self, now: float) -> defer.Deferred:
+        """Deferred[list[RateCounter]]: the rate windows that have not ended."""
+        return self._db(self.store.rate_counters, now)
+
+    def purge_trust(self, now: float) -> defer.Deferred:
+        """Deferred[(triplets, networks, windows) removed]: expired greylist and rate rows."""
+        return self._db(self.store.purge_trust, now)
 
     def _db(self, fn: Any, *args: Any) -> defer.Deferred:
         """Run one store unit of work in `pools.db`; whatever keeps the database from answering

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models of the directory: Domain, User, Alias.
+"""SQLAlchemy 2 models of the directory: Domain, User, Alias, Sender, and the inbound-trust state
+shared by every instance (greylist triplets, auto-whitelisted networks, rate windows).
 
 Addresses are stored in canonical form (lower-case, A-label domain) so that lookups are plain
 equality on an indexed column, on SQLite and PostgreSQL alike (no dialect-specific collations).
@@ -7,7 +8,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (Boolean, DateTime, ForeignKey, Index, Integer, String, UniqueConstraint)
+from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -21,7 +23,8 @@ class Base(DeclarativeBase):
 
 # Bump with every change to the tables below, and migrate in store.prepare() (MIGRATIONS).
 # 1: domains, users, aliases. 2: ms_sender (extra sender addresses of a user).
-SCHEMA_VERSION = 2
+# 3: ms_greylist, ms_greylist_pass, ms_rate (docs/design/trust-limits.md).
+SCHEMA_VERSION = 3
 
 
 class SchemaInfo(Base):
@@ -100,3 +103,59 @@ class Sender(Base):
     address: Mapped[str] = mapped_column(String(320), nullable=False)
     created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
                                               nullable=False)
+
+
+# -- inbound trust (docs/design/trust-limits.md) --------------------------------------------------
+# Times are integer Unix seconds from the server's clock (the reactor), not datetimes: the
+# arithmetic (delay, windows, expiry) is then the same plain integer comparison on every backend.
+
+class GreylistEntry(Base):
+    """One (client network, sender, recipient) triplet seen by MX.
+
+    network: the client's /24 (IPv4) or /64 (IPv6); sender: lower-case, "<>" for the null
+    reverse-path; recipient: lower-case. passed_at: when a retry was accepted (None: pending).
+    expires: when the row may be purged (pending: first_seen + retry_window; passed: last_seen +
+    pass_ttl)."""
+
+    __tablename__ = "ms_greylist"
+    __table_args__ = (
+        UniqueConstraint("network", "sender", "recipient", name="uq_ms_greylist_triplet"),
+        Index("ix_ms_greylist_expires", "expires"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    network: Mapped[str] = mapped_column(String(64), nullable=False)
+    sender: Mapped[str] = mapped_column(String(320), nullable=False)
+    recipient: Mapped[str] = mapped_column(String(320), nullable=False)
+    first_seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    last_seen: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    passed_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    expires: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class GreylistPass(Base):
+    """A client network that retried a greylisted triplet: it passes until `expires`."""
+
+    __tablename__ = "ms_greylist_pass"
+    __table_args__ = (Index("ix_ms_greylist_pass_expires", "expires"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    network: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    expires: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class RateWindow(Base):
+    """One fixed window of one rate counter, e.g. key "mx-conn:192.0.2.1", window_start a
+    multiple of the window's length, window_end = window_start + that length."""
+
+    __tablename__ = "ms_rate"
+    __table_args__ = (
+        UniqueConstraint("key", "window_start", name="uq_ms_rate_key_window"),
+        Index("ix_ms_rate_window_end", "window_end"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(400), nullable=False)
+    window_start: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    window_end: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    count: Mapped[int] = mapped_column(Integer, nullable=False)

@@ -58,3 +58,54 @@ class UserInfo:
 class AliasInfo:
     source: str  # full address, or "@domain" for a catch-all
     targets: tuple[str, ...]
+
+
+# -- inbound trust state (docs/design/trust-limits.md) --------------------------------------------
+GREYLIST_WHITELISTED, GREYLIST_RETRIED, GREYLIST_NEW, GREYLIST_EARLY = (
+    "whitelisted", "retried", "new", "early")
+
+
+@dataclass(frozen=True)
+class GreylistOutcome:
+    """What `greylist_check` decided for one triplet.
+
+    passed: accept it now. reason: "whitelisted" (the client network passes), "retried" (a retry
+    after the delay: the network is whitelisted from now on), "new" (first sight, or not
+    retried within the retry window) or "early" (retried before the delay was over).
+    retry_in: seconds before a retry will be accepted (0 when passed)."""
+
+    passed: bool
+    reason: str
+    retry_in: int = 0
+
+
+@dataclass(frozen=True)
+class RateOutcome:
+    """What `rate_hit` decided: allowed (and counted) or not. count: the window's count after
+    this hit (when allowed) or as it stands (when refused); retry_after: seconds until the
+    window ends (0 when allowed)."""
+
+    allowed: bool
+    count: int
+    limit: int
+    retry_after: int = 0
+
+
+@dataclass(frozen=True)
+class RateCounter:
+    """One current rate window, for `mailsuite limits show`."""
+
+    key: str
+    window_start: int
+    window_end: int
+    count: int
+
+
+@dataclass(frozen=True)
+class GreylistCounts:
+    """Current greylist rows: triplets waiting for their retry, triplets that passed, client
+    networks that pass."""
+
+    pending: int
+    passed: int
+    whitelisted: int

@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryUnavailable, Route
+from mailsuite.directory.records import GreylistOutcome, RateOutcome
 from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.smtp import server_factory
 from mailsuite.smtp.policy import MXPolicy, SubmissionPolicy
@@ -130,6 +131,22 @@ class FakeDirectory:
             raise UnauthorizedLogin("authentication failed")
 
         return task.deferLater(self.clock, delay + self._later.latency, refuse)
+
+    # Inbound trust state: everything passes, nothing is counted (the trust classes have their
+    # own tests on a real store: tests/unit/test_trust_*.py).
+    def greylist_check(self, network: str, sender: str, recipient: str, now: float, delay: int,
+                       retry_window: int, pass_ttl: int) -> defer.Deferred:
+        return self._later.succeed(GreylistOutcome(True, "whitelisted"))
+
+    def rate_hit(self, key: str, window_seconds: int, limit: int, now: float,
+                 cost: int = 1) -> defer.Deferred:
+        return self._later.succeed(RateOutcome(True, cost, limit))
+
+    def rate_counters(self, now: float) -> defer.Deferred:
+        return self._later.succeed([])
+
+    def purge_trust(self, now: float) -> defer.Deferred:
+        return self._later.succeed((0, 0, 0))
 
 
 @dataclass

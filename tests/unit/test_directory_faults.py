@@ -45,6 +45,10 @@ STORE_CALLS = [
     ("password_record", ("alice@example.org",)), ("list_domains", ()), ("list_users", ()),
     ("list_senders", ()), ("add_domain", ("example.net",)),
     ("set_enabled", ("alice@example.org", False)),
+    # the inbound-trust state (docs/design/trust-limits.md), which fails open on exactly this
+    ("greylist_check", ("192.0.2.0/24", "<>", "alice@example.org", 0, 300, 3600, 86400)),
+    ("rate_hit", ("mx-conn:192.0.2.1", 60, 10, 0)), ("rate_counters", (0,)),
+    ("purge_trust", (0,)),
 ]
 
 

@@ -9,7 +9,7 @@ import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 from twisted.logger import capturedLogs
 
 from tests.unit.imapkit import World, simple
@@ -149,6 +149,9 @@ def test_generated_commands_get_one_tagged_reply_each(tmp_path_factory, commands
 @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.binary(max_size=300), st.booleans())
 def test_raw_bytes_never_break_the_server(tmp_path_factory, data, preauth):
+    # Hypothesis also draws string constants from the source, this marker among them: a client
+    # sending it gets it echoed back as its tag, which is no server bug.
+    assume(b"SERVERBUG" not in data)
     world = _world(tmp_path_factory)
     out, events, closed = _run(world, data + b"\r\nz9 NOOP\r\n", preauth)
     _check(out, events)
