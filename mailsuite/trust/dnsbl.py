@@ -32,11 +32,7 @@ from mailsuite.config import ConfigError, DNSBLSection
 from mailsuite.smtp.replies import Reply
 from mailsuite.trust.ratelimit import parse_address
 
-try:
-    from mailsuite.trust.dns import DnsTempError
-except ImportError:  # dns.py is the interface until the DnsClient lands (mailsuite/trust/dns.py)
-    class DnsTempError(Exception):  # type: ignore[no-redef]
-        """Stand-in with the interface's meaning: timeout, SERVFAIL, REFUSED, bad answer."""
+from mailsuite.trust.dns import DnsTempError
 
 log = Logger()
 
@@ -166,8 +162,11 @@ def reversed_name(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
 
 
 def never_queried(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Addresses no public list can say anything about (and must not learn about)."""
-    return (addr.is_loopback or addr.is_private or addr.is_link_local or addr.is_multicast
+    """Addresses no public list can say anything about (and must not learn about). Loopback
+    is left to `[dnsbl] exempt_networks` (exempt by default), so a test zone can list it."""
+    if addr.is_loopback:
+        return False
+    return (addr.is_private or addr.is_link_local or addr.is_multicast
             or addr.is_unspecified or addr.is_reserved)
 
 

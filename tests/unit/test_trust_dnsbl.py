@@ -83,12 +83,20 @@ def test_ipv4_and_ipv6_reversal():
         ("143.69.2.81.zen.example.org", "A")]
 
 
-def test_loopback_and_private_addresses_are_never_queried():
+def test_private_addresses_are_never_queried():
     checker, dns, _ = dnsbl({}, ["zen.example.org"])
-    for ip in ("127.0.0.2", "10.1.2.3", "192.168.1.1", "172.16.0.1", "169.254.1.1", "::1",
+    for ip in ("10.1.2.3", "192.168.1.1", "172.16.0.1", "169.254.1.1",
                "fd00::1", "fe80::1", "not an address"):
         assert result_of(checker.check(ip)) == DnsblResult()
     assert dns.queries == []
+
+
+def test_loopback_is_queried_when_not_exempt():
+    """The gate skips [dnsbl] exempt_networks (loopback by default); the checker itself asks,
+    so a test zone can list 127.0.0.1."""
+    checker, dns, _ = dnsbl({}, ["zen.example.org"])
+    result_of(checker.check("127.0.0.2"))
+    assert dns.queries == [("2.0.0.127.zen.example.org", "A")]
 
 
 # -- scores ---------------------------------------------------------------------------------------
