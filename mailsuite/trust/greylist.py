@@ -6,8 +6,8 @@ within `retry_window`, is accepted and whitelists the client's network (/24 or /
 `pass_ttl`. The state lives in the SQL directory (`ms_greylist`, `ms_greylist_pass`), shared by
 every instance, through `Directory.greylist_check` in the db pool.
 
-Never greylisted: loopback clients, and the networks given as `exempt_networks` (the server
-passes `[ratelimit] exempt_networks`, the operator's one list of trusted client networks).
+Never greylisted: the networks given as `exempt_networks` (the server passes `[ratelimit]
+exempt_networks`, the operator's one list of trusted client networks, loopback by default).
 **Fail open**: when the database cannot answer, the recipient is accepted, with a log line (at
 most one a minute): greylisting only delays spam, and refusing every message during a database
 outage would hurt more than letting some through.
@@ -50,7 +50,7 @@ class Greylist:
 
     def exempt_client(self, ip: str) -> bool:
         addr = parse_address(ip)
-        return addr is None or addr.is_loopback or in_networks(ip, self.exempt)
+        return addr is None or in_networks(ip, self.exempt)
 
     def check(self, ip: str, sender: str, recipient: str) -> defer.Deferred:
         """Deferred[Reply | None]. sender: the MAIL FROM address, "" or "<>" for the null

@@ -79,11 +79,11 @@ def test_ipv6_clients_are_greylisted_per_64(directory, clock):
         is None
 
 
-def test_disabled_loopback_and_exempt_networks_run_no_sql(directory, clock):
+def test_disabled_and_exempt_networks_run_no_sql(directory, clock):
     spy = Spy(directory)
     off = Greylist(spy, GreylistSection(enabled=False), clock)
     assert result_of(off.check(IP, "a@remote.example", "alice@example.org")) is None
-    g = greylist(spy, clock, exempt=["192.0.2.0/24"])
+    g = greylist(spy, clock, exempt=["192.0.2.0/24", "127.0.0.0/8", "::1/128"])
     for ip in ("127.0.0.1", "::1", "192.0.2.9", "::ffff:192.0.2.9"):
         assert result_of(g.check(ip, "a@remote.example", "alice@example.org")) is None
     assert spy.calls == []
@@ -109,3 +109,9 @@ def test_bad_settings_stop_start_up(directory, clock):
         greylist(directory, clock, pass_ttl=0)
     with pytest.raises(ConfigError, match="exempt_networks"):
         greylist(directory, clock, exempt=["10.0.0.0/33"])
+
+
+def test_loopback_is_greylisted_when_not_exempt(directory, clock):
+    g = greylist(directory, clock, exempt=[])
+    reply = result_of(g.check("127.0.0.1", "a@remote.example", "alice@example.org"))
+    assert reply is not None and reply.code == 451
