@@ -8,26 +8,14 @@ p=reject / p=quarantine.
 """
 from __future__ import annotations
 
-import base64
 import email.utils
 from dataclasses import dataclass, field
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+
+from tests.unit.trustkit import rsa_key
 
 SELECTOR = "s1"
-
-
-def rsa_key() -> tuple[bytes, str]:
-    """(private key PEM, the p= value of its DKIM record)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
-    pem = key.private_bytes(serialization.Encoding.PEM,
-                            serialization.PrivateFormat.TraditionalOpenSSL,
-                            serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.DER,
-                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return pem, base64.b64encode(public).decode()
 
 
 @dataclass
@@ -41,7 +29,8 @@ class SenderDomain:
 
     def __post_init__(self) -> None:
         if not self.key:
-            self.key, self.public = rsa_key()
+            self.key, record = rsa_key(self.name)  # one key per domain name, made once
+            self.public = record.decode().rpartition("p=")[2]
 
     def records(self) -> list[tuple[str, str, str]]:
         rs = [(f"{SELECTOR}._domainkey.{self.name}", "TXT",

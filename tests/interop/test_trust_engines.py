@@ -39,18 +39,6 @@ def write_message(path, body: str | bytes, attachment: bytes | None = None,
 HAM = "Hi Bob,\n\nare we still on for lunch tomorrow at noon? The usual place.\n\nAlice\n"
 
 
-@pytest.fixture(scope="module")
-def rspamd(tmp_path_factory):
-    with RspamdDaemon(str(tmp_path_factory.mktemp("rspamd"))) as daemon:
-        yield daemon
-
-
-@pytest.fixture(scope="module")
-def clamd(tmp_path_factory):
-    with ClamdDaemon(str(tmp_path_factory.mktemp("clamd"))) as daemon:
-        yield daemon
-
-
 # -- rspamd -----------------------------------------------------------------------------------
 def test_rspamd_gtube_is_rejected(rspamd, tmp_path):
     path = write_message(tmp_path / "gtube.eml", b"Buy now\n" + GTUBE + b"\n")

@@ -6,14 +6,13 @@ message signed by OpenDKIM (opendkim-testmsg, Debian's opendkim-tools) verifies 
 Debian packages: rspamd, clamav-daemon, opendkim-tools."""
 from __future__ import annotations
 
-import os
 import smtplib
 import subprocess
 from email.message import EmailMessage
 
 import pytest
 
-from tests.daemons import EICAR, EICAR_FOUND, GTUBE, ClamdDaemon, RspamdDaemon
+from tests.daemons import EICAR, EICAR_FOUND, GTUBE, ClamdDaemon
 from tests.dnsserver import DNSServer
 from tests.harness import MailServer
 from tests.trustkit import auth_results, message, result_of
@@ -23,18 +22,6 @@ pytestmark = pytest.mark.external
 RCPT = "alice@example.org"
 HAM = ("Hi Alice,\r\n\r\nare we still on for lunch tomorrow at noon? The usual place.\r\n\r\n"
        "Bob\r\n")
-
-
-@pytest.fixture(scope="module")
-def rspamd(tmp_path_factory):
-    with RspamdDaemon(str(tmp_path_factory.mktemp("rspamd"))) as daemon:
-        yield daemon
-
-
-@pytest.fixture(scope="module")
-def clamd(tmp_path_factory):
-    with ClamdDaemon(str(tmp_path_factory.mktemp("clamd"))) as daemon:
-        yield daemon
 
 
 def mx(make_server, rspamd=None, clamd=None, **rspamd_settings) -> MailServer:
