@@ -40,7 +40,7 @@ def pair(tmp_path):
         write_toml(b.config_path, b.sections)
         # A seals with a key of its parent domain (a.test), published like a DKIM key.
         [key] = generate(os.path.join(a.data_dir, "dkim"), "a.test", "arc", "rsa")
-        records["net"].append((f"arc._domainkey.a.test", "TXT", key.txt))
+        records["net"].append(("arc._domainkey.a.test", "TXT", key.txt))
         dns.update(records)
         try:
             a.start()
