@@ -17,9 +17,10 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any, Generator, Sequence
+from typing import Any, BinaryIO, Generator, Sequence
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
@@ -63,6 +64,7 @@ class Gate:
         self.rng = rng or random.Random()
         self.authserv_id = config.trust.authserv_id or config.hostname
         self.dnsbl_exempt = _networks(config.dnsbl.exempt_networks)
+        self.large = defer.DeferredSemaphore(1)  # signed messages over LARGE_MESSAGE
         # Sender authentication runs on MX only: submission mail is our own users'.
         self.authenticates = listener == "mx" and config.trust.enabled and dns is not None
 
@@ -187,6 +189,10 @@ class GateSession:
         return Inspection(verdict, new_path, new_size, meta)
 
     def _authenticate(self, envelope: Envelope, path: str, spf: AuthResult) -> defer.Deferred:
+        """DKIM, ARC and DMARC in a worker thread. dkimpy needs the whole message in memory,
+        so only a signed message is read whole, and signed messages over LARGE_MESSAGE are
+        verified one at a time: memory stays bounded whatever many big messages arrive at
+        once (docs/design/trust.md, "Memory")."""
         gate = self.gate
         from mailsuite.trust.checks import authenticate_message
 
@@ -195,13 +201,18 @@ class GateSession:
 
         def work() -> Verdict:
             with open(path, "rb") as f:
-                message = f.read()
+                head, complete = _read_head(f)
+                signed = _SIGNED.search(head) is not None
+                # Unsigned: DMARC needs the header only, DKIM and ARC have nothing to verify.
+                message = head + f.read() if signed or not complete else head
             outcome = authenticate_message(message, envelope, spf, lookup, gate.config.trust,
                                            random.Random(seed))
             return Verdict(outcome.disposition, outcome.reply, [], list(outcome.results),
                            outcome.log)
 
-        return gate.work.run(work)
+        if os.path.getsize(path) <= LARGE_MESSAGE:
+            return gate.work.run(work)
+        return gate.large.run(gate.work.run, work)
 
     def _log(self, envelope: Envelope, verdict: Verdict) -> None:
         results = " ".join(f"{r.method}={r.result}" for r in verdict.results)
@@ -247,33 +258,55 @@ def _reply_or_none(d: defer.Deferred) -> defer.Deferred:
 
 # -- the rewrite, in a worker thread -------------------------------------------------------------
 
+# Signed messages larger than this are verified one at a time (dkimpy holds them in memory).
+LARGE_MESSAGE = 1024 * 1024
+# The header section is read up to this; a longer one is treated as header up to here.
+MAX_HEAD = 1024 * 1024
+COPY_CHUNK = 64 * 1024
+_SIGNED = re.compile(rb"(?im)^(dkim-signature|arc-seal|arc-message-signature):")
+
+
+def _read_head(f: BinaryIO) -> tuple[bytes, bool]:
+    """The header section and its blank line (at most MAX_HEAD octets), and whether that was
+    the whole header section."""
+    head = bytearray()
+    while len(head) < MAX_HEAD:
+        line = f.readline(MAX_HEAD - len(head))
+        if not line:
+            return bytes(head), True
+        head += line
+        if line in (b"\r\n", b"\n"):
+            return bytes(head), True
+    return bytes(head), False
+
+
 def _rewrite(path: str, header_fields: list[str], authserv_id: str | None) -> tuple[str, int]:
     """Write `header_fields` + the message (minus Authentication-Results fields claiming
-    `authserv_id`) to a new file beside `path`; remove `path`. Returns (new path, size)."""
-    with open(path, "rb") as f:
-        message = f.read()
-    if authserv_id is not None:
-        from mailsuite.trust.authresults import strip_ours
+    `authserv_id`) to a new file beside `path`; remove `path`. Returns (new path, size).
+    Only the header section is held in memory; the body is copied in chunks."""
+    from mailsuite.safeio import write_all
 
-        end = message.find(b"\r\n\r\n")
-        head, body = (message[:end + 2], message[end + 2:]) if end >= 0 else (message, b"")
-        message = strip_ours(head, authserv_id) + body
     added = b"".join(_fold(field).encode("utf-8") + b"\r\n" for field in header_fields)
     directory = os.path.dirname(path)
     new_path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
-    fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        from mailsuite.safeio import write_all
+    with open(path, "rb") as src:
+        head, _ = _read_head(src)
+        if authserv_id is not None:
+            from mailsuite.trust.authresults import strip_ours
 
-        write_all(fd, added)
-        write_all(fd, message)
-    except BaseException:
-        os.close(fd)
-        os.unlink(new_path)
-        raise
+            head = strip_ours(head, authserv_id)
+        fd = os.open(new_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            size = write_all(fd, added) + write_all(fd, head)
+            while chunk := src.read(COPY_CHUNK):
+                size += write_all(fd, chunk)
+        except BaseException:
+            os.close(fd)
+            os.unlink(new_path)
+            raise
     os.close(fd)
     os.unlink(path)
-    return new_path, len(added) + len(message)
+    return new_path, size
 
 
 def _fold(field: str) -> str:

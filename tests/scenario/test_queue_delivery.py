@@ -81,8 +81,12 @@ def test_mx_message_lands_in_maildir_with_trace_headers(mx):
     [a] = mx.wait_for_messages(ALICE)
     [b] = mx.wait_for_messages(BOB)
     data = read(a)
+    # The trace fields of final delivery, then what MX added on arrival: our
+    # Authentication-Results (docs/design/trust.md) above our Received.
     assert data.startswith(b"Return-Path: <carol@remote.example>\r\n"
-                           b"Delivered-To: alice@example.org\r\nReceived: ")
+                           b"Delivered-To: alice@example.org\r\n"
+                           b"Authentication-Results: mx.test.example;")
+    assert data.index(b"\r\nReceived: ") < data.index(b"\r\n\r\n")
     assert data.endswith(b"Hello hello.\r\n")
     assert b"\n" not in data.replace(b"\r\n", b"")  # CRLF everywhere
     assert read(b).startswith(b"Return-Path: <carol@remote.example>\r\n"

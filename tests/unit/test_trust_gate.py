@@ -217,3 +217,22 @@ def test_srs_addresses_of_ours_route_back_and_forged_ones_are_refused():
     [queued] = w.queue.messages
     [(_, route)] = queued.recipients
     assert route.remote == ("carol@remote.example",)
+
+
+def test_rewrite_streams_the_body_and_strips_only_our_results(tmp_path):
+    from mailsuite.trust.gate import COPY_CHUNK, _rewrite
+
+    head = (b"Received: from x\r\nAuthentication-Results: MX.unit.example;\r\n\tspf=pass\r\n"
+            b"Authentication-Results: other.example; spf=fail\r\nSubject: big\r\n\r\n")
+    body = (b"Authentication-Results: mx.unit.example; in the body stays\r\n"
+            + b"x" * (3 * COPY_CHUNK + 17) + b"\r\n")
+    src = tmp_path / "staged"
+    src.write_bytes(head + body)
+    new_path, size = _rewrite(str(src), ["Authentication-Results: mx.unit.example; spf=none"],
+                              "mx.unit.example")
+    data = open(new_path, "rb").read()
+    assert size == len(data)
+    assert not src.exists()
+    assert data == (b"Authentication-Results: mx.unit.example; spf=none\r\nReceived: from x\r\n"
+                    b"Authentication-Results: other.example; spf=fail\r\nSubject: big\r\n\r\n"
+                    + body)
