@@ -346,8 +346,10 @@ def spawn_server(args: argparse.Namespace):
     from tests.harness import MailServer
 
     base = tempfile.mkdtemp(prefix="smtp-load-")
-    server = MailServer(base, listeners=["mx", "submission", "submissions"],
-                        extra={"limits": {"max_connections_per_ip": max(20, args.clients + 5)}})
+    extra = {"limits": {"max_connections_per_ip": max(20, args.clients + 5)}}
+    if args.no_trust:
+        extra["trust"] = {"enabled": False}
+    server = MailServer(base, listeners=["mx", "submission", "submissions"], extra=extra)
     server.start()
     server.add_user(args.to)
     print(f"spawned mailsuite in {base} (mx port {server.ports['mx']})")
@@ -362,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn", action="store_true",
                    help="start a throwaway server (tests/harness.py) instead of using --port")
     p.add_argument("--keep", action="store_true", help="keep the spawned server's data dir")
+    p.add_argument("--no-trust", action="store_true",
+                   help="mx: with the inbound checks off ([trust] enabled = false)")
     p.add_argument("--no-engines", action="store_true",
                    help="mx-trust: without rspamd and clamd (sender authentication only)")
     p.add_argument("--clients", type=int, default=20)
