@@ -217,6 +217,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
                 b"APPENDLIMIT=%d" % self.config.limits.max_message_size]
+        caps += EXTENSION_CAPS  # imap-ext: binary.py, append.py, compress.py, LIST-STATUS
         if self.state == "notauth":
             if self.tls:
                 caps.append(b"AUTH=PLAIN")
@@ -710,5 +711,9 @@ COMMANDS["auth"] = COMMANDS["notauth"] - {"STARTTLS", "LOGIN", "AUTHENTICATE"} |
     "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK"}
 COMMANDS["selected"] = COMMANDS["auth"] | {
     "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+
+# Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
+# "BINARY" and the sections after it).
+EXTENSION_CAPS = [b"BINARY"]
 
 UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")
