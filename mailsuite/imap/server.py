@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
+from mailsuite.imap.append import AppendCommands
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
@@ -83,7 +84,7 @@ def _sound_tag(segments: Segments) -> bytes:
 
 
 class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
-                 FetchCommands, IdleCommand):
+                 AppendCommands, FetchCommands, IdleCommand):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -714,6 +715,6 @@ COMMANDS["selected"] = COMMANDS["auth"] | {
 
 # Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
 # "BINARY" and the sections after it).
-EXTENSION_CAPS = [b"BINARY"]
+EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE"]
 
 UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")
