@@ -715,6 +715,6 @@ COMMANDS["selected"] = COMMANDS["auth"] | {
 
 # Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
 # "BINARY" and the sections after it).
-EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE"]
+EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE", b"LIST-STATUS", b"STATUS=SIZE"]
 
 UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")
