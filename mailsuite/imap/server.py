@@ -28,6 +28,7 @@ from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
 from mailsuite.imap.append import AppendCommands
+from mailsuite.imap.compress import CompressCommand
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
@@ -83,7 +84,7 @@ def _sound_tag(segments: Segments) -> bytes:
     return b"*"
 
 
-class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
+class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
                  AppendCommands, FetchCommands, IdleCommand):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
@@ -709,12 +710,13 @@ COMMANDS = {
 }
 COMMANDS["auth"] = COMMANDS["notauth"] - {"STARTTLS", "LOGIN", "AUTHENTICATE"} | {
     "ENABLE", "NAMESPACE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
-    "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK"}
+    "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK", "COMPRESS"}
 COMMANDS["selected"] = COMMANDS["auth"] | {
     "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
 
 # Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
 # "BINARY" and the sections after it).
-EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE", b"LIST-STATUS", b"STATUS=SIZE"]
+EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE", b"LIST-STATUS", b"STATUS=SIZE",
+                  b"COMPRESS=DEFLATE"]
 
 UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")
