@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from mailsuite.imap import binary as binmod
 from mailsuite.imap import message as mime
 from mailsuite.imap.flags import flag_list
 from mailsuite.imap.messages import store_flags
@@ -35,8 +36,9 @@ HEADER_TEXTS = (b"HEADER", b"HEADER.FIELDS", b"HEADER.FIELDS.NOT")
 class FileRange:
     """A large section to stream from a message file."""
 
-    def __init__(self, uid: int, offset: int, length: int):
+    def __init__(self, uid: int, offset: int, length: int, binary: bool = False):
         self.uid, self.offset, self.length = uid, offset, length
+        self.binary = binary  # BINARY[]: a literal8 of the true octets (binary.py)
 
 
 Piece = Union[bytes, FileRange]
@@ -102,7 +104,7 @@ class FetchCommand:
         self.needs_file = any(a.name not in INDEX_ITEMS for a in atts)
         # RFC 3501 §6.4.5: BODY[...] (not BODY.PEEK) and RFC822/RFC822.TEXT set \Seen.
         self.sets_seen = not self.sel.readonly and any(
-            a.name in (b"BODY", b"RFC822", b"RFC822.TEXT") and (a.section is not None or a.name != b"BODY")
+            a.name in (b"BODY", b"RFC822", b"RFC822.TEXT", b"BINARY") and (a.section is not None or a.name != b"BODY")
             for a in atts)
 
     @defer.inlineCallbacks
@@ -197,7 +199,7 @@ class FetchCommand:
     def _stream(self, fr: FileRange):
         """Send a literal of fr.length octets read from the file in chunks (no whole copy)."""
         s = self.session
-        s.transport.write(b"{%d}\r\n" % fr.length)
+        s.transport.write((b"~{%d}\r\n" if fr.binary else b"{%d}\r\n") % fr.length)
         f = yield s.io(self.sel.folder.open_message, fr.uid)
         try:
             yield s.io(f.seek, fr.offset)
@@ -208,7 +210,7 @@ class FetchCommand:
                     # The file shrank under us: pad so the literal length stays true.
                     data = b" " * min(CHUNK, left)
                 left -= len(data)
-                s.transport.write(data)
+                s.transport.write(data if fr.binary else binmod.nul_safe(data))
                 yield s.gate.wait()
         finally:
             s.io(f.close)
@@ -284,6 +286,8 @@ def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt]) -> dict[int, Piece]
 def _piece(buf: Union[bytes, mmap.mmap], root: mime.Part, a: FetchAtt, uid: int, size: int) -> Piece:
     """One item's value: a structure, or a section's literal (headers are served from the raw
     bytes, never rebuilt: docs/design/imap.md, "Headers from raw bytes")."""
+    if a.name.startswith(b"BINARY"):
+        return _binary_piece(buf, root, a, uid, size)
     if a.name == b"ENVELOPE":
         return mime.serialize(mime.envelope(buf, root))
     if a.name == b"BODYSTRUCTURE" or (a.name == b"BODY" and a.section is None):
@@ -312,6 +316,7 @@ def literal(buf: Union[bytes, mmap.mmap], uid: int, rng: Union[bytes, tuple[int,
         if partial:
             o, n = partial
             data = data[o:o + n]
+        data = binmod.nul_safe(data)
         return b"{%d}\r\n" % len(data) + data
     offset, length = rng
     if partial:
@@ -324,7 +329,34 @@ def literal(buf: Union[bytes, mmap.mmap], uid: int, rng: Union[bytes, tuple[int,
     data = bytes(buf[offset:offset + length])
     if len(data) < length:  # only the header block was read: fall back to streaming
         return FileRange(uid, offset, length)
+    data = binmod.nul_safe(data)
     return b"{%d}\r\n" % len(data) + data
+
+
+def _binary_piece(buf: Union[bytes, mmap.mmap], root: mime.Part, a: FetchAtt, uid: int,
+                  size: int) -> Piece:
+    """BINARY[part]<o.n> or BINARY.SIZE[part] (RFC 3516; binary.py)."""
+    decoded = binmod.content(buf, root, a, size)
+    if a.name == b"BINARY.SIZE":
+        return b"%d" % (decoded[1] if isinstance(decoded, tuple) else len(decoded))
+    if isinstance(decoded, bytes):
+        data = decoded
+        if a.partial:
+            o, n = a.partial
+            data = data[o:o + n]
+        return binmod.literal8(data)
+    offset, length = decoded
+    if a.partial:
+        o, n = a.partial
+        if o >= length:
+            return b'""'
+        offset, length = offset + o, min(n, length - o)
+    if length > STREAM_THRESHOLD:
+        return FileRange(uid, offset, length, binary=True)
+    data = bytes(buf[offset:offset + length])
+    if len(data) < length:
+        return FileRange(uid, offset, length, binary=True)
+    return binmod.literal8(data)
 
 
 def read_header(f: BinaryIO) -> bytes:

@@ -16,10 +16,10 @@ from mailsuite.imap.parser import Atom, Token, astring
 from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import sync_folder
 from mailsuite.imap.session import Session
+from mailsuite.imap.status import parse_items, status_line
 from mailsuite.mailbox.store import Account, FolderExists, MailboxError
 
 LIST_SELECT_OPTIONS = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
-STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE"}
 
 
 @dataclass
@@ -31,6 +31,7 @@ class ListRequest:
     patterns: list[bytes]
     select_opts: set[bytes] = field(default_factory=set)
     return_opts: set[bytes] = field(default_factory=set)
+    status_items: list[bytes] = field(default_factory=list)  # RETURN (STATUS (...)), RFC 5819
 
     @property
     def only_subscribed(self) -> bool:
@@ -56,7 +57,14 @@ def parse_list(args: list[Token], lsub: bool) -> ListRequest:
         if len(rest) != 2 or not isinstance(rest[0], Atom) or rest[0].upper() != b"RETURN" \
                 or not isinstance(rest[1], list):
             raise bad("invalid LIST return options")
-        req.return_opts = {astring(a).upper() for a in rest[1]}
+        opts = list(rest[1])
+        while opts:
+            opt = astring(opts.pop(0)).upper()
+            if opt == b"STATUS":
+                if not opts:
+                    raise bad("STATUS needs a list of items")
+                req.status_items = parse_items(opts.pop(0))
+            req.return_opts.add(opt)
     if select_opts - LIST_SELECT_OPTIONS:
         raise bad("unsupported LIST selection option")
     return req
@@ -143,6 +151,8 @@ class FolderCommands(Session):
         special = {n: account.special_use(n) for n in existing}
         for n, attrs in list_entries(req, existing, subscribed, special):
             self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' + quote(encode_name(n)))
+            if req.status_items and not {"\\Noselect", "\\NonExistent"} & set(attrs):
+                yield self._list_status(n, req.status_items)
         return verb + b" completed"
 
     def do_LSUB(self, tag: bytes, args: list[Token]) -> defer.Deferred:
@@ -216,13 +226,22 @@ class FolderCommands(Session):
         return b"UNSUBSCRIBE completed"
 
     @defer.inlineCallbacks
+    def _list_status(self, name: str, items: list[bytes]):
+        """The STATUS response that follows a LIST response (RFC 5819 §2): none for a folder
+        that vanished meanwhile."""
+        try:
+            folder = yield self.io(self.account.folder, name)
+            st = yield self.io(sync_folder, folder)
+        except MailboxError:
+            return
+        self.send(status_line(name, st, items))
+
+    @defer.inlineCallbacks
     def do_STATUS(self, tag: bytes, args: list[Token]):
         if len(args) != 2 or not isinstance(args[1], list):
             raise bad("STATUS needs a mailbox name and a list of items")
         name = decode_name(astring(args[0]))
-        items = [astring(a).upper() for a in args[1]]
-        if not items or set(items) - STATUS_ITEMS:
-            raise bad("unknown STATUS item")
+        items = parse_items(args[1])
         if self.sel is not None and self.sel.folder.name == name:
             folder = self.sel.folder
         else:
@@ -231,16 +250,6 @@ class FolderCommands(Session):
             except MailboxError as e:
                 raise no_for(e, "no such mailbox", R.NONEXISTENT)
         st = yield self.io(sync_folder, folder)
-        infos = st.infos
-        values = {
-            b"MESSAGES": len(infos),
-            b"RECENT": len(st.recent & {i.uid for i in infos}),
-            b"UIDNEXT": st.uidnext,
-            b"UIDVALIDITY": st.uidvalidity,
-            b"UNSEEN": len([i for i in infos if "\\Seen" not in i.flags]),
-            b"SIZE": sum(i.size for i in infos),
-        }
-        self.send(b"* STATUS " + quote(encode_name(name)) + b" (" +
-                  b" ".join(b"%s %d" % (k, values[k]) for k in items) + b")")
+        self.send(status_line(name, st, items))
         yield self.refresh()
         return b"STATUS completed"

@@ -1,10 +1,9 @@
-"""Commands that change or look for messages: STORE, COPY, MOVE, SEARCH (selected state) and
-APPEND (authenticated and selected states). RFC 3501 §6.3.11 and §6.4, RFC 4315 UIDPLUS,
-RFC 6851 MOVE.
+"""Commands that change or look for messages: STORE, COPY, MOVE, SEARCH (selected state).
+RFC 3501 §6.4, RFC 4315 UIDPLUS, RFC 6851 MOVE. APPEND is in append.py.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 from twisted.internet import defer
 
@@ -12,7 +11,7 @@ from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
 from mailsuite.imap.flags import flag_list, parse_flags
 from mailsuite.imap.names import decode_name
-from mailsuite.imap.parser import FileLiteral, Str, Token, astring, date_time, format_set
+from mailsuite.imap.parser import Token, astring, format_set
 from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
@@ -23,7 +22,7 @@ BATCH = 200  # messages per thread-pool call in SEARCH (and FETCH, see fetch.py)
 
 
 class MessageCommands(Session):
-    """STORE/COPY/MOVE/SEARCH/APPEND."""
+    """STORE/COPY/MOVE/SEARCH."""
 
     @defer.inlineCallbacks
     def do_STORE(self, tag: bytes, args: list[Token], uid: bool = False):
@@ -126,54 +125,6 @@ class MessageCommands(Session):
         if uid:
             yield self.refresh()
         return b"SEARCH completed"
-
-    @defer.inlineCallbacks
-    def do_APPEND(self, tag: bytes, args: list[Token]):
-        name, flags, date, data = parse_append(args)
-        size = data.size if isinstance(data, FileLiteral) else len(data)
-        if size > self.config.limits.max_message_size:
-            raise no("message too large", R.TOOBIG)
-        if self.sel is not None and self.sel.folder.name == name:
-            folder = self.sel.folder
-        else:
-            try:
-                folder = yield self.io(self.account.folder, name)
-            except MailboxError as e:
-                # RFC 3501 §6.3.11: the client may CREATE the folder and try again.
-                raise no_for(e, "no such mailbox", R.TRYCREATE)
-        if _keywords(flags):
-            yield self.io(check_keyword_room, folder, flags)
-        if isinstance(data, FileLiteral):
-            # Streamed to a file while it arrived (docs/design/imap.md, "Lines and literals").
-            source = yield data.spool.finish()
-        else:
-            source = data
-        new_uid = yield self.io(folder.append, source, flags, date)
-        validity = yield self.io(uidvalidity, folder)
-        # Untagged EXISTS only for the selected folder, through refresh (docs/design/imap.md,
-        # "Selection and refresh").
-        yield self.refresh()
-        return R.code(b"APPENDUID", b"%d" % validity, b"%d" % new_uid) + b"APPEND completed"
-
-
-def parse_append(args: list[Token]) -> tuple[str, list[str], Optional[float], Str]:
-    """APPEND mailbox [(flags)] [date-time] literal; the flag list and date are optional."""
-    args = list(args)
-    if len(args) < 2:
-        raise bad("APPEND needs a mailbox and a message")
-    if isinstance(args[0], FileLiteral):
-        raise bad("mailbox name too long")
-    name = decode_name(astring(args.pop(0)))
-    flags: list[str] = []
-    date: Optional[float] = None
-    if args and isinstance(args[0], list):
-        flags = parse_flags(args.pop(0))
-    if len(args) == 2:
-        date = date_time(args.pop(0))
-    if len(args) != 1 or not isinstance(args[0], Str):
-        raise bad("APPEND needs the message as a literal")
-    # The literal as read: no further copy of a message of up to the size limit.
-    return name, [f for f in flags if f != "\\Recent"], date, args[0]
 
 
 def _keywords(flags: list[str]) -> list[str]:

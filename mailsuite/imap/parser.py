@@ -26,12 +26,20 @@ class Str(bytes):
     pass
 
 
+class LiteralStr(Str):
+    """A string that arrived as a literal (`{n}`), not quoted; `binary` when it was a literal8
+    (`~{n}`, RFC 3516 §4.2): APPEND tells a message from a date-time by it."""
+
+    binary: bool = False
+
+
 class FileLiteral(Str):
     """A literal spooled to a file instead of memory (APPEND, docs/design/imap.md, "Lines and
     literals"): empty as bytes; `spool` holds the file, `size` its length."""
 
     spool: Any = None  # a spool.LiteralSpool
     size: int = 0
+    binary: bool = False  # a literal8 (see LiteralStr)
 
 
 MAX_DEPTH = 64  # nested parentheses in one command (docs/design/imap.md, "Limits")
@@ -47,6 +55,9 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
     top: list = []
     stack = [top]
     for line, literal in segments:
+        binary = literal is not None and line.endswith(b"~")
+        if binary:
+            line = line[:-1]  # literal8, "~{n}" (RFC 3516 §4.2)
         pos, n = 0, len(line)
         while pos < n:
             c = line[pos:pos + 1]
@@ -97,9 +108,12 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
                     raise ParseError("control character in command")
                 stack[-1].append(Atom(atom))
         if isinstance(literal, FileLiteral):
+            literal.binary = binary
             stack[-1].append(literal)
         elif literal is not None:
-            stack[-1].append(Str(literal))
+            lit = LiteralStr(literal)
+            lit.binary = binary
+            stack[-1].append(lit)
     if len(stack) != 1:
         raise ParseError("unbalanced parenthesis")
     return top
@@ -280,6 +294,9 @@ def fetch_att(tok: Token) -> FetchAtt:
     upper = tok.upper()
     if upper in SIMPLE_ATTS:
         return FetchAtt(bytes(upper))
+    if upper.startswith(b"BINARY"):
+        from mailsuite.imap import binary  # RFC 3516; binary.py imports this module
+        return binary.parse_att(tok)
     m = _BODY_ATT.match(tok)
     if not m:
         raise ParseError(f"unknown fetch attribute {tok[:40].decode('ascii', 'replace')}")

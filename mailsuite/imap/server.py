@@ -27,6 +27,8 @@ from twisted.python.failure import Failure
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
+from mailsuite.imap.append import AppendCommands
+from mailsuite.imap.compress import CompressCommand
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
@@ -82,8 +84,8 @@ def _sound_tag(segments: Segments) -> bytes:
     return b"*"
 
 
-class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
-                 FetchCommands, IdleCommand):
+class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
+                 AppendCommands, FetchCommands, IdleCommand):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -217,6 +219,7 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
                 b"APPENDLIMIT=%d" % self.config.limits.max_message_size]
+        caps += EXTENSION_CAPS  # imap-ext: binary.py, append.py, compress.py, LIST-STATUS
         if self.state == "notauth":
             if self.tls:
                 caps.append(b"AUTH=PLAIN")
@@ -707,8 +710,13 @@ COMMANDS = {
 }
 COMMANDS["auth"] = COMMANDS["notauth"] - {"STARTTLS", "LOGIN", "AUTHENTICATE"} | {
     "ENABLE", "NAMESPACE", "SELECT", "EXAMINE", "CREATE", "DELETE", "RENAME", "SUBSCRIBE",
-    "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK"}
+    "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK", "COMPRESS"}
 COMMANDS["selected"] = COMMANDS["auth"] | {
     "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+
+# Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
+# "BINARY" and the sections after it).
+EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE", b"LIST-STATUS", b"STATUS=SIZE",
+                  b"COMPRESS=DEFLATE"]
 
 UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")

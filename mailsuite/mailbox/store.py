@@ -549,6 +549,55 @@ class Folder:
             except FileNotFoundError:
                 pass
 
+    def append_many(self, items: list[tuple[bytes | BinaryIO, Iterable[str], float | None]]
+                    ) -> list[int]:
+        """Store several messages all or none (MULTIAPPEND, RFC 3502 §6.3.11): each is written
+        and fsynced in tmp/ first; only then are they renamed into cur/ and given their UIDs
+        together, under the folder lock. Returns the UIDs in the order of `items`."""
+        self._prove()
+        state = self._state
+        staged: list[tuple[str, int, list[str]]] = []
+        renamed: list[str] = []
+        try:
+            for data, flags, internaldate in items:
+                tmp_path = os.path.join(self.path, "tmp", unique_key(0) + ".part")
+                fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                staged.append((tmp_path, 0, list(flags)))
+                with os.fdopen(fd, "wb") as f:
+                    if isinstance(data, (bytes, bytearray, memoryview)):
+                        f.write(data)
+                    else:
+                        shutil.copyfileobj(data, f, 1024 * 1024)
+                    f.flush()
+                    os.fsync(f.fileno())
+                    staged[-1] = (tmp_path, f.tell(), list(flags))
+                if internaldate is not None:
+                    os.utime(tmp_path, (internaldate, internaldate))
+            cur = os.path.join(self.path, "cur")
+            with state.lock:
+                keys: list[str] = []
+                names: dict[str, str] = {}
+                for tmp_path, size, flags in staged:
+                    mtime = os.stat(tmp_path).st_mtime
+                    key = unique_key(size)
+                    letters = flags_to_letters(flags, state.keywords_for(flags))
+                    final = os.path.join(cur, info_name(key, letters))
+                    os.rename(tmp_path, final)
+                    renamed.append(final)
+                    state.meta[key] = (size, mtime)
+                    keys.append(key)
+                    names[key] = os.path.basename(final)
+                fsync_dir(cur)
+                uids = state.register(keys, names)
+                renamed = []
+                return uids
+        finally:
+            for path in [t for t, _, _ in staged] + renamed:
+                try:
+                    os.unlink(path)  # a failed batch leaves nothing behind
+                except FileNotFoundError:
+                    pass
+
     def copy(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
         """Copy messages to `dest` with their flags; returns (source uid, new uid) pairs.
         Files are hard-linked when possible (content never changes in place)."""

@@ -1,0 +1,35 @@
+"""STATUS values (RFC 3501 §6.3.10, RFC 8438 STATUS=SIZE, RFC 9051 §6.3.11 DELETED), shared by
+STATUS and LIST ... RETURN (STATUS (...)) (RFC 5819 LIST-STATUS)."""
+from __future__ import annotations
+
+from mailsuite.imap.names import encode_name, quote
+from mailsuite.imap.parser import Token, astring
+from mailsuite.imap.responses import bad
+from mailsuite.imap.selection import FolderState
+
+STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE", b"DELETED"}
+
+
+def parse_items(tok: Token) -> list[bytes]:
+    if not isinstance(tok, list):
+        raise bad("STATUS needs a list of items")
+    items = [astring(a).upper() for a in tok]
+    if not items or set(items) - STATUS_ITEMS:
+        raise bad("unknown STATUS item")
+    return items
+
+
+def status_line(name: str, st: FolderState, items: list[bytes]) -> bytes:
+    """`* STATUS name (item value ...)` from a folder's state, items in the order asked."""
+    infos = st.infos
+    values = {
+        b"MESSAGES": lambda: len(infos),
+        b"RECENT": lambda: len(st.recent & {i.uid for i in infos}),
+        b"UIDNEXT": lambda: st.uidnext,
+        b"UIDVALIDITY": lambda: st.uidvalidity,
+        b"UNSEEN": lambda: sum(1 for i in infos if "\\Seen" not in i.flags),
+        b"SIZE": lambda: sum(i.size for i in infos),  # RFC 8438: the sum of RFC822.SIZE
+        b"DELETED": lambda: sum(1 for i in infos if "\\Deleted" in i.flags),
+    }
+    return (b"* STATUS " + quote(encode_name(name)) + b" (" +
+            b" ".join(b"%s %d" % (k, values[k]()) for k in items) + b")")
