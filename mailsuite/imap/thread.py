@@ -100,11 +100,11 @@ def references(items: list[Item]) -> list[Node]:
         for parent, child in zip(refs, refs[1:]):
             if child.parent is None and parent is not child and not child.is_ancestor_of(parent):
                 parent.add(child)
-        # (1C) the last reference is the parent; none: the message is a root.
+        # (1C) the last reference is the parent, none: a root. An existing parent (presumed
+        # from another message's References) goes first, even when the new link would loop.
+        node.unlink()
         parent = refs[-1] if refs else None
-        if parent is None:
-            node.unlink()
-        elif parent is not node and not node.is_ancestor_of(parent):
+        if parent is not None and not node.is_ancestor_of(parent):
             parent.add(node)
     # (2) the root set; (3) the ID table is no longer needed.
     roots = [n for n in table.values() if n.parent is None]
