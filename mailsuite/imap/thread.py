@@ -108,7 +108,8 @@ def references(items: list[Item]) -> list[Node]:
             parent.add(node)
     # (2) the root set; (3) the ID table is no longer needed.
     roots = [n for n in table.values() if n.parent is None]
-    roots += [n for n in nodes if n.parent is None and n not in _set(roots)]
+    in_table = _set(roots)
+    roots += [n for n in nodes if n.parent is None and n not in in_table]
     # (4) prune dummies: a dummy without children goes; a dummy's children move up to its
     # parent, except under a root dummy with more than one child.
     roots = _prune_roots(roots)
