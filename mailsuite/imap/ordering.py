@@ -64,19 +64,15 @@ class OrderingCommands(Session):
 
     @defer.inlineCallbacks
     def do_SORT(self, tag: bytes, args: list[Token], uid: bool = False):
-        opts, rest = searchmod.parse_return(args)
-        if opts is not None and b"SAVE" in opts:
-            raise bad("SORT RETURN (SAVE) is not supported")
+        # ESORT (RFC 5267, SORT RETURN) is not offered.
+        rest = list(args)
         if len(rest) < 3:
             raise bad("SORT needs sort criteria, a charset and search keys")
         criteria = sortmod.parse_criteria(rest[0])
         program = _program(rest[1], rest[2:])
         items = yield self._items(program, uid, sortmod.needs_headers(criteria))
         numbers = yield self.io(_order, criteria, items)
-        if opts is None:
-            self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
-        else:
-            self.send(searchmod.esearch_response(tag, uid, opts, numbers, ordered=True))
+        self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
         if uid:
             yield self.refresh()
         return b"SORT completed"

@@ -271,10 +271,9 @@ def saved_result(opts: set, uids: list[int]) -> list[int]:
     return sorted(keep)
 
 
-def esearch_response(tag: bytes, uid: bool, opts: set, numbers: list[int],
-                     ordered: bool = False) -> Optional[bytes]:
+def esearch_response(tag: bytes, uid: bool, opts: set, numbers: list[int]) -> Optional[bytes]:
     """The untagged ESEARCH line (RFC 4731 §3.1), None when only SAVE was asked (RFC 5182
-    §2.1). `ordered`: numbers in SORT order (RFC 5267 ESORT), MIN/MAX first and last."""
+    §2.1)."""
     if opts == {b"SAVE"}:
         return None
     out = b"* ESEARCH (TAG \"" + tag + b"\")"
@@ -282,11 +281,11 @@ def esearch_response(tag: bytes, uid: bool, opts: set, numbers: list[int],
         out += b" UID"
     if numbers:
         if b"MIN" in opts:
-            out += b" MIN %d" % (numbers[0] if ordered else min(numbers))
+            out += b" MIN %d" % min(numbers)
         if b"MAX" in opts:
-            out += b" MAX %d" % (numbers[-1] if ordered else max(numbers))
+            out += b" MAX %d" % max(numbers)
         if b"ALL" in opts:
-            out += b" ALL " + format_set(numbers if ordered else sorted(numbers))
+            out += b" ALL " + format_set(sorted(numbers))
     if b"COUNT" in opts:
         out += b" COUNT %d" % len(numbers)
     return out
