@@ -22,7 +22,7 @@ THREAD_ALGORITHMS = {b"ORDEREDSUBJECT": threadmod.orderedsubject,
 
 def _program(charset: Token, keys: list[Token]) -> searchmod.Node:
     """The search program after the mandatory charset (RFC 5256 §3)."""
-    if not isinstance(charset, (Atom, bytes)) or isinstance(charset, list):
+    if not isinstance(charset, bytes):
         raise bad("a charset is required")
     try:
         return searchmod.parse([Atom(b"CHARSET"), charset] + list(keys))

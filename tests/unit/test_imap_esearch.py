@@ -7,7 +7,7 @@ import time
 import pytest
 
 from mailsuite.imap import search as searchmod
-from tests.unit.imapkit import World, simple, tagged, world  # noqa: F401
+from tests.unit.imapkit import World, tagged, world  # noqa: F401
 
 USER = "alice@example.org"
 
