@@ -101,10 +101,36 @@ class MessageCommands(Session):
     @defer.inlineCallbacks
     def do_SEARCH(self, tag: bytes, args: list[Token], uid: bool = False):
         sel = self.sel
+        if searchmod.asks_save(args):
+            # RFC 5182 §2.1: a SEARCH with SAVE that fails leaves "$" empty.
+            saved, sel.searchres = sel.searchres, []
+        else:
+            saved = sel.searchres
+        opts, rest = searchmod.parse_return(args)
         try:
-            program = searchmod.parse(args)
+            program = searchmod.parse(rest)
         except searchmod.BadCharset:
             raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+        found = yield self.search_uids(searchmod.with_saved(program, frozenset(saved)))
+        if opts is None:
+            numbers = [c_uid if uid else sel.seq_of(c_uid) for c_uid in found]
+            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+        else:
+            if b"SAVE" in opts:
+                sel.searchres = searchmod.saved_result(opts, found)
+            numbers = found if uid else [sel.seq_of(c_uid) for c_uid in found]
+            line = searchmod.esearch_response(tag, uid, opts, numbers)
+            if line is not None:
+                self.send(line)
+        if uid:
+            yield self.refresh()
+        return b"SEARCH completed"
+
+    @defer.inlineCallbacks
+    def search_uids(self, program: searchmod.Node):
+        """UIDs of the selected messages matching `program`, ascending; files are read in the
+        io pool, BATCH messages per call."""
+        sel = self.sel
         found: list[int] = []
         everything = list(sel.infos())
         count, max_uid = len(sel), sel.last_uid
@@ -120,11 +146,7 @@ class MessageCommands(Session):
             else:
                 hits = search_batch(program, cands, count, max_uid)
             found.extend(hits)
-        numbers = [c_uid if uid else sel.seq_of(c_uid) for c_uid in found]
-        self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
-        if uid:
-            yield self.refresh()
-        return b"SEARCH completed"
+        return found
 
 
 def _keywords(flags: list[str]) -> list[str]:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from mailsuite.imap import message as mimeparse
-from mailsuite.imap.parser import Atom, ParseError, Token, astring, number, search_date, \
-    sequence_set
+from mailsuite.imap.parser import Atom, ParseError, Token, astring, format_set, number, \
+    search_date, sequence_set
 
 FLAG_KEYS = {
     b"ANSWERED": ("\\Answered", True), b"UNANSWERED": ("\\Answered", False),
@@ -141,7 +141,17 @@ def _key(toks: deque, depth: int) -> Node:
     if k in (b"BODY", b"TEXT"):
         return (k.decode(), _fold(astring(arg())))
     if k == b"UID":
-        return ("UID", sequence_set(arg()))
+        a = arg()
+        if a == b"$":
+            return ("SAVED",)
+        return ("UID", sequence_set(a))
+    if k == b"$":  # RFC 5182 §2: the saved result as a sequence set
+        return ("SAVED",)
+    if k in (b"OLDER", b"YOUNGER"):  # RFC 5032
+        n = number(arg())
+        if n == 0:
+            raise ParseError(f"{k.decode()} needs a positive interval")
+        return (k.decode(), n)
     if re.match(rb"^[\d*:,]+$", k):
         return ("SEQ", sequence_set(tok))
     raise ParseError(f"unknown search key {k[:40].decode('ascii', 'replace')}")
@@ -185,6 +195,12 @@ def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
         return node[1].contains(c.uid, max_uid)
     if op == "SEQ":
         return node[1].contains(c.seq, max_seq)
+    if op == "UIDSET":  # "$" after with_saved()
+        return c.uid in node[1]
+    if op == "OLDER":  # RFC 5032 §3: INTERNALDATE at least n seconds ago
+        return c.internaldate <= now() - node[1]
+    if op == "YOUNGER":
+        return c.internaldate > now() - node[1]
     if op in ("BEFORE", "ON", "SINCE"):
         return _cmp_date(op, datetime.date.fromtimestamp(c.internaldate), node[1])
     if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):
@@ -197,6 +213,82 @@ def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
     if op == "TEXT":
         return node[1] in _header_text(c.raw) or node[1] in _body_text(c.raw)
     raise ParseError(op)
+
+
+def with_saved(node: Node, saved: frozenset) -> Node:
+    """The program with "$" (RFC 5182) replaced by the saved UIDs."""
+    op = node[0]
+    if op == "SAVED":
+        return ("UIDSET", saved)
+    if op == "AND":
+        return ("AND", [with_saved(n, saved) for n in node[1]])
+    if op == "OR":
+        return ("OR", with_saved(node[1], saved), with_saved(node[2], saved))
+    if op == "NOT":
+        return ("NOT", with_saved(node[1], saved))
+    return node
+
+
+# -- ESEARCH (RFC 4731) and SEARCHRES (RFC 5182) ---------------------------------------------------
+
+RETURN_OPTIONS = {b"MIN", b"MAX", b"ALL", b"COUNT", b"SAVE"}
+
+
+def parse_return(tokens: list[Token]) -> tuple[Optional[set], list[Token]]:
+    """(RETURN options or None without RETURN, the remaining tokens). `RETURN ()` means ALL
+    (RFC 4731 §3.1)."""
+    if not tokens or not isinstance(tokens[0], Atom) or tokens[0].upper() != b"RETURN":
+        return None, list(tokens)
+    if len(tokens) < 2 or not isinstance(tokens[1], list):
+        raise ParseError("RETURN needs a parenthesised list of options")
+    opts = set()
+    for t in tokens[1]:
+        if not isinstance(t, Atom) or t.upper() not in RETURN_OPTIONS:
+            raise ParseError("unknown RETURN option")
+        opts.add(t.upper())
+    if not opts:
+        opts = {b"ALL"}
+    return opts, list(tokens[2:])
+
+
+def asks_save(tokens: list[Token]) -> bool:
+    """Whether a SEARCH asks to SAVE, even when it is malformed: a failing SEARCH with SAVE
+    empties the saved result (RFC 5182 §2.1)."""
+    return (len(tokens) >= 2 and isinstance(tokens[0], Atom) and tokens[0].upper() == b"RETURN"
+            and isinstance(tokens[1], list)
+            and any(isinstance(t, Atom) and t.upper() == b"SAVE" for t in tokens[1]))
+
+
+def saved_result(opts: set, uids: list[int]) -> list[int]:
+    """What SAVE keeps (RFC 5182 §2.1): MIN and/or MAX alone keep only those messages."""
+    if not uids or opts & {b"ALL", b"COUNT"} or not opts & {b"MIN", b"MAX"}:
+        return list(uids)
+    keep = set()
+    if b"MIN" in opts:
+        keep.add(min(uids))
+    if b"MAX" in opts:
+        keep.add(max(uids))
+    return sorted(keep)
+
+
+def esearch_response(tag: bytes, uid: bool, opts: set, numbers: list[int]) -> Optional[bytes]:
+    """The untagged ESEARCH line (RFC 4731 §3.1), None when only SAVE was asked (RFC 5182
+    §2.1)."""
+    if opts == {b"SAVE"}:
+        return None
+    out = b"* ESEARCH (TAG \"" + tag + b"\")"
+    if uid:
+        out += b" UID"
+    if numbers:
+        if b"MIN" in opts:
+            out += b" MIN %d" % min(numbers)
+        if b"MAX" in opts:
+            out += b" MAX %d" % max(numbers)
+        if b"ALL" in opts:
+            out += b" ALL " + format_set(sorted(numbers))
+    if b"COUNT" in opts:
+        out += b" COUNT %d" % len(numbers)
+    return out
 
 
 def _cmp_date(op: str, d: datetime.date, ymd: tuple[int, int, int]) -> bool:

@@ -44,6 +44,8 @@ class Selection:
         self.token: object = None
         # folder.recent copies a set on every access: keep our own copy, renewed at refresh.
         self.recent: frozenset = frozenset()
+        # SEARCHRES (RFC 5182): UIDs saved by SEARCH RETURN (SAVE), empty after SELECT.
+        self.searchres: list[int] = []
 
     def __len__(self) -> int:
         return len(self.view)
@@ -253,7 +255,7 @@ class SelectionCommands(Session):
         if uid:
             if len(args) != 1:
                 raise bad("UID EXPUNGE needs a UID set")
-            wanted = sel.select_uids(sequence_set(args[0]))
+            wanted = self.resolve(args[0], True)
             uids = [u for u in wanted if "\\Deleted" in sel.info(u).flags]
             # The flags may have changed in another session: check on disk, in the store.
             if not uids:
@@ -271,6 +273,9 @@ class SelectionCommands(Session):
 
     def resolve(self, args_set: Token, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""
+        if args_set == b"$":
+            # RFC 5182 §2: the saved SEARCH result, less the messages expunged since.
+            return [u for u in self.sel.searchres if self.sel.has(u)]
         s = sequence_set(args_set)
         return self.sel.select_uids(s) if uid else self.sel.select_seqs(s)
 

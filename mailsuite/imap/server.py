@@ -33,6 +33,7 @@ from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
 from mailsuite.imap.messages import MessageCommands
+from mailsuite.imap.ordering import OrderingCommands
 from mailsuite.imap.parser import LITERAL_MARKER, Atom, FileLiteral, ParseError, Token, astring, \
     tokenize
 from mailsuite.imap.responses import CommandError, bad, no
@@ -84,8 +85,8 @@ def _sound_tag(segments: Segments) -> bytes:
     return b"*"
 
 
-class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
-                 AppendCommands, FetchCommands, IdleCommand):
+class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands,
+                 MessageCommands, AppendCommands, FetchCommands, IdleCommand, OrderingCommands):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -219,7 +220,10 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
                 b"APPENDLIMIT=%d" % self.config.limits.max_message_size]
-        caps += EXTENSION_CAPS  # imap-ext: binary.py, append.py, compress.py, LIST-STATUS
+        caps += EXTENSION_CAPS  # binary.py, append.py, compress.py, status.py
+        # Search extensions (docs/design/imap.md, "SORT and THREAD", "ESEARCH and SEARCHRES").
+        caps += [b"ESEARCH", b"SEARCHRES", b"WITHIN", b"SORT", b"SORT=DISPLAY",
+                 b"THREAD=ORDEREDSUBJECT", b"THREAD=REFERENCES"]
         if self.state == "notauth":
             if self.tls:
                 caps.append(b"AUTH=PLAIN")
@@ -713,10 +717,10 @@ COMMANDS["auth"] = COMMANDS["notauth"] - {"STARTTLS", "LOGIN", "AUTHENTICATE"} |
     "UNSUBSCRIBE", "LIST", "LSUB", "STATUS", "APPEND", "IDLE", "CHECK", "COMPRESS"}
 COMMANDS["selected"] = COMMANDS["auth"] | {
     "CLOSE", "UNSELECT", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE"}
+COMMANDS["selected"] |= {"SORT", "THREAD"}  # RFC 5256
 
-# Extensions of the imap-ext group, each advertised once complete (docs/design/imap.md,
-# "BINARY" and the sections after it).
+# Extensions advertised once complete (docs/design/imap.md, "BINARY" and the sections after it).
 EXTENSION_CAPS = [b"BINARY", b"MULTIAPPEND", b"CATENATE", b"LIST-STATUS", b"STATUS=SIZE",
                   b"COMPRESS=DEFLATE"]
 
-UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE")
+UID_COMMANDS = (b"FETCH", b"STORE", b"SEARCH", b"COPY", b"MOVE", b"EXPUNGE", b"SORT", b"THREAD")

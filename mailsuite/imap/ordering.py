@@ -1,0 +1,94 @@
+"""SORT and THREAD (RFC 5256), UID SORT and UID THREAD, SORT=DISPLAY (RFC 5957), in the
+selected state. The searching is SEARCH's (messages.py); the algorithms are in sort.py and
+thread.py. Header values are read in the io pool, and the ordering runs there too: a webmail
+client sorts or threads a whole folder on every page (docs/design/imap.md, "SORT and THREAD").
+"""
+from __future__ import annotations
+
+from twisted.internet import defer
+
+from mailsuite.imap import responses as R
+from mailsuite.imap import search as searchmod
+from mailsuite.imap import sort as sortmod
+from mailsuite.imap import thread as threadmod
+from mailsuite.imap.parser import Atom, Token, astring
+from mailsuite.imap.responses import bad, no
+from mailsuite.imap.session import Session
+
+HEADER_BATCH = 500  # messages per io-pool call when reading header values
+THREAD_ALGORITHMS = {b"ORDEREDSUBJECT": threadmod.orderedsubject,
+                     b"REFERENCES": threadmod.references}
+
+
+def _program(charset: Token, keys: list[Token]) -> searchmod.Node:
+    """The search program after the mandatory charset (RFC 5256 §3)."""
+    if not isinstance(charset, bytes):
+        raise bad("a charset is required")
+    try:
+        return searchmod.parse([Atom(b"CHARSET"), charset] + list(keys))
+    except searchmod.BadCharset:
+        raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+
+
+def _order(criteria, items):
+    return sortmod.sort_items(items, criteria)
+
+
+def _threads(algorithm, items) -> bytes:
+    return threadmod.format_threads(algorithm(items))
+
+
+class OrderingCommands(Session):
+    """SORT/THREAD."""
+
+    @defer.inlineCallbacks
+    def _items(self, program: searchmod.Node, uid: bool, headers: bool):
+        """sort.Item for every matching message, with header Fields when `headers`."""
+        sel = self.sel
+        program = searchmod.with_saved(program, frozenset(sel.searchres))
+        found = yield self.search_uids(program)
+        located = sel.locate(found)
+        fields: list = [None] * len(located)
+        if headers:
+            fields = []
+            for start in range(0, len(located), HEADER_BATCH):
+                batch = [info for _, _, info in located[start:start + HEADER_BATCH]]
+                got = yield self.io(sortmod.load_fields, sel.folder, batch)
+                fields.extend(got)
+        items = []
+        for (u, seq, info), f in zip(located, fields):
+            if headers and f is None:
+                continue  # the file vanished meanwhile (expunged elsewhere)
+            items.append(sortmod.Item(u if uid else seq, u, info.size, info.internaldate, f))
+        return items
+
+    @defer.inlineCallbacks
+    def do_SORT(self, tag: bytes, args: list[Token], uid: bool = False):
+        # ESORT (RFC 5267, SORT RETURN) is not offered.
+        rest = list(args)
+        if len(rest) < 3:
+            raise bad("SORT needs sort criteria, a charset and search keys")
+        criteria = sortmod.parse_criteria(rest[0])
+        program = _program(rest[1], rest[2:])
+        items = yield self._items(program, uid, sortmod.needs_headers(criteria))
+        numbers = yield self.io(_order, criteria, items)
+        self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
+        if uid:
+            yield self.refresh()
+        return b"SORT completed"
+
+    @defer.inlineCallbacks
+    def do_THREAD(self, tag: bytes, args: list[Token], uid: bool = False):
+        if len(args) < 3:
+            raise bad("THREAD needs an algorithm, a charset and search keys")
+        algorithm = THREAD_ALGORITHMS.get(astring(args[0]).upper()) \
+            if not isinstance(args[0], list) else None
+        if algorithm is None:
+            raise bad("unknown threading algorithm")
+        program = _program(args[1], args[2:])
+        items = yield self._items(program, uid, True)
+        text = yield self.io(_threads, algorithm, items)
+        self.send(b"* THREAD " + text if text else b"* THREAD")
+        if uid:
+            yield self.refresh()
+        return b"THREAD completed"
