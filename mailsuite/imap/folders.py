@@ -19,7 +19,8 @@ from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Account, FolderExists, MailboxError
 
 LIST_SELECT_OPTIONS = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
-STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE"}
+STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE",
+                b"HIGHESTMODSEQ"}
 
 
 @dataclass
@@ -239,7 +240,10 @@ class FolderCommands(Session):
             b"UIDVALIDITY": st.uidvalidity,
             b"UNSEEN": len([i for i in infos if "\\Seen" not in i.flags]),
             b"SIZE": sum(i.size for i in infos),
+            b"HIGHESTMODSEQ": st.highestmodseq,  # RFC 7162 §3.1.6
         }
+        if b"HIGHESTMODSEQ" in items:
+            yield self.enable_condstore()
         self.send(b"* STATUS " + quote(encode_name(name)) + b" (" +
                   b" ".join(b"%s %d" % (k, values[k]) for k in items) + b")")
         yield self.refresh()

@@ -10,6 +10,7 @@ from twisted.internet import defer
 
 from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
+from mailsuite.imap.condstore import split_store, uses_modseq
 from mailsuite.imap.flags import flag_list, parse_flags
 from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import FileLiteral, Str, Token, astring, date_time, format_set
@@ -30,6 +31,7 @@ class MessageCommands(Session):
         if len(args) < 3:
             raise bad("STORE needs a set, an item and flags")
         sel = self.sel
+        args, unchangedsince = split_store(args)  # RFC 7162 §3.1.3 (condstore.py)
         uids = self.resolve(args[0], uid)
         item = astring(args[1]).upper()
         silent = item.endswith(b".SILENT")
@@ -45,6 +47,9 @@ class MessageCommands(Session):
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
         if mode != b"-" and _keywords(flags):
             yield self.io(check_keyword_room, sel.folder, flags)
+        if unchangedsince is not None or self.condstore:
+            result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
+            return result
         results = yield self.io(store_flags, sel.folder, uids, flags, mode)
         for u, new in results:
             if not sel.has(u):
@@ -106,6 +111,8 @@ class MessageCommands(Session):
             program = searchmod.parse(args)
         except searchmod.BadCharset:
             raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+        if uses_modseq(program):
+            yield self.enable_condstore()  # RFC 7162 §3.1.5
         found: list[int] = []
         everything = list(sel.infos())
         count, max_uid = len(sel), sel.last_uid
@@ -114,7 +121,7 @@ class MessageCommands(Session):
         step = BATCH if needs else BATCH * 50
         for start in range(0, len(everything), step):
             cands = [searchmod.Candidate(seq, i.uid, i.flags, i.uid in recent, i.size, i.internaldate,
-                                         _loader(sel.folder, i.uid))
+                                         _loader(sel.folder, i.uid), modseq=i.modseq)
                      for seq, i in everything[start:start + step]]
             if needs:
                 hits = yield self.io(search_batch, program, cands, count, max_uid)
@@ -122,7 +129,11 @@ class MessageCommands(Session):
                 hits = search_batch(program, cands, count, max_uid)
             found.extend(hits)
         numbers = [c_uid if uid else sel.seq_of(c_uid) for c_uid in found]
-        self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+        # RFC 7162 §3.1.5: with MODSEQ in the program, the highest mod-sequence found.
+        highest = b""
+        if found and uses_modseq(program):
+            highest = b" (MODSEQ %d)" % max(sel.info(u).modseq for u in found)
+        self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers) + highest)
         if uid:
             yield self.refresh()
         return b"SEARCH completed"

@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
+from mailsuite.imap.condstore import CondstoreCommands
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
@@ -83,7 +84,7 @@ def _sound_tag(segments: Segments) -> bytes:
 
 
 class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, MessageCommands,
-                 FetchCommands, IdleCommand):
+                 FetchCommands, IdleCommand, CondstoreCommands):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -216,7 +217,8 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
-                b"APPENDLIMIT=%d" % self.config.limits.max_message_size]
+                b"APPENDLIMIT=%d" % self.config.limits.max_message_size,
+                b"CONDSTORE", b"QRESYNC"]
         if self.state == "notauth":
             if self.tls:
                 caps.append(b"AUTH=PLAIN")
@@ -586,11 +588,15 @@ class IMAPServer(LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands, 
         self.send(b'* ID ("name" "mailsuite" "vendor" "mailsuite")')
         return b"ID completed"
 
-    def do_ENABLE(self, tag: bytes, args: list[Token]) -> bytes:
+    def do_ENABLE(self, tag: bytes, args: list[Token]) -> Union[bytes, defer.Deferred]:
         if not args:
             raise bad("ENABLE needs a capability")
-        # We implement no ENABLE-able extension (RFC 5161 §3.1): an empty ENABLED list.
-        self.send(b"* ENABLED")
+        # RFC 5161 §3.1: ENABLED lists what this command enabled; unknown names are ignored.
+        was = self.condstore
+        enabled = self.enable_extensions([astring(a).upper() for a in args])
+        self.send(b"* ENABLED" + b"".join(b" " + n for n in enabled))
+        if self.condstore and not was and self.sel is not None:
+            return self.send_highest().addCallback(lambda _: b"ENABLE completed")
         return b"ENABLE completed"
 
     # -- not authenticated ----------------------------------------------------------------------
