@@ -372,8 +372,9 @@ class CondstoreCommands(Session):
                         uid: bool, unchangedsince: Optional[int]):
         """STORE with CONDSTORE on or UNCHANGEDSINCE (RFC 7162 §3.1.3): every FETCH carries
         MODSEQ, and messages changed after UNCHANGEDSINCE are left alone and named in
-        [MODIFIED]."""
-        yield self.enable_condstore()
+        [MODIFIED]. Without CONDSTORE: a plain STORE (RFC 3501 §6.4.6)."""
+        if unchangedsince is not None:
+            yield self.enable_condstore()
         sel = self.sel
         results, modified = yield self.io(store_modseq, sel.folder, uids, flags, mode,
                                           unchangedsince)
@@ -385,7 +386,11 @@ class CondstoreCommands(Session):
                 continue
             self.set_own(u, new, ms)
             uid_item = b"UID %d " % u if with_uid else b""
-            if not silent:
+            if not self.condstore:
+                if not silent:
+                    self.send(b"* %d FETCH (FLAGS %s%s)" % (
+                        sel.seq_of(u), flag_list(sel.flags(u)), b" UID %d" % u if uid else b""))
+            elif not silent:
                 self.send(b"* %d FETCH (%sFLAGS %s MODSEQ (%d))" % (
                     sel.seq_of(u), uid_item, flag_list(sel.flags(u)), ms))
             elif changed:

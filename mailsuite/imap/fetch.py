@@ -150,8 +150,8 @@ class FetchCommand:
             results = yield self.session.io(store_flags, sel.folder, need, ["\\Seen"], b"+")
             for u, new in results:
                 sel.set_flags(u, new)
-            if self.modseq:
-                yield self.session.refresh_own_modseqs([u for u, _ in results])
+            # The mod-sequences the changes got (RFC 7162; condstore.py).
+            yield self.session.refresh_own_modseqs([u for u, _ in results])
 
     @defer.inlineCallbacks
     def _write_batch(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):

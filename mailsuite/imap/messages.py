@@ -47,20 +47,10 @@ class MessageCommands(Session):
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
         if mode != b"-" and _keywords(flags):
             yield self.io(check_keyword_room, sel.folder, flags)
-        if unchangedsince is not None or self.condstore:
-            result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
-            return result
-        results = yield self.io(store_flags, sel.folder, uids, flags, mode)
-        for u, new in results:
-            if not sel.has(u):
-                continue
-            sel.set_flags(u, new)
-            if not silent:
-                self.send(b"* %d FETCH (FLAGS %s%s)" % (sel.seq_of(u), flag_list(sel.flags(u)),
-                                                        b" UID %d" % u if uid else b""))
-        if uid:
-            yield self.refresh()
-        return b"STORE completed"
+        # Every STORE goes through the store's mod-sequences (RFC 7162; condstore.py), so
+        # what this session reports later carries the right MODSEQ.
+        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
+        return result
 
     @defer.inlineCallbacks
     def do_COPY(self, tag: bytes, args: list[Token], uid: bool = False, move: bool = False):
