@@ -5,6 +5,7 @@ QRESYNC".
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -13,7 +14,7 @@ from twisted.internet import defer
 
 from mailsuite.imap import responses as R
 from mailsuite.imap.flags import flag_list
-from mailsuite.imap.parser import Atom, SequenceSet, Token, format_set, number, sequence_set
+from mailsuite.imap.parser import Atom, ParseError, SequenceSet, Token, format_set, number, sequence_set
 from mailsuite.imap.responses import bad
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
@@ -41,7 +42,7 @@ class FetchModifiers:
 def _number(tok: Token, what: str) -> int:
     try:
         return number(tok)
-    except Exception:
+    except ParseError:
         raise bad(f"{what} must be a number")
 
 
@@ -159,7 +160,6 @@ def uses_modseq(node) -> bool:
 
 def missing_uids(present: list[int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of `ranges` (sorted, merged) not covered by the ascending `present` UIDs."""
-    import bisect
     out = []
     for lo, hi in ranges:
         i = bisect.bisect_left(present, lo)
@@ -186,7 +186,6 @@ def vanished_set(folder: Folder, modseq: int, ranges: list[tuple[int, int]],
         # Older than what the log remembers: every UID not present (RFC 7162 §3.2.5.2 lets
         # VANISHED (EARLIER) name UIDs the client never saw).
         return format_ranges(missing_uids(present, ranges))
-    import bisect
     picked = []
     for lo, hi in ranges:
         i = bisect.bisect_left(gone, lo)

@@ -11,7 +11,7 @@ from twisted.internet import defer
 from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
 from mailsuite.imap.condstore import split_store, uses_modseq
-from mailsuite.imap.flags import flag_list, parse_flags
+from mailsuite.imap.flags import parse_flags
 from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import FileLiteral, Str, Token, astring, date_time, format_set
 from mailsuite.imap.responses import bad, no, no_for
