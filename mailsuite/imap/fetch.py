@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from mailsuite.imap import binary as binmod
 from mailsuite.imap import message as mime
+from mailsuite.imap.condstore import split_fetch
 from mailsuite.imap.flags import flag_list
 from mailsuite.imap.messages import store_flags
 from mailsuite.imap.parser import FetchAtt, Token, fetch_atts, format_internaldate
@@ -84,11 +85,18 @@ class FetchCommands(Session):
     def do_FETCH(self, tag: bytes, args: list[Token], uid: bool = False) -> defer.Deferred:
         if len(args) < 2:
             raise bad("FETCH needs a set and items")
+        # RFC 7162: the MODSEQ item and the CHANGEDSINCE/VANISHED modifiers (condstore.py).
+        args, mods = split_fetch(args, uid, self.qresync)
         uids = self.resolve(args[0], uid)
-        atts = fetch_atts(args[1] if len(args) == 2 else list(args[1:]))
-        if uid and b"UID" not in {a.name for a in atts}:
+        only_modseq = args[1] == [] and mods is not None
+        atts = [] if only_modseq else fetch_atts(args[1] if len(args) == 2 else list(args[1:]))
+        # With QRESYNC every FETCH response carries the UID (RFC 7162 §3.2.4).
+        if (uid or self.qresync) and b"UID" not in {a.name for a in atts}:
             atts.insert(0, FetchAtt(b"UID"))
-        return FetchCommand(self, uids, atts, uid).run()
+        cmd = FetchCommand(self, uids, atts, uid)
+        if mods is not None or self.condstore:
+            return self.condstore_fetch(cmd, mods, args[0])
+        return cmd.run()
 
 
 class FetchCommand:
@@ -102,6 +110,7 @@ class FetchCommand:
         self.atts = atts
         self.uid = uid
         self.needs_file = any(a.name not in INDEX_ITEMS for a in atts)
+        self.modseq = False  # add MODSEQ (RFC 7162 §3.1.4; set by condstore.condstore_fetch)
         # RFC 3501 §6.4.5: BODY[...] (not BODY.PEEK) and RFC822/RFC822.TEXT set \Seen.
         self.sets_seen = not self.sel.readonly and any(
             a.name in (b"BODY", b"RFC822", b"RFC822.TEXT", b"BINARY") and (a.section is not None or a.name != b"BODY")
@@ -143,6 +152,8 @@ class FetchCommand:
             results = yield self.session.io(store_flags, sel.folder, need, ["\\Seen"], b"+")
             for u, new in results:
                 sel.set_flags(u, new)
+            # The mod-sequences the changes got (RFC 7162; condstore.py).
+            yield self.session.refresh_own_modseqs([u for u, _ in results])
 
     @defer.inlineCallbacks
     def _write_batch(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
@@ -193,6 +204,8 @@ class FetchCommand:
                 items.append(pieces[id(a)])
         if self.sets_seen and not flags_sent:
             items.append(b"FLAGS " + flag_list(sel.flags(u)))
+        if self.modseq:
+            items.append(b"MODSEQ (%d)" % (sel.info(u) or info).modseq)
         return items
 
     @defer.inlineCallbacks

@@ -250,6 +250,8 @@ class FolderCommands(Session):
             except MailboxError as e:
                 raise no_for(e, "no such mailbox", R.NONEXISTENT)
         st = yield self.io(sync_folder, folder)
+        if b"HIGHESTMODSEQ" in items:
+            yield self.enable_condstore()  # RFC 7162 §3.1.6
         self.send(status_line(name, st, items))
         yield self.refresh()
         return b"STATUS completed"

@@ -9,7 +9,8 @@ from twisted.internet import defer
 
 from mailsuite.imap import responses as R
 from mailsuite.imap import search as searchmod
-from mailsuite.imap.flags import flag_list, parse_flags
+from mailsuite.imap.condstore import split_store, uses_modseq
+from mailsuite.imap.flags import parse_flags
 from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import Token, astring, format_set
 from mailsuite.imap.responses import bad, no, no_for
@@ -29,6 +30,7 @@ class MessageCommands(Session):
         if len(args) < 3:
             raise bad("STORE needs a set, an item and flags")
         sel = self.sel
+        args, unchangedsince = split_store(args)  # RFC 7162 §3.1.3 (condstore.py)
         uids = self.resolve(args[0], uid)
         item = astring(args[1]).upper()
         silent = item.endswith(b".SILENT")
@@ -44,17 +46,10 @@ class MessageCommands(Session):
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
         if mode != b"-" and _keywords(flags):
             yield self.io(check_keyword_room, sel.folder, flags)
-        results = yield self.io(store_flags, sel.folder, uids, flags, mode)
-        for u, new in results:
-            if not sel.has(u):
-                continue
-            sel.set_flags(u, new)
-            if not silent:
-                self.send(b"* %d FETCH (FLAGS %s%s)" % (sel.seq_of(u), flag_list(sel.flags(u)),
-                                                        b" UID %d" % u if uid else b""))
-        if uid:
-            yield self.refresh()
-        return b"STORE completed"
+        # Every STORE goes through the store's mod-sequences (RFC 7162; condstore.py), so
+        # what this session reports later carries the right MODSEQ.
+        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
+        return result
 
     @defer.inlineCallbacks
     def do_COPY(self, tag: bytes, args: list[Token], uid: bool = False, move: bool = False):
@@ -111,16 +106,24 @@ class MessageCommands(Session):
             program = searchmod.parse(rest)
         except searchmod.BadCharset:
             raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+        if uses_modseq(program):
+            yield self.enable_condstore()  # RFC 7162 §3.1.5
         found = yield self.search_uids(searchmod.with_saved(program, frozenset(saved)))
+        # RFC 7162 §3.1.5: with MODSEQ in the program, the highest mod-sequence found.
+        highest = max((sel.info(u).modseq for u in found), default=0) \
+            if uses_modseq(program) else None
         if opts is None:
             numbers = [c_uid if uid else sel.seq_of(c_uid) for c_uid in found]
-            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers))
+            self.send(b"* SEARCH" + b"".join(b" %d" % n for n in numbers)
+                      + (b" (MODSEQ %d)" % highest if highest else b""))
         else:
             if b"SAVE" in opts:
                 sel.searchres = searchmod.saved_result(opts, found)
             numbers = found if uid else [sel.seq_of(c_uid) for c_uid in found]
             line = searchmod.esearch_response(tag, uid, opts, numbers)
             if line is not None:
+                if highest:
+                    line += b" MODSEQ %d" % highest
                 self.send(line)
         if uid:
             yield self.refresh()
@@ -139,7 +142,7 @@ class MessageCommands(Session):
         step = BATCH if needs else BATCH * 50
         for start in range(0, len(everything), step):
             cands = [searchmod.Candidate(seq, i.uid, i.flags, i.uid in recent, i.size, i.internaldate,
-                                         _loader(sel.folder, i.uid))
+                                         _loader(sel.folder, i.uid), modseq=i.modseq)
                      for seq, i in everything[start:start + step]]
             if needs:
                 hits = yield self.io(search_batch, program, cands, count, max_uid)

@@ -45,6 +45,7 @@ class Candidate:
     internaldate: float
     load: Callable[[], bytes]  # reads the message file (only called when a key needs it)
     _raw: Optional[bytes] = None
+    modseq: int = 0  # RFC 7162 mod-sequence
 
     @property
     def raw(self) -> bytes:
@@ -152,9 +153,24 @@ def _key(toks: deque, depth: int) -> Node:
         if n == 0:
             raise ParseError(f"{k.decode()} needs a positive interval")
         return (k.decode(), n)
+    if k == b"MODSEQ":
+        return _modseq_key(toks)
     if re.match(rb"^[\d*:,]+$", k):
         return ("SEQ", sequence_set(tok))
     raise ParseError(f"unknown search key {k[:40].decode('ascii', 'replace')}")
+
+
+def _modseq_key(toks: deque) -> Node:
+    """MODSEQ [entry-name entry-type] n (RFC 7162 §3.1.5): flags are our only metadata, and
+    a message's mod-sequence covers all of them, so the entry is checked and then ignored."""
+    if len(toks) >= 3 and not (isinstance(toks[0], Atom) and toks[0].isdigit()):
+        entry = astring(toks.popleft())
+        kind = astring(toks.popleft()).lower()
+        if kind not in (b"priv", b"shared", b"all") or not entry.lower().startswith(b"/flags/"):
+            raise ParseError("invalid MODSEQ entry")
+    if not toks:
+        raise ParseError("MODSEQ needs a mod-sequence")
+    return ("MODSEQ", number(toks.popleft()))
 
 
 def _fold(b: bytes) -> str:
@@ -201,6 +217,8 @@ def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
         return c.internaldate <= now() - node[1]
     if op == "YOUNGER":
         return c.internaldate > now() - node[1]
+    if op == "MODSEQ":
+        return c.modseq >= node[1]
     if op in ("BEFORE", "ON", "SINCE"):
         return _cmp_date(op, datetime.date.fromtimestamp(c.internaldate), node[1])
     if op in ("SENTBEFORE", "SENTON", "SENTSINCE"):

@@ -149,13 +149,14 @@ class FolderState:
     uidvalidity: int
     uidnext: int
     recent: frozenset
+    highestmodseq: int = 0
 
 
 def sync_folder(folder: Folder) -> FolderState:
     token = folder.state_token()
     infos = folder.sync()
     return FolderState(infos, list(folder.keywords), token, folder.uidvalidity, folder.uidnext,
-                       folder.recent)
+                       folder.recent, folder.highest_modseq())
 
 
 def uidvalidity(folder: Folder) -> int:
@@ -188,6 +189,9 @@ class SelectionCommands(Session):
         if len(args) < 1:
             raise bad("SELECT needs a mailbox name")
         name = decode_name(astring(args[0]))
+        params = self.select_params(args[1:])  # RFC 7162 CONDSTORE / QRESYNC (condstore.py)
+        if self.sel is not None:
+            self.announce_closed()
         # Selecting (even a failing SELECT) deselects the current folder (RFC 3501 §6.3.1).
         self.sel = None
         self.state = "auth"
@@ -203,6 +207,7 @@ class SelectionCommands(Session):
         self._announce_selection(sel, st)
         self.sel = sel
         self.state = "selected"
+        yield self.announce_modseqs(sel, st.highestmodseq, st.uidvalidity, st.uidnext, params)
         mode = R.READ_ONLY if readonly else R.READ_WRITE
         return R.code(mode) + (b"EXAMINE" if readonly else b"SELECT") + b" completed"
 
@@ -268,6 +273,8 @@ class SelectionCommands(Session):
 
     def report_expunged(self, removed: Iterable[int]) -> None:
         """`* n EXPUNGE`, highest sequence number first so earlier numbers stay valid."""
+        if self.report_vanished(removed):  # QRESYNC: VANISHED instead (condstore.py)
+            return
         for seq in self.sel.remove(removed):
             self.send(b"* %d EXPUNGE" % seq)
 
@@ -332,7 +339,8 @@ class SelectionCommands(Session):
         sel.own = {}
         sel.recent = st.recent
         for u in changed:
-            self.send(b"* %d FETCH (UID %d FLAGS %s)" % (sel.seq_of(u), u, flag_list(sel.flags(u))))
+            self.send(b"* %d FETCH (UID %d FLAGS %s%s)" % (sel.seq_of(u), u, flag_list(sel.flags(u)),
+                                                          self.modseq_item(sel.info(u))))
         if len(sel) != before:
             self.send(b"* %d EXISTS" % len(sel))
             self.send(b"* %d RECENT" % len(sel.recent))

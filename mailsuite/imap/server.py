@@ -29,6 +29,7 @@ from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.imap import responses as R
 from mailsuite.imap.append import AppendCommands
 from mailsuite.imap.compress import CompressCommand
+from mailsuite.imap.condstore import CondstoreCommands
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
@@ -86,7 +87,8 @@ def _sound_tag(segments: Segments) -> bytes:
 
 
 class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands,
-                 MessageCommands, AppendCommands, FetchCommands, IdleCommand, OrderingCommands):
+                 MessageCommands, AppendCommands, FetchCommands, IdleCommand, OrderingCommands,
+                 CondstoreCommands):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -219,7 +221,8 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
     def capabilities(self) -> bytes:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
-                b"APPENDLIMIT=%d" % self.config.limits.max_message_size]
+                b"APPENDLIMIT=%d" % self.config.limits.max_message_size,
+                b"CONDSTORE", b"QRESYNC"]
         caps += EXTENSION_CAPS  # binary.py, append.py, compress.py, status.py
         # Search extensions (docs/design/imap.md, "SORT and THREAD", "ESEARCH and SEARCHRES").
         caps += [b"ESEARCH", b"SEARCHRES", b"WITHIN", b"SORT", b"SORT=DISPLAY",
@@ -593,11 +596,15 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         self.send(b'* ID ("name" "mailsuite" "vendor" "mailsuite")')
         return b"ID completed"
 
-    def do_ENABLE(self, tag: bytes, args: list[Token]) -> bytes:
+    def do_ENABLE(self, tag: bytes, args: list[Token]) -> Union[bytes, defer.Deferred]:
         if not args:
             raise bad("ENABLE needs a capability")
-        # We implement no ENABLE-able extension (RFC 5161 §3.1): an empty ENABLED list.
-        self.send(b"* ENABLED")
+        # RFC 5161 §3.1: ENABLED lists what this command enabled; unknown names are ignored.
+        was = self.condstore
+        enabled = self.enable_extensions([astring(a).upper() for a in args])
+        self.send(b"* ENABLED" + b"".join(b" " + n for n in enabled))
+        if self.condstore and not was and self.sel is not None:
+            return self.send_highest().addCallback(lambda _: b"ENABLE completed")
         return b"ENABLE completed"
 
     # -- not authenticated ----------------------------------------------------------------------

@@ -7,7 +7,8 @@ from mailsuite.imap.parser import Token, astring
 from mailsuite.imap.responses import bad
 from mailsuite.imap.selection import FolderState
 
-STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE", b"DELETED"}
+STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b"SIZE", b"DELETED",
+                b"HIGHESTMODSEQ"}
 
 
 def parse_items(tok: Token) -> list[bytes]:
@@ -30,6 +31,7 @@ def status_line(name: str, st: FolderState, items: list[bytes]) -> bytes:
         b"UNSEEN": lambda: sum(1 for i in infos if "\\Seen" not in i.flags),
         b"SIZE": lambda: sum(i.size for i in infos),  # RFC 8438: the sum of RFC822.SIZE
         b"DELETED": lambda: sum(1 for i in infos if "\\Deleted" in i.flags),
+        b"HIGHESTMODSEQ": lambda: st.highestmodseq,  # RFC 7162 §3.1.6
     }
     return (b"* STATUS " + quote(encode_name(name)) + b" (" +
             b" ".join(b"%s %d" % (k, values[k]()) for k in items) + b")")

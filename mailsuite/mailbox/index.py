@@ -5,6 +5,7 @@ session) through `MailStore`; everything here is blocking and runs in the io poo
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterable, cast
 
 from mailsuite.mailbox.errors import NoSuchFolder
+from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
     KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList, file_stamp, info_name,
     letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
@@ -39,6 +41,7 @@ class MessageInfo:
     internaldate: float
     name: str
     cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
+    modseq: int = 0  # RFC 7162 mod-sequence (modseq.py); 0 until the log has recorded it
 
     @property
     def path(self) -> str:
@@ -75,6 +78,11 @@ class FolderIndex:
         self.generation = 0
         self.cur_prefix = os.path.join(path, "cur", "")
         self.flag_cache: dict[str, frozenset] = {}  # info letters -> IMAP flags
+        # RFC 7162 mod-sequences (docs/design/maildir.md, "Mod-sequences"): the UIDs whose
+        # flags or presence may have changed since the log was last brought up to date
+        # (None: all of them).
+        self.modseqs = ModSeqLog(path)
+        self.mod_dirty: set[int] | None = None
 
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
@@ -136,6 +144,10 @@ class FolderIndex:
         self.synced = True
         if self.meta_pending:
             self._save_meta()
+        try:
+            self.reconcile_modseqs()
+        except OSError:
+            pass  # the folder stays readable; CONDSTORE callers ask again and see the error
 
     def messages(self) -> list[MessageInfo]:
         """The current list (shared: callers must not modify it)."""
@@ -168,7 +180,8 @@ class FolderIndex:
         flags = self.flag_cache.get(letters)
         if flags is None:
             flags = self.flag_cache[letters] = letters_to_flags(letters, self.keywords)
-        return MessageInfo(uid, key, flags, meta[0], meta[1], name, self.cur_prefix)
+        return MessageInfo(uid, key, flags, meta[0], meta[1], name, self.cur_prefix,
+                           self.modseqs.modseq.get(uid, 0))
 
     def _meta_for(self, key: str) -> tuple[int, float] | None:
         """(size, internaldate) from the index, or from the message we already list."""
@@ -197,6 +210,7 @@ class FolderIndex:
             if info is not None:
                 infos[uid] = info
         self.infos = infos
+        self.mod_dirty = None
         self._changed()
         if not self.meta_pending:
             self._drop_listed_meta()
@@ -209,6 +223,7 @@ class FolderIndex:
             info = infos.get(uid) if uid is not None else None
             if info is not None and info.key == key:
                 del infos[uid]
+                self.touch_modseq(uid)
         self._load_meta()
         last = next(reversed(infos)) if infos else 0
         out_of_order = False
@@ -223,6 +238,7 @@ class FolderIndex:
                 else:
                     last = uid
             infos[uid] = info
+            self.touch_modseq(uid)
         if out_of_order:
             # A UID below ones we already list (given by another process to a file it had
             # in new/): keep the dict in UID order.
@@ -333,6 +349,7 @@ class FolderIndex:
                     self.infos = dict(sorted(self.infos.items()))
                 else:
                     self.infos[uid] = info
+                self.touch_modseq(uid)
                 if key in self.meta:
                     self.meta_pending.append(key)
             self._changed()
@@ -362,12 +379,56 @@ class FolderIndex:
                 atomic_write(path, ul.serialize())
                 self.uidlist_stamp = file_stamp(path)
         for uid in gone:
+            self.touch_modseq(uid)
             info = self.infos.pop(uid, None)
             if info is not None:
                 self.files.pop(info.key, None)
                 self.meta.pop(info.key, None)
         self.unclaimed_recent -= gone
         self._changed()
+
+    # -- mod-sequences (RFC 7162) -----------------------------------------------------------
+    def touch_modseq(self, uid: int) -> None:
+        """The flags or the presence of `uid` may have changed: check it at the next
+        reconcile_modseqs()."""
+        if self.mod_dirty is not None:
+            self.mod_dirty.add(uid)
+
+    def reconcile_modseqs(self) -> None:
+        """Give every change noticed since the last call a new mod-sequence (in the shared
+        log) and put the mod-sequences into the MessageInfos. A failure to write the log is
+        retried at the next call: the changes stay marked."""
+        dirty = self.mod_dirty
+        if dirty is not None and not dirty:
+            return
+        self.mod_dirty = set()
+        log = self.modseqs
+        uv = self.uidlist.uidvalidity if self.uidlist is not None else 0
+        try:
+            log.load()
+            if dirty is not None and (log.stamp is None or log.uidvalidity != uv):
+                dirty = None  # a new log: every message needs its first mod-sequence
+            infos = self.infos
+            uids = infos.keys() if dirty is None else [u for u in dirty if u in infos]
+            present = {u: infos[u].name.partition(":2,")[2] for u in uids}
+            if log.record(uv, present, dirty, full=dirty is None) is None:
+                present = {u: i.name.partition(":2,")[2] for u, i in infos.items()}
+                dirty = None
+                log.record(uv, present, None, full=True)
+        except OSError:
+            self.mod_dirty = dirty  # retried at the next call
+            raise
+        modseq = log.modseq
+        replaced = False
+        for u in (infos.keys() if dirty is None else dirty):
+            info = infos.get(u)
+            if info is not None:
+                ms = modseq.get(u, 0)
+                if info.modseq != ms:
+                    infos[u] = dataclasses.replace(info, modseq=ms)
+                    replaced = True
+        if replaced:
+            self._changed()
 
     # -- keywords ---------------------------------------------------------------------------
     def _reload_keywords(self) -> bool:

@@ -475,6 +475,37 @@ class Folder:
                 self.sync()
             return self._state.infos.get(uid)
 
+    # -- mod-sequences (RFC 7162; docs/design/maildir.md, "Mod-sequences") ------------------
+    def highest_modseq(self) -> int:
+        """The folder's HIGHESTMODSEQ, every change noticed so far included."""
+        state = self._state
+        with state.lock:
+            if not state.synced:
+                state.sync()
+            state.reconcile_modseqs()
+            return state.modseqs.highest
+
+    def modseqs(self, uids: Iterable[int]) -> dict[int, tuple[int, frozenset]]:
+        """uid -> (mod-sequence, flags) of the given messages that exist, after giving the
+        changes made so far (e.g. by this session's STORE) their mod-sequences."""
+        state = self._state
+        with state.lock:
+            if not state.synced:
+                state.sync()
+            state.reconcile_modseqs()
+            infos = state.infos
+            return {u: (i.modseq, i.flags) for u in uids if (i := infos.get(u)) is not None}
+
+    def vanished(self, modseq: int) -> list[int] | None:
+        """UIDs expunged after `modseq`, ascending, or None when that is older than the
+        expunges the log remembers (RFC 7162 §3.2.5: report every missing UID then)."""
+        state = self._state
+        with state.lock:
+            if not state.synced:
+                state.sync()
+            state.reconcile_modseqs()
+            return state.modseqs.vanished_since(modseq)
+
     def state_token(self) -> tuple:
         """A cheap value (stat of new/, cur/, dovecot-uidlist) that changes when sync() may
         find something new: IMAP NOOP/IDLE poll this and sync() only when it differs."""
@@ -759,7 +790,9 @@ class Folder:
                     continue
                 state.files[info.key] = new_name
                 state.infos[uid] = MessageInfo(uid, info.key, stored, info.size,
-                                               info.internaldate, new_name, info.cur_dir)
+                                               info.internaldate, new_name, info.cur_dir,
+                                               info.modseq)
+                state.touch_modseq(uid)
                 state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")

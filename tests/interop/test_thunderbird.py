@@ -13,6 +13,11 @@ Also: Thunderbird's own Autodiscover client reads our POX answer; Thunderbird's 
 traces and the server log show no error replies or tracebacks; and a blocking dialog (wrong SMTP
 password) fails a step with its text instead of hanging the run.
 
+Everything runs twice: with Thunderbird's defaults, and with its CONDSTORE support switched on
+(`mail.server.default.use_condstore`, off by default), where its IMAP trace must show that it
+used CONDSTORE and got neither BAD nor NO (RFC 7162; docs/design/imap.md, "CONDSTORE and
+QRESYNC").
+
 The self-signed server certificate is accepted with a per-host:port override in the profile (what
 "Confirm Security Exception" stores), never by switching TLS off. Set MAILSUITE_UPDATE_SCREENSHOT=1
 to refresh docs/thunderbird-inbox.png from the IMAPS profile.
@@ -67,12 +72,13 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))),
 
 # -- fixtures: one server, one Thunderbird profile per connection mode ----------------------------
 
-@pytest.fixture(scope="module")
-def mail(tmp_path_factory):
+@pytest.fixture(scope="module", params=["default", "condstore"])
+def mail(request, tmp_path_factory):
     """The server, and four fresh Thunderbird profiles launched while it starts (Thunderbird's
-    start-up is most of this test's time)."""
+    start-up is most of this test's time); in the "condstore" run the profiles use CONDSTORE."""
     base = tmp_path_factory.mktemp("thunderbird")
     server = MailServer(str(base / "server"))
+    server.condstore = request.param == "condstore"
     # The server's own self-signed certificate, made before it starts (it keeps an existing
     # one), so the profiles can carry their exceptions for it from their first start.
     from mailsuite.tls import create_self_signed
@@ -112,8 +118,10 @@ def mail(tmp_path_factory):
 
 def _thunderbird(mail: MailServer, profile_dir: str) -> Thunderbird:
     overrides = [(mail.hostname, mail.ports[n], mail.cafile) for n in TLS_LISTENERS]
-    return Thunderbird(profile_dir, proxy_prefs(mail.ports["autoconfig"]),
-                       cert_overrides=overrides)
+    prefs = proxy_prefs(mail.ports["autoconfig"])
+    if mail.condstore:
+        prefs["mail.server.default.use_condstore"] = True
+    return Thunderbird(profile_dir, prefs, cert_overrides=overrides)
 
 
 @pytest.fixture(scope="module")
@@ -285,6 +293,7 @@ def test_account_comes_from_our_autoconfig(mail, alice_tb, bob_tb):
     assert s.auth_method == s.smtp_auth_method == 3  # nsMsgAuthMethod.passwordCleartext
     assert s.username == s.smtp_username == ALICE  # %EMAILADDRESS% replaced by Thunderbird
     assert s.fcc_folder.endswith("/Sent")
+    assert s.use_condstore == bob_tb.settings.use_condstore == mail.condstore
     b = bob_tb.settings
     assert (b.port, b.socket_type, b.smtp_port, b.smtp_socket_type) == (
         mail.ports["imaps"], SOCKET_SSL, mail.ports["submissions"], SOCKET_SSL)
@@ -434,11 +443,20 @@ def test_no_server_errors_behind_thunderbirds_back(mail, profiles):
     checks what happened so far; the `profiles` fixture checks again after the last test."""
     problems = server_errors_behind_thunderbirds_back(mail, profiles)
     assert not problems, "\n".join(problems[:10])
+    if mail.condstore:
+        # The run really used CONDSTORE: Thunderbird's IMAP_CS trace (driver.py) says so for
+        # every folder it synchronized. (It needs no ENABLE or SELECT (CONDSTORE): we send
+        # HIGHESTMODSEQ on every SELECT, RFC 7162 §3.1.2.1.)
+        trace = "\n".join(tb.protocol_log(last=10 ** 6) for tb in profiles.values())
+        assert "useCS=true" in trace and "useCS=false" not in trace, \
+            "Thunderbird did not use CONDSTORE"
 
 
 def server_errors_behind_thunderbirds_back(mail: MailServer, profiles: dict) -> list[str]:
-    """Error replies in Thunderbird's protocol traces, and tracebacks in the server log."""
+    """Error replies in Thunderbird's protocol traces, and tracebacks in the server log. With
+    CONDSTORE on, any NO counts too: every command Thunderbird sends there must succeed."""
     problems = []
+    refused = r"(\d+|\*) (BAD|NO)\b" if mail.condstore else r"(\d+|\*) (BAD|NO \[SERVERBUG\])"
     for name, tb in profiles.items():
         sent: dict[tuple[str, str], str] = {}  # (connection, tag) -> command
         for line in tb.protocol_log(last=10 ** 6).splitlines():
@@ -450,7 +468,7 @@ def server_errors_behind_thunderbirds_back(mail: MailServer, profiles: dict) -> 
             tag = text.split(" ")[0]
             if kind == "SendData":
                 sent[(connection, tag)] = text
-            elif re.match(r"(\d+|\*) (BAD|NO \[SERVERBUG\])", text):
+            elif re.match(refused, text):
                 problems.append(f"{name}: {sent.get((connection, tag), '?')!r} -> {text!r}")
         # SMTP and POP3: any 4xx/5xx or -ERR reply to what Thunderbird sent.
         command = "?"

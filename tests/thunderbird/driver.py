@@ -118,7 +118,7 @@ class Thunderbird:
                              MOZ_HEADLESS_HEIGHT="800")
         env.pop("DISPLAY", None)
         # Thunderbird's own protocol trace: what it sent and what it got, for failure reports.
-        env["MOZ_LOG"] = "IMAP:5,SMTP:5,POP3:5,timestamp,sync"
+        env["MOZ_LOG"] = "IMAP:5,IMAP_CS:5,SMTP:5,POP3:5,timestamp,sync"
         env["MOZ_LOG_FILE"] = self.protocol_log_path
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(

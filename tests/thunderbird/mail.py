@@ -124,6 +124,7 @@ class AccountSettings:
     smtp_auth_method: int
     smtp_username: str
     fcc_folder: str
+    use_condstore: bool = False  # IMAP: Thunderbird's CONDSTORE support switched on
 
 
 class TBAccount:
@@ -196,7 +197,9 @@ return { key: account.key, type: server.type, hostname: server.hostName ?? serve
          socket_type: server.socketType, auth_method: server.authMethod,
          username: server.username, smtp_hostname: smtp.hostname, smtp_port: smtp.port,
          smtp_socket_type: smtp.socketType, smtp_auth_method: smtp.authMethod,
-         smtp_username: smtp.username, fcc_folder: identity.fccFolderURI };
+         smtp_username: smtp.username, fcc_folder: identity.fccFolderURI,
+         use_condstore: server.type == 'imap' &&
+           server.QueryInterface(Ci.nsIImapIncomingServer).useCondStore };
 """, address, password, realname, incoming_type, incoming_socket, outgoing_socket)
         return cls(tb, AccountSettings(**result))
 

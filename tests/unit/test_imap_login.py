@@ -88,8 +88,10 @@ def test_namespace_id_enable(world):
     assert r.cmd(b"a NAMESPACE")[0] == b'* NAMESPACE (("" "/")) NIL NIL'
     resp = r.cmd(b'b ID ("name" "Thunderbird" "version" "153")')
     assert resp[0].startswith(b"* ID (") and tagged(resp).startswith(b"b OK")
-    resp = r.cmd(b"c ENABLE CONDSTORE")
+    resp = r.cmd(b"c ENABLE X-UNKNOWN")
     assert resp[0] == b"* ENABLED" and tagged(resp).startswith(b"c OK")
+    resp = r.cmd(b"d ENABLE CONDSTORE X-UNKNOWN")
+    assert resp[0] == b"* ENABLED CONDSTORE" and tagged(resp).startswith(b"d OK")
 
 
 def test_logout_says_bye_and_closes(world):
