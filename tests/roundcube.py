@@ -182,7 +182,10 @@ def chromium(user_data_dir: str):
     # The driver's path is given, so selenium never runs its driver manager (no download).
     driver = webdriver.Chrome(options=options, service=Service(
         CHROMEDRIVER, log_output=os.path.join(user_data_dir + ".chromedriver.log")))
+    # A 1280x800 viewport: the window's frame, whatever headless makes it, is added on top.
     driver.set_window_size(1280, 800)
+    inner = driver.execute_script("return [window.innerWidth, window.innerHeight];")
+    driver.set_window_size(1280 + 1280 - inner[0], 800 + 800 - inner[1])
     return driver
 
 

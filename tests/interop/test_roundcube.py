@@ -112,28 +112,29 @@ def unique(text: str) -> str:
 
 
 def plain_message(subject: str, to: str = ALICE, sender: str = "Carol <carol@remote.test>",
-                  body: str = "Hello from the test.\n") -> EmailMessage:
+                  body: str = "Hello from the test.\n",
+                  date: str = "Sat, 28 Nov 2026 01:00:00 +0000") -> EmailMessage:
     m = EmailMessage()
     m["From"] = sender
     m["To"] = to
     m["Subject"] = subject
-    m["Date"] = "Sat, 28 Nov 2026 01:00:00 +0000"
+    m["Date"] = date
     m["Message-ID"] = f"<{uuid.uuid4().hex}@remote.test>"
     m.set_content(body)
     return m
 
 
-def with_pdf(subject: str, to: str = ALICE) -> EmailMessage:
-    m = plain_message(subject, to, body="Please find the report attached.\n")
+def with_pdf(subject: str, to: str = ALICE, **headers: str) -> EmailMessage:
+    m = plain_message(subject, to, body="Please find the report attached.\n", **headers)
     m.add_attachment(PDF, maintype="application", subtype="pdf", filename="report-q3.pdf")
     return m
 
 
-def forwarded(subject: str, inner_subject: str, to: str = ALICE) -> EmailMessage:
+def forwarded(subject: str, inner_subject: str, to: str = ALICE, **headers: str) -> EmailMessage:
     """A message forwarded as an attachment: the original as a message/rfc822 part."""
     inner = plain_message(inner_subject, "carol@remote.test", "Dave <dave@remote.test>",
-                          "Notes from the meeting.\n")
-    m = plain_message(subject, to, body="Forwarding the notes as an attachment.\n")
+                          "Notes from the meeting.\n", "Fri, 27 Nov 2026 09:30:00 +0000")
+    m = plain_message(subject, to, body="Forwarding the notes as an attachment.\n", **headers)
     m.add_attachment(inner)
     return m
 
@@ -354,16 +355,22 @@ def test_message_list_screenshot(mail, web, tmp_path):
     """Dana's INBOX, in a browser of its own, so the picture never shows other tests' mail."""
     deliver(mail,
             plain_message("Welcome to mailsuite", DANA,
-                          body="This came in through the MX port; Roundcube reads it over IMAP.\n"),
-            with_pdf("Quarterly report attached", DANA),
-            forwarded("Fwd: Original meeting notes", "Original meeting notes", DANA))
+                          body="This came in through the MX port; Roundcube reads it over IMAP.\n",
+                          date="Fri, 27 Nov 2026 08:15:00 +0000"),
+            with_pdf("Quarterly report attached", DANA, date="Sat, 28 Nov 2026 10:42:00 +0000"),
+            forwarded("Fwd: Original meeting notes", "Original meeting notes", DANA,
+                      date="Sat, 28 Nov 2026 11:05:00 +0000"))
     driver = chromium(str(tmp_path / "chromium-dana"))
     try:
+        from selenium.webdriver.common.action_chains import ActionChains
+
         ui = RoundcubeUI(driver, web)
         ui.login(DANA, PASSWORD)
         ui.open_folder("INBOX", expect="Welcome to mailsuite")
         ui.preview("Fwd: Original meeting notes")
         driver.switch_to.default_content()
+        # The pointer off the list, so no row shows its hover state in the picture.
+        ActionChains(driver).move_to_element(ui.css("#messagecontframe")).perform()
         ui.wait(lambda d: ui.list_ready(), "Roundcube idle")
         assert {"Welcome to mailsuite", "Quarterly report attached",
                 "Fwd: Original meeting notes"} <= set(ui.subjects())
