@@ -192,7 +192,7 @@ def hidden_errors(server: MailServer, web: RoundcubeWeb) -> list[str]:
         tag = text.split(" ")[0]
         if side == "C":
             sent[(connection, tag)] = text
-        elif re.match(r"[A-Z]\d+ (NO|BAD)\b", text):
+        elif re.match(r"([A-Z]\d+ (NO|BAD)|\* BAD)\b", text):
             problems.append(f"IMAP {sent.get((connection, tag), '?')!r} -> {text!r}")
     for line in web.log("errors.log").splitlines():
         if re.search(r"(IMAP|SMTP) Error|PHP (Fatal|Warning)", line):
