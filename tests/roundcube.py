@@ -102,6 +102,10 @@ $config['support_url'] = '';
 $config['product_name'] = 'Roundcube Webmail';
 $config['create_default_folders'] = true;
 $config['session_lifetime'] = 30;
+// Newest first by the Date header: with SORT advertised (RFC 5256) Roundcube asks the server
+// (UID SORT), without it fetches the dates and sorts itself.
+$config['message_sort_col'] = 'date';
+$config['message_sort_order'] = 'DESC';
 """)
         if not os.path.exists(self.database):
             with open(SCHEMA) as f, sqlite3.connect(self.database) as db:

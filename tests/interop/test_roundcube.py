@@ -384,3 +384,55 @@ def test_message_list_screenshot(mail, web, tmp_path):
     if os.environ.get("MAILSUITE_UPDATE_SCREENSHOT"):
         os.makedirs(DOCS, exist_ok=True)
         shutil.copyfile(path, os.path.join(DOCS, "roundcube-message-list.png"))
+
+
+def test_threads_view(mail, ui):
+    """List mode "Threads": Roundcube asks the server (UID THREAD REFERENCES, RFC 5256) and
+    shows a reply under its parent. Roundcube offers threads only when the server advertises
+    THREAD=REFERENCES."""
+    with imap_session(mail, ALICE) as imap:
+        if b"THREAD=REFERENCES" not in imap.capability()[1][0].split():
+            pytest.skip("the server does not advertise THREAD=REFERENCES")
+    subject = unique("Thread root")
+    root = plain_message(subject, date="Sat, 28 Nov 2026 01:00:00 +0000")
+    reply = plain_message("Re: " + subject, date="Sat, 28 Nov 2026 02:00:00 +0000")
+    reply["In-Reply-To"] = reply["References"] = root["Message-ID"]
+    deliver(mail, root, reply)
+    ui.open_folder("INBOX", expect=subject)
+    set_list_mode(ui, "threads")
+    try:
+        def parents(d):
+            if not (ui.list_ready() and d.execute_script("return rcmail.env.threading;")):
+                return None
+            rows = d.execute_script(
+                "const r = rcmail.message_list.rows; return Object.keys(r).map(k =>"
+                " [k, String(r[k].parent_uid || ''), r[k].obj.querySelector('span.subject a')"
+                ".textContent]);")
+            uids = {text: uid for uid, _, text in rows}
+            return {text: parent for _, parent, text in rows} if "Re: " + subject in uids \
+                and subject in uids else None
+
+        found = ui.wait(parents, "the thread in the list")
+        with imap_session(mail, ALICE) as imap:
+            imap.select("INBOX", readonly=True)
+            root_uid = imap.uid("SEARCH", "HEADER", "Message-ID", root["Message-ID"])[1][0]
+        assert found[subject] == ""
+        assert found["Re: " + subject] == root_uid.decode()
+        # The root row is a collapsed thread: the reply is not shown until expanded.
+        assert "thread" in ui.row(subject).get_attribute("class")
+        assert "Re: " + subject not in ui.subjects()
+    finally:
+        set_list_mode(ui, "list")
+
+
+def set_list_mode(ui: RoundcubeUI, mode: str) -> None:
+    """The list options dialog (Options above the list): list mode "list" or "threads"."""
+    from selenium.webdriver.support.ui import Select
+
+    ui.click("#layout-list a.options", "the list Options button")
+    select = ui.wait(lambda d: ui.visible("#listoptions-threads-clone"), "the list options")[0]
+    Select(select).select_by_value(mode)
+    ui.wait(lambda d: ui.visible(".ui-dialog button.save"), "the Save button")[0].click()
+    ui.wait(lambda d: ui.list_ready() and not ui.visible(".ui-dialog")
+            and d.execute_script("return !!rcmail.env.threading;") == (mode == "threads"),
+            f"the list in {mode} mode")
