@@ -46,6 +46,7 @@ class MessageCommands(Session):
         if mode != b"-" and _keywords(flags):
             yield self.io(check_keyword_room, sel.folder, flags)
         results = yield self.io(store_flags, sel.folder, uids, flags, mode)
+        self.announce_keywords(sel, {f for _, new in results for f in new})
         for u, new in results:
             if not sel.has(u):
                 continue

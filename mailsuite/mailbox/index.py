@@ -335,6 +335,8 @@ class FolderIndex:
                     self.infos[uid] = info
                 if key in self.meta:
                     self.meta_pending.append(key)
+                # APPEND, COPY and MOVE give the new message \Recent (RFC 3501 §2.3.2).
+                self.unclaimed_recent.add(uid)
             self._changed()
             self._save_meta()
         return result

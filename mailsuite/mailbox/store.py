@@ -426,6 +426,9 @@ class Folder:
         self.path = path
         self._state = account.store._state(path)
         self._recent: set[int] = set()
+        # Only a read-write selection takes \Recent for itself (RFC 3501 §2.3.2); any other
+        # Folder (EXAMINE, STATUS, COPY's target) sees the unclaimed ones without taking them.
+        self.claims_recent = False
 
     @property
     def special_use(self) -> str | None:
@@ -449,15 +452,19 @@ class Folder:
 
     @property
     def recent(self) -> frozenset:
-        """UIDs this Folder instance was first to see (approximate \\Recent)."""
-        return frozenset(self._recent)
+        """UIDs with \\Recent for this Folder: those it claimed when `claims_recent`,
+        otherwise those no read-write selection has claimed yet."""
+        if self.claims_recent:
+            return frozenset(self._recent)
+        with self._state.lock:
+            return frozenset(self._state.unclaimed_recent)
 
     def sync(self) -> list[MessageInfo]:
         """Pick up changes (new/ -> cur/, UIDs for new files), return messages in UID order."""
         state = self._state
         with state.lock:
             state.sync()
-            if state.unclaimed_recent:
+            if state.unclaimed_recent and self.claims_recent:
                 self._recent |= state.unclaimed_recent
                 state.unclaimed_recent = set()
             return state.messages()
