@@ -295,8 +295,7 @@ class Account:
         os.rename(path, trash)
         self.store._forget(path)
         shutil.rmtree(trash, ignore_errors=True)
-        if name in self.subscriptions():
-            self.unsubscribe(name)
+        # The subscription stays: RFC 3501 §6.3.6 forbids removing it unilaterally.
 
     def rename_folder(self, old: str, new: str) -> None:
         """Rename a folder and its children. Renaming INBOX moves its messages into the new
@@ -595,7 +594,11 @@ class Folder:
         """Move messages (RFC 6851 semantics); returns (source uid, new uid) pairs.
         A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
         if dest.path == self.path:
-            return [(u, u) for u in sorted(set(uids))]
+            # Into the same folder: each message gets a new UID, the old one is expunged
+            # (RFC 6851 §3.3 and §4.3; imaptest's move group checks COPYUID for it).
+            pairs = self.copy(uids, dest)
+            self.expunge([old for old, _ in pairs])
+            return pairs
         self._prove()
         dest._prove()
         sources = self._sources(uids)
