@@ -220,9 +220,11 @@ class NoSuchPart(Exception):
 def find_part(root: Part, path: list[int]) -> Part:
     """The part a section path like [2, 1] names (RFC 3501 §6.4.5 BODY[<section>])."""
     part = root
-    for n in path:
-        # Inside a message/rfc822 part, numbering continues in the encapsulated message's body.
-        if part.message is not None:
+    for i, n in enumerate(path):
+        # Below a message/rfc822 part, numbering continues in the encapsulated message's body.
+        # Not at the top: the root is the message itself, and its part 1 (when it is not
+        # multipart) is its whole body, an encapsulated message included (RFC 3501 §6.4.5).
+        if i and part.message is not None:
             part = part.message
         if part.maintype == b"multipart":
             if not 1 <= n <= len(part.children):
