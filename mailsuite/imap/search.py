@@ -253,12 +253,21 @@ def _known(cs: Optional[str]) -> bool:
         return False
 
 
+ADDRESS_FIELDS = {b"from", b"to", b"cc", b"bcc", b"sender", b"reply-to"}
+
+
 def _header_contains(raw: bytes, name: bytes, needle: str) -> bool:
     end = mimeparse.header_end(raw)
     for n, s, e in mimeparse.parse_headers(raw, 0, end):
         if n == name:
             value = re.sub(rb"\r?\n(?=[ \t])", b"", raw[s:e].split(b":", 1)[1]).strip()
             if needle in decode_header(value).casefold():
+                return True
+            # Address fields also match their addresses without comments and folding
+            # (`<user (c)@ (c) domain>` is user@domain; docs/design/imap.md, "Conformance").
+            if name in ADDRESS_FIELDS and any(
+                    needle in decode_header(a).casefold()
+                    for a in mimeparse.address_strings(value)):
                 return True
     # RFC 3501: HEADER with an empty string matches every message that has the field.
     return False
