@@ -207,6 +207,7 @@ class SelectionCommands(Session):
         sel = Selection(folder, readonly)
         # A read-write selection takes the \Recent messages for itself (RFC 3501 §2.3.2).
         folder.claims_recent = not readonly
+        folder.selected = True
         st = yield self.io(sync_folder, folder)
         sel.view = st.infos
         sel.recent = st.recent
@@ -292,8 +293,12 @@ class SelectionCommands(Session):
 
     def report_expunged(self, removed: Iterable[int]) -> None:
         """`* n EXPUNGE`, highest sequence number first so earlier numbers stay valid."""
+        removed = list(removed)
         for seq in self.sel.remove(removed):
             self.send(b"* %d EXPUNGE" % seq)
+        # Announced: the store may drop the files it kept readable for us (docs/design/
+        # imap.md, "Expunged messages stay readable until announced").
+        self.sel.folder.release(removed)
 
     def resolve(self, args_set: Token, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""
