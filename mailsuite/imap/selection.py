@@ -298,7 +298,10 @@ class SelectionCommands(Session):
             self.send(b"* %d EXPUNGE" % seq)
         # Announced: the store may drop the files it kept readable for us (docs/design/
         # imap.md, "Expunged messages stay readable until announced").
-        self.sel.folder.release(removed)
+        folder = self.sel.folder
+        if folder.release(removed):
+            self.io(folder.drain_held).addErrback(
+                lambda f: log.failure("imap: dropping held messages failed", f))
 
     def resolve(self, args_set: Token, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""

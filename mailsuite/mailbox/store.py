@@ -486,14 +486,23 @@ class Folder:
                 self._shown_upto = infos[-1].uid if infos else 0
             return infos
 
-    def release(self, uids: Iterable[int]) -> None:
+    def release(self, uids: Iterable[int]) -> bool:
         """The session has announced these EXPUNGEs: it no longer needs their content.
-        Never blocks (reactor thread); the held files go at the next sync."""
+        Never blocks (reactor thread); True if pins were given back, whose files go at the
+        next sync or drain_held."""
         pinned = self._pinned
+        released = False
         for u in uids:
             if u in pinned:
                 pinned.discard(u)
                 self._state.releases.append(u)
+                released = True
+        return released
+
+    def drain_held(self) -> None:
+        """Unlink the held files whose pins are all back (io pool)."""
+        with self._state.lock:
+            drain_held(self._state)
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
