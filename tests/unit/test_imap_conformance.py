@@ -157,3 +157,15 @@ def test_a_closed_selection_gives_its_held_messages_back(world):
     world.append(ALICE, "Gone", simple("h"))  # the next sync of the folder drops it
     a.cmd(b"d NOOP")
     assert not [n for n in os.listdir(tmp) if n.startswith("expunged.")]
+
+
+def test_search_strings_match_decomposed_text_and_cut_characters(world):
+    # imaptest searches for byte substrings of Dovecot's decomposed upper-case form, cutting
+    # characters in half: `u` is found in `ü`, and so is half of the UTF-8 of `ß`.
+    world.append(ALICE, "Uni", simple("=?utf-8?q?Gr=C3=BC=C3=9Fe?= alle"))
+    r = world.connect()
+    r.cmd(b"a SELECT Uni")
+    for needle in (b"GRU", "grüß".encode(), b"\xcc\x88", b"\xcc\x88\xc3"):
+        resp = r.cmd(b"b SEARCH CHARSET UTF-8 SUBJECT {%d+}\r\n" % len(needle) + needle)
+        assert b"* SEARCH 1" in resp, (needle, resp)
+    assert b"* SEARCH 1" not in r.cmd(b"c SEARCH SUBJECT xyz")
