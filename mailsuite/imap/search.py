@@ -157,9 +157,15 @@ def _fold(b: bytes) -> str:
 
 
 def _norm(text: str) -> str:
-    """Case-folded and canonically decomposed: `u` is found in `ü`, as in Dovecot."""
-    text = text.casefold()
-    return text if text.isascii() else unicodedata.normalize("NFD", text)
+    """Dovecot's search form: canonically decomposed, each character in simple upper case
+    (`u` is found in `ü`; `ß` stays `ß`, it is not `SS`)."""
+    if text.isascii():
+        return text.upper()
+    text = unicodedata.normalize("NFD", text)
+    up = text.upper()
+    if len(up) == len(text):
+        return up  # no character expanded (the common case: one C call)
+    return "".join(u if len(u := c.upper()) == 1 else c for c in text)
 
 
 class RawNeedle(str):
@@ -169,14 +175,9 @@ class RawNeedle(str):
 
     def __new__(cls, raw: bytes) -> "RawNeedle":
         self = super().__new__(cls, raw.decode("utf-8", "replace"))
-        self.raw = b"".join(_tcase(run.decode("utf-8")).encode("utf-8") if valid else run
+        self.raw = b"".join(_norm(run.decode("utf-8")).encode("utf-8") if valid else run
                             for valid, run in _utf8_runs(raw))
         return self
-
-
-def _tcase(text: str) -> str:
-    text = unicodedata.normalize("NFD", text)
-    return "".join(u if len(u := c.upper()) == 1 else c for c in text)
 
 
 def _utf8_runs(raw: bytes):
@@ -196,7 +197,7 @@ def _utf8_runs(raw: bytes):
 
 def _contains(needle: str, text: str) -> bool:
     if isinstance(needle, RawNeedle):
-        return needle.raw in _tcase(text).encode("utf-8", "replace")
+        return needle.raw in _norm(text).encode("utf-8", "replace")
     return needle in _norm(text)
 
 
