@@ -243,9 +243,10 @@ def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
     if op == "HEADER":
         return _header_contains(c.raw, node[1], node[2])
     if op == "BODY":
-        return _contains(node[1], _body_text(c.raw))
+        return _contains(node[1], _body_text(c.raw)) or _in_raw_body(node[1], c.raw)
     if op == "TEXT":
-        return _contains(node[1], _header_text(c.raw)) or _contains(node[1], _body_text(c.raw))
+        return (_contains(node[1], _header_text(c.raw)) or _contains(node[1], _body_text(c.raw))
+                or _in_raw_body(node[1], c.raw))
     raise ParseError(op)
 
 
@@ -328,12 +329,21 @@ def _header_text(raw: bytes) -> str:
     return decode_header(raw[:end])
 
 
+def _in_raw_body(needle: str, raw: bytes) -> bool:
+    """The body as stored, transfer encoding and all: Dovecot's BODY finds `=` of a
+    quoted-printable soft line break too, and imaptest expects it to."""
+    return _contains(needle, raw[mimeparse.header_end(raw):].decode("utf-8", "replace"))
+
+
 def _body_text(raw: bytes) -> str:
-    """The text of every leaf part, transfer-decoded and charset-decoded."""
+    """The text of every leaf part, transfer-decoded and charset-decoded, and the MIME
+    headers of the parts below the top (Dovecot's BODY finds `charset=` there too)."""
     root = _root(raw)
     out: list[str] = []
 
     def walk(p: mimeparse.Part) -> None:
+        if p is not root and p.body_start > p.start:
+            out.append(_header_text(raw[p.start:p.body_start]))
         if p.children:
             for c in p.children:
                 walk(c)

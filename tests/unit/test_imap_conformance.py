@@ -169,3 +169,17 @@ def test_search_strings_match_decomposed_text_and_cut_characters(world):
         resp = r.cmd(b"b SEARCH CHARSET UTF-8 SUBJECT {%d+}\r\n" % len(needle) + needle)
         assert b"* SEARCH 1" in resp, (needle, resp)
     assert b"* SEARCH 1" not in r.cmd(b"c SEARCH SUBJECT xyz")
+
+
+def test_search_body_also_finds_part_headers_and_the_stored_encoding(world):
+    msg = (b"From: a@example.org\r\nSubject: qp\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: multipart/mixed; boundary=XX\r\n\r\n--XX\r\n"
+           b"Content-Type: text/plain; charset=\"utf-8\"\r\n"
+           b"Content-Transfer-Encoding: quoted-printable\r\n\r\nsoft=\r\nbreak caf=C3=A9\r\n--XX--\r\n")
+    world.append(ALICE, "Qp", msg)
+    r = world.connect()
+    r.cmd(b"a SELECT Qp")
+    for needle in (b'"softbreak"', "café".encode(), b'"charset=\\"utf"', b'"caf=C3"'):
+        resp = r.cmd(b"b SEARCH CHARSET UTF-8 BODY {%d+}\r\n" % len(needle) + needle
+                     if not needle.startswith(b'"') else b"b SEARCH BODY " + needle)
+        assert b"* SEARCH 1" in resp, (needle, resp)
