@@ -380,6 +380,8 @@ class CondstoreCommands(Session):
         if self.sel is not sel:
             return b"STORE completed"
         with_uid = uid or self.qresync
+        # A new keyword is announced in FLAGS before a FETCH shows it (RFC 3501 §7.2.6).
+        self.announce_keywords(sel, {f for _, new, _, _ in results for f in new})
         for u, new, ms, changed in results:
             if not sel.has(u):
                 continue

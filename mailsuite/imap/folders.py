@@ -13,13 +13,16 @@ from twisted.internet import defer
 from mailsuite.imap import responses as R
 from mailsuite.imap.names import decode_name, encode_name, quote
 from mailsuite.imap.parser import Atom, Token, astring
-from mailsuite.imap.responses import bad, no, no_for
+from mailsuite.imap.responses import CommandError, bad, no, no_for
 from mailsuite.imap.selection import sync_folder
 from mailsuite.imap.session import Session
 from mailsuite.imap.status import parse_items, status_line
 from mailsuite.mailbox.store import Account, FolderExists, MailboxError
 
 LIST_SELECT_OPTIONS = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
+# RFC 5258 §6 (SUBSCRIBED, CHILDREN), RFC 6154 §5 (SPECIAL-USE), RFC 5819 (STATUS); anything
+# else is BAD.
+LIST_RETURN_OPTIONS = {b"SUBSCRIBED", b"CHILDREN", b"SPECIAL-USE", b"STATUS"}
 
 
 @dataclass
@@ -67,6 +70,11 @@ def parse_list(args: list[Token], lsub: bool) -> ListRequest:
             req.return_opts.add(opt)
     if select_opts - LIST_SELECT_OPTIONS:
         raise bad("unsupported LIST selection option")
+    if b"RECURSIVEMATCH" in select_opts and not select_opts - {b"RECURSIVEMATCH", b"REMOTE"}:
+        # RFC 5258 §3.1: RECURSIVEMATCH only together with another selection option.
+        raise bad("RECURSIVEMATCH needs another selection option")
+    if req.return_opts - LIST_RETURN_OPTIONS:
+        raise bad("unsupported LIST return option")
     return req
 
 
@@ -76,7 +84,10 @@ def name_matcher(ref: bytes, patterns: list[bytes]) -> Callable[[str], bool]:
     ref_s = decode_name(ref) if ref else ""
     matchers = []
     for p in patterns:
-        pat = ref_s + decode_name(p) if p else ref_s
+        try:
+            pat = ref_s + decode_name(p) if p else ref_s
+        except CommandError:
+            continue  # not modified UTF-7: no folder has such a name, the pattern matches none
         rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pat)
         matchers.append(re.compile("^" + rx + "$", re.I if pat.upper().startswith("INBOX") else 0))
 
@@ -86,17 +97,38 @@ def name_matcher(ref: bytes, patterns: list[bytes]) -> Callable[[str], bool]:
 
 
 def list_entries(req: ListRequest, existing: list[str], subscribed: list[str],
-                 special: dict[str, str | None]) -> list[tuple[str, list[str]]]:
-    """(name, attributes) for every folder the LIST/LSUB answers with."""
+                 special: dict[str, str | None]) -> list[tuple[str, list[str], bytes]]:
+    """(name, attributes, extended data) for every folder the LIST/LSUB answers with."""
     matches = name_matcher(req.ref, req.patterns)
     exist_set, sub_set = set(existing), set(subscribed)
     names = sorted(sub_set if req.only_subscribed else exist_set, key=lambda n: (n != "INBOX", n))
-    lines = []
+    lines: list[tuple[str, list[str], bytes]] = []
     emitted = set()
+    recursive = b"RECURSIVEMATCH" in req.select_opts
+    # Parents of subscribed folders that the patterns do not reach: RFC 3501 §6.3.9 (LSUB
+    # with `%` returns such a parent \Noselect) and RFC 5258 §3.5 (CHILDINFO).
+    hidden_parents: set[str] = set()
+    if req.lsub or recursive:
+        for n in sub_set:
+            if matches(n):
+                continue
+            parts = n.split("/")
+            hidden_parents.update("/".join(parts[:i]) for i in range(1, len(parts)))
     for n in names:
         if not matches(n):
             continue
-        lines.append((n, _attributes(req, n, exist_set, sub_set, special.get(n))))
+        extra = b' (CHILDINFO ("SUBSCRIBED"))' if recursive and n in hidden_parents else b""
+        lines.append((n, _attributes(req, n, exist_set, sub_set, special.get(n)), extra))
+        emitted.add(n)
+    for n in sorted(hidden_parents - emitted):
+        if not matches(n):
+            continue
+        if req.lsub:
+            lines.append((n, ["\\Noselect"], b""))
+        else:
+            attrs = _attributes(req, n, exist_set, sub_set, special.get(n))
+            lines.append((n, [a for a in attrs if a != "\\Subscribed"],
+                          b' (CHILDINFO ("SUBSCRIBED"))'))
         emitted.add(n)
     # `%` stops at the delimiter: a matching parent that exists only as a path is \Noselect.
     if not req.only_subscribed:
@@ -105,7 +137,7 @@ def list_entries(req: ListRequest, existing: list[str], subscribed: list[str],
             for i in range(1, len(parts)):
                 parent = "/".join(parts[:i])
                 if parent not in exist_set and parent not in emitted and matches(parent):
-                    lines.append((parent, ["\\Noselect", "\\HasChildren"]))
+                    lines.append((parent, ["\\Noselect", "\\HasChildren"], b""))
                     emitted.add(parent)
     return lines
 
@@ -149,8 +181,9 @@ class FolderCommands(Session):
         account = self.account
         existing, subscribed = yield self.io(folders_and_subscriptions, account)
         special = {n: account.special_use(n) for n in existing}
-        for n, attrs in list_entries(req, existing, subscribed, special):
-            self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' + quote(encode_name(n)))
+        for n, attrs, extra in list_entries(req, existing, subscribed, special):
+            self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' +
+                      quote(encode_name(n)) + extra)
             if req.status_items and not {"\\Noselect", "\\NonExistent"} & set(attrs):
                 yield self._list_status(n, req.status_items)
         return verb + b" completed"
@@ -186,12 +219,8 @@ class FolderCommands(Session):
             yield self.io(self.account.delete_folder, name)
         except MailboxError as e:
             raise no_for(e, "cannot delete that mailbox", R.NONEXISTENT)
-        # A deleted folder must not stay subscribed: Thunderbird would APPEND to it
-        # (docs/design/imap.md, "Folders").
-        try:
-            yield self.io(self.account.unsubscribe, name)
-        except MailboxError:
-            pass
+        # The subscription stays (RFC 3501 §6.3.6: never removed unilaterally); LIST and LSUB
+        # show it \NonExistent / \Noselect (docs/design/imap.md, "Folders").
         return b"DELETE completed"
 
     @defer.inlineCallbacks

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from email.utils import getaddresses
 from typing import Optional, Union
 
 Buffer = Union[bytes, memoryview, "mmap.mmap"]  # noqa: F821
@@ -220,9 +219,11 @@ class NoSuchPart(Exception):
 def find_part(root: Part, path: list[int]) -> Part:
     """The part a section path like [2, 1] names (RFC 3501 §6.4.5 BODY[<section>])."""
     part = root
-    for n in path:
-        # Inside a message/rfc822 part, numbering continues in the encapsulated message's body.
-        if part.message is not None:
+    for i, n in enumerate(path):
+        # Below a message/rfc822 part, numbering continues in the encapsulated message's body.
+        # Not at the top: the root is the message itself, and its part 1 (when it is not
+        # multipart) is its whole body, an encapsulated message included (RFC 3501 §6.4.5).
+        if i and part.message is not None:
             part = part.message
         if part.maintype == b"multipart":
             if not 1 <= n <= len(part.children):
@@ -296,19 +297,170 @@ def envelope(buf: Buffer, msg: Part) -> list:
 
 
 def addresses(value: Optional[bytes]) -> list:
+    """An ENVELOPE address list (RFC 3501 §7.4.2): (name adl mailbox host) per address; a
+    group is (NIL NIL "group name" NIL), its members, then (NIL NIL NIL NIL)."""
     if not value:
         return []
-    text = value.decode("utf-8", "surrogateescape")
-    out = []
-    for name, addr in getaddresses([text]):
-        if not addr and not name:
+    def enc(b: Optional[bytes]) -> Optional[Literal]:
+        return Literal(b) if b else None
+    out: list = []
+    for item in parse_address_list(value):
+        if item[0] == "group":
+            out.append([None, None, enc(item[1]) or Literal(b""), None])
+        elif item[0] == "end":
+            out.append([None, None, None, None])
+        else:
+            _, name, route, local, domain = item
+            out.append([enc(name), enc(route), enc(local), enc(domain)])
+    return out
+
+
+_ADDR_TOKEN = re.compile(rb'''
+    (?P<ws>[ \t\r\n]+)
+  | (?P<qs>"(?:[^"\\]|\\.)*"?)
+  | (?P<dl>\[(?:[^\]\\]|\\.)*\]?)
+  | (?P<sp>[<>:;@,.])
+  | (?P<atom>[^ \t\r\n"()<>\[\]:;@,.\\]+|\\.?)
+''', re.X | re.S)
+
+
+def _address_tokens(value: bytes) -> list[tuple[str, bytes]]:
+    """(kind, text) tokens of an address header: atom, qs (unquoted), dl, sp, comment."""
+    out: list[tuple[str, bytes]] = []
+    pos, n = 0, len(value)
+    while pos < n:
+        if value[pos:pos + 1] == b"(":
+            # A comment, nested comments and quoted pairs inside (RFC 5322 §3.2.2).
+            depth, q, text = 0, pos, bytearray()
+            while q < n:
+                c = value[q:q + 1]
+                if c == b"\\" and q + 1 < n:
+                    text += value[q + 1:q + 2]
+                    q += 2
+                    continue
+                if c == b"(":
+                    depth += 1
+                    if depth > 1:
+                        text += c
+                elif c == b")":
+                    depth -= 1
+                    if depth == 0:
+                        q += 1
+                        break
+                    text += c
+                else:
+                    text += c
+                q += 1
+            out.append(("comment", bytes(text).strip()))
+            pos = q
             continue
-        local, at, domain = addr.rpartition("@")
-        if not at:
-            local, domain = addr, ""
-        def enc(s: str) -> Optional[Literal]:
-            return Literal(s.encode("utf-8", "surrogateescape")) if s else None
-        out.append([enc(name), None, enc(local), enc(domain)])
+        if value[pos:pos + 1] == b")":
+            pos += 1  # a stray closing parenthesis: ignore it
+            continue
+        m = _ADDR_TOKEN.match(value, pos)
+        if m is None:  # cannot happen: every octet matches one alternative
+            pos += 1
+            continue
+        kind = m.lastgroup or "atom"
+        text = m.group()
+        pos = m.end()
+        if kind == "ws":
+            continue
+        if kind == "qs":
+            text = re.sub(rb"\\(.)", rb"\1", text[1:-1] if text.endswith(b'"') and len(text) > 1
+                          else text[1:])
+        out.append((kind, text))
+    return out
+
+
+def parse_address_list(value: bytes) -> list[tuple]:
+    """An RFC 5322 §3.4 address list, leniently: ("addr", name, route, mailbox, host) for
+    each address, ("group", name) and ("end",) around the members of a group. Comments are
+    dropped, except that an address without a display name takes its comment as the name
+    (`user@domain (Real Name)`), as Dovecot does."""
+    toks = _address_tokens(value)
+    out: list[tuple] = []
+    in_group = False
+    words: list[tuple[str, bytes]] = []  # tokens of the current address, comments included
+    angle: Optional[list[tuple[str, bytes]]] = None  # tokens inside <...>
+
+    def phrase(ts: list[tuple[str, bytes]]) -> Optional[bytes]:
+        parts = [t for k, t in ts if k in ("atom", "qs") or (k == "sp" and t == b".")]
+        text = b" ".join(parts).replace(b" . ", b".") if parts else b""
+        return text or None
+
+    def flush() -> None:
+        nonlocal words, angle
+        if angle is not None:
+            spec = [t for t in angle if t[0] != "comment"]
+            route = None
+            colon = next((i for i, t in enumerate(spec) if t == ("sp", b":")), -1)
+            if colon >= 0 and spec and spec[0] == ("sp", b"@"):
+                route = b"".join(t for _, t in spec[:colon])
+                spec = spec[colon + 1:]
+            local, domain = _split_spec(spec)
+            name = phrase([t for t in words if t[0] != "comment"])
+            if local is not None or domain is not None or name is not None:
+                out.append(("addr", name, route, local, domain))
+        else:
+            spec = [t for t in words if t[0] != "comment"]
+            if spec:
+                local, domain = _split_spec(spec)
+                comments = [t for k, t in words if k == "comment" and t]
+                out.append(("addr", comments[0] if comments else None, None, local, domain))
+        words, angle = [], None
+
+    i = 0
+    while i < len(toks):
+        kind, text = toks[i]
+        i += 1
+        if kind == "sp" and text == b"<":
+            angle = []
+            while i < len(toks) and toks[i] != ("sp", b">"):
+                angle.append(toks[i])
+                i += 1
+            i += 1  # the ">"
+        elif kind == "sp" and text == b":" and not in_group and angle is None:
+            out.append(("group", phrase(words)))
+            words, in_group = [], True
+        elif kind == "sp" and text == b";" and in_group:
+            flush()
+            out.append(("end",))
+            in_group = False
+        elif kind == "sp" and text == b",":
+            flush()
+        elif angle is None:
+            words.append((kind, text))
+    flush()
+    if in_group:
+        out.append(("end",))
+    return out
+
+
+def _split_spec(spec: list[tuple[str, bytes]]) -> tuple[Optional[bytes], Optional[bytes]]:
+    """(local part, domain) of addr-spec tokens; the local part is everything before the
+    last "@"."""
+    at = max((i for i, t in enumerate(spec) if t == ("sp", b"@")), default=-1)
+    def join(ts: list[tuple[str, bytes]]) -> Optional[bytes]:
+        text = b"".join(t for _, t in ts)
+        return text or None
+    if at < 0:
+        return join(spec), None
+    return join(spec[:at]), join(spec[at + 1:])
+
+
+def address_strings(value: bytes) -> list[bytes]:
+    """`mailbox@host` and `name <mailbox@host>` of each address in a header value, the
+    forms SEARCH FROM/TO/CC/BCC also match against (comments removed)."""
+    out = []
+    for item in parse_address_list(value):
+        if item[0] != "addr":
+            continue
+        _, name, _route, local, domain = item
+        addr = (local or b"") + (b"@" + domain if domain else b"")
+        out.append(addr)
+        if name:
+            out.append(name + b" <" + addr + b">")
     return out
 
 

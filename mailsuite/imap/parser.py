@@ -97,10 +97,10 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
                 while pos < n and line[pos:pos + 1] not in (b" ", b"(", b")", b'"'):
                     if line[pos:pos + 1] == b"[":
                         # BODY[HEADER.FIELDS (FROM TO)]<0.100> is one fetch-att (RFC 3501 §9).
+                        # Without a `]` the `[` is an ordinary ATOM-CHAR: mailbox names
+                        # and LIST patterns may hold it (RFC 3501 §9, atom-specials).
                         close = line.find(b"]", pos)
-                        if close < 0:
-                            raise ParseError("unterminated section")
-                        pos = close + 1
+                        pos = close + 1 if close >= 0 else pos + 1
                     else:
                         pos += 1
                 atom = line[start:pos]

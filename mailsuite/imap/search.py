@@ -16,6 +16,7 @@ import email.utils
 import quopri
 import re
 import time
+import unicodedata
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -174,7 +175,56 @@ def _modseq_key(toks: deque) -> Node:
 
 
 def _fold(b: bytes) -> str:
-    return b.decode("utf-8", "replace").casefold()
+    """A search string as it is compared (docs/design/imap.md, "Conformance")."""
+    try:
+        return _norm(b.decode("utf-8"))
+    except UnicodeDecodeError:
+        return RawNeedle(b)
+
+
+def _norm(text: str) -> str:
+    """Dovecot's search form: canonically decomposed, each character in simple upper case
+    (`u` is found in `ü`; `ß` stays `ß`, it is not `SS`)."""
+    if text.isascii():
+        return text.upper()
+    text = unicodedata.normalize("NFD", text)
+    up = text.upper()
+    if len(up) == len(text):
+        return up  # no character expanded (the common case: one C call)
+    return "".join(u if len(u := c.upper()) == 1 else c for c in text)
+
+
+class RawNeedle(str):
+    """A search string that is not valid UTF-8 (imaptest cuts characters in half): compared
+    as bytes against the text in Dovecot's form, decomposed and each character in simple upper
+    case, with its valid runs put in the same form."""
+
+    def __new__(cls, raw: bytes) -> "RawNeedle":
+        self = super().__new__(cls, raw.decode("utf-8", "replace"))
+        self.raw = b"".join(_norm(run.decode("utf-8")).encode("utf-8") if valid else run
+                            for valid, run in _utf8_runs(raw))
+        return self
+
+
+def _utf8_runs(raw: bytes):
+    """(valid?, bytes) runs of `raw`: valid UTF-8 and the bytes between."""
+    pos = 0
+    while pos < len(raw):
+        try:
+            raw[pos:].decode("utf-8")
+            yield True, raw[pos:]
+            return
+        except UnicodeDecodeError as e:
+            if e.start:
+                yield True, raw[pos:pos + e.start]
+            yield False, raw[pos + e.start:pos + e.end]
+            pos += e.end
+
+
+def _contains(needle: str, text: str) -> bool:
+    if isinstance(needle, RawNeedle):
+        return needle.raw in _norm(text).encode("utf-8", "replace")
+    return needle in _norm(text)
 
 
 def needs_file(node: Node) -> bool:
@@ -227,9 +277,10 @@ def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
     if op == "HEADER":
         return _header_contains(c.raw, node[1], node[2])
     if op == "BODY":
-        return node[1] in _body_text(c.raw)
+        return _contains(node[1], _body_text(c.raw)) or _in_raw_body(node[1], c.raw)
     if op == "TEXT":
-        return node[1] in _header_text(c.raw) or node[1] in _body_text(c.raw)
+        return (_contains(node[1], _header_text(c.raw)) or _contains(node[1], _body_text(c.raw))
+                or _in_raw_body(node[1], c.raw))
     raise ParseError(op)
 
 
@@ -363,12 +414,21 @@ def _known(cs: Optional[str]) -> bool:
         return False
 
 
+ADDRESS_FIELDS = {b"from", b"to", b"cc", b"bcc", b"sender", b"reply-to"}
+
+
 def _header_contains(raw: bytes, name: bytes, needle: str) -> bool:
     end = mimeparse.header_end(raw)
     for n, s, e in mimeparse.parse_headers(raw, 0, end):
         if n == name:
             value = re.sub(rb"\r?\n(?=[ \t])", b"", raw[s:e].split(b":", 1)[1]).strip()
-            if needle in decode_header(value).casefold():
+            if _contains(needle, decode_header(value)):
+                return True
+            # Address fields also match their addresses without comments and folding
+            # (`<user (c)@ (c) domain>` is user@domain; docs/design/imap.md, "Conformance").
+            if name in ADDRESS_FIELDS and any(
+                    _contains(needle, decode_header(a))
+                    for a in mimeparse.address_strings(value)):
                 return True
     # RFC 3501: HEADER with an empty string matches every message that has the field.
     return False
@@ -376,15 +436,24 @@ def _header_contains(raw: bytes, name: bytes, needle: str) -> bool:
 
 def _header_text(raw: bytes) -> str:
     end = mimeparse.header_end(raw)
-    return decode_header(raw[:end]).casefold()
+    return decode_header(raw[:end])
+
+
+def _in_raw_body(needle: str, raw: bytes) -> bool:
+    """The body as stored, transfer encoding and all: Dovecot's BODY finds `=` of a
+    quoted-printable soft line break too, and imaptest expects it to."""
+    return _contains(needle, raw[mimeparse.header_end(raw):].decode("utf-8", "replace"))
 
 
 def _body_text(raw: bytes) -> str:
-    """The text of every leaf part, transfer-decoded and charset-decoded, case-folded."""
+    """The text of every leaf part, transfer-decoded and charset-decoded, and the MIME
+    headers of the parts below the top (Dovecot's BODY finds `charset=` there too)."""
     root = _root(raw)
     out: list[str] = []
 
     def walk(p: mimeparse.Part) -> None:
+        if p is not root and p.body_start > p.start:
+            out.append(_header_text(raw[p.start:p.body_start]))
         if p.children:
             for c in p.children:
                 walk(c)
@@ -408,7 +477,7 @@ def _body_text(raw: bytes) -> str:
         out.append(body.decode(cs, "replace"))
 
     walk(root)
-    return "\n".join(out).casefold()
+    return "\n".join(out)
 
 
 def now() -> float:

@@ -46,6 +46,8 @@ class Selection:
         self.recent: frozenset = frozenset()
         # SEARCHRES (RFC 5182): UIDs saved by SEARCH RETURN (SAVE), empty after SELECT.
         self.searchres: list[int] = []
+        # Keywords the client has been told about in `* FLAGS` (RFC 3501 §7.2.6).
+        self.keywords: list[str] = []
 
     def __len__(self) -> int:
         return len(self.view)
@@ -155,8 +157,17 @@ class FolderState:
 def sync_folder(folder: Folder) -> FolderState:
     token = folder.state_token()
     infos = folder.sync()
+    recent = folder.recent
+    if recent:
+        # Only messages still there (an expunged one keeps no \Recent to count).
+        recent = frozenset(u for u in recent if _present(infos, u))
     return FolderState(infos, list(folder.keywords), token, folder.uidvalidity, folder.uidnext,
-                       folder.recent, folder.highest_modseq())
+                       recent, folder.highest_modseq())
+
+
+def _present(infos: list[MessageInfo], uid: int) -> bool:
+    i = bisect.bisect_left(infos, uid, key=_uid)
+    return i < len(infos) and infos[i].uid == uid
 
 
 def uidvalidity(folder: Folder) -> int:
@@ -200,6 +211,9 @@ class SelectionCommands(Session):
         except MailboxError as e:
             raise no_for(e, "no such mailbox", R.NONEXISTENT)
         sel = Selection(folder, readonly)
+        # A read-write selection takes the \Recent messages for itself (RFC 3501 §2.3.2).
+        folder.claims_recent = not readonly
+        folder.selected = True
         st = yield self.io(sync_folder, folder)
         sel.view = st.infos
         sel.recent = st.recent
@@ -213,11 +227,8 @@ class SelectionCommands(Session):
 
     def _announce_selection(self, sel: Selection, st: FolderState) -> None:
         """The untagged data of SELECT (RFC 3501 §6.3.1)."""
-        flags = list(SYSTEM_FLAGS) + [k for k in st.keywords if k not in SYSTEM_FLAGS]
-        self.send(b"* FLAGS " + flag_list(flags))
-        # \* only while the folder has room for another keyword (RFC 3501 §7.1, PERMANENTFLAGS).
-        room = ["\\*"] if len(st.keywords) < MAX_KEYWORDS else []
-        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + room) + b"] flags permitted")
+        sel.keywords = [k for k in st.keywords if k not in SYSTEM_FLAGS]
+        self._send_flags(sel)
         self.send(b"* %d EXISTS" % len(sel))
         self.send(b"* %d RECENT" % len(sel.recent))
         for seq, info in sel.infos():
@@ -226,6 +237,22 @@ class SelectionCommands(Session):
                 break
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % st.uidvalidity)
         self.send(b"* OK [UIDNEXT %d] predicted next UID" % st.uidnext)
+
+    def _send_flags(self, sel: Selection) -> None:
+        flags = list(SYSTEM_FLAGS) + sel.keywords
+        self.send(b"* FLAGS " + flag_list(flags))
+        # \* only while the folder has room for another keyword (RFC 3501 §7.1, PERMANENTFLAGS).
+        room = ["\\*"] if len(sel.keywords) < MAX_KEYWORDS else []
+        self.send(b"* OK [PERMANENTFLAGS " + flag_list(flags + room) + b"] flags permitted")
+
+    def announce_keywords(self, sel: Selection, flags: Iterable[str]) -> None:
+        """`* FLAGS` and PERMANENTFLAGS again before a FETCH shows a keyword the client has
+        not been told about (RFC 3501 §7.2.6; docs/design/imap.md, "Conformance")."""
+        known = sel.keywords
+        new = [f for f in flags if not f.startswith("\\") and f not in known]
+        if new:
+            sel.keywords = known + sorted(set(new))
+            self._send_flags(sel)
 
     def do_EXAMINE(self, tag: bytes, args: list[Token]) -> defer.Deferred:
         return self.do_SELECT(tag, args, readonly=True)
@@ -273,10 +300,16 @@ class SelectionCommands(Session):
 
     def report_expunged(self, removed: Iterable[int]) -> None:
         """`* n EXPUNGE`, highest sequence number first so earlier numbers stay valid."""
-        if self.report_vanished(removed):  # QRESYNC: VANISHED instead (condstore.py)
-            return
-        for seq in self.sel.remove(removed):
-            self.send(b"* %d EXPUNGE" % seq)
+        removed = list(removed)
+        if not self.report_vanished(removed):  # QRESYNC: VANISHED instead (condstore.py)
+            for seq in self.sel.remove(removed):
+                self.send(b"* %d EXPUNGE" % seq)
+        # Announced: the store may drop the files it kept readable for us (docs/design/
+        # imap.md, "Expunged messages stay readable until announced").
+        folder = self.sel.folder
+        if folder.release(removed):
+            self.io(folder.drain_held).addErrback(
+                lambda f: log.failure("imap: dropping held messages failed", f))
 
     def resolve(self, args_set: Token, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""
@@ -317,6 +350,7 @@ class SelectionCommands(Session):
 
     def _announce_changes(self, sel: Selection, st: FolderState) -> None:
         sel.token = st.token
+        self.announce_keywords(sel, st.keywords)
         old, infos = sel.view, st.infos
         if infos is old and not sel.own:
             return  # the very list we already reported: nothing changed

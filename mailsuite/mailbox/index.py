@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import threading
+import weakref
 import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, cast
@@ -75,6 +76,12 @@ class FolderIndex:
         self.snapshot: list[MessageInfo] | None = None
         self.synced = False
         self.unclaimed_recent: set[int] = set()
+        # Expunged messages that selected sessions still show (store.py, Folder._hold;
+        # docs/design/imap.md, "Expunged messages stay readable until announced").
+        self.viewers: "weakref.WeakSet" = weakref.WeakSet()  # selected Folders
+        self.held: dict[int, list] = {}  # uid -> [path in tmp/, pins]
+        self.releases: list[int] = []  # pins given back (any thread, no lock); see drain_held
+        self.held_swept = False  # leftovers of an earlier process removed from tmp/
         self.generation = 0
         self.cur_prefix = os.path.join(path, "cur", "")
         self.flag_cache: dict[str, frozenset] = {}  # info letters -> IMAP flags
@@ -352,6 +359,8 @@ class FolderIndex:
                 self.touch_modseq(uid)
                 if key in self.meta:
                     self.meta_pending.append(key)
+                # APPEND, COPY and MOVE give the new message \Recent (RFC 3501 §2.3.2).
+                self.unclaimed_recent.add(uid)
             self._changed()
             self._save_meta()
         return result

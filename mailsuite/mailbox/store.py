@@ -295,8 +295,7 @@ class Account:
         os.rename(path, trash)
         self.store._forget(path)
         shutil.rmtree(trash, ignore_errors=True)
-        if name in self.subscriptions():
-            self.unsubscribe(name)
+        # The subscription stays: RFC 3501 §6.3.6 forbids removing it unilaterally.
 
     def rename_folder(self, old: str, new: str) -> None:
         """Rename a folder and its children. Renaming INBOX moves its messages into the new
@@ -426,6 +425,15 @@ class Folder:
         self.path = path
         self._state = account.store._state(path)
         self._recent: set[int] = set()
+        # Only a read-write selection takes \Recent for itself (RFC 3501 §2.3.2); any other
+        # Folder (EXAMINE, STATUS, COPY's target) sees the unclaimed ones without taking them.
+        self.claims_recent = False
+        # Set for the Folder of an IMAP selection: its view must stay readable until the
+        # session has announced each EXPUNGE (`_hold`, docs/design/imap.md, "Expunged
+        # messages stay readable until announced").
+        self.selected = False
+        self._shown_upto = 0  # highest UID of this Folder's last sync
+        self._pinned: set[int] = set()  # held UIDs this Folder still shows
 
     @property
     def special_use(self) -> str | None:
@@ -449,18 +457,52 @@ class Folder:
 
     @property
     def recent(self) -> frozenset:
-        """UIDs this Folder instance was first to see (approximate \\Recent)."""
-        return frozenset(self._recent)
+        """UIDs with \\Recent for this Folder: those it claimed when `claims_recent`,
+        otherwise those no read-write selection has claimed yet."""
+        if self.claims_recent:
+            return frozenset(self._recent)
+        with self._state.lock:
+            return frozenset(self._state.unclaimed_recent)
 
     def sync(self) -> list[MessageInfo]:
         """Pick up changes (new/ -> cur/, UIDs for new files), return messages in UID order."""
         state = self._state
         with state.lock:
+            if not state.held_swept:
+                _sweep_held(self.path)
+                state.held_swept = True
+            drain_held(state)
             state.sync()
-            if state.unclaimed_recent:
+            if state.unclaimed_recent and self.claims_recent:
                 self._recent |= state.unclaimed_recent
                 state.unclaimed_recent = set()
-            return state.messages()
+            infos = state.messages()
+            if self.selected:
+                if self not in state.viewers:
+                    state.viewers.add(self)
+                    # Pins go back when the selection ends, however it ends (no lock:
+                    # this may run on any thread, drain_held does the unlinking).
+                    weakref.finalize(self, state.releases.extend, self._pinned)
+                self._shown_upto = infos[-1].uid if infos else 0
+            return infos
+
+    def release(self, uids: Iterable[int]) -> bool:
+        """The session has announced these EXPUNGEs: it no longer needs their content.
+        Never blocks (reactor thread); True if pins were given back, whose files go at the
+        next sync or drain_held."""
+        pinned = self._pinned
+        released = False
+        for u in uids:
+            if u in pinned:
+                pinned.discard(u)
+                self._state.releases.append(u)
+                released = True
+        return released
+
+    def drain_held(self) -> None:
+        """Unlink the held files whose pins are all back (io pool)."""
+        with self._state.lock:
+            drain_held(self._state)
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
@@ -527,6 +569,10 @@ class Folder:
                     state.sync()
                 info = state.infos.get(uid)
                 if info is None:
+                    held = state.held.get(uid) if uid in self._pinned else None
+                    if held is not None:
+                        # Expunged elsewhere, not yet announced to this session.
+                        return open(held[0], "rb")
                     raise NoSuchMessage(f"no message with UID {uid}")
                 try:
                     return open(info.path, "rb")
@@ -668,12 +714,17 @@ class Folder:
         """Move messages (RFC 6851 semantics); returns (source uid, new uid) pairs.
         A rename keeps the Maildir key, so POP3/IMAP identity survives the move."""
         if dest.path == self.path:
-            return [(u, u) for u in sorted(set(uids))]
+            # Into the same folder: each message gets a new UID, the old one is expunged
+            # (RFC 6851 §3.3 and §4.3; imaptest's move group checks COPYUID for it).
+            pairs = self.copy(uids, dest)
+            self.expunge([old for old, _ in pairs])
+            return pairs
         self._prove()
         dest._prove()
         sources = self._sources(uids)
         dstate = dest._state
         moved: list[tuple[int, str]] = []
+        arrived: list[tuple[MessageInfo, str]] = []
         names: dict[str, str] = {}
         cur = os.path.join(dest.path, "cur")
         with dstate.lock:
@@ -694,6 +745,7 @@ class Folder:
                     continue
                 dstate.meta[key] = (info.size, info.internaldate)
                 moved.append((info.uid, key))
+                arrived.append((info, target))
                 names[key] = os.path.basename(target)
             if not moved:
                 return []
@@ -701,6 +753,12 @@ class Folder:
             fsync_dir(os.path.join(self.path, "cur"))
             new_uids = dstate.register([k for _, k in moved], names)
         with self._state.lock:
+            # Sessions that still show a moved message read it from a link in our tmp/.
+            for info, target in arrived:
+                try:
+                    self._hold(info, target, os.link)
+                except FileNotFoundError:
+                    pass  # already changed or expunged in the destination
             self._state.forget_uids([u for u, _ in moved])
         return [(old, new) for (old, _), new in zip(moved, new_uids)]
 
@@ -716,12 +774,14 @@ class Folder:
             else:
                 wanted = set(uids)
                 targets = [state.infos[u] for u in sorted(wanted) if u in state.infos]
+            drain_held(state)
             removed = []
             for info in targets:
                 path = self._current_path(info)
                 if path is not None:
                     try:
-                        os.unlink(path)
+                        if not self._hold(info, path, os.rename):
+                            os.unlink(path)
                     except FileNotFoundError:
                         pass
                 removed.append(info.uid)
@@ -731,6 +791,22 @@ class Folder:
             return removed
 
     # -- helpers --------------------------------------------------------------------------------
+    def _hold(self, info: MessageInfo, path: str, keep) -> bool:
+        """Before a message leaves this folder: if other selected sessions still show it,
+        keep its file in tmp/ (`keep` = os.rename for EXPUNGE, os.link for MOVE) until each
+        has announced the EXPUNGE (RFC 2180 §4.1.1). Under the folder's lock; False if no
+        session needs it."""
+        state = self._state
+        viewers = [v for v in state.viewers if v is not self and info.uid <= v._shown_upto]
+        if not viewers:
+            return False
+        held = os.path.join(self.path, "tmp", f"{HELD_PREFIX}{info.uid}.{info.key}")
+        keep(path, held)
+        state.held[info.uid] = [held, len(viewers)]
+        for v in viewers:
+            v._pinned.add(info.uid)
+        return True
+
     def _prove(self) -> None:
         """Checked at every write, not only when the session opened the folder: a directory
         can be replaced by a symlink while a session is open (docs/design/maildir.md)."""
@@ -796,6 +872,42 @@ class Folder:
                 state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")
+
+
+HELD_PREFIX = "expunged."  # held files in tmp/: expunged.<uid>.<key>
+
+
+def drain_held(state: FolderIndex) -> None:
+    """Give back the pins sessions released; unlink held files nobody shows any more.
+    Under the folder's lock, in the io pool."""
+    releases = state.releases
+    while releases:
+        uid = releases.pop()
+        held = state.held.get(uid)
+        if held is None:
+            continue
+        held[1] -= 1
+        if held[1] <= 0:
+            del state.held[uid]
+            try:
+                os.unlink(held[0])
+            except FileNotFoundError:
+                pass
+
+
+def _sweep_held(path: str) -> None:
+    """Held files a crashed or stopped process left in tmp/: a new FolderIndex means no
+    session of this process shows them."""
+    tmp = os.path.join(path, "tmp")
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(HELD_PREFIX)]
+    except FileNotFoundError:
+        return
+    for n in names:
+        try:
+            os.unlink(os.path.join(tmp, n))
+        except FileNotFoundError:
+            pass
 
 
 # -- names -----------------------------------------------------------------------------------

@@ -63,13 +63,18 @@ def test_create_delete_rename_and_case_preserved(world):
     assert tagged(r.cmd(b'c DELETE INBOX')).startswith(b"c NO")
 
 
-def test_delete_unsubscribes_and_deselects(world):
+def test_delete_keeps_the_subscription_unselectable_and_deselects(world):
+    # RFC 3501 §6.3.6: the server never removes a subscription unilaterally; the missing
+    # folder is shown \Noselect (LSUB) and \NonExistent (LIST (SUBSCRIBED)), never selectable.
     r = world.connect()
     r.cmd(b"a CREATE Old")
     r.cmd(b"b SUBSCRIBE Old")
     r.cmd(b"c SELECT Old")
     assert tagged(r.cmd(b"d DELETE Old")).startswith(b"d OK")
-    assert not [line for line in r.cmd(b'e LSUB "" "*"') if line.endswith(b'"Old"')]
+    assert [line for line in r.cmd(b'e LSUB "" "*"') if line.endswith(b'"Old"')] == \
+        [b'* LSUB (\\Noselect) "/" "Old"']
+    lines = [line for line in r.cmd(b'e LIST (SUBSCRIBED) "" "*"') if line.endswith(b'"Old"')]
+    assert lines == [b'* LIST (\\NonExistent \\Subscribed) "/" "Old"']
     assert tagged(r.cmd(b"f FETCH 1 FLAGS")).startswith(b"f BAD")  # nothing selected any more
 
 

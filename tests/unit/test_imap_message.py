@@ -82,7 +82,12 @@ def test_tokenizer_literals_quotes_and_sections():
     toks = tokenize([(b"a FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (FROM TO)]<0.10>)", None)])
     assert toks[3] == [Atom(b"UID"), Atom(b"BODY.PEEK[HEADER.FIELDS (FROM TO)]<0.10>")]
     assert tokenize([(b'a LOGIN "we\\"ird\\\\" x', None)])[2] == Str(b'we"ird\\')
-    for bad in (b"a (", b"a )", b'a "x', b"a BODY[1", b"a \x01"):
+    # Without a `]`, `[` is an ordinary atom character (RFC 3501 §9): a mailbox may be named
+    # `a[b`; FETCH refuses such an attribute itself.
+    assert tokenize([(b"a SELECT x[y", None)])[2] == Atom(b"x[y")
+    with pytest.raises(ParseError):
+        fetch_atts([Atom(b"BODY[1")])
+    for bad in (b"a (", b"a )", b'a "x', b"a \x01"):
         with pytest.raises(ParseError):
             tokenize([(bad, None)])
 

@@ -12,11 +12,18 @@ def test_store_flags_keywords_and_silent(world):
     r = world.connect()
     r.cmd(b"s SELECT Flags")
     resp = r.cmd(b"a STORE 1 +FLAGS (\\Flagged $Forwarded)")
-    assert b"\\Flagged" in resp[0] and b"$Forwarded" in resp[0]
+    # A new keyword is announced in * FLAGS and PERMANENTFLAGS before the FETCH that shows it
+    # (RFC 3501 §7.2.6).
+    assert resp[0].startswith(b"* FLAGS (") and b"$Forwarded" in resp[0]
+    assert resp[1].startswith(b"* OK [PERMANENTFLAGS (") and b"$Forwarded" in resp[1]
+    assert b"\\Flagged" in resp[2] and b"$Forwarded" in resp[2]
     resp = r.cmd(b"b STORE 1 -FLAGS (\\Flagged)")
     assert resp[0].startswith(b"* 1 FETCH") and b"\\Flagged" not in resp[0]
     resp = r.cmd(b"c STORE 1 FLAGS (\\Answered $Junk)")
-    assert re.search(rb"FLAGS \(([^)]*)\)", resp[0]).group(1).split() == [b"\\Answered", b"$Junk"]
+    assert resp[0].startswith(b"* FLAGS (") and b"$Junk" in resp[0]
+    fetch = [line for line in resp if line.startswith(b"* 1 FETCH")][0]
+    assert re.search(rb"FLAGS \(([^)]*)\)", fetch).group(1).split() == \
+        [b"\\Answered", b"\\Recent", b"$Junk"]  # this session selected it first: \Recent
     resp = r.cmd(b"a STORE 1 +FLAGS.SILENT (\\Draft)")
     assert resp == [b"a OK STORE completed"]
     resp = r.cmd(b"b UID STORE 1 -FLAGS (\\Draft)")
