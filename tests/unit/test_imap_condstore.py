@@ -44,11 +44,12 @@ def test_select_condstore_fetch_modseq_and_changedsince(world):
     resp = r.cmd(b"f FETCH 1:* (FLAGS MODSEQ)")
     assert len(resp) == 5 and all(_modseq(x) <= highest for x in resp[:-1])
     resp = r.cmd(b"t STORE 2 +FLAGS (\\Seen)")
-    assert resp[0].startswith(b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (")
+    # This session selected first: the new messages are \Recent in it (RFC 3501 §2.3.2).
+    assert resp[0].startswith(b"* 2 FETCH (FLAGS (\\Seen \\Recent) MODSEQ (")
     changed = _modseq(resp[0])
     assert changed > highest
     resp = r.cmd(b"c FETCH 1:* (FLAGS) (CHANGEDSINCE %d)" % highest)
-    assert resp[:-1] == [b"* 2 FETCH (FLAGS (\\Seen) MODSEQ (%d))" % changed]
+    assert resp[:-1] == [b"* 2 FETCH (FLAGS (\\Seen \\Recent) MODSEQ (%d))" % changed]
     resp = r.cmd(b"u UID FETCH 1:* FLAGS (CHANGEDSINCE %d)" % changed)
     assert resp == [b"u OK FETCH completed"]
     resp = r.cmd(b"m FETCH 2 MODSEQ")
@@ -112,7 +113,7 @@ def test_unsolicited_fetch_carries_modseq(world):
     b.cmd(b"t STORE 1 +FLAGS (\\Answered)")
     ms = _modseq(b.cmd(b"f FETCH 1 (MODSEQ)")[1])
     resp = a.cmd(b"n NOOP")
-    assert resp[0] == b"* 1 FETCH (UID 1 FLAGS (\\Answered) MODSEQ (%d))" % ms
+    assert resp[0] == b"* 1 FETCH (UID 1 FLAGS (\\Answered \\Recent) MODSEQ (%d))" % ms
 
 
 def test_qresync_select_vanished_and_expunge_becomes_vanished(world):
@@ -126,13 +127,13 @@ def test_qresync_select_vanished_and_expunge_becomes_vanished(world):
     b.cmd(b"c STORE 1 +FLAGS (\\Flagged)")
     resp = a.cmd(b"n NOOP")
     assert resp[0] == b"* VANISHED 2,4", resp
-    assert resp[1].startswith(b"* 1 FETCH (UID 1 FLAGS (\\Flagged) MODSEQ (")
+    assert resp[1].startswith(b"* 1 FETCH (UID 1 FLAGS (\\Flagged \\Recent) MODSEQ (")
     a.cmd(b"t UID STORE 3 +FLAGS.SILENT (\\Deleted)")
     assert a.cmd(b"x EXPUNGE")[0] == b"* VANISHED 3"
     # UID FETCH ... (CHANGEDSINCE n VANISHED)
     resp = a.cmd(b"f UID FETCH 1:* FLAGS (CHANGEDSINCE %d VANISHED)" % highest)
     assert resp[0] == b"* VANISHED (EARLIER) 2:4", resp
-    assert resp[1].startswith(b"* 1 FETCH (UID 1 FLAGS (\\Flagged) MODSEQ (")
+    assert resp[1].startswith(b"* 1 FETCH (UID 1 FLAGS (\\Flagged \\Recent) MODSEQ (")
     # A new session with QRESYNC: what changed since `highest`, and [CLOSED] on reselect.
     c = world.connect()
     c.cmd(b"e ENABLE QRESYNC")
