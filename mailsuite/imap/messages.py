@@ -122,8 +122,14 @@ class MessageCommands(Session):
             numbers = found if uid else [sel.seq_of(c_uid) for c_uid in found]
             line = searchmod.esearch_response(tag, uid, opts, numbers)
             if line is not None:
-                if highest:
-                    line += b" MODSEQ %d" % highest
+                if highest is not None and found:
+                    # RFC 7162 §3.1.5: the highest mod-sequence of the messages returned:
+                    # with only MIN and/or MAX, just those.
+                    returned = found
+                    if opts and not opts & {b"ALL", b"COUNT"}:
+                        returned = ([found[0]] if b"MIN" in opts else []) + \
+                            ([found[-1]] if b"MAX" in opts else [])
+                    line += b" MODSEQ %d" % max(sel.info(u).modseq for u in returned)
                 self.send(line)
         if uid:
             yield self.refresh()
