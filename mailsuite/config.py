@@ -101,8 +101,10 @@ class SMTPSection:
 @dataclass
 class IMAPSection:
     """[imap]: IMAP protocol limits, beyond [limits] (docs/design/imap.md, "Limits")."""
-    preauth_max_line: int = 8192  # octets of a command line before login; longer: BAD and close
-    preauth_max_literal: int = 8192  # octets of all literals of one command before login
+    # Octets of a command line, and of all literals of one command, before login: 32 KiB holds
+    # the largest ID command RFC 2971 §3.3 allows (30 pairs of 1024-octet values).
+    preauth_max_line: int = 32768  # longer: BAD and close
+    preauth_max_literal: int = 32768
     max_commands_per_second: int = 20  # before login; a faster client is slowed down
     login_timeout: int = 60  # seconds from connecting to a successful login, then BYE
     append_spool_threshold: int = 65536  # APPEND literals larger than this go to a file, not RAM

@@ -91,8 +91,7 @@ def server(tmp_path_factory, binary):
         # login: above the default 8 KiB pre-login line limit.
         "limits": {"max_connections_per_ip": 500, "max_preauth_per_ip": 200,
                    "max_preauth_per_prefix": 500, "max_connections": 1000},
-        "imap": {"max_commands_per_second": 0, "preauth_max_line": 65536,
-                 "preauth_max_literal": 65536},
+        "imap": {"max_commands_per_second": 0},
     })
     s.start()
     try:
