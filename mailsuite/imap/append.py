@@ -97,7 +97,8 @@ def parse_url(raw: bytes, user: Optional[str]) -> CatUrl:
     return url
 
 
-def parse_append(args: list[Token], user: Optional[str]) -> tuple[str, list[AppendMessage]]:
+def parse_append(args: list[Token], user: Optional[str],
+                 utf8: bool = False) -> tuple[str, list[AppendMessage]]:
     """APPEND mailbox 1*([flags] [date-time] (literal / CATENATE (cat-part...))) (RFC 3502 §6.3.11,
     RFC 4469 §5). A date-time is always quoted: a literal is a message."""
     args = list(args)
@@ -105,7 +106,7 @@ def parse_append(args: list[Token], user: Optional[str]) -> tuple[str, list[Appe
         raise bad("APPEND needs a mailbox and a message")
     if isinstance(args[0], FileLiteral):
         raise bad("mailbox name too long")
-    name = decode_name(astring(args.pop(0)))
+    name = decode_name(astring(args.pop(0)), utf8)
     messages: list[AppendMessage] = []
     while args:
         flags: list[str] = []
@@ -233,7 +234,7 @@ class AppendCommands(Session):
 
     @defer.inlineCallbacks
     def do_APPEND(self, tag: bytes, args: list[Token]):
-        name, messages = parse_append(args, self.user)
+        name, messages = parse_append(args, self.user, self.rev2)
         limit = self.config.limits.max_message_size
         if self.sel is not None and self.sel.folder.name == name:
             folder = self.sel.folder

@@ -35,6 +35,7 @@ class ListRequest:
     select_opts: set[bytes] = field(default_factory=set)
     return_opts: set[bytes] = field(default_factory=set)
     status_items: list[bytes] = field(default_factory=list)  # RETURN (STATUS (...)), RFC 5819
+    utf8: bool = False  # IMAP4rev2 session: UTF-8 names (RFC 9051 §5.1)
 
     @property
     def only_subscribed(self) -> bool:
@@ -45,7 +46,7 @@ class ListRequest:
         return b"SUBSCRIBED" in self.select_opts or b"SUBSCRIBED" in self.return_opts
 
 
-def parse_list(args: list[Token], lsub: bool) -> ListRequest:
+def parse_list(args: list[Token], lsub: bool, rev2: bool = False) -> ListRequest:
     args = list(args)
     select_opts: set[bytes] = set()
     if not lsub and args and isinstance(args[0], list):  # LIST-EXTENDED selection options
@@ -54,7 +55,7 @@ def parse_list(args: list[Token], lsub: bool) -> ListRequest:
         raise bad("LIST needs a reference and a pattern")
     pats = args[1]
     patterns = [astring(p) for p in pats] if isinstance(pats, list) else [astring(pats)]
-    req = ListRequest(lsub, astring(args[0]), patterns, select_opts)
+    req = ListRequest(lsub, astring(args[0]), patterns, select_opts, utf8=rev2)
     rest = args[2:]
     if rest:
         if len(rest) != 2 or not isinstance(rest[0], Atom) or rest[0].upper() != b"RETURN" \
@@ -66,7 +67,7 @@ def parse_list(args: list[Token], lsub: bool) -> ListRequest:
             if opt == b"STATUS":
                 if not opts:
                     raise bad("STATUS needs a list of items")
-                req.status_items = parse_items(opts.pop(0))
+                req.status_items = parse_items(opts.pop(0), rev2)
             req.return_opts.add(opt)
     if select_opts - LIST_SELECT_OPTIONS:
         raise bad("unsupported LIST selection option")
@@ -78,16 +79,16 @@ def parse_list(args: list[Token], lsub: bool) -> ListRequest:
     return req
 
 
-def name_matcher(ref: bytes, patterns: list[bytes]) -> Callable[[str], bool]:
+def name_matcher(ref: bytes, patterns: list[bytes], utf8: bool = False) -> Callable[[str], bool]:
     """Whether a folder name matches one of the patterns (RFC 3501 §6.3.8: `*` matches across
     the delimiter, `%` does not; INBOX matches in any case)."""
-    ref_s = decode_name(ref) if ref else ""
+    ref_s = decode_name(ref, utf8) if ref else ""
     matchers = []
     for p in patterns:
         try:
-            pat = ref_s + decode_name(p) if p else ref_s
+            pat = ref_s + decode_name(p, utf8) if p else ref_s
         except CommandError:
-            continue  # not modified UTF-7: no folder has such a name, the pattern matches none
+            continue  # not modified UTF-7 (UTF-8 in rev2): no folder has such a name, the pattern matches none
         rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pat)
         matchers.append(re.compile("^" + rx + "$", re.I if pat.upper().startswith("INBOX") else 0))
 
@@ -99,7 +100,7 @@ def name_matcher(ref: bytes, patterns: list[bytes]) -> Callable[[str], bool]:
 def list_entries(req: ListRequest, existing: list[str], subscribed: list[str],
                  special: dict[str, str | None]) -> list[tuple[str, list[str], bytes]]:
     """(name, attributes, extended data) for every folder the LIST/LSUB answers with."""
-    matches = name_matcher(req.ref, req.patterns)
+    matches = name_matcher(req.ref, req.patterns, req.utf8)
     exist_set, sub_set = set(existing), set(subscribed)
     names = sorted(sub_set if req.only_subscribed else exist_set, key=lambda n: (n != "INBOX", n))
     lines: list[tuple[str, list[str], bytes]] = []
@@ -172,7 +173,7 @@ class FolderCommands(Session):
 
     @defer.inlineCallbacks
     def do_LIST(self, tag: bytes, args: list[Token], lsub: bool = False):
-        req = parse_list(args, lsub)
+        req = parse_list(args, lsub, self.rev2)
         verb = b"LSUB" if lsub else b"LIST"
         if not lsub and req.patterns == [b""]:
             # RFC 3501 §6.3.8: the hierarchy delimiter and root name.
@@ -183,7 +184,7 @@ class FolderCommands(Session):
         special = {n: account.special_use(n) for n in existing}
         for n, attrs, extra in list_entries(req, existing, subscribed, special):
             self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' +
-                      quote(encode_name(n)) + extra)
+                      quote(encode_name(n, self.rev2), self.rev2) + extra)
             if req.status_items and not {"\\Noselect", "\\NonExistent"} & set(attrs):
                 yield self._list_status(n, req.status_items)
         return verb + b" completed"
@@ -195,7 +196,7 @@ class FolderCommands(Session):
     def do_CREATE(self, tag: bytes, args: list[Token]):
         if len(args) != 1:
             raise bad("CREATE needs a mailbox name")
-        name = decode_name(astring(args[0])).rstrip("/")
+        name = decode_name(astring(args[0]), self.rev2).rstrip("/")
         if name.upper() == "INBOX":
             raise no("INBOX always exists", R.ALREADYEXISTS)
         try:
@@ -209,7 +210,7 @@ class FolderCommands(Session):
     def do_DELETE(self, tag: bytes, args: list[Token]):
         if len(args) != 1:
             raise bad("DELETE needs a mailbox name")
-        name = decode_name(astring(args[0]))
+        name = decode_name(astring(args[0]), self.rev2)
         if name == "INBOX":
             raise no("INBOX cannot be deleted", R.CANNOT)
         if self.sel is not None and self.sel.folder.name == name:
@@ -227,7 +228,7 @@ class FolderCommands(Session):
     def do_RENAME(self, tag: bytes, args: list[Token]):
         if len(args) != 2:
             raise bad("RENAME needs two mailbox names")
-        old, new = decode_name(astring(args[0])), decode_name(astring(args[1])).rstrip("/")
+        old, new = decode_name(astring(args[0]), self.rev2), decode_name(astring(args[1]), self.rev2).rstrip("/")
         try:
             yield self.io(self.account.rename_folder, old, new)
         except MailboxError as e:
@@ -239,7 +240,7 @@ class FolderCommands(Session):
         if len(args) != 1:
             raise bad("SUBSCRIBE needs a mailbox name")
         try:
-            yield self.io(self.account.subscribe, decode_name(astring(args[0])))
+            yield self.io(self.account.subscribe, decode_name(astring(args[0]), self.rev2))
         except MailboxError as e:
             raise no_for(e, "cannot subscribe")
         return b"SUBSCRIBE completed"
@@ -249,7 +250,7 @@ class FolderCommands(Session):
         if len(args) != 1:
             raise bad("UNSUBSCRIBE needs a mailbox name")
         try:
-            yield self.io(self.account.unsubscribe, decode_name(astring(args[0])))
+            yield self.io(self.account.unsubscribe, decode_name(astring(args[0]), self.rev2))
         except MailboxError as e:
             raise no_for(e, "cannot unsubscribe")
         return b"UNSUBSCRIBE completed"
@@ -263,14 +264,14 @@ class FolderCommands(Session):
             st = yield self.io(sync_folder, folder)
         except MailboxError:
             return
-        self.send(status_line(name, st, items))
+        self.send(status_line(name, st, items, self.rev2))
 
     @defer.inlineCallbacks
     def do_STATUS(self, tag: bytes, args: list[Token]):
         if len(args) != 2 or not isinstance(args[1], list):
             raise bad("STATUS needs a mailbox name and a list of items")
-        name = decode_name(astring(args[0]))
-        items = parse_items(args[1])
+        name = decode_name(astring(args[0]), self.rev2)
+        items = parse_items(args[1], self.rev2)
         if self.sel is not None and self.sel.folder.name == name:
             folder = self.sel.folder
         else:
@@ -281,6 +282,6 @@ class FolderCommands(Session):
         st = yield self.io(sync_folder, folder)
         if b"HIGHESTMODSEQ" in items:
             yield self.enable_condstore()  # RFC 7162 §3.1.6
-        self.send(status_line(name, st, items))
+        self.send(status_line(name, st, items, self.rev2))
         yield self.refresh()
         return b"STATUS completed"

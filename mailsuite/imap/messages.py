@@ -57,7 +57,7 @@ class MessageCommands(Session):
             raise bad("COPY needs a set and a mailbox")
         sel = self.sel
         uids = self.resolve(args[0], uid)
-        name = decode_name(astring(args[1]))
+        name = decode_name(astring(args[1]), self.rev2)
         verb = b"MOVE" if move else b"COPY"
         if move and sel.readonly:
             raise no("mailbox is read-only", R.READ_ONLY)
@@ -106,6 +106,11 @@ class MessageCommands(Session):
             program = searchmod.parse(rest)
         except searchmod.BadCharset:
             raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+        if self.rev2:
+            if searchmod.uses_recent(program):
+                raise bad("RECENT, NEW and OLD are no IMAP4rev2 search keys")
+            if opts is None:
+                opts = {b"ALL"}  # RFC 9051 §6.4.4: the answer is ESEARCH, never SEARCH
         if uses_modseq(program):
             yield self.enable_condstore()  # RFC 7162 §3.1.5
         found = yield self.search_uids(searchmod.with_saved(program, frozenset(saved)))

@@ -20,14 +20,18 @@ THREAD_ALGORITHMS = {b"ORDEREDSUBJECT": threadmod.orderedsubject,
                      b"REFERENCES": threadmod.references}
 
 
-def _program(charset: Token, keys: list[Token]) -> searchmod.Node:
-    """The search program after the mandatory charset (RFC 5256 §3)."""
+def _program(charset: Token, keys: list[Token], rev2: bool = False) -> searchmod.Node:
+    """The search program after the mandatory charset (RFC 5256 §3); `rev2`: no RECENT, NEW
+    or OLD (RFC 9051 Appendix E)."""
     if not isinstance(charset, bytes):
         raise bad("a charset is required")
     try:
-        return searchmod.parse([Atom(b"CHARSET"), charset] + list(keys))
+        program = searchmod.parse([Atom(b"CHARSET"), charset] + list(keys))
     except searchmod.BadCharset:
         raise no("unsupported charset", R.BADCHARSET + b" (UTF-8 US-ASCII)")
+    if rev2 and searchmod.uses_recent(program):
+        raise bad("RECENT, NEW and OLD are no IMAP4rev2 search keys")
+    return program
 
 
 def _order(criteria, items):
@@ -69,7 +73,7 @@ class OrderingCommands(Session):
         if len(rest) < 3:
             raise bad("SORT needs sort criteria, a charset and search keys")
         criteria = sortmod.parse_criteria(rest[0])
-        program = _program(rest[1], rest[2:])
+        program = _program(rest[1], rest[2:], self.rev2)
         items = yield self._items(program, uid, sortmod.needs_headers(criteria))
         numbers = yield self.io(_order, criteria, items)
         self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
@@ -85,7 +89,7 @@ class OrderingCommands(Session):
             if not isinstance(args[0], list) else None
         if algorithm is None:
             raise bad("unknown threading algorithm")
-        program = _program(args[1], args[2:])
+        program = _program(args[1], args[2:], self.rev2)
         items = yield self._items(program, uid, True)
         text = yield self.io(_threads, algorithm, items)
         self.send(b"* THREAD " + text if text else b"* THREAD")

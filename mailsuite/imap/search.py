@@ -238,6 +238,19 @@ def needs_file(node: Node) -> bool:
     return op in ("HEADER", "BODY", "TEXT", "SENTBEFORE", "SENTON", "SENTSINCE")
 
 
+def uses_recent(node: Node) -> bool:
+    """Whether a program has RECENT, NEW or OLD: no search keys of IMAP4rev2 (RFC 9051
+    Appendix E)."""
+    op = node[0]
+    if op == "AND":
+        return any(uses_recent(n) for n in node[1])
+    if op == "OR":
+        return uses_recent(node[1]) or uses_recent(node[2])
+    if op == "NOT":
+        return uses_recent(node[1])
+    return op == "RECENT"
+
+
 def matches(node: Node, c: Candidate, max_seq: int, max_uid: int) -> bool:
     op = node[0]
     if op == "AND":

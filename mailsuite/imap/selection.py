@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from mailsuite.imap import responses as R
 from mailsuite.imap.flags import SYSTEM_FLAGS, flag_list, with_flags
-from mailsuite.imap.names import decode_name
+from mailsuite.imap.names import decode_name, encode_name, quote
 from mailsuite.imap.parser import SequenceSet, Token, astring, sequence_set
 from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.session import Session
@@ -44,6 +44,8 @@ class Selection:
         self.token: object = None
         # folder.recent copies a set on every access: keep our own copy, renewed at refresh.
         self.recent: frozenset = frozenset()
+        # False in an IMAP4rev2 session: no \Recent flag in FLAGS (RFC 9051 Appendix E).
+        self.recent_flag = True
         # SEARCHRES (RFC 5182): UIDs saved by SEARCH RETURN (SAVE), empty after SELECT.
         self.searchres: list[int] = []
         # Keywords the client has been told about in `* FLAGS` (RFC 3501 §7.2.6).
@@ -122,7 +124,7 @@ class Selection:
         if info is None:
             info = self.info(uid)
         f = info.flags if info else frozenset()
-        return f | {"\\Recent"} if uid in self.recent else f
+        return f | {"\\Recent"} if self.recent_flag and uid in self.recent else f
 
     def locate(self, uids: list[int]) -> list[tuple[int, int, MessageInfo]]:
         """(uid, seq, info) for the ascending `uids` still in the view, in one merge walk."""
@@ -199,7 +201,7 @@ class SelectionCommands(Session):
     def do_SELECT(self, tag: bytes, args: list[Token], readonly: bool = False):
         if len(args) < 1:
             raise bad("SELECT needs a mailbox name")
-        name = decode_name(astring(args[0]))
+        name = decode_name(astring(args[0]), self.rev2)
         params = self.select_params(args[1:])  # RFC 7162 CONDSTORE / QRESYNC (condstore.py)
         if self.sel is not None:
             self.announce_closed()
@@ -211,6 +213,7 @@ class SelectionCommands(Session):
         except MailboxError as e:
             raise no_for(e, "no such mailbox", R.NONEXISTENT)
         sel = Selection(folder, readonly)
+        sel.recent_flag = not self.rev2
         # A read-write selection takes the \Recent messages for itself (RFC 3501 §2.3.2).
         folder.claims_recent = not readonly
         folder.selected = True
@@ -230,11 +233,16 @@ class SelectionCommands(Session):
         sel.keywords = [k for k in st.keywords if k not in SYSTEM_FLAGS]
         self._send_flags(sel)
         self.send(b"* %d EXISTS" % len(sel))
-        self.send(b"* %d RECENT" % len(sel.recent))
-        for seq, info in sel.infos():
-            if "\\Seen" not in info.flags:
-                self.send(b"* OK [UNSEEN %d] first unseen message" % seq)
-                break
+        if self.rev2:
+            # RFC 9051 §6.3.2: a LIST response with the mailbox name; no RECENT, and the
+            # UNSEEN response code is gone (Appendix E).
+            self.send(b'* LIST () "/" ' + quote(encode_name(sel.folder.name, True), True))
+        else:
+            self.send(b"* %d RECENT" % len(sel.recent))
+            for seq, info in sel.infos():
+                if "\\Seen" not in info.flags:
+                    self.send(b"* OK [UNSEEN %d] first unseen message" % seq)
+                    break
         self.send(b"* OK [UIDVALIDITY %d] UIDs valid" % st.uidvalidity)
         self.send(b"* OK [UIDNEXT %d] predicted next UID" % st.uidnext)
 
@@ -364,7 +372,8 @@ class SelectionCommands(Session):
             sel.view = infos
             sel.recent = st.recent
             self.send(b"* %d EXISTS" % len(sel))
-            self.send(b"* %d RECENT" % len(sel.recent))
+            if not self.rev2:  # RFC 9051 Appendix E: no RECENT response
+                self.send(b"* %d RECENT" % len(sel.recent))
             return
         gone, changed = changes(old, infos, sel.own)
         self.report_expunged(gone)
@@ -377,4 +386,5 @@ class SelectionCommands(Session):
                                                           self.modseq_item(sel.info(u))))
         if len(sel) != before:
             self.send(b"* %d EXISTS" % len(sel))
-            self.send(b"* %d RECENT" % len(sel.recent))
+            if not self.rev2:
+                self.send(b"* %d RECENT" % len(sel.recent))

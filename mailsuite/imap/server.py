@@ -219,7 +219,7 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             self.transport.write(line + b"\r\n")
 
     def capabilities(self) -> bytes:
-        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
+        caps = [b"IMAP4rev1", b"IMAP4rev2", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
                 b"APPENDLIMIT=%d" % self.config.limits.max_message_size,
                 b"CONDSTORE", b"QRESYNC"]
@@ -601,7 +601,15 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             raise bad("ENABLE needs a capability")
         # RFC 5161 §3.1: ENABLED lists what this command enabled; unknown names are ignored.
         was = self.condstore
-        enabled = self.enable_extensions([astring(a).upper() for a in args])
+        asked = [astring(a).upper() for a in args]
+        enabled = self.enable_extensions([n for n in asked if n != b"IMAP4REV2"])
+        if b"IMAP4REV2" in asked and not self.rev2:
+            # RFC 9051 §6.3.1 (docs/design/imap.md, "IMAP4rev2").
+            self.rev2 = True
+            if self.sel is not None:
+                self.sel.recent_flag = False
+            enabled.insert(len([n for n in asked[:asked.index(b"IMAP4REV2")] if n in enabled]),
+                           b"IMAP4rev2")
         self.send(b"* ENABLED" + b"".join(b" " + n for n in enabled))
         if self.condstore and not was and self.sel is not None:
             return self.send_highest().addCallback(lambda _: b"ENABLE completed")

@@ -34,6 +34,9 @@ class Session:
     peer: str
     closed: bool
     tls: bool
+    # ENABLE IMAP4rev2 (RFC 9051 §6.3.1): the one switch every rev2 difference consults
+    # (docs/design/imap.md, "IMAP4rev2").
+    rev2: bool = False
 
     def io(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
         """Run blocking store work in the io pool; never on the reactor thread."""

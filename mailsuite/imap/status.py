@@ -11,16 +11,17 @@ STATUS_ITEMS = {b"MESSAGES", b"RECENT", b"UIDNEXT", b"UIDVALIDITY", b"UNSEEN", b
                 b"HIGHESTMODSEQ"}
 
 
-def parse_items(tok: Token) -> list[bytes]:
+def parse_items(tok: Token, rev2: bool = False) -> list[bytes]:
+    """`rev2`: RECENT is no STATUS item of IMAP4rev2 (RFC 9051 §6.3.11, Appendix E)."""
     if not isinstance(tok, list):
         raise bad("STATUS needs a list of items")
     items = [astring(a).upper() for a in tok]
-    if not items or set(items) - STATUS_ITEMS:
+    if not items or set(items) - STATUS_ITEMS or (rev2 and b"RECENT" in items):
         raise bad("unknown STATUS item")
     return items
 
 
-def status_line(name: str, st: FolderState, items: list[bytes]) -> bytes:
+def status_line(name: str, st: FolderState, items: list[bytes], utf8: bool = False) -> bytes:
     """`* STATUS name (item value ...)` from a folder's state, items in the order asked."""
     infos = st.infos
     values = {
@@ -33,5 +34,5 @@ def status_line(name: str, st: FolderState, items: list[bytes]) -> bytes:
         b"DELETED": lambda: sum(1 for i in infos if "\\Deleted" in i.flags),
         b"HIGHESTMODSEQ": lambda: st.highestmodseq,  # RFC 7162 §3.1.6
     }
-    return (b"* STATUS " + quote(encode_name(name)) + b" (" +
+    return (b"* STATUS " + quote(encode_name(name, utf8), utf8) + b" (" +
             b" ".join(b"%s %d" % (k, values[k]()) for k in items) + b")")
