@@ -219,7 +219,13 @@ class FolderCommands(Session):
         try:
             yield self.io(self.account.delete_folder, name)
         except MailboxError as e:
-            raise no_for(e, "cannot delete that mailbox", R.NONEXISTENT)
+            code = R.NONEXISTENT
+            if self.rev2:
+                # RFC 9051 §6.3.5: a name that exists only as the parent of others.
+                existing = yield self.io(self.account.list_folders)
+                if any(n.startswith(name + "/") for n in existing):
+                    code = R.HASCHILDREN
+            raise no_for(e, "cannot delete that mailbox", code)
         # The subscription stays (RFC 3501 §6.3.6: never removed unilaterally); LIST and LSUB
         # show it \NonExistent / \Noselect (docs/design/imap.md, "Folders").
         return b"DELETE completed"

@@ -16,6 +16,7 @@ LIMIT = b"LIMIT"  # RFC 5530
 NONEXISTENT = b"NONEXISTENT"  # RFC 5530
 ALREADYEXISTS = b"ALREADYEXISTS"  # RFC 5530
 CANNOT = b"CANNOT"  # RFC 5530: the name is not acceptable
+HASCHILDREN = b"HASCHILDREN"  # RFC 9051 §7.1: DELETE of a \\Noselect name with children
 BADCHARSET = b"BADCHARSET"
 SERVERBUG = b"SERVERBUG"  # RFC 5530
 UNAVAILABLE = b"UNAVAILABLE"  # RFC 5530: temporary failure (directory down, I/O error)

@@ -201,7 +201,8 @@ class SelectionCommands(Session):
     def do_SELECT(self, tag: bytes, args: list[Token], readonly: bool = False):
         if len(args) < 1:
             raise bad("SELECT needs a mailbox name")
-        name = decode_name(astring(args[0]), self.rev2)
+        raw_name = astring(args[0])
+        name = decode_name(raw_name, self.rev2)
         params = self.select_params(args[1:])  # RFC 7162 CONDSTORE / QRESYNC (condstore.py)
         if self.sel is not None:
             self.announce_closed()
@@ -221,14 +222,14 @@ class SelectionCommands(Session):
         sel.view = st.infos
         sel.recent = st.recent
         sel.token = st.token
-        self._announce_selection(sel, st)
+        self._announce_selection(sel, st, raw_name)
         self.sel = sel
         self.state = "selected"
         yield self.announce_modseqs(sel, st.highestmodseq, st.uidvalidity, st.uidnext, params)
         mode = R.READ_ONLY if readonly else R.READ_WRITE
         return R.code(mode) + (b"EXAMINE" if readonly else b"SELECT") + b" completed"
 
-    def _announce_selection(self, sel: Selection, st: FolderState) -> None:
+    def _announce_selection(self, sel: Selection, st: FolderState, raw_name: bytes = b"") -> None:
         """The untagged data of SELECT (RFC 3501 §6.3.1)."""
         sel.keywords = [k for k in st.keywords if k not in SYSTEM_FLAGS]
         self._send_flags(sel)
@@ -236,7 +237,11 @@ class SelectionCommands(Session):
         if self.rev2:
             # RFC 9051 §6.3.2: a LIST response with the mailbox name; no RECENT, and the
             # UNSEEN response code is gone (Appendix E).
-            self.send(b'* LIST () "/" ' + quote(encode_name(sel.folder.name, True), True))
+            # A name given in another Unicode form gets OLDNAME (§6.3.2, RFC 5465 §5.4).
+            wire = encode_name(sel.folder.name, True)
+            old = b' ("OLDNAME" (' + quote(raw_name, True) + b"))" \
+                if raw_name != wire and sel.folder.name != "INBOX" else b""
+            self.send(b'* LIST () "/" ' + quote(wire, True) + old)
         else:
             self.send(b"* %d RECENT" % len(sel.recent))
             for seq, info in sel.infos():

@@ -213,3 +213,23 @@ def test_select_twice_closed_and_uid_expunge(box: World):
     assert resp[0] == b"* 1 EXPUNGE"
     resp = ok(c, b"s2 SELECT INBOX")
     assert resp[0].startswith(b"* OK [CLOSED]")
+
+
+def test_delete_parent_only_name_haschildren(world: World):
+    c = world.connect()
+    ok(c, b"a CREATE p/q")
+    assert tagged(c.cmd(b"b DELETE p")).startswith(b"b NO [NONEXISTENT]")
+    rev2(c)
+    assert tagged(c.cmd(b"b DELETE p")).startswith(b"b NO [HASCHILDREN]")  # RFC 9051 §6.3.5
+    assert tagged(c.cmd(b"c DELETE nope")).startswith(b"c NO [NONEXISTENT]")
+
+
+def test_select_denormalized_name_gets_oldname(world: World):
+    c = world.connect()
+    rev2(c)
+    ok(c, "a CREATE Entwürfe".encode())
+    decomposed = "Entwu\u0308rfe".encode()
+    resp = ok(c, b'b SELECT "' + decomposed + b'"')
+    assert b'* LIST () "/" "Entw\xc3\xbcrfe" ("OLDNAME" ("' + decomposed + b'"))' in resp
+    resp = ok(c, b"c SELECT inbox")
+    assert b'* LIST () "/" "INBOX"' in resp
