@@ -88,7 +88,7 @@ def name_matcher(ref: bytes, patterns: list[bytes], utf8: bool = False) -> Calla
         try:
             pat = ref_s + decode_name(p, utf8) if p else ref_s
         except CommandError:
-            continue  # not modified UTF-7 (UTF-8 in rev2): no folder has such a name, the pattern matches none
+            continue  # not a valid name (modified UTF-7, or UTF-8 in rev2): matches none
         rx = "".join(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c) for c in pat)
         matchers.append(re.compile("^" + rx + "$", re.I if pat.upper().startswith("INBOX") else 0))
 
@@ -234,7 +234,8 @@ class FolderCommands(Session):
     def do_RENAME(self, tag: bytes, args: list[Token]):
         if len(args) != 2:
             raise bad("RENAME needs two mailbox names")
-        old, new = decode_name(astring(args[0]), self.rev2), decode_name(astring(args[1]), self.rev2).rstrip("/")
+        old = decode_name(astring(args[0]), self.rev2)
+        new = decode_name(astring(args[1]), self.rev2).rstrip("/")
         try:
             yield self.io(self.account.rename_folder, old, new)
         except MailboxError as e:

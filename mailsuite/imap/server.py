@@ -219,10 +219,13 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             self.transport.write(line + b"\r\n")
 
     def capabilities(self) -> bytes:
-        caps = [b"IMAP4rev1", b"IMAP4rev2", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
+        caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"IDLE", b"UIDPLUS", b"MOVE", b"SPECIAL-USE",
                 b"NAMESPACE", b"ID", b"ENABLE", b"UNSELECT", b"CHILDREN", b"LIST-EXTENDED",
                 b"APPENDLIMIT=%d" % self.config.limits.max_message_size,
                 b"CONDSTORE", b"QRESYNC"]
+        # IMAP4rev2 beside IMAP4rev1, switched on per session by ENABLE (docs/design/imap.md,
+        # "IMAP4rev2").
+        caps.insert(1, b"IMAP4rev2")
         caps += EXTENSION_CAPS  # binary.py, append.py, compress.py, status.py
         # Search extensions (docs/design/imap.md, "SORT and THREAD", "ESEARCH and SEARCHRES").
         caps += [b"ESEARCH", b"SEARCHRES", b"WITHIN", b"SORT", b"SORT=DISPLAY",

@@ -122,7 +122,8 @@ def test_search_recent_new_old_bad_in_rev2(box: World):
 
 def test_status_recent_bad_in_rev2(box: World):
     c = box.connect()
-    assert ok(c, b"a STATUS INBOX (MESSAGES RECENT)")[0] == b'* STATUS "INBOX" (MESSAGES 3 RECENT 3)'
+    resp = ok(c, b"a STATUS INBOX (MESSAGES RECENT)")
+    assert resp[0] == b'* STATUS "INBOX" (MESSAGES 3 RECENT 3)'
     rev2(c)
     assert status_of(c, b"a STATUS INBOX (MESSAGES RECENT)") == b"BAD"
     assert status_of(c, b'l LIST "" "*" RETURN (STATUS (RECENT))') == b"BAD"
