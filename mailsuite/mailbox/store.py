@@ -595,36 +595,7 @@ class Folder:
     def append(self, data: bytes | BinaryIO, flags: Iterable[str] = (),
                internaldate: float | None = None) -> int:
         """Store a message (bytes or a binary file object) with fsync; returns its UID."""
-        self._prove()
-        state = self._state
-        tmp_path = os.path.join(self.path, "tmp", unique_key(0) + ".part")
-        try:
-            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                if isinstance(data, (bytes, bytearray, memoryview)):
-                    f.write(data)
-                else:
-                    shutil.copyfileobj(data, f, 1024 * 1024)
-                f.flush()
-                os.fsync(f.fileno())
-                size = f.tell()
-            if internaldate is not None:
-                os.utime(tmp_path, (internaldate, internaldate))
-            mtime = os.stat(tmp_path).st_mtime
-            key = unique_key(size)
-            with state.lock:
-                letters = flags_to_letters(flags, state.keywords_for(flags))
-                final = os.path.join(self.path, "cur", info_name(key, letters))
-                os.rename(tmp_path, final)
-                fsync_dir(os.path.join(self.path, "cur"))
-                state.meta[key] = (size, mtime)
-                (uid,) = state.register([key], {key: os.path.basename(final)})
-                return uid
-        finally:
-            try:
-                os.unlink(tmp_path)
-            except FileNotFoundError:
-                pass
+        return self.append_many([(data, flags, internaldate)])[0]
 
     def append_many(self, items: list[tuple[bytes | BinaryIO, Iterable[str], float | None]]
                     ) -> list[int]:
