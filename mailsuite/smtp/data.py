@@ -194,7 +194,8 @@ class DataTransfer:
                              txid=txid, text=verdict.reply.text)
                     self._refusal_logged = True
                     return verdict.reply
-                rewritten = path = inspection.path
+                if inspection.path != path:
+                    rewritten = path = inspection.path
                 size = inspection.size
                 meta.update(inspection.meta)
             if self._closed:

@@ -184,6 +184,8 @@ class GateSession:
             from mailsuite.trust.authresults import build_header
 
             header_fields.insert(0, build_header(gate.authserv_id, verdict.results))
+        if not header_fields:
+            return Inspection(verdict, path, size, meta)  # nothing to add or remove
         new_path, new_size = yield gate.work.run(
             _rewrite, path, header_fields, gate.authserv_id if gate.authenticates else None)
         return Inspection(verdict, new_path, new_size, meta)

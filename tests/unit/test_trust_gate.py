@@ -236,3 +236,26 @@ def test_rewrite_streams_the_body_and_strips_only_our_results(tmp_path):
     assert data == (b"Authentication-Results: mx.unit.example; spf=none\r\nReceived: from x\r\n"
                     b"Authentication-Results: other.example; spf=fail\r\nSubject: big\r\n\r\n"
                     + body)
+
+
+def test_nothing_to_add_leaves_the_staged_file_alone(monkeypatch):
+    """Submission without engines: no header to add, so no copy of the message is made."""
+    import mailsuite.trust.gate as gate_module
+
+    def no_rewrite(*args):
+        raise AssertionError("the message was copied")
+
+    monkeypatch.setattr(gate_module, "_rewrite", no_rewrite)
+    w = world("submission")
+    c = w.connect("submissions")
+    c.ehlo()
+    c.send(b"AUTH PLAIN " + __import__("base64").b64encode(
+        b"\0alice@example.org\0secret-pw-1") + b"\r\n")
+    assert c.code() == 235
+    c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
+    assert [c.code(), c.code(), c.code()] == [250, 250, 354]
+    c.send(b"From: alice@example.org\r\n\r\nhi\r\n.\r\n")
+    assert c.reply()[0].startswith(b"250 ")
+    [queued] = w.queue.messages
+    assert queued.data.startswith(b"Received: ")
+    assert w.queue.staged() == []
