@@ -247,7 +247,10 @@ class RoundcubeUI:
         self.css("#rcmloginuser").send_keys(user)
         self.css("#rcmloginpwd").send_keys(password)
         self.css("#rcmloginsubmit").click()
-        self.wait(lambda d: self.in_mail_list(), f"the message list after {user} logs in")
+        # Roundcube ignores commands while a request is in flight (rcmail.busy): a click on
+        # Compose right after the login page loads would be lost, so wait until it is idle.
+        self.wait(lambda d: self.in_mail_list() and self.list_ready(),
+                  f"the message list after {user} logs in")
 
     def open_folder(self, folder: str, expect: str | None = None) -> None:
         """Load the message list of `folder` (an IMAP name) afresh, as a click on the folder

@@ -267,6 +267,7 @@ def test_open_forwarded_message(mail, ui):
 
 def test_send_through_submission(mail, ui):
     subject = unique("Hello Bob from Roundcube")
+    ui.wait(lambda d: ui.list_ready(), "Roundcube idle before Compose")
     ui.click("#taskmenu a.compose", "the Compose button")
     ui.wait(lambda d: ui.visible("#compose-subject"), "the compose form")
     ui.visible(".recipient-input input")[0].send_keys(BOB + ",")
