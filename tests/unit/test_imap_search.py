@@ -12,7 +12,8 @@ from tests.unit.imapkit import World, simple, tagged, world  # noqa: F401
 
 @pytest.fixture(scope="module")
 def search_world(tmp_path_factory) -> World:
-    """One SearchBox for every test here: SEARCH changes nothing, so they may share it."""
+    """One SearchBox for every test here: SEARCH changes nothing, so they may share it (the
+    \Recent flags, which SELECT takes, are taken once here)."""
     w = World(str(tmp_path_factory.mktemp("search")))
     add = w.append
     jan10 = calendar.timegm(datetime.datetime(2025, 1, 10, 12, 0).timetuple())
@@ -28,6 +29,9 @@ def search_world(tmp_path_factory) -> World:
                extra="Content-Type: text/plain; charset=utf-8\r\n"
                      "Content-Transfer-Encoding: quoted-printable\r\n")
         .replace(b"Gr\xc3\xb6\xc3\x9fe im Text", b"Gr=C3=B6=C3=9Fe im Text"))
+    # The first session to select a folder takes its \Recent messages (RFC 3501 §2.3.2): one
+    # does so now, so that NEW, OLD and RECENT mean the same in every test, whatever the order.
+    _search_box(w).cmd(b"z LOGOUT")
     return w
 
 
