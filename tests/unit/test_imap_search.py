@@ -13,7 +13,7 @@ from tests.unit.imapkit import World, simple, tagged, world  # noqa: F401
 @pytest.fixture(scope="module")
 def search_world(tmp_path_factory) -> World:
     """One SearchBox for every test here: SEARCH changes nothing, so they may share it (the
-    \Recent flags, which SELECT takes, are taken once here)."""
+    \\Recent flags, which SELECT takes, are taken once here)."""
     w = World(str(tmp_path_factory.mktemp("search")))
     add = w.append
     jan10 = calendar.timegm(datetime.datetime(2025, 1, 10, 12, 0).timetuple())
