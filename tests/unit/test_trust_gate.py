@@ -3,6 +3,7 @@ DNSBL and engines are fakes with fixed answers; what is checked is where each an
 the dialogue, what is queued and with which headers and meta."""
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from twisted.internet import defer, task
@@ -70,6 +71,15 @@ def world(listener: str = "mx", **parts: Any) -> World:
     return World(gates={listener: make})
 
 
+def logged_in(w: World):
+    """A submission session (implicit TLS) of alice, authenticated."""
+    c = w.connect("submissions")
+    c.ehlo()
+    c.send(b"AUTH PLAIN " + base64.b64encode(b"\0alice@example.org\0secret-pw-1") + b"\r\n")
+    assert c.code() == 235
+    return c
+
+
 def deliver(w: World, port: str = "mx", rcpt: str = "alice@example.org") -> list[bytes]:
     c = w.connect(port)
     c.ehlo()
@@ -116,11 +126,7 @@ def test_exempt_clients_are_not_looked_up():
 def test_submission_counts_the_users_messages_and_recipients():
     limits = Limits(submission_message=None, submission_recipient=Reply(450, "4.7.1", "slow"))
     w = world("submission", ratelimits=limits)
-    c = w.connect("submissions")
-    c.ehlo()
-    c.send(b"AUTH PLAIN " + __import__("base64").b64encode(
-        b"\0alice@example.org\0secret-pw-1") + b"\r\n")
-    assert c.code() == 235
+    c = logged_in(w)
     c.send(b"MAIL FROM:<alice@example.org>\r\n")
     assert c.code() == 250
     c.send(b"RCPT TO:<someone@remote.example>\r\n")
@@ -172,11 +178,7 @@ def test_header_values_cannot_add_fields():
 def test_junk_on_submission_is_only_headers():
     scanner = Scanner(Verdict(JUNK, None, ["X-Spam-Status: Yes"]), submission=True)
     w = world("submission", scanners=[scanner])
-    c = w.connect("submissions")
-    c.ehlo()
-    c.send(b"AUTH PLAIN " + __import__("base64").b64encode(
-        b"\0alice@example.org\0secret-pw-1") + b"\r\n")
-    assert c.code() == 235
+    c = logged_in(w)
     c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     assert [c.code(), c.code(), c.code()] == [250, 250, 354]
     c.send(b"From: alice@example.org\r\n\r\nhi\r\n.\r\n")
@@ -247,11 +249,7 @@ def test_nothing_to_add_leaves_the_staged_file_alone(monkeypatch):
 
     monkeypatch.setattr(gate_module, "_rewrite", no_rewrite)
     w = world("submission")
-    c = w.connect("submissions")
-    c.ehlo()
-    c.send(b"AUTH PLAIN " + __import__("base64").b64encode(
-        b"\0alice@example.org\0secret-pw-1") + b"\r\n")
-    assert c.code() == 235
+    c = logged_in(w)
     c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     assert [c.code(), c.code(), c.code()] == [250, 250, 354]
     c.send(b"From: alice@example.org\r\n\r\nhi\r\n.\r\n")
