@@ -37,10 +37,15 @@ def written(seen: list[dict]) -> list[int]:
     return [e["n"] for e in seen]
 
 
+def reactor_thread() -> bool:
+    return True
+
+
 def test_nothing_is_written_on_the_emitting_thread_and_all_is_written_in_order_at_the_tick():
     seen: list[dict] = []
     clock = task.Clock()
-    buffered = BufferedLogObserver(seen.append, clock, InlinePool(), interval=0.1)
+    buffered = BufferedLogObserver(seen.append, clock, InlinePool(), interval=0.1,
+                                   in_reactor_thread=reactor_thread)
     buffered.start()
     for n in range(5):
         buffered(event(n))
@@ -57,7 +62,8 @@ def test_batches_keep_their_order_behind_a_slow_writer():
     seen: list[dict] = []
     clock = task.Clock()
     writer = ManualPool()
-    buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1)
+    buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1,
+                                   in_reactor_thread=reactor_thread)
     buffered.start()
     buffered(event(1))
     clock.advance(0.1)
@@ -72,7 +78,8 @@ def test_stop_writes_everything_buffered_and_then_writes_directly():
     seen: list[dict] = []
     clock = task.Clock()
     writer = ManualPool()
-    buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1)
+    buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1,
+                                   in_reactor_thread=reactor_thread)
     buffered.start()
     buffered(event(1))
     clock.advance(0.1)  # batch [1] is with the writer, not written yet
@@ -96,6 +103,7 @@ def test_the_file_observer_twistd_installs_gets_a_buffer_in_front():
     publisher.addObserver(textFileLogObserver(out))
     clock = task.Clock()
     [buffered] = buffer_file_observers(publisher, clock, InlinePool(), interval=0.1)
+    buffered._in_reactor_thread = reactor_thread
     for n in range(3):
         publisher({"log_format": "line {n}", "n": n, "log_time": 0.0, "log_system": "-"})
     assert out.getvalue() == ""
@@ -116,12 +124,39 @@ def test_buffered_logging_flushes_after_the_inner_service_stopped():
             super().stopService()
             publisher({"log_format": "inner stopped", "log_time": 0.0, "log_system": "-"})
 
-    top = BufferedLogging(Inner(), publisher=publisher, reactor=clock, interval=0.1)
-    top._writer = InlinePool()  # type: ignore[assignment]  # no thread in a unit test
+    top = BufferedLogging(Inner(), publisher=publisher, reactor=clock)
     top.startService()
     publisher({"log_format": "serving", "log_time": 0.0, "log_system": "-"})
-    assert out.getvalue() == ""
+    assert out.getvalue() == ""  # until the end of this reactor iteration
     done: list = []
     defer.maybeDeferred(top.stopService).addBoth(done.append)
     assert [line.split("] ")[-1] for line in out.getvalue().splitlines()] == [
         "serving", "inner stopped"]
+
+
+def test_by_default_a_batch_is_written_on_the_reactor_at_the_end_of_the_iteration():
+    """Before the reactor gets to send the reply the line goes with (a callLater(0) runs first)."""
+    seen: list[dict] = []
+    clock = task.Clock()
+    buffered = BufferedLogObserver(seen.append, clock, in_reactor_thread=reactor_thread)
+    buffered.start()
+    buffered(event(1))
+    buffered(event(2))
+    assert seen == [] and len(clock.getDelayedCalls()) == 1  # one flush for the batch
+    clock.advance(0)
+    assert written(seen) == [1, 2]
+
+
+def test_an_event_from_another_thread_asks_the_reactor_for_the_flush():
+    seen: list[dict] = []
+    clock = task.Clock()
+    handed: list = []
+    buffered = BufferedLogObserver(seen.append, clock, call_from_thread=lambda f, *a: handed.append(
+        (f, a)), in_reactor_thread=lambda: False)
+    buffered.start()
+    buffered(event(1))
+    assert clock.getDelayedCalls() == [] and len(handed) == 1
+    f, args = handed[0]
+    f(*args)  # what the reactor does with it
+    clock.advance(0)
+    assert written(seen) == [1]
