@@ -36,15 +36,17 @@ def count_files(maildir: str) -> int:
     return total
 
 
-def spawn(repo: str, sessions: int, recipient: str):
+def spawn(repo: str, sessions: int, recipient: str, trust: bool = True):
     """A mailsuite of checkout `repo` with the MX listener and one user; (server, maildir)."""
     sys.path.insert(0, repo)
     from tests.harness import MailServer
 
     base = tempfile.mkdtemp(prefix="smtp-source-")
-    server = MailServer(base, listeners=["mx"],
-                        extra={"limits": {"max_connections_per_ip": max(50, sessions + 10),
-                                          "max_connections": max(200, sessions + 10)}})
+    extra: dict = {"limits": {"max_connections_per_ip": max(50, sessions + 10),
+                              "max_connections": max(200, sessions + 10)}}
+    if not trust:
+        extra["trust"] = {"enabled": False}
+    server = MailServer(base, listeners=["mx"], extra=extra)
     server.start()
     server.add_user(recipient)
     local, domain = recipient.lower().split("@")
@@ -58,8 +60,6 @@ def cpu_seconds(pid: int | None) -> float:
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rpartition(")")[2].split()
-        if os.environ.get("SMTP_SOURCE_CPU_SPLIT"):
-            print("utime", fields[11], "stime", fields[12], file=sys.stderr)
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--pid", type=int, default=None, help="server pid (with --port): report "
                    "its CPU time per message")
+    p.add_argument("--no-trust", action="store_true",
+                   help="spawned server without the inbound checks ([trust] enabled = false)")
     p.add_argument("--keep", action="store_true", help="keep the spawned server's directory")
     args = p.parse_args(argv)
     if shutil.which("smtp-source") is None and not os.path.exists("/usr/sbin/smtp-source"):
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] += os.pathsep + "/usr/sbin"
     server = None
     if args.spawn:
-        server, maildir = spawn(os.path.abspath(args.repo), args.sessions, args.to)
+        server, maildir = spawn(os.path.abspath(args.repo), args.sessions, args.to,
+                                trust=not args.no_trust)
         port = server.ports["mx"]
     else:
         if not args.port or not args.maildir:
