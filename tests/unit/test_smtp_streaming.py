@@ -297,3 +297,17 @@ def test_start_up_removes_staged_files_of_dead_processes_only(tmp_path):
     assert sorted(removed) == sorted(os.path.basename(p) for p in (mine, dead, junk))
     assert os.listdir(incoming) == [os.path.basename(alive)]
     assert spool.ids() == []
+
+
+def test_a_small_message_is_staged_by_one_io_job(tmp_path):
+    """Nothing is created at DATA; at the final dot one job creates, writes and closes."""
+    io = ManualPool()
+    world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
+    c = world.connect("mx")
+    start_data(c)
+    assert io.jobs == [] and world.queue.staged() == []
+    c.send(b"Subject: small\r\n\r\nbody\r\n.\r\n")
+    assert [fn.__name__ for fn, *_ in io.jobs] == ["_create"]
+    io.drain()
+    assert c.code() == 250
+    assert world.queue.messages[0].data.endswith(b"Subject: small\r\n\r\nbody\r\n")
