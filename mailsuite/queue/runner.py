@@ -135,6 +135,9 @@ class QueueRunner(Service):
         sent = [(r, c) for r, c in zip(entry.recipients, copies)
                 if c.result.status == "sent" and c.path is not None]
         directories = {os.path.dirname(c.path) for _, c in sent if c.path is not None}
+        for rcpt, copy in sent:
+            apply_result(entry, rcpt, copy.result, self.clock.seconds(),
+                         list(self.config.retry_schedule), float(self.config.max_age))
         if len(sent) == len(entry.recipients):
             try:
                 os.unlink(path)  # every copy is written: the staged file has done its job
@@ -143,9 +146,6 @@ class QueueRunner(Service):
             return _Stored(directories, sent, False)
         # Some copy failed (a full or broken Maildir): the envelope records the copies made
         # and the rest stay pending for the runner's attempt, which logs why.
-        for rcpt, copy in sent:
-            apply_result(entry, rcpt, copy.result, self.clock.seconds(),
-                         list(self.config.retry_schedule), float(self.config.max_age))
         self.spool.store_file(entry, path, sync_dir=False)
         return _Stored(directories | {self.spool.directory}, sent, True)
 

@@ -161,6 +161,7 @@ def test_messages_arriving_together_share_one_fsync_and_are_never_spooled(tmp_pa
         lines = log.of(queue_id)
         assert ["status=queued" in lines[0], "status=sent" in lines[1],
                 "status=removed" in lines[2]] == [True, True, True], lines
+        assert "attempts=1 " in lines[1] and "relay=local " in lines[1]
 
 
 def test_a_failed_fsync_fails_the_whole_batch_and_leaves_nothing(tmp_path):
