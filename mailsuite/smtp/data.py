@@ -28,6 +28,7 @@ log = Logger(namespace="mailsuite.smtp.server")
 # Message bytes collected before they are handed to the staged file (one io job).
 DATA_FLUSH = 64 * 1024
 _BARE_LINE_END = re.compile(rb"\r|\n")
+_LONG_LINE: dict[int, re.Pattern[bytes]] = {}  # max_line_length -> a run of too many octets
 
 
 class DataTransfer:
@@ -39,6 +40,8 @@ class DataTransfer:
         limit = self.limits.max_line_length
         pos = 0
         while True:
+            if not self._continuation and self._data_error is None and not self._scan.in_header:
+                pos = self._body_block(buf, pos)
             idx = buf.find(b"\r\n", pos)
             if idx < 0:
                 break
@@ -67,6 +70,40 @@ class DataTransfer:
             self._continuation = True
         self._flush_out(DATA_FLUSH)
         return False
+
+    def _body_block(self, buf: bytearray, pos: int) -> int:
+        """The common case of the body in one step: every complete line from `pos` up to the
+        terminator, when none of them needs the line-by-line rules (no NUL, no bare CR or LF,
+        none too long, within the size limit). Dots are unstuffed (RFC 5321 §4.5.2). Returns
+        the new position; `pos` itself when the lines must go one by one."""
+        end = buf.rfind(b"\r\n", pos)
+        if end < 0 or buf.startswith(b".\r\n", pos):
+            return pos
+        block = bytes(buf[pos:end + 2])
+        stop = block.find(b"\r\n.\r\n")
+        if stop >= 0:
+            block = block[:stop + 2]  # the terminator goes through the line-by-line path
+        lines = block.count(b"\r\n")
+        if (b"\0" in block or block.count(b"\r") != lines or block.count(b"\n") != lines
+                or self._long_line(block)):
+            return pos
+        body = block.replace(b"\r\n.", b"\r\n")
+        if body.startswith(b"."):
+            body = body[1:]
+        if self._size + len(body) > self.limits.max_message_size:
+            return pos
+        self._size += len(body)
+        self._out += body
+        self._flush_out(DATA_FLUSH)
+        return pos + len(block)
+
+    def _long_line(self, block: bytes) -> bool:
+        """Does a line of `block` (CRLF-separated) exceed max_line_length with its CRLF?"""
+        limit = self.limits.max_line_length
+        pattern = _LONG_LINE.get(limit)
+        if pattern is None:
+            pattern = _LONG_LINE[limit] = re.compile(rb"[^\r\n]{%d}" % max(limit - 1, 1))
+        return pattern.search(block) is not None
 
     def _data_line(self, line: bytes, continuation: bool) -> None:
         if len(line) + 2 > self.limits.max_line_length:
