@@ -146,8 +146,14 @@ class QueueRunner(Service):
             return _Stored(directories, sent, False)
         # Some copy failed (a full or broken Maildir): the envelope records the copies made
         # and the rest stay pending for the runner's attempt, which logs why.
-        self.spool.store_file(entry, path, sync_dir=False)
-        return _Stored(directories | {self.spool.directory}, sent, True)
+        stored = _Stored(directories | {self.spool.directory}, sent, True)
+        try:
+            self.spool.store_file(entry, path, sync_dir=False)
+        except BaseException:
+            stored.spooled = False  # nothing in the spool; the client is told to send again
+            self._unstore_blocking(entry, stored)
+            raise
+        return stored
 
     def _commit(self, stored: _Stored, entry: QueueEntry) -> defer.Deferred:
         """Wait for the group commit of the directories the io job renamed into; if that

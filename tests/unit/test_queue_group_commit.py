@@ -221,3 +221,26 @@ def test_spool_time_delivery_writes_what_the_queue_would(tmp_path, recipients):
         data = read(copy)
         assert data.startswith(f"Return-Path: <{CAROL}>\r\nDelivered-To: {address}\r\n".encode())
         assert data.endswith(message("same"))
+
+
+def test_a_partial_delivery_whose_spooling_fails_takes_its_copies_back(tmp_path, monkeypatch):
+    """Bob's copy fails and the spool is full: no 250, and Alice's copy is not left behind
+    for the client's next try to double."""
+    from mailsuite.queue.spool import Spool
+    from tests.unit.queuekit import break_maildir
+
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    store = runner.local.mailstore
+    break_maildir(store, BOB)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Spool, "store_file", full)
+    path, seen = submit_file(runner, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                             message("full"))
+    pool.drain()
+    assert len(seen) == 1 and isinstance(seen[0], Failure) and seen[0].check(OSError)
+    assert maildir_messages(store, ALICE) == [] and spool_entries(runner) == []
+    assert os.path.exists(path)  # left to the caller, which removes it
