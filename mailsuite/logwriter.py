@@ -169,9 +169,34 @@ class BufferedLogging(service.MultiService):
         self._observers = buffer_file_observers(
             self._publisher, self._reactor, self._writer, self._interval,
             call_from_thread=getattr(self._reactor, "callFromThread", None))
+        if self._writer is None and self._observers:
+            self._flush_before_each_poll()
+
+    def _flush_before_each_poll(self) -> None:
+        """A line emitted by a timed call is flushed by a callLater(0) only in the next
+        iteration, after the poll that sends the reply it goes with; writing the batch just
+        before every poll (where the reactor sends what handlers wrote) keeps the order."""
+        iterate = getattr(self._reactor, "doIteration", None)
+        if iterate is None:
+            return
+        observers = list(self._observers)
+
+        def do_iteration(delay: Any) -> Any:
+            for observer in observers:
+                observer.flush()
+            return iterate(delay)
+
+        self._reactor.doIteration = do_iteration
+        self._hooked = True
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
+        if getattr(self, "_hooked", False):
+            self._hooked = False
+            try:
+                del self._reactor.doIteration  # the class's own again
+            except AttributeError:
+                pass
         d = defer.maybeDeferred(self._inner.stopService)
         d.addBoth(lambda _: defer.gatherResults([o.stop() for o in self._observers]))
         if self._writer is not None:

@@ -160,3 +160,27 @@ def test_an_event_from_another_thread_asks_the_reactor_for_the_flush():
     f(*args)  # what the reactor does with it
     clock.advance(0)
     assert written(seen) == [1]
+
+
+def test_lines_are_in_the_file_before_the_reactor_polls_and_sends_replies():
+    """Also a line emitted by a timed call (its callLater(0) flush would come one poll late)."""
+    out = io.StringIO()
+    publisher = LogPublisher()
+    publisher.addObserver(textFileLogObserver(out))
+
+    class FakeReactor(task.Clock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen_at_poll: list[str] = []
+
+        def doIteration(self, delay):
+            self.seen_at_poll.append(out.getvalue())
+
+    reactor = FakeReactor()
+    top = BufferedLogging(service.Service(), publisher=publisher, reactor=reactor)
+    top.startService()
+    publisher({"log_format": "before the reply", "log_time": 0.0, "log_system": "-"})
+    reactor.doIteration(0)
+    assert reactor.seen_at_poll[0].endswith("before the reply\n")
+    top.stopService()
+    assert "doIteration" not in vars(reactor)  # the reactor's own method again
