@@ -103,6 +103,10 @@ class StagedMessage:
                 last = self._closing and not rest
                 self._io_job(_create, self._directory, chunk, last).addCallbacks(
                     self._created, self._failed, callbackArgs=(len(chunk),))
+            elif self._closing and not rest:
+                fd, self._fd = self._fd, None  # the last bytes: write and close in one job
+                self._io_job(_write_close, fd, chunk).addCallbacks(
+                    self._written, self._failed, callbackArgs=(len(chunk),))
             else:
                 self._io_job(write_all, self._fd, chunk).addCallbacks(
                     self._written, self._failed, callbackArgs=(len(chunk),))
@@ -181,6 +185,18 @@ def _create(directory: str, data: bytes, close: bool) -> tuple[int | None, str]:
             os.unlink(path)
         raise
     return fd, path
+
+
+def _write_close(fd: int | None, data: bytes) -> int:
+    """io thread: the last bytes of the message, then close (the descriptor is closed even
+    when the write fails; the file is then removed by the failure path)."""
+    try:
+        if fd is not None:
+            write_all(fd, data)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return len(data)
 
 
 def _close(fd: int | None, remove: str | None) -> None:

@@ -347,3 +347,18 @@ def test_a_body_in_one_piece_is_taken_exactly_like_one_byte_at_a_time(tmp_path, 
         assert outcomes[0][1] == [unstuffed]
     else:
         assert outcomes[0][1] == []
+
+
+def test_a_message_over_one_chunk_writes_its_last_bytes_and_closes_in_one_job(tmp_path):
+    io = ManualPool()
+    world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
+    c = world.connect("mx")
+    start_data(c)
+    c.send(b"Subject: big\r\n\r\n" + (b"b" * 78 + b"\r\n") * 1300 + b".\r\n")
+    ran = []
+    while io.jobs:
+        ran.append(io.jobs[0][0].__name__)
+        io.step()
+    assert ran == ["_create", "_write_close"]
+    assert c.code() == 250
+    assert world.queue.messages[0].data.count(b"b" * 78 + b"\r\n") == 1300
