@@ -196,9 +196,27 @@ class DnsClient:
         def lookup(name: str, qtype: str, timeout: float) -> list:
             if timeout is not None and timeout <= 0:
                 raise DnsTempError("DNS time budget exhausted")
+            cached = self._peek(name, qtype)
+            if cached is not None:
+                return cached
             return threads.blockingCallFromThread(reactor, on_reactor, name, qtype, timeout)
 
         return lookup
+
+    def _peek(self, name: str, qtype: str) -> list | None:
+        """A fresh cached answer read from a worker thread, or None: a hit needs no trip through
+        the reactor (docs/design/trust-authentication.md, "DNS"). Only reads: single dict
+        look-ups are atomic, and expiry and eviction stay with the reactor side."""
+        qtype = qtype.upper()
+        if qtype not in _TYPES:
+            return None
+        qname = normalize_name(name)
+        if qname is None:
+            return []
+        cached = self._cache.get((qname, qtype))
+        if cached is None or self._clock.seconds() >= cached[0]:
+            return None
+        return list(cached[1])
 
 
 def _timed_out(result: Any, timeout: float) -> Failure:

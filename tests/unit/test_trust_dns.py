@@ -309,3 +309,28 @@ def test_blocking_times_out_with_a_temp_error_and_the_query_still_completes():
         lookup("slow.test", "A", 5)
     pending.callback(([rr("slow.test", dns.Record_A("192.0.2.5"))], [], []))
     assert value_of(client.query("slow.test", "A")) == ["192.0.2.5"]
+
+
+class CountingReactor(ThreadlessReactor):
+    def __init__(self):
+        super().__init__()
+        self.trips = 0
+
+    def callFromThread(self, f, *args, **kwargs):
+        self.trips += 1
+        super().callFromThread(f, *args, **kwargs)
+
+
+def test_blocking_reads_a_fresh_cached_answer_without_a_trip_through_the_reactor():
+    client, resolver, clock = make({
+        ("a.test", "TXT"): ([rr("a.test", dns.Record_TXT(b"v=spf1 -all"), ttl=60)], [], []),
+    })
+    reactor = CountingReactor()
+    lookup = client.blocking(reactor)
+    assert lookup("a.test", "TXT", 5) == [b"v=spf1 -all"]
+    assert reactor.trips == 1
+    assert lookup("A.Test.", "TXT", 5) == [b"v=spf1 -all"]  # same key after normalizing
+    assert reactor.trips == 1
+    clock.advance(61)  # expired: asked again, through the reactor
+    assert lookup("a.test", "TXT", 5) == [b"v=spf1 -all"]
+    assert reactor.trips == 2
