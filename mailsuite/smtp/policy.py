@@ -31,6 +31,9 @@ class Session:
     esmtp: bool = False
     tls: bool = False
     auth_user: str | None = None
+    # The addresses auth_user may send as, read at this transaction's MAIL and reused by the
+    # From:/Sender: check of the same message (one directory look-up per message, not two).
+    owned: frozenset[str] | None = None
 
 
 @dataclass
@@ -142,7 +145,9 @@ class SubmissionPolicy(Policy):
         if sender == "":
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
             return replies.NOT_YOUR_ADDRESS
+        session.owned = None
         owned = yield self.directory.sender_addresses(session.auth_user)
+        session.owned = owned
         if sender_allowed(owned, sender):
             return replies.SENDER_OK
         return replies.NOT_YOUR_ADDRESS
@@ -161,7 +166,9 @@ class SubmissionPolicy(Policy):
             addresses += found
         if not addresses or session.auth_user is None:
             return None  # no From: at all: nothing claims to be anyone
-        owned = yield self.directory.sender_addresses(session.auth_user)
+        owned = session.owned
+        if owned is None:
+            owned = yield self.directory.sender_addresses(session.auth_user)
         if all(sender_allowed(owned, a) for a in addresses):
             return None
         return replies.FROM_NOT_YOURS

@@ -187,6 +187,25 @@ def test_a_shared_domain_right_covers_mail_from_and_from_header():
     assert submit(c, b"From: mallory@elsewhere.example\r\n").startswith(b"553 5.7.1")
 
 
+def test_from_check_reuses_the_sender_addresses_read_at_mail_from():
+    """One directory look-up per message: MAIL FROM reads the user's addresses, the From: check
+    of the same transaction uses them; the next transaction reads them again (a change by the
+    admin applies to the next message)."""
+    world, c = submission()
+    looked_up = []
+    original = world.directory.sender_addresses
+
+    def counting(user):
+        looked_up.append(user)
+        return original(user)
+
+    world.directory.sender_addresses = counting
+    assert submit(c, b"From: alice@example.org\r\n").startswith(b"250")
+    assert looked_up == ["alice@example.org"]
+    assert submit(c, b"From: bob@example.org\r\n").startswith(b"553 5.7.1")
+    assert len(looked_up) == 2
+
+
 def test_from_check_can_be_switched_off():
     world, c = submission(check=False)
     assert submit(c, b"From: bob@example.org\r\n").startswith(b"250")
@@ -198,13 +217,20 @@ def test_mx_does_not_check_from():
 
 
 def test_from_check_during_a_directory_outage_is_temporary():
+    """The From: check uses the addresses read at MAIL FROM; when that look-up fails the
+    transaction never starts (451), so no message is judged without them."""
     world, c = submission()
     from mailsuite.directory.api import DirectoryUnavailable
     from twisted.internet import defer
 
+    working = world.directory.sender_addresses
+    world.directory.sender_addresses = lambda user: defer.fail(DirectoryUnavailable("down"))
+    c.send(b"MAIL FROM:<alice@example.org>\r\n")
+    assert c.reply()[0].startswith(b"451 4.3.0")
+    world.directory.sender_addresses = working
     c.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\n")
     assert [c.code() for _ in range(3)] == [250, 250, 354]
     world.directory.sender_addresses = lambda user: defer.fail(DirectoryUnavailable("down"))
     c.send(b"From: alice@example.org\r\n\r\nx\r\n.\r\n")
-    assert c.reply()[0].startswith(b"451 4.3.0")
+    assert c.reply()[0].startswith(b"250")  # judged with the addresses read at MAIL FROM
     assert world.queue.staged() == []
