@@ -24,6 +24,12 @@ from mailsuite.mailbox.maildir import (
 from mailsuite.safeio import atomic_write
 
 
+# Estimated memory of a folder state: a MessageInfo with its key and name strings, its dict
+# and list slots (measured with bench/mailbox_sync.py), and a fixed part per folder.
+MESSAGE_BYTES = 400
+STATE_BYTES = 16 * 1024
+
+
 @dataclass(frozen=True, slots=True)  # slots: 100,000 of these per large folder
 class MessageInfo:
     """One message of a folder as of the last sync().
@@ -79,6 +85,7 @@ class FolderIndex:
         # Expunged messages that selected sessions still show (store.py, Folder._hold;
         # docs/design/imap.md, "Expunged messages stay readable until announced").
         self.viewers: "weakref.WeakSet" = weakref.WeakSet()  # selected Folders
+        self.users: "weakref.WeakSet" = weakref.WeakSet()  # every live Folder of this folder
         self.held: dict[int, list] = {}  # uid -> [path in tmp/, pins]
         self.releases: list[int] = []  # pins given back (any thread, no lock); see drain_held
         self.held_swept = False  # leftovers of an earlier process removed from tmp/
@@ -90,6 +97,15 @@ class FolderIndex:
         # (None: all of them).
         self.modseqs = ModSeqLog(path)
         self.mod_dirty: set[int] | None = None
+
+    def in_use(self) -> bool:
+        """Whether a live Folder uses this state (iterating skips Folders being finalized)."""
+        return any(True for _ in self.users)
+
+    def memory_estimate(self) -> int:
+        """Bytes this state holds, estimated from its message count (docs/design/maildir.md,
+        "Folder states in memory")."""
+        return STATE_BYTES + MESSAGE_BYTES * (len(self.infos) + len(self.meta))
 
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
