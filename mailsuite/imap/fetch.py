@@ -253,6 +253,12 @@ def batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]
 
 def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict[int, dict[int, Piece]]:
     """For each message: {id(att): bytes | FileRange} for the items that need the file."""
+    wanted = [a for a in atts if a.name not in INDEX_ITEMS]
+    if header_only(wanted):
+        # Header blocks from mailsuite-cache: one file read for the batch, not one open per
+        # message (docs/design/maildir.md, "Header cache").
+        headers = folder.headers(uids, extract_header)
+        return {u: header_pieces(h, u, wanted) for u in uids if (h := headers.get(u)) is not None}
     out: dict[int, dict[int, Piece]] = {}
     for u in uids:
         try:
@@ -267,12 +273,30 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
     return out
 
 
+def header_only(wanted: list[FetchAtt]) -> bool:
+    """Whether every item is (a part of) the top-level header block: Thunderbird's new-mail
+    fetch is HEADER.FIELDS, other clients' list fetch BODY.PEEK[HEADER]."""
+    return bool(wanted) and all(
+        a.name == b"RFC822.HEADER" or (a.name in (b"BODY", b"BODY.PEEK") and a.section is not None
+                                       and not a.path and a.text in HEADER_TEXTS) for a in wanted)
+
+
+def extract_header(f: BinaryIO) -> bytes:
+    """The header block of a message file, blank line included."""
+    buf = read_header(f)
+    return bytes(buf[:mime.header_end(buf)])
+
+
+def header_pieces(header: bytes, uid: int, wanted: list[FetchAtt]) -> dict[int, Piece]:
+    """The header items of one message from its header block alone."""
+    root = mime.Part(0, len(header), len(header), mime.parse_headers(header, 0, len(header)))
+    return {id(a): _piece(header, root, a, uid, len(header)) for a in wanted}
+
+
 def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt]) -> dict[int, Piece]:
     size = os.fstat(f.fileno()).st_size
     wanted = [a for a in atts if a.name not in INDEX_ITEMS]
-    # Thunderbird's new-mail fetch is HEADER.FIELDS: read only the header block for that.
-    only_header = all(a.name == b"RFC822.HEADER" or (a.section is not None and not a.path
-                                                     and a.text in HEADER_TEXTS) for a in wanted)
+    only_header = header_only(wanted)
     need_tree = any(a.name in (b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822.TEXT") and a.section is None
                     or (a.section is not None and a.path) for a in wanted)
     mapped = None

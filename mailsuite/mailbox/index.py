@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, cast
 
+from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.errors import NoSuchFolder
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
@@ -96,6 +97,7 @@ class FolderIndex:
         # flags or presence may have changed since the log was last brought up to date
         # (None: all of them).
         self.modseqs = ModSeqLog(path)
+        self.header_cache = HeaderCache(os.path.join(path, CACHE))  # cache.py
         self.mod_dirty: set[int] | None = None
 
     def in_use(self) -> bool:

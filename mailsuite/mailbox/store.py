@@ -24,7 +24,7 @@ import shutil
 import stat
 import threading
 import weakref
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
@@ -34,6 +34,7 @@ from mailsuite.mailbox.maildir import (
     letters_to_flags, make_maildir, split_name, unique_key,
 )
 from mailsuite.mailbox import maildir as _maildir
+from mailsuite.mailbox.cache import message_headers
 from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public exceptions)
     FolderExists, InvalidMailboxName, MailboxError, NoSuchFolder, NoSuchMessage,
     StoreUnavailable, UnsafePath,
@@ -619,6 +620,34 @@ class Folder:
                 except FileNotFoundError:
                     continue
         raise NoSuchMessage(f"message UID {uid} has disappeared")
+
+    def headers(self, uids: list[int], extract: Callable[[BinaryIO], bytes]
+                ) -> dict[int, bytes]:
+        """uid -> header block of each (ascending) UID still readable, from mailsuite-cache
+        or, for messages it lacks, `extract(file)` (then cached; docs/design/maildir.md,
+        "Header cache")."""
+        state = self._state
+        with state.lock:
+            if not state.synced:
+                self.sync()
+            infos = [i for u in uids if (i := state.infos.get(u)) is not None]
+            uidvalidity = state.ensure_uidlist().uidvalidity
+            live = len(state.infos)
+        found = message_headers(state.header_cache, infos, uidvalidity, live,
+                                lambda u: self._read_header(u, extract))
+        for u in uids:  # expunged elsewhere but still shown to this session: not cached
+            if u not in found and u in self._pinned:
+                header = self._read_header(u, extract)
+                if header is not None:
+                    found[u] = header
+        return found
+
+    def _read_header(self, uid: int, extract: Callable[[BinaryIO], bytes]) -> bytes | None:
+        try:
+            with self.open_message(uid) as f:
+                return extract(f)
+        except (NoSuchMessage, OSError):
+            return None
 
     def set_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
         """Replace the flags of a message; returns the flags actually stored."""
