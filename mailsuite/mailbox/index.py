@@ -5,7 +5,6 @@ session) through `MailStore`; everything here is blocking and runs in the io poo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -181,18 +180,36 @@ class FolderIndex:
         return self.snapshot
 
     def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
-        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,')."""
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). The file is
+        stat()ed for its INTERNALDATE here, by directory descriptor (docs/design/maildir.md,
+        "Syncing a folder"), so the listing of cur/ that follows need not stat it again."""
         moved = []
-        for name in os.listdir(new_dir):
-            if name.startswith("."):
-                continue
-            key, letters = split_name(name)
+        meta, pending = self.meta, self.meta_pending
+        rename, stat, intern = os.rename, os.stat, sys.intern
+        nfd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            cfd = os.open(cur_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.rename(os.path.join(new_dir, name),
-                          os.path.join(cur_dir, info_name(key, letters)))
-            except FileNotFoundError:
-                continue  # another session moved it first
-            moved.append(key)
+                for name in os.listdir(nfd):
+                    if name[0] == ".":
+                        continue
+                    key, sep, info = name.partition(":")
+                    letters = info[2:] if sep and info.startswith("2,") else ""
+                    try:
+                        st = stat(name, dir_fd=nfd)
+                        rename(name, f"{key}:2,{letters}", src_dir_fd=nfd, dst_dir_fd=cfd)
+                    except FileNotFoundError:
+                        continue  # another session moved it first
+                    key = intern(key)
+                    if key not in meta:
+                        size = size_from_key(key)
+                        meta[key] = (size if size is not None else st.st_size, st.st_mtime)
+                        pending.append(key)
+                    moved.append(key)
+            finally:
+                os.close(cfd)
+        finally:
+            os.close(nfd)
         return moved
 
     def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
@@ -452,7 +469,8 @@ class FolderIndex:
             if info is not None:
                 ms = modseq.get(u, 0)
                 if info.modseq != ms:
-                    infos[u] = dataclasses.replace(info, modseq=ms)
+                    infos[u] = MessageInfo(info.uid, info.key, info.flags, info.size,
+                                           info.internaldate, info.name, info.cur_dir, ms)
                     replaced = True
         if replaced:
             self._changed()
