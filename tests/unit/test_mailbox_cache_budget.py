@@ -8,6 +8,7 @@ import os
 from mailsuite.mailbox.index import MESSAGE_BYTES
 from mailsuite.mailbox.store import MailStore
 
+from tests.unit.imapkit import world  # noqa: F401
 from tests.unit.test_mailbox_store import deliver
 
 
@@ -73,3 +74,29 @@ def test_a_folder_reopened_after_eviction_has_the_same_uids_flags_and_modseqs(tm
     assert [(m.uid, m.key, m.flags, m.size, m.internaldate) for m in again.sync()] == before
     assert again.modseqs(range(1, 31)) == modseqs
     assert again.highest_modseq() == highest
+
+
+def test_imap_sessions_hold_a_folder_and_close_releases_it(world):  # noqa: F811
+    """Over IMAP: a selected folder stays in memory; after CLOSE (and LOGOUT of the other
+    session) the store drops it, its cache budget being smaller than the folder."""
+    world.store = MailStore(world.config.mail_dir, folder_cache_bytes=20 * MESSAGE_BYTES)
+    for i in range(40):
+        world.append("alice@example.org", "Big", b"Subject: %d\r\n\r\nx\r\n" % i)
+    gc.collect()
+    big = world.maildir("alice@example.org", "Big")
+    assert big not in world.store.loaded_folders()
+    a, b = world.connect(), world.connect()
+    a.cmd(b"s SELECT Big")
+    b.cmd(b"s EXAMINE Big")
+    a.cmd(b"f FETCH 1:* (UID FLAGS BODY.PEEK[HEADER])")
+    a.cmd(b"c CLOSE")
+    gc.collect()
+    assert big in world.store.loaded_folders()  # b still shows it
+    b.cmd(b"l LOGOUT")
+    b.close()
+    del b  # the connection's protocol object goes (it keeps its last selection)
+    gc.collect()
+    assert big not in world.store.loaded_folders()
+    assert world.store.cached_folders() == {}
+    a.cmd(b"s SELECT Big")  # reopened from disk: the same messages
+    assert any(b"40 EXISTS" in line for line in a.cmd(b"n NOOP") + a.cmd(b"e EXAMINE Big"))
