@@ -242,15 +242,26 @@ class FolderIndex:
         files = self.files
         infos: dict[int, MessageInfo] = {}
         old = self.infos
+        # _make_info inlined for the common case (size and date known): this loop runs once
+        # per message of a folder opened for the first time.
+        meta, flag_cache, prefix = self.meta, self.flag_cache, self.cur_prefix
+        modseq = self.modseqs.modseq
         for uid, key in sorted((uids[k], k) for k in files if k in uids):
             name = files[key]
             prev = old.get(uid)
             if prev is not None and prev.key == key and prev.name == name:
                 infos[uid] = prev
                 continue
-            info = self._make_info(uid, key, name)
-            if info is not None:
-                infos[uid] = info
+            m = meta.get(key)
+            letters = name.partition(":2,")[2]
+            flags = flag_cache.get(letters)
+            if m is None or flags is None:
+                info = self._make_info(uid, key, name)
+                if info is not None:
+                    infos[uid] = info
+                continue
+            infos[uid] = MessageInfo(uid, key, flags, m[0], m[1], name, prefix,
+                                     modseq.get(uid, 0))
         self.infos = infos
         self.mod_dirty = None
         self._changed()
