@@ -16,7 +16,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import Iterable, Mapping, Protocol
 
 CACHE = "mailsuite-cache"
 MAGIC = b"mailsuite-cache 1\n"
@@ -125,9 +125,9 @@ class HeaderCache:
 
     # -- writing --------------------------------------------------------------------------
     def add(self, entries: Iterable[tuple[Described, bytes]], uidvalidity: int,
-            live: int) -> None:
-        """Append records for messages above the last cached UID (ascending). `live` is the
-        folder's message count: a file mostly of expunged messages' records starts over."""
+            live: Mapping[int, Described]) -> None:
+        """Append records for messages above the last cached UID (ascending). `live`: the
+        folder's messages by UID; a file mostly of expunged messages' records is compacted."""
         with self.lock:
             try:
                 self._add(entries, uidvalidity, live)
@@ -135,20 +135,23 @@ class HeaderCache:
                 self.stamp = None  # re-read next time; the cache only costs speed
 
     def _add(self, entries: Iterable[tuple[Described, bytes]], uidvalidity: int,
-             live: int) -> None:
+             live: Mapping[int, Described]) -> None:
         try:
             with open(self.path, "rb") as f:
                 self._refresh(f, uidvalidity)
         except FileNotFoundError:
             self.stamp = None
             self.uidvalidity = 0
-        fresh = (self.uidvalidity != uidvalidity or self.end < HEADER_START
-                 or self.records > 2 * live + 1000)
-        last = 0 if fresh else self.last_uid
+        rewrite = self.uidvalidity != uidvalidity or self.end < HEADER_START
+        kept = bytearray()
+        if rewrite:
+            self.records, self.marks, self.last_uid = 0, [], 0
+        elif self.records > 2 * len(live) + 1000:
+            kept = self._live_records(live)
+            rewrite = True
+        last = self.last_uid
+        base = HEADER_START + len(kept) if rewrite else self.end
         out = bytearray()
-        offset = HEADER_START if fresh else self.end
-        if fresh:
-            self.records, self.marks = 0, []
         for info, header in entries:
             if info.uid <= last or len(header) > MAX_HEADER:
                 continue
@@ -161,17 +164,17 @@ class HeaderCache:
             out += header
             out += _CRC.pack(zlib.crc32(memoryview(out)[start:]))
             if self.records % MARK_EVERY == 0:
-                self.marks.append((info.uid, offset + start))
+                self.marks.append((info.uid, base + start))
             self.records += 1
             last = info.uid
-        if not out and not fresh:
+        if not out and not rewrite:
             return
-        if fresh:
+        if rewrite:
             # A new file, renamed into place (readers never see half a header).
             tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
             with os.fdopen(fd, "wb") as w:
-                w.write(MAGIC + _HEAD.pack(uidvalidity) + out)
+                w.write(MAGIC + _HEAD.pack(uidvalidity) + kept + out)
             os.rename(tmp, self.path)
         else:
             fd = os.open(self.path, os.O_WRONLY | os.O_NOFOLLOW)
@@ -183,14 +186,37 @@ class HeaderCache:
             finally:
                 os.close(fd)
         self.uidvalidity = uidvalidity
-        self.end = offset + len(out)
+        self.end = base + len(out)
         self.last_uid = last
         st = os.stat(self.path)
         self.stamp = (st.st_ino, st.st_size)
 
+    def _live_records(self, live: Mapping[int, Described]) -> bytearray:
+        """The valid records of messages still in the folder, renumbering the marks for a
+        file that starts with them."""
+        out = bytearray()
+        self.records, self.marks, self.last_uid = 0, [], 0
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            pos, end = HEADER_START, min(self.end, len(m))
+            while pos < end:
+                uid, size, klen, hlen = _REC.unpack_from(m, pos)
+                keyend = pos + _REC.size + klen
+                stop = keyend + hlen + _CRC.size
+                info = live.get(uid)
+                if (info is not None and info.size == size
+                        and m[pos + _REC.size:keyend].decode("utf-8", "surrogateescape")
+                        == info.key):
+                    if self.records % MARK_EVERY == 0:
+                        self.marks.append((uid, HEADER_START + len(out)))
+                    out += m[pos:stop]
+                    self.records += 1
+                    self.last_uid = uid
+                pos = stop
+        return out
 
-def message_headers(cache: HeaderCache, infos: list[Described], uidvalidity: int, live: int,
-                    read: "ReadHeader") -> dict[int, bytes]:
+
+def message_headers(cache: HeaderCache, infos: list[Described], uidvalidity: int,
+                    live: Mapping[int, Described], read: "ReadHeader") -> dict[int, bytes]:
     """uid -> header block of each message: from the cache, else read from its file by
     `read(uid)` (None: the message is gone) and added to the cache."""
     found = cache.headers(infos, uidvalidity)

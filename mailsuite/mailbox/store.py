@@ -632,7 +632,7 @@ class Folder:
                 self.sync()
             infos = [i for u in uids if (i := state.infos.get(u)) is not None]
             uidvalidity = state.ensure_uidlist().uidvalidity
-            live = len(state.infos)
+            live = state.infos
         found = message_headers(state.header_cache, infos, uidvalidity, live,
                                 lambda u: self._read_header(u, extract))
         for u in uids:  # expunged elsewhere but still shown to this session: not cached

@@ -120,14 +120,14 @@ def test_records_are_validated_against_key_size_and_uidvalidity(tmp_path):
             self.uid, self.key, self.size = uid, key, size
 
     a, b = Info(1, "k1", 10), Info(2, "k2", 20)
-    cache.add([(a, b"A: 1\r\n\r\n"), (b, b"B: 2\r\n\r\n")], uidvalidity=5, live=2)
+    cache.add([(a, b"A: 1\r\n\r\n"), (b, b"B: 2\r\n\r\n")], uidvalidity=5, live={1: a, 2: b})
     assert cache.headers([a, b], 5) == {1: b"A: 1\r\n\r\n", 2: b"B: 2\r\n\r\n"}
     assert cache.headers([Info(1, "other", 10), Info(2, "k2", 21)], 5) == {}
     assert cache.headers([a, b], 6) == {}  # another UIDVALIDITY: nothing is trusted
     reread = HeaderCache(path)  # another process
     assert reread.headers([b], 5) == {2: b"B: 2\r\n\r\n"}
     # Under a new UIDVALIDITY the file starts over.
-    cache.add([(Info(1, "n1", 3), b"\r\n")], uidvalidity=6, live=1)
+    cache.add([(Info(1, "n1", 3), b"\r\n")], uidvalidity=6, live={})
     assert HeaderCache(path).headers([Info(1, "n1", 3)], 6) == {1: b"\r\n"}
     assert HeaderCache(path).headers([a], 5) == {}
 
@@ -140,7 +140,8 @@ def test_a_corrupt_tail_is_ignored_and_cut_off_at_the_next_append(tmp_path):
             self.uid, self.key, self.size = uid, f"k{uid}", uid
 
     infos = [Info(u) for u in range(1, 6)]
-    HeaderCache(path).add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos[:3]], 9, 5)
+    live = {i.uid: i for i in infos}
+    HeaderCache(path).add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos[:3]], 9, live)
     size = os.path.getsize(path)
     with open(path, "r+b") as f:  # flip a byte in the last record, then a torn append
         f.seek(size - 6)
@@ -149,7 +150,7 @@ def test_a_corrupt_tail_is_ignored_and_cut_off_at_the_next_append(tmp_path):
         f.write(b"\x04\x00\x00")
     cache = HeaderCache(path)
     assert set(cache.headers(infos, 9)) == {1, 2}
-    cache.add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos[2:]], 9, 5)
+    cache.add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos[2:]], 9, live)
     assert HeaderCache(path).headers(infos, 9) == {i.uid: b"H: %d\r\n\r\n" % i.uid for i in infos}
 
 
@@ -180,3 +181,24 @@ def test_expunged_and_new_messages_and_a_changed_flag(inbox):
     assert 3 not in got and 4 not in got
     assert got == comparable(from_files(inbox, uids, atts), atts)
     assert got[uids[-1]] == [b"{17}\r\nSubject: late\r\n\r\n"]
+
+
+def test_a_file_of_mostly_expunged_messages_is_compacted_keeping_the_live_records(tmp_path):
+    path = str(tmp_path / CACHE)
+
+    class Info:
+        def __init__(self, uid):
+            self.uid, self.key, self.size = uid, f"k{uid}", uid
+
+    infos = [Info(u) for u in range(1, 2001)]
+    cache = HeaderCache(path)
+    cache.add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos], 3, {i.uid: i for i in infos})
+    big = os.path.getsize(path)
+    live = {i.uid: i for i in infos[::10]}  # 200 left: 2000 records > 2 * 200 + 1000
+    late = Info(3000)
+    live[3000] = late
+    cache.add([(late, b"L: 1\r\n\r\n")], 3, live)
+    assert os.path.getsize(path) < big / 4
+    expected = {u: (b"H: %d\r\n\r\n" % u if u != 3000 else b"L: 1\r\n\r\n") for u in live}
+    assert HeaderCache(path).headers(sorted(live.values(), key=lambda i: i.uid), 3) == expected
+    assert cache.headers(sorted(live.values(), key=lambda i: i.uid), 3) == expected
