@@ -629,7 +629,7 @@ class Folder:
         state = self._state
         with state.lock:
             if not state.synced:
-                self.sync()
+                state.sync()
             infos = [i for u in uids if (i := state.infos.get(u)) is not None]
             uidvalidity = state.ensure_uidlist().uidvalidity
             live = state.infos
