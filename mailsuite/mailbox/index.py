@@ -24,9 +24,10 @@ from mailsuite.mailbox.maildir import (
 from mailsuite.safeio import atomic_write
 
 
-# Estimated memory of a folder state: a MessageInfo with its key and name strings, its dict
-# and list slots (measured with bench/mailbox_sync.py), and a fixed part per folder.
-MESSAGE_BYTES = 400
+# Estimated memory of a folder state per message: its MessageInfo with key and name strings,
+# its entries in the UID list, file, meta and mod-sequence dicts (bench/mailbox_sync.py measured
+# ~870 bytes at 30k messages), and a fixed part per folder.
+MESSAGE_BYTES = 900
 STATE_BYTES = 16 * 1024
 
 
