@@ -379,8 +379,11 @@ def header_pieces(header: bytes, uid: int, wanted: list[FetchAtt]) -> dict[int, 
     out: dict[int, Piece] = {}
     root = None
     for a in wanted:
-        if a.name == b"RFC822.HEADER" or a.text == b"HEADER":
-            out[id(a)] = literal(header, uid, (0, len(header)), a.partial)  # the whole block
+        if a.name == b"RFC822.HEADER" or a.text == b"HEADER":  # the whole block
+            if a.partial is None and len(header) <= STREAM_THRESHOLD:
+                out[id(a)] = b"{%d}\r\n%s" % (len(header), binmod.nul_safe(header))
+            else:
+                out[id(a)] = literal(header, uid, (0, len(header)), a.partial)
             continue
         if root is None:
             root = mime.Part(0, len(header), len(header),
