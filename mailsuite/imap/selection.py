@@ -134,6 +134,14 @@ class Selection:
             return out
         k = bisect.bisect_left(view, uids[0], key=_uid)
         n = len(view)
+        j = k + len(uids)
+        if j <= n and view[j - 1].uid == uids[-1]:
+            block = view[k:j]
+            if [i.uid for i in block] == uids:
+                # A gap-free run of the view (FETCH 1:*): no merge walk needed.
+                if own:
+                    return [(i.uid, seq, own.get(i.uid, i)) for seq, i in enumerate(block, k + 1)]
+                return [(i.uid, seq, i) for seq, i in enumerate(block, k + 1)]
         for u in uids:
             while k < n and view[k].uid < u:
                 k += 1

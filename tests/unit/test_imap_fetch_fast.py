@@ -64,3 +64,18 @@ def test_fast_formatter_writes_the_same_bytes_as_the_general_one(world, items, m
     assert general.count(b" FETCH (") == len(uids)
     assert (b"\\Recent" in general) == (b"FLAGS" in general)
     assert fast == general
+
+
+def test_locate_finds_runs_and_skips_uids_not_in_the_view(world):
+    for i in range(8):
+        world.append("alice@example.org", "Locate", b"Subject: %d\r\n\r\n" % i)
+    r = world.connect()
+    r.cmd(b"s SELECT Locate")
+    r.cmd(b"d UID STORE 3 +FLAGS (\\Deleted)")
+    r.cmd(b"e EXPUNGE")
+    sel = r.proto.sel
+    assert [(u, seq) for u, seq, _ in sel.locate([1, 2, 4, 5])] == [(1, 1), (2, 2), (4, 3), (5, 4)]
+    # As many UIDs as view entries up to the last one, but one of them is not in the view.
+    assert [(u, seq) for u, seq, _ in sel.locate([1, 3, 4])] == [(1, 1), (4, 3)]
+    assert [(u, seq) for u, seq, _ in sel.locate([6, 7, 8])] == [(6, 5), (7, 6), (8, 7)]
+    assert [u for u, _, _ in sel.locate(list(range(1, 9)))] == [1, 2, 4, 5, 6, 7, 8]
