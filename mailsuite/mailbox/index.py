@@ -560,26 +560,29 @@ class FolderIndex:
         """Append new entries; rewrite (compact) when most lines are for deleted messages.
         Afterwards the values live only in the MessageInfo objects (memory: one copy)."""
         path = os.path.join(self.path, INDEX)
-        entries = []
-        for key in self.meta_pending:
-            meta = self._meta_for(key)
-            if meta is not None:
-                entries.append((key, meta))
-        self.meta_pending = []
+        pending, self.meta_pending = self.meta_pending, []
         try:
-            if self.meta_lines and self.meta_lines + len(entries) < 2 * len(self.files) + 1000:
+            if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
+                entries = [(k, m) for k in pending if (m := self._meta_for(k)) is not None]
                 with _open_append(path, "ab") as f:
                     f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
                 self.meta_lines += len(entries)
             else:
-                live = {i.key: (i.size, i.internaldate) for i in self.infos.values()}
-                for key, meta in entries:
-                    live.setdefault(key, meta)
+                # Every listed message from its MessageInfo, then pending keys not listed.
+                infos = self.infos
+                uids = self.uidlist.uids if self.uidlist else {}
                 out = ["mailsuite-index 1"]
-                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in live.items()]
+                out += [f"{i.key}\t{i.size}\t{i.internaldate!r}" for i in infos.values()]
+                extra: dict[str, tuple[int, float]] = {}
+                for key in pending:
+                    uid = uids.get(key)
+                    info = infos.get(uid) if uid is not None else None
+                    if (info is None or info.key != key) and (m := self._meta_for(key)):
+                        extra[key] = m
+                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in extra.items()]
                 atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
-                self.meta_lines = len(live)
+                self.meta_lines = len(infos) + len(extra)
         except OSError:
             pass  # a cache: failing to write it costs speed, not correctness
         self._drop_listed_meta()
