@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     sides = build_sides(args, base, layout)
     rows = {name: Row(name, unit, better) for w in work for name, unit, better in w.rows}
     bench = Bench(args, base, layout)
+    failures: list[str] = []
     try:
         for side in sides.values():
             side.start()
@@ -295,7 +296,13 @@ def main(argv: list[str] | None = None) -> int:
             for w in work:
                 for name, side in sides.items():
                     t = time.monotonic()
-                    figures = w.run(bench, side)
+                    try:
+                        figures = w.run(bench, side)
+                    except Exception as e:  # one failed workload leaves the others' figures
+                        failures.append(f"round {round_no} {w.name} {name}: {e}")
+                        print(f"round {round_no} {w.name:<13} {name:<10} FAILED: {e}",
+                              flush=True)
+                        continue
                     for row_name, value in figures.items():
                         if isinstance(value, tuple):
                             value, errors = value
@@ -321,8 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args, rows, names, elapsed, summary)
     print(f"(medians of {args.rounds} round(s); ratio = mailsuite / reference; {elapsed:.0f} s)")
+    for failure in failures:
+        print("failed:", failure)
     print(summary)
-    return 0
+    return 1 if failures else 0
 
 
 def write_json(args: argparse.Namespace, rows: dict[str, Row], sides: list[str],
