@@ -221,6 +221,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--imaptest-secs", type=int, default=30)
     p.add_argument("--imaptest", default=os.environ.get("MAILSUITE_IMAPTEST", ""),
                    help="imaptest binary (default $MAILSUITE_IMAPTEST)")
+    p.add_argument("--dovecot-auth-cache", action="store_true",
+                   help="turn on Dovecot's cache of successful logins (auth_cache_size), "
+                   "to compare with a mailsuite that caches verifications too")
     p.add_argument("--only", default="", help="comma-separated workloads: smtp, smtp-large, "
                    "submission, large-folder, login, idle, imaptest, memory")
     p.add_argument("--servers", default="reference,mailsuite",
@@ -254,7 +257,8 @@ def build_sides(args: argparse.Namespace, base: str, layout: Layout) -> dict[str
     for name in args.servers:
         if name == "reference":
             sides[name] = ReferenceSide(os.path.join(base, "reference"), users, PASSWORD,
-                                        layout, max_clients=max(1024, args.clients * 2))
+                                        layout, max_clients=max(1024, args.clients * 2),
+                                        auth_cache=args.dovecot_auth_cache)
         else:
             sides[name] = MailsuiteSide(os.path.join(base, "mailsuite"), users, PASSWORD,
                                         layout, max_clients=max(1000, args.clients * 4))

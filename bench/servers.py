@@ -90,7 +90,7 @@ class ReferenceSide:
     from `doveadm pw`), sharing one Maildir tree owned by `nobody`."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
-                 max_clients: int):
+                 max_clients: int, auth_cache: bool = False):
         for reason in (postfix_unusable(), dovecot_unusable()):
             if reason:
                 raise RuntimeError(reason)
@@ -111,7 +111,7 @@ class ReferenceSide:
             [DovecotUser(u, hashed, self.maildir(u)) for u in users], layout.cert, layout.key,
             self.uid, self.gid,
             auth_socket=os.path.join(self.postfix.queue_dir, "private", "auth"),
-            max_clients=max_clients)
+            max_clients=max_clients, auth_cache=auth_cache)
         self.imaps_port = self.dovecot.tls_port
         self.client_context = layout.client_context()
 
