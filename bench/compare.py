@@ -92,7 +92,8 @@ class Bench:
     layout: Layout
 
     def target(self, side: Side) -> workloads.ImapTarget:
-        return workloads.ImapTarget("127.0.0.1", side.imaps_port, side.client_context)
+        return workloads.ImapTarget("127.0.0.1", side.imap_port,
+                                    side.client_context if side.imap_tls else None)
 
 
 def run_smtp(size_option: str) -> Callable[[Bench, Side], dict]:
@@ -141,7 +142,8 @@ def run_imaptest(bench: Bench, side: Side) -> dict:
     for profile, extra in (("default", []), ("logout0", ["logout=0"])):
         for clients in a.imaptest_clients:
             out[f"imaptest-{profile}-{clients}"] = workloads.imaptest(
-                a.imaptest, "127.0.0.1", side.imaps_port, USERS["stress"], PASSWORD,
+                a.imaptest, "127.0.0.1", side.imap_port, side.imap_tls, USERS["stress"],
+                PASSWORD,
                 bench.layout.mbox, clients, a.imaptest_secs, extra)
     return out
 
@@ -224,6 +226,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dovecot-auth-cache", action="store_true",
                    help="turn on Dovecot's cache of successful logins (auth_cache_size), "
                    "to compare with a mailsuite that caches verifications too")
+    p.add_argument("--reference-imap", choices=["tls", "plain"], default="tls",
+                   help="Dovecot over IMAPS like mailsuite (default), or plain IMAP on loopback "
+                   "(mailsuite has no LOGIN before TLS, so it stays on IMAPS)")
     p.add_argument("--only", default="", help="comma-separated workloads: smtp, smtp-large, "
                    "submission, large-folder, login, idle, imaptest, memory")
     p.add_argument("--servers", default="reference,mailsuite",
@@ -258,7 +263,8 @@ def build_sides(args: argparse.Namespace, base: str, layout: Layout) -> dict[str
         if name == "reference":
             sides[name] = ReferenceSide(os.path.join(base, "reference"), users, PASSWORD,
                                         layout, max_clients=max(1024, args.clients * 2),
-                                        auth_cache=args.dovecot_auth_cache)
+                                        auth_cache=args.dovecot_auth_cache,
+                                        imap_tls=args.reference_imap == "tls")
         else:
             sides[name] = MailsuiteSide(os.path.join(base, "mailsuite"), users, PASSWORD,
                                         layout, max_clients=max(1000, args.clients * 4))

@@ -23,7 +23,8 @@ VMAIL_USER = "nobody"  # the reference's mail owner (Dovecot refuses root; virtu
 class Side(Protocol):
     mx_port: int
     submission_port: int
-    imaps_port: int
+    imap_port: int
+    imap_tls: bool  # implicit TLS on imap_port, else plain IMAP
     client_context: ssl.SSLContext
 
     def start(self) -> None: ...
@@ -57,7 +58,8 @@ class MailsuiteSide:
         self.users, self.password = users, password
         self.mx_port = self.server.ports["mx"]
         self.submission_port = self.server.ports["submission"]
-        self.imaps_port = self.server.ports["imaps"]
+        self.imap_port = self.server.ports["imaps"]
+        self.imap_tls = True  # no LOGIN before TLS (RFC 3501 section 6.2.3)
         self.client_context = layout.client_context()
 
     def start(self) -> None:
@@ -90,7 +92,7 @@ class ReferenceSide:
     from `doveadm pw`), sharing one Maildir tree owned by `nobody`."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
-                 max_clients: int, auth_cache: bool = False):
+                 max_clients: int, auth_cache: bool = False, imap_tls: bool = True):
         for reason in (postfix_unusable(), dovecot_unusable()):
             if reason:
                 raise RuntimeError(reason)
@@ -112,7 +114,8 @@ class ReferenceSide:
             self.uid, self.gid,
             auth_socket=os.path.join(self.postfix.queue_dir, "private", "auth"),
             max_clients=max_clients, auth_cache=auth_cache)
-        self.imaps_port = self.dovecot.tls_port
+        self.imap_tls = imap_tls
+        self.imap_port = self.dovecot.tls_port if imap_tls else self.dovecot.port
         self.client_context = layout.client_context()
 
     def _postfix_main(self, users: list[str], layout: Layout) -> dict[str, str]:

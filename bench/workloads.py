@@ -2,8 +2,9 @@
 it takes host, ports and credentials and returns figures. See docs/performance.md for what each
 workload is.
 
-IMAP is spoken over implicit TLS (IMAPS) to both servers: mailsuite offers no LOGIN before TLS
-(RFC 3501 section 6.2.3), so a plaintext LOGIN could not be compared.
+IMAP is spoken over implicit TLS (IMAPS) when the target has an SSL context, else in plain
+text: mailsuite offers no LOGIN before TLS (RFC 3501 section 6.2.3), so it is always measured
+over IMAPS; the reference may be measured either way.
 """
 from __future__ import annotations
 
@@ -27,8 +28,8 @@ import smtp_load  # noqa: E402  (bench/smtp_load.py: the asyncio SMTP client)
 @dataclass
 class ImapTarget:
     host: str
-    port: int  # implicit TLS
-    ssl_context: ssl.SSLContext
+    port: int
+    ssl_context: ssl.SSLContext | None  # None: plain IMAP
 
 
 # -- Maildir helpers --------------------------------------------------------------------------
@@ -107,14 +108,14 @@ def smtp_submission(host: str, port: int, user: str, password: str, rcpt: str, c
 
 # -- IMAP: a blocking client for one session --------------------------------------------------
 class ImapSession:
-    """One IMAPS session read through a buffered file; responses are counted, literals skipped
+    """One IMAP(S) session read through a buffered file; responses are counted, literals skipped
     unparsed, so the figure is the server's time more than the client's."""
 
     LITERAL = re.compile(rb"\{(\d+)\}\r\n$")
 
     def __init__(self, target: ImapTarget, timeout: float = 600):
         raw = socket.create_connection((target.host, target.port), timeout=timeout)
-        self.sock = target.ssl_context.wrap_socket(raw)
+        self.sock = target.ssl_context.wrap_socket(raw) if target.ssl_context else raw
         self.file = self.sock.makefile("rb", buffering=1 << 20)
         self.tag = 0
         greeting = self.file.readline()
@@ -287,13 +288,13 @@ def memory(target: ImapTarget, pss: Callable[[], int], user: str, password: str,
 
 
 # -- 5. imaptest stress -----------------------------------------------------------------------
-def imaptest(binary: str, host: str, port: int, user: str, password: str, mbox: str,
+def imaptest(binary: str, host: str, port: int, tls: bool, user: str, password: str, mbox: str,
              clients: int, secs: int, profile: list[str]) -> tuple[float, int]:
-    """Dovecot's imaptest stress (all clients on one mailbox) over IMAPS: (commands per
-    second from its Totals line, number of `Error:` lines)."""
+    """Dovecot's imaptest stress (all clients on one mailbox) over IMAPS (or plain IMAP):
+    (commands per second from its Totals line, number of `Error:` lines)."""
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/lib/dovecot")
-    command = [binary, f"host={host}", f"port={port}", "ssl=any-cert", f"user={user}",
-               f"pass={password}", f"mbox={mbox}", f"clients={clients}", f"secs={secs}",
+    command = [binary, f"host={host}", f"port={port}", *(["ssl=any-cert"] if tls else []),
+               f"user={user}", f"pass={password}", f"mbox={mbox}", f"clients={clients}", f"secs={secs}",
                *profile]
     result = subprocess.run(command, env=env, capture_output=True, timeout=secs + 180,
                             stdin=subprocess.DEVNULL)
