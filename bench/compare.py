@@ -322,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                                       for k, v in figures.items())
                     print(f"round {round_no} {w.name:<13} {name:<10} {shown} "
                           f"({time.monotonic() - t:.1f} s)", flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: stop, and still print what was measured
+        failures.append("interrupted")
     finally:
         for side in sides.values():
             side.stop()
