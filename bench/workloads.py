@@ -294,8 +294,8 @@ def imaptest(binary: str, host: str, port: int, tls: bool, user: str, password: 
     (commands per second from its Totals line, number of `Error:` lines)."""
     env = dict(os.environ, LD_LIBRARY_PATH="/usr/lib/dovecot")
     command = [binary, f"host={host}", f"port={port}", *(["ssl=any-cert"] if tls else []),
-               f"user={user}", f"pass={password}", f"mbox={mbox}", f"clients={clients}", f"secs={secs}",
-               *profile]
+               f"user={user}", f"pass={password}", f"mbox={mbox}", f"clients={clients}",
+               f"secs={secs}", *profile]
     result = subprocess.run(command, env=env, capture_output=True, timeout=secs + 180,
                             stdin=subprocess.DEVNULL)
     out = (result.stdout + result.stderr).decode("utf-8", "replace")

@@ -51,9 +51,9 @@ class InteropPostfix(PrivatePostfix):
             "virtual_gid_maps": f"static:{pw.pw_gid}",
             "virtual_minimum_uid": "1",
             "transport_maps": f"inline:{{ a.test=smtp:[127.0.0.1]:{mailsuite_port} }}",
-            "smtpd_recipient_restrictions": ("check_recipient_access "
-                                             "inline:{ { refuse@pf.test = 554 5.7.1 refused here } }, "
-                                             "permit_mynetworks, reject_unauth_destination"),
+            "smtpd_recipient_restrictions": (
+                "check_recipient_access inline:{ { refuse@pf.test = 554 5.7.1 refused here } }, "
+                "permit_mynetworks, reject_unauth_destination"),
             "smtp_tls_security_level": "may",
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
