@@ -50,6 +50,7 @@ class Row:
     unit: str
     higher_is_better: bool
     values: dict[str, list[float]] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)  # rounds in which the workload failed
     errors: dict[str, list[int]] = field(default_factory=dict)  # imaptest's Error: lines
 
     def add(self, side: str, value: float) -> None:
@@ -182,6 +183,8 @@ def format_table(rows: list[Row], sides: list[str]) -> list[str]:
         for side in sides:
             m = row.median(side)
             text = "-" if m is None else (f"{m:.3f}" if m < 10 else f"{m:.1f}")
+            if row.failed.get(side):
+                text += f" F{row.failed[side]}"
             errors = row.errors.get(side)
             if errors and any(errors):
                 text += f" E{max(errors)}"
@@ -190,13 +193,17 @@ def format_table(rows: list[Row], sides: list[str]) -> list[str]:
         goal = ">= 1.0x" if row.higher_is_better else "<= 1.0x"
         score = row.score()
         mark = "" if score is None else ("  ok" if score >= 1.0 else "  MISS")
+        if row.failed.get("mailsuite"):
+            mark = "  MISS"
         lines.append(f"{row.name:<24} {row.unit:<6}" + "".join(cells) +
                      f" {'-' if ratio is None else f'{ratio:.2f}x':>7}  {goal}{mark}")
     return lines
 
 
 def summary_line(rows: list[Row]) -> str:
-    scored = [(row.score(), row.name) for row in rows if row.score() is not None]
+    """A row where mailsuite failed in some round is not at goal (its score counts as 0)."""
+    scored = [(0.0 if row.failed.get("mailsuite") else row.score(), row.name) for row in rows
+              if row.score() is not None or row.failed.get("mailsuite")]
     if not scored:
         return "summary: no workload ran on both servers"
     at_goal = sum(1 for score, _ in scored if score >= 1.0)
@@ -310,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
                         figures = w.run(bench, side)
                     except Exception as e:  # one failed workload leaves the others' figures
                         failures.append(f"round {round_no} {w.name} {name}: {e}")
+                        for row_name, _, _ in w.rows:
+                            rows[row_name].failed[name] = rows[row_name].failed.get(name, 0) + 1
                         print(f"round {round_no} {w.name:<13} {name:<10} FAILED: {e}",
                               flush=True)
                         continue
@@ -354,7 +363,7 @@ def write_json(args: argparse.Namespace, rows: dict[str, Row], sides: list[str],
                     "python": platform.python_version(), "processor": _cpu_model()},
         "rounds": args.rounds, "seconds": elapsed, "servers": sides, "summary": summary,
         "rows": [{"name": r.name, "unit": r.unit, "higher_is_better": r.higher_is_better,
-                  "values": r.values, "errors": r.errors,
+                  "values": r.values, "errors": r.errors, "failed": r.failed,
                   "medians": {s: r.median(s) for s in sides}, "ratio": r.ratio(),
                   "score": r.score()} for r in rows.values()],
     }

@@ -303,5 +303,10 @@ def imaptest(binary: str, host: str, port: int, tls: bool, user: str, password: 
     totals = out.split("Totals:", 1)
     if len(totals) != 2:
         raise RuntimeError(f"imaptest printed no totals:\n{out[-3000:]}")
-    counts = [int(n) for n in totals[1].strip().splitlines()[-1].split()]
+    # The Totals block: command names, percentages, then one line of counts (Error: lines and
+    # others may follow it).
+    counts = next(([int(n) for n in line.split()] for line in totals[1].splitlines()
+                   if line.split() and all(n.isdigit() for n in line.split())), None)
+    if counts is None:
+        raise RuntimeError(f"imaptest printed no counts under Totals:\n{out[-3000:]}")
     return sum(counts) / secs, errors
