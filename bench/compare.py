@@ -230,9 +230,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--imaptest-secs", type=int, default=30)
     p.add_argument("--imaptest", default=os.environ.get("MAILSUITE_IMAPTEST", ""),
                    help="imaptest binary (default $MAILSUITE_IMAPTEST)")
-    p.add_argument("--dovecot-auth-cache", action="store_true",
-                   help="turn on Dovecot's cache of successful logins (auth_cache_size), "
-                   "to compare with a mailsuite that caches verifications too")
     p.add_argument("--reference-imap", choices=["tls", "plain"], default="tls",
                    help="Dovecot over IMAPS like mailsuite (default), or plain IMAP on loopback "
                    "(mailsuite has no LOGIN before TLS, so it stays on IMAPS)")
@@ -270,7 +267,6 @@ def build_sides(args: argparse.Namespace, base: str, layout: Layout) -> dict[str
         if name == "reference":
             sides[name] = ReferenceSide(os.path.join(base, "reference"), users, PASSWORD,
                                         layout, max_clients=max(1024, args.clients * 2),
-                                        auth_cache=args.dovecot_auth_cache,
                                         imap_tls=args.reference_imap == "tls")
         else:
             sides[name] = MailsuiteSide(os.path.join(base, "mailsuite"), users, PASSWORD,

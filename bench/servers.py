@@ -92,7 +92,7 @@ class ReferenceSide:
     from `doveadm pw`), sharing one Maildir tree owned by `nobody`."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
-                 max_clients: int, auth_cache: bool = False, imap_tls: bool = True):
+                 max_clients: int, imap_tls: bool = True):
         for reason in (postfix_unusable(), dovecot_unusable()):
             if reason:
                 raise RuntimeError(reason)
@@ -113,7 +113,7 @@ class ReferenceSide:
             [DovecotUser(u, hashed, self.maildir(u)) for u in users], layout.cert, layout.key,
             self.uid, self.gid,
             auth_socket=os.path.join(self.postfix.queue_dir, "private", "auth"),
-            max_clients=max_clients, auth_cache=auth_cache)
+            max_clients=max_clients)
         self.imap_tls = imap_tls
         self.imap_port = self.dovecot.tls_port if imap_tls else self.dovecot.port
         self.client_context = layout.client_context()

@@ -407,14 +407,14 @@ class PrivateDovecot(Daemon):
     """Dovecot 2.3 (`dovecot -F`) with its own config, base_dir, state_dir and log under `base`:
     IMAP and IMAPS on free loopback ports, users from a passwd-file (all mapping to one system
     uid/gid), Maildir++ at each user's home. `auth_socket`: also serve SASL to Postfix at
-    that path (a unix socket in Postfix's queue directory). `auth_cache`: Dovecot's cache of
-    successful logins. Everything else is Dovecot's default (mail_fsync = optimized)."""
+    that path (a unix socket in Postfix's queue directory). Everything else is Dovecot's
+    default (mail_fsync = optimized, no auth cache)."""
 
     name = "dovecot"
 
     def __init__(self, base: str, users: list[DovecotUser], cert: str, key: str,
                  uid: int, gid: int, auth_socket: str | None = None,
-                 max_clients: int = 1024, auth_cache: bool = False):
+                 max_clients: int = 1024):
         super().__init__(base)
         self.binary = require_program("dovecot", "dovecot-core")
         self.port = free_port()
@@ -427,8 +427,6 @@ class PrivateDovecot(Daemon):
             os.makedirs(os.path.join(base, sub), exist_ok=True)
         auth_listener = (f"  unix_listener {auth_socket} {{\n    mode = 0660\n"
                          f"    user = postfix\n    group = postfix\n  }}\n" if auth_socket else "")
-        # Dovecot's cache of successful password verifications (off by default).
-        cache = "auth_cache_size = 10M\nauth_cache_ttl = 1 hour\n" if auth_cache else ""
         dh = "ssl_dh = </usr/share/dovecot/dh.pem\n" if os.path.exists(
             "/usr/share/dovecot/dh.pem") else ""
         _write(self.conf, f"""\
@@ -441,7 +439,7 @@ log_path = {base}/dovecot.log
 ssl = yes
 ssl_cert = <{cert}
 ssl_key = <{key}
-{dh}{cache}auth_mechanisms = plain login
+{dh}auth_mechanisms = plain login
 first_valid_uid = 1
 mail_location = maildir:~
 default_client_limit = {max_clients * 2}
