@@ -7,11 +7,18 @@ process group. See docs/design/trust-engines.md, "Tests".
     with ClamdDaemon(tmp_dir) as clamd:     # clamd.socket (a unix path), clamd.tcp
         ...                                 # ("tcp:127.0.0.1:<port>")
 
+Postfix and Dovecot beside mailsuite (tests/interop, bench/compare.py): PrivatePostfix (its own
+config and queue directory, `postfix -c DIR start`) and PrivateDovecot (`dovecot -F -c FILE`,
+IMAP/IMAPS on loopback, passwd-file users); both need root.
+
 A missing binary skips the test (fails under CI) through tests.environment.require_program.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
@@ -240,3 +247,295 @@ class ClamdDaemon(Daemon):
 
     def logs(self) -> list[str]:
         return [self.log_path, os.path.join(self.base, "clamd.log")]
+
+
+# -- Postfix and Dovecot: private instances beside mailsuite (interop tests, bench/compare.py) --
+POSTFIX_MASTER_CF = """\
+{listen} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+local     unix  -       n       n       -       -       local
+virtual   unix  -       n       n       -       -       virtual
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"""
+
+
+def postfix_binary() -> str | None:
+    found = shutil.which("postfix")
+    return found or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix") else None)
+
+
+def postfix_unusable() -> str | None:
+    """Why a private Postfix cannot run here, or None."""
+    if postfix_binary() is None:
+        return "Postfix is not installed (Debian package postfix)"
+    if os.geteuid() != 0:
+        return "starting a private Postfix instance needs root"
+    try:
+        pwd.getpwnam("postfix")
+    except KeyError:
+        return "the postfix user does not exist (package not configured)"
+    return None
+
+
+class PrivatePostfix:
+    """One Postfix instance with its own config_directory, queue_directory and log under `base`,
+    smtpd on 127.0.0.1:`port` only, no chroot; started with `postfix -c DIR start` (needs
+    root). `main` is merged over the generic main.cf below (the caller says where mail goes);
+    `services` are extra master.cf lines (e.g. a submission smtpd on another port)."""
+
+    def __init__(self, base: str, main: dict[str, str], services: list[str] = ()):
+        self.base = base
+        self.port = free_port()
+        self.config_dir = os.path.join(base, "etc")
+        self.queue_dir = os.path.join(base, "spool")
+        self.log_path = os.path.join(base, "postfix.log")
+        pw = pwd.getpwnam("postfix")
+        data_dir = os.path.join(base, "data")
+        for d in (self.config_dir, self.queue_dir, data_dir):
+            os.makedirs(d, exist_ok=True)
+        os.chmod(base, 0o755)
+        os.chown(data_dir, pw.pw_uid, pw.pw_gid)
+        settings = {
+            "compatibility_level": "3.6",
+            "queue_directory": self.queue_dir,
+            "data_directory": data_dir,
+            "mail_owner": "postfix",
+            "setgid_group": "postdrop",
+            "inet_interfaces": "127.0.0.1",
+            "inet_protocols": "ipv4",
+            "mynetworks": "127.0.0.0/8",
+            "mydestination": "",
+            "alias_maps": "",
+            "alias_database": "",
+            "smtp_dns_support_level": "disabled",
+            "smtp_host_lookup": "native",
+            "maillog_file": self.log_path,
+            "maillog_file_prefixes": base,
+            "biff": "no",
+            "shlib_directory": "/usr/lib/postfix",
+            "smtputf8_enable": "no",
+            **main,
+        }
+        with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
+            f.writelines(f"{k} = {v}\n" for k, v in settings.items())
+        with open(os.path.join(self.config_dir, "master.cf"), "w") as f:
+            f.write(POSTFIX_MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
+            f.writelines(line + "\n" for line in services)
+        # dynamicmaps.cf lists the map types in shared libraries (inline: and static: are built in).
+        if os.path.exists("/etc/postfix/dynamicmaps.cf"):
+            shutil.copy("/etc/postfix/dynamicmaps.cf", os.path.join(self.config_dir,
+                                                                    "dynamicmaps.cf"))
+
+    def postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run([postfix_binary(), "-c", self.config_dir, *args],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def start(self, timeout: float = 30) -> "PrivatePostfix":
+        result = self.postfix("start")
+        if result.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {result.stdout}{result.stderr}"
+                               f"{self.log_text()}")
+        try:
+            wait_until(lambda: _listening(self.port), timeout=timeout, interval=0.1)
+        except AssertionError:
+            raise RuntimeError(f"postfix did not listen on {self.port}: {self.log_text()}")
+        return self
+
+    def master_pid(self) -> int | None:
+        try:
+            with open(os.path.join(self.queue_dir, "pid", "master.pid")) as f:
+                pid = int(f.read().strip())
+            os.kill(pid, 0)
+            return pid
+        except (ValueError, ProcessLookupError, FileNotFoundError):
+            return None
+
+    def stop(self) -> None:
+        self.postfix("stop")
+        try:
+            wait_until(lambda: self.master_pid() is None, timeout=10, interval=0.1)
+        except AssertionError:
+            pass  # the caller removes the directory anyway; Postfix logs why it lingered
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except FileNotFoundError:
+            return ""
+
+
+def dovecot_unusable() -> str | None:
+    """Why a private Dovecot IMAP server cannot run here, or None."""
+    if shutil.which("dovecot") is None:
+        return "Dovecot is not installed (Debian package dovecot-core)"
+    if not os.path.exists("/usr/lib/dovecot/imap"):
+        return "Dovecot's IMAP server is not installed (Debian package dovecot-imapd)"
+    if os.geteuid() != 0:
+        return "starting a private Dovecot instance needs root"
+    return None
+
+
+@dataclasses.dataclass
+class DovecotUser:
+    name: str  # the login name, e.g. alice@example.org
+    password_hash: str  # with its scheme, e.g. "{ARGON2ID}$argon2id$..."
+    home: str  # the Maildir (mail_location = maildir:~)
+
+
+class PrivateDovecot(Daemon):
+    """Dovecot 2.3 (`dovecot -F`) with its own config, base_dir, state_dir and log under `base`:
+    IMAP and IMAPS on free loopback ports, users from a passwd-file (all mapping to one system
+    uid/gid), Maildir++ at each user's home. `auth_socket`: also serve SASL to Postfix at
+    that path (a unix socket in Postfix's queue directory). Everything else is Dovecot's
+    default (mail_fsync = optimized, no auth cache)."""
+
+    name = "dovecot"
+
+    def __init__(self, base: str, users: list[DovecotUser], cert: str, key: str,
+                 uid: int, gid: int, auth_socket: str | None = None,
+                 max_clients: int = 1024):
+        super().__init__(base)
+        self.binary = require_program("dovecot", "dovecot-core")
+        self.port = free_port()
+        self.tls_port = free_port()
+        self.conf = os.path.join(base, "dovecot.conf")
+        passwd = os.path.join(base, "users")
+        _write(passwd, "".join(f"{u.name}:{u.password_hash}:{uid}:{gid}::{u.home}::\n"
+                               for u in users))
+        for sub in ("run", "state"):
+            os.makedirs(os.path.join(base, sub), exist_ok=True)
+        auth_listener = (f"  unix_listener {auth_socket} {{\n    mode = 0660\n"
+                         f"    user = postfix\n    group = postfix\n  }}\n" if auth_socket else "")
+        dh = "ssl_dh = </usr/share/dovecot/dh.pem\n" if os.path.exists(
+            "/usr/share/dovecot/dh.pem") else ""
+        _write(self.conf, f"""\
+protocols = imap
+listen = 127.0.0.1
+base_dir = {base}/run
+state_dir = {base}/state
+instance_name = dovecot-{self.port}
+log_path = {base}/dovecot.log
+ssl = yes
+ssl_cert = <{cert}
+ssl_key = <{key}
+{dh}auth_mechanisms = plain login
+first_valid_uid = 1
+mail_location = maildir:~
+default_client_limit = {max_clients * 2}
+passdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+userdb {{
+  driver = passwd-file
+  args = {passwd}
+}}
+protocol imap {{
+  mail_max_userip_connections = {max_clients}
+}}
+service imap-login {{
+  inet_listener imap {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  inet_listener imaps {{
+    address = 127.0.0.1
+    port = {self.tls_port}
+    ssl = yes
+  }}
+  process_limit = {max_clients}
+}}
+service imap {{
+  process_limit = {max_clients}
+}}
+service auth {{
+  client_limit = {max_clients * 4}
+{auth_listener}}}
+service anvil {{
+  client_limit = {max_clients * 4}
+}}
+""")
+
+    def command(self) -> list[str]:
+        return [self.binary, "-F", "-c", self.conf]
+
+    def answers(self) -> bool:
+        return _listening(self.port) and _listening(self.tls_port)
+
+    def logs(self) -> list[str]:
+        return [self.log_path, os.path.join(self.base, "dovecot.log")]
+
+
+def dovecot_password_hash(password: str, scheme: str = "ARGON2ID") -> str:
+    """`doveadm pw -s SCHEME`: the hash with its {SCHEME} prefix, as Dovecot writes it."""
+    result = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", password],
+                            capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 or not result.stdout.startswith("{"):
+        raise RuntimeError(f"doveadm pw -s {scheme} failed: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants (from /proc/<pid>/stat's parent pid)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rpartition(")")[2].split()[1])
+        children.setdefault(ppid, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+def pss_kib(pids: list[int]) -> int:
+    """Proportional set size summed over `pids` (/proc/<pid>/smaps_rollup), in KiB: shared
+    pages count once in total, however many processes map them."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # exited meanwhile
+    return total
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False

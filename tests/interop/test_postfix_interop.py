@@ -14,87 +14,36 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import pwd
 import shutil
 import smtplib
-import socket
-import subprocess
 import tempfile
 
 import pytest
 
+from tests.daemons import PrivatePostfix, postfix_unusable
 from tests.dnsserver import DNSServer
 from tests.environment import unavailable
-from tests.harness import MailServer, free_port
+from tests.harness import MailServer
 from tests.polling import wait_until
 from tests.scenario.test_outbound import (dsn_fields, make_message, queue_is_empty, submit,
                                           wait_for_dsn)
 
 pytestmark = pytest.mark.external
 
-POSTFIX = shutil.which("postfix") or ("/usr/sbin/postfix" if os.path.exists("/usr/sbin/postfix")
-                                      else None)
-
-MASTER_CF = """\
-{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-proxywrite unix -       -       n       -       1       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-local     unix  -       n       n       -       -       local
-virtual   unix  -       n       n       -       -       virtual
-lmtp      unix  -       -       n       -       -       lmtp
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
-
-
-class PrivatePostfix:
-    """One Postfix instance in `base`: receives pf.test into one Maildir, relays a.test to
-    mailsuite at 127.0.0.1:`mailsuite_port`."""
+class InteropPostfix(PrivatePostfix):
+    """Receives pf.test into one Maildir, relays a.test to mailsuite at
+    127.0.0.1:`mailsuite_port`."""
 
     def __init__(self, base: str, mailsuite_port: int):
-        self.base = base
-        self.port = free_port()
-        self.config_dir = os.path.join(base, "etc")
-        self.queue_dir = os.path.join(base, "spool")
+        pw = pwd.getpwnam("postfix")
         self.vmail = os.path.join(base, "vmail")
-        self.log_path = os.path.join(base, "postfix.log")
-        pw = _getpwnam("postfix")
-        for d in (self.config_dir, self.queue_dir, self.vmail, os.path.join(base, "data")):
-            os.makedirs(d, exist_ok=True)
-        os.chmod(base, 0o755)
+        os.makedirs(self.vmail, exist_ok=True)
         os.chown(self.vmail, pw.pw_uid, pw.pw_gid)
-        os.chown(os.path.join(base, "data"), pw.pw_uid, pw.pw_gid)
-        main = {
-            "compatibility_level": "3.6",
-            "queue_directory": self.queue_dir,
-            "data_directory": os.path.join(base, "data"),
-            "mail_owner": "postfix",
-            "setgid_group": "postdrop",
+        super().__init__(base, {
             "myhostname": "mx.pf.test",
             "mydomain": "pf.test",
             "myorigin": "pf.test",
-            "mydestination": "",
-            "inet_interfaces": "127.0.0.1",
-            "inet_protocols": "ipv4",
-            "mynetworks": "127.0.0.0/8",
-            "alias_maps": "",
-            "alias_database": "",
             "virtual_mailbox_domains": "pf.test",
             "virtual_mailbox_base": self.vmail,
             "virtual_mailbox_maps": "static:mailbox/",  # every pf.test user: one Maildir
@@ -102,71 +51,14 @@ class PrivatePostfix:
             "virtual_gid_maps": f"static:{pw.pw_gid}",
             "virtual_minimum_uid": "1",
             "transport_maps": f"inline:{{ a.test=smtp:[127.0.0.1]:{mailsuite_port} }}",
-            "smtpd_recipient_restrictions": ("check_recipient_access "
-                                             "inline:{ { refuse@pf.test = 554 5.7.1 refused here } }, "
-                                             "permit_mynetworks, reject_unauth_destination"),
+            "smtpd_recipient_restrictions": (
+                "check_recipient_access inline:{ { refuse@pf.test = 554 5.7.1 refused here } }, "
+                "permit_mynetworks, reject_unauth_destination"),
             "smtp_tls_security_level": "may",
-            "smtp_dns_support_level": "disabled",
-            "smtp_host_lookup": "native",
-            "maillog_file": self.log_path,
-            "maillog_file_prefixes": base,
-            "biff": "no",
-            "shlib_directory": "/usr/lib/postfix",
-            "smtputf8_enable": "no",
             "queue_run_delay": "1s",
             "minimal_backoff_time": "1s",
             "maximal_backoff_time": "2s",
-        }
-        with open(os.path.join(self.config_dir, "main.cf"), "w") as f:
-            f.writelines(f"{k} = {v}\n" for k, v in main.items())
-        with open(os.path.join(self.config_dir, "master.cf"), "w") as f:
-            f.write(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
-        # dynamicmaps.cf lists the map types in shared libraries (inline: is built in).
-        for name in ("dynamicmaps.cf",):
-            if os.path.exists(f"/etc/postfix/{name}"):
-                shutil.copy(f"/etc/postfix/{name}", os.path.join(self.config_dir, name))
-
-    def postfix(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([POSTFIX, "-c", self.config_dir, *args], capture_output=True,
-                              text=True, timeout=timeout)
-
-    def start(self, timeout: float = 30) -> None:
-        result = self.postfix("start")
-        if result.returncode != 0:
-            raise RuntimeError(f"postfix start failed: {result.stdout}{result.stderr}"
-                               f"{self.log_text()}")
-        def listening() -> bool:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return True
-            except OSError:
-                return False
-        try:
-            wait_until(listening, timeout=timeout, interval=0.1)
-        except AssertionError:
-            raise RuntimeError(f"postfix did not listen on {self.port}: {self.log_text()}")
-
-    def stop(self) -> None:
-        self.postfix("stop")
-        pid_file = os.path.join(self.queue_dir, "pid", "master.pid")
-        def stopped() -> bool:
-            try:
-                pid = int(open(pid_file).read().strip())
-                os.kill(pid, 0)
-            except (ValueError, ProcessLookupError, FileNotFoundError):
-                return True
-            return False
-        try:
-            wait_until(stopped, timeout=10, interval=0.1)
-        except AssertionError:
-            pass  # the temporary directory goes anyway; Postfix logs why it lingered
-
-    def log_text(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except FileNotFoundError:
-            return ""
+        })
 
     def messages(self) -> list[str]:
         found = []
@@ -184,28 +76,9 @@ class PrivatePostfix:
         return self.messages()
 
 
-def _getpwnam(name: str):
-    import pwd
-
-    return pwd.getpwnam(name)
-
-
-def _postfix_unusable() -> str | None:
-    if POSTFIX is None:
-        return ("Postfix is not installed (DEBIAN_FRONTEND=noninteractive apt-get install -y "
-                "postfix)")
-    if os.geteuid() != 0:
-        return "starting a private Postfix instance needs root"
-    try:
-        _getpwnam("postfix")
-    except KeyError:
-        return "the postfix user does not exist (package not configured)"
-    return None
-
-
 @pytest.fixture
 def postfix_world(tmp_path):
-    reason = _postfix_unusable()
+    reason = postfix_unusable()
     if reason:
         unavailable(reason)
     base = tempfile.mkdtemp(prefix="mailsuite-postfix-")  # /tmp/pytest-of-root is 0700
@@ -213,7 +86,7 @@ def postfix_world(tmp_path):
     dns = DNSServer(zones).start()
     server = MailServer(os.path.join(tmp_path, "mailsuite"), hostname="mx.a.test",
                         listeners=["mx", "submission"])
-    postfix = PrivatePostfix(base, server.ports["mx"])
+    postfix = InteropPostfix(base, server.ports["mx"])
     server.sections["courier"] = {"nameservers": [dns.nameserver], "mx_port": postfix.port,
                                   "connect_timeout": 5}
     server.sections["queue"] = {"retry_schedule": [1], "delay_warning": 0}
