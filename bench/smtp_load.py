@@ -148,11 +148,15 @@ async def worker(scenario: Scenario, message: bytes, counters: Counters, stop_at
                  remaining: list[int]) -> None:
     client: Client | None = None
     while time.monotonic() < stop_at and remaining[0] > 0:
+        remaining[0] -= 1  # taken before any await, so N workers never send more than count
         try:
             if client is None:
                 client = Client(scenario, message, counters)
-                await client.connect()
-            remaining[0] -= 1
+                try:
+                    await client.connect()
+                except BaseException:
+                    remaining[0] += 1  # nothing was sent on this ticket
+                    raise
             await client.send_one()
         except (OSError, SMTPError, asyncio.IncompleteReadError, ssl.SSLError) as e:
             counters.errors += 1
