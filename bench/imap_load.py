@@ -36,6 +36,8 @@ from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tests.daemons import pss_kib  # noqa: E402 (bench/compare.py imports it from here too)
+
 USER = "alice@example.org"
 PASSWORD = "secret-pw-1"
 FLAGS_FETCH = b"FETCH 1:* (UID FLAGS RFC822.SIZE)"
@@ -97,21 +99,6 @@ def deliver_smtp(host: str, port: int, n: int, connections: int = 8) -> None:
         th.join()
     if errors:
         raise errors[0]
-
-
-def pss_kib(pids: list[int]) -> int:
-    """Proportional set size of these processes (/proc/PID/smaps_rollup), summed."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        total += int(line.split()[1])
-                        break
-        except FileNotFoundError:
-            continue
-    return total
 
 
 class RawClient:

@@ -10,23 +10,7 @@ from twisted.logger import LogPublisher, textFileLogObserver
 
 from mailsuite.logwriter import BufferedLogging, BufferedLogObserver, buffer_file_observers
 from mailsuite.pools import InlinePool
-
-
-class ManualPool:
-    """A one-thread writer whose jobs run when the test says so (a slow disk)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple] = []
-
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.jobs.append((fn, args, kwargs, d))
-        return d
-
-    def drain(self) -> None:
-        while self.jobs:
-            fn, args, kwargs, d = self.jobs.pop(0)
-            defer.maybeDeferred(fn, *args, **kwargs).chainDeferred(d)
+from tests.unit.manualpool import ManualPool
 
 
 def event(n: int) -> dict:

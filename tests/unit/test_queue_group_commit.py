@@ -18,31 +18,9 @@ from mailsuite.queue.commit import GroupCommit
 from mailsuite.queue.runner import QueueRunner
 from tests.unit.queuekit import (ALICE, BOB, MailLog, build_runner, local_route, make_config,
                                  maildir_messages, message, read, remote_route)
+from tests.unit.manualpool import ManualPool
 
 CAROL = "carol@remote.example"
-
-
-class ManualPool:
-    """A WorkPool whose jobs run only when the test says so."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple] = []
-
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.jobs.append((fn, args, kwargs, d))
-        return d
-
-    def names(self) -> list[str]:
-        return [getattr(fn, "__name__", repr(fn)) for fn, *_ in self.jobs]
-
-    def step(self) -> None:
-        fn, args, kwargs, d = self.jobs.pop(0)
-        defer.maybeDeferred(fn, *args, **kwargs).chainDeferred(d)
-
-    def drain(self) -> None:
-        while self.jobs:
-            self.step()
 
 
 class Syncs:

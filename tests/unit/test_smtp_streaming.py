@@ -16,31 +16,9 @@ from mailsuite.queue.runner import QueueRunner
 from mailsuite.queue.spool import Spool
 from mailsuite.smtp import staging
 from tests.unit.smtpkit import World
+from tests.unit.manualpool import ManualPool
 
 LIMITS = {"max_message_size": 64 * 1024 * 1024}
-
-
-class ManualPool:
-    """A WorkPool whose jobs run only when the test says so (a slow disk)."""
-
-    def __init__(self) -> None:
-        self.jobs: list[tuple] = []
-
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.jobs.append((fn, args, kwargs, d))
-        return d
-
-    def step(self) -> bool:
-        if not self.jobs:
-            return False
-        fn, args, kwargs, d = self.jobs.pop(0)
-        defer.maybeDeferred(fn, *args, **kwargs).chainDeferred(d)
-        return True
-
-    def drain(self) -> None:
-        while self.step():
-            pass
 
 
 def start_data(c, rcpt=b"alice@example.org"):
