@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tests.daemons import pss_kib  # noqa: E402 (bench/compare.py imports it from here too)
+from tests.daemons import pss_kib  # noqa: E402 (one of the functions this module offers)
 
 USER = "alice@example.org"
 PASSWORD = "secret-pw-1"
