@@ -129,8 +129,12 @@ class FetchCommand:
         headers = header_only([a for a in self.atts if a.name not in INDEX_ITEMS])
         chunks = batches(self.sel, self.uids, self.needs_file, HEADER_BATCH if headers else BATCH)
         pending = self._compute(chunks[0]) if self.needs_file and chunks else None
+        dated = any(a.name == b"INTERNALDATE" for a in self.atts)
         for ci, chunk in enumerate(chunks):
             computed = None
+            if dated:  # docs/design/maildir.md, "Dates on demand": stat in the io pool
+                yield s.io(self.sel.folder.ensure_dates,
+                           [info for _, _, info in self.sel.locate(chunk)])
             if self.needs_file:
                 computed = yield pending
                 # Read the next batch in the io pool while this one is written out.

@@ -150,9 +150,14 @@ class MessageCommands(Session):
         count, max_uid = len(sel), sel.last_uid
         recent = sel.recent
         needs = searchmod.needs_file(program)
+        dated = searchmod.needs_date(program)
+        if dated:
+            yield self.io(sel.folder.ensure_dates, [i for _, i in everything])
         step = BATCH if needs else BATCH * 50
         for start in range(0, len(everything), step):
-            cands = [searchmod.Candidate(seq, i.uid, i.flags, i.uid in recent, i.size, i.internaldate,
+            # i.date: unread (and possibly not dated yet) unless the program has a date key.
+            cands = [searchmod.Candidate(seq, i.uid, i.flags, i.uid in recent, i.size,
+                                         i.internaldate if dated else i.date,
                                          _loader(sel.folder, i.uid), modseq=i.modseq)
                      for seq, i in everything[start:start + step]]
             if needs:

@@ -46,8 +46,9 @@ class OrderingCommands(Session):
     """SORT/THREAD."""
 
     @defer.inlineCallbacks
-    def _items(self, program: searchmod.Node, uid: bool, headers: bool):
-        """sort.Item for every matching message, with header Fields when `headers`."""
+    def _items(self, program: searchmod.Node, uid: bool, headers: bool, dates: bool = True):
+        """sort.Item for every matching message, with header Fields when `headers`, and real
+        INTERNALDATEs when `dates` (docs/design/maildir.md, "Dates on demand")."""
         sel = self.sel
         program = searchmod.with_saved(program, frozenset(sel.searchres))
         found = yield self.search_uids(program)
@@ -59,11 +60,14 @@ class OrderingCommands(Session):
                 batch = [info for _, _, info in located[start:start + HEADER_BATCH]]
                 got = yield self.io(sortmod.load_fields, sel.folder, batch)
                 fields.extend(got)
+        if dates:
+            yield self.io(sel.folder.ensure_dates, [info for _, _, info in located])
         items = []
         for (u, seq, info), f in zip(located, fields):
             if headers and f is None:
                 continue  # the file vanished meanwhile (expunged elsewhere)
-            items.append(sortmod.Item(u if uid else seq, u, info.size, info.internaldate, f))
+            items.append(sortmod.Item(u if uid else seq, u, info.size,
+                                      info.internaldate if dates else info.date, f))
         return items
 
     @defer.inlineCallbacks
@@ -74,7 +78,8 @@ class OrderingCommands(Session):
             raise bad("SORT needs sort criteria, a charset and search keys")
         criteria = sortmod.parse_criteria(rest[0])
         program = _program(rest[1], rest[2:], self.rev2)
-        items = yield self._items(program, uid, sortmod.needs_headers(criteria))
+        items = yield self._items(program, uid, sortmod.needs_headers(criteria),
+                                  any(k in (b"ARRIVAL", b"DATE") for k, _ in criteria))
         numbers = yield self.io(_order, criteria, items)
         self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
         if uid:

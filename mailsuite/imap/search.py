@@ -238,6 +238,19 @@ def needs_file(node: Node) -> bool:
     return op in ("HEADER", "BODY", "TEXT", "SENTBEFORE", "SENTON", "SENTSINCE")
 
 
+def needs_date(node: Node) -> bool:
+    """Whether a program reads INTERNALDATEs (to date them in bulk first:
+    docs/design/maildir.md, "Dates on demand")."""
+    op = node[0]
+    if op == "AND":
+        return any(needs_date(n) for n in node[1])
+    if op == "OR":
+        return needs_date(node[1]) or needs_date(node[2])
+    if op == "NOT":
+        return needs_date(node[1])
+    return op in ("BEFORE", "ON", "SINCE", "OLDER", "YOUNGER")
+
+
 def uses_recent(node: Node) -> bool:
     """Whether a program has RECENT, NEW or OLD: no search keys of IMAP4rev2 (RFC 9051
     Appendix E)."""

@@ -11,7 +11,7 @@ import sys
 import threading
 import weakref
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, cast
 
 from mailsuite.mailbox.cache import CACHE, HeaderCache
@@ -22,6 +22,15 @@ from mailsuite.mailbox.maildir import (
     letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
 )
 from mailsuite.safeio import atomic_write
+
+
+UNDATED = -1.0  # MessageInfo.date not read yet
+
+
+def date_from_key(key: str) -> int:
+    """The delivery second at the start of a Maildir name (`<sec>.M...`), 0 if none."""
+    sec = key.partition(".")[0]
+    return int(sec) if sec.isdigit() else 0
 
 
 # Estimated memory of a folder state per message: its MessageInfo with key and name strings,
@@ -37,7 +46,10 @@ class MessageInfo:
 
     key: the Maildir base name before ':2,' (POP3 UIDL, stable identity).
     flags: IMAP flags (system flags and keywords; never \\Recent).
-    size: octets of the stored file (CRLF line endings), internaldate: POSIX time.
+    size: octets of the stored file (CRLF line endings).
+    date: the INTERNALDATE (POSIX time, the file's mtime) or UNDATED: a name with `,S=` needs
+    no stat at sync, and the date is read when first needed (docs/design/maildir.md, "Dates
+    on demand"); read it through `internaldate`, which always gives a real value.
     name: the file name in cur/ as of the last sync (it changes when flags change);
     path: the same as an absolute path (computed: the folder prefix is one shared string).
     """
@@ -46,7 +58,7 @@ class MessageInfo:
     key: str
     flags: frozenset
     size: int
-    internaldate: float
+    date: float = field(compare=False)  # UNDATED until stat()ed; memoized in place
     name: str
     cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
     modseq: int = 0  # RFC 7162 mod-sequence (modseq.py); 0 until the log has recorded it
@@ -54,6 +66,22 @@ class MessageInfo:
     @property
     def path(self) -> str:
         return self.cur_dir + self.name
+
+    @property
+    def internaldate(self) -> float:
+        d = self.date
+        return d if d != UNDATED else self.stat_date(os.stat, self.path)
+
+    def stat_date(self, stat, where, **kw) -> float:
+        """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
+        changes while its key lives. A file gone meanwhile (expunged or renamed by another
+        process) falls back to the delivery time in its name."""
+        try:
+            d = stat(where, **kw).st_mtime
+        except OSError:
+            d = float(date_from_key(self.key))
+        object.__setattr__(self, "date", d)  # a cache of an immutable fact, seen by all copies
+        return d
 
 
 class FolderIndex:
@@ -99,6 +127,7 @@ class FolderIndex:
         self.modseqs = ModSeqLog(path)
         self.header_cache = HeaderCache(os.path.join(path, CACHE))  # cache.py
         self.mod_dirty: set[int] | None = None
+        self.unseen = False  # infos built by the running sync, not handed out yet
 
     def in_use(self) -> bool:
         """Whether a live Folder uses this state (iterating skips Folders being finalized)."""
@@ -173,6 +202,8 @@ class FolderIndex:
             self.reconcile_modseqs()
         except OSError:
             pass  # the folder stays readable; CONDSTORE callers ask again and see the error
+        finally:
+            self.unseen = False
 
     def messages(self) -> list[MessageInfo]:
         """The current list (shared: callers must not modify it)."""
@@ -181,12 +212,12 @@ class FolderIndex:
         return self.snapshot
 
     def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
-        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). The file is
-        stat()ed for its INTERNALDATE here, by directory descriptor (docs/design/maildir.md,
-        "Syncing a folder"), so the listing of cur/ that follows need not stat it again."""
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). Only a name
+        without `,S=` is stat()ed here (for its size, by directory descriptor); the others are
+        dated on demand (docs/design/maildir.md, "Syncing a folder", "Dates on demand")."""
         moved = []
         meta, pending = self.meta, self.meta_pending
-        rename, stat, intern = os.rename, os.stat, sys.intern
+        rename, stat = os.rename, os.stat
         nfd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             cfd = os.open(cur_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -197,15 +228,14 @@ class FolderIndex:
                     key, sep, info = name.partition(":")
                     letters = info[2:] if sep and info.startswith("2,") else ""
                     try:
-                        st = stat(name, dir_fd=nfd)
+                        if ",S=" not in key and key not in meta:
+                            st = stat(name, dir_fd=nfd)
+                            size = size_from_key(key)
+                            meta[key] = (size if size is not None else st.st_size, st.st_mtime)
+                            pending.append(key)
                         rename(name, f"{key}:2,{letters}", src_dir_fd=nfd, dst_dir_fd=cfd)
                     except FileNotFoundError:
                         continue  # another session moved it first
-                    key = intern(key)
-                    if key not in meta:
-                        size = size_from_key(key)
-                        meta[key] = (size if size is not None else st.st_size, st.st_mtime)
-                        pending.append(key)
                     moved.append(key)
             finally:
                 os.close(cfd)
@@ -216,7 +246,11 @@ class FolderIndex:
     def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
         meta = self._meta_for(key)
         if meta is None:
-            meta = self._stat_meta(key, self.cur_prefix + name)
+            size = size_from_key(key)
+            if size is not None:
+                meta = (size, UNDATED)
+            else:
+                meta = self._stat_meta(key, self.cur_prefix + name)
             if meta is None:
                 return None
         letters = name.partition(":2,")[2]
@@ -234,7 +268,7 @@ class FolderIndex:
         uid = self.uidlist.uids.get(key) if self.uidlist else None
         info = self.infos.get(uid) if uid is not None else None
         if info is not None and info.key == key:
-            return (info.size, info.internaldate)
+            return (info.size, info.date)
         return None
 
     def _rebuild_all(self) -> None:
@@ -247,13 +281,18 @@ class FolderIndex:
         # per message of a folder opened for the first time.
         meta, flag_cache, prefix = self.meta, self.flag_cache, self.cur_prefix
         modseq = self.modseqs.modseq
-        for uid, key in sorted((uids[k], k) for k in files if k in uids):
+        keys = [k for k in files if k in uids]
+        keys.sort(key=uids.__getitem__)  # UIDs are unique: UID order
+        for key in keys:
+            uid = uids[key]
             name = files[key]
             prev = old.get(uid)
             if prev is not None and prev.key == key and prev.name == name:
                 infos[uid] = prev
                 continue
             m = meta.get(key)
+            if m is None and (size := size_from_key(key)) is not None:
+                m = (size, UNDATED)
             letters = name.partition(":2,")[2]
             flags = flag_cache.get(letters)
             if m is None or flags is None:
@@ -265,6 +304,9 @@ class FolderIndex:
                                      modseq.get(uid, 0))
         self.infos = infos
         self.mod_dirty = None
+        # Nobody holds these objects yet (built under the lock of this sync): the mod-sequences
+        # may be filled in place instead of copying every MessageInfo (reconcile_modseqs).
+        self.unseen = not old
         self._changed()
         if not self.meta_pending:
             self._drop_listed_meta()
@@ -476,13 +518,17 @@ class FolderIndex:
             raise
         modseq = log.modseq
         replaced = False
+        if self.unseen:
+            for u, info in infos.items():
+                object.__setattr__(info, "modseq", modseq.get(u, 0))
+            return
         for u in (infos.keys() if dirty is None else dirty):
             info = infos.get(u)
             if info is not None:
                 ms = modseq.get(u, 0)
                 if info.modseq != ms:
                     infos[u] = MessageInfo(info.uid, info.key, info.flags, info.size,
-                                           info.internaldate, info.name, info.cur_dir, ms)
+                                           info.date, info.name, info.cur_dir, ms)
                     replaced = True
         if replaced:
             self._changed()
@@ -563,7 +609,8 @@ class FolderIndex:
         pending, self.meta_pending = self.meta_pending, []
         try:
             if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
-                entries = [(k, m) for k in pending if (m := self._meta_for(k)) is not None]
+                entries = [(k, m) for k in pending
+                           if (m := self._meta_for(k)) is not None and m[1] != UNDATED]
                 with _open_append(path, "ab") as f:
                     f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
@@ -573,16 +620,18 @@ class FolderIndex:
                 infos = self.infos
                 uids = self.uidlist.uids if self.uidlist else {}
                 out = ["mailsuite-index 1"]
-                out += [f"{i.key}\t{i.size}\t{i.internaldate!r}" for i in infos.values()]
+                out += [f"{i.key}\t{i.size}\t{i.date!r}" for i in infos.values()
+                        if i.date != UNDATED]
                 extra: dict[str, tuple[int, float]] = {}
                 for key in pending:
                     uid = uids.get(key)
                     info = infos.get(uid) if uid is not None else None
-                    if (info is None or info.key != key) and (m := self._meta_for(key)):
+                    if ((info is None or info.key != key) and (m := self._meta_for(key))
+                            and m[1] != UNDATED):
                         extra[key] = m
                 out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in extra.items()]
                 atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
-                self.meta_lines = len(infos) + len(extra)
+                self.meta_lines = len(out) - 1
         except OSError:
             pass  # a cache: failing to write it costs speed, not correctness
         self._drop_listed_meta()
@@ -592,6 +641,41 @@ class FolderIndex:
         if self.meta:
             self.meta = {k: m for k, m in self.meta.items()
                          if (u := uids.get(k)) is None or u not in infos}
+
+
+    def ensure_dates(self, infos: Iterable[MessageInfo]) -> None:
+        """Give every message of `infos` its real date (one stat by directory descriptor for
+        each undated one) and append them to mailsuite-index, so a fresh process does not stat
+        them again (docs/design/maildir.md, "Dates on demand"). Blocking: the io pool. The
+        stat needs no lock (the date is memoized in the MessageInfo); the append takes it."""
+        undated = [i for i in infos if i.date == UNDATED]
+        if not undated:
+            return
+        stat = os.stat
+        try:
+            fd = os.open(self.cur_prefix, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            for info in undated:
+                info.internaldate
+            return
+        try:
+            for info in undated:
+                info.stat_date(stat, info.name, dir_fd=fd)
+        finally:
+            os.close(fd)
+        lines = "".join(f"{i.key}\t{i.size}\t{i.date!r}\n" for i in undated)
+        path = os.path.join(self.path, INDEX)
+        with self.lock:
+            try:
+                if self.meta_lines or os.path.exists(path):
+                    with _open_append(path, "ab") as f:
+                        f.write(lines.encode("utf-8", "surrogateescape"))
+                else:
+                    atomic_write(path, ("mailsuite-index 1\n" + lines)
+                                 .encode("utf-8", "surrogateescape"))
+                self.meta_lines += len(undated)
+            except OSError:
+                pass  # a cache: failing to write it costs speed, not correctness
 
 
 def _open_append(path: str, mode: str) -> BinaryIO:
@@ -608,11 +692,15 @@ def _valid_keyword(flag: str) -> bool:
 
 
 _LEADING_DIGITS = re.compile(r"\d+")
+_ORDER = re.compile(r"(\d+)\.M(\d+)")
 
 
 def _delivery_order(key: str) -> tuple:
     """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
     follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
+    m = _ORDER.match(key)
+    if m is not None:
+        return (int(m[1]), int(m[2]), key)
     sec, _, rest = key.partition(".")
     usec = 0
     if rest.startswith("M"):

@@ -70,8 +70,13 @@ def split_name(name: str) -> tuple[str, str]:
 
 def size_from_key(key: str) -> int | None:
     """`,S=<size>` from the base name (Maildir++ quota extension), None if absent."""
-    if ",S=" not in key:
+    i = key.find(",S=")
+    if i < 0:
         return None
+    end = key.find(",", i + 3)
+    digits = key[i + 3:] if end < 0 else key[i + 3:end]
+    if digits.isdigit() and digits.isascii():
+        return int(digits)
     for part in key.split(",")[1:]:
         if part.startswith("S="):
             try:

@@ -561,6 +561,12 @@ class Folder:
                 self.sync()
             return self._state.infos.get(uid)
 
+    def ensure_dates(self, infos: Iterable[MessageInfo]) -> None:
+        """Read the INTERNALDATE of those of `infos` not dated yet, in bulk (docs/design/
+        maildir.md, "Dates on demand"). Blocking: run it in the io pool before a command that
+        reads many `MessageInfo.internaldate`s."""
+        self._state.ensure_dates(infos)
+
     # -- mod-sequences (RFC 7162; docs/design/maildir.md, "Mod-sequences") ------------------
     def highest_modseq(self) -> int:
         """The folder's HIGHESTMODSEQ, every change noticed so far included."""
@@ -744,7 +750,7 @@ class Folder:
                     with open(tmp, "rb+") as f:
                         os.fsync(f.fileno())
                     os.rename(tmp, target)
-                dstate.meta[key] = (info.size, info.internaldate)
+                dstate.meta[key] = (info.size, info.date)
                 pairs_keys.append((info.uid, key))
                 names[key] = os.path.basename(target)
             if not pairs_keys:
@@ -786,7 +792,7 @@ class Folder:
                     os.rename(src_path, target)
                 except FileNotFoundError:
                     continue
-                dstate.meta[key] = (info.size, info.internaldate)
+                dstate.meta[key] = (info.size, info.date)
                 moved.append((info.uid, key))
                 arrived.append((info, target))
                 names[key] = os.path.basename(target)
@@ -909,7 +915,7 @@ class Folder:
                     continue
                 state.files[info.key] = new_name
                 state.infos[uid] = MessageInfo(uid, info.key, stored, info.size,
-                                               info.internaldate, new_name, info.cur_dir,
+                                               info.date, new_name, info.cur_dir,
                                                info.modseq)
                 state.touch_modseq(uid)
                 state._changed()

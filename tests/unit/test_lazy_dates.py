@@ -1,0 +1,120 @@
+"""INTERNALDATE on demand (docs/design/maildir.md, "Dates on demand"): files another MDA put
+into new/ are not stat()ed at the first sync when their name carries `,S=`; FETCH, SEARCH and
+SORT still see their real dates (the file's mtime), and so does a fresh process."""
+from __future__ import annotations
+
+import os
+import re
+
+from mailsuite.mailbox.index import UNDATED
+from mailsuite.mailbox.store import MailStore
+from tests.unit.imapkit import simple, tagged, world  # noqa: F401
+
+ALICE = "alice@example.org"
+# mtimes far from the delivery seconds in the names, so a date taken from a name is caught.
+DAY = 86400
+DATES = {1: 1_500_000_000, 2: 1_500_000_000 + 10 * DAY, 3: 1_500_000_000 + 20 * DAY}
+
+
+def _mda_files(world) -> dict[int, str]:
+    """Three messages written by another MDA: the 2nd without `,S=`; mtimes out of name order
+    is avoided so UID n has DATES[n]."""
+    root = world.maildir(ALICE)
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+    names = {}
+    for n in (1, 2, 3):
+        data = simple(f"msg {n}", body="x" * (10 * n) + "\r\n")
+        key = f"{1_700_000_000 + n}.M{n}P9Q{n}.otherhost"
+        if n != 2:
+            key += f",S={len(data)}"
+        path = os.path.join(root, "new", key)
+        with open(path, "wb") as f:
+            f.write(data)
+        os.utime(path, (DATES[n], DATES[n]))
+        names[n] = key
+    return names
+
+
+def _sizes(n: int) -> int:
+    return len(simple(f"msg {n}", body="x" * (10 * n) + "\r\n"))
+
+
+def test_first_sync_dates_nothing_named_with_size(world):
+    _mda_files(world)
+    infos = world.store.account(ALICE).folder("INBOX").sync()
+    dates = {i.uid: i.date for i in infos}
+    assert dates[1] == UNDATED and dates[3] == UNDATED
+    assert dates[2] == DATES[2]  # no ,S=: stat()ed for its size, dated on the way
+    assert [i.size for i in infos] == [_sizes(1), _sizes(2), _sizes(3)]
+
+
+def test_fetch_internaldate_and_size_of_mda_files(world):
+    _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    resp = r.cmd(b"f FETCH 1:3 (INTERNALDATE RFC822.SIZE)")
+    assert tagged(resp).startswith(b"f OK")
+    got = {int(m.group(1)): (m.group(2), int(m.group(3))) for line in resp[:-1]
+           if (m := re.match(rb'\* (\d+) FETCH \(INTERNALDATE "([^"]+)" RFC822.SIZE (\d+)\)',
+                             line))}
+    assert got == {1: (b"14-Jul-2017 02:40:00 +0000", _sizes(1)),
+                   2: (b"24-Jul-2017 02:40:00 +0000", _sizes(2)),
+                   3: (b"03-Aug-2017 02:40:00 +0000", _sizes(3))}
+
+
+def test_search_since_before_on_lazy_dates(world):
+    _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    assert r.cmd(b"a SEARCH SINCE 20-Jul-2017")[0] == b"* SEARCH 2 3"
+    assert r.cmd(b"b SEARCH BEFORE 20-Jul-2017")[0] == b"* SEARCH 1"
+    assert r.cmd(b"c SEARCH ON 3-Aug-2017")[0] == b"* SEARCH 3"
+
+
+def test_sort_arrival_uses_file_dates(world):
+    names = _mda_files(world)
+    # Make arrival order differ from UID order: the 1st message arrived last.
+    world.store.account(ALICE).folder("INBOX").sync()
+    cur = os.path.join(world.maildir(ALICE), "cur", names[1] + ":2,")
+    late = DATES[3] + DAY
+    os.utime(cur, (late, late))
+    world.store = MailStore(world.config.mail_dir)  # a fresh process: nothing dated in memory
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    assert r.cmd(b"a SORT (ARRIVAL) UTF-8 ALL")[0] == b"* SORT 2 3 1"
+    assert r.cmd(b"b SORT (REVERSE ARRIVAL) UTF-8 ALL")[0] == b"* SORT 1 3 2"
+
+
+def test_dates_read_once_are_kept_for_a_fresh_process(world):
+    names = _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    r.cmd(b"f FETCH 1:3 INTERNALDATE")
+    with open(os.path.join(world.maildir(ALICE), "mailsuite-index"), encoding="utf-8") as f:
+        recorded = {line.split("\t")[0] for line in f.read().splitlines()[1:]}
+    assert recorded == set(names.values())
+    fresh = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX").sync()
+    assert [i.date for i in fresh] == [DATES[1], DATES[2], DATES[3]]
+
+
+def test_internaldate_without_bulk_dating_is_still_real(world):
+    _mda_files(world)
+    infos = world.store.account(ALICE).folder("INBOX").sync()
+    assert [i.internaldate for i in infos] == [DATES[1], DATES[2], DATES[3]]
+    assert [i.date for i in infos] == [DATES[1], DATES[2], DATES[3]]  # memoized
+
+
+def test_moved_message_keeps_its_date(world):
+    _mda_files(world)
+    account = world.store.account(ALICE)
+    account.create_folder("Archive")
+    inbox = account.folder("INBOX")
+    inbox.sync()
+    inbox.move([1], account.folder("Archive"))
+    moved = account.folder("Archive").sync()
+    assert [i.internaldate for i in moved] == [DATES[1]]
+    copied_from = inbox.sync()
+    inbox.copy([3], account.folder("Archive"))
+    assert [i.internaldate for i in account.folder("Archive").sync()] == [DATES[1], DATES[3]]
+    assert [i.internaldate for i in copied_from] == [DATES[2], DATES[3]]
