@@ -34,6 +34,13 @@ class DatabaseSection:
 
 
 @dataclass
+class DirectorySection:
+    # Seconds a successful password check is remembered (docs/design/directory.md, "Login
+    # cache"); 0: every login runs argon2.
+    login_cache_ttl: float = 300.0
+
+
+@dataclass
 class ListenSection:
     # Twisted endpoint strings; "" disables a listener. TLS for the implicit-TLS ports is added
     # by mailsuite with the configured certificate, so these stay plain tcp: strings.
@@ -156,6 +163,7 @@ class DKIMSection:
 class Config:
     server: ServerSection = field(default_factory=ServerSection)
     database: DatabaseSection = field(default_factory=DatabaseSection)
+    directory: DirectorySection = field(default_factory=DirectorySection)
     listen: ListenSection = field(default_factory=ListenSection)
     tls: TLSSection = field(default_factory=TLSSection)
     limits: LimitsSection = field(default_factory=LimitsSection)

@@ -104,6 +104,11 @@ def server_context(cert_path: str, key_path: str) -> ssl.CertificateOptions:
         certificate=chain[0],
         extraCertChain=chain[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+        # Resumption (docs/design/limits.md, "TLS session resumption"): a server-side session
+        # cache (TLS 1.2 session ids, TLS 1.3 stateful tickets) and stateless tickets, both
+        # tied to this one context, which every listener and STARTTLS share.
+        enableSessions=True,
+        enableSessionTickets=True,
     )
 
 

@@ -2,7 +2,9 @@
 
 Every method returns a Deferred. SQL runs in `pools.db`, password hashing in `pools.hash`
 (docs/design/directory.md, "Thread pools"), each call is its own unit of work on `DirectoryStore`, and results are plain
-data. Nothing is cached, so `mailsuite user add` in another process takes effect at once.
+data. Nothing is cached, so `mailsuite user add` in another process takes effect at once; the
+one exception, successful password checks, is keyed on the stored hash read at each login
+(logincache.py), so a `passwd` or `disable` anywhere takes effect at once too.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from zope.interface import implementer
 from mailsuite.config import ConfigError
 from mailsuite.directory import passwords
 from mailsuite.directory.addresses import mailbox_address_problem
+from mailsuite.directory.logincache import LoginCache
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
 from mailsuite.directory.store import DirectoryStore
@@ -96,6 +99,7 @@ class Directory:
                                       user_threshold=limits.auth_user_failures,
                                       user_max_delay=limits.auth_user_max_delay,
                                       source_threshold=limits.auth_source_failures)
+        self.login_cache = LoginCache(_login_cache_ttl(config), reactor)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).
@@ -197,9 +201,13 @@ class Directory:
                                              passwords.dummy_verify)
             return await self._refuse(address, client_ip, "unknown user")
         canonical, stored, enabled = record
-        ok, new_hash = await self.throttle.check_fairly(client_ip, canonical, self.pools.hash.run,
-                                                        passwords.verify_password, password,
-                                                        stored)
+        tag = self.login_cache.tag(canonical, password)
+        if enabled and self.login_cache.hit(canonical, tag, stored):
+            return self._succeeded(canonical, client_ip)
+        ok, new_hash = await self.login_cache.verify_once(
+            (canonical, tag, stored),
+            lambda: self.throttle.check_fairly(client_ip, canonical, self.pools.hash.run,
+                                               passwords.verify_password, password, stored))
         if not ok:
             return await self._refuse(canonical, client_ip, "wrong password")
         if not enabled:
@@ -210,6 +218,7 @@ class Directory:
             # "Addresses that name directories"): no session could open its mailbox.
             return await self._refuse(canonical, client_ip,
                                       f"address unusable as a mailbox name ({unsafe}); rename it")
+        verified = stored
         if new_hash is not None:
             try:
                 replaced = await self._db(self.store.replace_password_hash, canonical,
@@ -221,6 +230,12 @@ class Directory:
             if replaced:
                 log.info("rehashed the password of {address} with {scheme}", address=canonical,
                          scheme=new_hash.split("$")[1] if new_hash.startswith("$") else "?")
+            verified = new_hash if replaced else None
+        if verified is not None:
+            self.login_cache.remember(canonical, tag, verified)
+        return self._succeeded(canonical, client_ip)
+
+    def _succeeded(self, canonical: str, client_ip: str | None) -> str:
         if client_ip is not None:
             self.throttle.succeeded(client_ip, canonical)
         return canonical
@@ -233,6 +248,13 @@ class Directory:
             if delay > 0:
                 await task.deferLater(self.reactor, delay, lambda: None)
         raise UnauthorizedLogin("authentication failed")
+
+
+def _login_cache_ttl(config: Any) -> float:
+    ttl = config.directory.login_cache_ttl
+    if ttl < 0:
+        raise ConfigError("[directory] login_cache_ttl must be 0 (off) or more seconds")
+    return float(ttl)
 
 
 class _OutageLog:

@@ -214,6 +214,40 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         if self.transport is not None and self.on_close is not None:
             self.transport.abortConnection()
 
+    # -- reading: a soft pause (docs/design/imap.md, "Serialized dispatch") --------------------
+    _transport_paused = False
+
+    def pauseProducing(self) -> None:
+        """Run no further command until resumeProducing. The transport keeps reading into the
+        line buffer until that holds more than one line's worth, and only then is paused too:
+        one command at a time costs no epoll change per command."""
+        self.paused = True
+        self._bound_buffer()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        if self._transport_paused:
+            self._transport_paused = False
+            self.transport.resumeProducing()
+        self.dataReceived(b"")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return  # hanging up: nothing more is read into memory
+        super().dataReceived(data)
+        if self.paused:
+            self._bound_buffer()
+
+    def _bound_buffer(self) -> None:
+        if self._transport_paused or self.closed or self.transport is None:
+            return
+        held = len(self._buffer)
+        if self.inflater is not None:
+            held += len(self.inflater.pending)
+        if held > self.MAX_LENGTH:
+            self._transport_paused = True
+            self.transport.pauseProducing()
+
     def send(self, line: bytes) -> None:
         if not self.closed:
             self.transport.write(line + b"\r\n")
