@@ -115,6 +115,10 @@ class IMAPSection:
     max_commands_per_second: int = 20  # before login; a faster client is slowed down
     login_timeout: int = 60  # seconds from connecting to a successful login, then BYE
     append_spool_threshold: int = 65536  # APPEND literals larger than this go to a file, not RAM
+    # Folder indexes no session uses, kept in memory for a cheap re-open (docs/design/maildir.md,
+    # "Folder states in memory"): at most this many, and at most this many MiB (estimated).
+    max_cached_folders: int = 32
+    folder_cache_mb: int = 16
 
 
 @dataclass

@@ -204,7 +204,8 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     pools = Pools(db_threads=1 if config.database_url.startswith("sqlite") else 4, reactor=reactor)
     directory = Directory(config, pools)
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
-    mailstore = MailStore(config.mail_dir)
+    mailstore = MailStore(config.mail_dir, max_cached_folders=config.imap.max_cached_folders,
+                          folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024)
     resolver, dns, srs = _build_trust(config, reactor)
     queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,

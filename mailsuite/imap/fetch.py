@@ -29,9 +29,14 @@ from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
 STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the file
 CHUNK = 64 * 1024
 BATCH = 200  # messages per thread-pool call
+HEADER_BATCH = 1000  # the same when only header blocks are asked for (mailsuite-cache)
 BATCH_BYTES = 4 * 1024 * 1024  # message octets per batch (see batches)
 INDEX_ITEMS = (b"FLAGS", b"UID", b"INTERNALDATE", b"RFC822.SIZE")  # answered from the index
 HEADER_TEXTS = (b"HEADER", b"HEADER.FIELDS", b"HEADER.FIELDS.NOT")
+
+
+# What fills a slot of _write_fast's template (an int: the id() of a section's FetchAtt).
+_UID, _FLAGS, _SIZE, _DATE, _MODSEQ = (object() for _ in range(5))
 
 
 class FileRange:
@@ -121,7 +126,8 @@ class FetchCommand:
         # The connection's gate is registered with the transport for the whole session
         # (server.py), so a client that does not read pauses us here.
         s = self.session
-        chunks = batches(self.sel, self.uids, self.needs_file)
+        headers = header_only([a for a in self.atts if a.name not in INDEX_ITEMS])
+        chunks = batches(self.sel, self.uids, self.needs_file, HEADER_BATCH if headers else BATCH)
         pending = self._compute(chunks[0]) if self.needs_file and chunks else None
         for ci, chunk in enumerate(chunks):
             computed = None
@@ -132,7 +138,9 @@ class FetchCommand:
                     pending = self._compute(chunks[ci + 1])
             if self.sets_seen:
                 yield self._mark_seen(chunk, computed)
-            yield self._write_batch(chunk, computed)
+                yield self._write_batch(chunk, computed)
+            else:
+                yield self._write_fast(chunk, computed)
             yield s.gate.wait()
             if s.closed:
                 return None
@@ -183,6 +191,84 @@ class FetchCommand:
         if out and not s.closed:
             s.transport.write(bytes(out))
 
+    @defer.inlineCallbacks
+    def _write_fast(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
+        """The same bytes as _write_batch, formatted a batch at a time: one format string for
+        the item list, per message only its values (docs/design/imap.md, "FETCH")."""
+        s = self.session
+        sel = self.sel
+        fmt, kinds = self._template()
+        recent = sel.recent if sel.recent_flag else frozenset()
+        lists: dict[frozenset, bytes] = {}
+        dates: dict[float, bytes] = {}
+        lines: list[bytes] = []
+        for u, seq, info in sel.locate(chunk):
+            pieces = computed.get(u) if computed is not None else None
+            if pieces is None and computed is not None:
+                continue  # its file vanished (expunged elsewhere): nothing to send
+            values: list = [seq]
+            for kind in kinds:
+                if kind is _UID:
+                    values.append(u)
+                elif kind is _FLAGS:
+                    flags = info.flags
+                    if u in recent:
+                        flags = flags | {"\\Recent"}
+                    fl = lists.get(flags)
+                    if fl is None:
+                        fl = lists[flags] = flag_list(flags)
+                    values.append(fl)
+                elif kind is _SIZE:
+                    values.append(info.size)
+                elif kind is _DATE:
+                    d = dates.get(info.internaldate)
+                    if d is None:
+                        d = dates[info.internaldate] = format_internaldate(info.internaldate)
+                    values.append(d)
+                elif kind is _MODSEQ:
+                    values.append((sel.info(u) or info).modseq)
+                else:
+                    assert pieces is not None
+                    piece = pieces[kind]
+                    if not isinstance(piece, bytes) or piece.endswith(b" "):
+                        values = []  # streamed, or an item the general path joins otherwise
+                        break
+                    values.append(piece)
+            if values:
+                lines.append(fmt % tuple(values))
+                continue
+            if lines:
+                s.transport.write(b"".join(lines))
+                lines = []
+            yield self._write_batch([u], computed)
+        if lines and not s.closed:
+            s.transport.write(b"".join(lines))
+
+    def _template(self) -> tuple[bytes, list]:
+        """The response of one message as a format string, and what fills it (cf. _items)."""
+        parts: list[bytes] = []
+        kinds: list = []
+        for a in self.atts:
+            if a.name == b"FLAGS":
+                parts.append(b"FLAGS %s")
+                kinds.append(_FLAGS)
+            elif a.name == b"UID":
+                parts.append(b"UID %d")
+                kinds.append(_UID)
+            elif a.name == b"INTERNALDATE":
+                parts.append(b"INTERNALDATE %s")
+                kinds.append(_DATE)
+            elif a.name == b"RFC822.SIZE":
+                parts.append(b"RFC822.SIZE %d")
+                kinds.append(_SIZE)
+            else:
+                parts.append(a.response_name().replace(b"%", b"%%") + b" %s")
+                kinds.append(id(a))
+        if self.modseq:
+            parts.append(b"MODSEQ (%d)")
+            kinds.append(_MODSEQ)
+        return b"* %d FETCH (" + b" ".join(parts) + b")\r\n", kinds
+
     def _items(self, u: int, info: MessageInfo, pieces: Optional[dict[int, Piece]]) -> list[Piece]:
         """The response items of one message, in the order asked for."""
         sel = self.sel
@@ -229,8 +315,9 @@ class FetchCommand:
             s.io(f.close)
 
 
-def batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]]:
-    """FETCH work units: BATCH messages per io call, and (bodies) at most BATCH_BYTES of
+def batches(sel: Selection, uids: list[int], needs_file: bool, count: int = BATCH
+            ) -> list[list[int]]:
+    """FETCH work units: `count` messages per io call, and (bodies) at most BATCH_BYTES of
     message files, so a batch and its prefetched successor stay small in memory."""
     if not needs_file:
         step = BATCH * 25
@@ -239,7 +326,7 @@ def batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]
     current: list[int] = []
     size = 0
     for u, _seq, info in sel.locate(uids):
-        if current and (len(current) >= BATCH or size + info.size > BATCH_BYTES):
+        if current and (len(current) >= count or size + info.size > BATCH_BYTES):
             out.append(current)
             current, size = [], 0
         current.append(u)
@@ -253,6 +340,12 @@ def batches(sel: Selection, uids: list[int], needs_file: bool) -> list[list[int]
 
 def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict[int, dict[int, Piece]]:
     """For each message: {id(att): bytes | FileRange} for the items that need the file."""
+    wanted = [a for a in atts if a.name not in INDEX_ITEMS]
+    if header_only(wanted):
+        # Header blocks from mailsuite-cache: one file read for the batch, not one open per
+        # message (docs/design/maildir.md, "Header cache").
+        headers = folder.headers(uids, extract_header)
+        return {u: header_pieces(h, u, wanted) for u in uids if (h := headers.get(u)) is not None}
     out: dict[int, dict[int, Piece]] = {}
     for u in uids:
         try:
@@ -267,12 +360,42 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
     return out
 
 
+def header_only(wanted: list[FetchAtt]) -> bool:
+    """Whether every item is (a part of) the top-level header block: Thunderbird's new-mail
+    fetch is HEADER.FIELDS, other clients' list fetch BODY.PEEK[HEADER]."""
+    return bool(wanted) and all(
+        a.name == b"RFC822.HEADER" or (a.name in (b"BODY", b"BODY.PEEK") and a.section is not None
+                                       and not a.path and a.text in HEADER_TEXTS) for a in wanted)
+
+
+def extract_header(f: BinaryIO) -> bytes:
+    """The header block of a message file, blank line included."""
+    buf = read_header(f)
+    return bytes(buf[:mime.header_end(buf)])
+
+
+def header_pieces(header: bytes, uid: int, wanted: list[FetchAtt]) -> dict[int, Piece]:
+    """The header items of one message from its header block alone."""
+    out: dict[int, Piece] = {}
+    root = None
+    for a in wanted:
+        if a.name == b"RFC822.HEADER" or a.text == b"HEADER":  # the whole block
+            if a.partial is None and len(header) <= STREAM_THRESHOLD:
+                out[id(a)] = b"{%d}\r\n%s" % (len(header), binmod.nul_safe(header))
+            else:
+                out[id(a)] = literal(header, uid, (0, len(header)), a.partial)
+            continue
+        if root is None:
+            root = mime.Part(0, len(header), len(header),
+                             mime.parse_headers(header, 0, len(header)))
+        out[id(a)] = _piece(header, root, a, uid, len(header))
+    return out
+
+
 def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt]) -> dict[int, Piece]:
     size = os.fstat(f.fileno()).st_size
     wanted = [a for a in atts if a.name not in INDEX_ITEMS]
-    # Thunderbird's new-mail fetch is HEADER.FIELDS: read only the header block for that.
-    only_header = all(a.name == b"RFC822.HEADER" or (a.section is not None and not a.path
-                                                     and a.text in HEADER_TEXTS) for a in wanted)
+    only_header = header_only(wanted)
     need_tree = any(a.name in (b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822.TEXT") and a.section is None
                     or (a.section is not None and a.path) for a in wanted)
     mapped = None

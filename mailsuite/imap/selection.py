@@ -134,6 +134,14 @@ class Selection:
             return out
         k = bisect.bisect_left(view, uids[0], key=_uid)
         n = len(view)
+        j = k + len(uids)
+        if j <= n and view[j - 1].uid == uids[-1]:
+            block = view[k:j]
+            if [i.uid for i in block] == uids:
+                # A gap-free run of the view (FETCH 1:*): no merge walk needed.
+                if own:
+                    return [(i.uid, seq, own.get(i.uid, i)) for seq, i in enumerate(block, k + 1)]
+                return [(i.uid, seq, i) for seq, i in enumerate(block, k + 1)]
         for u in uids:
             while k < n and view[k].uid < u:
                 k += 1
@@ -161,8 +169,12 @@ def sync_folder(folder: Folder) -> FolderState:
     infos = folder.sync()
     recent = folder.recent
     if recent:
-        # Only messages still there (an expunged one keeps no \Recent to count).
-        recent = frozenset(u for u in recent if _present(infos, u))
+        # Only messages still there (an expunged one keeps no \Recent to count). After a first
+        # SELECT of a large folder most are recent: one set beats a bisection per message.
+        if len(recent) > 64:
+            recent = recent & {i.uid for i in infos}
+        else:
+            recent = frozenset(u for u in recent if _present(infos, u))
     return FolderState(infos, list(folder.keywords), token, folder.uidvalidity, folder.uidnext,
                        recent, folder.highest_modseq())
 

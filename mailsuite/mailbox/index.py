@@ -5,7 +5,6 @@ session) through `MailStore`; everything here is blocking and runs in the io poo
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
@@ -15,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import BinaryIO, Iterable, cast
 
+from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.errors import NoSuchFolder
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
@@ -22,6 +22,13 @@ from mailsuite.mailbox.maildir import (
     letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
 )
 from mailsuite.safeio import atomic_write
+
+
+# Estimated memory of a folder state per message: its MessageInfo with key and name strings,
+# its entries in the UID list, file, meta and mod-sequence dicts (bench/mailbox_sync.py measured
+# ~870 bytes at 30k messages), and a fixed part per folder.
+MESSAGE_BYTES = 900
+STATE_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True, slots=True)  # slots: 100,000 of these per large folder
@@ -79,6 +86,7 @@ class FolderIndex:
         # Expunged messages that selected sessions still show (store.py, Folder._hold;
         # docs/design/imap.md, "Expunged messages stay readable until announced").
         self.viewers: "weakref.WeakSet" = weakref.WeakSet()  # selected Folders
+        self.users: "weakref.WeakSet" = weakref.WeakSet()  # every live Folder of this folder
         self.held: dict[int, list] = {}  # uid -> [path in tmp/, pins]
         self.releases: list[int] = []  # pins given back (any thread, no lock); see drain_held
         self.held_swept = False  # leftovers of an earlier process removed from tmp/
@@ -89,7 +97,17 @@ class FolderIndex:
         # flags or presence may have changed since the log was last brought up to date
         # (None: all of them).
         self.modseqs = ModSeqLog(path)
+        self.header_cache = HeaderCache(os.path.join(path, CACHE))  # cache.py
         self.mod_dirty: set[int] | None = None
+
+    def in_use(self) -> bool:
+        """Whether a live Folder uses this state (iterating skips Folders being finalized)."""
+        return any(True for _ in self.users)
+
+    def memory_estimate(self) -> int:
+        """Bytes this state holds, estimated from its message count (docs/design/maildir.md,
+        "Folder states in memory")."""
+        return STATE_BYTES + MESSAGE_BYTES * (len(self.infos) + len(self.meta))
 
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
@@ -163,18 +181,36 @@ class FolderIndex:
         return self.snapshot
 
     def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
-        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,')."""
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). The file is
+        stat()ed for its INTERNALDATE here, by directory descriptor (docs/design/maildir.md,
+        "Syncing a folder"), so the listing of cur/ that follows need not stat it again."""
         moved = []
-        for name in os.listdir(new_dir):
-            if name.startswith("."):
-                continue
-            key, letters = split_name(name)
+        meta, pending = self.meta, self.meta_pending
+        rename, stat, intern = os.rename, os.stat, sys.intern
+        nfd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            cfd = os.open(cur_dir, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                os.rename(os.path.join(new_dir, name),
-                          os.path.join(cur_dir, info_name(key, letters)))
-            except FileNotFoundError:
-                continue  # another session moved it first
-            moved.append(key)
+                for name in os.listdir(nfd):
+                    if name[0] == ".":
+                        continue
+                    key, sep, info = name.partition(":")
+                    letters = info[2:] if sep and info.startswith("2,") else ""
+                    try:
+                        st = stat(name, dir_fd=nfd)
+                        rename(name, f"{key}:2,{letters}", src_dir_fd=nfd, dst_dir_fd=cfd)
+                    except FileNotFoundError:
+                        continue  # another session moved it first
+                    key = intern(key)
+                    if key not in meta:
+                        size = size_from_key(key)
+                        meta[key] = (size if size is not None else st.st_size, st.st_mtime)
+                        pending.append(key)
+                    moved.append(key)
+            finally:
+                os.close(cfd)
+        finally:
+            os.close(nfd)
         return moved
 
     def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
@@ -207,15 +243,26 @@ class FolderIndex:
         files = self.files
         infos: dict[int, MessageInfo] = {}
         old = self.infos
+        # _make_info inlined for the common case (size and date known): this loop runs once
+        # per message of a folder opened for the first time.
+        meta, flag_cache, prefix = self.meta, self.flag_cache, self.cur_prefix
+        modseq = self.modseqs.modseq
         for uid, key in sorted((uids[k], k) for k in files if k in uids):
             name = files[key]
             prev = old.get(uid)
             if prev is not None and prev.key == key and prev.name == name:
                 infos[uid] = prev
                 continue
-            info = self._make_info(uid, key, name)
-            if info is not None:
-                infos[uid] = info
+            m = meta.get(key)
+            letters = name.partition(":2,")[2]
+            flags = flag_cache.get(letters)
+            if m is None or flags is None:
+                info = self._make_info(uid, key, name)
+                if info is not None:
+                    infos[uid] = info
+                continue
+            infos[uid] = MessageInfo(uid, key, flags, m[0], m[1], name, prefix,
+                                     modseq.get(uid, 0))
         self.infos = infos
         self.mod_dirty = None
         self._changed()
@@ -434,7 +481,8 @@ class FolderIndex:
             if info is not None:
                 ms = modseq.get(u, 0)
                 if info.modseq != ms:
-                    infos[u] = dataclasses.replace(info, modseq=ms)
+                    infos[u] = MessageInfo(info.uid, info.key, info.flags, info.size,
+                                           info.internaldate, info.name, info.cur_dir, ms)
                     replaced = True
         if replaced:
             self._changed()
@@ -512,26 +560,29 @@ class FolderIndex:
         """Append new entries; rewrite (compact) when most lines are for deleted messages.
         Afterwards the values live only in the MessageInfo objects (memory: one copy)."""
         path = os.path.join(self.path, INDEX)
-        entries = []
-        for key in self.meta_pending:
-            meta = self._meta_for(key)
-            if meta is not None:
-                entries.append((key, meta))
-        self.meta_pending = []
+        pending, self.meta_pending = self.meta_pending, []
         try:
-            if self.meta_lines and self.meta_lines + len(entries) < 2 * len(self.files) + 1000:
+            if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
+                entries = [(k, m) for k in pending if (m := self._meta_for(k)) is not None]
                 with _open_append(path, "ab") as f:
                     f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
                 self.meta_lines += len(entries)
             else:
-                live = {i.key: (i.size, i.internaldate) for i in self.infos.values()}
-                for key, meta in entries:
-                    live.setdefault(key, meta)
+                # Every listed message from its MessageInfo, then pending keys not listed.
+                infos = self.infos
+                uids = self.uidlist.uids if self.uidlist else {}
                 out = ["mailsuite-index 1"]
-                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in live.items()]
+                out += [f"{i.key}\t{i.size}\t{i.internaldate!r}" for i in infos.values()]
+                extra: dict[str, tuple[int, float]] = {}
+                for key in pending:
+                    uid = uids.get(key)
+                    info = infos.get(uid) if uid is not None else None
+                    if (info is None or info.key != key) and (m := self._meta_for(key)):
+                        extra[key] = m
+                out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in extra.items()]
                 atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
-                self.meta_lines = len(live)
+                self.meta_lines = len(infos) + len(extra)
         except OSError:
             pass  # a cache: failing to write it costs speed, not correctness
         self._drop_listed_meta()

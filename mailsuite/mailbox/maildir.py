@@ -70,6 +70,8 @@ def split_name(name: str) -> tuple[str, str]:
 
 def size_from_key(key: str) -> int | None:
     """`,S=<size>` from the base name (Maildir++ quota extension), None if absent."""
+    if ",S=" not in key:
+        return None
     for part in key.split(",")[1:]:
         if part.startswith("S="):
             try:

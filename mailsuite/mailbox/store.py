@@ -24,7 +24,7 @@ import shutil
 import stat
 import threading
 import weakref
-from typing import BinaryIO, Iterable
+from typing import BinaryIO, Callable, Iterable
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
 
@@ -34,6 +34,7 @@ from mailsuite.mailbox.maildir import (
     letters_to_flags, make_maildir, split_name, unique_key,
 )
 from mailsuite.mailbox import maildir as _maildir
+from mailsuite.mailbox.cache import message_headers
 from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public exceptions)
     FolderExists, InvalidMailboxName, MailboxError, NoSuchFolder, NoSuchMessage,
     StoreUnavailable, UnsafePath,
@@ -89,20 +90,22 @@ class MailStore:
     One MailStore per process: it shares each folder's in-memory index between the sessions
     of this process, so a second SELECT of a large folder costs a few stat() calls."""
 
-    # Folder states kept alive after their last session closed, most recently used first:
-    # re-opening one of these costs a few stat() calls instead of re-reading its index.
-    KEEP_STATES = 32
-
-    def __init__(self, mail_dir: str):
+    def __init__(self, mail_dir: str, max_cached_folders: int = 32,
+                 folder_cache_bytes: int = 16 * 1024 * 1024):
         self.mail_dir = os.path.abspath(mail_dir)
         # mail_dir itself may legitimately be a symlink (/var/mail -> /srv/mail): paths are
         # compared after resolving, against where it resolves.
         self.mail_dir_real = os.path.realpath(self.mail_dir)
-        # Weak: a state lives while a Folder (session) uses it, or while it is in _recent.
+        # Folder states (docs/design/maildir.md, "Folder states in memory"): a state lives while
+        # a Folder (session) uses it; unused ones stay in _recent, least recently used first,
+        # while they fit in max_cached_folders and folder_cache_bytes (estimated).
+        self.max_cached_folders = max_cached_folders
+        self.folder_cache_bytes = folder_cache_bytes
         self._states: weakref.WeakValueDictionary[str, FolderIndex] = (
             weakref.WeakValueDictionary())
         self._recent: collections.OrderedDict[str, FolderIndex] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self._trim_pending = False
 
     def account(self, address: str) -> "Account":
         """The account of an address: <mail_dir>/<domain>/<localpart>/, lower-cased.
@@ -141,9 +144,44 @@ class MailStore:
                 state = self._states[path] = FolderIndex(path)
             self._recent[path] = state
             self._recent.move_to_end(path)
-            while len(self._recent) > self.KEEP_STATES:
-                self._recent.popitem(last=False)
+            self._trim_locked()
             return state
+
+    def _released(self) -> None:
+        """A Folder went away (any thread, from its finalizer): drop unused states beyond the
+        budget now, or at the next _state() if the lock is busy (never wait in a finalizer)."""
+        if self._lock.acquire(blocking=False):
+            try:
+                self._trim_locked()
+            finally:
+                self._lock.release()
+        else:
+            self._trim_pending = True
+
+    def _trim_locked(self) -> None:
+        self._trim_pending = False
+        unused = [(p, s) for p, s in self._recent.items() if not s.in_use()]
+        count = len(unused)
+        total = sum(s.memory_estimate() for _, s in unused)
+        for path, state in unused:  # least recently used first
+            if count <= self.max_cached_folders and total <= self.folder_cache_bytes:
+                break
+            del self._recent[path]
+            count -= 1
+            total -= state.memory_estimate()
+
+    def cached_folders(self) -> dict[str, int]:
+        """Folder states held in memory though no session uses them: path -> estimated bytes
+        (the accounting the budget is enforced on)."""
+        with self._lock:
+            if self._trim_pending:
+                self._trim_locked()
+            return {p: s.memory_estimate() for p, s in self._recent.items() if not s.in_use()}
+
+    def loaded_folders(self) -> list[str]:
+        """Paths of every folder state alive in this process (used or cached)."""
+        with self._lock:
+            return sorted(self._states.keys())
 
     def _forget(self, path: str) -> None:
         with self._lock:
@@ -423,7 +461,10 @@ class Folder:
         self.account = account
         self.name = name
         self.path = path
-        self._state = account.store._state(path)
+        store = account.store
+        self._state = store._state(path)
+        self._state.users.add(self)
+        weakref.finalize(self, store._released)
         self._recent: set[int] = set()
         # Only a read-write selection takes \Recent for itself (RFC 3501 §2.3.2); any other
         # Folder (EXAMINE, STATUS, COPY's target) sees the unclaimed ones without taking them.
@@ -579,6 +620,34 @@ class Folder:
                 except FileNotFoundError:
                     continue
         raise NoSuchMessage(f"message UID {uid} has disappeared")
+
+    def headers(self, uids: list[int], extract: Callable[[BinaryIO], bytes]
+                ) -> dict[int, bytes]:
+        """uid -> header block of each (ascending) UID still readable, from mailsuite-cache
+        or, for messages it lacks, `extract(file)` (then cached; docs/design/maildir.md,
+        "Header cache")."""
+        state = self._state
+        with state.lock:
+            if not state.synced:
+                state.sync()
+            infos = [i for u in uids if (i := state.infos.get(u)) is not None]
+            uidvalidity = state.ensure_uidlist().uidvalidity
+            live = state.infos
+        found = message_headers(state.header_cache, infos, uidvalidity, live,
+                                lambda u: self._read_header(u, extract))
+        for u in uids:  # expunged elsewhere but still shown to this session: not cached
+            if u not in found and u in self._pinned:
+                header = self._read_header(u, extract)
+                if header is not None:
+                    found[u] = header
+        return found
+
+    def _read_header(self, uid: int, extract: Callable[[BinaryIO], bytes]) -> bytes | None:
+        try:
+            with self.open_message(uid) as f:
+                return extract(f)
+        except (NoSuchMessage, OSError):
+            return None
 
     def set_flags(self, uid: int, flags: Iterable[str]) -> frozenset:
         """Replace the flags of a message; returns the flags actually stored."""
