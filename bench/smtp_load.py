@@ -9,6 +9,7 @@ is reported separately), so the figure is "messages durably queued per second" (
     python bench/smtp_load.py --spawn                                      # a throwaway server
     python bench/smtp_load.py --spawn --clients 20 --size 2048 --duration 20
     python bench/smtp_load.py --spawn --mode mx-trust     # SPF/DKIM/DMARC + rspamd + clamd
+    python bench/smtp_load.py --spawn --mode submission --count 2000 --duration 0  # STARTTLS+AUTH
 
 Modes are entries of MODES: each builds a `Scenario` (where to connect, what envelope, how to
 log in) from the options, so a `--remote-sink` mode (relay through submission to a sink that
@@ -191,6 +192,48 @@ def mode_mx(args: argparse.Namespace) -> Scenario:
     return Scenario(args.host, args.port, args.sender, [args.to])
 
 
+def mode_submission(args: argparse.Namespace) -> Scenario:
+    """Submission (587) with STARTTLS and AUTH PLAIN from a user of ours to a local user: the
+    path a mail client takes. The figure is messages/second accepted (250); with --spawn the
+    run also waits until the recipient's Maildir holds every accepted message and reports
+    that rate too."""
+    if not args.spawn:
+        raise SystemExit("--mode submission needs --spawn (it creates the sending user)")
+    server = spawn_server(args)
+    sender = args.sender if args.sender != "load@load.example" else "sender@example.org"
+    password = "load-pw-1"
+    server.add_user(sender, password)
+    maildir = server.maildir(args.to)
+    started = time.monotonic()
+
+    def report() -> None:
+        deadline = time.monotonic() + 120
+        target = args.accepted_for_report[0] if args.accepted_for_report else 0
+        while time.monotonic() < deadline and _maildir_count(maildir) < target:
+            time.sleep(0.05)
+        elapsed = max(time.monotonic() - started, 1e-9)
+        print(f"in the Maildir: {_maildir_count(maildir)} after {elapsed:.1f}s: "
+              f"{_maildir_count(maildir) / elapsed:.1f} messages/second accept->Maildir")
+
+    cleanup = [report, server.stop]
+    if not args.keep:
+        cleanup.append(lambda: shutil.rmtree(server.base_dir, ignore_errors=True))
+    return Scenario("127.0.0.1", server.ports["submission"], sender, [args.to], starttls=True,
+                    auth=(sender, password), ssl_context=server.ssl_context(), cleanup=cleanup,
+                    make_message=lambda m: m.replace(b"From: load@load.example",
+                                                     b"From: " + sender.encode(), 1))
+
+
+def _maildir_count(maildir: str) -> int:
+    total = 0
+    for sub in ("new", "cur"):
+        try:
+            total += len(os.listdir(os.path.join(maildir, sub)))
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def mode_remote_sink(args: argparse.Namespace) -> Scenario:
     """Relay: clients submit (587, STARTTLS + AUTH) to a spawned mailsuite that delivers every
     message by MX (test DNS server on loopback) to a counting SMTP sink. The figure printed at
@@ -336,17 +379,24 @@ def mode_mx_trust(args: argparse.Namespace) -> Scenario:
 
 
 MODES: dict[str, Callable[[argparse.Namespace], Scenario]] = {"mx": mode_mx,
+                                                              "submission": mode_submission,
                                                               "remote-sink": mode_remote_sink,
                                                               "mx-trust": mode_mx_trust}
 
 
 def spawn_server(args: argparse.Namespace):
-    """A throwaway `twistd -n mailsuite` (tests/harness.py) with one user to receive the load."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    """A throwaway `twistd -n mailsuite` (tests/harness.py of --repo, default this checkout)
+    with one user to receive the load."""
+    sys.path.insert(0, os.path.abspath(args.repo) if args.repo else
+                    os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.harness import MailServer
 
     base = tempfile.mkdtemp(prefix="smtp-load-")
-    extra = {"limits": {"max_connections_per_ip": max(20, args.clients + 5)}}
+    extra = {"limits": {"max_connections_per_ip": max(20, args.clients + 5),
+                        "max_preauth_per_ip": max(10, args.clients + 5)},
+             # one user sends the whole load: not a spammer to throttle
+             "ratelimit": {"submission_messages_per_hour": 10_000_000,
+                           "submission_recipients_per_hour": 10_000_000}}
     if args.no_trust:
         extra["trust"] = {"enabled": False}
     server = MailServer(base, listeners=["mx", "submission", "submissions"], extra=extra)
@@ -364,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--spawn", action="store_true",
                    help="start a throwaway server (tests/harness.py) instead of using --port")
     p.add_argument("--keep", action="store_true", help="keep the spawned server's data dir")
+    p.add_argument("--repo", default="", help="checkout whose server --spawn starts (mx and "
+                   "submission modes; default: this one), for before/after comparisons")
     p.add_argument("--no-trust", action="store_true",
                    help="mx: with the inbound checks off ([trust] enabled = false)")
     p.add_argument("--no-engines", action="store_true",
@@ -377,10 +429,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.duration <= 0 and args.count <= 0:
         p.error("give --duration or --count")
+    args.accepted_for_report = []
     scenario = MODES[args.mode](args)
     try:
         counters, elapsed = asyncio.run(run(scenario, args.clients, args.size, args.duration,
                                             args.count))
+        args.accepted_for_report.append(counters.accepted)
     finally:
         for fn in scenario.cleanup:
             fn()

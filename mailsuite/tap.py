@@ -17,11 +17,13 @@ class Options(usage.Options):
 
 
 def makeService(options: Options):
+    from mailsuite.logwriter import BufferedLogging
     from mailsuite.service import make_service
 
     try:
         config = config_module.load(options["config"])
-        return make_service(config)
+        # The log file is written by a thread of its own, never by the reactor thread.
+        return BufferedLogging(make_service(config))
     except config_module.ConfigError as e:
         # One clear line, not a traceback: the operator has something to change.
         sys.stderr.write(f"mailsuite: {e}\n")

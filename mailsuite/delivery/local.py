@@ -17,6 +17,7 @@ from twisted.internet import defer
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.store import MailboxError
 from mailsuite.pools import WorkPool
+from mailsuite.queue.agents import LocalCopy
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
 
 
@@ -54,20 +55,35 @@ class LocalAgent:
         return self.io.run(self._deliver_all, entry, list(recipients), message_path,
                            after_crash)
 
+    def deliver_now(self, entry: QueueEntry, message_path: str) -> list[LocalCopy]:
+        """Blocking, in the caller's io job: deliver every recipient of a new entry (not yet in
+        the spool) from `message_path`, without the directory fsyncs: the caller fsyncs each
+        copy's directory (group commit) before it tells anyone (docs/design/queue.md,
+        "Delivery at spool time"). Same fixed names as `deliver`, so a later attempt of a
+        recipient recorded as pending writes the same name."""
+        return [self._deliver_one(entry, r, i, message_path, False, sync_dir=False)
+                for i, r in enumerate(entry.recipients)]
+
     def _deliver_all(self, entry: QueueEntry, recipients: list[Recipient],
                      message_path: str, after_crash: bool) -> list[DeliveryResult]:
         # A recipient's place in the envelope names its file (see _deliver_one).
         index = {id(r): i for i, r in enumerate(entry.recipients)}
-        return [self._deliver_one(entry, r, index.get(id(r)), message_path, after_crash)
+        return [self._deliver_one(entry, r, index.get(id(r)), message_path, after_crash).result
                 for r in recipients]
 
     def _deliver_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
-                     message_path: str, after_crash: bool) -> DeliveryResult:
+                     message_path: str, after_crash: bool, sync_dir: bool = True) -> LocalCopy:
+        return LocalCopy(*self._write_one(entry, recipient, index, message_path, after_crash,
+                                          sync_dir))
+
+    def _write_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
+                   message_path: str, after_crash: bool, sync_dir: bool
+                   ) -> tuple[DeliveryResult, str | None]:
         try:
             account = self.mailstore.account(recipient.address.lower())
         except MailboxError as e:  # the directory never routes to one; defer, keep the message
             return DeliveryResult(recipient.address, "deferred", f"451 4.3.0 {e}",
-                                  enhanced="4.3.0")
+                                  enhanced="4.3.0"), None
         # One file name per (queue id, recipient): a second attempt writes the same name, and
         # a recipient attempted before (by a crashed process, or deferred after a write that
         # may have landed) is looked for first. docs/design/maildir.md, "Exactly once".
@@ -84,24 +100,25 @@ class LocalAgent:
             path, written = account.deliver_once(
                 trace_headers(entry.sender, recipient.address), message_path,
                 when=entry.created, unique=unique, hostname=self.hostname,
-                recheck=after_crash or recipient.attempts > 0, folder=folder, flags=flags)
+                recheck=after_crash or recipient.attempts > 0, folder=folder, flags=flags,
+                sync_dir=sync_dir)
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 # RFC 3463 §3.4 / §3.5: mailbox or system full, both temporary.
                 return DeliveryResult(recipient.address, "deferred",
                                       f"452 4.3.1 cannot write Maildir {account.path}: {reason}",
-                                      enhanced="4.3.1")
+                                      enhanced="4.3.1"), None
             return DeliveryResult(recipient.address, "deferred",
                                   f"451 4.3.0 cannot write Maildir {account.path}: {reason}",
-                                  enhanced="4.3.0")
+                                  enhanced="4.3.0"), None
         except MailboxError as e:  # UnsafePath: the Maildir resolves outside mail_dir
             return DeliveryResult(recipient.address, "deferred", f"451 4.3.0 {e}",
-                                  enhanced="4.3.0")
+                                  enhanced="4.3.0"), None
         name = os.path.basename(path)
         if not written:
             return DeliveryResult(recipient.address, "sent",
                                   f"250 2.0.0 already in maildir as {name} (an interrupted "
-                                  f"attempt delivered it)", enhanced="2.0.0")
+                                  f"attempt delivered it)", enhanced="2.0.0"), path
         return DeliveryResult(recipient.address, "sent",
-                              f"250 2.0.0 delivered to maildir as {name}", enhanced="2.0.0")
+                              f"250 2.0.0 delivered to maildir as {name}", enhanced="2.0.0"), path

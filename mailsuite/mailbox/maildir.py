@@ -163,7 +163,7 @@ def delivery_marker(when: float, unique: str) -> str:
 
 def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float, unique: str,
                  hostname: str | None = None, recheck: bool = False,
-                 letters: str | None = None) -> tuple[str, bool]:
+                 letters: str | None = None, sync_dir: bool = True) -> tuple[str, bool]:
     """Deliver like `deliver`, under a name fixed by (`when`, `unique`) instead of a fresh one,
     so the same queue delivery always writes the same file (docs/design/maildir.md,
     "Exactly once"). Returns (path, written): written is False when `recheck` found the copy a
@@ -173,7 +173,10 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     bytes under the same name.
 
     `letters` (info flags, e.g. "a" for the first keyword) delivers into cur/ as
-    `<name>:2,<letters>`: a message in new/ carries no flags (docs/design/maildir.md)."""
+    `<name>:2,<letters>`: a message in new/ carries no flags (docs/design/maildir.md).
+
+    `sync_dir=False` leaves the fsync of the directory the file was renamed into to the caller
+    (the queue's group commit, docs/design/queue.md): the copy is durable only after it."""
     marker = delivery_marker(when, unique)
     make_maildir(maildir)
     if recheck:
@@ -185,8 +188,9 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     name = f"{marker}{host},S={size}"
     if letters is not None:
         return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True,
-                               subdir="cur", info=":2," + letters), True
-    return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True), True
+                               subdir="cur", info=":2," + letters, sync_dir=sync_dir), True
+    return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True,
+                           sync_dir=sync_dir), True
 
 
 def find_delivered(maildir: str, marker: str) -> str | None:
@@ -201,7 +205,7 @@ def find_delivered(maildir: str, marker: str) -> str | None:
 
 def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | None,
                     data: bytes, size: int, replace_tmp: bool = False, subdir: str = "new",
-                    info: str = "") -> str:
+                    info: str = "", sync_dir: bool = True) -> str:
     """tmp/<name> -> write -> fsync -> rename to new/<name> -> fsync(new/); FileExistsError if
     tmp/<name> exists (unless `replace_tmp`: a name of ours that a crash left there). With
     `subdir` "cur" and `info` ":2,<letters>" the message arrives already flagged."""
@@ -237,7 +241,8 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
         except OSError:
             pass
         raise
-    fsync_dir(new_dir)
+    if sync_dir:
+        fsync_dir(new_dir)
     return final_path
 
 

@@ -214,13 +214,15 @@ class Account:
 
     def deliver_once(self, header: bytes, message_path: str, *, when: float, unique: str,
                      hostname: str | None = None, recheck: bool = False,
-                     folder: str = "INBOX", flags: Iterable[str] = ()) -> tuple[str, bool]:
+                     folder: str = "INBOX", flags: Iterable[str] = (),
+                     sync_dir: bool = True) -> tuple[str, bool]:
         """The queue's delivery: the file name is fixed by (when, unique), and with `recheck`
         a copy already in new/ or cur/ is found instead of written again; returns (path,
         written). See maildir.deliver_once and docs/design/maildir.md, "Exactly once".
 
         `folder` other than INBOX (e.g. Junk, for mail the trust checks quarantine) is created
         with the account's special folders if missing; `flags` (e.g. "$Junk") are set on arrival.
+        `sync_dir=False`: the caller fsyncs the directory of the returned path (group commit).
         """
         path = self.path
         if canonical_name(folder) != "INBOX":
@@ -240,7 +242,8 @@ class Account:
             keywords = self.store._state(path).keywords_for(flags)
             letters = flags_to_letters(flags, keywords)
         return _maildir.deliver_once(path, header, message_path, when=when, unique=unique,
-                                     hostname=hostname, recheck=recheck, letters=letters)
+                                     hostname=hostname, recheck=recheck, letters=letters,
+                                     sync_dir=sync_dir)
 
     # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
-from mailsuite.queue.spool import QueueEntry, Recipient
+from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
 
 
 @runtime_checkable
@@ -28,6 +28,17 @@ class DeliveryAgent(Protocol):
     def deliver(self, entry: QueueEntry, recipients: Sequence[Recipient],
                 message_path: str) -> Deferred:
         ...
+
+
+@dataclass(frozen=True)
+class LocalCopy:
+    """What a local agent's `deliver_now(entry, message_path) -> list[LocalCopy]` (optional,
+    blocking, one per recipient of a new entry) did: the outcome and, when a copy was written,
+    its path, whose directory the queue still has to fsync (docs/design/queue.md, "Delivery at
+    spool time")."""
+
+    result: DeliveryResult
+    path: str | None
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,10 @@ from twisted.python.failure import Failure
 from mailsuite import maillog
 from mailsuite.config import QueueSection
 from mailsuite.pools import WorkPool
-from mailsuite.queue.agents import BounceNotifier, DeliveryAgent, Notification
+from mailsuite.queue.agents import BounceNotifier, DeliveryAgent, LocalCopy, Notification
+from mailsuite.queue.commit import GroupCommit
 from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
-                                   SpoolError, new_queue_id)
+                                   SpoolError, new_queue_id, read_head)
 
 log = Logger(namespace="mailsuite.queue")
 
@@ -60,7 +61,8 @@ class QueueRunner(Service):
     max_parallel = 64
 
     def __init__(self, spool: Spool, settings: QueueSection, io: WorkPool, clock: IReactorTime,
-                 local: DeliveryAgent, remote: DeliveryAgent | None, notifier: BounceNotifier):
+                 local: DeliveryAgent, remote: DeliveryAgent | None, notifier: BounceNotifier,
+                 group: GroupCommit | None = None):
         self.spool = spool
         self.config = settings
         self.io = io
@@ -68,6 +70,8 @@ class QueueRunner(Service):
         self.local = local
         self.remote = remote
         self.notifier = notifier
+        # Directory fsyncs of submit_file, shared by the messages that arrive together.
+        self.group = group if group is not None else GroupCommit(io)
         self._due: dict[str, float] = {}  # id -> when it next needs an attempt (inf: never)
         # (due, id) min-heap over _due; entries whose due no longer matches _due are stale and
         # skipped, so updates are O(log n) and a big backlog does not make _pump quadratic.
@@ -109,12 +113,79 @@ class QueueRunner(Service):
     def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
                     size: int, meta: Mapping[str, Any] | None = None) -> defer.Deferred:
         """Spool a message staged in `incoming_dir`, taking the file over; fires with its queue
-        id once message and envelope are fsynced. On failure the file is still at `path`."""
+        id once message and envelope are fsynced, or once every local copy is (an entry of
+        local recipients only is delivered in the same io job and never spooled: "Delivery at
+        spool time" in docs/design/queue.md). On failure the file is at `path` or gone."""
         entry = self._new_entry(sender, recipients, meta)
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
-        d = self.io.run(self.spool.store_file, entry, path)
-        return d.addCallback(self._stored, entry, size)
+        d = self.io.run(self._store_file_blocking, entry, path)
+        d.addCallback(self._commit, entry)
+        return d.addCallback(self._accepted, entry, size)
+
+    def _store_file_blocking(self, entry: QueueEntry, path: str) -> _Stored:
+        """io job: deliver the local copies now if every recipient is local (no directory
+        fsync: the group commit does those), else (or for what failed) spool the entry."""
+        deliver_now = getattr(self.local, "deliver_now", None)
+        if (deliver_now is None or not all(r.local for r in entry.recipients)
+                or self._is_loop_text(read_head(path))):
+            self.spool.store_file(entry, path, sync_dir=False)
+            return _Stored({self.spool.directory}, [], True)
+        copies: list[LocalCopy] = deliver_now(entry, path)
+        sent = [(r, c) for r, c in zip(entry.recipients, copies)
+                if c.result.status == "sent" and c.path is not None]
+        directories = {os.path.dirname(c.path) for _, c in sent if c.path is not None}
+        for rcpt, copy in sent:
+            apply_result(entry, rcpt, copy.result, self.clock.seconds(),
+                         list(self.config.retry_schedule), float(self.config.max_age))
+        if len(sent) == len(entry.recipients):
+            try:
+                os.unlink(path)  # every copy is written: the staged file has done its job
+            except FileNotFoundError:
+                pass
+            return _Stored(directories, sent, False)
+        # Some copy failed (a full or broken Maildir): the envelope records the copies made
+        # and the rest stay pending for the runner's attempt, which logs why.
+        stored = _Stored(directories | {self.spool.directory}, sent, True)
+        try:
+            self.spool.store_file(entry, path, sync_dir=False)
+        except BaseException:
+            stored.spooled = False  # nothing in the spool; the client is told to send again
+            self._unstore_blocking(entry, stored)
+            raise
+        return stored
+
+    def _commit(self, stored: _Stored, entry: QueueEntry) -> defer.Deferred:
+        """Wait for the group commit of the directories the io job renamed into; if that
+        fsync fails, take everything back (the client gets a 451) and fail."""
+        def failed(f: Failure) -> defer.Deferred:
+            undo = self.io.run(self._unstore_blocking, entry, stored)
+            return undo.addBoth(lambda _: f)
+
+        return self.group.sync(stored.directories).addCallbacks(lambda _: stored, failed)
+
+    def _unstore_blocking(self, entry: QueueEntry, stored: _Stored) -> None:
+        if stored.spooled:
+            self.spool.unstore(entry.id)
+        for _, copy in stored.copies:
+            if copy.path is not None:
+                try:
+                    os.unlink(copy.path)
+                except FileNotFoundError:
+                    pass
+
+    def _accepted(self, stored: _Stored, entry: QueueEntry, size: int) -> str:
+        if stored.spooled:
+            return self._stored(None, entry, size)
+        maillog.received(entry, size)
+        now = self.clock.seconds()
+        for rcpt, copy in stored.copies:
+            maillog.attempt(entry, rcpt, "sent", copy.result, now, "local")
+        maillog.removed(entry.id)
+        return entry.id
+
+    def _is_loop_text(self, headers: bytes) -> bool:
+        return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
 
     def _new_entry(self, sender: str, recipients: Sequence[tuple[str, Any]],
                    meta: Mapping[str, Any] | None) -> QueueEntry:
@@ -126,6 +197,11 @@ class QueueRunner(Service):
     def _stored(self, _: Any, entry: QueueEntry, size: int) -> str:
         self._settled.add(entry.id)  # this process wrote it: no crash leftover to look for
         maillog.received(entry, size)
+        for rcpt in entry.recipients:  # copies delivered at spool time
+            if rcpt.state == "sent":
+                maillog.attempt(entry, rcpt, "sent", DeliveryResult(
+                    rcpt.address, "sent", "250 2.0.0 delivered to maildir at spool time",
+                    enhanced="2.0.0"), self.clock.seconds(), "local")
         if self.running and not self._stopping:
             self._set_due(entry.id, 0.0)
             self._wake()
@@ -450,8 +526,7 @@ class QueueRunner(Service):
         work.changed = False
 
     def _is_loop(self, queue_id: str) -> bool:
-        headers = self.spool.read_headers(queue_id)
-        return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
+        return self._is_loop_text(self.spool.read_headers(queue_id))
 
     @defer.inlineCallbacks
     def _deliver(self, agent: DeliveryAgent, work: "_Work", recipients: list[Recipient],
@@ -552,6 +627,16 @@ class QueueRunner(Service):
             return entry_due(entry)
         finally:
             work.claim.release()
+
+
+@dataclass
+class _Stored:
+    """What the io job of `submit_file` did: the directories to fsync before the 250, the
+    copies it delivered (with their recipients), and whether the entry is in the spool."""
+
+    directories: set[str]
+    copies: list[tuple[Recipient, LocalCopy]]
+    spooled: bool
 
 
 @dataclass

@@ -171,10 +171,13 @@ class Spool:
         write_file_durably(self.directory, entry.id + ".eml", [data], sync_dir=False)
         write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
 
-    def store_file(self, entry: QueueEntry, staged_path: str) -> None:
+    def store_file(self, entry: QueueEntry, staged_path: str, sync_dir: bool = True) -> None:
         """Spool a new entry from a complete message file in `incoming_dir` (SMTP DATA streams
         there), taking the file over: when this returns, message and envelope survive a crash
-        and the staged name is gone. On failure the staged file is left to the caller."""
+        and the staged name is gone. On failure the staged file is left to the caller.
+
+        `sync_dir=False`: both files are fsynced and renamed, and the caller fsyncs the spool
+        directory (the group commit, docs/design/queue.md); only then is the entry durable."""
         self.ensure()
         fd = os.open(staged_path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -184,7 +187,8 @@ class Spool:
         os.rename(staged_path, self.message_path(entry.id))
         try:
             # The envelope's directory fsync also makes the message's rename durable.
-            write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
+            write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)],
+                               sync_dir=sync_dir)
         except BaseException:
             try:  # give the staged file back so the caller's clean-up finds it
                 os.rename(self.message_path(entry.id), staged_path)
@@ -218,6 +222,16 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
+
+    def unstore(self, queue_id: str) -> None:
+        """Take back an entry whose directory fsync failed (nobody was told it exists):
+        envelope first, then the message. No fsync: a crash may leave them, and then they are
+        delivered, which is the at-least-once side of a 451 the client retries."""
+        for path in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def save(self, entry: QueueEntry) -> None:
         """Atomically replace the envelope (call with the entry claimed)."""
@@ -280,10 +294,7 @@ class Spool:
 
     def read_headers(self, queue_id: str, limit: int = 256 * 1024) -> bytes:
         """The header section of the spooled message (up to the blank line)."""
-        with open(self.message_path(queue_id), "rb") as f:
-            head = f.read(limit)
-        end = head.find(b"\r\n\r\n")
-        return head if end < 0 else head[:end + 2]
+        return read_head(self.message_path(queue_id), limit)
 
     # -- claims --------------------------------------------------------------------------------
     def claim(self, queue_id: str) -> Claim | None:
@@ -357,6 +368,14 @@ class Spool:
             except FileNotFoundError:
                 continue
         return removed
+
+
+def read_head(path: str, limit: int = 256 * 1024) -> bytes:
+    """The header section of the message file at `path` (up to the blank line, or `limit`)."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    end = head.find(b"\r\n\r\n")
+    return head if end < 0 else head[:end + 2]
 
 
 def _pid_alive(pid: int) -> bool:

@@ -36,13 +36,14 @@ class StagedMessage:
         self.size = 0  # bytes accepted by write()
         self.path: str | None = None
         self._fd: int | None = None
-        self._busy = True  # an io job (open, write, close) is running
+        # The file is created by the first write job (with its bytes; closed at once when that
+        # is the whole message), so a small message costs one io job, not open+write+close.
+        self._busy = False  # an io job (create, write, close) is running
         self._over = False  # we asked the server to stop reading
         self.error: Failure | None = None  # the first failed io job; further writes are dropped
         self._done: list[defer.Deferred] = []  # finish()/discard() waiting for the last job
         self._closing = False
         self._discarded = False
-        self._io_job(_open, directory).addCallbacks(self._opened, self._failed)
 
     # -- reactor side ------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -80,24 +81,35 @@ class StagedMessage:
         except Exception:
             return defer.fail()
 
-    def _opened(self, result: tuple[int, str]) -> None:
+    def _created(self, result: tuple[int | None, str], n: int) -> None:
         self._fd, self.path = result
-        self._busy = False
-        self._pump()
+        self._written(n, n)
 
     def _pump(self) -> None:
         if self._busy:
             return
-        if self._fd is None and self.path is None:
-            self._complete()  # the open failed: nothing to write or remove
+        writing = not self._discarded and self.error is None
+        if self.path is None and not (writing and (self._pending or self._closing)):
+            if self._closing:
+                self._complete()  # nothing was created (or the create failed): nothing to remove
             return
-        if self._pending and not self._discarded and self.error is None:
-            data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        if writing and (self._pending or self.path is None):
+            data = b"".join(self._pending) if len(self._pending) > 1 else \
+                (self._pending[0] if self._pending else b"")
             chunk, rest = data[:WRITE_CHUNK], data[WRITE_CHUNK:]
             self._pending = [rest] if rest else []
             self._busy = True
-            self._io_job(write_all, self._fd, chunk).addCallbacks(
-                self._written, self._failed, callbackArgs=(len(chunk),))
+            if self.path is None:
+                last = self._closing and not rest
+                self._io_job(_create, self._directory, chunk, last).addCallbacks(
+                    self._created, self._failed, callbackArgs=(len(chunk),))
+            elif self._closing and not rest:
+                fd, self._fd = self._fd, None  # the last bytes: write and close in one job
+                self._io_job(_write_close, fd, chunk).addCallbacks(
+                    self._written, self._failed, callbackArgs=(len(chunk),))
+            else:
+                self._io_job(write_all, self._fd, chunk).addCallbacks(
+                    self._written, self._failed, callbackArgs=(len(chunk),))
             return
         if not self._closing:
             return
@@ -155,6 +167,36 @@ def _open(directory: str) -> tuple[int, str]:
     path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     return fd, path
+
+
+def _create(directory: str, data: bytes, close: bool) -> tuple[int | None, str]:
+    """io thread: a new staged file with `data` in it; closed when `close` (the whole message),
+    else its descriptor is returned for the writes that follow. On failure nothing is left."""
+    fd, path = _open(directory)
+    try:
+        write_all(fd, data)
+        if close:
+            os.close(fd)
+            return None, path
+    except BaseException:
+        try:
+            os.close(fd)
+        finally:
+            os.unlink(path)
+        raise
+    return fd, path
+
+
+def _write_close(fd: int | None, data: bytes) -> int:
+    """io thread: the last bytes of the message, then close (the descriptor is closed even
+    when the write fails; the file is then removed by the failure path)."""
+    try:
+        if fd is not None:
+            write_all(fd, data)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return len(data)
 
 
 def _close(fd: int | None, remove: str | None) -> None:

@@ -147,54 +147,63 @@ class GateSession:
         copy to another domain (the courier then rewrites the sender with SRS and adds an ARC
         set, which needs our Authentication-Results in the message)."""
         gate = self.gate
-        checks: list[defer.Deferred] = []
+        scanners = [scanner for scanner in gate.scanners if scanner.wanted(envelope)]
+        spf: Any = None
         if gate.authenticates:
             spf = self._spf_result
             if spf is None and self._spf is not None:
                 spf = yield self._spf
             if not isinstance(spf, AuthResult):
                 spf = AuthResult("spf", "temperror", "SPF check failed")
+        if gate.authenticates and not scanners:
+            # The common MX case: checks and rewrite in one worker job, one thread hop.
+            done = yield self._authenticate(envelope, path, spf, rewrite=True)
+            for problem in done.problems:
+                _log_check_failure(envelope, problem)
+            self._log(envelope, done.verdict)
+            if done.error is not None:
+                raise done.error  # the rewrite's disk I/O: the caller answers 451/452
+            if done.verdict.disposition in (TEMPFAIL, REJECT):
+                return Inspection(done.verdict)
+            new_path, new_size = done.written or (path, size)
+            return Inspection(done.verdict, new_path, new_size,
+                              self._meta(done.verdict, envelope, forwards))
+        checks: list[defer.Deferred] = []
+        if gate.authenticates:
             checks.append(_settled(self._authenticate(envelope, path, spf)))
-        for scanner in gate.scanners:
-            if scanner.wanted(envelope):
-                checks.append(_settled(scanner.scan(envelope, path, size)))
-        verdict = Verdict()
-        for outcome in (yield defer.gatherResults(checks)) if checks else []:
-            if not isinstance(outcome, Verdict):
-                # A bug in a check, not a judgement: never accept silently, never lose mail.
-                log.error("trust check failed for {queue_id}: {error}",
-                          queue_id=envelope.queue_id, error=outcome)
-                outcome = Verdict(TEMPFAIL, Reply(451, "4.7.1", "message checks failed, try "
-                                                                "again later"),
-                                  log="internal error in a check")
-            verdict = verdict.combine(outcome)
-        if verdict.disposition == JUNK and envelope.listener != "mx":
-            verdict = Verdict(ACCEPT, None, verdict.headers, verdict.results, verdict.log)
+        for scanner in scanners:
+            checks.append(_settled(scanner.scan(envelope, path, size)))
+        outcomes = (yield defer.gatherResults(checks)) if checks else []
+        verdict, problems = _combine(outcomes, envelope.listener)
+        for problem in problems:
+            _log_check_failure(envelope, problem)
         self._log(envelope, verdict)
         if verdict.disposition in (TEMPFAIL, REJECT):
             return Inspection(verdict)
-        meta: dict[str, Any] = {}
-        if verdict.disposition == JUNK:
-            meta["folder"] = gate.config.trust.junk_folder
-            meta["flags"] = ["$Junk"]
-        if forwards and envelope.listener == "mx":
-            meta["forwarded"] = True
-        header_fields = list(verdict.headers)
-        if gate.authenticates:
-            from mailsuite.trust.authresults import build_header
-
-            header_fields.insert(0, build_header(gate.authserv_id, verdict.results))
+        meta = self._meta(verdict, envelope, forwards)
+        header_fields = _header_fields(verdict, gate.authserv_id, gate.authenticates)
         if not header_fields:
             return Inspection(verdict, path, size, meta)  # nothing to add or remove
         new_path, new_size = yield gate.work.run(
             _rewrite, path, header_fields, gate.authserv_id if gate.authenticates else None)
         return Inspection(verdict, new_path, new_size, meta)
 
-    def _authenticate(self, envelope: Envelope, path: str, spf: AuthResult) -> defer.Deferred:
+    def _meta(self, verdict: Verdict, envelope: Envelope, forwards: bool) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        if verdict.disposition == JUNK:
+            meta["folder"] = self.gate.config.trust.junk_folder
+            meta["flags"] = ["$Junk"]
+        if forwards and envelope.listener == "mx":
+            meta["forwarded"] = True
+        return meta
+
+    def _authenticate(self, envelope: Envelope, path: str, spf: AuthResult,
+                      rewrite: bool = False) -> defer.Deferred:
         """DKIM, ARC and DMARC in a worker thread. dkimpy needs the whole message in memory,
         so only a signed message is read whole, and signed messages over LARGE_MESSAGE are
         verified one at a time: memory stays bounded whatever many big messages arrive at
-        once (docs/design/trust.md, "Memory")."""
+        once (docs/design/trust.md, "Memory"). With `rewrite` (no content engine wants the
+        message) the same job also decides and writes the rewritten copy: fires with _Done."""
         gate = self.gate
         from mailsuite.trust.checks import authenticate_message
 
@@ -212,9 +221,27 @@ class GateSession:
             return Verdict(outcome.disposition, outcome.reply, [], list(outcome.results),
                            outcome.log)
 
+        def work_and_rewrite() -> _Done:
+            try:
+                outcome: Any = work()
+            except Exception as e:  # a bug in a check: judged like the slow path does
+                outcome = e
+            verdict, problems = _combine([outcome], envelope.listener)
+            if verdict.disposition in (TEMPFAIL, REJECT):
+                return _Done(verdict, problems)
+            fields = _header_fields(verdict, gate.authserv_id, True)
+            if not fields:
+                return _Done(verdict, problems)
+            try:
+                written = _rewrite(path, fields, gate.authserv_id)
+            except Exception as e:
+                return _Done(verdict, problems, error=e)
+            return _Done(verdict, problems, written)
+
+        job = work_and_rewrite if rewrite else work
         if os.path.getsize(path) <= LARGE_MESSAGE:
-            return gate.work.run(work)
-        return gate.large.run(gate.work.run, work)
+            return gate.work.run(job)
+        return gate.large.run(gate.work.run, job)
 
     def _log(self, envelope: Envelope, verdict: Verdict) -> None:
         results = " ".join(f"{r.method}={r.result}" for r in verdict.results)
@@ -223,6 +250,49 @@ class GateSession:
                  client_ip=envelope.client_ip, results=results or "-",
                  disposition=verdict.disposition,
                  why=f" ({verdict.log})" if verdict.log else "")
+
+
+@dataclass
+class _Done:
+    """What the one-job check and rewrite did (GateSession._authenticate with `rewrite`)."""
+
+    verdict: Verdict
+    problems: list[Any] = field(default_factory=list)  # failed checks, logged on the reactor
+    written: tuple[str, int] | None = None  # the rewritten copy, if any
+    error: BaseException | None = None  # the rewrite failed (disk): the message is not queued
+
+
+def _combine(outcomes: Sequence[Any], listener: str) -> tuple[Verdict, list[Any]]:
+    """The checks' outcomes as one verdict, and the outcomes that were failures, not verdicts
+    (a bug in a check: never accept silently, never lose mail)."""
+    verdict = Verdict()
+    problems = []
+    for outcome in outcomes:
+        if not isinstance(outcome, Verdict):
+            problems.append(outcome)
+            outcome = Verdict(TEMPFAIL, Reply(451, "4.7.1", "message checks failed, try "
+                                                            "again later"),
+                              log="internal error in a check")
+        verdict = verdict.combine(outcome)
+    if verdict.disposition == JUNK and listener != "mx":
+        verdict = Verdict(ACCEPT, None, verdict.headers, verdict.results, verdict.log)
+    return verdict, problems
+
+
+def _log_check_failure(envelope: Envelope, problem: Any) -> None:
+    log.error("trust check failed for {queue_id}: {error}", queue_id=envelope.queue_id,
+              error=problem)
+
+
+def _header_fields(verdict: Verdict, authserv_id: str, authenticates: bool) -> list[str]:
+    """The fields to put on top of a kept message: our Authentication-Results, then the
+    engines' headers."""
+    fields = list(verdict.headers)
+    if authenticates:
+        from mailsuite.trust.authresults import build_header
+
+        fields.insert(0, build_header(authserv_id, verdict.results))
+    return fields
 
 
 def _networks(texts: Sequence[str]) -> list[Any]:

@@ -177,3 +177,56 @@ def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path):
                                                  when=1_800_000_000.25, unique="Qabc123N0",
                                                  hostname="other", recheck=True)
     assert (again, written) == (path, False)
+
+
+# -- delivery at spool time (docs/design/queue.md, "Delivery at spool time") -------------------
+def submit_staged(kit: Kit, recipients, data: bytes) -> str:
+    """What the SMTP server does at the end of DATA: a staged file handed to submit_file."""
+    directory = kit.spool.ensure_incoming()
+    path = os.path.join(directory, f"{os.getpid()}.{os.urandom(8).hex()}")
+    with open(path, "wb") as f:
+        f.write(data)
+    seen: list = []
+    kit.runner.submit_file(CAROL, recipients, path, len(data), {}).addBoth(seen.append)
+    [value] = seen
+    if not isinstance(value, str):
+        value.raiseException()
+    return value
+
+
+def test_spool_time_copies_recorded_in_the_envelope_are_not_written_again(tmp_path, monkeypatch,
+                                                                          request):
+    """Bob's Maildir fails at spool time: the entry is spooled with Alice's copy recorded as
+    sent; the process dies before any attempt; the next one delivers Bob only."""
+    from tests.unit.queuekit import break_maildir
+
+    kit = started(str(tmp_path / "data"), request)
+    broken = break_maildir(kit.store, BOB)
+    qid = submit_staged(kit, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                        message("split"))
+    [alice_copy] = kit.messages(ALICE)
+    assert [r.state for r in kit.spool.load(qid).recipients] == ["sent", "pending"]
+    kit.stop()  # dies before its attempt
+    os.unlink(os.path.join(broken, "new"))
+    os.makedirs(os.path.join(broken, "new"))
+    kit = started(os.path.dirname(kit.config.queue_dir), request)
+    assert kit.messages(ALICE) == [alice_copy]
+    [bob_copy] = kit.messages(BOB)
+    assert read(bob_copy).endswith(message("split"))
+    assert not kit.exists(qid)
+
+
+def test_a_crash_before_the_commit_acknowledges_nothing_and_spools_nothing(tmp_path, monkeypatch,
+                                                                           request):
+    """Killed between writing the copies and their directory fsync: no 250 was sent, and no
+    spool entry exists that a restart could deliver a second time beside the client's retry."""
+    kit = started(str(tmp_path / "data"), request)
+
+    def crash(directory: str) -> None:
+        raise Crash("killed before the directory fsync")
+
+    monkeypatch.setattr(kit.runner.group, "_sync", crash)
+    with pytest.raises(Crash):
+        submit_staged(kit, [(ALICE, local_route(ALICE))], message("never acked"))
+    kit = restart(kit, monkeypatch, request)
+    assert kit.spool.ids() == []

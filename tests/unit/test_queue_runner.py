@@ -58,7 +58,7 @@ def test_the_runner_takes_its_parts_typed_and_imports_no_agent():
 
     params = inspect.signature(QueueRunner.__init__).parameters
     assert list(params) == ["self", "spool", "settings", "io", "clock", "local", "remote",
-                            "notifier"]
+                            "notifier", "group"]
     source = inspect.getsource(runner)
     assert "mailsuite.delivery" not in source and "mailsuite.courier" not in source
 

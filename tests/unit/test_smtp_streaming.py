@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from twisted.internet import defer, task
 
 from mailsuite.config import QueueSection
@@ -297,3 +299,66 @@ def test_start_up_removes_staged_files_of_dead_processes_only(tmp_path):
     assert sorted(removed) == sorted(os.path.basename(p) for p in (mine, dead, junk))
     assert os.listdir(incoming) == [os.path.basename(alive)]
     assert spool.ids() == []
+
+
+def test_a_small_message_is_staged_by_one_io_job(tmp_path):
+    """Nothing is created at DATA; at the final dot one job creates, writes and closes."""
+    io = ManualPool()
+    world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
+    c = world.connect("mx")
+    start_data(c)
+    assert io.jobs == [] and world.queue.staged() == []
+    c.send(b"Subject: small\r\n\r\nbody\r\n.\r\n")
+    assert [fn.__name__ for fn, *_ in io.jobs] == ["_create"]
+    io.drain()
+    assert c.code() == 250
+    assert world.queue.messages[0].data.endswith(b"Subject: small\r\n\r\nbody\r\n")
+
+
+BODIES = [
+    b"plain\r\nlines\r\n",
+    b".leading dot\r\n..two dots\r\nmiddle\r\n.\r\n".replace(b".\r\n", b"..\r\n"),
+    b"a" * 997 + b"\r\nok\r\n",  # the longest line allowed (998 + CRLF)
+    b"a" * 999 + b"\r\nok\r\n",  # one too long: 500 5.5.2
+    b"nul \0 here\r\n",  # 550 5.6.0
+    b"bare\nlf\r\nbare\rcr\r\n",  # 550 5.6.0
+    b"x\r\n" * 5000,  # over the size limit below: 552 5.3.4
+]
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_a_body_in_one_piece_is_taken_exactly_like_one_byte_at_a_time(tmp_path, body):
+    """The body block fast path (DataTransfer._body_block) and the line rules agree."""
+    outcomes = []
+    for size in (1 << 20, 1):
+        world = World(limits={"max_message_size": 8000}, queue_dir=str(tmp_path / str(size)))
+        c = world.connect("mx")
+        start_data(c)
+        data = b"Subject: s\r\n\r\n" + body + b".\r\n"
+        for i in range(0, len(data), size):
+            c.send(data[i:i + size])
+        reply = c.reply()[0]
+        stored = [m.data.split(b"\r\n\r\n", 1)[1] for m in world.queue.messages]
+        outcomes.append((reply[:9], stored))
+    assert outcomes[0] == outcomes[1]
+    if outcomes[0][0].startswith(b"250"):
+        unstuffed = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n"
+                             for line in body.split(b"\r\n")[:-1])
+        assert outcomes[0][1] == [unstuffed]
+    else:
+        assert outcomes[0][1] == []
+
+
+def test_a_message_over_one_chunk_writes_its_last_bytes_and_closes_in_one_job(tmp_path):
+    io = ManualPool()
+    world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
+    c = world.connect("mx")
+    start_data(c)
+    c.send(b"Subject: big\r\n\r\n" + (b"b" * 78 + b"\r\n") * 1300 + b".\r\n")
+    ran = []
+    while io.jobs:
+        ran.append(io.jobs[0][0].__name__)
+        io.step()
+    assert ran == ["_create", "_write_close"]
+    assert c.code() == 250
+    assert world.queue.messages[0].data.count(b"b" * 78 + b"\r\n") == 1300

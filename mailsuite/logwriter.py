@@ -1,0 +1,204 @@
+"""The log file written in batches (docs/design/queue.md, "The mail log").
+
+twistd writes every log line to its file as it is emitted: a format, a write() and a flush() on
+the reactor thread for each of the several lines a message makes. `BufferedLogObserver` sits in
+front of twistd's file observer: events are collected (from any thread) and written together,
+in the order they were emitted, either at the end of the reactor iteration (the default) or
+after `interval` seconds by a writer thread of their own. At stop the last batch is written and
+waited for; later events (the rest of the shutdown) are written directly again, in order.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import FileLogObserver, ILogObserver, LogPublisher
+from twisted.python import threadable
+from zope.interface import implementer
+
+from mailsuite.pools import WorkerPool, WorkPool
+
+FLUSH_INTERVAL = 0.0  # seconds a line may wait: 0 = until the end of this reactor iteration
+MAX_PENDING = 10_000  # events: past this, a batch is handed over at once (bounded memory)
+
+LogEvent = dict[str, Any]
+
+
+@implementer(ILogObserver)
+class BufferedLogObserver:
+    """Buffers events for `wrapped` and writes them in batches: after `interval` seconds of
+    `clock` (0: at the end of the current reactor iteration, before the reactor sends what
+    the handlers wrote, so a line still reaches the file before the reply it goes with), on
+    the calling thread, or through `writer` (a pool of one thread) when one is given."""
+
+    def __init__(self, wrapped: Callable[[LogEvent], None], clock: IReactorTime,
+                 writer: WorkPool | None = None, interval: float = FLUSH_INTERVAL,
+                 max_pending: int = MAX_PENDING,
+                 call_from_thread: Callable[..., Any] | None = None,
+                 in_reactor_thread: Callable[[], bool] = threadable.isInIOThread):
+        self.wrapped = wrapped
+        self._clock = clock
+        self._writer = writer
+        self._interval = interval
+        self._max_pending = max_pending
+        self._call_from_thread = call_from_thread
+        self._in_reactor_thread = in_reactor_thread
+        self._lock = threading.Lock()
+        self._pending: list[LogEvent] = []
+        self._buffering = False
+        self._scheduled = False  # a flush is on the clock (or on its way there)
+        self._in_flight: defer.Deferred | None = None  # the last batch handed to the writer
+
+    def __call__(self, event: LogEvent) -> None:
+        with self._lock:
+            if self._buffering:
+                self._pending.append(event)
+                schedule = not self._scheduled
+                self._scheduled = True
+                over = len(self._pending) >= self._max_pending
+            else:
+                schedule = over = False
+                self.wrapped(event)  # under the lock: after any batch being written directly
+        if over and self._in_reactor_thread():
+            self.flush()
+        elif schedule:
+            if self._in_reactor_thread() or self._call_from_thread is None:
+                self._clock.callLater(self._interval, self.flush)
+            else:
+                self._call_from_thread(self._clock.callLater, self._interval, self.flush)
+
+    def start(self) -> None:
+        with self._lock:
+            self._buffering = True
+
+    def flush(self) -> defer.Deferred:
+        """Write (or hand to the writer) what is buffered; fires once it is written."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._scheduled = False
+            if batch and self._writer is None:
+                self._write(batch)
+                return defer.succeed(None)
+        if not batch:
+            return self._in_flight if self._in_flight is not None else defer.succeed(None)
+        assert self._writer is not None
+        d = self._writer.run(self._write, batch)
+        d.addErrback(lambda _: None)  # the file observer reports its own failures
+        self._in_flight = d
+
+        def done(result: Any) -> Any:
+            if self._in_flight is d:
+                self._in_flight = None
+            return result
+
+        return d.addBoth(done)
+
+    def _write(self, batch: list[LogEvent]) -> None:
+        out = getattr(self.wrapped, "_outFile", None)
+        if not isinstance(self.wrapped, FileLogObserver) or out is None:
+            for event in batch:
+                self.wrapped(event)
+            return
+        # twistd's file observer: the same text it would write, in one write and one flush.
+        text = "".join(t for t in map(self.wrapped.formatEvent, batch) if t)
+        if text:
+            encoding = getattr(self.wrapped, "_encoding", None)
+            out.write(text if encoding is None else text.encode(encoding))
+            out.flush()
+
+    def stop(self) -> defer.Deferred:
+        """Write everything buffered, then switch back to writing each event directly."""
+        d = self.flush()
+        return d.addBoth(lambda _: self._direct())
+
+    def _direct(self) -> None:
+        with self._lock:
+            self._buffering = False
+            rest, self._pending = self._pending, []
+            for event in rest:  # under the lock: a direct write from another thread waits
+                self.wrapped(event)
+
+
+def buffer_file_observers(publisher: LogPublisher, clock: IReactorTime,
+                          writer: WorkPool | None = None, interval: float = FLUSH_INTERVAL,
+                          call_from_thread: Callable[..., Any] | None = None,
+                          ) -> list[BufferedLogObserver]:
+    """Put a BufferedLogObserver in front of each file observer of `publisher` (the one twistd
+    installs for --logfile); returns them, started."""
+    found = []
+    for observer in list(getattr(publisher, "_observers", [])):
+        if isinstance(observer, FileLogObserver):
+            buffered = BufferedLogObserver(observer, clock, writer, interval,
+                                           call_from_thread=call_from_thread)
+            publisher.removeObserver(observer)
+            publisher.addObserver(buffered)
+            buffered.start()
+            found.append(buffered)
+    return found
+
+
+class BufferedLogging(service.MultiService):
+    """Runs `inner` (the whole process) with the log file written in batches: buffering starts
+    after `inner` started and ends, every line written, after it stopped. With `thread` the
+    batches are written by a thread of their own, every `interval` seconds; without (the
+    default) at the end of each reactor iteration, so a line is in the file before the reply
+    it goes with leaves (readers of the log, tests among them, may rely on that)."""
+
+    def __init__(self, inner: service.IService, publisher: LogPublisher | None = None,
+                 reactor: Any = None, interval: float = FLUSH_INTERVAL, thread: bool = False):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as _reactor
+
+            reactor = _reactor
+        if publisher is None:
+            from twisted.logger import globalLogPublisher as publisher
+        self._inner = inner
+        self._publisher = publisher
+        self._reactor = reactor
+        self._interval = interval
+        self._writer: WorkerPool | None = WorkerPool("log", 1, reactor) if thread else None
+        self._observers: list[BufferedLogObserver] = []
+        inner.setServiceParent(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self._observers = buffer_file_observers(
+            self._publisher, self._reactor, self._writer, self._interval,
+            call_from_thread=getattr(self._reactor, "callFromThread", None))
+        if self._writer is None and self._observers:
+            self._flush_before_each_poll()
+
+    def _flush_before_each_poll(self) -> None:
+        """A line emitted by a timed call is flushed by a callLater(0) only in the next
+        iteration, after the poll that sends the reply it goes with; writing the batch just
+        before every poll (where the reactor sends what handlers wrote) keeps the order."""
+        iterate = getattr(self._reactor, "doIteration", None)
+        if iterate is None:
+            return
+        observers = list(self._observers)
+
+        def do_iteration(delay: Any) -> Any:
+            for observer in observers:
+                observer.flush()
+            return iterate(delay)
+
+        self._reactor.doIteration = do_iteration
+        self._hooked = True
+
+    def stopService(self) -> defer.Deferred:
+        service.Service.stopService(self)
+        if getattr(self, "_hooked", False):
+            self._hooked = False
+            try:
+                del self._reactor.doIteration  # the class's own again
+            except AttributeError:
+                pass
+        d = defer.maybeDeferred(self._inner.stopService)
+        d.addBoth(lambda _: defer.gatherResults([o.stop() for o in self._observers]))
+        if self._writer is not None:
+            d.addBoth(lambda _: self._writer.stop() if self._writer is not None else None)
+        return d
