@@ -530,6 +530,23 @@ class Folder:
                 self._shown_upto = infos[-1].uid if infos else 0
             return infos
 
+    def synced_state(self) -> tuple[list[MessageInfo], list[str], int, int, frozenset, int]:
+        """sync(), then (messages, keywords, UIDVALIDITY, UIDNEXT, recent, HIGHESTMODSEQ) as of
+        that sync, under one hold of the folder lock: the uidlist and keywords were just
+        re-read by the sync, so they are not stat()ed again (docs/design/maildir.md,
+        "Folder states in memory")."""
+        state = self._state
+        with state.lock:
+            infos = self.sync()
+            if state.uidlist is None:
+                state.ensure_uidlist()
+            ul = state.uidlist
+            keywords = [k for k in state.keywords if k]
+            recent = self.recent
+            state.reconcile_modseqs()
+            return (infos, keywords, ul.uidvalidity, ul.nextuid, recent,
+                    state.modseqs.highest)
+
     def release(self, uids: Iterable[int]) -> bool:
         """The session has announced these EXPUNGEs: it no longer needs their content.
         Never blocks (reactor thread); True if pins were given back, whose files go at the
