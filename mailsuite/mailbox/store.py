@@ -561,9 +561,14 @@ class Folder:
         return released
 
     def drain_held(self) -> None:
-        """Unlink the held files whose pins are all back (io pool)."""
-        with self._state.lock:
-            drain_held(self._state)
+        """Unlink the held files whose pins are all back (io pool). Never waits for the
+        folder lock: whoever holds it is in sync() or expunge(), which drain too."""
+        lock = self._state.lock
+        if lock.acquire(blocking=False):
+            try:
+                drain_held(self._state)
+            finally:
+                lock.release()
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
@@ -621,6 +626,16 @@ class Folder:
     def open_message(self, uid: int) -> BinaryIO:
         """The message file opened for binary reading; NoSuchMessage if it is gone."""
         state = self._state
+        if state.synced:
+            # Without the folder lock (docs/design/maildir.md, "Reading without the lock"):
+            # a name is never reused, so a stale entry can only fail to open, and then the
+            # locked path below lists cur/ again.
+            info = state.infos.get(uid)
+            if info is not None:
+                try:
+                    return open(info.path, "rb")
+                except FileNotFoundError:
+                    pass
         for attempt in range(2):
             with state.lock:
                 if attempt:
@@ -647,12 +662,20 @@ class Folder:
         or, for messages it lacks, `extract(file)` (then cached; docs/design/maildir.md,
         "Header cache")."""
         state = self._state
-        with state.lock:
-            if not state.synced:
-                state.sync()
-            infos = [i for u in uids if (i := state.infos.get(u)) is not None]
-            uidvalidity = state.ensure_uidlist().uidvalidity
+        ul = state.uidlist
+        if state.synced and ul is not None:
+            # Without the folder lock (docs/design/maildir.md, "Reading without the lock"):
+            # cache records are matched by UID, size and Maildir key, never by UID alone.
             live = state.infos
+            infos = [i for u in uids if (i := live.get(u)) is not None]
+            uidvalidity = ul.uidvalidity
+        else:
+            with state.lock:
+                if not state.synced:
+                    state.sync()
+                infos = [i for u in uids if (i := state.infos.get(u)) is not None]
+                uidvalidity = state.ensure_uidlist().uidvalidity
+                live = state.infos
         found = message_headers(state.header_cache, infos, uidvalidity, live,
                                 lambda u: self._read_header(u, extract))
         for u in uids:  # expunged elsewhere but still shown to this session: not cached
