@@ -40,6 +40,7 @@ from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public excepti
     StoreUnavailable, UnsafePath,
 )
 from mailsuite.mailbox.index import FolderIndex, MessageInfo  # noqa: F401 (public)
+from mailsuite.mailbox.memo import FileMemo
 from mailsuite.safeio import atomic_write, fsync_dir
 
 
@@ -106,6 +107,8 @@ class MailStore:
         self._recent: collections.OrderedDict[str, FolderIndex] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._trim_pending = False
+        # ENVELOPE/BODYSTRUCTURE of recently fetched messages (memo.py).
+        self.memo = FileMemo()
 
     def account(self, address: str) -> "Account":
         """The account of an address: <mail_dir>/<domain>/<localpart>/, lower-cased.
