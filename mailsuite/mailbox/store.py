@@ -634,11 +634,18 @@ class Folder:
             # a name is never reused, so a stale entry can only fail to open, and then the
             # locked path below lists cur/ again.
             info = state.infos.get(uid)
-            if info is not None:
+            path = info.path if info is not None else None
+            if path is None and uid in self._pinned:
+                # Expunged elsewhere, not yet announced to this session: our pin keeps it.
+                held = state.held.get(uid)
+                path = held[0] if held is not None else None
+            if path is not None:
                 try:
-                    return open(info.path, "rb")
+                    return open(path, "rb")
                 except FileNotFoundError:
                     pass
+            elif info is None and uid not in self._pinned:
+                raise NoSuchMessage(f"no message with UID {uid}")
         for attempt in range(2):
             with state.lock:
                 if attempt:
