@@ -757,10 +757,12 @@ class Folder:
                     state.meta[key] = (size, mtime)
                     keys.append(key)
                     names[key] = os.path.basename(final)
-                fsync_dir(cur)
                 uids = state.register(keys, names)
                 renamed = []
-                return uids
+            # After the lock (docs/design/maildir.md, "Reading without the lock"): APPEND is
+            # answered only after this fsync, other sessions need not wait for it.
+            fsync_dir(cur)
+            return uids
         finally:
             for path in [t for t, _, _ in staged] + renamed:
                 try:
@@ -799,8 +801,8 @@ class Folder:
                 names[key] = os.path.basename(target)
             if not pairs_keys:
                 return []
-            fsync_dir(cur)
             new_uids = dstate.register([k for _, k in pairs_keys], names)
+        fsync_dir(cur)  # before COPY is answered, after the lock (as in append_many)
         return [(old, new) for (old, _), new in zip(pairs_keys, new_uids)]
 
     def move(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
