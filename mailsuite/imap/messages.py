@@ -44,11 +44,11 @@ class MessageCommands(Session):
         if sel.readonly:
             raise no("mailbox is read-only", R.READ_ONLY)
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
-        if mode != b"-" and _keywords(flags):
-            yield self.io(check_keyword_room, sel.folder, flags)
+        check = check_keyword_room if mode != b"-" and _keywords(flags) else None
         # Every STORE goes through the store's mod-sequences (RFC 7162; condstore.py), so
         # what this session reports later carries the right MODSEQ.
-        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
+        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince,
+                                            check)
         return result
 
     @defer.inlineCallbacks
