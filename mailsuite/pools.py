@@ -58,7 +58,10 @@ class Pools(Service):
     def __init__(self, db_threads: int = 4, reactor: Any = None):
         self.db = WorkerPool("db", db_threads, reactor)
         self.hash = WorkerPool("hash", 2, reactor)  # argon2 releases the GIL: 2 cores, 2 threads
-        self.io = WorkerPool("io", 8, reactor)  # Maildir/spool writes with fsync
+        # Maildir/spool writes with fsync. Jobs mostly wait (fsync, a folder's lock), so more
+        # threads than cores: while a busy folder's writers wait for each other, the jobs of
+        # other folders and sessions (LIST, STATUS, SELECT) still find a free thread.
+        self.io = WorkerPool("io", 16, reactor)
         # Inbound checks (pyspf, dkimpy): threads that mostly wait for DNS answers, kept apart
         # so slow name servers cannot hold up Maildir writes.
         self.trust = WorkerPool("trust", 8, reactor)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from twisted.internet import defer
 
@@ -200,11 +200,15 @@ def _uidnext(folder: Folder) -> int:
 
 
 def store_modseq(folder: Folder, uids: list[int], flags: list[str], mode: bytes,
-                 unchangedsince: Optional[int]
+                 unchangedsince: Optional[int],
+                 check: Optional[Callable[[Folder, list[str]], None]] = None
                  ) -> tuple[list[tuple[int, frozenset, int, bool]], list[int]]:
     """In the io pool, under the folder's lock: the conditional STORE of RFC 7162 §3.1.3.
     Returns ([(uid, flags, modseq, changed)], [uids not stored because they changed after
-    `unchangedsince`])."""
+    `unchangedsince`]). `check(folder, flags)` runs first, in the same io job (it may
+    refuse the STORE by raising)."""
+    if check is not None:
+        check(folder, flags)
     state = folder._state
     with state.lock:
         before = folder.modseqs(uids)
@@ -368,7 +372,8 @@ class CondstoreCommands(Session):
     # -- STORE ------------------------------------------------------------------------------------
     @defer.inlineCallbacks
     def condstore_store(self, uids: list[int], flags: list[str], mode: bytes, silent: bool,
-                        uid: bool, unchangedsince: Optional[int]):
+                        uid: bool, unchangedsince: Optional[int],
+                        check: Optional[Callable[[Folder, list[str]], None]] = None):
         """STORE with CONDSTORE on or UNCHANGEDSINCE (RFC 7162 §3.1.3): every FETCH carries
         MODSEQ, and messages changed after UNCHANGEDSINCE are left alone and named in
         [MODIFIED]. Without CONDSTORE: a plain STORE (RFC 3501 §6.4.6)."""
@@ -376,7 +381,7 @@ class CondstoreCommands(Session):
             yield self.enable_condstore()
         sel = self.sel
         results, modified = yield self.io(store_modseq, sel.folder, uids, flags, mode,
-                                          unchangedsince)
+                                          unchangedsince, check)
         if self.sel is not sel:
             return b"STORE completed"
         with_uid = uid or self.qresync

@@ -25,6 +25,7 @@ from mailsuite.imap.responses import bad
 from mailsuite.imap.selection import Selection
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
+from mailsuite.mailbox.memo import FileMemo, content_id
 
 STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the file
 CHUNK = 64 * 1024
@@ -351,6 +352,7 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
         headers = folder.headers(uids, extract_header)
         return {u: header_pieces(h, u, wanted) for u in uids if (h := headers.get(u)) is not None}
     out: dict[int, dict[int, Piece]] = {}
+    memo = folder.account.store.memo
     for u in uids:
         try:
             f = folder.open_message(u)
@@ -358,7 +360,7 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
             continue
         with f:
             try:
-                out[u] = compute_one(f, u, atts)
+                out[u] = compute_one(f, u, atts, memo)
             except (OSError, ValueError):
                 continue
     return out
@@ -396,9 +398,45 @@ def header_pieces(header: bytes, uid: int, wanted: list[FetchAtt]) -> dict[int, 
     return out
 
 
-def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt]) -> dict[int, Piece]:
+def _structure(a: FetchAtt) -> Optional[bytes]:
+    """The name of a structure item (ENVELOPE, BODY, BODYSTRUCTURE), None for others."""
+    return a.name if a.section is None and a.name in STRUCTURE_ITEMS else None
+
+
+STRUCTURE_ITEMS = (b"ENVELOPE", b"BODY", b"BODYSTRUCTURE")
+
+
+def compute_one(f: BinaryIO, uid: int, atts: list[FetchAtt],
+                memo: Optional[FileMemo] = None) -> dict[int, Piece]:
+    """The items of one message that need its file. Structures are taken from / kept in
+    `memo` (docs/design/maildir.md, "Derived values of message files")."""
     size = os.fstat(f.fileno()).st_size
     wanted = [a for a in atts if a.name not in INDEX_ITEMS]
+    cid = content_id(f.name, size) if memo is not None and isinstance(f.name, str) else None
+    if cid is None:
+        return _compute_items(f, uid, wanted, size)
+    out: dict[int, Piece] = {}
+    rest = []
+    for a in wanted:
+        kind = _structure(a)
+        value = memo.get((cid, kind)) if kind is not None else None
+        if value is not None:
+            out[id(a)] = value
+        else:
+            rest.append(a)
+    if rest:
+        computed = _compute_items(f, uid, rest, size)
+        out.update(computed)
+        for a in rest:
+            kind = _structure(a)
+            value = computed[id(a)]
+            if kind is not None and isinstance(value, bytes):
+                memo.put((cid, kind), value)
+    return out
+
+
+def _compute_items(f: BinaryIO, uid: int, wanted: list[FetchAtt], size: int
+                   ) -> dict[int, Piece]:
     only_header = header_only(wanted)
     need_tree = any(a.name in (b"ENVELOPE", b"BODY", b"BODYSTRUCTURE", b"RFC822.TEXT") and a.section is None
                     or (a.section is not None and a.path) for a in wanted)

@@ -17,7 +17,7 @@ from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
-from mailsuite.mailbox.store import Folder, MailboxError, NoSuchMessage
+from mailsuite.mailbox.store import Account, Folder, MailboxError, NoSuchMessage
 
 BATCH = 200  # messages per thread-pool call in SEARCH (and FETCH, see fetch.py)
 
@@ -44,11 +44,11 @@ class MessageCommands(Session):
         if sel.readonly:
             raise no("mailbox is read-only", R.READ_ONLY)
         mode = item[:1] if item[:1] in (b"+", b"-") else b"="
-        if mode != b"-" and _keywords(flags):
-            yield self.io(check_keyword_room, sel.folder, flags)
+        check = check_keyword_room if mode != b"-" and _keywords(flags) else None
         # Every STORE goes through the store's mod-sequences (RFC 7162; condstore.py), so
         # what this session reports later carries the right MODSEQ.
-        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince)
+        result = yield self.condstore_store(uids, flags, mode, silent, uid, unchangedsince,
+                                            check)
         return result
 
     @defer.inlineCallbacks
@@ -61,22 +61,18 @@ class MessageCommands(Session):
         verb = b"MOVE" if move else b"COPY"
         if move and sel.readonly:
             raise no("mailbox is read-only", R.READ_ONLY)
-        try:
-            dest = yield self.io(self.account.folder, name)
-        except MailboxError as e:
-            # RFC 3501 §6.4.7: the client may CREATE the folder and try again.
-            raise no_for(e, "no such mailbox", R.TRYCREATE)
-        if not uids:
-            return verb + b" completed (nothing to do)"
         # The copies keep their keywords (RFC 3501 §6.4.7): refuse rather than drop any that
         # the destination has no room for.
         carried = sorted({f for u in uids if (info := sel.info(u)) is not None
                           for f in info.flags if not f.startswith("\\")})
-        if carried:
-            yield self.io(check_keyword_room, dest, carried)
-        pairs = yield self.io(sel.folder.move if move else sel.folder.copy, uids, dest)
+        missing, validity, pairs = yield self.io(copy_messages, self.account, name, sel.folder,
+                                                 uids, carried, move)
+        if missing is not None:
+            # RFC 3501 §6.4.7: the client may CREATE the folder and try again.
+            raise no_for(missing, "no such mailbox", R.TRYCREATE)
+        if not uids:
+            return verb + b" completed (nothing to do)"
         pairs = sorted(pairs)
-        validity = yield self.io(uidvalidity, dest)
         copyuid = R.code(b"COPYUID", b"%d" % validity, format_set([a for a, _ in pairs]),
                          format_set([b for _, b in pairs])) if pairs else b""
         if move:
@@ -181,6 +177,23 @@ def check_keyword_room(folder: Folder, flags: list[str]) -> None:
     if new and len(known) + len(new) > MAX_KEYWORDS:
         raise no(f"this folder already has {len(known)} keywords, the most it can hold is "
                  f"{MAX_KEYWORDS}", R.LIMIT)
+
+
+def copy_messages(account: Account, name: str, source: Folder, uids: list[int],
+                  carried: list[str], move: bool
+                  ) -> tuple[MailboxError | None, int, list[tuple[int, int]]]:
+    """COPY/MOVE in one io-pool job (each job may wait in the pool's queue under load):
+    (the error if the destination does not exist, its UIDVALIDITY, (old, new) UID pairs)."""
+    try:
+        dest = account.folder(name)
+    except MailboxError as e:
+        return e, 0, []
+    if not uids:
+        return None, 0, []
+    if carried:
+        check_keyword_room(dest, carried)
+    pairs = source.move(uids, dest) if move else source.copy(uids, dest)
+    return None, uidvalidity(dest), pairs
 
 
 def store_flags(folder: Folder, uids: list[int], flags: list[str],

@@ -164,10 +164,12 @@ class FolderState:
     highestmodseq: int = 0
 
 
-def sync_folder(folder: Folder) -> FolderState:
-    token = folder.state_token()
-    infos = folder.sync()
-    recent = folder.recent
+def sync_folder(folder: Folder, token: object = None) -> FolderState:
+    """The folder's state in one io-pool job and one hold of its lock (`token`: the
+    state_token just taken, before the sync, so a change during the sync is seen next time)."""
+    if token is None:
+        token = folder.state_token()
+    infos, keywords, uidvalidity, uidnext, recent, highest = folder.synced_state()
     if recent:
         # Only messages still there (an expunged one keeps no \Recent to count). After a first
         # SELECT of a large folder most are recent: one set beats a bisection per message.
@@ -175,8 +177,16 @@ def sync_folder(folder: Folder) -> FolderState:
             recent = recent & {i.uid for i in infos}
         else:
             recent = frozenset(u for u in recent if _present(infos, u))
-    return FolderState(infos, list(folder.keywords), token, folder.uidvalidity, folder.uidnext,
-                       recent, folder.highest_modseq())
+    return FolderState(infos, keywords, token, uidvalidity, uidnext, recent, highest)
+
+
+def refresh_folder(folder: Folder, known: object) -> Optional[FolderState]:
+    """None if the folder's state_token is still `known`, else its synced state: the check
+    and the sync are one io-pool job (each job may wait in the pool's queue under load)."""
+    token = folder.state_token()
+    if token == known:
+        return None
+    return sync_folder(folder, token)
 
 
 def _present(infos: list[MessageInfo], uid: int) -> bool:
@@ -353,14 +363,16 @@ class SelectionCommands(Session):
         sel = self.sel
         if sel is None or self.closed:
             return
-        if shared:
-            token = yield self.shared_state_token(sel.folder)
-        else:
-            token = yield self.io(sel.folder.state_token)
-        if token == sel.token:
-            return
         try:
-            st = yield self.io(sync_folder, sel.folder)
+            if shared:
+                token = yield self.shared_state_token(sel.folder)
+                if token == sel.token:
+                    return
+                st = yield self.io(sync_folder, sel.folder)
+            else:
+                st = yield self.io(refresh_folder, sel.folder, sel.token)
+                if st is None:
+                    return
         except NoSuchFolder:
             # Deleted or renamed by another session: RFC 3501 §7.1.5 allows BYE here, and
             # sequence numbers could no longer be kept consistent.

@@ -11,7 +11,8 @@ Public API (used by IMAP, POP3, delivery and the tests):
              rename_folder, subscribe, unsubscribe, subscriptions, special_use, folder_exists
     Folder:  sync, messages, get, uidvalidity, uidnext, open_message, set_flags, append,
              copy, move, expunge, keywords, state_token, recent
-Exceptions live in `errors.py`; the per-folder index that Folders share in `index.py`.
+Exceptions live in `errors.py`, folder names in `names.py`; the per-folder index that Folders
+share in `index.py`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,10 @@ from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public excepti
     StoreUnavailable, UnsafePath,
 )
 from mailsuite.mailbox.index import FolderIndex, MessageInfo  # noqa: F401 (public)
+from mailsuite.mailbox.memo import FileMemo
+from mailsuite.mailbox.names import (  # noqa: F401 (public through the store)
+    DELIMITER, _tab_escape, _tab_unescape, canonical_name, decode_folder_dir, encode_folder_dir,
+)
 from mailsuite.safeio import atomic_write, fsync_dir
 
 
@@ -81,7 +86,6 @@ SPECIAL_USE: dict[str, str] = {
 }
 
 SYSTEM_FLAGS = frozenset(FLAG_LETTERS)
-DELIMITER = "/"
 
 
 class MailStore:
@@ -106,6 +110,8 @@ class MailStore:
         self._recent: collections.OrderedDict[str, FolderIndex] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._trim_pending = False
+        # ENVELOPE/BODYSTRUCTURE of recently fetched messages (memo.py).
+        self.memo = FileMemo()
 
     def account(self, address: str) -> "Account":
         """The account of an address: <mail_dir>/<domain>/<localpart>/, lower-cased.
@@ -530,6 +536,23 @@ class Folder:
                 self._shown_upto = infos[-1].uid if infos else 0
             return infos
 
+    def synced_state(self) -> tuple[list[MessageInfo], list[str], int, int, frozenset, int]:
+        """sync(), then (messages, keywords, UIDVALIDITY, UIDNEXT, recent, HIGHESTMODSEQ) as of
+        that sync, under one hold of the folder lock: the uidlist and keywords were just
+        re-read by the sync, so they are not stat()ed again (docs/design/maildir.md,
+        "Folder states in memory")."""
+        state = self._state
+        with state.lock:
+            infos = self.sync()
+            if state.uidlist is None:
+                state.ensure_uidlist()
+            ul = state.uidlist
+            keywords = [k for k in state.keywords if k]
+            recent = self.recent
+            state.reconcile_modseqs()
+            return (infos, keywords, ul.uidvalidity, ul.nextuid, recent,
+                    state.modseqs.highest)
+
     def release(self, uids: Iterable[int]) -> bool:
         """The session has announced these EXPUNGEs: it no longer needs their content.
         Never blocks (reactor thread); True if pins were given back, whose files go at the
@@ -544,9 +567,14 @@ class Folder:
         return released
 
     def drain_held(self) -> None:
-        """Unlink the held files whose pins are all back (io pool)."""
-        with self._state.lock:
-            drain_held(self._state)
+        """Unlink the held files whose pins are all back (io pool). Never waits for the
+        folder lock: whoever holds it is in sync() or expunge(), which drain too."""
+        lock = self._state.lock
+        if lock.acquire(blocking=False):
+            try:
+                drain_held(self._state)
+            finally:
+                lock.release()
 
     def messages(self) -> list[MessageInfo]:
         """The result of the last sync() without touching the disk (sync() first if never)."""
@@ -610,6 +638,23 @@ class Folder:
     def open_message(self, uid: int) -> BinaryIO:
         """The message file opened for binary reading; NoSuchMessage if it is gone."""
         state = self._state
+        if state.synced:
+            # Without the folder lock (docs/design/maildir.md, "Reading without the lock"):
+            # a name is never reused, so a stale entry can only fail to open, and then the
+            # locked path below lists cur/ again.
+            info = state.infos.get(uid)
+            path = info.path if info is not None else None
+            if path is None and uid in self._pinned:
+                # Expunged elsewhere, not yet announced to this session: our pin keeps it.
+                held = state.held.get(uid)
+                path = held[0] if held is not None else None
+            if path is not None:
+                try:
+                    return open(path, "rb")
+                except FileNotFoundError:
+                    pass
+            elif info is None and uid not in self._pinned:
+                raise NoSuchMessage(f"no message with UID {uid}")
         for attempt in range(2):
             with state.lock:
                 if attempt:
@@ -636,12 +681,20 @@ class Folder:
         or, for messages it lacks, `extract(file)` (then cached; docs/design/maildir.md,
         "Header cache")."""
         state = self._state
-        with state.lock:
-            if not state.synced:
-                state.sync()
-            infos = [i for u in uids if (i := state.infos.get(u)) is not None]
-            uidvalidity = state.ensure_uidlist().uidvalidity
+        ul = state.uidlist
+        if state.synced and ul is not None:
+            # Without the folder lock (docs/design/maildir.md, "Reading without the lock"):
+            # cache records are matched by UID, size and Maildir key, never by UID alone.
             live = state.infos
+            infos = [i for u in uids if (i := live.get(u)) is not None]
+            uidvalidity = ul.uidvalidity
+        else:
+            with state.lock:
+                if not state.synced:
+                    state.sync()
+                infos = [i for u in uids if (i := state.infos.get(u)) is not None]
+                uidvalidity = state.ensure_uidlist().uidvalidity
+                live = state.infos
         found = message_headers(state.header_cache, infos, uidvalidity, live,
                                 lambda u: self._read_header(u, extract))
         for u in uids:  # expunged elsewhere but still shown to this session: not cached
@@ -713,10 +766,12 @@ class Folder:
                     state.meta[key] = (size, mtime)
                     keys.append(key)
                     names[key] = os.path.basename(final)
-                fsync_dir(cur)
                 uids = state.register(keys, names)
                 renamed = []
-                return uids
+            # After the lock (docs/design/maildir.md, "Reading without the lock"): APPEND is
+            # answered only after this fsync, other sessions need not wait for it.
+            fsync_dir(cur)
+            return uids
         finally:
             for path in [t for t, _, _ in staged] + renamed:
                 try:
@@ -755,8 +810,8 @@ class Folder:
                 names[key] = os.path.basename(target)
             if not pairs_keys:
                 return []
-            fsync_dir(cur)
             new_uids = dstate.register([k for _, k in pairs_keys], names)
+        fsync_dir(cur)  # before COPY is answered, after the lock (as in append_many)
         return [(old, new) for (old, _), new in zip(pairs_keys, new_uids)]
 
     def move(self, uids: Iterable[int], dest: "Folder") -> list[tuple[int, int]]:
@@ -957,71 +1012,3 @@ def _sweep_held(path: str) -> None:
             os.unlink(os.path.join(tmp, n))
         except FileNotFoundError:
             pass
-
-
-# -- names -----------------------------------------------------------------------------------
-_FORBIDDEN = set("\\*%") | {chr(c) for c in range(32)} | {"\x7f"}
-
-
-def canonical_name(name: str) -> str:
-    """Validate an IMAP folder name (already decoded from modified UTF-7) and return it with
-    INBOX normalised. Raises InvalidMailboxName for anything that could leave the Maildir."""
-    if not isinstance(name, str) or not name:
-        raise InvalidMailboxName("empty mailbox name")
-    if name.upper() == "INBOX":
-        return "INBOX"
-    parts = name.split(DELIMITER)
-    if parts[0].upper() == "INBOX":
-        parts[0] = "INBOX"
-    for part in parts:
-        if not part:
-            raise InvalidMailboxName("empty hierarchy level in mailbox name")
-        if part.startswith("."):
-            raise InvalidMailboxName("mailbox names cannot begin with '.'")
-        if any(c in _FORBIDDEN for c in part):
-            raise InvalidMailboxName("mailbox name contains a forbidden character")
-        if part.strip() != part:
-            raise InvalidMailboxName("mailbox name begins or ends with a space")
-    result = DELIMITER.join(parts)
-    if len(encode_folder_dir(result)) > 250:
-        raise InvalidMailboxName("mailbox name too long")
-    return result
-
-
-def encode_folder_dir(name: str) -> str:
-    """IMAP name -> Maildir++ directory: "Archive/2026" -> ".Archive.2026" (modified UTF-7
-    as Dovecot stores it; a '.' inside a name is written as its UTF-7 form '&AC4-')."""
-    parts = []
-    for part in name.split(DELIMITER):
-        enc = part.encode("imap4-utf-7").decode("ascii")
-        parts.append(enc.replace(".", "&AC4-"))
-    return "." + ".".join(parts)
-
-
-def decode_folder_dir(entry: str) -> str:
-    parts = entry[1:].split(".")
-    if not all(parts):
-        raise ValueError(entry)
-    return DELIMITER.join(p.encode("ascii").decode("imap4-utf-7") for p in parts)
-
-
-_TAB_ESCAPES = {"\x01": "1", "\t": "t", "\r": "r", "\n": "n"}
-_TAB_UNESCAPES = {v: k for k, v in _TAB_ESCAPES.items()}
-
-
-def _tab_escape(text: str) -> str:
-    """Dovecot's str_append_tabescaped()."""
-    return "".join("\x01" + _TAB_ESCAPES[c] if c in _TAB_ESCAPES else c for c in text)
-
-
-def _tab_unescape(text: str) -> str:
-    out, i = [], 0
-    while i < len(text):
-        c = text[i]
-        if c == "\x01" and i + 1 < len(text):
-            out.append(_TAB_UNESCAPES.get(text[i + 1], text[i + 1]))
-            i += 2
-        else:
-            out.append(c)
-            i += 1
-    return "".join(out)
