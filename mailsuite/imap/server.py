@@ -178,6 +178,14 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         if d is not None and not d.called:
             d.errback(ierror.ConnectionDone())
         self.idle_wakeup()
+        if not self.busy:
+            self._let_go()
+
+    def _let_go(self) -> None:
+        """A closed session drops its selection at once, so the store can release the folder's
+        state (docs/design/maildir.md, "Folder states in memory") without waiting for this
+        object to be collected; a command still running lets go when it is done."""
+        self.sel = None
 
     def timeoutConnection(self) -> None:
         if self.busy and self.idling is None and (
@@ -575,6 +583,8 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
 
     def done(self) -> None:
         self.busy = False
+        if self.closed:
+            self._let_go()
         self.resetTimeout()
         spools, self.running_spools = self.running_spools, []
         for sp in spools:

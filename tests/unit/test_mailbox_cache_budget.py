@@ -93,8 +93,7 @@ def test_imap_sessions_hold_a_folder_and_close_releases_it(world):  # noqa: F811
     gc.collect()
     assert big in world.store.loaded_folders()  # b still shows it
     b.cmd(b"l LOGOUT")
-    b.close()
-    del b  # the connection's protocol object goes (it keeps its last selection)
+    b.close()  # the protocol object lives on (b holds it), its selection does not
     gc.collect()
     assert big not in world.store.loaded_folders()
     assert world.store.cached_folders() == {}
