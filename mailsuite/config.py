@@ -118,7 +118,7 @@ class IMAPSection:
     # Folder indexes no session uses, kept in memory for a cheap re-open (docs/design/maildir.md,
     # "Folder states in memory"): at most this many, and at most this many MiB (estimated).
     max_cached_folders: int = 32
-    folder_cache_mb: int = 16
+    folder_cache_mb: int = 8
 
 
 @dataclass

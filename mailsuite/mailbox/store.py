@@ -95,7 +95,7 @@ class MailStore:
     of this process, so a second SELECT of a large folder costs a few stat() calls."""
 
     def __init__(self, mail_dir: str, max_cached_folders: int = 32,
-                 folder_cache_bytes: int = 16 * 1024 * 1024):
+                 folder_cache_bytes: int = 8 * 1024 * 1024):
         self.mail_dir = os.path.abspath(mail_dir)
         # mail_dir itself may legitimately be a symlink (/var/mail -> /srv/mail): paths are
         # compared after resolving, against where it resolves.
