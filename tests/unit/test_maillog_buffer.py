@@ -42,13 +42,19 @@ def test_nothing_is_written_on_the_emitting_thread_and_all_is_written_in_order_a
     assert written(seen) == [0, 1, 2, 3, 4, 5]
 
 
-def test_batches_keep_their_order_behind_a_slow_writer():
+def slow_writer_observer():
+    """A started observer whose writer thread runs only when the test drains it."""
     seen: list[dict] = []
     clock = task.Clock()
     writer = ManualPool()
     buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1,
                                    in_reactor_thread=reactor_thread)
     buffered.start()
+    return seen, clock, writer, buffered
+
+
+def test_batches_keep_their_order_behind_a_slow_writer():
+    seen, clock, writer, buffered = slow_writer_observer()
     buffered(event(1))
     clock.advance(0.1)
     buffered(event(2))
@@ -59,12 +65,7 @@ def test_batches_keep_their_order_behind_a_slow_writer():
 
 
 def test_stop_writes_everything_buffered_and_then_writes_directly():
-    seen: list[dict] = []
-    clock = task.Clock()
-    writer = ManualPool()
-    buffered = BufferedLogObserver(seen.append, clock, writer, interval=0.1,
-                                   in_reactor_thread=reactor_thread)
-    buffered.start()
+    seen, clock, writer, buffered = slow_writer_observer()
     buffered(event(1))
     clock.advance(0.1)  # batch [1] is with the writer, not written yet
     buffered(event(2))
