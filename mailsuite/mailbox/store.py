@@ -36,6 +36,7 @@ from mailsuite.mailbox.maildir import (
 )
 from mailsuite.mailbox import maildir as _maildir
 from mailsuite.mailbox.cache import message_headers
+from mailsuite.mailbox.held import HELD_PREFIX, drain_held, sweep_held
 from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public exceptions)
     FolderExists, InvalidMailboxName, MailboxError, NoSuchFolder, NoSuchMessage,
     StoreUnavailable, UnsafePath,
@@ -519,7 +520,7 @@ class Folder:
         state = self._state
         with state.lock:
             if not state.held_swept:
-                _sweep_held(self.path)
+                sweep_held(self.path)
                 state.held_swept = True
             drain_held(state)
             state.sync()
@@ -976,39 +977,3 @@ class Folder:
                 state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")
-
-
-HELD_PREFIX = "expunged."  # held files in tmp/: expunged.<uid>.<key>
-
-
-def drain_held(state: FolderIndex) -> None:
-    """Give back the pins sessions released; unlink held files nobody shows any more.
-    Under the folder's lock, in the io pool."""
-    releases = state.releases
-    while releases:
-        uid = releases.pop()
-        held = state.held.get(uid)
-        if held is None:
-            continue
-        held[1] -= 1
-        if held[1] <= 0:
-            del state.held[uid]
-            try:
-                os.unlink(held[0])
-            except FileNotFoundError:
-                pass
-
-
-def _sweep_held(path: str) -> None:
-    """Held files a crashed or stopped process left in tmp/: a new FolderIndex means no
-    session of this process shows them."""
-    tmp = os.path.join(path, "tmp")
-    try:
-        names = [n for n in os.listdir(tmp) if n.startswith(HELD_PREFIX)]
-    except FileNotFoundError:
-        return
-    for n in names:
-        try:
-            os.unlink(os.path.join(tmp, n))
-        except FileNotFoundError:
-            pass
