@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import email.utils
 import re
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from mailsuite.imap import message as mimeparse
 from mailsuite.imap.parser import Atom, ParseError, Token
 from mailsuite.imap.search import decode_header
+from mailsuite.mailbox.memo import BoundedMemo
 
 # -- base subject (RFC 5256 §2.1) ----------------------------------------------------------------
 
@@ -142,28 +141,12 @@ def fields_of(header: bytes) -> Fields:
                   mid[0] if mid else None, tuple(refs))
 
 
-class FieldCache:
+class FieldCache(BoundedMemo):
     """A bounded LRU of Fields by (folder directory, Maildir key): a message's file never
     changes, only its name (flags) does. Shared by the io pool's threads."""
 
     def __init__(self, size: int = 50_000):
-        self.size = size
-        self._d: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple) -> Optional[Fields]:
-        with self._lock:
-            v = self._d.get(key)
-            if v is not None:
-                self._d.move_to_end(key)
-            return v
-
-    def put(self, key: tuple, value: Fields) -> None:
-        with self._lock:
-            self._d[key] = value
-            self._d.move_to_end(key)
-            while len(self._d) > self.size:
-                self._d.popitem(last=False)
+        super().__init__(size)
 
 
 CACHE = FieldCache()

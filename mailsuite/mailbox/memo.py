@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from typing import Hashable, Optional
+from typing import Any, Callable, Hashable, Optional
 
 
 def content_id(path: str, size: int) -> tuple[str, int]:
@@ -16,39 +16,53 @@ def content_id(path: str, size: int) -> tuple[str, int]:
     return (path.partition(":2,")[0], size)
 
 
-class FileMemo:
-    """Least recently used entries (bytes values) beyond `max_bytes` are dropped."""
+class BoundedMemo:
+    """A thread-safe LRU whose entries together cost at most `max_cost` (`cost(value)` each,
+    1 by default: a count); an entry costing more than a sixteenth of the budget is not kept,
+    so one huge value cannot push everything else out."""
 
-    def __init__(self, max_bytes: int = 4 * 1024 * 1024):
-        self.max_bytes = max_bytes
-        self._entries: collections.OrderedDict[Hashable, bytes] = collections.OrderedDict()
-        self._bytes = 0
+    def __init__(self, max_cost: int, cost: Callable[[Any], int] = lambda value: 1):
+        self.max_cost = max_cost
+        self._cost = cost
+        self._entries: collections.OrderedDict[Hashable, Any] = collections.OrderedDict()
+        self._used = 0
         self._lock = threading.Lock()
 
-    def get(self, key: Hashable) -> Optional[bytes]:
+    def get(self, key: Hashable) -> Optional[Any]:
         with self._lock:
             value = self._entries.get(key)
             if value is not None:
                 self._entries.move_to_end(key)
             return value
 
-    def put(self, key: Hashable, value: bytes) -> None:
-        cost = len(value) + 200  # the key and the dict entry, roughly
-        if cost > self.max_bytes // 16:
-            return  # one huge structure must not push everything else out
+    def put(self, key: Hashable, value: Any) -> None:
+        cost = self._cost(value)
+        if cost > max(1, self.max_cost // 16):
+            return
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
-                self._bytes -= len(old) + 200
+                self._used -= self._cost(old)
             self._entries[key] = value
-            self._bytes += cost
-            while self._bytes > self.max_bytes:
+            self._used += cost
+            while self._used > self.max_cost:
                 _, dropped = self._entries.popitem(last=False)
-                self._bytes -= len(dropped) + 200
+                self._used -= self._cost(dropped)
 
     def __len__(self) -> int:
         return len(self._entries)
 
+
+class FileMemo(BoundedMemo):
+    """Serialized structures (bytes) of message files, bounded in bytes."""
+
+    def __init__(self, max_bytes: int = 4 * 1024 * 1024):
+        super().__init__(max_bytes, lambda value: len(value) + 200)  # + the key and dict entry
+
+    @property
+    def max_bytes(self) -> int:
+        return self.max_cost
+
     @property
     def bytes_used(self) -> int:
-        return self._bytes
+        return self._used
