@@ -7,9 +7,10 @@ import threading
 
 import pytest
 
-from mailsuite.mailbox.store import MailStore, NoSuchMessage
+from mailsuite.mailbox.store import NoSuchMessage
 from mailsuite.imap.fetch import extract_header
 from mailsuite.imap.selection import refresh_folder, sync_folder
+from tests.unit.test_mailbox_store import account  # noqa: F401 (the fixture: a laid-out account)
 
 BODY = b"From: a@example.net\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -30,13 +31,6 @@ class Busy:
 
     def __exit__(self, *exc):
         return False
-
-
-@pytest.fixture
-def account(tmp_path):
-    acct = MailStore(str(tmp_path / "mail")).account("alice@example.org")
-    acct.ensure_layout()
-    return acct
 
 
 def test_open_and_headers_of_a_synced_folder_take_no_lock(account):
