@@ -117,6 +117,7 @@ class DotLock:
         self.lock_path = path + ".lock"
         self.rules = rules
         self._ino: int | None = None
+        self._owner = f"{rules.pid()}:{rules.hostname}\n".encode()
 
     def __enter__(self) -> "DotLock":
         owner = "unknown"
@@ -133,9 +134,10 @@ class DotLock:
                 self._ino = os.fstat(fd).st_ino
                 with _held_lock:  # before the owner is written: see LockRules.stale
                     _held[self.lock_path] = self
-                os.write(fd, f"{self.rules.pid()}:{self.rules.hostname}\n".encode())
+                os.write(fd, self._owner)
             except BaseException:
                 os.close(fd)
+                os.unlink(self.lock_path)
                 self.__exit__()
                 raise
             os.close(fd)
@@ -144,8 +146,15 @@ class DotLock:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            # Only our own file: if it was broken and taken by another, it is theirs now.
-            if os.stat(self.lock_path, follow_symlinks=False).st_ino == self._ino:
+            # Only our own file: if it was broken and taken by another, it is theirs now (the
+            # inode number alone may be reused at once, so the owner written is compared too).
+            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                ours = (os.fstat(fd).st_ino == self._ino
+                        and os.read(fd, _READ_LIMIT) == self._owner)
+            finally:
+                os.close(fd)
+            if ours:
                 os.unlink(self.lock_path)
         except FileNotFoundError:
             pass
