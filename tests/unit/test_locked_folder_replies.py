@@ -11,6 +11,7 @@ from mailsuite.pop3 import server_factory
 from tests.unit.imapkit import simple, world  # noqa: F401 (fixture)
 from tests.unit.pop3kit import FakeTLS, Pop3World, message
 from tests.unit.test_mailbox_locks import live_owner, make_lock
+from tests.unit.test_mailbox_store import deliver
 
 WAIT = 2.0
 
@@ -65,3 +66,23 @@ def test_pop3_login_to_a_locked_maildrop_is_err_in_use_after_the_bound(tmp_path)
     assert c.command("USER alice@example.org").startswith(b"+OK")
     assert c.command("PASS secret-pw-1").startswith(b"+OK")
     assert c.command("STAT").startswith(b"+OK 1 ")
+
+
+def test_imap_idle_outlives_a_lock_held_past_the_bound(world):
+    world.deliver("alice@example.org", simple("one"))
+    alice = world.connect()
+    waiting(alice)
+    assert alice.cmd(b"A SELECT INBOX")[-1].startswith(b"A OK")
+    alice.send(b"I IDLE\r\n")
+    assert alice.line() == b"+ idling"
+    lock = make_lock(os.path.join(world.maildir("alice@example.org"), UIDLIST), live_owner())
+    deliver(world.maildir("alice@example.org"), 1)  # world.deliver would reuse the first name
+    for _ in range(int(3 * WAIT / 0.5)):
+        world.clock.advance(0.5)
+    assert alice.pending() == b""  # still idling: no tagged NO [INUSE] ends it
+    os.unlink(lock)
+    for _ in range(4):
+        world.clock.advance(0.5)
+    alice.send(b"DONE\r\n")
+    lines = alice.response(b"I")
+    assert b"* 2 EXISTS" in lines and lines[-1].startswith(b"I OK")
