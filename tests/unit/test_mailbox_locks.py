@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import task
 from twisted.logger import capturedLogs
 
 from mailsuite.mailbox.dotlock import DotLock, LockRules
@@ -17,6 +17,7 @@ from mailsuite.mailbox.maildir import UIDLIST
 from mailsuite.mailbox.store import MailStore
 from mailsuite.mailbox.waits import LockWaitingPool
 from mailsuite.pools import InlinePool
+from tests.unit.test_imap_append_spool import QueuedPool
 from tests.unit.test_mailbox_store import deliver
 
 HOST = "mx1.example"
@@ -115,24 +116,6 @@ def test_release_leaves_a_lock_another_process_took_over(tmp_path):
 
 
 # -- waiting on the reactor ------------------------------------------------------------------
-class ManualPool:
-    """A WorkPool whose jobs run only when the test says so: what is queued here is what
-    would hold a pool thread."""
-
-    def __init__(self) -> None:
-        self.queued: list = []
-
-    def run(self, fn, *args, **kwargs) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.queued.append((fn, args, kwargs, d))
-        return d
-
-    def drain(self) -> None:
-        while self.queued:
-            fn, args, kwargs, d = self.queued.pop(0)
-            defer.maybeDeferred(fn, *args, **kwargs).chainDeferred(d)
-
-
 def locked_job(path: str) -> str:
     with DotLock(path):
         return "done"
@@ -141,11 +124,11 @@ def locked_job(path: str) -> str:
 def test_waiters_hold_no_pool_thread_and_others_are_served(tmp_path):
     path = str(tmp_path / "dovecot-uidlist")
     lock = make_lock(path, live_owner())
-    pool, clock = ManualPool(), task.Clock()
+    pool, clock = QueuedPool(), task.Clock()
     waiting = LockWaitingPool(pool, clock, wait=5.0)
     results = [waiting.run(locked_job, path) for _ in range(10)]
     pool.drain()
-    assert pool.queued == [] and waiting.waiting() == {lock: 10}  # nothing in the pool
+    assert pool.calls == [] and waiting.waiting() == {lock: 10}  # nothing in the pool
     other = waiting.run(lambda: "other user served")
     pool.drain()
     assert other.result == "other user served"
@@ -160,7 +143,7 @@ def test_waiters_hold_no_pool_thread_and_others_are_served(tmp_path):
 def test_the_wait_is_bounded_then_the_caller_gets_lock_busy(tmp_path):
     path = str(tmp_path / "dovecot-uidlist")
     make_lock(path, live_owner())
-    pool, clock = ManualPool(), task.Clock()
+    pool, clock = QueuedPool(), task.Clock()
     d = LockWaitingPool(pool, clock, wait=2.0).run(locked_job, path)
     failures = []
     d.addErrback(failures.append)
@@ -168,7 +151,7 @@ def test_the_wait_is_bounded_then_the_caller_gets_lock_busy(tmp_path):
     tries = 1
     while clock.getDelayedCalls():
         clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
-        tries += len(pool.queued)
+        tries += len(pool.calls)
         pool.drain()
     assert failures and failures[0].check(LockBusy)
     assert clock.seconds() == pytest.approx(2.0)
