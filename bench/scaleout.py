@@ -125,26 +125,25 @@ class Cluster:
 
 def private_database(base_url: str) -> tuple[str, str]:
     """Create a database of our own beside `base_url`'s; (its URL, its name)."""
-    from sqlalchemy import create_engine, text
     from sqlalchemy.engine import make_url
 
     name = f"bench_scaleout_{secrets.token_hex(4)}"
-    engine = create_engine(base_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    finally:
-        engine.dispose()
+    _run_outside_transaction(base_url, f'CREATE DATABASE "{name}"')
     return make_url(base_url).set(database=name).render_as_string(hide_password=False), name
 
 
 def drop_database(base_url: str, name: str) -> None:
+    _run_outside_transaction(base_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _run_outside_transaction(url: str, statement: str) -> None:
+    """CREATE/DROP DATABASE refuse to run inside a transaction block."""
     from sqlalchemy import create_engine, text
 
-    engine = create_engine(base_url, isolation_level="AUTOCOMMIT")
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
     try:
         with engine.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            conn.execute(text(statement))
     finally:
         engine.dispose()
 
