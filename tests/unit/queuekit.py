@@ -229,3 +229,9 @@ class MailLog:
 
     def of(self, queue_id: str) -> list[str]:
         return [line for line in self.lines if line.startswith(f"queue_id={queue_id} ")]
+
+
+def spool_files(directory: str) -> list[str]:
+    """The files of a spool directory, sorted (incoming/ and instances/ are directories)."""
+    return sorted(n for n in os.listdir(directory)
+                  if not os.path.isdir(os.path.join(directory, n)))
