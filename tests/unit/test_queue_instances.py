@@ -97,15 +97,15 @@ def test_a_copy_another_process_wrote_is_found_though_we_submitted_the_entry(
     ours = make_kit(data_dir)
     request.addfinalizer(ours.stop)
     qid = submit(ours, CAROL, [(ALICE, local_route(ALICE))], message("raced"))  # not started
-    other = started(data_dir, request)
 
     def killed(*args, **kwargs):
         raise RuntimeError("killed before the envelope update")
 
     monkeypatch.setattr(Spool, "save", killed)
     monkeypatch.setattr(Spool, "remove", killed)
-    other.advance(0)  # its first scan finds the entry and delivers it
+    other = started(data_dir, request)  # its first scan finds the entry and delivers it
     [copy] = other.messages(ALICE)
+    assert ours.exists(qid)
     other.stop()
     monkeypatch.undo()
     maildir = os.path.dirname(os.path.dirname(copy))
