@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Literal
 
-from mailsuite.queue.instances import Instances, instance_name, split_owner
+from mailsuite.queue.instances import Instances, split_owner
 from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
 Stamp = tuple[int, int]

@@ -152,6 +152,15 @@ def make_kit(data_dir: str, remote: FakeAgent | None = None, notifier: FakeNotif
                store=MailStore(config.mail_dir), remote=remote, notifier=notifier)
 
 
+def started(data_dir: str, request: Any, **kw: Any) -> Kit:
+    """make_kit, started (its first scan done), stopped at the end of the test."""
+    kit = make_kit(data_dir, **kw)
+    request.addfinalizer(kit.stop)
+    kit.runner.startService()
+    kit.advance(0)
+    return kit
+
+
 def submit(kit: Kit, sender: str, recipients: list[tuple[str, Route]], data: bytes,
            meta: dict | None = None) -> str:
     """Submit and return the queue id (the inline pool fires at once)."""

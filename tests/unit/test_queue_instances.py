@@ -17,8 +17,8 @@ from mailsuite import logwriter
 from mailsuite.logwriter import BufferedLogObserver
 from mailsuite.queue.instances import Instances
 from mailsuite.queue.spool import QueueEntry, Recipient, Spool, entry_to_json, new_queue_id
-from tests.unit.queuekit import (ALICE, Kit, MailLog, local_route, make_kit, message, read,
-                                 submit)
+from tests.unit.queuekit import (ALICE, MailLog, local_route, make_kit, message, read,
+                                 started, submit)
 
 CAROL = "carol@remote.example"
 PEER = "otherhost.4242"
@@ -29,14 +29,6 @@ def mail_log():
     log = MailLog().install()
     yield log
     log.remove()
-
-
-def started(data_dir: str, request, **kw) -> Kit:
-    kit = make_kit(data_dir, **kw)
-    request.addfinalizer(kit.stop)
-    kit.runner.startService()
-    kit.advance(0)
-    return kit
 
 
 def dead_peer(queue_dir: str) -> str:
