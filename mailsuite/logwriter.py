@@ -25,6 +25,17 @@ FLUSH_INTERVAL = 0.0  # seconds a line may wait: 0 = until the end of this react
 MAX_PENDING = 10_000  # events: past this, a batch is handed over at once (bounded memory)
 
 LogEvent = dict[str, Any]
+# The buffered observers in front of this process's log files, for `flush_all`.
+_ACTIVE: list["BufferedLogObserver"] = []
+
+
+def flush_all() -> defer.Deferred:
+    """Hand every buffered line to the OS now (write(2), no fsync); fires once they are. The
+    queue calls it before the envelope update that records a delivery, so a kill -9 cannot
+    take a delivery's line with it (docs/design/queue.md, "The mail log")."""
+    if not _ACTIVE:
+        return defer.succeed(None)
+    return defer.gatherResults([o.flush() for o in list(_ACTIVE)], consumeErrors=True)
 
 
 @implementer(ILogObserver)
@@ -115,6 +126,8 @@ class BufferedLogObserver:
         return d.addBoth(lambda _: self._direct())
 
     def _direct(self) -> None:
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
         with self._lock:
             self._buffering = False
             rest, self._pending = self._pending, []
@@ -137,6 +150,7 @@ def buffer_file_observers(publisher: LogPublisher, clock: IReactorTime,
             publisher.addObserver(buffered)
             buffered.start()
             found.append(buffered)
+            _ACTIVE.append(buffered)
     return found
 
 

@@ -12,12 +12,13 @@ called on the reactor thread (twisted.logger observers are not all thread-safe).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient, valid_queue_id
 
 NAMESPACE = "mailsuite.maillog"
 log = Logger(namespace=NAMESPACE)
@@ -75,15 +76,32 @@ def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryRes
     _emit("warn" if status == "deferred" else "info", line(entry.id, **fields))
 
 
+def sync() -> Any:
+    """A Deferred that fires once every line emitted so far is in the log file (handed to the
+    OS; mailsuite/logwriter.py): called before a delivery is recorded in the spool."""
+    from mailsuite import logwriter
+
+    return logwriter.flush_all()
+
+
+def instance_gone(name: str) -> None:
+    """Another process on the spool died (its liveness lock is free): we take its files over."""
+    _emit("warn", line("-", status="instance-gone", instance=name,
+                       detail="its lock is free; taking its spool files over"))
+
+
 def removed(queue_id: str) -> None:
     """Every recipient is sent or bounced: the entry left the spool."""
     _emit("info", line(queue_id, status="removed"))
 
 
 def leftover(name: str) -> None:
-    """Start-up removed a temporary file a crash left in the spool (no message is lost)."""
-    queue_id = name.lstrip(".").split(".", 1)[0]
-    _emit("info", line(queue_id or "-", status="cleanup", file=name,
+    """A file a dead process left in the spool was removed (no acknowledged message is lost:
+    staged files and messages without envelope never got their 250)."""
+    queue_id = os.path.basename(name).lstrip(".").split(".", 1)[0]
+    if not valid_queue_id(queue_id):
+        queue_id = "-"  # a staged file: no queue id yet
+    _emit("info", line(queue_id, status="cleanup", file=name,
                        detail="left behind by a crash"))
 
 

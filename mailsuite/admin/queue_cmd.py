@@ -61,12 +61,15 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
         except SpoolError as e:
             if "damaged" in str(e):  # otherwise delivered and removed while we listed
                 damaged.append(str(e))
-    if not entries and not damaged:
+    now = time.time()
+    leftovers = spool.leftovers(now)
+    if not entries and not damaged and not leftovers:
         print("queue is empty")
         return 0
     for problem in damaged:
         print(f"!! {problem}")
-    now = time.time()
+    for leftover in leftovers:
+        print(describe_leftover(spool, leftover))
     for entry in entries:
         flags = "  [held]" if entry.held else ""
         print(f"{entry.id}  age {format_duration(now - entry.created)}  "
@@ -82,8 +85,31 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
             print(line)
     pending = sum(1 for e in entries for r in e.recipients if r.state == "pending")
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
-          f"{pending} recipient{'' if pending == 1 else 's'} pending")
+          f"{pending} recipient{'' if pending == 1 else 's'} pending"
+          + (f", {len(leftovers)} file{'' if len(leftovers) == 1 else 's'} not part of an entry"
+             if leftovers else ""))
     return 0
+
+
+# What each kind of leftover is, for the admin (docs/design/queue.md, "Instances").
+_LEFTOVER = {
+    "staged": "incomplete: a message being received (no 250 yet)",
+    "spool-time": "delivered at spool time, its log lines maybe not written",
+    "orphan": "orphaned: a message without envelope (no 250 was given for it)",
+    "temporary": "incomplete: a file being written",
+}
+
+
+def describe_leftover(spool: Spool, leftover: Any) -> str:
+    """One line: `~~ <path>  <what it is>  owner <instance> alive|dead  age <duration>`."""
+    if leftover.owner:
+        owner = f"owner {leftover.owner} {'alive' if leftover.alive else 'dead'}"
+    else:
+        owner = "writer alive" if leftover.alive else "writer dead"
+    fate = "" if leftover.alive else "; the next running server removes it"
+    return (f"~~ {os.path.relpath(leftover.path, spool.directory)}  "
+            f"{_LEFTOVER.get(leftover.kind, leftover.kind)}  {owner}  "
+            f"age {format_duration(leftover.age)}{fate}")
 
 
 def cmd_show(config: Any, args: argparse.Namespace) -> int:

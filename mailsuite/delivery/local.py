@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 from twisted.internet import defer
 
 from mailsuite.mailbox import MailStoreAPI
+from mailsuite.mailbox.maildir import delivery_marker, find_delivered
 from mailsuite.mailbox.store import MailboxError
 from mailsuite.pools import WorkPool
 from mailsuite.queue.agents import LocalCopy
@@ -63,6 +64,29 @@ class LocalAgent:
         recipient recorded as pending writes the same name."""
         return [self._deliver_one(entry, r, i, message_path, False, sync_dir=False)
                 for i, r in enumerate(entry.recipients)]
+
+    def find_copies(self, entry: QueueEntry) -> list[tuple[Recipient, DeliveryResult]]:
+        """Blocking: the copies of `entry` already in its recipients' Maildirs, found by their
+        fixed names and written by nobody now; for the log lines of a delivery at spool time
+        that a dead process may not have written (docs/design/queue.md, "The mail log")."""
+        found = []
+        folder, _ = quarantine(entry.meta)
+        for index, recipient in enumerate(entry.recipients):
+            if not recipient.local:
+                continue
+            try:
+                account = self.mailstore.account(recipient.address.lower())
+                path = (account.path if folder == "INBOX"
+                        else account._path_of(folder))  # quarantine folder of the account
+                copy = find_delivered(path, delivery_marker(entry.created, f"Q{entry.id}N{index}"))
+            except (OSError, MailboxError):
+                continue
+            if copy is not None:
+                found.append((recipient, DeliveryResult(
+                    recipient.address, "sent",
+                    f"250 2.0.0 already in maildir as {os.path.basename(copy)} (delivered at "
+                    f"spool time by a process that died before logging it)", enhanced="2.0.0")))
+        return found
 
     def _deliver_all(self, entry: QueueEntry, recipients: list[Recipient],
                      message_path: str, after_crash: bool) -> list[DeliveryResult]:

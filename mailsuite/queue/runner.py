@@ -33,11 +33,12 @@ from mailsuite.pools import WorkPool
 from mailsuite.queue.agents import BounceNotifier, DeliveryAgent, LocalCopy, Notification
 from mailsuite.queue.commit import GroupCommit
 from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
-                                   SpoolError, new_queue_id, read_head)
+                                   SpoolError, Stamp, new_queue_id, read_head)
 
 log = Logger(namespace="mailsuite.queue")
 
 KICK_POLL = 0.5  # seconds between looks at the .kick file
+PEER_POLL = 1.0  # seconds between looks at the other instances' liveness locks
 BUSY_RETRY = 5.0  # seconds before looking again at an entry another process has claimed
 NO_REMOTE = "451 4.3.2 no remote delivery configured"
 NULL_SENDER = "no bounce for the null sender <>"
@@ -81,12 +82,14 @@ class QueueRunner(Service):
         self._envelope_cache: dict[str, tuple[tuple[int, int], float]] = {}
         self._damaged: set[str] = set()  # entries without message file, already reported
         self._forced: set[str] = set()  # kick(): attempt every pending recipient now
-        # Entries whose envelope records every local delivery this process made: submitted
-        # here, or last attempted here to a clean end. Any other entry (left by a crash, by
-        # another process, by an attempt that failed half-way) is delivered with `after_crash`,
-        # so copies already written are found, not written twice (docs/design/queue.md,
-        # "Exactly once").
-        self._settled: set[str] = set()
+        # id -> the stamp of the envelope this process last wrote, recording every local
+        # delivery it made (submitted here, or last attempted here to a clean end). An entry
+        # whose envelope has another stamp (left by a crash, touched by another process, which
+        # marks it before writing copies, or after an attempt that failed half-way) is
+        # delivered with `after_crash`, so copies already written are found, not written twice
+        # (docs/design/queue.md, "Exactly once").
+        self._settled: dict[str, Stamp] = {}
+        self._unlink_later: list[str] = []  # spool-time envelopes whose lines are written
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: IDelayedCall | None = None
         self._wake_call: IDelayedCall | None = None
@@ -102,8 +105,12 @@ class QueueRunner(Service):
         entry = self._new_entry(sender, recipients, meta)
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
-        d = self.io.run(self.spool.store, entry, data)
+        d = self.io.run(self._store_blocking, entry, data)
         return d.addCallback(self._stored, entry, len(data))
+
+    def _store_blocking(self, entry: QueueEntry, data: bytes) -> Stamp | None:
+        self.spool.store(entry, data)
+        return self.spool.stamp(entry.id)
 
     @property
     def incoming_dir(self) -> str:
@@ -130,8 +137,15 @@ class QueueRunner(Service):
         if (deliver_now is None or not all(r.local for r in entry.recipients)
                 or self._is_loop_text(read_head(path))):
             self.spool.store_file(entry, path, sync_dir=False)
-            return _Stored({self.spool.directory}, [], True)
-        copies: list[LocalCopy] = deliver_now(entry, path)
+            return _Stored({self.spool.directory}, [], True, self.spool.stamp(entry.id))
+        # Until the log lines of the copies are written, this envelope tells the others which
+        # copies a kill -9 may have left without one ("The mail log" in docs/design/queue.md).
+        sidecar = self.spool.write_sidecar(path, entry)
+        try:
+            copies: list[LocalCopy] = deliver_now(entry, path)
+        except BaseException:
+            os.unlink(sidecar)
+            raise
         sent = [(r, c) for r, c in zip(entry.recipients, copies)
                 if c.result.status == "sent" and c.path is not None]
         directories = {os.path.dirname(c.path) for _, c in sent if c.path is not None}
@@ -143,12 +157,13 @@ class QueueRunner(Service):
                 os.unlink(path)  # every copy is written: the staged file has done its job
             except FileNotFoundError:
                 pass
-            return _Stored(directories, sent, False)
+            return _Stored(directories, sent, False, sidecar=sidecar)
         # Some copy failed (a full or broken Maildir): the envelope records the copies made
         # and the rest stay pending for the runner's attempt, which logs why.
-        stored = _Stored(directories | {self.spool.directory}, sent, True)
+        stored = _Stored(directories | {self.spool.directory}, sent, True, sidecar=sidecar)
         try:
             self.spool.store_file(entry, path, sync_dir=False)
+            stored.stamp = self.spool.stamp(entry.id)
         except BaseException:
             stored.spooled = False  # nothing in the spool; the client is told to send again
             self._unstore_blocking(entry, stored)
@@ -167,22 +182,46 @@ class QueueRunner(Service):
     def _unstore_blocking(self, entry: QueueEntry, stored: _Stored) -> None:
         if stored.spooled:
             self.spool.unstore(entry.id)
-        for _, copy in stored.copies:
-            if copy.path is not None:
+        for path in [c.path for _, c in stored.copies] + [stored.sidecar]:
+            if path is not None:
                 try:
-                    os.unlink(copy.path)
+                    os.unlink(path)
                 except FileNotFoundError:
                     pass
 
     def _accepted(self, stored: _Stored, entry: QueueEntry, size: int) -> str:
         if stored.spooled:
-            return self._stored(None, entry, size)
-        maillog.received(entry, size)
-        now = self.clock.seconds()
-        for rcpt, copy in stored.copies:
-            maillog.attempt(entry, rcpt, "sent", copy.result, now, "local")
-        maillog.removed(entry.id)
+            self._stored(stored.stamp, entry, size)
+        else:
+            maillog.received(entry, size)
+            now = self.clock.seconds()
+            for rcpt, copy in stored.copies:
+                maillog.attempt(entry, rcpt, "sent", copy.result, now, "local")
+            maillog.removed(entry.id)
+        if stored.sidecar is not None:
+            # Its copies' lines are written once the log is handed to the OS; then it goes.
+            maillog.sync().addCallback(lambda _: self._forget_sidecar(stored.sidecar))
         return entry.id
+
+    def _forget_sidecar(self, path: str) -> None:
+        """Remove spool-time envelopes in batches: one io job for all that are due."""
+        self._unlink_later.append(path)
+        if len(self._unlink_later) == 1:
+            self.clock.callLater(0, self._unlink_batch)
+
+    def _unlink_batch(self) -> None:
+        batch, self._unlink_later = self._unlink_later, []
+
+        def unlink_all() -> None:
+            for path in batch:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+        self.io.run(unlink_all).addErrback(
+            lambda f: log.warn("cannot remove a spool-time envelope: {error}",
+                               error=_os_error(f.value)))
 
     def _is_loop_text(self, headers: bytes) -> bool:
         return len(_RECEIVED.findall(headers)) > self.config.max_received_headers
@@ -194,8 +233,9 @@ class QueueRunner(Service):
                           recipients=expand_recipients(recipients), created=now,
                           meta=dict(meta or {}))
 
-    def _stored(self, _: Any, entry: QueueEntry, size: int) -> str:
-        self._settled.add(entry.id)  # this process wrote it: no crash leftover to look for
+    def _stored(self, stamp: Stamp | None, entry: QueueEntry, size: int) -> str:
+        if stamp is not None:  # this process wrote it: no crash leftover to look for
+            self._settled[entry.id] = stamp
         maillog.received(entry, size)
         for rcpt in entry.recipients:  # copies delivered at spool time
             if rcpt.state == "sent":
@@ -228,6 +268,13 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        try:
+            # Before anything is received: from now on our staged files have a live owner.
+            self.spool.instances.register()
+        except OSError as e:
+            log.warn("queue: cannot take the liveness lock {path}: {error}",
+                     path=self.spool.instances.lock_path(self.spool.instances.name),
+                     error=_os_error(e))
         self._start_up()
 
     def _start_up(self) -> None:
@@ -247,15 +294,13 @@ class QueueRunner(Service):
         d.addCallback(self._started)
         d.addErrback(failed)
 
-    def _startup_blocking(self) -> tuple[int, list[str]]:
+    def _startup_blocking(self) -> tuple[int, _Takeover]:
         self.spool.ensure()
-        removed = self.spool.cleanup()
-        return self.spool.kick_mtime(), removed
+        return self.spool.kick_mtime(), self._takeover_blocking()
 
-    def _started(self, result: tuple[int, list[str]]) -> None:
-        kick_mtime, removed = result
-        for name in removed:
-            maillog.leftover(name)
+    def _started(self, result: tuple[int, "_Takeover"]) -> None:
+        kick_mtime, takeover = result
+        self._taken_over(takeover)
         if self._stopping:
             return
         self._kick_seen = kick_mtime
@@ -263,12 +308,16 @@ class QueueRunner(Service):
         scan.clock = self.clock
         kick = task.LoopingCall(self._check_kick)
         kick.clock = self.clock
-        self._loops = [scan, kick]
+        peers = task.LoopingCall(self._check_peers)
+        peers.clock = self.clock
+        self._loops = [scan, kick, peers]
         # The first scan delivers whatever a previous run (or a crash) left in the spool.
         scan.start(max(self.config.scan_interval, 0.1), now=True).addErrback(
             lambda f: log.failure("queue scan loop died", f))
         kick.start(KICK_POLL, now=False).addErrback(
             lambda f: log.failure("queue kick loop died", f))
+        peers.start(PEER_POLL, now=False).addErrback(
+            lambda f: log.failure("queue instance check loop died", f))
 
     def stopService(self) -> None:
         # Attempts in progress are abandoned where they stand: what was delivered is already in
@@ -284,6 +333,7 @@ class QueueRunner(Service):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._wake_call = None
+        self.spool.instances.unregister()
 
     # -- scheduling ----------------------------------------------------------------------------
     def _scan(self) -> defer.Deferred:
@@ -301,7 +351,8 @@ class QueueRunner(Service):
             due.update({i: d for i, d in self._due.items() if i in self._inflight})
             self._due = due
             # Forget ids that left the spool some other way (the admin CLI, another process).
-            self._settled.intersection_update(found.keys() | self._inflight.keys())
+            keep = found.keys() | self._inflight.keys()
+            self._settled = {i: v for i, v in self._settled.items() if i in keep}
             self._heap = [(d, i) for i, d in due.items() if i not in self._inflight]
             heapq.heapify(self._heap)
             self._pump()
@@ -361,6 +412,47 @@ class QueueRunner(Service):
 
         return self.io.run(self.spool.kick_mtime).addCallbacks(seen, failed)
 
+    def _check_peers(self) -> defer.Deferred | None:
+        """Another process on the spool died (its liveness lock is free): take its files over
+        and rescan at once, not at the next `scan_interval` (docs/design/queue.md,
+        "Instances")."""
+        if self._stopping:
+            return None
+
+        def checked(dead: list[str]) -> defer.Deferred | None:
+            if not dead or self._stopping:
+                return None
+            for name in dead:
+                maillog.instance_gone(name)
+            d = self.io.run(self._takeover_blocking)
+            d.addCallback(self._taken_over)
+            return d.addCallback(lambda _: self._scan())
+
+        def failed(f: Failure) -> None:
+            if f.check(OSError):
+                log.warn("queue instance check failed: {error}", error=_os_error(f.value))
+            else:
+                log.failure("queue instance check failed", f)
+
+        return self.io.run(self.spool.instances.reap).addCallback(checked).addErrback(failed)
+
+    def _takeover_blocking(self) -> "_Takeover":
+        """io thread: remove what dead writers left; find the copies of their deliveries at
+        spool time, whose log lines they may not have written."""
+        removed, unlogged = self.spool.takeover()
+        find = getattr(self.local, "find_copies", None)
+        found = [(entry, find(entry)) for entry in unlogged] if find is not None else []
+        return _Takeover(removed, found)
+
+    def _taken_over(self, takeover: "_Takeover") -> None:
+        for name in takeover.removed:
+            maillog.leftover(name)
+        now = self.clock.seconds()
+        for entry, copies in takeover.found:
+            for rcpt, result in copies:
+                rcpt.attempts = max(rcpt.attempts, 1)
+                maillog.attempt(entry, rcpt, "sent", result, now, "local")
+
     def _wake(self) -> None:
         """Run _pump soon, once, from a clean stack (coalesces many wake-ups into one)."""
         if self._stopping or not self.running:
@@ -407,7 +499,7 @@ class QueueRunner(Service):
             self._inflight.pop(queue_id, None)
             if isinstance(result, Failure):
                 # Local copies may be written but not recorded: look for them next time.
-                self._settled.discard(queue_id)
+                self._settled.pop(queue_id, None)
                 if result.check(OSError):  # EMFILE, ENOSPC on the envelope, EIO: one line
                     maillog.environment_fault(queue_id, "attempt failed",
                                               _os_error(result.value))
@@ -417,7 +509,7 @@ class QueueRunner(Service):
                 result = None
             elif result is None:
                 self._due.pop(queue_id, None)
-                self._settled.discard(queue_id)
+                self._settled.pop(queue_id, None)
             else:
                 self._set_due(queue_id, result)
             self._wake()
@@ -431,10 +523,9 @@ class QueueRunner(Service):
     @defer.inlineCallbacks
     def _attempt(self, queue_id: str, force: bool = False) -> Any:
         """Work on one entry; returns its next due time, or None once it is gone."""
-        work = yield self.io.run(self._claim_blocking, queue_id, force)
+        work = yield self.io.run(self._claim_blocking, queue_id, force,
+                                 self._settled.get(queue_id))
         if isinstance(work, _Skip):
-            # Perhaps claimed by another process, which may die after writing copies.
-            self._settled.discard(queue_id)
             if work.damage:
                 maillog.damaged(queue_id, work.damage)
             return work.due  # claimed elsewhere (retry later), held (inf), or gone (None)
@@ -442,14 +533,18 @@ class QueueRunner(Service):
             work.flush_logs()  # a mail loop is recorded in the claim job
             if work.local:
                 results = yield self._deliver(self.local, work, work.local,
-                                              after_crash=queue_id not in self._settled)
+                                              after_crash=work.after_crash)
                 work.now = self.clock.seconds()
                 work.record(work.local, results, relay="local")
                 work.flush_logs()
             if work.changed or work.can_finish_now(self.config):
+                # The lines first: a kill -9 after the save must not take them along.
+                yield maillog.sync()
                 # Saved before anything else happens, even while stopping: a crash or stop
                 # while remote delivery runs must not deliver these local copies again.
                 yield self.io.run(self._save_local_blocking, work)
+                if work.stamp is not None:
+                    self._settled[queue_id] = work.stamp
             if work.finished:
                 maillog.removed(queue_id)
                 return None
@@ -461,19 +556,22 @@ class QueueRunner(Service):
             yield self._notify(work)
             if self._stopping:
                 return None
+            yield maillog.sync()  # every delivery's line before the envelope records it
             due = yield self.io.run(self._finish_blocking, work)
             work.claim = None  # released by _finish_blocking
             if due is None:
                 maillog.removed(queue_id)
-            else:
-                self._settled.add(queue_id)  # the envelope we saved says all we did
+            elif work.stamp is not None:
+                self._settled[queue_id] = work.stamp  # the envelope we saved says all we did
             return due
         finally:
             if work.claim is not None:
                 work.claim.release()
 
-    def _claim_blocking(self, queue_id: str, force: bool) -> "_Work | _Skip":
-        """io thread: claim, read the envelope, check for loops, sort the due recipients."""
+    def _claim_blocking(self, queue_id: str, force: bool,
+                        settled: Stamp | None = None) -> "_Work | _Skip":
+        """io thread: claim, read the envelope, check for loops, sort the due recipients.
+        `settled`: the stamp of the envelope as this process last wrote it, if it did."""
         claim = self.spool.claim(queue_id)
         if claim is None:
             if not os.path.exists(self.spool.envelope_path(queue_id)):
@@ -511,6 +609,18 @@ class QueueRunner(Service):
             due = []
         work.local = [r for r in due if r.local]
         work.remote = [r for r in due if not r.local]
+        stamp = self.spool.stamp(queue_id)
+        work.stamp = stamp
+        work.after_crash = settled is None or settled != stamp
+        if work.local and work.after_crash:
+            # Not as we left it (or never ours): tell the process that last saved it that
+            # someone else may write copies now, before writing any.
+            try:
+                self.spool.mark(queue_id)
+                work.stamp = self.spool.stamp(queue_id)
+            except BaseException:
+                claim.release()
+                raise
         return work
 
     def _save_local_blocking(self, work: "_Work") -> None:
@@ -522,7 +632,7 @@ class QueueRunner(Service):
             work.claim = None
             work.finished = True
             return
-        self.spool.save(work.entry)
+        work.stamp = self.spool.save(work.entry)
         work.changed = False
 
     def _is_loop(self, queue_id: str) -> bool:
@@ -623,7 +733,7 @@ class QueueRunner(Service):
                 self.spool.remove(entry.id)
                 return None
             if work.changed:
-                self.spool.save(entry)
+                work.stamp = self.spool.save(entry)
             return entry_due(entry)
         finally:
             work.claim.release()
@@ -637,6 +747,17 @@ class _Stored:
     directories: set[str]
     copies: list[tuple[Recipient, LocalCopy]]
     spooled: bool
+    stamp: Stamp | None = None  # of the envelope, when spooled
+    sidecar: str | None = None  # the spool-time envelope, until the log lines are written
+
+
+@dataclass
+class _Takeover:
+    """What the leftovers of dead processes were: files removed, and the copies found of
+    their deliveries at spool time (to be logged)."""
+
+    removed: list[str]
+    found: list[tuple[QueueEntry, list[tuple[Recipient, DeliveryResult]]]]
 
 
 @dataclass
@@ -655,6 +776,8 @@ class _Work:
     changed: bool = False
     finished: bool = False  # removed from the spool in the first io job
     retry_bounce: bool = False  # entry.bounce_pending is due: try queuing that bounce again
+    after_crash: bool = True  # look for local copies before writing them ("Exactly once")
+    stamp: Stamp | None = None  # of the envelope as this attempt last saw or wrote it
     # Log lines made in io threads are emitted from the reactor thread (flush_logs).
     logs: list[tuple[QueueEntry, Recipient, str, DeliveryResult, float, str]] = field(
         default_factory=list)

@@ -15,8 +15,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator, Literal
 
-from mailsuite.safeio import atomic_write, fsync_dir
+from mailsuite.queue.instances import Instances, split_owner
+from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
+Stamp = tuple[int, int]
 RecipientState = Literal["pending", "sent", "bounced"]
 DeliveryStatus = Literal["sent", "deferred", "bounced"]
 
@@ -69,8 +71,11 @@ class DeliveryResult:
 # <queue_dir>/<id>.json  the envelope (QueueEntry); its presence is what makes an entry exist
 # <queue_dir>/.<...>.tmp files being written; renamed into place after fsync
 # <queue_dir>/.kick      touched by `mailsuite queue retry`: a running server rescans at once
-# <queue_dir>/incoming/  messages being received (SMTP DATA streams there); `store_file` renames
-#                        one into the spool, so it must be on the same filesystem
+# <queue_dir>/incoming/<host>/<pid>.<random>  messages being received (SMTP DATA streams there);
+#                        `store_file` renames one into the spool, so it must be on the same
+#                        filesystem. `<...>.env`: the envelope of a message delivered at spool
+#                        time whose log lines may not be written yet (docs/design/queue.md)
+# <queue_dir>/instances/<host>.<pid>.lock  held (flock) by each live process: who is gone
 #
 # Every write is tmp -> write -> fsync -> rename -> fsync(directory), so after a crash a file is
 # either complete or absent. One directory keeps that to a single directory fsync per change.
@@ -83,6 +88,21 @@ _ID_RE = re.compile(r"^[0-9a-f]{12,40}$")
 STALE_TMP_AGE = 3600.0  # a tmp file this old was left by a crash, not by a writer still at work
 INCOMING = "incoming"
 STALE_STAGED_AGE = 24 * 3600.0  # a staged file this old is abandoned, whoever its writer was
+
+
+SIDECAR = ".env"  # beside a staged file: the envelope of its delivery at spool time
+
+
+@dataclass
+class Leftover:
+    """A file of the spool that is not (yet, or any more) part of an entry: what `queue list`
+    shows and what is removed once its writer is known to be gone."""
+
+    kind: str  # "staged" | "spool-time" | "orphan" | "temporary"
+    path: str
+    owner: str  # instance name `<host>.<pid>`, or "" when only a lock tells (orphan, temporary)
+    alive: bool  # its writer is still at work
+    age: float  # seconds since its last change
 
 
 class SpoolError(Exception):
@@ -140,8 +160,10 @@ class Claim:
 class Spool:
     """Synchronous spool operations; the runner calls them in its io pool."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, instance: str | None = None):
         self.directory = directory
+        # The liveness locks of the processes on this spool; `instance` is our name in them.
+        self.instances = Instances(os.path.join(directory, "instances"), instance)
 
     def ensure(self) -> None:
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -155,8 +177,11 @@ class Spool:
 
     @property
     def incoming_dir(self) -> str:
-        """Where a receiver stages a message before `store_file` takes it over."""
-        return os.path.join(self.directory, INCOMING)
+        """Where this process stages a message before `store_file` takes it over: one
+        directory per host, in which the receivers name their files `<pid>.<random>`, so the
+        owner of every staged file is known (docs/design/queue.md, "Instances")."""
+        host, _ = split_owner(self.instances.name) or (self.instances.name, 0)
+        return os.path.join(self.directory, INCOMING, host)
 
     @property
     def kick_path(self) -> str:
@@ -165,11 +190,20 @@ class Spool:
     # -- writing -------------------------------------------------------------------------------
     def store(self, entry: QueueEntry, data: bytes) -> None:
         """Spool a new entry; when this returns, message and envelope survive a crash."""
-        self.ensure()
-        # Message first: an envelope never points at a missing message. A message without an
-        # envelope (crash in between) is garbage that cleanup() removes.
-        write_file_durably(self.directory, entry.id + ".eml", [data], sync_dir=False)
-        write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
+        staged = os.path.join(self.ensure_incoming(), f"{os.getpid()}.{secrets.token_hex(8)}")
+        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            try:
+                write_all(fd, data)
+            finally:
+                os.close(fd)
+            self.store_file(entry, staged)
+        except BaseException:
+            try:
+                os.unlink(staged)
+            except FileNotFoundError:
+                pass
+            raise
 
     def store_file(self, entry: QueueEntry, staged_path: str, sync_dir: bool = True) -> None:
         """Spool a new entry from a complete message file in `incoming_dir` (SMTP DATA streams
@@ -181,20 +215,23 @@ class Spool:
         self.ensure()
         fd = os.open(staged_path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
+            # The writer's lock: until the envelope exists, a message file whose lock is free
+            # was left by a dead writer (cleanup() removes it at once, not after an hour).
+            fcntl.flock(fd, fcntl.LOCK_EX)
             os.fsync(fd)  # the writer's data, before any name points at it
+            os.rename(staged_path, self.message_path(entry.id))
+            try:
+                # The envelope's directory fsync also makes the message's rename durable.
+                write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)],
+                                   sync_dir=sync_dir)
+            except BaseException:
+                try:  # give the staged file back so the caller's clean-up finds it
+                    os.rename(self.message_path(entry.id), staged_path)
+                except OSError:
+                    pass
+                raise
         finally:
             os.close(fd)
-        os.rename(staged_path, self.message_path(entry.id))
-        try:
-            # The envelope's directory fsync also makes the message's rename durable.
-            write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)],
-                               sync_dir=sync_dir)
-        except BaseException:
-            try:  # give the staged file back so the caller's clean-up finds it
-                os.rename(self.message_path(entry.id), staged_path)
-            except OSError:
-                pass
-            raise
 
     def ensure_incoming(self) -> str:
         path = self.incoming_dir
@@ -202,26 +239,149 @@ class Spool:
         return path
 
     def clean_incoming(self, now: float | None = None) -> list[str]:
-        """Remove staged files of receivers that are gone: files named `<pid>.*` whose process no
-        longer runs (a crash, a restart) or is this one (called at start-up, before we receive),
-        and any staged file older than a day. Other processes on the same spool keep theirs."""
-        now = time.time() if now is None else now
+        """Remove staged files whose receiver is gone (a crash, a restart; called at start-up,
+        before we receive, our own name counts as gone), and any older than a day. Files of
+        live processes, on this host or another sharing the spool, are kept. Envelopes of
+        deliveries at spool time (`.env`) are left to `takeover()`, which logs them."""
         removed: list[str] = []
+        for leftover in self.leftovers(now, spool=False):
+            if leftover.kind == "staged" and (not leftover.alive
+                                              or leftover.age >= STALE_STAGED_AGE):
+                if _unlink(leftover.path):
+                    removed.append(os.path.relpath(leftover.path, self.incoming_root))
+        return removed
+
+    @property
+    def incoming_root(self) -> str:
+        return os.path.join(self.directory, INCOMING)
+
+    def leftovers(self, now: float | None = None, spool: bool = True) -> list[Leftover]:
+        """Files that are no entry: staged messages and spool-time envelopes (owner from the
+        name), messages without envelope and temporary files (alive while their entry's lock
+        is held). With `spool=False` only incoming/ is looked at."""
+        now = time.time() if now is None else now
+        found: list[Leftover] = []
+        owners: dict[str, bool] = {}
+
+        def alive(owner: str) -> bool:
+            if owner not in owners:
+                owners[owner] = self._owner_alive(owner)
+            return owners[owner]
+
+        for path, owner in self._staged_files():
+            age = _age(path, now)
+            if age is not None:
+                kind = "spool-time" if path.endswith(SIDECAR) else "staged"
+                found.append(Leftover(kind, path, owner, alive(owner), age))
+        if not spool:
+            return found
         try:
-            names = os.listdir(self.incoming_dir)
+            names = os.listdir(self.directory)
         except FileNotFoundError:
-            return removed
+            return found
+        present = set(names)
         for name in names:
-            path = os.path.join(self.incoming_dir, name)
-            pid_text = name.split(".", 1)[0]
+            path = os.path.join(self.directory, name)
+            if name.endswith(".eml") and name[:-4] + ".json" not in present:
+                kind, entry = "orphan", name[:-4]
+            elif name.startswith(".") and name.endswith(".tmp"):
+                kind, entry = "temporary", name[1:].split(".", 1)[0]
+            else:
+                continue
+            age = _age(path, now)
+            if age is None or (kind == "orphan" and os.path.exists(path[:-4] + ".json")):
+                continue
+            busy = valid_queue_id(entry) and self._locked(self.message_path(entry))
+            found.append(Leftover(kind, path, "", busy, age))
+        return found
+
+    def _staged_files(self) -> Iterator[tuple[str, str]]:
+        """(path, owner instance) of every file under incoming/: `<host>/<pid>.*`, and the
+        flat `<pid>.*` of older versions (their owner is on this host)."""
+        root = self.incoming_root
+        here, _ = split_owner(self.instances.name) or (self.instances.name, 0)
+        try:
+            hosts = os.listdir(root)
+        except FileNotFoundError:
+            return
+        for host in hosts:
+            directory = os.path.join(root, host)
+            if not os.path.isdir(directory):
+                yield directory, f"{here}.{host.split('.', 1)[0]}"
+                continue
             try:
-                if not (pid_text.isdigit() and _pid_alive(int(pid_text))
-                        and now - os.lstat(path).st_mtime < STALE_STAGED_AGE):
-                    os.unlink(path)
-                    removed.append(name)
+                names = os.listdir(directory)
             except FileNotFoundError:
                 continue
-        return removed
+            for name in names:
+                yield os.path.join(directory, name), f"{host}.{name.split('.', 1)[0]}"
+
+    def _owner_alive(self, owner: str) -> bool:
+        """Is the instance `owner` at work? Its liveness lock says; without a lock file, a
+        process on this host that runs under that pid (an older version, without locks) is
+        taken for alive."""
+        if owner == self.instances.name:
+            return self.instances.registered
+        if self.instances.alive(owner):
+            return True
+        parsed = split_owner(owner)
+        here = split_owner(self.instances.name)
+        return (parsed is not None and here is not None and parsed[0] == here[0]
+                and not os.path.exists(self.instances.lock_path(owner))
+                and _pid_alive(parsed[1]))
+
+    @staticmethod
+    def _locked(path: str) -> bool:
+        """Does some process hold the flock on `path` (a claim, a writer)?"""
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return False
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return True
+            raise
+        finally:
+            os.close(fd)
+
+    # -- deliveries at spool time ---------------------------------------------------------------
+    def write_sidecar(self, staged_path: str, entry: QueueEntry) -> str:
+        """Before a delivery at spool time writes its copies: the envelope beside the staged
+        file (no fsync: it only has to outlive a killed process, like the log it stands in
+        for). Removed once the log lines of those copies are written; one a dead process
+        left tells `takeover()` which copies may lack their line."""
+        path = staged_path + SIDECAR
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        try:
+            write_all(fd, entry_to_json(entry))
+        finally:
+            os.close(fd)
+        return path
+
+    def takeover(self, now: float | None = None) -> tuple[list[str], list[QueueEntry]]:
+        """Remove the leftovers of dead writers: staged files, messages without envelope,
+        temporary files (their lock is free). Returns what was removed and the envelopes of
+        deliveries at spool time whose log lines the dead process may not have written (the
+        caller logs the copies it finds, docs/design/queue.md, "The mail log")."""
+        removed: list[str] = []
+        unlogged: list[QueueEntry] = []
+        for leftover in self.leftovers(now):
+            if leftover.alive and leftover.age < STALE_STAGED_AGE:
+                continue
+            if leftover.kind == "spool-time":
+                try:
+                    with open(leftover.path, "rb") as f:
+                        unlogged.append(entry_from_json(f.read()))
+                except (OSError, ValueError, TypeError, KeyError):
+                    pass  # cut short while written: its copies were not started
+            elif leftover.kind == "orphan" and os.path.exists(leftover.path[:-4] + ".json"):
+                continue  # its writer finished after we looked
+            if _unlink(leftover.path):
+                removed.append(os.path.relpath(leftover.path, self.directory))
+        return removed, unlogged
 
     def unstore(self, queue_id: str) -> None:
         """Take back an entry whose directory fsync failed (nobody was told it exists):
@@ -233,9 +393,28 @@ class Spool:
             except FileNotFoundError:
                 pass
 
-    def save(self, entry: QueueEntry) -> None:
-        """Atomically replace the envelope (call with the entry claimed)."""
+    def save(self, entry: QueueEntry) -> Stamp | None:
+        """Atomically replace the envelope (call with the entry claimed); returns its stamp."""
         write_file_durably(self.directory, entry.id + ".json", [entry_to_json(entry)])
+        return self.stamp(entry.id)
+
+    def stamp(self, queue_id: str) -> Stamp | None:
+        """(inode, mtime) of the envelope: changes with every save (a rename to a new inode)
+        and every `mark()`; None when there is none."""
+        try:
+            st = os.stat(self.envelope_path(queue_id))
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns)
+
+    def mark(self, queue_id: str) -> None:
+        """Change the envelope's stamp without rewriting it (call with the entry claimed):
+        what a process does before it writes copies of an entry it cannot vouch for, so that
+        the process which last saved the envelope can tell someone else may have delivered
+        (docs/design/queue.md, "Exactly once"). One second on, for coarse file clocks."""
+        path = self.envelope_path(queue_id)
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
 
     def remove(self, queue_id: str) -> None:
         """Delete an entry (call with it claimed). Envelope first: it defines existence."""
@@ -343,30 +522,19 @@ class Spool:
 
     # -- housekeeping --------------------------------------------------------------------------
     def cleanup(self, now: float | None = None) -> list[str]:
-        """Remove what crashes leave behind: stale tmp files and messages without envelope."""
-        now = time.time() if now is None else now
+        """Remove what crashes leave behind in the spool directory: messages without envelope
+        and temporary files whose writer is gone (the entry's lock is free), and any older than
+        an hour (a writer on a filesystem without working locks)."""
         removed = []
-        try:
-            names = os.listdir(self.directory)
-        except FileNotFoundError:
-            return removed
-        present = set(names)
-        for name in names:
-            path = os.path.join(self.directory, name)
-            stale = name.endswith(".tmp") and name.startswith(".")
-            orphan = name.endswith(".eml") and name[:-4] + ".json" not in present
-            if not (stale or orphan):
+        for leftover in self.leftovers(now):
+            if leftover.kind not in ("orphan", "temporary"):
                 continue
-            try:
-                # Young files may belong to a writer (maybe another process) still at work.
-                if now - os.stat(path).st_mtime < STALE_TMP_AGE:
-                    continue
-                if orphan and os.path.exists(path[:-4] + ".json"):
-                    continue
-                os.unlink(path)
-                removed.append(name)
-            except FileNotFoundError:
+            if leftover.alive and leftover.age < STALE_TMP_AGE:
                 continue
+            if leftover.kind == "orphan" and os.path.exists(leftover.path[:-4] + ".json"):
+                continue
+            if _unlink(leftover.path):
+                removed.append(os.path.basename(leftover.path))
         return removed
 
 
@@ -376,6 +544,21 @@ def read_head(path: str, limit: int = 256 * 1024) -> bytes:
         head = f.read(limit)
     end = head.find(b"\r\n\r\n")
     return head if end < 0 else head[:end + 2]
+
+
+def _unlink(path: str) -> bool:
+    try:
+        os.unlink(path)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _age(path: str, now: float) -> float | None:
+    try:
+        return now - os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return None
 
 
 def _pid_alive(pid: int) -> bool:

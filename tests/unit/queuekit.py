@@ -152,6 +152,15 @@ def make_kit(data_dir: str, remote: FakeAgent | None = None, notifier: FakeNotif
                store=MailStore(config.mail_dir), remote=remote, notifier=notifier)
 
 
+def started(data_dir: str, request: Any, **kw: Any) -> Kit:
+    """make_kit, started (its first scan done), stopped at the end of the test."""
+    kit = make_kit(data_dir, **kw)
+    request.addfinalizer(kit.stop)
+    kit.runner.startService()
+    kit.advance(0)
+    return kit
+
+
 def submit(kit: Kit, sender: str, recipients: list[tuple[str, Route]], data: bytes,
            meta: dict | None = None) -> str:
     """Submit and return the queue id (the inline pool fires at once)."""
@@ -229,3 +238,9 @@ class MailLog:
 
     def of(self, queue_id: str) -> list[str]:
         return [line for line in self.lines if line.startswith(f"queue_id={queue_id} ")]
+
+
+def spool_files(directory: str) -> list[str]:
+    """The files of a spool directory, sorted (incoming/ and instances/ are directories)."""
+    return sorted(n for n in os.listdir(directory)
+                  if not os.path.isdir(os.path.join(directory, n)))

@@ -15,7 +15,7 @@ import pytest
 from mailsuite.mailbox import maildir as maildir_module
 from mailsuite.queue.spool import Spool
 from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, make_kit, message, read,
-                                 submit)
+                                 started, submit)
 
 CAROL = "carol@remote.example"
 
@@ -29,14 +29,6 @@ def mail_log():
     log = MailLog().install()
     yield log
     log.remove()
-
-
-def started(data_dir: str, request, **kw) -> Kit:
-    kit = make_kit(data_dir, **kw)
-    request.addfinalizer(kit.stop)
-    kit.runner.startService()
-    kit.advance(0)
-    return kit
 
 
 def crash_before_envelope_update(monkeypatch) -> None:

@@ -14,7 +14,7 @@ from mailsuite.queue.runner import KICK_POLL, NO_REMOTE, QueueRunner
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient, new_queue_id
 from tests.unit.queuekit import (ALICE, BOB, FakeAgent, FakeNotifier, Kit, MailLog, always,
                                  break_maildir, local_route, make_kit, message, read,
-                                 remote_route, submit)
+                                 remote_route, spool_files, submit)
 
 CAROL = "carol@remote.example"
 
@@ -76,7 +76,7 @@ def test_submit_delivers_locally_and_removes_entry(make, mail_log):
                               b"Delivered-To: alice@example.org\r\nReceived: ")
     assert read(a).endswith(message("s1"))
     assert b"Delivered-To: bob@example.org\r\n" in read(b)
-    assert os.listdir(kit.config.queue_dir) == []
+    assert spool_files(kit.config.queue_dir) == []
     lines = mail_log.of(qid)
     assert lines[0].startswith(f"queue_id={qid} from=<carol@remote.example> size="), lines
     assert "nrcpt=2 client=192.0.2.7 protocol=ESMTP status=queued" in lines[0]

@@ -274,7 +274,8 @@ def test_start_up_removes_staged_files_of_dead_processes_only(tmp_path):
     for path in (mine, dead, alive, junk):
         open(path, "wb").close()
     removed = spool.clean_incoming()
-    assert sorted(removed) == sorted(os.path.basename(p) for p in (mine, dead, junk))
+    assert sorted(os.path.basename(r) for r in removed) == sorted(
+        os.path.basename(p) for p in (mine, dead, junk))
     assert os.listdir(incoming) == [os.path.basename(alive)]
     assert spool.ids() == []
 

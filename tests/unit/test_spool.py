@@ -2,6 +2,7 @@
 process. (Claims between processes: tests/scenario/test_spool_processes.py.)"""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -11,6 +12,7 @@ import pytest
 from mailsuite.queue import spool as spool_module
 from mailsuite.queue.spool import (QueueEntry, Recipient, Spool, SpoolError, entry_from_json,
                                    entry_to_json, new_queue_id, valid_queue_id)
+from tests.unit.queuekit import spool_files
 
 DATA = b"Received: from x by y\r\nSubject: test\r\n\r\nbody line\r\n.\r\n"
 
@@ -40,7 +42,7 @@ def test_store_and_load_round_trip(spool):
     with open(spool.message_path(entry.id), "rb") as f:
         assert f.read() == DATA  # byte for byte, CRLF kept
     # Only the two final files: no tmp left behind.
-    assert sorted(os.listdir(spool.directory)) == sorted([entry.id + ".eml", entry.id + ".json"])
+    assert spool_files(spool.directory) == sorted([entry.id + ".eml", entry.id + ".json"])
 
 
 def test_envelope_is_plain_json(spool):
@@ -65,8 +67,9 @@ def test_store_fsyncs_files_and_directory_before_returning(spool, monkeypatch):
     monkeypatch.setattr(os, "fsync", spy)
     entry = make_entry()
     spool.store(entry, DATA)
-    # Both files were fsynced under their tmp names (before the rename), then the directory.
-    assert any(p.endswith(".tmp") and f".{entry.id}.eml." in p for p in synced)
+    # Both files were fsynced before any name in the spool pointed at them (the message as
+    # staged in incoming/, the envelope under its tmp name), then the directory.
+    assert any(p.startswith(spool.incoming_dir + "/") for p in synced)
     assert any(p.endswith(".tmp") and f".{entry.id}.json." in p for p in synced)
     assert synced[-1] == spool.directory
 
@@ -88,7 +91,7 @@ def test_failed_write_leaves_nothing(spool):
 
     with pytest.raises(OSError):
         spool_module.write_file_durably(spool.directory, "x.eml", chunks())
-    assert os.listdir(spool.directory) == []
+    assert spool_files(spool.directory) == []
 
 
 def test_unknown_and_malformed_ids(spool):
@@ -121,7 +124,7 @@ def test_remove(spool):
     entry = make_entry()
     spool.store(entry, DATA)
     spool.remove(entry.id)
-    assert os.listdir(spool.directory) == []
+    assert spool_files(spool.directory) == []
     assert spool.ids() == []
 
 
@@ -151,23 +154,29 @@ def test_claim_after_removal_by_the_previous_holder_fails(spool):
         os.close(fd)
 
 
-def test_cleanup_removes_only_stale_leftovers(spool):
+def test_cleanup_removes_leftovers_whose_writer_is_gone(spool):
+    """A message without envelope or a temporary file is removed at once when no process holds
+    its entry's lock (its writer is gone), kept while one does, whatever its age."""
     entry = make_entry()
     spool.store(entry, DATA)
     d = spool.directory
-    for name in (".old.eml.1234.tmp", ".young.eml.5678.tmp", "6b0a0000000000000000a.eml",
-                 "6b0a0000000000000000b.eml"):
+    gone, writing = "6b0a0000000000000000a", "6b0a0000000000000000b"
+    for name in (f".{gone}.json.1234.tmp", f".{writing}.json.5678.tmp", gone + ".eml",
+                 writing + ".eml"):
         with open(os.path.join(d, name), "wb") as f:
             f.write(b"x")
-    old = time.time() - 2 * spool_module.STALE_TMP_AGE
-    os.utime(os.path.join(d, ".old.eml.1234.tmp"), (old, old))
-    os.utime(os.path.join(d, "6b0a0000000000000000a.eml"), (old, old))
-    os.utime(spool.message_path(entry.id), (old, old))  # old, but has its envelope: kept
-    removed = spool.cleanup()
-    assert sorted(removed) == [".old.eml.1234.tmp", "6b0a0000000000000000a.eml"]
-    assert spool.load(entry.id) == entry
-    assert os.path.exists(os.path.join(d, ".young.eml.5678.tmp"))  # maybe a writer at work
-    assert os.path.exists(os.path.join(d, "6b0a0000000000000000b.eml"))
+    os.utime(spool.message_path(entry.id), (0, 0))  # old, but has its envelope: kept
+    fd = os.open(os.path.join(d, writing + ".eml"), os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a writer at work (store_file holds this)
+        removed = spool.cleanup()
+        assert sorted(removed) == [f".{gone}.json.1234.tmp", gone + ".eml"]
+        assert spool.load(entry.id) == entry
+        assert os.path.exists(os.path.join(d, f".{writing}.json.5678.tmp"))
+        assert os.path.exists(os.path.join(d, writing + ".eml"))
+    finally:
+        os.close(fd)
+    assert sorted(spool.cleanup()) == [f".{writing}.json.5678.tmp", writing + ".eml"]
 
 
 def test_kick_changes_mtime(spool):
