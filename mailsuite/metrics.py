@@ -297,7 +297,8 @@ class MetricsPage(resource.Resource):
     every other path is 404, every other method 405.
 
     Rendered on the reactor thread: the scrape-time figures read state the reactor thread
-    owns, and rendering a few hundred samples takes about a millisecond (docs/design/metrics.md).
+    owns, and rendering is a few milliseconds of CPU once per scrape interval
+    (docs/design/metrics.md, "Cost").
     """
 
     isLeaf = True
