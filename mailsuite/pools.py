@@ -53,7 +53,6 @@ class WorkerPool:
         self.jobs += 1
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
 
-
     def backlog(self) -> int:
         """Jobs waiting for a free thread."""
         return self._pool.q.qsize()

@@ -8,6 +8,7 @@ import smtplib
 import pytest
 
 from tests.daemons import PrometheusDaemon
+from tests.environment import require_program
 from tests.harness import HOST
 from tests.polling import wait_until
 
@@ -15,9 +16,7 @@ pytestmark = pytest.mark.external
 
 
 @pytest.fixture(scope="module", autouse=True)
-def prometheus_installed(tmp_path_factory):
-    from tests.environment import require_program
-
+def prometheus_installed():
     require_program("prometheus", "prometheus")
 
 
