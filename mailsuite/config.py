@@ -52,6 +52,8 @@ class ListenSection:
     pop3: str = "tcp:2110:interface=127.0.0.1"
     pop3s: str = "tcp:2995:interface=127.0.0.1"
     autoconfig: str = "tcp:2080:interface=127.0.0.1"
+    # Prometheus scrapes GET /metrics here (docs/design/metrics.md); keep it on loopback.
+    metrics: str = "tcp:9425:interface=127.0.0.1"
 
 
 @dataclass

@@ -52,7 +52,7 @@ EVICTED = {
     "pop3s": b"-ERR [SYS/TEMP] Too many connections, closing this idle one\r\n",
 }
 # Listeners whose clients never log in: every connection is in the pre-auth pool.
-NEVER_AUTHENTICATE = frozenset({"mx", "autoconfig"})
+NEVER_AUTHENTICATE = frozenset({"mx", "autoconfig", "metrics"})
 
 
 def network_prefix(ip: str) -> str:
@@ -355,6 +355,11 @@ class LimitedFactory(protocol.ServerFactory):
         self.closing = 0
         self.evictions = 0
         self.refusals = 0
+        # Read by the metrics at scrape time (mailsuite/metrics.py): admitted connections,
+        # logins, and logged-in sessions open now.
+        self.admitted = 0
+        self.logins = 0
+        self.sessions = 0
         self._log = _RateLimitedLog(None, "evicted")
         self._refusal_log = _RateLimitedLog(None, "refused")
 
@@ -396,6 +401,7 @@ class LimitedFactory(protocol.ServerFactory):
         else:
             return self._refuse(ip, "listener")
         self.connections.admit(ip)  # cannot fail: _full_scope checked it
+        self.admitted += 1
         p = self._build(addr)
         if getattr(p, "factory", None) is None:
             p.factory = self
@@ -485,6 +491,8 @@ class LimitedFactory(protocol.ServerFactory):
                 if not conn.evicted:
                     self._count_preauth(conn, -1)
                 conn.authenticated = True
+                self.logins += 1
+                self.sessions += 1
                 self._cancel_timer(conn)
 
         p.on_close = on_close
@@ -527,6 +535,8 @@ class LimitedFactory(protocol.ServerFactory):
         if conn.closed:
             return
         conn.closed = True
+        if conn.authenticated:
+            self.sessions -= 1
         self._cancel_timer(conn)
         self._conns.discard(conn)
         self.files -= 1
@@ -611,6 +621,10 @@ class LimitedFactory(protocol.ServerFactory):
     @property
     def preauth(self) -> int:
         return self._preauth
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._conns)
 
 
 class WrappedFactory(LimitedFactory):

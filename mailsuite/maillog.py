@@ -8,7 +8,9 @@ or a damaged entry left for the admin. Values with spaces or quotes are quoted, 
 escaped. The format is described in docs/design/queue.md.
 
 Only this module writes these lines (namespace "mailsuite.maillog"); every function must be
-called on the reactor thread (twisted.logger observers are not all thread-safe).
+called on the reactor thread (twisted.logger observers are not all thread-safe). The events of
+`received`, `attempt` and `transaction` also carry their facts as fields (`maillog_event` and
+the keyword arguments of `_emit`), which the metrics count (mailsuite/metrics.py).
 """
 from __future__ import annotations
 
@@ -55,9 +57,11 @@ _ALWAYS_QUOTED = frozenset({"detail"})
 
 def received(entry: QueueEntry, size: int) -> None:
     """The message is spooled (fsynced): the server is about to answer 250."""
+    protocol = entry.meta.get("protocol", "")
     _emit("info", line(entry.id, **{"from": _angle(entry.sender)}, size=size,
                        nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
-                       protocol=entry.meta.get("protocol", ""), status="queued"))
+                       protocol=protocol, status="queued"),
+          maillog_event="received", size=size, protocol=protocol)
 
 
 def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryResult,
@@ -66,14 +70,16 @@ def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryRes
     detail = result.detail
     if rcpt.state == "bounced" and status == "bounced":
         detail = rcpt.last_error  # says why we gave up (e.g. expired)
+    delay = max(now - entry.created, 0)
     fields: dict[str, Any] = {
         "from": _angle(entry.sender), "to": _angle(rcpt.address), "status": status,
-        "delay": f"{max(now - entry.created, 0):.1f}s", "relay": relay,
+        "delay": f"{delay:.1f}s", "relay": relay,
         "attempts": rcpt.attempts, "detail": detail,
     }
     if rcpt.original.lower() != rcpt.address.lower():
         fields["orig_to"] = _angle(rcpt.original)
-    _emit("warn" if status == "deferred" else "info", line(entry.id, **fields))
+    _emit("warn" if status == "deferred" else "info", line(entry.id, **fields),
+          maillog_event="attempt", status=status, local=rcpt.local, delay=delay)
 
 
 def sync() -> Any:
@@ -159,7 +165,8 @@ def transaction(queue_id: str, domain: str, relay: str, tls: bool, tls_info: str
     """One outbound SMTP transaction carried this message to `relay`."""
     _emit("info", line(queue_id, domain=domain, relay=relay, tls="yes" if tls else "no",
                        tls_info=tls_info or None, reused="yes" if reused else "no",
-                       accepted=f"{accepted}/{total}"))
+                       accepted=f"{accepted}/{total}"),
+          maillog_event="transaction", tls=tls)
 
 
 def route_failed(queue_id: str, domain: str, detail: str, relay: str | None = None) -> None:
@@ -176,5 +183,5 @@ def _escape(text: str) -> str:
     return text.replace("\r", "\\r").replace("\n", "\\n")
 
 
-def _emit(level: str, text: str) -> None:
-    getattr(log, level)("{text}", text=text)
+def _emit(level: str, text: str, **facts: Any) -> None:
+    getattr(log, level)("{text}", text=text, **facts)

@@ -31,6 +31,7 @@ class WorkerPool:
         self._pool = ThreadPool(minthreads=0, maxthreads=maxthreads, name=f"mailsuite-{name}")
         self._started = False
         self._stopped = False
+        self.jobs = 0  # given to the pool so far (metrics)
 
     def start(self) -> None:
         if not self._started and not self._stopped:
@@ -49,7 +50,16 @@ class WorkerPool:
         if self._stopped:
             return defer.fail(PoolStopped(f"the {self.name} pool has stopped (shutting down)"))
         self.start()
+        self.jobs += 1
         return threads.deferToThreadPool(self._reactor, self._pool, fn, *args, **kwargs)
+
+    def backlog(self) -> int:
+        """Jobs waiting for a free thread."""
+        return self._pool.q.qsize()
+
+    def busy(self) -> int:
+        """Threads running a job now."""
+        return len(self._pool.working)
 
 
 class Pools(Service):
@@ -66,14 +76,17 @@ class Pools(Service):
         # so slow name servers cannot hold up Maildir writes.
         self.trust = WorkerPool("trust", 8, reactor)
 
+    def all(self) -> tuple[WorkerPool, ...]:
+        return (self.db, self.hash, self.io, self.trust)
+
     def startService(self) -> None:
         super().startService()
-        for pool in (self.db, self.hash, self.io, self.trust):
+        for pool in self.all():
             pool.start()
 
     def stopService(self) -> None:
         super().stopService()
-        for pool in (self.db, self.hash, self.io, self.trust):
+        for pool in self.all():
             pool.stop()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import service
@@ -21,6 +21,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mailsuite.config import Config, ConfigError
 from mailsuite.listeners import FileBudget, limit, raise_open_files_limit
+from mailsuite.metrics import MailLogCounter, Metrics
 from mailsuite.pools import Pools
 from mailsuite.tls import TLSMaterial, load_or_create
 
@@ -55,6 +56,9 @@ class Parts:
     # The io pool as IMAP and POP3 see it: a job that meets a busy folder lock waits on the
     # reactor, not in a pool thread (mailbox/waits.py, a LockWaitingPool over pools.io).
     mailbox_io: Any = None
+    # The process's counters (docs/design/metrics.md): handed to the parts that count, served
+    # by the `metrics` listener.
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -81,7 +85,7 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
                                queue=parts.queue, directory=parts.directory, tls=parts.tls,
                                clock=parts.reactor, resolver=parts.resolver,
                                implicit_tls=implicit_tls, io=parts.pools.io,
-                               gate=_build_gate(parts, policy))
+                               gate=_build_gate(parts, policy), metrics=parts.metrics)
 
 
 def _build_gate(parts: Parts, listener: str) -> Any:
@@ -117,20 +121,28 @@ def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import imap
 
     return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
-                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls,
+                               metrics=parts.metrics)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import pop3
 
     return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
-                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls,
+                               metrics=parts.metrics)
 
 
 def _build_autoconfig(parts: Parts) -> Any:
     from mailsuite import autoconfig
 
     return autoconfig.server_factory(parts.config, parts.directory, parts.reactor)
+
+
+def _build_metrics(parts: Parts) -> Any:
+    from mailsuite import metrics
+
+    return metrics.server_factory(parts.metrics, parts.reactor)
 
 
 # listen-key -> (builder, its keyword arguments, implicit TLS?)
@@ -143,6 +155,7 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
     "pop3": (_build_pop3, {}, False),
     "pop3s": (_build_pop3, {"implicit_tls": True}, True),
     "autoconfig": (_build_autoconfig, {}, False),
+    "metrics": (_build_metrics, {}, False),
 }
 
 
@@ -214,9 +227,13 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
                           lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
     resolver, dns, srs = _build_trust(config, reactor)
     queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
+    metrics = Metrics()
+    metrics.watch_pools(pools.all())
+    metrics.watch_queue(queue, reactor)
+    metrics.watch_login_cache(directory.login_cache)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget,
+                 budget=budget, metrics=metrics,
                  mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
 
 
@@ -271,6 +288,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     parts = build_parts(config, reactor)
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
+    MailLogCounter(parts.metrics).setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:
@@ -280,6 +298,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
             log.info("listener {name} is not available in this version", name=name)
             continue
         factory = limit(name, factory, config.limits, parts.reactor, parts.budget)
+        parts.metrics.watch_listener(factory)
         if implicit_tls:
             factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
         try:

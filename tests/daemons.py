@@ -7,6 +7,11 @@ process group. See docs/design/trust-engines.md, "Tests".
     with ClamdDaemon(tmp_dir) as clamd:     # clamd.socket (a unix path), clamd.tcp
         ...                                 # ("tcp:127.0.0.1:<port>")
 
+A private Prometheus scraping mailsuite's metrics listener (tests/interop/test_prometheus.py):
+
+    with PrometheusDaemon(tmp_dir, targets=["127.0.0.1:<metrics port>"]) as prometheus:
+        prometheus.query("sum(mailsuite_messages_accepted_total)")   # -> [(labels, value)]
+
 Postfix and Dovecot beside mailsuite (tests/interop, bench/compare.py): PrivatePostfix (its own
 config and queue directory, `postfix -c DIR start`) and PrivateDovecot (`dovecot -F -c FILE`,
 IMAP/IMAPS on loopback, passwd-file users); both need root.
@@ -16,6 +21,7 @@ A missing binary skips the test (fails under CI) through tests.environment.requi
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pwd
 import shutil
@@ -23,6 +29,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 
 from tests.environment import require_program
@@ -123,6 +130,46 @@ class Daemon:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class PrometheusDaemon(Daemon):
+    """Prometheus with its own configuration and TSDB under `base`, its web API on a free
+    loopback port, scraping `targets` every `interval` seconds as job "mailsuite"."""
+
+    name = "prometheus"
+    start_timeout = 60.0
+
+    def __init__(self, base: str, targets: list[str], interval: int = 1):
+        super().__init__(base)
+        self.binary = require_program("prometheus", "prometheus")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.config_path = os.path.join(base, "prometheus.yml")
+        _write(self.config_path,
+               f"global:\n  scrape_interval: {interval}s\n  evaluation_interval: {interval}s\n"
+               "scrape_configs:\n  - job_name: mailsuite\n    static_configs:\n"
+               f"      - targets: [{', '.join(repr(t) for t in targets)}]\n")
+
+    def command(self) -> list[str]:
+        return [self.binary, f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={os.path.join(self.base, 'data')}",
+                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+
+    def answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def query(self, promql: str) -> list[tuple[dict[str, str], float]]:
+        """An instant query through the HTTP API: (labels, value) of each series."""
+        url = self.url + "/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            answer = json.load(r)
+        assert answer["status"] == "success", answer
+        return [(series["metric"], float(series["value"][1]))
+                for series in answer["data"]["result"]]
 
 
 def _write(path: str, text: str) -> None:

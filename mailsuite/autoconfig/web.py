@@ -74,21 +74,29 @@ def build_factory(config: Config, directory: DirectoryService,
                   clock: IReactorTime | None = None) -> LimitedFactory:
     """The listener's factory: the Site behind the connection limits every listener has. Over a
     limit the client gets 503 and is hung up on without its request being read."""
-    site = build_site(config, directory, clock)
     limits = config.limits
-    counter = ConnectionCounter(min(limits.max_connections, MAX_CONNECTIONS),
-                                min(limits.max_connections_per_ip, MAX_CONNECTIONS_PER_IP))
+    return http_factory("autoconfig", ClientConfigResource(config, directory), clock,
+                        min(limits.max_connections, MAX_CONNECTIONS),
+                        min(limits.max_connections_per_ip, MAX_CONNECTIONS_PER_IP))
+
+
+def http_factory(name: str, root: resource.Resource, clock: IReactorTime | None = None,
+                 max_connections: int = MAX_CONNECTIONS,
+                 max_per_ip: int = MAX_CONNECTIONS_PER_IP) -> LimitedFactory:
+    """Listener `name` serving `root` with this module's bounds (also the metrics listener)."""
+    site = build_site(root, clock)
+    site.listener = name  # type: ignore[attr-defined]  # for _Channel's log lines
 
     def build(addr: Any) -> _Connection:
         return _Connection(site, addr)
 
-    return _SiteFactory(site, "autoconfig", counter, Refusal(_UNAVAILABLE, _UNAVAILABLE), build)
+    return _SiteFactory(site, name, ConnectionCounter(max_connections, max_per_ip),
+                        Refusal(_UNAVAILABLE, _UNAVAILABLE), build)
 
 
-def build_site(config: Config, directory: DirectoryService,
-               clock: IReactorTime | None = None) -> server.Site:
+def build_site(root: resource.Resource, clock: IReactorTime | None = None) -> server.Site:
     # No twisted.web idle timer: _Channel's request deadline covers idle connections too.
-    site = server.Site(ClientConfigResource(config, directory), timeout=None, reactor=clock)
+    site = server.Site(root, timeout=None, reactor=clock)
     # HTTP/1.x only, with our limits (no HTTP/2 negotiation).
     site.protocol = _Channel  # type: ignore[assignment,method-assign]
     site.requestFactory = _LimitedRequest
@@ -179,13 +187,13 @@ class _Channel(http.HTTPChannel):
 
     def lineLengthExceeded(self, line: bytes) -> None:
         # LineReceiver would hang up without a word; say 400 like the other head limits.
-        log.info("autoconfig: {client} sent a request line or header over {n} octets",
-                 client=_peer(self), n=MAX_LINE)
+        log.info("{listener}: {client} sent a request line or header over {n} octets",
+                 listener=_listener(self), client=_peer(self), n=MAX_LINE)
         self._respondToBadRequestAndDisconnect()
 
     def refuse_body(self) -> None:
-        log.info("autoconfig: {client} sent a body of more than {n} octets: closing",
-                 client=_peer(self), n=MAX_BODY + MAX_DROPPED_BODY)
+        log.info("{listener}: {client} sent a body of more than {n} octets: closing",
+                 listener=_listener(self), client=_peer(self), n=MAX_BODY + MAX_DROPPED_BODY)
         self._disarm()
         self.transport.write(_TOO_LARGE)
         self.transport.loseConnection()
@@ -201,8 +209,8 @@ class _Channel(http.HTTPChannel):
 
     def _too_slow(self) -> None:
         self._deadline = None
-        log.info("autoconfig: {client} sent no complete request within {n} s: closing",
-                 client=_peer(self), n=REQUEST_TIMEOUT)
+        log.info("{listener}: {client} sent no complete request within {n} s: closing",
+                 listener=_listener(self), client=_peer(self), n=REQUEST_TIMEOUT)
         self.transport.write(_TIMEOUT)
         self.transport.loseConnection()
 
@@ -404,6 +412,10 @@ def _peer(channel: http.HTTPChannel) -> str:
     transport = channel.transport
     peer = transport.getPeer() if transport is not None else None
     return getattr(peer, "host", str(peer))
+
+
+def _listener(channel: http.HTTPChannel) -> str:
+    return getattr(getattr(channel, "site", None), "listener", "http")
 
 
 def _client(request: server.Request) -> str:

@@ -15,6 +15,7 @@ from mailsuite.directory.api import DirectoryService
 from mailsuite.imap.server import IMAPServer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 from mailsuite.mailbox import MailStoreAPI
+from mailsuite.metrics import Metrics
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -25,12 +26,15 @@ REFUSAL = Refusal(b"* BYE too many connections, try again later\r\n",
 
 def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                    io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
-                   implicit_tls: bool = False) -> LimitedFactory:
-    """The protocol factory for one IMAP listener, with its own connection limits."""
+                   implicit_tls: bool = False, metrics: Optional[Metrics] = None) -> LimitedFactory:
+    """The protocol factory for one IMAP listener, with its own connection limits; `metrics`
+    counts logins and command durations (None: a registry of its own)."""
+    metrics = metrics if metrics is not None else Metrics()
     limits = config.limits
     counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def build(addr: IAddress) -> IMAPServer:
-        return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls)
+        return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls,
+                          metrics=metrics)
 
     return LimitedFactory("imaps" if implicit_tls else "imap", counter, REFUSAL, build)

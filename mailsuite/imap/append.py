@@ -279,6 +279,7 @@ class AppendCommands(Session):
             items.append((source, m.flags, m.date))
         # All or none (RFC 3502 §6.3.11): nothing is visible before every message is written.
         validity, uids = yield self.io(append_messages, folder, items)
+        self.metrics.maildir_writes("append", len(uids))
         # Untagged EXISTS only for the selected folder, through refresh (docs/design/imap.md,
         # "Selection and refresh").
         yield self.refresh()

@@ -42,6 +42,7 @@ from mailsuite.imap.selection import Selection, SelectionCommands
 from mailsuite.imap.spool import LiteralSpool
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
+from mailsuite.metrics import Metrics
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -100,9 +101,10 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
 
     def __init__(self, config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                  io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, metrics: Optional[Metrics] = None):
         self.config = config
         self.directory = directory
+        self.metrics = metrics if metrics is not None else Metrics()
         self.mailstore = mailstore
         self.pool = io
         self.tls_material = tls
@@ -524,11 +526,13 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             self.done()
             return
         self.tag = tag
+        started = self.clock.seconds()
         kwargs = {"uid": uid} if name in UID_COMMANDS else {}
         d = defer.maybeDeferred(handler, tag, args, **kwargs)
         if name in REFRESH_AFTER:
             d.addCallback(self._refresh_then)
         d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
+        d.addBoth(lambda _: self.metrics.imap_command(name, self.clock.seconds() - started))
         d.addBoth(lambda _: self.done())
 
     def _handler(self, name: bytes) -> Callable[..., Any]:
@@ -725,11 +729,13 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             # The directory slows repeated failures from one address down (its LoginThrottle).
             canonical = yield self.directory.authenticate(user, password, client_ip=self.peer)
         except DirectoryUnavailable as e:
+            self.metrics.auth("imap", "tempfail")
             log.warn("imap: login of {user} from {peer}: directory unavailable: {error}",
                      user=user[:100], peer=self.peer, error=str(e)[:200])
             raise no("temporary failure, try again later", R.UNAVAILABLE)
         except UnauthorizedLogin:
             self.auth_failures += 1
+            self.metrics.auth("imap", "failure")
             log.warn("imap: authentication failed for {user} from {peer} (failure {n})",
                      user=user[:100], peer=self.peer, n=self.auth_failures)
             if self.auth_failures >= self.config.limits.max_auth_failures:
@@ -748,6 +754,7 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             self._login_call.cancel()
         self._login_call = None
         self.on_authenticated()
+        self.metrics.auth("imap", "success")
         log.info("imap: {user} logged in from {peer}", user=canonical, peer=self.peer)
         return R.code(b"CAPABILITY", self.capabilities()) + b"logged in"
 

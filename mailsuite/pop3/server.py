@@ -37,6 +37,7 @@ from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import MessageInfo, NoSuchMessage
+from mailsuite.metrics import Metrics
 from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
 from mailsuite.tls import TLSMaterial
@@ -49,16 +50,18 @@ log = Logger()
 
 def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                    io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
-                   implicit_tls: bool = False) -> LimitedFactory:
+                   implicit_tls: bool = False, metrics: Metrics | None = None) -> LimitedFactory:
     """The factory of one POP3 listener: pop3 (STLS offered when `tls` is given) or pop3s
     (`implicit_tls`: service.py wraps the factory in TLS). Over a connection limit the client
-    gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on."""
+    gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on. `metrics` counts logins
+    (None: a registry of its own)."""
+    metrics = metrics if metrics is not None else Metrics()
     limits = config.limits
     counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
     refusal = Refusal(replies.TOO_MANY_CONNECTIONS, replies.TOO_MANY_CONNECTIONS)
 
     def build(addr: IAddress) -> POP3Server:
-        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls)
+        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls, metrics)
 
     return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)
 
@@ -201,9 +204,10 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def __init__(self, config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                  io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
-                 implicit_tls: bool = False):
+                 implicit_tls: bool = False, metrics: Metrics | None = None):
         self.config = config
         self.directory = directory
+        self.metrics = metrics if metrics is not None else Metrics()
         self.mailstore = mailstore
         self.io_pool = io
         self.tls_material = tls
@@ -599,10 +603,12 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             self._failed_login()
             return
         except DirectoryUnavailable as e:
+            self.metrics.auth("pop3", "tempfail")
             log.warn("pop3 login for {user!r} from {client_ip}: directory unavailable: {error}",
                      user=user[:100], client_ip=self.client_ip, error=str(e)[:200])
             self.send(replies.DIRECTORY_DOWN)
             return
+        self.metrics.auth("pop3", "success")
         if self._closed:
             return
         try:
@@ -639,6 +645,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def _failed_login(self) -> None:
         self._auth_failures += 1
+        self.metrics.auth("pop3", "failure")
         if self._auth_failures >= self.config.limits.max_auth_failures:
             self._close(replies.TOO_MANY_FAILURES)
             return

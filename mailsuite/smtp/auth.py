@@ -90,6 +90,7 @@ class AuthExchange:
                      client_ip=self.client_ip)
             if self.on_authenticated is not None:
                 self.on_authenticated()
+            self.factory.metrics.auth("smtp", "success")
             return replies.AUTH_OK
 
         def failed(failure: Failure) -> Reply | defer.Deferred:
@@ -102,6 +103,7 @@ class AuthExchange:
             else:
                 log.failure("authentication backend error for {client_ip}", failure,
                             client_ip=self.client_ip)
+            self.factory.metrics.auth("smtp", "tempfail")
             return replies.AUTH_TEMP_FAILURE
 
         return d.addCallbacks(ok, failed)
@@ -110,6 +112,7 @@ class AuthExchange:
         """Answer a failed AUTH after `delay` seconds; None means a failure the directory never
         saw (refused before asking it), which we count in its throttle ourselves."""
         self._auth_failures += 1
+        self.factory.metrics.auth("smtp", "failure")
         if delay is None:
             delay = self.factory.directory.throttle.failed(self.client_ip, user.lower()[:320])
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "

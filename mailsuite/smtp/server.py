@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from mailsuite.config import Config, ConfigError
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.metrics import Metrics
 from mailsuite.pools import InlinePool, WorkPool
 from mailsuite.queue.agents import MessageQueue
 from mailsuite.smtp import replies
@@ -71,19 +72,20 @@ BAD_LINE_ENDINGS = ("reject", "normalise")
 def server_factory(config: Config, policy: Policy, queue: MessageQueue,
                    directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                    resolver: IResolver | None = None, implicit_tls: bool = False,
-                   io: WorkPool | None = None, gate: Gate | None = None) -> "SMTPServerFactory":
+                   io: WorkPool | None = None, gate: Gate | None = None,
+                   metrics: Metrics | None = None) -> "SMTPServerFactory":
     """The factory for one listener (MX or submission, by `policy`).
 
     `tls` is what STARTTLS uses (None: not offered); `implicit_tls` says the transport is already
     TLS (port 465, wrapped by service.py). `resolver` finds the client's host name for the
     Received: header (None: no reverse look-ups). `io` runs the writes of DATA to the staged file
     (None: inline, for unit tests only). `gate` holds the trust checks (mailsuite.trust.gate;
-    None: none)."""
+    None: none). `metrics` counts replies and logins (None: a registry of its own)."""
     if config.smtp.bad_line_endings not in BAD_LINE_ENDINGS:
         raise ConfigError(f"[smtp] bad_line_endings must be \"reject\" or \"normalise\", not "
                           f"{config.smtp.bad_line_endings!r}")
     return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls,
-                             io, gate)
+                             io, gate, metrics)
 
 
 class SMTPServerFactory(LimitedFactory):
@@ -92,7 +94,8 @@ class SMTPServerFactory(LimitedFactory):
     def __init__(self, config: Config, policy: Policy, queue: MessageQueue,
                  directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                  resolver: IResolver | None = None, implicit_tls: bool = False,
-                 io: WorkPool | None = None, gate: Gate | None = None):
+                 io: WorkPool | None = None, gate: Gate | None = None,
+                 metrics: Metrics | None = None):
         limits = config.limits
         super().__init__(
             "submissions" if implicit_tls else policy.name,
@@ -108,6 +111,7 @@ class SMTPServerFactory(LimitedFactory):
         self.implicit_tls = implicit_tls
         self.io: WorkPool = io if io is not None else InlinePool()
         self.gate = gate
+        self.metrics = metrics if metrics is not None else Metrics()
         self._tls = tls
         self._tls_context: object | None = None
         if not implicit_tls and tls is not None:
@@ -226,7 +230,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
     def evict(self, reason: str) -> None:
         """The listener drops this session to serve another (docs/design/limits.md): RFC 5321
         §3.8 wants a 421 with our name before we close."""
-        self._send(Reply(421, "4.7.0", f"{self.hostname} {reason}, closing connection"))
+        self._send(Reply(421, "4.7.0", f"{self.hostname} {reason}, closing connection", "evicted"))
         self._close()
 
     def timeoutConnection(self) -> None:
@@ -434,14 +438,18 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
             log.info("refused {command} from {client_ip}: {code} {enhanced} {text}",
                      command=self._command or "-", client_ip=self.client_ip, code=reply.code,
                      enhanced=reply.enhanced, text=reply.text.split("\n")[0])
-        self.transport.write(reply.lines())
+        self._write(reply)
         if 500 <= reply.code <= 504 and not self._closed:
             # Only protocol errors count: refused recipients are normal on a busy MX.
             self._errors += 1
             if self._errors > MAX_ERRORS:
                 log.info("closing {client_ip}: too many errors", client_ip=self.client_ip)
-                self.transport.write(replies.TOO_MANY_ERRORS.lines())
+                self._write(replies.TOO_MANY_ERRORS)
                 self._close(linger=0.5)
+
+    def _write(self, reply: Reply) -> None:
+        self.factory.metrics.smtp_reply(self.factory.name, reply.code, reply.reason)
+        self.transport.write(reply.lines())
 
     # -- commands -------------------------------------------------------------------------------
     def _dispatch(self, raw: bytes) -> Reply | defer.Deferred | None:

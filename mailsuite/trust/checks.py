@@ -20,7 +20,8 @@ from mailsuite.trust.dns import DnsTempError
 Lookup = Callable[[str, str, float], list]
 
 DMARC_TEMPFAIL = Reply(451, "4.7.0",
-                       "temporary DNS failure checking sender authentication, try again later")
+                       "temporary DNS failure checking sender authentication, try again later",
+                       reason="dmarc")
 _ACTIONS = {"reject": REJECT, "quarantine": JUNK, "none": ACCEPT}
 
 
@@ -41,7 +42,8 @@ class AuthOutcome:
 
 def dmarc_reject_reply(domain: str, spf: str, dkim: str) -> Reply:
     return Reply(550, "5.7.1",
-                 f"message refused: DMARC policy of {domain} says reject (SPF {spf}, DKIM {dkim})")
+                 f"message refused: DMARC policy of {domain} says reject (SPF {spf}, DKIM {dkim})",
+                 reason="dmarc")
 
 
 def authenticate_message(message: bytes, envelope: Envelope, spf: AuthResult | None,

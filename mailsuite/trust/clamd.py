@@ -30,7 +30,8 @@ from mailsuite.trust.rspamd import timed_out
 
 log = Logger(namespace="mailsuite.trust.clamd")
 
-UNAVAILABLE = Reply(451, "4.7.1", "virus scanner unavailable, try again later")
+UNAVAILABLE = Reply(451, "4.7.1", "virus scanner unavailable, try again later",
+                    reason="scanner_unavailable")
 CHUNK = 64 * 1024
 MAX_ANSWER = 4096  # clamd's answer is one short line; more than this is not clamd
 MAX_SIGNATURE = 100
@@ -143,8 +144,8 @@ def interpret(answer: str) -> Verdict:
         return Verdict(ACCEPT, log="clamd: clean")
     if text.endswith(" FOUND"):
         signature = printable(text[:-len(" FOUND")], MAX_SIGNATURE) or "unknown"
-        return Verdict(REJECT, reply=Reply(554, "5.7.0", f"message refused: {signature}"),
-                       log=f"clamd: virus {signature}")
+        return Verdict(REJECT, log=f"clamd: virus {signature}",
+                       reply=Reply(554, "5.7.0", f"message refused: {signature}", reason="virus"))
     if "size limit exceeded" in text:
         raise ClamdFailure("size limit exceeded", printable(answer, 200))
     raise ClamdFailure("clamd error", printable(answer, 200))

@@ -252,7 +252,8 @@ class DNSBL:
             if site.zone not in names:
                 names.append(site.zone)
         if result.score >= self.config.threshold and result.listed_by:
-            result.reply = Reply(554, "5.7.1", f"{result.listed_by[0]} lists {addr}")
+            result.reply = Reply(554, "5.7.1", f"{result.listed_by[0]} lists {addr}",
+                                 reason="dnsbl")
             log.info("dnsbl: {ip} scores {score} (threshold {threshold}), listed by {listed}",
                      ip=str(addr), score=result.score, threshold=self.config.threshold,
                      listed=", ".join(result.listed_by))

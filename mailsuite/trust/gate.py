@@ -271,7 +271,7 @@ def _combine(outcomes: Sequence[Any], listener: str) -> tuple[Verdict, list[Any]
         if not isinstance(outcome, Verdict):
             problems.append(outcome)
             outcome = Verdict(TEMPFAIL, Reply(451, "4.7.1", "message checks failed, try "
-                                                            "again later"),
+                                                            "again later", reason="local_error"),
                               log="internal error in a check")
         verdict = verdict.combine(outcome)
     if verdict.disposition == JUNK and listener != "mx":

@@ -78,7 +78,8 @@ class Greylist:
             log.info("greylist: deferred {ip} <{sender}> -> <{recipient}> ({reason}, retry in "
                      "{seconds} s)", ip=ip, sender=sender, recipient=recipient,
                      reason=outcome.reason, seconds=outcome.retry_in)
-            return Reply(451, "4.7.1", f"greylisted, try again in {outcome.retry_in} seconds")
+            return Reply(451, "4.7.1", f"greylisted, try again in {outcome.retry_in} seconds",
+                         reason="greylisted")
 
         def fail_open(failure: Failure) -> None:
             self._fail_open.report(failure, f"{ip} <{sender}> -> <{recipient}>")

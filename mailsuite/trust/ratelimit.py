@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import weakref
+from dataclasses import replace
 from typing import Any, Iterable
 
 from twisted.internet import defer
@@ -207,7 +208,7 @@ class RateLimits:
                      "{left} s ({code} {enhanced})", key=key, count=outcome.count, limit=limit,
                      window=window, left=outcome.retry_after, code=reply.code,
                      enhanced=reply.enhanced)
-            return reply
+            return replace(reply, reason="rate_limit")  # the metrics' label
 
         def fail_open(failure: Failure) -> None:
             self._fail_open.report(failure, key)

@@ -26,9 +26,10 @@ from mailsuite.trust import ACCEPT, JUNK, REJECT, TEMPFAIL, Envelope, Verdict
 
 log = Logger(namespace="mailsuite.trust.rspamd")
 
-UNAVAILABLE = Reply(451, "4.7.1", "content scanner unavailable, try again later")
-TRY_LATER = Reply(451, "4.7.1", "try again later")
-SPAM = Reply(550, "5.7.1", "message refused as spam")
+UNAVAILABLE = Reply(451, "4.7.1", "content scanner unavailable, try again later",
+                    reason="scanner_unavailable")
+TRY_LATER = Reply(451, "4.7.1", "try again later", reason="spam")
+SPAM = Reply(550, "5.7.1", "message refused as spam", reason="spam")
 MAX_REPLY_TEXT = 200
 MAX_ANSWER = 4 * 1024 * 1024  # an answer longer than this is not rspamd's
 

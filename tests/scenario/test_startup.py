@@ -11,7 +11,7 @@ import pytest
 from tests.harness import HOST, MailServer, subprocess_env, twistd_command, write_toml
 from tests.polling import wait_until
 
-DEFAULT_PORTS = [2525, 2587, 2465, 2143, 2993, 2110, 2995]
+DEFAULT_PORTS = [2525, 2587, 2465, 2143, 2993, 2110, 2995, 9425]
 
 
 def run_twistd(cwd, *args, timeout=30):
@@ -46,7 +46,8 @@ def port_free(port: int) -> bool:
 
 def test_no_arguments_starts_on_embedded_defaults(tmp_path):
     if not all(port_free(p) for p in DEFAULT_PORTS):
-        pytest.skip("a default port (2525/2587/2465/2143/2993/2110/2995) is in use on this machine")
+        pytest.skip("a default port (2525/2587/2465/2143/2993/2110/2995/9425) is in use on this "
+                    "machine")
     process = subprocess.Popen(twistd_command() + ["-n", "--pidfile=", "mailsuite"], cwd=tmp_path,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True, env=subprocess_env())
