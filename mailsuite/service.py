@@ -22,6 +22,8 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from mailsuite.config import Config, ConfigError
 from mailsuite.listeners import FileBudget, limit, raise_open_files_limit
 from mailsuite.pools import Pools
+from mailsuite.proxyproto import ProxyProtocolFactory, trusted_networks
+from mailsuite.proxyproto import check_settings as check_proxy_settings
 from mailsuite.tls import TLSMaterial, load_or_create
 
 if TYPE_CHECKING:
@@ -261,6 +263,8 @@ def _import_every_part() -> None:
 
 def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     _import_every_part()
+    check_proxy_settings(config.listen, LISTENERS)
+    proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
@@ -275,6 +279,9 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         factory = limit(name, factory, config.limits, parts.reactor, parts.budget)
         if implicit_tls:
             factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
+        if name in config.listen.proxy_protocol:
+            # Outermost: the PROXY header precedes TLS, and admission waits for it.
+            factory = ProxyProtocolFactory(name, factory, proxies, parts.reactor)
         try:
             endpoint = endpoints.serverFromString(parts.reactor, description)
         except (ValueError, TypeError, KeyError) as e:
