@@ -190,7 +190,8 @@ class Sender(threading.Thread):
                 self.stop.wait(0.1)  # back off like a client would, then try again
 
 
-def received(server: MailServer, path: str) -> str:
+def received(path: str) -> str:
+    """The first Received: field of the message at `path`, unfolded."""
     with open(path, "rb") as f:
         head = f.read().split(b"\r\n\r\n")[0].decode()
     return head.replace("\r\n ", " ").replace("\r\n\t", " ").split("Received: ", 1)[1] \
@@ -201,9 +202,9 @@ def test_smtp_and_imap_through_haproxy_survive_the_loss_of_an_instance(cluster):
     a, b = cluster.servers["a"], cluster.servers["b"]
     # -- both instances up: the real client's address, never HAProxy's --------------------
     acked = [send_mx(cluster) for _ in range(8)] + [send_submission(cluster) for _ in range(2)]
-    paths = wait_until(lambda: (lambda p: p if len(p) >= len(acked) else None)(
-        a.messages(ALICE)), 60, message="the first messages delivered")
-    lines = [received(a, path) for path in paths]
+    paths = wait_until(lambda: len(a.messages(ALICE)) >= len(acked) and a.messages(ALICE), 60,
+                       message="the first messages delivered")
+    lines = [received(path) for path in paths]
     for line in lines:
         assert f"[{CLIENT}])" in line and PROXY_SOURCE not in line, line
     assert any("with ESMTPSA" in line for line in lines)  # submission, PROXY v1

@@ -6,7 +6,6 @@ from __future__ import annotations
 import imaplib
 import smtplib
 import socket
-import ssl
 import struct
 import uuid
 
@@ -20,8 +19,8 @@ UNTRUSTED = "127.0.0.5"  # another loopback address: not in trusted_proxies
 
 @pytest.fixture(scope="module")
 def proxied(tmp_path_factory):
-    s = MailServer(str(tmp_path_factory.mktemp("proxied")), listeners=["mx", "imaps"],
-                   extra={"listen": {"proxy_protocol": ["mx", "imaps"],
+    s = MailServer(str(tmp_path_factory.mktemp("proxied")), listeners=["mx", "imaps", "pop3"],
+                   extra={"listen": {"proxy_protocol": ["mx", "imaps", "pop3"],
                                      "trusted_proxies": [f"{HOST}/32"]}})
     s.start()
     try:
@@ -130,3 +129,14 @@ def test_imaps_reads_the_header_beneath_tls_and_logs_the_client(proxied):
         imap.logout()
     wait_until(lambda: "alice@example.org logged in from 192.0.2.9" in proxied.log_text(), 10,
                message="the login line with the declared client")
+
+
+def test_pop3_logs_the_declared_client(proxied):
+    port = proxied.ports["pop3"]
+    with socket.create_connection((HOST, port), timeout=30) as sock:
+        sock.sendall(v1("192.0.2.11", port))
+        assert sock.recv(1024).startswith(b"+OK")
+        sock.sendall(b"QUIT\r\n")
+        assert sock.recv(1024).startswith(b"+OK")
+    wait_until(lambda: "pop3 connection from 192.0.2.11" in proxied.log_text(), 10,
+               message="the connection line with the declared client")

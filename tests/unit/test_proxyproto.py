@@ -200,7 +200,8 @@ class RecordingFactory(ServerFactory):
 def wrapped(trusted=("10.0.0.0/8",), **kwargs):
     clock = task.Clock()
     inner = RecordingFactory()
-    return ProxyProtocolFactory("mx", inner, trusted_networks(trusted), clock, **kwargs), inner, clock
+    factory = ProxyProtocolFactory("mx", inner, trusted_networks(trusted), clock, **kwargs)
+    return factory, inner, clock
 
 
 def connect(factory, clock, ip="10.0.0.5"):
