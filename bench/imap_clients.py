@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 TLS_MODES = ("implicit", "starttls", "none")
 
@@ -168,11 +169,16 @@ async def login_latency(target: Target, count: int = 50) -> LatencyResult:
                          statistics.median(connects))
 
 
-async def connect_storm(target: Target, clients: int = 200) -> StormResult:
+async def connect_storm(target: Target | list[Target], clients: int = 200,
+                        while_idle: Callable[[], object] | None = None) -> StormResult:
+    """`clients` at once; client i uses target i modulo their number (several instances or
+    users: bench/scaleout.py). `while_idle` is called once every client idles (or failed),
+    before they leave."""
+    targets = target if isinstance(target, list) else [target]
     opened: list[Client] = []
     failed = 0
 
-    async def one() -> None:
+    async def one(target: Target) -> None:
         client = Client(target)
         await client.connect()
         opened.append(client)
@@ -182,13 +188,16 @@ async def connect_storm(target: Target, clients: int = 200) -> StormResult:
 
     t0 = time.perf_counter()
     outcomes = await asyncio.wait_for(
-        asyncio.gather(*(one() for _ in range(clients)), return_exceptions=True),
-        target.timeout)
+        asyncio.gather(*(one(targets[i % len(targets)]) for i in range(clients)),
+                       return_exceptions=True),
+        targets[0].timeout)
     seconds = time.perf_counter() - t0
     errors = [o for o in outcomes if isinstance(o, BaseException)]
     failed = len(errors)
     if errors:
         print(f"{failed} clients failed, e.g. {errors[0]!r}", file=sys.stderr)
+    if while_idle is not None:
+        while_idle()
 
     async def finish(client: Client) -> None:
         try:

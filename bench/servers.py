@@ -36,25 +36,30 @@ class Side(Protocol):
     def imap_pss_kib(self) -> int: ...
 
 
+def bench_settings(max_clients: int) -> dict[str, dict]:
+    """mailsuite's configuration for a benchmark from one address: the limits that protect a
+    public server from one client address raised to `max_clients`, no inbound trust checks
+    (Postfix runs none by default), no rate limits (Postfix has none)."""
+    return {
+        "limits": {"max_connections": max_clients, "max_connections_per_ip": max_clients,
+                   "max_preauth_per_ip": max_clients, "max_preauth_per_prefix": max_clients},
+        "imap": {"max_commands_per_second": 0},
+        "trust": {"enabled": False},
+        "ratelimit": {"submission_messages_per_hour": 0, "submission_recipients_per_hour": 0,
+                      "mx_connections_per_minute": 0, "mx_recipients_per_minute": 0},
+    }
+
+
 class MailsuiteSide:
-    """`twistd -n mailsuite` (tests/harness.py) with MX, submission and IMAPS. Limits that
-    protect a public server from one address are raised (every client here is 127.0.0.1), the
-    inbound trust checks are off (Postfix runs none by default), as are the per-user
-    submission rates (Postfix has none)."""
+    """`twistd -n mailsuite` (tests/harness.py) with MX, submission and IMAPS, configured by
+    `bench_settings` (every client here is 127.0.0.1)."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
                  max_clients: int):
         self.server = MailServer(base, hostname="mx.bench.test",
-                                 listeners=["mx", "submission", "imaps"], extra={
-            "tls": {"cert": layout.cert, "key": layout.key},
-            "limits": {"max_connections": max_clients, "max_connections_per_ip": max_clients,
-                       "max_preauth_per_ip": max_clients, "max_preauth_per_prefix": max_clients},
-            "imap": {"max_commands_per_second": 0},
-            "trust": {"enabled": False},
-            "ratelimit": {"submission_messages_per_hour": 0,
-                          "submission_recipients_per_hour": 0,
-                          "mx_connections_per_minute": 0, "mx_recipients_per_minute": 0},
-        })
+                                 listeners=["mx", "submission", "imaps"],
+                                 extra={"tls": {"cert": layout.cert, "key": layout.key},
+                                        **bench_settings(max_clients)})
         self.users, self.password = users, password
         self.mx_port = self.server.ports["mx"]
         self.submission_port = self.server.ports["submission"]

@@ -127,6 +127,17 @@ class IMAPSection:
 
 
 @dataclass
+class MailboxSection:
+    """[mailbox]: folder locks (docs/design/maildir.md, "The dotlock")."""
+    # Seconds a session waits for a folder another session or process has locked; then IMAP
+    # NO [INUSE], POP3 -ERR [IN-USE]. The wait holds no io thread.
+    lock_wait: float = 5.0
+    # A dotlock of another host older than this is taken over (Dovecot's default); locks of
+    # this host are taken over as soon as their process is gone.
+    stale_lock_seconds: float = 120.0
+
+
+@dataclass
 class POP3Section:
     """[pop3]: POP3 protocol limits, beyond [limits] (docs/design/pop3.md, "Limits")."""
 
@@ -179,6 +190,7 @@ class Config:
     smtp: SMTPSection = field(default_factory=SMTPSection)
     imap: IMAPSection = field(default_factory=IMAPSection)
     pop3: POP3Section = field(default_factory=POP3Section)
+    mailbox: MailboxSection = field(default_factory=MailboxSection)
     queue: QueueSection = field(default_factory=QueueSection)
     courier: CourierSection = field(default_factory=CourierSection)
     dkim: DKIMSection = field(default_factory=DKIMSection)

@@ -54,6 +54,9 @@ class Parts:
     # The descriptors all listeners share (docs/design/limits.md); service.py hands it to every
     # listener's factory through `listeners.limit`, so the `_build_*` functions need not.
     budget: FileBudget | None = None
+    # The io pool as IMAP and POP3 see it: a job that meets a busy folder lock waits on the
+    # reactor, not in a pool thread (mailbox/waits.py, a LockWaitingPool over pools.io).
+    mailbox_io: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -115,14 +118,14 @@ def _build_gate(parts: Parts, listener: str) -> Any:
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import imap
 
-    return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
+    return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import pop3
 
-    return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
+    return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls)
 
 
@@ -184,7 +187,9 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
 
         reactor = _reactor  # type: ignore[assignment]
     from mailsuite.directory import Directory
+    from mailsuite.mailbox.dotlock import LockRules
     from mailsuite.mailbox.store import MailStore
+    from mailsuite.mailbox.waits import LockWaitingPool
 
     try:
         for path in (config.data_dir, config.mail_dir, config.queue_dir):
@@ -207,12 +212,14 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     directory = Directory(config, pools)
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
     mailstore = MailStore(config.mail_dir, max_cached_folders=config.imap.max_cached_folders,
-                          folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024)
+                          folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024,
+                          lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
     resolver, dns, srs = _build_trust(config, reactor)
     queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget)
+                 budget=budget,
+                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
 
 
 def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:

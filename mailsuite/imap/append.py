@@ -22,6 +22,7 @@ from mailsuite.imap.parser import Atom, FileLiteral, LiteralStr, ParseError, Str
 from mailsuite.imap.responses import CommandError, bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import Account, Folder, MailboxError, NoSuchMessage
 
 MAX_CAT_PARTS = 100  # TEXT and URL parts of one CATENATE
@@ -206,6 +207,14 @@ class ChainReader:
 
     def __init__(self, pieces: list[Union[bytes, BinaryIO]]):
         self.pieces = list(pieces)
+        self._start = [(p, p.tell()) for p in pieces if not isinstance(p, (bytes, bytearray))]
+        self._all = list(pieces)
+
+    def rewind(self) -> None:
+        """Back to the first octet (io pool): the append runs again after a busy lock."""
+        self.pieces = list(self._all)
+        for f, offset in self._start:
+            f.seek(offset)
 
     def read(self, n: int = -1) -> bytes:
         out = bytearray()
@@ -232,10 +241,17 @@ class ChainReader:
 def append_messages(folder: Folder, items: list) -> tuple[int, list[int]]:
     """(UIDVALIDITY, UIDs) after storing every message of `items` or none (runs in the io pool:
     one trip for the whole command, docs/design/imap.md, "Throughput")."""
-    if len(items) == 1:
-        uids = [folder.append(*items[0])]
-    else:
-        uids = folder.append_many(items)
+    try:
+        if len(items) == 1:
+            uids = [folder.append(*items[0])]
+        else:
+            uids = folder.append_many(items)
+    except LockBusy:
+        # Nothing was stored; the same job runs again when the folder is free (waits.py).
+        for data, _, _ in items:
+            if isinstance(data, ChainReader):
+                data.rewind()
+        raise
     return uidvalidity(folder), uids
 
 

@@ -11,6 +11,7 @@ from twisted.internet import defer
 from mailsuite.imap.parser import Token
 from mailsuite.imap.responses import bad
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import Folder
 
 IDLE_POLL = 0.5  # seconds between checks of the folder's state token while idling
@@ -34,7 +35,10 @@ class IdleCommand(Session):
         try:
             while self.idle_line is None:
                 if self.sel is not None:
-                    yield self.refresh(shared=True)
+                    try:
+                        yield self.refresh(shared=True)
+                    except LockBusy:
+                        pass  # locked by another process past lock_wait: look again next poll
                 if self.idle_line is not None or self.closed:
                     break
                 # Poll the store's cheap state token: a delivery by the queue (another thread,

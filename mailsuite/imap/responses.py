@@ -21,6 +21,7 @@ BADCHARSET = b"BADCHARSET"
 SERVERBUG = b"SERVERBUG"  # RFC 5530
 UNAVAILABLE = b"UNAVAILABLE"  # RFC 5530: temporary failure (directory down, I/O error)
 OVERQUOTA = b"OVERQUOTA"  # RFC 5530: no space (ENOSPC, EDQUOT)
+INUSE = b"INUSE"  # RFC 5530: the mailbox is locked by another session or process
 READ_ONLY = b"READ-ONLY"
 READ_WRITE = b"READ-WRITE"
 CLIENTBUG = b"CLIENTBUG"

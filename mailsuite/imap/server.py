@@ -42,6 +42,7 @@ from mailsuite.imap.selection import Selection, SelectionCommands
 from mailsuite.imap.spool import LiteralSpool
 from mailsuite.listeners import client_ip
 from mailsuite.mailbox import MailStoreAPI
+from mailsuite.mailbox.errors import LockBusy
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -753,8 +754,14 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
 
 
 def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> bytes:
-    """The store failed with an environment fault (full disk, quota, I/O error): a temporary
-    NO with one log line, no traceback (RFC 5530 codes)."""
+    """The store failed with an environment fault (full disk, quota, I/O error, a folder
+    locked for longer than [mailbox] lock_wait): a temporary NO with one log line, no
+    traceback (RFC 5530 codes)."""
+    if isinstance(e, LockBusy):
+        log.warn("imap: {command} for {user} from {peer}: {lock} still locked by {owner}",
+                 command=name.decode("ascii", "replace"), user=user or "-", peer=peer,
+                 lock=e.lock, owner=e.owner or "-")
+        return R.code(R.INUSE) + b"mailbox is in use by another session, try again later"
     log.warn("imap: {command} for {user} from {peer} failed: {error}",
              command=name.decode("ascii", "replace"), user=user or "-", peer=peer,
              error=f"{type(e).__name__}: {e}"[:300])

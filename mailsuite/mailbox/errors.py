@@ -2,6 +2,8 @@
 of the environment underneath (docs/design/maildir.md)."""
 from __future__ import annotations
 
+import errno
+
 
 class MailboxError(Exception):
     """Base class of the store's refusals; str(e) is a reason fit for a client."""
@@ -39,3 +41,18 @@ class StoreUnavailable(MailboxError, OSError):
 
     def __str__(self) -> str:  # fit for a client: no path, no errno number
         return f"mail storage temporarily unavailable: {self.strerror or 'I/O error'}"
+
+
+class LockBusy(StoreUnavailable):
+    """A folder lock (Dovecot's dotlock, or a folder's in-process lock) is held by another
+    session or process right now. Raised at once instead of waiting in a pool thread; callers
+    wait on the reactor and try again (waits.py), then answer IMAP `NO [INUSE]`, POP3
+    `-ERR [IN-USE]`; the delivery agent defers (docs/design/maildir.md, "The dotlock")."""
+
+    def __init__(self, lock: str, owner: str = ""):
+        StoreUnavailable.__init__(self, errno.EAGAIN, "mailbox in use")
+        self.lock = lock  # what is locked: waiters of the same lock wait together
+        self.owner = owner
+
+    def __str__(self) -> str:
+        return "mailbox is in use by another session, try again later"

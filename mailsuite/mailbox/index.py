@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import contextlib
 import threading
 import weakref
 import time
@@ -15,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, cast
 
 from mailsuite.mailbox.cache import CACHE, HeaderCache
-from mailsuite.mailbox.errors import NoSuchFolder
+from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
+from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
-    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, DotLock, UidList, file_stamp, info_name,
+    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, info_name,
     letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
 )
 from mailsuite.safeio import atomic_write
@@ -84,6 +86,36 @@ class MessageInfo:
         return d
 
 
+# How long a pool thread may wait for a folder's in-process lock before it gives the thread back
+# and the caller waits on the reactor instead (waits.py; docs/design/maildir.md, "The dotlock").
+FOLDER_LOCK_SPIN = 0.05
+
+
+class FolderLock:
+    """The in-process lock of one folder state: re-entrant; `with` waits at most
+    FOLDER_LOCK_SPIN, then raises LockBusy (a holder may be busy for long: a sync of a large
+    folder, fsyncs on a slow disk). `acquire` keeps threading's semantics."""
+
+    def __init__(self, path: str, spin: float = FOLDER_LOCK_SPIN):
+        self.path = path
+        self.spin = spin
+        self._lock = threading.RLock()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> "FolderLock":
+        if not self._lock.acquire(timeout=self.spin):
+            raise LockBusy(self.path, "another session of this process")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
 class FolderIndex:
     """What this process knows about one folder, shared by all its Folder objects.
 
@@ -93,9 +125,11 @@ class FolderIndex:
     Sizes and INTERNALDATEs are kept in `mailsuite-index` (append-only, compacted now and then)
     so a fresh process does not stat every file either."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, rules: LockRules = DEFAULT_RULES):
         self.path = path
-        self.lock = threading.RLock()
+        self.lock = FolderLock(path)
+        self.rules = rules  # when another's dotlock is stale (dotlock.py)
+        self._uidlist_held = 0  # depth of hold_uidlist() (under self.lock)
         self.uidlist: UidList | None = None
         self.uidlist_stamp: tuple | None = None
         self.keywords: list[str] = []
@@ -124,7 +158,7 @@ class FolderIndex:
         # RFC 7162 mod-sequences (docs/design/maildir.md, "Mod-sequences"): the UIDs whose
         # flags or presence may have changed since the log was last brought up to date
         # (None: all of them).
-        self.modseqs = ModSeqLog(path)
+        self.modseqs = ModSeqLog(path, rules)
         self.header_cache = HeaderCache(os.path.join(path, CACHE))  # cache.py
         self.mod_dirty: set[int] | None = None
         self.unseen = False  # infos built by the running sync, not handed out yet
@@ -140,6 +174,17 @@ class FolderIndex:
 
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
+        try:
+            self._sync()
+        except BaseException:
+            # Half a sync (e.g. files moved to cur/ and listed, but dovecot-uidlist locked):
+            # forget the directory mtimes and rebuild fully next time, so the files it listed
+            # are not taken for known ones and still get their UIDs.
+            self.synced = False
+            self.invalidate()
+            raise
+
+    def _sync(self) -> None:
         path = self.path
         new_dir = os.path.join(path, "new")
         cur_dir = os.path.join(path, "cur")
@@ -391,10 +436,30 @@ class FolderIndex:
             self.uidlist = None  # corrupt: rebuilt with a new UIDVALIDITY
         return "full"
 
+    @contextlib.contextmanager
+    def hold_uidlist(self):
+        """Hold this folder's lock and the dotlock of dovecot-uidlist (re-entrant). An
+        operation that changes files takes them before its first change, so a busy lock
+        (LockBusy) leaves nothing half done and the operation can simply run again."""
+        with self.lock:
+            if self._uidlist_held:
+                self._uidlist_held += 1
+                try:
+                    yield
+                finally:
+                    self._uidlist_held -= 1
+                return
+            with DotLock(os.path.join(self.path, UIDLIST), self.rules):
+                self._uidlist_held = 1
+                try:
+                    yield
+                finally:
+                    self._uidlist_held = 0
+
     def register(self, keys: list[str], names: dict[str, str] | None = None) -> list[int]:
         """Give each key a UID (existing ones keep theirs) under the dotlock; returns them."""
         path = os.path.join(self.path, UIDLIST)
-        with DotLock(path):
+        with self.hold_uidlist():
             # Re-read under the lock: another process may have assigned UIDs since.
             reload = self._reload_uidlist()
             ul = self.uidlist
@@ -459,7 +524,7 @@ class FolderIndex:
         N<nextuid> stays)."""
         gone = set(uids)
         path = os.path.join(self.path, UIDLIST)
-        with DotLock(path):
+        with self.hold_uidlist():
             self._reload_uidlist()
             ul = self.uidlist
             if ul is not None:
@@ -561,7 +626,7 @@ class FolderIndex:
         if all(w.lower() in lower for w in wanted):
             return self.keywords
         path = os.path.join(self.path, KEYWORDS)
-        with DotLock(path):
+        with DotLock(path, self.rules):
             self.keywords_stamp = None
             self._reload_keywords()
             keywords = list(self.keywords)

@@ -1,9 +1,9 @@
-"""Low-level Maildir and Dovecot file formats: names, flags, dotlocks, dovecot-uidlist,
-dovecot-keywords, atomic rewrites, and the writer that delivers into new/. Synchronous; no
-knowledge of accounts or IMAP. The layout and the rules we follow are in docs/design/maildir.md."""
+"""Low-level Maildir and Dovecot file formats: names, flags, dovecot-uidlist,
+dovecot-keywords, atomic rewrites, and the writer that delivers into new/ (the dotlock is in
+dotlock.py). Synchronous; no knowledge of accounts or IMAP. The layout and the rules we follow
+are in docs/design/maildir.md."""
 from __future__ import annotations
 
-import errno
 import itertools
 import os
 import secrets
@@ -19,8 +19,6 @@ from mailsuite.safeio import atomic_write, fsync_dir, write_all
 UIDLIST = "dovecot-uidlist"
 KEYWORDS = "dovecot-keywords"
 INDEX = "mailsuite-index"
-STALE_LOCK_SECONDS = 120.0  # Dovecot's default dotlock stale timeout for dovecot-uidlist.lock
-LOCK_WAIT_SECONDS = 60.0
 MAX_KEYWORDS = 26  # letters a..z
 
 # IMAP system flags <-> Maildir info letters (https://cr.yp.to/proto/maildir.html).
@@ -32,10 +30,6 @@ FLAG_LETTERS: dict[str, str] = {
     "\\Deleted": "T",
 }
 LETTER_FLAGS = {v: k for k, v in FLAG_LETTERS.items()}
-
-
-class LockTimeout(OSError):
-    """A dotlock held (not stale) for longer than we are willing to wait."""
 
 
 # -- names -------------------------------------------------------------------------------------
@@ -259,51 +253,6 @@ def file_stamp(path: str) -> tuple | None:
     except FileNotFoundError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class DotLock:
-    """Dovecot's dotlock: `<file>.lock` created with O_CREAT|O_EXCL; a lock older than
-    STALE_LOCK_SECONDS is left over by a crashed process and is taken over."""
-
-    def __init__(self, path: str, stale: float = STALE_LOCK_SECONDS,
-                 wait: float = LOCK_WAIT_SECONDS):
-        self.lock_path = path + ".lock"
-        self.stale = stale
-        self.wait = wait
-
-    def __enter__(self) -> "DotLock":
-        deadline = time.monotonic() + self.wait
-        delay = 0.001
-        while True:
-            try:
-                fd = os.open(self.lock_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                try:
-                    age = time.time() - os.stat(self.lock_path).st_mtime
-                except FileNotFoundError:
-                    continue
-                if age > self.stale:
-                    try:
-                        os.unlink(self.lock_path)
-                    except FileNotFoundError:
-                        pass
-                    continue
-                if time.monotonic() > deadline:
-                    raise LockTimeout(errno.EAGAIN, "lock held too long", self.lock_path)
-                time.sleep(delay)
-                delay = min(delay * 2, 0.05)
-                continue
-            try:
-                os.write(fd, f"{os.getpid()}:{socket.gethostname()}\n".encode())
-            finally:
-                os.close(fd)
-            return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            os.unlink(self.lock_path)
-        except FileNotFoundError:
-            pass
 
 
 # -- dovecot-uidlist -----------------------------------------------------------------------------

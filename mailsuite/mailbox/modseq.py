@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 from typing import Iterable, Optional
 
-from mailsuite.mailbox.maildir import DotLock, file_stamp
+from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
+from mailsuite.mailbox.maildir import file_stamp
 from mailsuite.safeio import atomic_write
 
 MODSEQ_FILE = "mailsuite-modseq"
@@ -33,8 +34,9 @@ MAX_EXPUNGED = 10000  # expunged UIDs remembered for VANISHED (EARLIER); older o
 class ModSeqLog:
     """What the log says, in memory: uid -> (modseq, letters), expunged uid -> modseq."""
 
-    def __init__(self, folder_path: str):
+    def __init__(self, folder_path: str, rules: LockRules = DEFAULT_RULES):
         self.path = os.path.join(folder_path, MODSEQ_FILE)
+        self.rules = rules
         self.uidvalidity = 0
         self.highest = 1
         self.floor = 0  # expunges with modseq <= floor are no longer listed
@@ -124,7 +126,7 @@ class ModSeqLog:
         self.load()
         if not self._pending(uidvalidity, present, check):
             return False
-        with DotLock(self.path):
+        with DotLock(self.path, self.rules):
             self.load()  # what other processes appended meanwhile
             fresh = self.stamp is None or self.uidvalidity != uidvalidity
             if fresh and not full:

@@ -36,9 +36,10 @@ from mailsuite.mailbox.maildir import (
 )
 from mailsuite.mailbox import maildir as _maildir
 from mailsuite.mailbox.cache import message_headers
+from mailsuite.mailbox.dotlock import DEFAULT_RULES, LockRules
 from mailsuite.mailbox.held import HELD_PREFIX, drain_held, sweep_held
 from mailsuite.mailbox.errors import (  # noqa: F401 (the store's public exceptions)
-    FolderExists, InvalidMailboxName, MailboxError, NoSuchFolder, NoSuchMessage,
+    FolderExists, InvalidMailboxName, LockBusy, MailboxError, NoSuchFolder, NoSuchMessage,
     StoreUnavailable, UnsafePath,
 )
 from mailsuite.mailbox.index import FolderIndex, MessageInfo  # noqa: F401 (public)
@@ -96,8 +97,10 @@ class MailStore:
     of this process, so a second SELECT of a large folder costs a few stat() calls."""
 
     def __init__(self, mail_dir: str, max_cached_folders: int = 32,
-                 folder_cache_bytes: int = 8 * 1024 * 1024):
+                 folder_cache_bytes: int = 8 * 1024 * 1024,
+                 lock_rules: LockRules = DEFAULT_RULES):
         self.mail_dir = os.path.abspath(mail_dir)
+        self.lock_rules = lock_rules  # when a dotlock is stale (dotlock.py)
         # mail_dir itself may legitimately be a symlink (/var/mail -> /srv/mail): paths are
         # compared after resolving, against where it resolves.
         self.mail_dir_real = os.path.realpath(self.mail_dir)
@@ -148,7 +151,7 @@ class MailStore:
         with self._lock:
             state = self._states.get(path)
             if state is None:
-                state = self._states[path] = FolderIndex(path)
+                state = self._states[path] = FolderIndex(path, self.lock_rules)
             self._recent[path] = state
             self._recent.move_to_end(path)
             self._trim_locked()
@@ -354,8 +357,10 @@ class Account:
             raise FolderExists(f"folder {new} already exists")
         if old == "INBOX":
             source = self.folder("INBOX")
-            dest = self.create_folder(new)
-            source.move([m.uid for m in source.sync()], dest)
+            # Locked before the new folder exists: a busy INBOX leaves nothing behind.
+            with source._state.hold_uidlist():
+                dest = self.create_folder(new)
+                source.move([m.uid for m in source.sync()], dest)
             return
         old_path = self._path_of(old)
         children = [n for n in self.list_folders() if n.startswith(old + DELIMITER)]
@@ -754,7 +759,9 @@ class Folder:
                 if internaldate is not None:
                     os.utime(tmp_path, (internaldate, internaldate))
             cur = os.path.join(self.path, "cur")
-            with state.lock:
+            # Both locks before the first rename (docs/design/maildir.md, "The dotlock").
+            with state.hold_uidlist():
+                state.keywords_for({f for _, _, flags in staged for f in flags})
                 keys: list[str] = []
                 names: dict[str, str] = {}
                 for tmp_path, size, flags in staged:
@@ -790,8 +797,10 @@ class Folder:
         names: dict[str, str] = {}
         cur = os.path.join(dest.path, "cur")
         # Only the destination's lock is held from here on (never both: two sessions copying
-        # in opposite directions must not deadlock).
-        with dstate.lock:
+        # in opposite directions must not deadlock). It and the keywords are taken before the
+        # first link, so a busy lock leaves nothing behind.
+        with dstate.hold_uidlist():
+            dstate.keywords_for({f for info, _ in sources for f in info.flags})
             for info, src_path in sources:
                 key = unique_key(info.size)
                 letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
@@ -832,7 +841,11 @@ class Folder:
         arrived: list[tuple[MessageInfo, str]] = []
         names: dict[str, str] = {}
         cur = os.path.join(dest.path, "cur")
-        with dstate.lock:
+        # Both folders' locks before the first rename, so a busy one leaves nothing half
+        # moved. Taking both cannot deadlock: every lock here gives up after a short try
+        # (LockBusy) instead of waiting.
+        with dstate.hold_uidlist(), self._state.hold_uidlist():
+            dstate.keywords_for({f for info, _ in sources for f in info.flags})
             known = dstate.ensure_uidlist().uids
             for info, src_path in sources:
                 letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
@@ -857,7 +870,6 @@ class Folder:
             fsync_dir(cur)
             fsync_dir(os.path.join(self.path, "cur"))
             new_uids = dstate.register([k for _, k in moved], names)
-        with self._state.lock:
             # Sessions that still show a moved message read it from a link in our tmp/.
             for info, target in arrived:
                 try:
@@ -872,7 +884,7 @@ class Folder:
         Returns the UIDs actually removed, ascending."""
         self._prove()
         state = self._state
-        with state.lock:
+        with state.hold_uidlist():  # before the first unlink
             self.sync()
             if uids is None:
                 targets = [i for i in state.infos.values() if "\\Deleted" in i.flags]

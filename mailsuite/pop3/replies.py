@@ -46,6 +46,8 @@ AUTH_FAILED = err("[AUTH] Authentication failed")
 TOO_MANY_FAILURES = err("[AUTH] Too many authentication failures, closing connection")
 DIRECTORY_DOWN = err("[SYS/TEMP] Authentication service unavailable, try again later")
 MAILDROP_LOCKED = err("[IN-USE] Maildrop is already in use by another session")
+# RFC 2449 §8.1.1: the folder's dotlock (or index) stayed locked for [mailbox] lock_wait.
+MAILDROP_BUSY = err("[IN-USE] Maildrop is locked by another process, try again later")
 MAILDROP_ERROR = err("[SYS/TEMP] Cannot open the maildrop, try again later")
 INTERNAL_ERROR = err("[SYS/TEMP] Internal error")
 UNSUPPORTED_MECHANISM = err("Unsupported authentication mechanism")

@@ -35,6 +35,7 @@ from mailsuite.directory.records import DirectoryUnavailable
 from mailsuite.dotstuff import DotStuffer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal, client_ip
 from mailsuite.mailbox import MailStoreAPI
+from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import MessageInfo, NoSuchMessage
 from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
@@ -605,6 +606,11 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return
         try:
             drop = yield self.io(_open_maildrop, self.mailstore, address)
+        except LockBusy as e:
+            log.warn("pop3 {user} from {client_ip}: maildrop still locked by {owner} ({lock})",
+                     user=address, client_ip=self.client_ip, owner=e.owner or "-", lock=e.lock)
+            self.send(replies.MAILDROP_BUSY)
+            return
         except Exception as e:
             # A mailbox that cannot be read (I/O error, permissions, full disk for the index)
             # is the environment's fault: one line, and the client may try later.
@@ -792,6 +798,8 @@ def _apply_update(folder: "Folder", delete: list[int], seen: list[int]) -> list[
     for uid in seen:
         try:
             folder.add_flags(uid, ["\\Seen"])
+        except LockBusy:
+            raise  # the whole update runs again once the folder is free (mailbox/waits.py)
         except Exception:
             pass  # removed or renamed meanwhile by another client: not worth failing QUIT
     return folder.expunge(delete) if delete else []

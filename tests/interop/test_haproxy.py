@@ -190,6 +190,11 @@ class Sender(threading.Thread):
                 self.stop.wait(0.1)  # back off like a client would, then try again
 
 
+def haproxy_log(cluster: Cluster) -> str:
+    with open(cluster.haproxy.log_path, errors="replace") as f:
+        return f.read()
+
+
 def received(path: str) -> str:
     """The first Received: field of the message at `path`, unfolded."""
     with open(path, "rb") as f:
@@ -232,6 +237,10 @@ def test_smtp_and_imap_through_haproxy_survive_the_loss_of_an_instance(cluster):
         sender.stop.set()
         sender.join(60)
     assert sum(s.reconnects for s in sessions) >= 1, "no IMAP session was on the killed instance"
+    # The health checks (PROXY header, then EHLO, greeting or TLS handshake) find a dead...
+    for listener in PROXIED:
+        wait_until(lambda: f"Server {listener}/a is DOWN" in haproxy_log(cluster), 30,
+                   message=f"HAProxy's check to see {listener}/a down")
     acked += sender.acked
 
     # -- nothing lost, nothing twice ------------------------------------------------------
@@ -253,6 +262,8 @@ def test_smtp_and_imap_through_haproxy_survive_the_loss_of_an_instance(cluster):
     assert len(set(uids)) == len(uids), "a UID given twice"
     assert len(set(mids)) == len(mids), "a message delivered twice"
     assert f"client={CLIENT}" in b.log_text()
+    # ...and pass on a live instance.
+    assert "/b is DOWN" not in haproxy_log(cluster), haproxy_log(cluster)[-3000:]
     for s in sessions:
         s.close()
     print(f"acknowledged {len(acked)} ({len(sender.acked)} under the kill), "

@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from mailsuite.mailbox.maildir import UIDLIST, DotLock, UidList
+from mailsuite.mailbox.dotlock import DotLock
+from mailsuite.mailbox.errors import LockBusy
+from mailsuite.mailbox.maildir import UIDLIST, UidList
 from mailsuite.mailbox.store import (
     FolderExists, InvalidMailboxName, MailboxError, MailStore, NoSuchFolder, NoSuchMessage,
 )
@@ -217,7 +219,7 @@ def test_invalid_account_addresses(tmp_path):
             store.account(bad)
 
 
-def test_stale_dotlock_taken_over_and_live_one_waited_for(account):
+def test_stale_dotlock_taken_over_and_live_one_refused_at_once(account):
     path = os.path.join(account.path, UIDLIST)
     lock = path + ".lock"
     open(lock, "w").close()
@@ -226,10 +228,10 @@ def test_stale_dotlock_taken_over_and_live_one_waited_for(account):
     deliver(account.path, 1)
     assert [m.uid for m in account.folder("INBOX").sync()] == [1]
     assert not os.path.exists(lock)
-    # A live lock makes a second locker wait (and time out here).
+    # A live lock: a second locker is refused at once (it waits on the reactor, not here).
     with DotLock(path):
-        with pytest.raises(OSError):
-            with DotLock(path, wait=0.2):
+        with pytest.raises(LockBusy):
+            with DotLock(path):
                 pass
 
 
