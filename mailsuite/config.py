@@ -54,6 +54,11 @@ class ListenSection:
     autoconfig: str = "tcp:2080:interface=127.0.0.1"
     # Prometheus scrapes GET /metrics here (docs/design/metrics.md); keep it on loopback.
     metrics: str = "tcp:9425:interface=127.0.0.1"
+    # Listeners behind a load balancer that opens each connection with a PROXY protocol header
+    # (v1 or v2; docs/design/limits.md, "Behind a proxy"), e.g. ["mx", "imaps"]. Only peers in
+    # trusted_proxies (networks, e.g. "10.0.0.5/32") may connect to them; others are closed.
+    proxy_protocol: list[str] = field(default_factory=list)
+    trusted_proxies: list[str] = field(default_factory=list)
 
 
 @dataclass

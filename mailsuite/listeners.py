@@ -76,6 +76,15 @@ def client_address(addr: Any) -> str:
     return host
 
 
+def client_ip(transport: Any) -> str:
+    """The IP address of the client on the other end of `transport`, for everything that judges
+    or records the client (trust checks, rate limits, the login throttle, Received:, logs).
+
+    On a PROXY protocol listener the transport is a `proxyproto.ProxyHeaderReceiver` (or TLS over
+    one), whose getPeer() is the client the proxy declared; otherwise the TCP peer."""
+    return client_address(transport.getPeer())
+
+
 class ConnectionCounter:
     """Open connections of one listener; `admit(ip)` counts a new one if the limits allow it."""
 
@@ -288,7 +297,7 @@ class _Connection:
         self.timer: Any = None
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
     """LOG_BURST lines per LOG_PERIOD, then one line counting what was left out."""
 
     def __init__(self, clock: Any, what: str):
@@ -360,8 +369,8 @@ class LimitedFactory(protocol.ServerFactory):
         self.admitted = 0
         self.logins = 0
         self.sessions = 0
-        self._log = _RateLimitedLog(None, "evicted")
-        self._refusal_log = _RateLimitedLog(None, "refused")
+        self._log = RateLimitedLog(None, "evicted")
+        self._refusal_log = RateLimitedLog(None, "refused")
 
     def configure(self, limits: Any, clock: Any, budget: Optional[FileBudget] = None,
                   authenticates: bool = True) -> None:
@@ -370,8 +379,8 @@ class LimitedFactory(protocol.ServerFactory):
         self.authenticates = authenticates
         self.fairness_clock = clock
         self.budget = budget
-        self._log = _RateLimitedLog(clock, "evicted")
-        self._refusal_log = _RateLimitedLog(clock, "refused")
+        self._log = RateLimitedLog(clock, "evicted")
+        self._refusal_log = RateLimitedLog(clock, "refused")
         if budget is not None and self not in budget.factories:
             budget.factories.append(self)
 

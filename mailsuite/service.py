@@ -23,6 +23,8 @@ from mailsuite.config import Config, ConfigError
 from mailsuite.listeners import FileBudget, limit, raise_open_files_limit
 from mailsuite.metrics import MailLogCounter, Metrics
 from mailsuite.pools import Pools
+from mailsuite.proxyproto import ProxyProtocolFactory, trusted_networks
+from mailsuite.proxyproto import check_settings as check_proxy_settings
 from mailsuite.tls import TLSMaterial, load_or_create
 
 if TYPE_CHECKING:
@@ -285,6 +287,8 @@ def _import_every_part() -> None:
 
 def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     _import_every_part()
+    check_proxy_settings(config.listen, LISTENERS)
+    proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
@@ -301,6 +305,9 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         parts.metrics.watch_listener(factory)
         if implicit_tls:
             factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
+        if name in config.listen.proxy_protocol:
+            # Outermost: the PROXY header precedes TLS, and admission waits for it.
+            factory = ProxyProtocolFactory(name, factory, proxies, parts.reactor)
         try:
             endpoint = endpoints.serverFromString(parts.reactor, description)
         except (ValueError, TypeError, KeyError) as e:

@@ -16,6 +16,10 @@ Postfix and Dovecot beside mailsuite (tests/interop, bench/compare.py): PrivateP
 config and queue directory, `postfix -c DIR start`) and PrivateDovecot (`dovecot -F -c FILE`,
 IMAP/IMAPS on loopback, passwd-file users); both need root.
 
+HAProxy in front of mailsuite instances (tests/interop/test_haproxy.py): PrivateHAProxy runs
+etc/haproxy.cfg.example as it is (`haproxy -f FILE -db`), its addresses and ports given through
+the environment variables that file reads.
+
 A missing binary skips the test (fails under CI) through tests.environment.require_program.
 """
 from __future__ import annotations
@@ -62,6 +66,10 @@ class Daemon:
     def command(self) -> list[str]:
         raise NotImplementedError
 
+    def environment(self) -> dict[str, str] | None:
+        """The daemon's environment; None: ours."""
+        return None
+
     def answers(self) -> bool:
         raise NotImplementedError
 
@@ -71,7 +79,7 @@ class Daemon:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True,
-                                            cwd=self.base)
+                                            cwd=self.base, env=self.environment())
 
         def up() -> bool:
             if self.process.poll() is not None:
@@ -532,6 +540,31 @@ service anvil {{
 
     def logs(self) -> list[str]:
         return [self.log_path, os.path.join(self.base, "dovecot.log")]
+
+
+class PrivateHAProxy(Daemon):
+    """HAProxy with `config` (etc/haproxy.cfg.example), in the foreground (`-db`), logging to
+    its output (tests/daemons' log file). `variables` are the MAILSUITE_* settings that file
+    reads; `front_ports` the ports it must be listening on (127.0.0.1) before it counts as up."""
+
+    name = "haproxy"
+
+    def __init__(self, base: str, config: str, variables: dict[str, str],
+                 front_ports: list[int]):
+        super().__init__(base)
+        self.binary = require_program("haproxy", "haproxy")
+        self.config = config
+        self.variables = dict(variables, MAILSUITE_HAPROXY_LOG="stdout")
+        self.front_ports = list(front_ports)
+
+    def command(self) -> list[str]:
+        return [self.binary, "-f", self.config, "-db"]
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ, **self.variables)
+
+    def answers(self) -> bool:
+        return all(_listening(port) for port in self.front_ports)
 
 
 def dovecot_password_hash(password: str, scheme: str = "ARGON2ID") -> str:

@@ -104,27 +104,31 @@ def empty_dns() -> Any:
 class MailServer:
     """One mailsuite process with its own data directory, config file and ports.
 
-    `extra` is merged into the generated configuration ({"limits": {"max_recipients": 5}}).
-    `listeners` limits which listeners are enabled (default: all of LISTENERS).
+    `extra` is merged into the generated configuration ({"limits": {"max_recipients": 5}}; a
+    `server.data_dir` there is shared with other instances). `listeners` limits which listeners
+    are enabled (default: all of LISTENERS). `host` is the loopback address every listener binds
+    (another instance may use the same `ports` on another address).
     """
 
     def __init__(self, base_dir: str, extra: dict[str, dict[str, Any]] | None = None,
-                 hostname: str = "mx.test.example", listeners: list[str] | None = None):
+                 hostname: str = "mx.test.example", listeners: list[str] | None = None,
+                 host: str = HOST, ports: dict[str, int] | None = None):
         self.base_dir = base_dir
-        self.data_dir = os.path.join(base_dir, "data")
         self.config_path = os.path.join(base_dir, "mailsuite.toml")
         self.log_path = os.path.join(base_dir, "twistd.log")
         self.hostname = hostname
+        self.host = host
         self.enabled = list(listeners or LISTENERS)
-        self.ports = {name: free_port() for name in self.enabled}
+        self.ports = {name: (ports or {}).get(name) or free_port() for name in self.enabled}
         sections: dict[str, dict[str, Any]] = {
-            "server": {"hostname": hostname, "data_dir": self.data_dir,
+            "server": {"hostname": hostname, "data_dir": os.path.join(base_dir, "data"),
                        "admin_address": "admin@" + hostname},
-            "listen": {name: (f"tcp:{self.ports[name]}:interface={HOST}" if name in self.ports
+            "listen": {name: (f"tcp:{self.ports[name]}:interface={host}" if name in self.ports
                               else "") for name in LISTENERS},
         }
         for name, values in (extra or {}).items():
             sections.setdefault(name, {}).update(values)
+        self.data_dir = sections["server"]["data_dir"]
         # Every DNS question (the trust checks on MX, the courier's MX look-ups) goes to a
         # loopback server of ours that knows no names, unless the test brings its own zones:
         # never to the machine's resolver, whose answers a test cannot know.
@@ -157,7 +161,7 @@ class MailServer:
                                    f"{self.log_text()}")
             for name in list(pending):
                 try:
-                    socket.create_connection((HOST, self.ports[name]), timeout=0.5).close()
+                    socket.create_connection((self.host, self.ports[name]), timeout=0.5).close()
                     pending.discard(name)
                 except OSError:
                     pass

@@ -35,7 +35,8 @@ from mailsuite.autoconfig.records import mta_sts_policy
 from mailsuite.autoconfig.settings import client_servers, parse_address, valid_domain
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService
-from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.listeners import (ConnectionCounter, LimitedFactory, Refusal, client_address,
+                                 client_ip)
 
 log = Logger()
 
@@ -410,8 +411,7 @@ def _host(request: server.Request) -> str:
 
 def _peer(channel: http.HTTPChannel) -> str:
     transport = channel.transport
-    peer = transport.getPeer() if transport is not None else None
-    return getattr(peer, "host", str(peer))
+    return client_ip(transport) if transport is not None else "?"
 
 
 def _listener(channel: http.HTTPChannel) -> str:
@@ -419,8 +419,8 @@ def _listener(channel: http.HTTPChannel) -> str:
 
 
 def _client(request: server.Request) -> str:
-    peer = request.getClientAddress()
-    return getattr(peer, "host", str(peer))
+    # The channel's transport's getPeer(): on a PROXY listener, the declared client.
+    return client_address(request.getClientAddress())
 
 
 _INDEX = """<!DOCTYPE html>

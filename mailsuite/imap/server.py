@@ -40,6 +40,7 @@ from mailsuite.imap.parser import LITERAL_MARKER, Atom, FileLiteral, ParseError,
 from mailsuite.imap.responses import CommandError, bad, no
 from mailsuite.imap.selection import Selection, SelectionCommands
 from mailsuite.imap.spool import LiteralSpool
+from mailsuite.listeners import client_ip
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.metrics import Metrics
@@ -145,8 +146,7 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
 
     # -- connection ---------------------------------------------------------------------------
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.peer = getattr(peer, "host", str(peer))
+        self.peer = client_ip(self.transport)  # a PROXY listener's declared client
         self.setTimeout(self.config.limits.imap_timeout)
         # Output backpressure for every command: the transport pauses the gate when its buffer
         # is full, and no further command is read until it drains (docs/design/imap.md, "Limits").

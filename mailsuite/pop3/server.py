@@ -33,7 +33,7 @@ from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService
 from mailsuite.directory.records import DirectoryUnavailable
 from mailsuite.dotstuff import DotStuffer
-from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal, client_ip
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import MessageInfo, NoSuchMessage
@@ -245,8 +245,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     # -- connection life ---------------------------------------------------------------------
     def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
-        self.client_ip = getattr(peer, "host", "-")
+        self.client_ip = client_ip(self.transport)  # a PROXY listener's declared client
         self.setTimeout(self.config.limits.pop3_timeout)
         if self.config.pop3.login_timeout > 0:
             self._login_timer = self.clock.callLater(self.config.pop3.login_timeout,

@@ -39,7 +39,7 @@ from twisted.python.failure import Failure
 
 from mailsuite.config import Config, ConfigError
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
-from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
+from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal, client_ip
 from mailsuite.metrics import Metrics
 from mailsuite.pools import InlinePool, WorkPool
 from mailsuite.queue.agents import MessageQueue
@@ -146,8 +146,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self.clock = f.clock
         self.callLater = f.clock.callLater  # TimeoutMixin's idle timer runs on our clock
         self.hostname = f.config.hostname
-        peer = self.transport.getPeer()
-        self.client_ip = getattr(peer, "host", "unknown")
+        self.client_ip = client_ip(self.transport)  # a PROXY listener's declared client
         self.client_name: str | None = None
         self.session = Session(self.client_ip, tls=f.implicit_tls)
         self._buffer = bytearray()
