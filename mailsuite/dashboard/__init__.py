@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.interfaces import IProtocolNegotiationFactory
+from zope.interface import alsoProvides
+
 from mailsuite.dashboard.sources import Sources
 
 
@@ -29,4 +32,9 @@ def server_factory(hostname: str, directory: Any, pools: Any, spool: Any, clock:
                        clock)
     root = AdminResource(hostname, directory.store, login, Sessions(clock), spool, pools.db,
                          pools.io, pools.hash, clock, sources)
-    return http_factory("admin", root, clock)
+    factory = http_factory("admin", root, clock)
+    # Browsers offer ALPN (h2, http/1.1). Twisted's TLS answers an offer that overlaps nothing
+    # it knows with an "internal error" alert, so the factory TLS wraps names what we speak.
+    alsoProvides(factory, IProtocolNegotiationFactory)
+    factory.acceptableProtocols = lambda: [b"http/1.1"]
+    return factory

@@ -21,7 +21,7 @@ _STYLE = """
 body{font:14px/1.4 sans-serif;margin:0;color:#222;background:#fafafa}
 header{display:flex;gap:1.5em;align-items:center;padding:.6em 1.2em;background:#234;color:#fff}
 header a{color:#dde;text-decoration:none}header a:hover{text-decoration:underline}
-header form{margin-left:auto}main{padding:1em 1.5em;max-width:1200px}
+nav{display:flex;gap:1.2em}header form{margin-left:auto}main{padding:1em 1.5em;max-width:1200px}
 table{border-collapse:collapse;margin:.5em 0 1.5em;background:#fff}
 th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#eef}td.n{text-align:right}form.inline{display:inline}

@@ -125,10 +125,11 @@ def _check(labels: Sequence[str], series: Sequence[Series]) -> None:
 
 def _nice_max(series: Sequence[Series]) -> float:
     """The top of the y axis: the largest value rounded up to 1, 2 or 5 times a power of ten
-    (at least 1, so that an empty chart still has an axis)."""
+    (at least 2, so that an empty chart still has an axis and its middle line is a whole
+    number)."""
     largest = max((v for s in series for v in s.values), default=0)
-    if largest <= 1:
-        return 1.0
+    if largest <= 2:
+        return 2.0
     power = 10 ** math.floor(math.log10(largest))
     for step in (1, 2, 5, 10):
         if largest <= step * power:

@@ -47,6 +47,7 @@ MAX_FIELD = 2048  # octets of one field's value (a password is at most MAX_PASSW
 MAX_QUERY = 400  # characters of a trace search
 QUEUE_PAGE_ROWS = 500  # entries listed on the queue page
 TRACE_LIMIT = 50  # messages one trace shows
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 # Headers of every answer: nothing is cached, framed, scripted or fetched from elsewhere.
 SECURITY_HEADERS = (
     (b"Cache-Control", b"no-store"),
@@ -211,7 +212,11 @@ class AdminResource(resource.Resource):
         session = self.sessions.get(_cookie(request, SESSION_COOKIE))
         if session is not None and not failed:
             return _redirect("/overview", http.FOUND)
-        token = secrets.token_urlsafe(32)
+        # The token of an earlier form stays: a browser loads /login more than once (after the
+        # 302 of its /favicon.ico, say), and each form it still shows must keep working.
+        token = _cookie(request, LOGIN_COOKIE) or ""
+        if not _TOKEN.match(token):
+            token = secrets.token_urlsafe(32)
         reply = self._page(None, "Log in", pages.login(token, failed),
                            http.UNAUTHORIZED if failed else http.OK)
         reply.headers = (_set_cookie(LOGIN_COOKIE, token, LOGIN_FORM_AGE),)

@@ -62,3 +62,15 @@ def test_a_password_changed_with_the_cli_ends_open_sessions(admin_server):
     assert web.get("/overview").status == 302
     assert web.login(password=ADMIN_PASSWORD).status == 401
     assert web.login(password="admin-pw-2").status == 303
+
+
+def test_a_browsers_alpn_offer_gets_http_1_1(admin_server):
+    # Browsers offer h2 and http/1.1; the handshake must not fail on the h2 we do not speak.
+    import socket
+
+    context = ssl.create_default_context(cafile=admin_server.cafile)
+    context.check_hostname = False
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection((admin_server.host, admin_server.ports["admin"]), 10) as raw:
+        with context.wrap_socket(raw) as tls:
+            assert tls.selected_alpn_protocol() == "http/1.1"

@@ -219,6 +219,19 @@ def test_login_needs_the_login_forms_token(web):
     assert wrong.status == 403 and not wrong.cookies()
 
 
+def test_a_second_load_of_the_login_page_keeps_the_first_forms_token(web):
+    # Browsers load /login again behind the user's back (the 302 of /favicon.ico).
+    first = web.get("/login", cookie="")
+    login_cookie = first.cookies()[0].split(";")[0]
+    again = web.get("/login", cookie=login_cookie)
+    assert csrf_of(again.body) == csrf_of(first.body)
+    answer = web.post("/login", {"csrf": csrf_of(first.body), "name": "root",
+                                 "password": PASSWORD}, cookie=login_cookie)
+    assert answer.status == 303
+    # A made-up cookie value is not taken over.
+    assert csrf_of(web.get("/login", cookie="__Host-mailsuite-login=short").body) != "short"
+
+
 def test_a_wrong_password_is_held_back_by_the_shared_login_throttle(web):
     pending = web.login(password="wrong")
     assert not pending.answered()  # held back by the throttle's delay (1 s)
