@@ -52,6 +52,8 @@ class Parts:
     # The descriptors all listeners share (docs/design/limits.md); service.py hands it to every
     # listener's factory through `listeners.limit`, so the `_build_*` functions need not.
     budget: FileBudget | None = None
+    # Change notifications between sessions and instances (mailsuite/notify.py).
+    changes: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -114,14 +116,16 @@ def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import imap
 
     return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
-                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls,
+                               changes=parts.changes)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
     from mailsuite import pop3
 
     return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.pools.io,
-                               parts.tls, parts.reactor, implicit_tls=implicit_tls)
+                               parts.tls, parts.reactor, implicit_tls=implicit_tls,
+                               changes=parts.changes)
 
 
 def _build_autoconfig(parts: Parts) -> Any:
@@ -206,11 +210,24 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     directory.prepare()  # schema creation/migration, synchronously, before we serve anyone
     mailstore = MailStore(config.mail_dir, max_cached_folders=config.imap.max_cached_folders,
                           folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024)
+    changes = _build_changes(directory, mailstore, pools, reactor)
     resolver, dns, srs = _build_trust(config, reactor)
     queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget)
+                 budget=budget, changes=changes)
+
+
+def _build_changes(directory: "Directory", mailstore: "MailStore", pools: Pools,
+                   reactor: Any) -> Any:
+    """The change notifications of the process: deliveries wake IDLE sessions, `mailsuite
+    user ...` anywhere reaches the login cache and the open sessions (mailsuite/notify.py)."""
+    from mailsuite.notify import ChangeHub, make_change_bus
+
+    changes = ChangeHub(make_change_bus(directory.store, pools.db, reactor), reactor)
+    changes.follow_directory(directory.login_cache)
+    mailstore.on_delivery = changes.mailbox_changed_in_thread
+    return changes
 
 
 def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
@@ -264,6 +281,8 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     parts = build_parts(config, reactor)
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
+    if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
+        parts.changes.bus.setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:

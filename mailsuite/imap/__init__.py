@@ -15,6 +15,7 @@ from mailsuite.directory.api import DirectoryService
 from mailsuite.imap.server import IMAPServer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 from mailsuite.mailbox import MailStoreAPI
+from mailsuite.notify import ChangeHub
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -25,12 +26,14 @@ REFUSAL = Refusal(b"* BYE too many connections, try again later\r\n",
 
 def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                    io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
-                   implicit_tls: bool = False) -> LimitedFactory:
+                   implicit_tls: bool = False, changes: Optional[ChangeHub] = None
+                   ) -> LimitedFactory:
     """The protocol factory for one IMAP listener, with its own connection limits."""
     limits = config.limits
     counter = ConnectionCounter(limits.max_connections, limits.max_connections_per_ip)
 
     def build(addr: IAddress) -> IMAPServer:
-        return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls)
+        return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls,
+                          changes=changes)
 
     return LimitedFactory("imaps" if implicit_tls else "imap", counter, REFUSAL, build)
