@@ -1,9 +1,9 @@
 """IDLE (RFC 2177; authenticated and selected states): wait for DONE, and meanwhile tell the
 client about new mail: at once when a change notification names the selected folder
 (mailsuite/notify.py: a delivery or another session's change, in this process or, through
-PostgreSQL, in another instance), and by polling the folder's state token every IDLE_POLL
-seconds on the session's clock whatever happens. Also which folders a command changed, for
-the notifications. See docs/design/imap.md, "IDLE".
+PostgreSQL, in another instance), and by polling the folder's state token every [imap]
+idle_poll seconds on the session's clock whatever happens. Also which folders a command
+changed, for the notifications. See docs/design/imap.md, "IDLE".
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Folder
 from mailsuite.notify import ChangeHub
 
-IDLE_POLL = 0.5  # seconds between checks of the folder's state token while idling
+IDLE_POLL = 0.5  # default [imap] idle_poll: seconds between checks of the folder's state token
+MIN_POLL = 0.05  # a smaller setting would keep the folder busy for nothing
 
 
 class IdleCommand(Session):
@@ -52,9 +53,9 @@ class IdleCommand(Session):
                 if self.idle_again:
                     continue  # a change was announced while we looked: look again
                 # Poll the store's cheap state token as well: a change nobody announced (a
-                # process on SQLite, the NOTIFY connection down) shows up within IDLE_POLL s.
+                # process on SQLite, the NOTIFY connection down) shows up within idle_poll s.
                 self.idle_wake = defer.Deferred()
-                call = self.clock.callLater(IDLE_POLL, self.idle_wakeup)
+                call = self.clock.callLater(idle_poll(self), self.idle_wakeup)
                 try:
                     yield self.idle_wake
                 finally:
@@ -119,9 +120,13 @@ class IdleCommand(Session):
         return SHARED_TOKENS.token(folder, self)
 
 
+def idle_poll(session: Session) -> float:
+    return max(MIN_POLL, float(session.config.imap.idle_poll))
+
+
 class SharedStateTokens:
-    """folder.state_token(), computed at most once per IDLE_POLL*0.8 s per folder path, so 200
-    sessions idling on one folder cost one stat round per poll, not 200."""
+    """folder.state_token(), computed at most once per 0.8 poll interval per folder path, so
+    200 sessions idling on one folder cost one stat round per poll, not 200."""
 
     def __init__(self) -> None:
         self._checks: dict[str, tuple[float, defer.Deferred, list[object]]] = {}
@@ -133,7 +138,7 @@ class SharedStateTokens:
     def token(self, folder: Folder, session: Session) -> defer.Deferred:
         now = session.clock.seconds()
         entry = self._checks.get(folder.path)
-        if entry is None or now - entry[0] > IDLE_POLL * 0.8 or now < entry[0]:
+        if entry is None or now - entry[0] > idle_poll(session) * 0.8 or now < entry[0]:
             entry = self._check(folder, session, now)
         _, d, holder = entry
         if holder:
