@@ -650,8 +650,8 @@ class DirectoryStore:
         LISTEN loop in a thread of its own (mailsuite/notify.py). The caller closes it."""
         with _translate_errors(self.url):
             proxied = self.engine.raw_connection()
-            proxied.detach()
             conn = proxied.driver_connection
+            proxied.detach()  # its own, for good: never handed back to the pool
             conn.autocommit = True
             return conn
 

@@ -288,7 +288,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         so nothing marked for deletion is removed (RFC 1939 §6). POP3 has no unsolicited
         reply; the client sees the connection close."""
         log.info("pop3 ending the session of {user}: {reason}", user=self.user, reason=reason)
-        self._close()
+        self.abort()  # a TLS close would wait for the client, which is not reading
 
     def evict(self, reason: str) -> None:
         """The listener drops this session to serve another (docs/design/limits.md)."""
