@@ -57,7 +57,7 @@ def instances(tmp_path_factory, database):
     a = MailServer(str(base / "a"), extra=extra, listeners=["mx", "imaps", "pop3s"])
     b = MailServer(str(base / "b"), extra=extra, listeners=["mx", "imaps", "pop3s"])
     for user in ("idler@example.org", "leaver@example.org", "guessed@example.org",
-                 "counted@example.org"):
+                 "reconnected@example.org"):
         a.add_user(user, PASSWORD)
     a.start()
     try:
@@ -121,14 +121,17 @@ def send_mail(srv: MailServer, rcpt: str, subject: str) -> None:
 
 
 def test_idle_on_one_instance_sees_a_delivery_on_the_other(instances):
-    a, b = instances
-    idler = Imap(a, "idler@example.org")
+    idle_sees_deliveries(*instances, "idler@example.org")
+
+
+def idle_sees_deliveries(a: MailServer, b: MailServer, user: str) -> None:
+    idler = Imap(a, user)
     try:
         idler.command(b"s SELECT INBOX")
         idler.sock.sendall(b"i IDLE\r\n")
         assert idler.line().startswith(b"+")
         for n in range(3):
-            send_mail(b, "idler@example.org", f"through the other instance {n}")
+            send_mail(b, user, f"through the other instance {n}")
             acknowledged = time.monotonic()
             # The poll is POLL (60) s away: an EXISTS within 15 s came from the notification.
             while not (line := idler.line()).endswith(b"EXISTS"):
@@ -217,3 +220,26 @@ def test_connections_per_address_are_counted_per_instance(instances):
     finally:
         for conn in held:
             conn.close()
+
+
+def test_the_listening_connection_comes_back_after_it_is_cut(instances, database):
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.engine import make_url
+
+    a, b = instances
+    before = a.log_text().count("listening for changes from other instances")
+    admin = create_engine(database, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            cut = conn.execute(text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :db "
+                "AND query LIKE 'LISTEN%'"), {"db": make_url(database).database}).all()
+    finally:
+        admin.dispose()
+    assert len(cut) == 2  # one per instance
+    wait_until(lambda: a.log_text().count("listening for changes from other instances")
+               > before, message="A listening again")
+    assert "change notifications from other instances interrupted" in a.log_text()
+    wait_until(lambda: b.log_text().count("listening for changes from other instances") > 1,
+               message="B listening again")
+    idle_sees_deliveries(a, b, "reconnected@example.org")
