@@ -10,11 +10,9 @@ its own (h_shared_<random>), dropped afterwards.
 from __future__ import annotations
 
 import imaplib
-import os
 import re
 import smtplib
 import socket
-import ssl
 import time
 import uuid
 
@@ -23,8 +21,8 @@ import pytest
 from tests.environment import require_postgresql
 from tests.harness import HOST, MailServer
 from tests.polling import wait_until
+from tests.scenario.imapraw import PASSWORD, Raw, admitted, tagged
 
-PASSWORD = "secret-pw-1"
 POLL = 60.0  # [imap] idle_poll: longer than any deadline below
 PER_IP = 4  # [limits] max_connections_per_ip
 
@@ -56,6 +54,7 @@ def instances(tmp_path_factory, database):
              "limits": {"auth_failure_delay": 0.2, "max_connections_per_ip": PER_IP}}
     a = MailServer(str(base / "a"), extra=extra, listeners=["mx", "imaps", "pop3s"])
     b = MailServer(str(base / "b"), extra=extra, listeners=["mx", "imaps", "pop3s"])
+    a.data_dir = b.data_dir = shared  # for the helpers that look there (the certificate)
     for user in ("idler@example.org", "leaver@example.org", "guessed@example.org",
                  "reconnected@example.org"):
         a.add_user(user, PASSWORD)
@@ -73,46 +72,6 @@ def instances(tmp_path_factory, database):
         a.stop()
 
 
-def tls_context(srv: MailServer) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=os.path.join(srv.config().data_dir, "tls",
-                                                          "cert.pem"))
-    ctx.check_hostname = False
-    return ctx
-
-
-class Imap:
-    """A raw IMAPS connection (IDLE is not in imaplib)."""
-
-    def __init__(self, srv: MailServer, user: str | None = None):
-        sock = socket.create_connection((HOST, srv.ports["imaps"]), timeout=15)
-        self.sock = tls_context(srv).wrap_socket(sock)
-        self.buf = b""
-        self.greeting = self.line()
-        if user:
-            assert self.command(b"L LOGIN " + user.encode() + b" " + PASSWORD.encode()) \
-                .startswith(b"L OK")
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError(f"closed; pending {self.buf[:200]!r}")
-            self.buf += data
-        line, self.buf = self.buf.split(b"\r\n", 1)
-        return line
-
-    def command(self, line: bytes) -> bytes:
-        """Send a command; its tagged reply line."""
-        tag = line.split(b" ", 1)[0]
-        self.sock.sendall(line + b"\r\n")
-        while not (reply := self.line()).startswith(tag + b" "):
-            pass
-        return reply
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def send_mail(srv: MailServer, rcpt: str, subject: str) -> None:
     with smtplib.SMTP(HOST, srv.ports["mx"], timeout=30) as smtp:
         smtp.sendmail("sender@remote.example", [rcpt],
@@ -125,10 +84,10 @@ def test_idle_on_one_instance_sees_a_delivery_on_the_other(instances):
 
 
 def idle_sees_deliveries(a: MailServer, b: MailServer, user: str) -> None:
-    idler = Imap(a, user)
+    idler = Raw(a, login_as=user, timeout=15)
     try:
-        idler.command(b"s SELECT INBOX")
-        idler.sock.sendall(b"i IDLE\r\n")
+        idler.cmd(b"s SELECT INBOX")
+        idler.send(b"i IDLE\r\n")
         assert idler.line().startswith(b"+")
         for n in range(3):
             send_mail(b, user, f"through the other instance {n}")
@@ -139,10 +98,8 @@ def idle_sees_deliveries(a: MailServer, b: MailServer, user: str) -> None:
             assert line == b"* %d EXISTS" % (n + 1)
             print(f"EXISTS on A {1000 * (time.monotonic() - acknowledged):.1f} ms after "
                   "B's 250")
-        idler.sock.sendall(b"DONE\r\n")
-        while not (line := idler.line()).startswith(b"i "):
-            pass
-        assert line.startswith(b"i OK")
+        idler.send(b"DONE\r\n")
+        assert tagged(idler.response(b"i")).startswith(b"i OK")
     finally:
         idler.close()
 
@@ -150,11 +107,11 @@ def idle_sees_deliveries(a: MailServer, b: MailServer, user: str) -> None:
 def test_disable_from_the_cli_ends_the_sessions_on_every_instance(instances):
     a, b = instances
     user = "leaver@example.org"
-    on_a = Imap(a, user)
+    on_a = Raw(a, login_as=user, timeout=15)
     try:
-        assert on_a.command(b"s SELECT INBOX").startswith(b"s OK")
+        assert tagged(on_a.cmd(b"s SELECT INBOX")).startswith(b"s OK")
         pop = socket.create_connection((HOST, b.ports["pop3s"]), timeout=15)
-        pop = tls_context(b).wrap_socket(pop)
+        pop = b.ssl_context().wrap_socket(pop)
         pop_lines = pop.makefile("rb")
         assert pop_lines.readline().startswith(b"+OK")
         for line in (f"USER {user}", f"PASS {PASSWORD}"):
@@ -163,7 +120,7 @@ def test_disable_from_the_cli_ends_the_sessions_on_every_instance(instances):
         b.admin("user", "disable", user)  # a CLI process, through the database
         assert on_a.line() == b"* BYE account disabled"
         assert pop_lines.readline() == b""  # POP3: the connection is closed
-        with imaplib.IMAP4_SSL(HOST, b.ports["imaps"], ssl_context=tls_context(b)) as c:
+        with imaplib.IMAP4_SSL(HOST, b.ports["imaps"], ssl_context=b.ssl_context()) as c:
             with pytest.raises(imaplib.IMAP4.error):
                 c.login(user, PASSWORD)
         assert "leaver@example.org: account disabled by the administrator; 1 open sessions" \
@@ -183,31 +140,23 @@ def test_failures_alternating_between_instances_are_slowed_as_on_one(instances):
     user = "guessed@example.org"
     for n in range(6):
         srv = (a, b)[n % 2]
-        with imaplib.IMAP4_SSL(HOST, srv.ports["imaps"], ssl_context=tls_context(srv)) as c:
+        with imaplib.IMAP4_SSL(HOST, srv.ports["imaps"], ssl_context=srv.ssl_context()) as c:
             with pytest.raises(imaplib.IMAP4.error):
                 c.login(user, "guess")
     # auth_failure_delay (0.2 s) times the failures so far, counted by both instances.
     assert held_delays(a, user) == [0.2, 0.6, 1.0]
     assert held_delays(b, user) == [0.4, 0.8, 1.2]
-    with imaplib.IMAP4_SSL(HOST, b.ports["imaps"], ssl_context=tls_context(b)) as c:
+    with imaplib.IMAP4_SSL(HOST, b.ports["imaps"], ssl_context=b.ssl_context()) as c:
         c.login(user, PASSWORD)  # a success forgets them everywhere
-    with imaplib.IMAP4_SSL(HOST, a.ports["imaps"], ssl_context=tls_context(a)) as c:
+    with imaplib.IMAP4_SSL(HOST, a.ports["imaps"], ssl_context=a.ssl_context()) as c:
         with pytest.raises(imaplib.IMAP4.error):
             c.login(user, "typo")
     assert held_delays(a, user)[-1] == 0.2
 
 
-def admitted(srv: MailServer) -> Imap | None:
-    conn = Imap(srv)
-    if conn.greeting.startswith(b"* OK"):
-        return conn
-    conn.close()
-    return None
-
-
 def test_connections_per_address_are_counted_per_instance(instances):
     a, b = instances
-    held: list[Imap] = []
+    held: list[Raw] = []
     try:
         for _ in range(PER_IP):
             conn = admitted(a)
