@@ -126,6 +126,9 @@ class IMAPSection:
     # "Folder states in memory"): at most this many, and at most this many MiB (estimated).
     max_cached_folders: int = 32
     folder_cache_mb: int = 8
+    # Seconds between IDLE's own checks of the selected folder; change notifications wake it
+    # at once (docs/design/imap.md, "IDLE"), this catches what nobody announced.
+    idle_poll: float = 0.5
 
 
 @dataclass

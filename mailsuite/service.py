@@ -61,6 +61,8 @@ class Parts:
     # The process's counters (docs/design/metrics.md): handed to the parts that count, served
     # by the `metrics` listener.
     metrics: Metrics = field(default_factory=Metrics)
+    # Change notifications between sessions and instances (mailsuite/notify.py).
+    changes: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -124,7 +126,7 @@ def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
 
     return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls,
-                               metrics=parts.metrics)
+                               metrics=parts.metrics, changes=parts.changes)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -132,7 +134,7 @@ def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
 
     return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls,
-                               metrics=parts.metrics)
+                               metrics=parts.metrics, changes=parts.changes)
 
 
 def _build_autoconfig(parts: Parts) -> Any:
@@ -227,6 +229,7 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     mailstore = MailStore(config.mail_dir, max_cached_folders=config.imap.max_cached_folders,
                           folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024,
                           lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
+    changes = _build_changes(directory, mailstore, pools, reactor)
     resolver, dns, srs = _build_trust(config, reactor)
     queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
     metrics = Metrics()
@@ -235,8 +238,20 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     metrics.watch_login_cache(directory.login_cache)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget, metrics=metrics,
+                 budget=budget, metrics=metrics, changes=changes,
                  mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
+
+
+def _build_changes(directory: "Directory", mailstore: "MailStore", pools: Pools,
+                   reactor: Any) -> Any:
+    """The change notifications of the process: deliveries wake IDLE sessions, `mailsuite
+    user ...` anywhere reaches the login cache and the open sessions (mailsuite/notify.py)."""
+    from mailsuite.notify import ChangeHub, make_change_bus
+
+    changes = ChangeHub(make_change_bus(directory.store, pools.db, reactor), reactor)
+    changes.follow_directory(directory.login_cache)
+    mailstore.on_delivery = changes.mailbox_changed_in_thread
+    return changes
 
 
 def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
@@ -293,6 +308,8 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
     MailLogCounter(parts.metrics).setServiceParent(top.front)
+    if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
+        parts.changes.bus.setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:

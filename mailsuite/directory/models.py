@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String,
+from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -24,7 +24,8 @@ class Base(DeclarativeBase):
 # Bump with every change to the tables below, and migrate in store.prepare() (MIGRATIONS).
 # 1: domains, users, aliases. 2: ms_sender (extra sender addresses of a user).
 # 3: ms_greylist, ms_greylist_pass, ms_rate (docs/design/trust-limits.md).
-SCHEMA_VERSION = 3
+# 4: ms_login_failure (the login throttle's counts, docs/design/limits.md).
+SCHEMA_VERSION = 4
 
 
 class SchemaInfo(Base):
@@ -159,3 +160,23 @@ class RateWindow(Base):
     window_start: Mapped[int] = mapped_column(BigInteger, nullable=False)
     window_end: Mapped[int] = mapped_column(BigInteger, nullable=False)
     count: Mapped[int] = mapped_column(Integer, nullable=False)
+
+
+class LoginFailure(Base):
+    """One count of the login throttle, shared by every instance (docs/design/limits.md,
+    "Login throttle"): kind "p" per (source, login), "s" per source, "u" per login name; the
+    unused part is "". A count is forgotten when `expires` (last failure + window) is past."""
+
+    __tablename__ = "ms_login_failure"
+    __table_args__ = (
+        UniqueConstraint("kind", "source", "login", name="uq_ms_login_failure_key"),
+        Index("ix_ms_login_failure_expires", "expires"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(1), nullable=False)
+    source: Mapped[str] = mapped_column(String(64), nullable=False)
+    login: Mapped[str] = mapped_column(String(320), nullable=False)
+    count: Mapped[int] = mapped_column(Integer, nullable=False)
+    last: Mapped[float] = mapped_column(Float, nullable=False)
+    expires: Mapped[float] = mapped_column(Float, nullable=False)
