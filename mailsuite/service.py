@@ -55,6 +55,9 @@ class Parts:
     # The io pool as IMAP and POP3 see it: a job that meets a busy folder lock waits on the
     # reactor, not in a pool thread (mailbox/waits.py, a LockWaitingPool over pools.io).
     mailbox_io: Any = None
+    # Notes DMARC outcomes and outbound TLS sessions for the reports we send; None when
+    # [reports] sender is empty (docs/design/reports.md).
+    reports: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -110,7 +113,7 @@ def _build_gate(parts: Parts, listener: str) -> Any:
                           if mx and config.greylist.enabled else None),
                 dnsbl=DNSBL(parts.dns, config.dnsbl, reactor) if mx and config.dnsbl.sites
                 else None,
-                scanners=scanners)
+                scanners=scanners, reports=parts.reports if mx else None)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -149,7 +152,8 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
 # -- the delivery path: queue, local and remote agents, notifications --------------------------
 
 def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
-                 reactor: IReactorTime, resolver: Any = None, srs: Any = None) -> "QueueRunner":
+                 reactor: IReactorTime, resolver: Any = None, srs: Any = None,
+                 reports: Any = None) -> "QueueRunner":
     """The spool and its runner, with the local and remote agents and the DSN notifier."""
     from mailsuite import courier
     from mailsuite.courier.agent import RemoteAgent
@@ -169,7 +173,7 @@ def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore
                          resolver=MXResolver(resolver) if resolver is not None else None,
                          forwarder=Forwarder(srs, config.dkim_dir,
                                              config.trust.authserv_id or config.hostname)
-                         if srs is not None else None)
+                         if srs is not None else None, reports=reports)
     reactor.addSystemEventTrigger("before", "shutdown", remote.close)  # type: ignore[attr-defined]
     return QueueRunner(
         Spool(config.queue_dir), config.queue, io=pools.io, clock=reactor,
@@ -213,10 +217,11 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
                           folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024,
                           lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
     resolver, dns, srs = _build_trust(config, reactor)
-    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
+    reports = _build_report_recorder(config, directory, pools, reactor)
+    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs, reports)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget,
+                 budget=budget, reports=reports,
                  mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
 
 
@@ -240,6 +245,40 @@ def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
     _give_to_data_dir_owner(config, [os.path.join(config.data_dir, "srs.key")])
     srs = SRS(secret, config.srs.domain or config.hostname, config.srs.max_age_days)
     return resolver, dns, srs
+
+
+def _build_report_recorder(config: Config, directory: "Directory", pools: Pools,
+                           reactor: Any) -> Any:
+    """What the gate and the courier note for the reports we send; None when we send none."""
+    from mailsuite.reports import check_settings
+
+    check_settings(config.reports)
+    if not config.reports.sender:
+        return None
+    from mailsuite.reports.record import ReportRecorder
+    from mailsuite.reports.store import ReportStore
+
+    return ReportRecorder(ReportStore(directory.store), pools.db, reactor)
+
+
+def _build_report_services(parts: Parts) -> list[Any]:
+    """The daily sender ([reports] sender) and the reader of [reports] address."""
+    from mailsuite.reports.inbox import ReportInbox
+    from mailsuite.reports.sender import ReportSender, ReportService
+    from mailsuite.reports.store import ReportStore
+
+    config, pools = parts.config, parts.pools
+    store = ReportStore(parts.directory.store)
+    services: list[Any] = []
+    if config.reports.sender:
+        sender = ReportSender(config, store, pools.db, pools.io, parts.dns, parts.queue,
+                              parts.reactor)
+        services.append(ReportService(sender, parts.reactor, config.reports.send_at))
+    if config.reports.address:
+        services.append(ReportInbox(config.reports.address, parts.directory, parts.mailstore,
+                                    store, pools.io, pools.db, parts.reactor,
+                                    config.reports.scan_interval))
+    return services
 
 
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
@@ -271,6 +310,8 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     parts = build_parts(config, reactor)
     top = _Process(parts.pools)
     parts.queue.setServiceParent(top.front)
+    for report_service in _build_report_services(parts):
+        report_service.setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:
