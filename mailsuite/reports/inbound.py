@@ -91,9 +91,10 @@ def _document(part: Any) -> bytes | None:
     return payload
 
 
-def gunzip(data: bytes, limit: int = MAX_DOCUMENT) -> bytes:
+def gunzip(data: bytes, limit: int | None = None) -> bytes:
     """gzip data, stopping as soon as the output would pass `limit` (a gzip bomb costs at most
     `limit` octets of memory, whatever its header says)."""
+    limit = MAX_DOCUMENT if limit is None else limit
     inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
     try:
         out = inflater.decompress(data, limit + 1)
@@ -104,9 +105,10 @@ def gunzip(data: bytes, limit: int = MAX_DOCUMENT) -> bytes:
     return out
 
 
-def unzip(data: bytes, limit: int = MAX_DOCUMENT) -> bytes:
+def unzip(data: bytes, limit: int | None = None) -> bytes:
     """The one report of a zip archive (its first .xml or .json member), read at most `limit`
     octets far: the sizes in the archive's directory are the sender's word and not trusted."""
+    limit = MAX_DOCUMENT if limit is None else limit
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         members = [m for m in archive.infolist()[:MAX_PARTS] if not m.is_dir()]
