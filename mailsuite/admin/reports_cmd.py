@@ -56,12 +56,7 @@ def _store(config: Any) -> Any:
 
 # -- showing -------------------------------------------------------------------------------------
 def cmd_dmarc(config: Any, args: argparse.Namespace) -> int:
-    rows = _store(config).dmarc_summary(args.domain)
-    if not rows:
-        print("no DMARC reports" + (f" about {args.domain}" if args.domain else ""))
-        return 0
-    for domain in dict.fromkeys(r.domain for r in rows):
-        mine = [r for r in rows if r.domain == domain]
+    for domain, mine in _by_domain(_store(config).dmarc_summary(args.domain), "DMARC", args):
         total = sum(r.messages for r in mine)
         passed = sum(r.dmarc_pass for r in mine)
         print(f"{domain}: {total} messages, DMARC pass {_percent(passed, total)}, "
@@ -79,12 +74,7 @@ def cmd_dmarc(config: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_tls(config: Any, args: argparse.Namespace) -> int:
-    rows = _store(config).tls_summary(args.domain)
-    if not rows:
-        print("no TLS reports" + (f" about {args.domain}" if args.domain else ""))
-        return 0
-    for domain in dict.fromkeys(r.domain for r in rows):
-        mine = [r for r in rows if r.domain == domain]
+    for domain, mine in _by_domain(_store(config).tls_summary(args.domain), "TLS", args):
         ok = sum(r.sessions for r in mine if r.result_type == "success")
         failed = sum(r.sessions for r in mine if r.result_type != "success")
         print(f"{domain}: {ok} sessions ok, {failed} failed")
@@ -92,6 +82,13 @@ def cmd_tls(config: Any, args: argparse.Namespace) -> int:
         for r in mine:
             print(f"  {r.policy_type:<18} {r.result_type:<28} {r.sessions:>8}  {r.reporters}")
     return 0
+
+
+def _by_domain(rows: list[Any], kind: str, args: argparse.Namespace) -> list[tuple[str, list]]:
+    """(domain, its rows) in order; says so when there is nothing to show."""
+    if not rows:
+        print(f"no {kind} reports" + (f" about {args.domain}" if args.domain else ""))
+    return [(d, [r for r in rows if r.domain == d]) for d in dict.fromkeys(r.domain for r in rows)]
 
 
 def _percent(part: int, whole: int) -> str:

@@ -175,37 +175,32 @@ class ReportStore:
                         func.sum(_when(r.spf == "pass", r.count)))
                  .join(rep, rep.id == r.report_id).group_by(rep.domain, r.source_ip)
                  .order_by(rep.domain, r.source_ip))
-        if domain:
-            query = query.where(rep.domain == domain.lower())
-        with self._unit() as s:
-            rows = s.execute(query).all()
-            reporters = self._reporters(s, select(rep.domain, r.source_ip, rep.org_name)
-                                        .join(rep, rep.id == r.report_id))
-        return [DmarcSummary(d, ip, int(total), int(ok), int(dkim), int(spf),
-                             ", ".join(sorted(reporters.get((d, ip), ()))))
+        rows, reporters = self._summary(
+            query.where(rep.domain == domain.lower()) if domain else query,
+            select(rep.domain, r.source_ip, rep.org_name).join(rep, rep.id == r.report_id))
+        return [DmarcSummary(d, ip, int(total), int(ok), int(dkim), int(spf), reporters(d, ip))
                 for d, ip, total, ok, dkim, spf in rows]
 
     def tls_summary(self, domain: str | None = None) -> list[TlsSummary]:
         t, rep = TlsResult, TlsReport
         keys = (t.policy_domain, t.policy_type, t.result_type)
-        query = (select(*keys, func.sum(t.sessions)).group_by(*keys).order_by(*keys))
-        if domain:
-            query = query.where(t.policy_domain == domain.lower())
-        with self._unit() as s:
-            rows = s.execute(query).all()
-            reporters = self._reporters(s, select(t.policy_domain, t.result_type, rep.org_name)
-                                        .join(rep, rep.id == t.report_id))
-        return [TlsSummary(d, kind, result, int(n),
-                           ", ".join(sorted(reporters.get((d, result), ()))))
+        query = select(*keys, func.sum(t.sessions)).group_by(*keys).order_by(*keys)
+        rows, reporters = self._summary(
+            query.where(t.policy_domain == domain.lower()) if domain else query,
+            select(t.policy_domain, t.result_type, rep.org_name).join(rep, rep.id == t.report_id))
+        return [TlsSummary(d, kind, result, int(n), reporters(d, result))
                 for d, kind, result, n in rows]
 
     # -- helpers --------------------------------------------------------------------------------
-    @staticmethod
-    def _reporters(s: Any, query: Any) -> dict[tuple[str, str], set[str]]:
+    def _summary(self, query: Any, who: Any) -> tuple[list[Any], Any]:
+        """The rows of `query`, and reporters(a, b): the organisations that reported (a, b),
+        comma-separated, from `who` (rows of a, b, org_name)."""
         out: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for a, b, org in s.execute(query.distinct()):
-            out[(a, b)].add(org)
-        return out
+        with self._unit() as s:
+            rows = s.execute(query).all()
+            for a, b, org in s.execute(who.distinct()):
+                out[(a, b)].add(org)
+        return rows, lambda a, b: ", ".join(sorted(out.get((a, b), ())))
 
     def _insert_once(self, work: Any) -> bool:
         """Run `work` in a writing unit; False when a unique constraint refused it (someone

@@ -13,29 +13,20 @@ from twisted.internet import defer, task
 from mailsuite.admin.cli import main
 from mailsuite.config import Config, TrustSection
 from mailsuite.directory.records import Route
-from mailsuite.directory.store import DirectoryStore
 from mailsuite.mailbox.store import MailStore
 from mailsuite.pools import InlinePool
 from mailsuite.reports.inbox import ReportInbox, inbox_messages
 from mailsuite.reports.record import ReportRecorder, evaluation_from
-from mailsuite.reports.store import ReportStore
 from mailsuite.trust import AuthResult, Envelope
 from mailsuite.trust.checks import authenticate_message
 from mailsuite.trust.gate import Gate
 from tests.unit.test_reports_inbound import DMARC_XML, TLSRPT_JSON, mail_with
+from tests.unit.test_reports_sending import store  # noqa: F401 (the fixture)
 from tests.unit.trustkit import FakeLookup
 
 MESSAGE = b"From: Bob <bob@b.test>\r\nTo: a@a.test\r\nSubject: hi\r\n\r\nHello\r\n"
 ENVELOPE = Envelope("192.0.2.1", "mx.b.test", "bob@b.test", ("a@a.test",))
 ZONE = {("_dmarc.b.test", "TXT"): [b"v=DMARC1; p=reject; rua=mailto:d@b.test"]}
-
-
-@pytest.fixture
-def store(tmp_path):
-    directory = DirectoryStore("sqlite:///" + str(tmp_path / "d.db"))
-    directory.prepare()
-    yield ReportStore(directory)
-    directory.close()
 
 
 # -- what the gate notes -------------------------------------------------------------------------
