@@ -21,7 +21,7 @@ from mailsuite.trust import AuthResult, Envelope
 from mailsuite.trust.checks import authenticate_message
 from mailsuite.trust.gate import Gate
 from tests.unit.test_reports_inbound import DMARC_XML, TLSRPT_JSON, mail_with
-from tests.unit.test_reports_sending import store  # noqa: F401 (the fixture)
+from tests.unit.test_reports_sending import db_url, store  # noqa: F401 (fixtures)
 from tests.unit.trustkit import FakeLookup
 
 MESSAGE = b"From: Bob <bob@b.test>\r\nTo: a@a.test\r\nSubject: hi\r\n\r\nHello\r\n"

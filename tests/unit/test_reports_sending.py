@@ -55,8 +55,14 @@ class Queue:
 
 
 @pytest.fixture
-def store(tmp_path):
-    directory = DirectoryStore("sqlite:///" + str(tmp_path / "d.db"))
+def db_url(tmp_path):
+    """The database under test; tests/scenario/test_reports_postgresql.py overrides it."""
+    return "sqlite:///" + str(tmp_path / "d.db")
+
+
+@pytest.fixture
+def store(db_url):
+    directory = DirectoryStore(db_url)
     directory.prepare()
     yield ReportStore(directory)
     directory.close()
@@ -159,6 +165,7 @@ def test_a_report_is_sent_once_per_day_whatever_the_instances(store, tmp_path):
     store.record_tls(TlsOutcome(DAY, "b.test", "mx.b.test", "192.0.2.7", "success"))
     zone = Zone({**B_DMARC, "_smtp._tls.b.test": ["v=TLSRPTv1; rua=mailto:tls@b.test"]})
     other = ReportStore(DirectoryStore(store.directory.url))
+    other.directory.prepare()
     first, second = Queue(), Queue()
     run(sender(store, zone, first).send_day(DAY))
     lines = run(sender(other, zone, second).send_day(DAY))
