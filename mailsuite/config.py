@@ -207,6 +207,7 @@ class Config:
     clamd: ClamdSection = field(default_factory=lambda: ClamdSection())
     ratelimit: RateLimitSection = field(default_factory=lambda: RateLimitSection())
     srs: SRSSection = field(default_factory=lambda: SRSSection())
+    reports: ReportsSection = field(default_factory=lambda: ReportsSection())
     path: str = ""  # the file this came from, "" for built-in defaults
 
     # Derived values: every part uses these rather than re-deriving paths.
@@ -425,3 +426,18 @@ class SRSSection:
 
     domain: str = ""  # the domain of rewritten senders; empty: the host name
     max_age_days: int = 21  # a bounce to an older SRS address is refused
+
+
+@dataclass
+class ReportsSection:
+    """[reports]: DMARC aggregate and TLS-RPT reports, received and sent (docs/design/reports.md)."""
+
+    # Where other domains' reports arrive (a local user or alias); "" = reports are not read.
+    address: str = ""
+    # From: and MAIL FROM of the reports we send ("from" is a Python keyword, hence "sender");
+    # "" = nothing is recorded and no report is sent.
+    sender: str = ""
+    org_name: str = ""  # names us in the reports we send; empty: the host name
+    scan_interval: float = 60.0  # seconds between looks at the address's INBOX for new reports
+    send_at: int = 600  # seconds after midnight UTC when the previous day's reports go out
+    keep_days: int = 14  # recorded evaluations and TLS sessions are removed after this many days

@@ -63,6 +63,9 @@ class Parts:
     metrics: Metrics = field(default_factory=Metrics)
     # Change notifications between sessions and instances (mailsuite/notify.py).
     changes: Any = None
+    # Notes DMARC outcomes and outbound TLS sessions for the reports we send; None when
+    # [reports] sender is empty (docs/design/reports.md).
+    reports: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -118,7 +121,7 @@ def _build_gate(parts: Parts, listener: str) -> Any:
                           if mx and config.greylist.enabled else None),
                 dnsbl=DNSBL(parts.dns, config.dnsbl, reactor) if mx and config.dnsbl.sites
                 else None,
-                scanners=scanners)
+                scanners=scanners, reports=parts.reports if mx else None)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -166,7 +169,8 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
 # -- the delivery path: queue, local and remote agents, notifications --------------------------
 
 def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
-                 reactor: IReactorTime, resolver: Any = None, srs: Any = None) -> "QueueRunner":
+                 reactor: IReactorTime, resolver: Any = None, srs: Any = None,
+                 reports: Any = None) -> "QueueRunner":
     """The spool and its runner, with the local and remote agents and the DSN notifier."""
     from mailsuite import courier
     from mailsuite.courier.agent import RemoteAgent
@@ -186,7 +190,7 @@ def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore
                          resolver=MXResolver(resolver) if resolver is not None else None,
                          forwarder=Forwarder(srs, config.dkim_dir,
                                              config.trust.authserv_id or config.hostname)
-                         if srs is not None else None)
+                         if srs is not None else None, reports=reports)
     reactor.addSystemEventTrigger("before", "shutdown", remote.close)  # type: ignore[attr-defined]
     return QueueRunner(
         Spool(config.queue_dir), config.queue, io=pools.io, clock=reactor,
@@ -231,14 +235,15 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
                           lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
     changes = _build_changes(directory, mailstore, pools, reactor)
     resolver, dns, srs = _build_trust(config, reactor)
-    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
+    reports = _build_report_recorder(config, directory, pools, reactor)
+    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs, reports)
     metrics = Metrics()
     metrics.watch_pools(pools.all())
     metrics.watch_queue(queue, reactor)
     metrics.watch_login_cache(directory.login_cache)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget, metrics=metrics, changes=changes,
+                 budget=budget, metrics=metrics, changes=changes, reports=reports,
                  mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
 
 
@@ -276,6 +281,40 @@ def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
     return resolver, dns, srs
 
 
+def _build_report_recorder(config: Config, directory: "Directory", pools: Pools,
+                           reactor: Any) -> Any:
+    """What the gate and the courier note for the reports we send; None when we send none."""
+    from mailsuite.reports import check_settings
+
+    check_settings(config.reports)
+    if not config.reports.sender:
+        return None
+    from mailsuite.reports.record import ReportRecorder
+    from mailsuite.reports.store import ReportStore
+
+    return ReportRecorder(ReportStore(directory.store), pools.db, reactor)
+
+
+def _build_report_services(parts: Parts) -> list[Any]:
+    """The daily sender ([reports] sender) and the reader of [reports] address."""
+    from mailsuite.reports.inbox import ReportInbox
+    from mailsuite.reports.sender import ReportSender, ReportService
+    from mailsuite.reports.store import ReportStore
+
+    config, pools = parts.config, parts.pools
+    store = ReportStore(parts.directory.store)
+    services: list[Any] = []
+    if config.reports.sender:
+        sender = ReportSender(config, store, pools.db, pools.io, parts.dns, parts.queue,
+                              parts.reactor)
+        services.append(ReportService(sender, parts.reactor, config.reports.send_at))
+    if config.reports.address:
+        services.append(ReportInbox(config.reports.address, parts.directory, parts.mailstore,
+                                    store, pools.io, pools.db, parts.reactor,
+                                    config.reports.scan_interval))
+    return services
+
+
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
     """Started as root to bind ports 25/465/587 and dropping privileges with `twistd --uid`, the
     server runs as the owner of data_dir: what start-up created as root must belong to it.
@@ -310,6 +349,8 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     MailLogCounter(parts.metrics).setServiceParent(top.front)
     if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
         parts.changes.bus.setServiceParent(top.front)
+    for report_service in _build_report_services(parts):
+        report_service.setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:

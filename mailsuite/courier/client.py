@@ -210,6 +210,20 @@ class SMTPClientProtocol(LineReceiver):
     def confirm_tls(self) -> None:
         self._tls_confirmed = True
 
+    def tls_failure_type(self) -> str:
+        """Why the TLS handshake failed, as an RFC 8460 §4.3 result type for TLS reports: the
+        certificate's problem when OpenSSL or service_identity named it, else
+        "validation-failure"."""
+        text = repr(self._lost.value) if self._lost is not None else ""
+        if "VerificationError" in text or "hostname mismatch" in text.lower():
+            return "certificate-host-mismatch"
+        if "certificate has expired" in text:
+            return "certificate-expired"
+        if "certificate verify failed" in text or "self-signed" in text.lower() or \
+                "unable to get local issuer" in text:
+            return "certificate-not-trusted"
+        return "validation-failure"
+
     def _peer(self) -> str:
         try:
             return str(self.transport.getPeer().host)

@@ -180,3 +180,135 @@ class LoginFailure(Base):
     count: Mapped[int] = mapped_column(Integer, nullable=False)
     last: Mapped[float] = mapped_column(Float, nullable=False)
     expires: Mapped[float] = mapped_column(Float, nullable=False)
+
+
+# -- DMARC and TLS reports (docs/design/reports.md) ------------------------------------------------
+# New tables only: create_all() in prepare() makes them on an existing database, no migration.
+# Days are "YYYY-MM-DD" in UTC, times integer Unix seconds (as for the trust tables above).
+
+class DmarcEvaluation(Base):
+    """One inbound message's DMARC evaluation, for the aggregate report to its policy domain.
+    One row per message (summed when the report is built), so instances never update a row."""
+
+    __tablename__ = "ms_dmarc_eval"
+    __table_args__ = (Index("ix_ms_dmarc_eval_day_domain", "day", "policy_domain"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), nullable=False)
+    policy_domain: Mapped[str] = mapped_column(String(253), nullable=False)
+    header_from: Mapped[str] = mapped_column(String(253), nullable=False)
+    envelope_from: Mapped[str] = mapped_column(String(253), nullable=False)
+    source_ip: Mapped[str] = mapped_column(String(45), nullable=False)
+    disposition: Mapped[str] = mapped_column(String(10), nullable=False)  # none|quarantine|reject
+    dkim: Mapped[str] = mapped_column(String(4), nullable=False)  # aligned DKIM: pass|fail
+    spf: Mapped[str] = mapped_column(String(4), nullable=False)  # aligned SPF: pass|fail
+    reason: Mapped[str] = mapped_column(String(20), nullable=False, default="")  # sampled_out
+    # Raw results as JSON: [[domain, selector, result], ...] and [domain, scope, result].
+    dkim_results: Mapped[str] = mapped_column(String(2000), nullable=False)
+    spf_result: Mapped[str] = mapped_column(String(400), nullable=False)
+
+
+class TlsSession(Base):
+    """One outbound SMTP session to a recipient domain and how its TLS went (RFC 8460 §4.3)."""
+
+    __tablename__ = "ms_tls_session"
+    __table_args__ = (Index("ix_ms_tls_session_day_domain", "day", "policy_domain"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[str] = mapped_column(String(10), nullable=False)
+    policy_domain: Mapped[str] = mapped_column(String(253), nullable=False)
+    mx_host: Mapped[str] = mapped_column(String(253), nullable=False)
+    receiving_ip: Mapped[str] = mapped_column(String(45), nullable=False)
+    result_type: Mapped[str] = mapped_column(String(40), nullable=False)  # "success" or a failure
+
+
+class ReportClaim(Base):
+    """Who sends the report of (kind, domain, day): the instance whose insert wins."""
+
+    __tablename__ = "ms_report_claim"
+    __table_args__ = (UniqueConstraint("kind", "domain", "day", name="uq_ms_report_claim"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), nullable=False)  # "dmarc" | "tlsrpt"
+    domain: Mapped[str] = mapped_column(String(253), nullable=False)
+    day: Mapped[str] = mapped_column(String(10), nullable=False)
+    claimed_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class ReportMessage(Base):
+    """A message of the reports mailbox already read (its Maildir name without flags)."""
+
+    __tablename__ = "ms_report_message"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    seen_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class DmarcReport(Base):
+    """An aggregate report received from another organisation (RFC 7489 appendix C)."""
+
+    __tablename__ = "ms_dmarc_report"
+    __table_args__ = (UniqueConstraint("org_name", "report_id", name="uq_ms_dmarc_report"),
+                      Index("ix_ms_dmarc_report_domain", "domain"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    report_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    email: Mapped[str] = mapped_column(String(320), nullable=False)
+    domain: Mapped[str] = mapped_column(String(253), nullable=False)  # policy_published domain
+    policy: Mapped[str] = mapped_column(String(10), nullable=False)  # p=
+    date_begin: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    date_end: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    received_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class DmarcRecord(Base):
+    """One <record> of a received aggregate report."""
+
+    __tablename__ = "ms_dmarc_record"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("ms_dmarc_report.id", ondelete="CASCADE"),
+                                           nullable=False, index=True)
+    source_ip: Mapped[str] = mapped_column(String(45), nullable=False)
+    count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    disposition: Mapped[str] = mapped_column(String(10), nullable=False)
+    dkim: Mapped[str] = mapped_column(String(10), nullable=False)
+    spf: Mapped[str] = mapped_column(String(10), nullable=False)
+    header_from: Mapped[str] = mapped_column(String(253), nullable=False)
+    envelope_from: Mapped[str] = mapped_column(String(253), nullable=False)
+    auth_results: Mapped[str] = mapped_column(String(2000), nullable=False)  # as the sender said
+
+
+class TlsReport(Base):
+    """A TLS-RPT report received from another organisation (RFC 8460 §4)."""
+
+    __tablename__ = "ms_tlsrpt_report"
+    __table_args__ = (UniqueConstraint("org_name", "report_id", name="uq_ms_tlsrpt_report"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    org_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    report_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    contact: Mapped[str] = mapped_column(String(320), nullable=False)
+    date_begin: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    date_end: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    received_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+class TlsResult(Base):
+    """Sessions of one policy of a received TLS-RPT report with one result: "success" (the
+    summary's successful sessions) or a failure's result-type with its details."""
+
+    __tablename__ = "ms_tlsrpt_result"
+    __table_args__ = (Index("ix_ms_tlsrpt_result_domain", "policy_domain"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("ms_tlsrpt_report.id", ondelete="CASCADE"),
+                                           nullable=False, index=True)
+    policy_type: Mapped[str] = mapped_column(String(20), nullable=False)
+    policy_domain: Mapped[str] = mapped_column(String(253), nullable=False)
+    result_type: Mapped[str] = mapped_column(String(40), nullable=False)
+    sending_mta_ip: Mapped[str] = mapped_column(String(45), nullable=False, default="")
+    receiving_mx_hostname: Mapped[str] = mapped_column(String(253), nullable=False, default="")
+    sessions: Mapped[int] = mapped_column(BigInteger, nullable=False)
