@@ -579,6 +579,11 @@ class DirectoryStore:
             windows = s.execute(delete(RateWindow).where(RateWindow.window_end <= now))
             return triplets.rowcount, networks.rowcount, windows.rowcount
 
+    def unit(self, write: bool = False) -> Any:
+        """`_unit` for the parts that keep tables of their own in this database
+        (mailsuite/events): the same transactions, SQLite locking and one-line errors."""
+        return self._unit(write)
+
     # -- helpers ------------------------------------------------------------------------------
     @contextmanager
     def _unit(self, write: bool = False) -> Iterator[Session]:
@@ -826,6 +831,8 @@ MIGRATIONS = {
     1: lambda session: None,
     # 2 -> 3: ms_greylist, ms_greylist_pass, ms_rate (new tables only, created the same way).
     2: lambda session: None,
+    # 3 -> 4: ms_event, ms_stat (new tables only).
+    3: lambda session: None,
 }
 
 
