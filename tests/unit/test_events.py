@@ -30,8 +30,14 @@ def clock():
 
 
 @pytest.fixture
-def directory(tmp_path):
-    store = DirectoryStore("sqlite:///" + str(tmp_path / "directory.db"))
+def db_url(tmp_path):
+    """A SQLite file; tests/scenario/test_events_postgresql.py runs these on PostgreSQL."""
+    return "sqlite:///" + str(tmp_path / "directory.db")
+
+
+@pytest.fixture
+def directory(db_url):
+    store = DirectoryStore(db_url)
     store.prepare()
     yield store
     store.close()

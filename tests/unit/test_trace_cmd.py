@@ -24,10 +24,17 @@ def event(when: float, kind: str, address: str | None = None, message_id: str | 
 
 
 @pytest.fixture
-def env(tmp_path):
+def db_url(tmp_path):
+    """The default database; tests/scenario/test_events_postgresql.py uses PostgreSQL."""
+    return "sqlite:///" + str(tmp_path / "data" / "mailsuite.db")
+
+
+@pytest.fixture
+def env(tmp_path, db_url):
     config_path = str(tmp_path / "mailsuite.toml")
-    write_toml(config_path, {"server": {"data_dir": str(tmp_path / "data")}})
-    store = DirectoryStore("sqlite:///" + str(tmp_path / "data" / "mailsuite.db"))
+    write_toml(config_path, {"server": {"data_dir": str(tmp_path / "data")},
+                             "database": {"url": db_url}})
+    store = DirectoryStore(db_url)
     store.prepare()
     now = time.time()
     t = now - 3 * 3600  # three hours ago
