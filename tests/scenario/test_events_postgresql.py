@@ -3,9 +3,8 @@ recorder and trace tests again, each on a fresh schema (the upsert is the dialec
 INSERT ... ON CONFLICT, so both backends are tried)."""
 from __future__ import annotations
 
-import pytest
-
-from tests.environment import PgSchema, require_postgresql
+from tests.scenario.test_directory_postgresql import (  # noqa: F401 (a fresh schema per test)
+    db_url, postgresql)
 from tests.unit.test_events import (  # noqa: F401 (collected here on PostgreSQL)
     clock, directory, recorders, store, test_a_full_batch_is_written_at_once,
     test_events_wait_for_the_interval_then_go_in_one_batch,
@@ -19,17 +18,3 @@ from tests.unit.test_trace_cmd import (  # noqa: F401
     test_trace_by_address_shows_the_whole_life_in_time_order,
     test_trace_by_message_id_and_by_queue_id_find_the_same)
 
-
-@pytest.fixture(autouse=True)
-def postgresql():
-    return require_postgresql()
-
-
-@pytest.fixture
-def db_url():
-    """Overrides the unit modules' SQLite file: a fresh PostgreSQL schema per test."""
-    pg = PgSchema()
-    try:
-        yield pg.url
-    finally:
-        pg.drop()
