@@ -208,6 +208,7 @@ class Config:
     ratelimit: RateLimitSection = field(default_factory=lambda: RateLimitSection())
     srs: SRSSection = field(default_factory=lambda: SRSSection())
     reports: ReportsSection = field(default_factory=lambda: ReportsSection())
+    events: EventsSection = field(default_factory=lambda: EventsSection())
     path: str = ""  # the file this came from, "" for built-in defaults
 
     # Derived values: every part uses these rather than re-deriving paths.
@@ -441,3 +442,16 @@ class ReportsSection:
     scan_interval: float = 60.0  # seconds between looks at the address's INBOX for new reports
     send_at: int = 600  # seconds after midnight UTC when the previous day's reports go out
     keep_days: int = 14  # recorded evaluations and TLS sessions are removed after this many days
+
+
+@dataclass
+class EventsSection:
+    """[events]: message events for `mailsuite trace` and the per-minute/hour statistics, in
+    the SQL directory (docs/design/events.md)."""
+
+    retention_days: float = 30.0  # events kept this long; 0: no events recorded
+    stats_minutes_days: float = 2.0  # per-minute buckets kept this long; 0: none
+    stats_hours_days: float = 400.0  # per-hour buckets kept this long; 0: none
+    flush_interval: float = 1.0  # seconds an event may wait in memory before its batch is written
+    batch_size: int = 500  # events in one INSERT batch; a full batch is written at once
+    max_pending: int = 50_000  # events held while the database is down; then the oldest go

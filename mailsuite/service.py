@@ -66,6 +66,8 @@ class Parts:
     # Notes DMARC outcomes and outbound TLS sessions for the reports we send; None when
     # [reports] sender is empty (docs/design/reports.md).
     reports: Any = None
+    # Message events and statistics (docs/design/events.md); None when [events] keeps nothing.
+    events: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -92,7 +94,8 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
                                queue=parts.queue, directory=parts.directory, tls=parts.tls,
                                clock=parts.reactor, resolver=parts.resolver,
                                implicit_tls=implicit_tls, io=parts.pools.io,
-                               gate=_build_gate(parts, policy), metrics=parts.metrics)
+                               gate=_build_gate(parts, policy), metrics=parts.metrics,
+                               on_refusal=parts.events.refused if parts.events else None)
 
 
 def _build_gate(parts: Parts, listener: str) -> Any:
@@ -244,7 +247,21 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
                  budget=budget, metrics=metrics, changes=changes, reports=reports,
-                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
+                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait),
+                 events=_build_events(config, pools, directory, reactor))
+
+
+def _build_events(config: Config, pools: Pools, directory: "Directory", reactor: Any) -> Any:
+    """The recorder of message events and statistics, listening to the process's log."""
+    from twisted.logger import globalLogPublisher
+
+    from mailsuite import events
+
+    events.check_settings(config.events)
+    if not events.enabled(config.events):
+        return None
+    return events.EventRecorder(events.EventStore(directory.store), pools.db, reactor,
+                                config.events, globalLogPublisher)
 
 
 def _build_changes(directory: "Directory", mailstore: "MailStore", pools: Pools,
@@ -344,7 +361,7 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     check_proxy_settings(config.listen, LISTENERS)
     proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
-    top = _Process(parts.pools)
+    top = _Process(parts.pools, parts.events)
     parts.queue.setServiceParent(top.front)
     MailLogCounter(parts.metrics).setServiceParent(top.front)
     if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
@@ -381,23 +398,29 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
 
 
 class _Process(service.MultiService):
-    """The process: `front` (listeners, queue runner) stops first, the thread pools last.
+    """The process: `front` (listeners, queue runner) stops first, then the event recorder
+    (which writes what front reported), the thread pools last.
 
     MultiService stops its children all at once; a session still being served during shutdown
     would then find the SQL or file pool gone.
     """
 
-    def __init__(self, pools: Pools):
+    def __init__(self, pools: Pools, recorder: Any = None):
         super().__init__()
         self.front = service.MultiService()
         self.front.setName("front")
         pools.setServiceParent(self)
+        if recorder is not None:  # listening before front starts reporting
+            recorder.setServiceParent(self)
         self.front.setServiceParent(self)
         self._pools = pools
+        self._recorder = recorder
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
         d = defer.maybeDeferred(self.front.stopService)
+        if self._recorder is not None:
+            d.addBoth(lambda _: self._recorder.stopService())
         d.addBoth(lambda _: self._pools.stopService())
         return d
 

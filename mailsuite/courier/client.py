@@ -23,6 +23,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.courier import status
+from mailsuite.tls import describe_tls
 
 log = Logger()
 
@@ -293,7 +294,7 @@ class Session:
             elif tls.mode == "required":
                 raise SMTPError(status.TLS_REQUIRED)
         if self.tls:
-            self.tls_info = _tls_description(self.protocol.transport)
+            self.tls_info = describe_tls(self.protocol.transport)
         if credentials is not None:
             yield self._auth(credentials)
         return self
@@ -438,12 +439,3 @@ class Session:
         d.addBoth(lambda _: self.protocol.transport.loseConnection()
                   if self.protocol.transport else None)
         return closed
-
-
-def _tls_description(transport: Any) -> str:
-    """'TLSv1.3 TLS_AES_256_GCM_SHA384' for the log line, '' if unknown."""
-    try:
-        conn = transport.getHandle()
-        return f"{conn.get_protocol_version_name()} {conn.get_cipher_name()}"
-    except Exception:
-        return "TLS"

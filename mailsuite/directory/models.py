@@ -1,5 +1,6 @@
-"""SQLAlchemy 2 models of the directory: Domain, User, Alias, Sender, and the inbound-trust state
-shared by every instance (greylist triplets, auto-whitelisted networks, rate windows).
+"""SQLAlchemy 2 models of the directory: Domain, User, Alias, Sender, the inbound-trust state
+shared by every instance (greylist triplets, auto-whitelisted networks, rate windows), and the
+message events and statistics (docs/design/events.md).
 
 Addresses are stored in canonical form (lower-case, A-label domain) so that lookups are plain
 equality on an indexed column, on SQLite and PostgreSQL alike (no dialect-specific collations).
@@ -8,8 +9,8 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from sqlalchemy import (BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, String,
-                        UniqueConstraint)
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Double, Float, ForeignKey, Index,
+                        Integer, String, UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -25,7 +26,8 @@ class Base(DeclarativeBase):
 # 1: domains, users, aliases. 2: ms_sender (extra sender addresses of a user).
 # 3: ms_greylist, ms_greylist_pass, ms_rate (docs/design/trust-limits.md).
 # 4: ms_login_failure (the login throttle's counts, docs/design/limits.md).
-SCHEMA_VERSION = 4
+# 5: ms_event, ms_stat (docs/design/events.md).
+SCHEMA_VERSION = 5
 
 
 class SchemaInfo(Base):
@@ -312,3 +314,52 @@ class TlsResult(Base):
     sending_mta_ip: Mapped[str] = mapped_column(String(45), nullable=False, default="")
     receiving_mx_hostname: Mapped[str] = mapped_column(String(253), nullable=False, default="")
     sessions: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+# -- message events and statistics (docs/design/events.md) ----------------------------------------
+# Written in batches by mailsuite/events (one unit of work per batch, in the db pool); times are
+# Unix seconds from the server's clock, as floats: events of one message a few ms apart must keep
+# their order.
+
+class EventRow(Base):
+    """One event in the life of a message: received, queued (one per recipient), sent, deferred,
+    bounced, transaction, route-failed, dsn, removed... `address` is the one address the event
+    is about (the sender of received, the recipient of an attempt), lower-case, for `mailsuite
+    trace ADDRESS`; `message_id` is set on received only; the rest is in `fields`."""
+
+    __tablename__ = "ms_event"
+    __table_args__ = (
+        Index("ix_ms_event_queue_id", "queue_id"),
+        Index("ix_ms_event_message_id", "message_id"),
+        Index("ix_ms_event_address", "address"),
+        Index("ix_ms_event_time", "time"),
+    )
+
+    # BIGINT for PostgreSQL; on SQLite only INTEGER PRIMARY KEY is the auto-numbered rowid.
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    time: Mapped[float] = mapped_column(Double, nullable=False)
+    queue_id: Mapped[str] = mapped_column(String(40), nullable=False)
+    kind: Mapped[str] = mapped_column(String(20), nullable=False)
+    message_id: Mapped[str | None] = mapped_column(String(400), nullable=True)
+    address: Mapped[str | None] = mapped_column(String(320), nullable=True)
+    fields: Mapped[dict] = mapped_column(JSON, nullable=False)
+
+
+class StatBucket(Base):
+    """One counter of one time bucket: e.g. ("minute", 1764496800, "delivered", "sent/local").
+    Every instance adds to the same row (INSERT ... ON CONFLICT DO UPDATE value = value + n)."""
+
+    __tablename__ = "ms_stat"
+    __table_args__ = (
+        UniqueConstraint("resolution", "metric", "label", "bucket", name="uq_ms_stat_key"),
+        Index("ix_ms_stat_bucket", "resolution", "bucket"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True)
+    resolution: Mapped[str] = mapped_column(String(6), nullable=False)  # "minute" | "hour"
+    bucket: Mapped[int] = mapped_column(BigInteger, nullable=False)  # its start, Unix seconds
+    metric: Mapped[str] = mapped_column(String(40), nullable=False)
+    label: Mapped[str] = mapped_column(String(60), nullable=False)
+    value: Mapped[int] = mapped_column(BigInteger, nullable=False)

@@ -655,6 +655,11 @@ class DirectoryStore:
             conn.autocommit = True
             return conn
 
+    def unit(self, write: bool = False) -> Any:
+        """`_unit` for the parts that keep tables of their own in this database
+        (mailsuite/events): the same transactions, SQLite locking and one-line errors."""
+        return self._unit(write)
+
     # -- helpers ------------------------------------------------------------------------------
     @contextmanager
     def _unit(self, write: bool = False) -> Iterator[Session]:
@@ -904,6 +909,8 @@ MIGRATIONS = {
     2: lambda session: None,
     # 3 -> 4: ms_login_failure (a new table only, created the same way).
     3: lambda session: None,
+    # 4 -> 5: ms_event, ms_stat (new tables only).
+    4: lambda session: None,
 }
 
 
