@@ -6,6 +6,7 @@ them, and each side's reports address reads what the other sent."""
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime, timezone
 
 from tests.dnsserver import DNSServer
@@ -50,6 +51,14 @@ def test_reports_travel_between_two_servers(tmp_path):
             for server, domain in ((a, "a.test"), (b, "b.test")):
                 server.add_user(f"user@{domain}")
                 server.add_user(f"reports@{domain}")
+            # A signs what it sends for a.test, its reports included (issue 14: DKIM-signed).
+            out = admin_output(a, "dkim", "generate", "a.test", "--selector", "r1")
+            keys = re.findall(r'^(\S+)\. IN TXT ((?:"[^"]*" ?)+)$', out, re.M)
+            assert len(keys) == 2, out
+            published = zones()
+            published["a.test"] += [(name, "TXT", "".join(re.findall(r'"([^"]*)"', value)))
+                                    for name, value in keys]
+            dns.update(published)
 
             submit(b, "user@b.test", ["user@a.test"],
                    make_message("user@b.test", "user@a.test", "b to a"))
@@ -69,6 +78,12 @@ def test_reports_travel_between_two_servers(tmp_path):
             with open(report_mail, "rb") as f:
                 head = f.read(4096)
             assert b"Report Domain: b.test Submitter: a.test" in head
+            with open(report_mail, "rb") as f:
+                report = f.read()
+            import dkim
+            assert re.search(rb"(?im)^DKIM-Signature:.*\bd=a\.test;", report), head
+            assert dkim.verify(report[report.index(b"DKIM-Signature:"):],
+                               dnsfunc=dns.dnsfunc), head
 
             # B reports to a.test how TLS went on its session to A's MX.
             out = admin_output(b, "reports", "send", "--date", today)
