@@ -129,6 +129,9 @@ class IMAPSection:
     # "Folder states in memory"): at most this many, and at most this many MiB (estimated).
     max_cached_folders: int = 32
     folder_cache_mb: int = 8
+    # Seconds between IDLE's own checks of the selected folder; change notifications wake it
+    # at once (docs/design/imap.md, "IDLE"), this catches what nobody announced.
+    idle_poll: float = 0.5
 
 
 @dataclass
@@ -207,6 +210,8 @@ class Config:
     clamd: ClamdSection = field(default_factory=lambda: ClamdSection())
     ratelimit: RateLimitSection = field(default_factory=lambda: RateLimitSection())
     srs: SRSSection = field(default_factory=lambda: SRSSection())
+    reports: ReportsSection = field(default_factory=lambda: ReportsSection())
+    events: EventsSection = field(default_factory=lambda: EventsSection())
     path: str = ""  # the file this came from, "" for built-in defaults
 
     # Derived values: every part uses these rather than re-deriving paths.
@@ -425,3 +430,31 @@ class SRSSection:
 
     domain: str = ""  # the domain of rewritten senders; empty: the host name
     max_age_days: int = 21  # a bounce to an older SRS address is refused
+
+
+@dataclass
+class ReportsSection:
+    """[reports]: DMARC aggregate and TLS-RPT reports, received and sent (docs/design/reports.md)."""
+
+    # Where other domains' reports arrive (a local user or alias); "" = reports are not read.
+    address: str = ""
+    # From: and MAIL FROM of the reports we send ("from" is a Python keyword, hence "sender");
+    # "" = nothing is recorded and no report is sent.
+    sender: str = ""
+    org_name: str = ""  # names us in the reports we send; empty: the host name
+    scan_interval: float = 60.0  # seconds between looks at the address's INBOX for new reports
+    send_at: int = 600  # seconds after midnight UTC when the previous day's reports go out
+    keep_days: int = 14  # recorded evaluations and TLS sessions are removed after this many days
+
+
+@dataclass
+class EventsSection:
+    """[events]: message events for `mailsuite trace` and the per-minute/hour statistics, in
+    the SQL directory (docs/design/events.md)."""
+
+    retention_days: float = 30.0  # events kept this long; 0: no events recorded
+    stats_minutes_days: float = 2.0  # per-minute buckets kept this long; 0: none
+    stats_hours_days: float = 400.0  # per-hour buckets kept this long; 0: none
+    flush_interval: float = 1.0  # seconds an event may wait in memory before its batch is written
+    batch_size: int = 500  # events in one INSERT batch; a full batch is written at once
+    max_pending: int = 50_000  # events held while the database is down; then the oldest go

@@ -8,9 +8,10 @@ or a damaged entry left for the admin. Values with spaces or quotes are quoted, 
 escaped. The format is described in docs/design/queue.md.
 
 Only this module writes these lines (namespace "mailsuite.maillog"); every function must be
-called on the reactor thread (twisted.logger observers are not all thread-safe). The events of
-`received`, `attempt` and `transaction` also carry their facts as fields (`maillog_event` and
-the keyword arguments of `_emit`), which the metrics count (mailsuite/metrics.py).
+called on the reactor thread (twisted.logger observers are not all thread-safe). Each event also
+carries its facts as fields: `maillog_event` (its kind) and the objects and values it is about,
+which mailsuite/events records (docs/design/events.md) and the metrics count
+(mailsuite/metrics.py) without parsing the text.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def received(entry: QueueEntry, size: int) -> None:
     _emit("info", line(entry.id, **{"from": _angle(entry.sender)}, size=size,
                        nrcpt=len(entry.recipients), client=entry.meta.get("client_ip", ""),
                        protocol=protocol, status="queued"),
-          maillog_event="received", size=size, protocol=protocol)
+          maillog_event="received", entry=entry, size=size, protocol=protocol)
 
 
 def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryResult,
@@ -79,7 +80,8 @@ def attempt(entry: QueueEntry, rcpt: Recipient, status: str, result: DeliveryRes
     if rcpt.original.lower() != rcpt.address.lower():
         fields["orig_to"] = _angle(rcpt.original)
     _emit("warn" if status == "deferred" else "info", line(entry.id, **fields),
-          maillog_event="attempt", status=status, local=rcpt.local, delay=delay)
+          maillog_event="attempt", entry=entry, rcpt=rcpt, status=status, result=result,
+          detail=detail, relay=relay, local=rcpt.local, delay=delay)
 
 
 def sync() -> Any:
@@ -98,7 +100,7 @@ def instance_gone(name: str) -> None:
 
 def removed(queue_id: str) -> None:
     """Every recipient is sent or bounced: the entry left the spool."""
-    _emit("info", line(queue_id, status="removed"))
+    _emit("info", line(queue_id, status="removed"), maillog_event="removed", queue_id=queue_id)
 
 
 def leftover(name: str) -> None:
@@ -114,7 +116,8 @@ def leftover(name: str) -> None:
 def damaged(queue_id: str, detail: str) -> None:
     """An entry we cannot work on (unreadable envelope, missing message): left for the admin."""
     _emit("error", line(queue_id, status="damaged", detail=detail,
-                        hint=f"mailsuite queue show {queue_id}"))
+                        hint=f"mailsuite queue show {queue_id}"),
+          maillog_event="damaged", queue_id=queue_id, detail=detail)
 
 
 def internal_error(queue_id: str, what: str, failure: Failure | None = None) -> None:
@@ -140,12 +143,14 @@ def normalised(queue_id: str, detail: str) -> None:
 def dsn_queued(entry: QueueEntry, action: str, dsn_id: str, count: int) -> None:
     """A delivery status notification (RFC 3464) to the sender is in the queue."""
     _emit("info", line(entry.id, status="dsn-queued", action=action, to=_angle(entry.sender),
-                       dsn=dsn_id, nrcpt=count))
+                       dsn=dsn_id, nrcpt=count),
+          maillog_event="dsn-queued", entry=entry, action=action, dsn=dsn_id, count=count)
 
 
 def dsn_skipped(entry: QueueEntry, action: str, reason: str) -> None:
     """No notification, e.g. for the null sender <> (never bounce a bounce)."""
-    _emit("info", line(entry.id, status="dsn-skipped", action=action, detail=reason))
+    _emit("info", line(entry.id, status="dsn-skipped", action=action, detail=reason),
+          maillog_event="dsn-skipped", entry=entry, action=action, detail=reason)
 
 
 def dsn_failed(entry: QueueEntry, action: str, failure: Failure | None = None,
@@ -166,12 +171,15 @@ def transaction(queue_id: str, domain: str, relay: str, tls: bool, tls_info: str
     _emit("info", line(queue_id, domain=domain, relay=relay, tls="yes" if tls else "no",
                        tls_info=tls_info or None, reused="yes" if reused else "no",
                        accepted=f"{accepted}/{total}"),
-          maillog_event="transaction", tls=tls)
+          maillog_event="transaction", queue_id=queue_id, domain=domain, relay=relay, tls=tls,
+          tls_info=tls_info, reused=reused, accepted=accepted, total=total)
 
 
 def route_failed(queue_id: str, domain: str, detail: str, relay: str | None = None) -> None:
     """An outbound step that failed before any recipient was answered (DNS, connect, TLS)."""
-    _emit("info", line(queue_id, domain=domain, relay=relay, detail=detail))
+    _emit("info", line(queue_id, domain=domain, relay=relay, detail=detail),
+          maillog_event="route-failed", queue_id=queue_id, domain=domain, relay=relay,
+          detail=detail)
 
 
 def _angle(address: str) -> str:

@@ -61,6 +61,13 @@ class Parts:
     # The process's counters (docs/design/metrics.md): handed to the parts that count, served
     # by the `metrics` listener.
     metrics: Metrics = field(default_factory=Metrics)
+    # Change notifications between sessions and instances (mailsuite/notify.py).
+    changes: Any = None
+    # Notes DMARC outcomes and outbound TLS sessions for the reports we send; None when
+    # [reports] sender is empty (docs/design/reports.md).
+    reports: Any = None
+    # Message events and statistics (docs/design/events.md); None when [events] keeps nothing.
+    events: Any = None
 
 
 # -- one builder per listener: what each protocol receives ------------------------------------
@@ -87,7 +94,8 @@ def _build_smtp(parts: Parts, policy: str, implicit_tls: bool = False) -> Any:
                                queue=parts.queue, directory=parts.directory, tls=parts.tls,
                                clock=parts.reactor, resolver=parts.resolver,
                                implicit_tls=implicit_tls, io=parts.pools.io,
-                               gate=_build_gate(parts, policy), metrics=parts.metrics)
+                               gate=_build_gate(parts, policy), metrics=parts.metrics,
+                               on_refusal=parts.events.refused if parts.events else None)
 
 
 def _build_gate(parts: Parts, listener: str) -> Any:
@@ -116,7 +124,7 @@ def _build_gate(parts: Parts, listener: str) -> Any:
                           if mx and config.greylist.enabled else None),
                 dnsbl=DNSBL(parts.dns, config.dnsbl, reactor) if mx and config.dnsbl.sites
                 else None,
-                scanners=scanners)
+                scanners=scanners, reports=parts.reports if mx else None)
 
 
 def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -124,7 +132,7 @@ def _build_imap(parts: Parts, implicit_tls: bool = False) -> Any:
 
     return imap.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls,
-                               metrics=parts.metrics)
+                               metrics=parts.metrics, changes=parts.changes)
 
 
 def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
@@ -132,7 +140,7 @@ def _build_pop3(parts: Parts, implicit_tls: bool = False) -> Any:
 
     return pop3.server_factory(parts.config, parts.directory, parts.mailstore, parts.mailbox_io,
                                parts.tls, parts.reactor, implicit_tls=implicit_tls,
-                               metrics=parts.metrics)
+                               metrics=parts.metrics, changes=parts.changes)
 
 
 def _build_autoconfig(parts: Parts) -> Any:
@@ -176,7 +184,8 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
 # -- the delivery path: queue, local and remote agents, notifications --------------------------
 
 def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore: "MailStore",
-                 reactor: IReactorTime, resolver: Any = None, srs: Any = None) -> "QueueRunner":
+                 reactor: IReactorTime, resolver: Any = None, srs: Any = None,
+                 reports: Any = None) -> "QueueRunner":
     """The spool and its runner, with the local and remote agents and the DSN notifier."""
     from mailsuite import courier
     from mailsuite.courier.agent import RemoteAgent
@@ -196,7 +205,7 @@ def _build_queue(config: Config, pools: Pools, directory: "Directory", mailstore
                          resolver=MXResolver(resolver) if resolver is not None else None,
                          forwarder=Forwarder(srs, config.dkim_dir,
                                              config.trust.authserv_id or config.hostname)
-                         if srs is not None else None)
+                         if srs is not None else None, reports=reports)
     reactor.addSystemEventTrigger("before", "shutdown", remote.close)  # type: ignore[attr-defined]
     return QueueRunner(
         Spool(config.queue_dir), config.queue, io=pools.io, clock=reactor,
@@ -239,16 +248,44 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     mailstore = MailStore(config.mail_dir, max_cached_folders=config.imap.max_cached_folders,
                           folder_cache_bytes=config.imap.folder_cache_mb * 1024 * 1024,
                           lock_rules=LockRules(stale_seconds=config.mailbox.stale_lock_seconds))
+    changes = _build_changes(directory, mailstore, pools, reactor)
     resolver, dns, srs = _build_trust(config, reactor)
-    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs)
+    reports = _build_report_recorder(config, directory, pools, reactor)
+    queue = _build_queue(config, pools, directory, mailstore, reactor, resolver, srs, reports)
     metrics = Metrics()
     metrics.watch_pools(pools.all())
     metrics.watch_queue(queue, reactor)
     metrics.watch_login_cache(directory.login_cache)
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
-                 budget=budget, metrics=metrics,
-                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait))
+                 budget=budget, metrics=metrics, changes=changes, reports=reports,
+                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait),
+                 events=_build_events(config, pools, directory, reactor))
+
+
+def _build_events(config: Config, pools: Pools, directory: "Directory", reactor: Any) -> Any:
+    """The recorder of message events and statistics, listening to the process's log."""
+    from twisted.logger import globalLogPublisher
+
+    from mailsuite import events
+
+    events.check_settings(config.events)
+    if not events.enabled(config.events):
+        return None
+    return events.EventRecorder(events.EventStore(directory.store), pools.db, reactor,
+                                config.events, globalLogPublisher)
+
+
+def _build_changes(directory: "Directory", mailstore: "MailStore", pools: Pools,
+                   reactor: Any) -> Any:
+    """The change notifications of the process: deliveries wake IDLE sessions, `mailsuite
+    user ...` anywhere reaches the login cache and the open sessions (mailsuite/notify.py)."""
+    from mailsuite.notify import ChangeHub, make_change_bus
+
+    changes = ChangeHub(make_change_bus(directory.store, pools.db, reactor), reactor)
+    changes.follow_directory(directory.login_cache)
+    mailstore.on_delivery = changes.mailbox_changed_in_thread
+    return changes
 
 
 def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
@@ -271,6 +308,40 @@ def _build_trust(config: Config, reactor: Any) -> tuple[Any, Any, Any]:
     _give_to_data_dir_owner(config, [os.path.join(config.data_dir, "srs.key")])
     srs = SRS(secret, config.srs.domain or config.hostname, config.srs.max_age_days)
     return resolver, dns, srs
+
+
+def _build_report_recorder(config: Config, directory: "Directory", pools: Pools,
+                           reactor: Any) -> Any:
+    """What the gate and the courier note for the reports we send; None when we send none."""
+    from mailsuite.reports import check_settings
+
+    check_settings(config.reports)
+    if not config.reports.sender:
+        return None
+    from mailsuite.reports.record import ReportRecorder
+    from mailsuite.reports.store import ReportStore
+
+    return ReportRecorder(ReportStore(directory.store), pools.db, reactor)
+
+
+def _build_report_services(parts: Parts) -> list[Any]:
+    """The daily sender ([reports] sender) and the reader of [reports] address."""
+    from mailsuite.reports.inbox import ReportInbox
+    from mailsuite.reports.sender import ReportSender, ReportService
+    from mailsuite.reports.store import ReportStore
+
+    config, pools = parts.config, parts.pools
+    store = ReportStore(parts.directory.store)
+    services: list[Any] = []
+    if config.reports.sender:
+        sender = ReportSender(config, store, pools.db, pools.io, parts.dns, parts.queue,
+                              parts.reactor)
+        services.append(ReportService(sender, parts.reactor, config.reports.send_at))
+    if config.reports.address:
+        services.append(ReportInbox(config.reports.address, parts.directory, parts.mailstore,
+                                    store, pools.io, pools.db, parts.reactor,
+                                    config.reports.scan_interval))
+    return services
 
 
 def _give_to_data_dir_owner(config: Config, paths: list[str]) -> None:
@@ -302,9 +373,13 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     check_proxy_settings(config.listen, LISTENERS)
     proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
-    top = _Process(parts.pools)
+    top = _Process(parts.pools, parts.events)
     parts.queue.setServiceParent(top.front)
     MailLogCounter(parts.metrics).setServiceParent(top.front)
+    if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
+        parts.changes.bus.setServiceParent(top.front)
+    for report_service in _build_report_services(parts):
+        report_service.setServiceParent(top.front)
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
         if not description:
@@ -335,23 +410,29 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
 
 
 class _Process(service.MultiService):
-    """The process: `front` (listeners, queue runner) stops first, the thread pools last.
+    """The process: `front` (listeners, queue runner) stops first, then the event recorder
+    (which writes what front reported), the thread pools last.
 
     MultiService stops its children all at once; a session still being served during shutdown
     would then find the SQL or file pool gone.
     """
 
-    def __init__(self, pools: Pools):
+    def __init__(self, pools: Pools, recorder: Any = None):
         super().__init__()
         self.front = service.MultiService()
         self.front.setName("front")
         pools.setServiceParent(self)
+        if recorder is not None:  # listening before front starts reporting
+            recorder.setServiceParent(self)
         self.front.setServiceParent(self)
         self._pools = pools
+        self._recorder = recorder
 
     def stopService(self) -> defer.Deferred:
         service.Service.stopService(self)
         d = defer.maybeDeferred(self.front.stopService)
+        if self._recorder is not None:
+            d.addBoth(lambda _: self._recorder.stopService())
         d.addBoth(lambda _: self._pools.stopService())
         return d
 

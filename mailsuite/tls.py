@@ -10,6 +10,7 @@ import datetime
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -115,3 +116,13 @@ def server_context(cert_path: str, key_path: str) -> ssl.CertificateOptions:
 def client_context_opportunistic() -> ssl.CertificateOptions:
     """For MX delivery: encrypt when offered, accept any certificate (RFC 7435)."""
     return ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+def describe_tls(transport: Any) -> str:
+    """'TLSv1.3 TLS_AES_256_GCM_SHA384' of a transport with TLS started (for log lines and
+    events), "TLS" when the transport cannot tell."""
+    try:
+        conn = transport.getHandle()
+        return f"{conn.get_protocol_version_name()} {conn.get_cipher_name()}"
+    except Exception:
+        return "TLS"

@@ -72,6 +72,13 @@ def maildir_messages(root: str) -> list[str]:
     return sorted(found, key=os.path.basename)
 
 
+def staged_files(data_dir: str) -> list[str]:
+    """Paths of the files being received, under the queue's incoming/ (one directory per host,
+    docs/design/queue.md "Instances"; flat files of older versions too)."""
+    root = os.path.join(data_dir, "queue", "incoming")
+    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ with the checkout first on PYTHONPATH (twistd finds our plugin there too)."""
     path = os.environ.get("PYTHONPATH", "")

@@ -6,6 +6,11 @@ UTF-8, at most 1024 octets, with or without its line end; anything else is refus
 
 `user sender add|remove|list` manages the extra addresses a user may send as (a shared mailbox's
 address, or `@domain`), besides its own and its aliases (docs/design/directory.md).
+
+`passwd`, `disable` and `remove` tell the running instances at once through the database
+(PostgreSQL NOTIFY, mailsuite/notify.py): they forget the account's cached logins and, for
+`disable` and `remove`, end its open IMAP and POP3 sessions. The change itself is committed
+first; a notification that cannot be sent is one warning line, not a failure.
 """
 from __future__ import annotations
 
@@ -18,7 +23,9 @@ from typing import Any
 from mailsuite.admin.cli import CommandError
 from mailsuite.admin.domain_cmd import directory_command
 from mailsuite.directory import DirectoryStore
+from mailsuite.directory.records import DirectoryError
 from mailsuite.directory.store import MAX_HASH, MAX_PASSWORD
+from mailsuite.notify import notify_directory_change
 
 
 def register(subparsers: Any) -> None:
@@ -179,6 +186,7 @@ def cmd_list(store: DirectoryStore, args: argparse.Namespace) -> int:
 def cmd_remove(store: DirectoryStore, args: argparse.Namespace) -> int:
     address = store.remove_user(args.address)
     print(f"removed user {address}; its Maildir on disk was kept")
+    _tell_instances(store, "remove", address)
     return 0
 
 
@@ -190,6 +198,7 @@ def cmd_passwd(store: DirectoryStore, args: argparse.Namespace) -> int:
     else:
         address = store.set_password(args.address, read_password(args))
     print(f"changed the password of {address}")
+    _tell_instances(store, "passwd", address)
     return 0
 
 
@@ -197,7 +206,16 @@ def cmd_passwd(store: DirectoryStore, args: argparse.Namespace) -> int:
 def cmd_disable(store: DirectoryStore, args: argparse.Namespace) -> int:
     address = store.set_enabled(args.address, False)
     print(f"disabled logins of {address}")
+    _tell_instances(store, "disable", address)
     return 0
+
+
+def _tell_instances(store: DirectoryStore, action: str, address: str) -> None:
+    try:
+        notify_directory_change(store, action, address)
+    except DirectoryError as e:
+        # Done in the database all the same: new logins everywhere already see it.
+        print(f"warning: running instances not told at once: {e}", file=sys.stderr)
 
 
 @directory_command

@@ -34,6 +34,7 @@ from mailsuite.courier.mx import MXResolver, make_resolver, parse_hostport
 from mailsuite.dotstuff import dot_stuff
 from mailsuite.pools import WorkPool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+from mailsuite.reports import STARTTLS_NOT_SUPPORTED, SUCCESS, VALIDATION_FAILURE
 from mailsuite.tls import client_context_opportunistic
 from mailsuite.trust.forwarding import Forwarder
 
@@ -64,7 +65,8 @@ class RemoteAgent:
 
     def __init__(self, settings: CourierSection, hostname: str, reactor: IReactorTCP,
                  clock: IReactorTime, io: WorkPool, signer: Signer | None = None,
-                 resolver: MXResolver | None = None, forwarder: Forwarder | None = None):
+                 resolver: MXResolver | None = None, forwarder: Forwarder | None = None,
+                 reports: Any = None):
         self.config = settings
         self.hostname = hostname
         self.reactor = reactor
@@ -72,10 +74,13 @@ class RemoteAgent:
         self.io = io
         self.signer = signer
         self.forwarder = forwarder  # SRS and ARC for forwarded mail (mailsuite.trust)
+        # Notes each MX session's TLS outcome for TLS reports (mailsuite/reports/record.py).
+        self.reports = reports
         self.mx = resolver or MXResolver(make_resolver(settings.nameservers, reactor))
         self._slots: dict[str, defer.DeferredSemaphore] = {}
         self._idle: dict[str, list[tuple[Session, Any]]] = defaultdict(list)
         self._plain_only: dict[tuple[str, int], float] = {}  # hosts whose TLS handshake failed
+        self._plain_why: dict[tuple[str, int], str] = {}  # and why (an RFC 8460 result type)
         self.relay = parse_hostport(settings.relay, 25) if settings.relay else None
         # Everything that reads a file is done now, at start-up, never per connection.
         self._trust = _load_trust(settings.relay_cafile)
@@ -262,7 +267,10 @@ class RemoteAgent:
         return context
 
     @defer.inlineCallbacks
-    def _connect(self, domain: str, host: str, address: str, port: int) -> Any:
+    def _connect(self, domain: str, host: str, address: str, port: int,
+                 fallback: bool = False) -> Any:
+        """A started session. `fallback`: the plain-text retry right after a failed
+        opportunistic handshake (that failure was the session counted for TLS reports)."""
         tls = self._tls_policy(domain, host, address, port)
         cfg = self.config
         if self.relay:
@@ -290,20 +298,39 @@ class RemoteAgent:
             yield session.start(self.hostname, tls, credentials)
         except SMTPError as e:
             protocol.abort()
+            if e.tls_failed:
+                self._note_tls(domain, host, address, protocol.tls_failure_type())
+            elif e.failure is status.TLS_REQUIRED:
+                self._note_tls(domain, host, address, STARTTLS_NOT_SUPPORTED)
             if e.tls_failed and tls.mode == "opportunistic":
                 # RFC 7435: a failed opportunistic handshake falls back to plain text; remember
                 # the host for an hour and reconnect without STARTTLS right away.
                 log.info("TLS handshake with {host}[{address}] failed: delivering without TLS",
                          host=host, address=address)
                 self._plain_only[(address, port)] = self.clock.seconds() + 3600
-                return (yield self._connect(domain, host, address, port))
+                self._plain_why[(address, port)] = protocol.tls_failure_type()
+                return (yield self._connect(domain, host, address, port, fallback=True))
             if e.tls_failed:
                 raise SMTPError(status.TLS_REQUIRED, next_host=True)
             raise
+        if not fallback:
+            if session.tls:
+                self._note_tls(domain, host, address, SUCCESS)
+            elif tls.mode == "none":  # within the hour after a failed handshake
+                self._note_tls(domain, host, address,
+                               self._plain_why.get((address, port), VALIDATION_FAILURE))
+            else:
+                self._note_tls(domain, host, address, STARTTLS_NOT_SUPPORTED)
         log.info("connected to {relay} tls={tls} {tls_info} auth={auth}", relay=session.relay,
                  tls="yes" if session.tls else "no", tls_info=session.tls_info,
                  auth="yes" if credentials else "no")
         return session
+
+    def _note_tls(self, domain: str, host: str, address: str, result_type: str) -> None:
+        """One session's TLS outcome for TLS reports (RFC 8460), MX delivery only: a smarthost
+        is not the recipient domain's policy."""
+        if self.reports is not None and self.relay is None:
+            self.reports.tls(domain, host, address, result_type)
 
     def _park(self, key: str, session: Session) -> None:
         """Keep a healthy connection for the next message to the same domain."""

@@ -23,6 +23,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from mailsuite.courier import status
+from mailsuite.tls import describe_tls
 
 log = Logger()
 
@@ -210,6 +211,20 @@ class SMTPClientProtocol(LineReceiver):
     def confirm_tls(self) -> None:
         self._tls_confirmed = True
 
+    def tls_failure_type(self) -> str:
+        """Why the TLS handshake failed, as an RFC 8460 §4.3 result type for TLS reports: the
+        certificate's problem when OpenSSL or service_identity named it, else
+        "validation-failure"."""
+        text = repr(self._lost.value) if self._lost is not None else ""
+        if "VerificationError" in text or "hostname mismatch" in text.lower():
+            return "certificate-host-mismatch"
+        if "certificate has expired" in text:
+            return "certificate-expired"
+        if "certificate verify failed" in text or "self-signed" in text.lower() or \
+                "unable to get local issuer" in text:
+            return "certificate-not-trusted"
+        return "validation-failure"
+
     def _peer(self) -> str:
         try:
             return str(self.transport.getPeer().host)
@@ -279,7 +294,7 @@ class Session:
             elif tls.mode == "required":
                 raise SMTPError(status.TLS_REQUIRED)
         if self.tls:
-            self.tls_info = _tls_description(self.protocol.transport)
+            self.tls_info = describe_tls(self.protocol.transport)
         if credentials is not None:
             yield self._auth(credentials)
         return self
@@ -424,12 +439,3 @@ class Session:
         d.addBoth(lambda _: self.protocol.transport.loseConnection()
                   if self.protocol.transport else None)
         return closed
-
-
-def _tls_description(transport: Any) -> str:
-    """'TLSv1.3 TLS_AES_256_GCM_SHA384' for the log line, '' if unknown."""
-    try:
-        conn = transport.getHandle()
-        return f"{conn.get_protocol_version_name()} {conn.get_cipher_name()}"
-    except Exception:
-        return "TLS"

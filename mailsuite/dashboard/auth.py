@@ -129,7 +129,7 @@ class AdminLogin:
     async def _refuse(self, key: str, client_ip: str, reason: str) -> Any:
         log.info("admin: login failed for {name} from {client_ip}: {reason}",
                  name=key[len(THROTTLE_PREFIX):][:80], client_ip=client_ip, reason=reason)
-        delay = self.throttle.failed(client_ip, key)
+        delay = await self.throttle.count_failure(client_ip, key)
         if delay > 0:
             await task.deferLater(self.clock, delay, lambda: None)
         raise UnauthorizedLogin("authentication failed")

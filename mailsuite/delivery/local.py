@@ -143,6 +143,7 @@ class LocalAgent:
         if not written:
             return DeliveryResult(recipient.address, "sent",
                                   f"250 2.0.0 already in maildir as {name} (an interrupted "
-                                  f"attempt delivered it)", enhanced="2.0.0"), path
+                                  f"attempt delivered it)", enhanced="2.0.0", path=path), path
         return DeliveryResult(recipient.address, "sent",
-                              f"250 2.0.0 delivered to maildir as {name}", enhanced="2.0.0"), path
+                              f"250 2.0.0 delivered to maildir as {name}", enhanced="2.0.0",
+                              path=path), path

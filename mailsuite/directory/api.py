@@ -98,7 +98,8 @@ class Directory:
         self.throttle = LoginThrottle(delay=limits.auth_failure_delay, clock=reactor,
                                       user_threshold=limits.auth_user_failures,
                                       user_max_delay=limits.auth_user_max_delay,
-                                      source_threshold=limits.auth_source_failures)
+                                      source_threshold=limits.auth_source_failures,
+                                      shared=self)
         self.login_cache = LoginCache(_login_cache_ttl(config), reactor)
 
     def prepare(self) -> None:
@@ -150,6 +151,17 @@ class Directory:
     def purge_trust(self, now: float) -> defer.Deferred:
         """Deferred[(triplets, networks, windows) removed]: expired greylist and rate rows."""
         return self._db(self.store.purge_trust, now)
+
+    # -- the login throttle's shared counts (throttle.FailureCounts) ---------------------------
+    def login_failed(self, source: str, login: str, now: float, window: float) -> defer.Deferred:
+        """Deferred[(pair, source, login) counts before this failure]."""
+        return self._db(self.store.login_failed, source, login, now, window)
+
+    def login_succeeded(self, source: str, login: str, now: float) -> defer.Deferred:
+        return self._db(self.store.login_succeeded, source, login, now)
+
+    def purge_login_failures(self, now: float) -> defer.Deferred:
+        return self._db(self.store.purge_login_failures, now)
 
     def _db(self, fn: Any, *args: Any) -> defer.Deferred:
         """Run one store unit of work in `pools.db`; whatever keeps the database from answering
@@ -241,12 +253,14 @@ class Directory:
         return canonical
 
     async def _refuse(self, address: str, client_ip: str | None, reason: str) -> str:
-        log.info("authentication failed for {address} from {client_ip}: {reason}",
-                 address=address, client_ip=client_ip or "-", reason=reason)
+        delay = 0.0
         if client_ip is not None:
-            delay = self.throttle.failed(client_ip, address.lower())
-            if delay > 0:
-                await task.deferLater(self.reactor, delay, lambda: None)
+            delay = await self.throttle.count_failure(client_ip, address.lower())
+        log.info("authentication failed for {address} from {client_ip}: {reason} "
+                 "(reply held {delay:.1f} s)", address=address, client_ip=client_ip or "-",
+                 reason=reason, delay=delay)
+        if delay > 0:
+            await task.deferLater(self.reactor, delay, lambda: None)
         raise UnauthorizedLogin("authentication failed")
 
 

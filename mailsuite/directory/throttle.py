@@ -1,14 +1,29 @@
 """A failed-login throttle shared by every protocol of one process (SMTP AUTH, IMAP, POP3).
 
-API (all on the reactor thread; no I/O; `user` is the login name tried, "" when unknown):
+API (all on the reactor thread; `user` is the login name tried, "" when unknown):
 
-    throttle = LoginThrottle(delay=1.0, max_delay=15.0, window=900.0, clock=reactor)
-    throttle.failed(ip, user) -> float     record one failure; returns the seconds to hold back
-                                           the failure reply (see "Delays" below)
-    throttle.succeeded(ip, user)           forget the failures of this (source, user) only
+    throttle = LoginThrottle(delay=1.0, max_delay=15.0, window=900.0, clock=reactor,
+                             shared=directory)
+    throttle.count_failure(ip, user) -> Deferred[float]
+                                           record one failure in every instance's counts;
+                                           fires with the seconds to hold back the failure
+                                           reply (see "Delays" below)
+    throttle.succeeded(ip, user)           forget the failures of this (source, user) only,
+                                           here at once and in the shared counts meanwhile
     throttle.failures(ip, user="") -> int  failures of (source, user) within `window`; without
-                                           a user, of the source across every user
+                                           a user, of the source across every user (as this
+                                           process last saw them)
     throttle.delay_for(ip, user) -> float  the delay the next failure of (ip, user) would get
+    throttle.failed(ip, user) -> float     count a failure in this process only (no `shared`,
+                                           or the shared counts unreachable)
+
+Shared counts. With `shared` (the SQL directory, `FailureCounts`), the counts live in the
+`ms_login_failure` table, so every instance on one database counts the failures of all: a
+guesser alternating between instances waits as long as on one. Only a failure waits for that
+SQL (one unit in the db pool, while its reply is held back anyway); a success is answered at
+once and forgotten in the table afterwards. When the database cannot answer, the failure is
+counted here only (fail open: the directory logs the outage, rate-limited). The in-memory
+counts stay as this process's copy: each shared answer overwrites its entries.
 
 Counting (docs/design/limits.md, "Login throttle"). The *source* of an attempt is its address
 (IPv4; IPv4-mapped IPv6 counts as IPv4) or its /64 (IPv6: one host usually holds a whole /64).
@@ -44,13 +59,35 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict, deque
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Protocol
 
 from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mailsuite.directory.records import DirectoryError
+
+log = Logger()
 
 MAX_TRACKED = 50_000  # entries per count; the least recently failed are dropped beyond this
 HASH_SLOTS = 2  # password checks at once: the hash pool's threads (mailsuite/pools.py)
 MAX_USER_KEY = 320  # a user name longer than any address is counted by its first 320 chars
+PURGE_INTERVAL = 60.0  # seconds between two purges of expired shared counts by one process
+
+
+class FailureCounts(Protocol):
+    """Where the counts of every instance meet (the SQL directory; `Directory` implements it).
+    Each method fires in the reactor thread; the work runs elsewhere (the db pool)."""
+
+    def login_failed(self, source: str, login: str, now: float,
+                     window: float) -> defer.Deferred:
+        """Count one failure; fires with the (pair, source, login) counts before it."""
+
+    def login_succeeded(self, source: str, login: str, now: float) -> defer.Deferred:
+        ...
+
+    def purge_login_failures(self, now: float) -> defer.Deferred:
+        ...
 
 
 def login_source(ip: str) -> str:
@@ -93,6 +130,11 @@ class _Counts:
         while len(self._entries) > self._cap:
             self._entries.popitem(last=False)
 
+    def put(self, key: Hashable, count: int) -> None:
+        """Set a count as another instance made it (the shared answer), last failure now."""
+        self._entries.pop(key, None)
+        self.add(key, count)
+
     def forget(self, key: Hashable) -> int:
         count = self.get(key)
         self._entries.pop(key, None)
@@ -116,7 +158,8 @@ class _Counts:
 class LoginThrottle:
     def __init__(self, delay: float = 1.0, max_delay: float = 15.0, window: float = 900.0,
                  clock: Any = None, user_threshold: int = 10, user_max_delay: float = 3.0,
-                 source_threshold: int = 20, max_tracked: int = MAX_TRACKED):
+                 source_threshold: int = 20, max_tracked: int = MAX_TRACKED,
+                 shared: FailureCounts | None = None):
         if clock is None:
             from twisted.internet import reactor as clock  # noqa: N813
         self.delay = max(0.0, float(delay))
@@ -130,6 +173,8 @@ class LoginThrottle:
         self._sources = _Counts(window, clock, max_tracked)  # source, across users
         self._users = _Counts(window, clock, max_tracked)  # user, across sources
         self._turns = _FairTurns(HASH_SLOTS)
+        self.shared = shared
+        self._last_purge: float | None = None
 
     def check_fairly(self, ip: str | None, user: str, run: Callable[..., defer.Deferred],
                      fn: Callable[..., Any], *args: Any) -> defer.Deferred:
@@ -145,15 +190,34 @@ class LoginThrottle:
 
     def delay_for(self, ip: str, user: str = "") -> float:
         source, user = login_source(ip), _user_key(user)
-        pair = self.delay * (self._pairs.get((source, user)) + 1)
-        by_source = self.delay * (self._sources.get(source) + 1 - self.source_threshold)
-        delay = min(max(pair, by_source), self.max_delay)
-        if user:
-            by_user = self.delay * (self._users.get(user) + 1 - self.user_threshold)
-            delay = max(delay, min(by_user, self.user_max_delay))
-        return max(0.0, delay)
+        return self._delay(self._pairs.get((source, user)), self._sources.get(source),
+                           self._users.get(user) if user else 0, bool(user))
+
+    def count_failure(self, ip: str, user: str = "") -> defer.Deferred:
+        """Deferred[float]: count one failure in the shared counts (or here only, without
+        them or when they cannot be reached); the delay to hold its reply back."""
+        if self.shared is None:
+            return defer.succeed(self.failed(ip, user))
+        source, key = login_source(ip), _user_key(user)
+        now = self._clock.seconds()
+        self._maybe_purge(now)
+        d = defer.maybeDeferred(self.shared.login_failed, source, key, now, self.window)
+
+        def counted(before: tuple[int, int, int]) -> float:
+            pair, by_source, by_user = before
+            self._pairs.put((source, key), pair + 1)
+            self._sources.put(source, by_source + 1)
+            if key:
+                self._users.put(key, by_user + 1)
+            return self._delay(pair, by_source, by_user, bool(key))
+
+        def here_only(failure: Failure) -> float:
+            _report(failure, "count of a failed login")
+            return self.failed(ip, user)
+        return d.addCallbacks(counted, here_only)
 
     def failed(self, ip: str, user: str = "") -> float:
+        """Count one failure in this process's counts only; the delay for its reply."""
         delay = self.delay_for(ip, user)
         source, user = login_source(ip), _user_key(user)
         self._pairs.add((source, user))
@@ -168,6 +232,27 @@ class LoginThrottle:
         self._sources.take_off(source, n)
         if user:
             self._users.take_off(user, n)
+        if self.shared is not None:
+            # Not waited for: a correct password is answered at once.
+            d = defer.maybeDeferred(self.shared.login_succeeded, source, user,
+                                    self._clock.seconds())
+            d.addErrback(_report, "reset of the failed logins after a success")
+
+    def _delay(self, pair: int, by_source: int, by_user: int, has_user: bool) -> float:
+        """The delay of the next failure given the counts before it (see "Delays")."""
+        delay = min(max(self.delay * (pair + 1),
+                        self.delay * (by_source + 1 - self.source_threshold)), self.max_delay)
+        if has_user:
+            by_user_delay = self.delay * (by_user + 1 - self.user_threshold)
+            delay = max(delay, min(by_user_delay, self.user_max_delay))
+        return max(0.0, delay)
+
+    def _maybe_purge(self, now: float) -> None:
+        if self._last_purge is not None and 0 <= now - self._last_purge < PURGE_INTERVAL:
+            return
+        self._last_purge = now
+        d = defer.maybeDeferred(self.shared.purge_login_failures, now)  # type: ignore[union-attr]
+        d.addErrback(_report, "purge of expired failed-login counts")
 
     def tracked(self) -> tuple[int, int, int]:
         """Entries held: (source, user) pairs, sources, users (for tests and the operator)."""
@@ -176,6 +261,13 @@ class LoginThrottle:
 
 def _user_key(user: str) -> str:
     return user[:MAX_USER_KEY].lower()
+
+
+def _report(failure: Failure, what: str) -> None:
+    """The shared counts failed: an outage is already logged (rate-limited) by the directory;
+    anything else is a bug and keeps its traceback. Either way the login goes on."""
+    if not failure.check(DirectoryError):
+        log.failure("login throttle: {what} failed", failure, what=what)
 
 
 class _FairTurns:

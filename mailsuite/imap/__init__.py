@@ -16,6 +16,7 @@ from mailsuite.imap.server import IMAPServer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.metrics import Metrics
+from mailsuite.notify import ChangeHub
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -26,7 +27,8 @@ REFUSAL = Refusal(b"* BYE too many connections, try again later\r\n",
 
 def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                    io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
-                   implicit_tls: bool = False, metrics: Optional[Metrics] = None) -> LimitedFactory:
+                   implicit_tls: bool = False, metrics: Optional[Metrics] = None,
+                   changes: Optional[ChangeHub] = None) -> LimitedFactory:
     """The protocol factory for one IMAP listener, with its own connection limits; `metrics`
     counts logins and command durations (None: a registry of its own)."""
     metrics = metrics if metrics is not None else Metrics()
@@ -35,6 +37,6 @@ def server_factory(config: Config, directory: DirectoryService, mailstore: MailS
 
     def build(addr: IAddress) -> IMAPServer:
         return IMAPServer(config, directory, mailstore, io, tls, clock, implicit_tls=implicit_tls,
-                          metrics=metrics)
+                          metrics=metrics, changes=changes)
 
     return LimitedFactory("imaps" if implicit_tls else "imap", counter, REFUSAL, build)

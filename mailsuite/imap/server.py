@@ -44,6 +44,7 @@ from mailsuite.listeners import client_ip
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.metrics import Metrics
+from mailsuite.notify import ChangeHub
 from mailsuite.pools import WorkPool
 from mailsuite.tls import TLSMaterial
 
@@ -95,15 +96,18 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
-    timer (timeouts, IDLE polls, the abort after hanging up)."""
+    timer (timeouts, IDLE polls, the abort after hanging up); `changes` (optional) carries
+    change notifications between sessions and instances (mailsuite/notify.py)."""
 
     delimiter = b"\n"
     MAX_LENGTH = MAX_LINE
 
     def __init__(self, config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                  io: WorkPool, tls: Optional[TLSMaterial], clock: IReactorTime,
-                 implicit_tls: bool = False, metrics: Optional[Metrics] = None):
+                 implicit_tls: bool = False, metrics: Optional[Metrics] = None,
+                 changes: Optional[ChangeHub] = None):
         self.config = config
+        self.changes = changes
         self.directory = directory
         self.metrics = metrics if metrics is not None else Metrics()
         self.mailstore = mailstore
@@ -181,6 +185,8 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         if d is not None and not d.called:
             d.errback(ierror.ConnectionDone())
         self.idle_wakeup()
+        if self.changes is not None and self.user:
+            self.changes.sessions.remove(self.user, self)
         if not self.busy:
             self._let_go()
 
@@ -199,6 +205,19 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             self.setTimeout(self.timeOut)  # re-arm: resetTimeout does nothing once it fired
             return
         self.send(b"* BYE autologout; idle for too long")
+        self.hangup()
+
+    _end_after_command: Optional[str] = None  # the reason, while a command is running
+
+    def end_session(self, reason: str) -> None:
+        """The account was disabled or removed (mailsuite/notify.py): BYE, between two
+        responses so that no literal being streamed is cut (RFC 3501 §7.1.5)."""
+        if self.busy and self.idling is None:
+            self._end_after_command = reason
+            return
+        log.info("imap: ending the session of {user} from {peer}: {reason}", user=self.user,
+                 peer=self.peer, reason=reason)
+        self.send(b"* BYE " + reason.encode("ascii", "replace"))
         self.hangup()
 
     def evict(self, reason: str) -> None:
@@ -528,7 +547,10 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         self.tag = tag
         started = self.clock.seconds()
         kwargs = {"uid": uid} if name in UID_COMMANDS else {}
+        changed = self.changed_folders(name, args)  # idle.py: told to the IDLE sessions
         d = defer.maybeDeferred(handler, tag, args, **kwargs)
+        if changed:
+            d.addCallback(self.tell_changed, changed)
         if name in REFRESH_AFTER:
             d.addCallback(self._refresh_then)
         d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
@@ -588,6 +610,9 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
 
     def done(self) -> None:
         self.busy = False
+        reason, self._end_after_command = self._end_after_command, None
+        if reason is not None and not self.closed:
+            self.end_session(reason)
         if self.closed:
             self._let_go()
         self.resetTimeout()
@@ -755,6 +780,8 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         self._login_call = None
         self.on_authenticated()
         self.metrics.auth("imap", "success")
+        if self.changes is not None:
+            self.changes.sessions.add(canonical, self)
         log.info("imap: {user} logged in from {peer}", user=canonical, peer=self.peer)
         return R.code(b"CAPABILITY", self.capabilities()) + b"logged in"
 

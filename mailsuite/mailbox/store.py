@@ -116,6 +116,9 @@ class MailStore:
         self._trim_pending = False
         # ENVELOPE/BODYSTRUCTURE of recently fetched messages (memo.py).
         self.memo = FileMemo()
+        # on_delivery(address, folder), from the delivering thread, after each new delivery:
+        # service.py tells IDLE sessions through it (mailsuite/notify.py).
+        self.on_delivery: Callable[[str, str], None] | None = None
 
     def account(self, address: str) -> "Account":
         """The account of an address: <mail_dir>/<domain>/<localpart>/, lower-cased.
@@ -251,9 +254,12 @@ class Account:
         if flags:
             keywords = self.store._state(path).keywords_for(flags)
             letters = flags_to_letters(flags, keywords)
-        return _maildir.deliver_once(path, header, message_path, when=when, unique=unique,
-                                     hostname=hostname, recheck=recheck, letters=letters,
-                                     sync_dir=sync_dir)
+        result = _maildir.deliver_once(path, header, message_path, when=when, unique=unique,
+                                       hostname=hostname, recheck=recheck, letters=letters,
+                                       sync_dir=sync_dir)
+        if result[1] and self.store.on_delivery is not None:
+            self.store.on_delivery(self.address, folder)
+        return result
 
     # -- layout --------------------------------------------------------------------------------
     def ensure_layout(self) -> None:

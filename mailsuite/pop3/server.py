@@ -38,6 +38,7 @@ from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import MessageInfo, NoSuchMessage
 from mailsuite.metrics import Metrics
+from mailsuite.notify import ChangeHub
 from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
 from mailsuite.tls import TLSMaterial
@@ -50,7 +51,8 @@ log = Logger()
 
 def server_factory(config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                    io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
-                   implicit_tls: bool = False, metrics: Metrics | None = None) -> LimitedFactory:
+                   implicit_tls: bool = False, metrics: Metrics | None = None,
+                   changes: ChangeHub | None = None) -> LimitedFactory:
     """The factory of one POP3 listener: pop3 (STLS offered when `tls` is given) or pop3s
     (`implicit_tls`: service.py wraps the factory in TLS). Over a connection limit the client
     gets a negative greeting (RFC 3206 [SYS/TEMP]) and is hung up on. `metrics` counts logins
@@ -61,7 +63,8 @@ def server_factory(config: Config, directory: DirectoryService, mailstore: MailS
     refusal = Refusal(replies.TOO_MANY_CONNECTIONS, replies.TOO_MANY_CONNECTIONS)
 
     def build(addr: IAddress) -> POP3Server:
-        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls, metrics)
+        return POP3Server(config, directory, mailstore, io, tls, clock, implicit_tls, metrics,
+                          changes)
 
     return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)
 
@@ -204,8 +207,10 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def __init__(self, config: Config, directory: DirectoryService, mailstore: MailStoreAPI,
                  io: WorkPool, tls: TLSMaterial | None, clock: IReactorTime,
-                 implicit_tls: bool = False, metrics: Metrics | None = None):
+                 implicit_tls: bool = False, metrics: Metrics | None = None,
+                 changes: ChangeHub | None = None):
         self.config = config
+        self.changes = changes  # change notifications (mailsuite/notify.py)
         self.directory = directory
         self.metrics = metrics if metrics is not None else Metrics()
         self.mailstore = mailstore
@@ -270,6 +275,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         on_close, self.on_close = self.on_close, None
         if on_close is not None:
             on_close()
+        if self.changes is not None and self.user:
+            self.changes.sessions.remove(self.user, self)
         drop, self.drop = self.drop, None
         if drop is not None:
             # RFC 1939 §6: without QUIT there is no UPDATE state; nothing is removed.
@@ -281,6 +288,13 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def _release_failed(self, failure: Failure) -> None:
         log.error("pop3 {user}: releasing the maildrop lock failed: {error}", user=self.user,
                   error=_describe(failure.value))
+
+    def end_session(self, reason: str) -> None:
+        """The account was disabled or removed (mailsuite/notify.py): close without UPDATE,
+        so nothing marked for deletion is removed (RFC 1939 §6). POP3 has no unsolicited
+        reply; the client sees the connection close."""
+        log.info("pop3 ending the session of {user}: {reason}", user=self.user, reason=reason)
+        self.abort()  # a TLS close would wait for the client, which is not reading
 
     def evict(self, reason: str) -> None:
         """The listener drops this session to serve another (docs/design/limits.md)."""
@@ -510,6 +524,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         try:
             removed = yield self.io(_apply_update, drop.folder, uids, seen)
             log.info("pop3 {user} quit: removed {n} messages", user=self.user, n=len(removed))
+            if self.changes is not None and (removed or seen):
+                self.changes.mailbox_changed(self.user, "INBOX")
         except Exception as e:
             log.error("pop3 update for {user} failed: {error}", user=self.user,
                       error=_describe(e))
@@ -637,6 +653,8 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self.state = "TRANSACTION"
         self._cancel_login_timer()
         self.on_authenticated()
+        if self.changes is not None:
+            self.changes.sessions.add(address, self)
         total = sum(m.size for m in drop.messages)
         log.info("pop3 login {user} from {client_ip}: {n} messages", user=address,
                  client_ip=self.client_ip, n=len(drop.messages))

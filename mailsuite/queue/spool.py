@@ -63,6 +63,7 @@ class DeliveryResult:
     detail: str  # e.g. "550 5.1.1 no such user"
     remote_mta: str = ""
     enhanced: str = ""  # RFC 3463 code, e.g. "5.1.1"
+    path: str = ""  # where a local copy was written (its Maildir file), for the event record
 
 
 # --- the spool on disk ---------------------------------------------------------------------------

@@ -113,11 +113,16 @@ class AuthExchange:
         saw (refused before asking it), which we count in its throttle ourselves."""
         self._auth_failures += 1
         self.factory.metrics.auth("smtp", "failure")
-        if delay is None:
-            delay = self.factory.directory.throttle.failed(self.client_ip, user.lower()[:320])
         log.warn("authentication failed for {user!r} from {client_ip} ({why}; failure {n} on this "
                  "connection)", user=user[:100], client_ip=self.client_ip, why=why,
                  n=self._auth_failures)
+        if delay is None:  # counted by every instance (docs/design/limits.md, "Login throttle")
+            counted = self.factory.directory.throttle.count_failure(self.client_ip,
+                                                                    user.lower()[:320])
+            return counted.addCallback(self._auth_failed_after)
+        return self._auth_failed_after(delay)
+
+    def _auth_failed_after(self, delay: float) -> defer.Deferred:
         # The delay slows down password guessing without blocking anyone else.
         d: defer.Deferred = defer.Deferred()
         call = self.clock.callLater(delay, d.callback, None)

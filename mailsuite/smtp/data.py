@@ -21,7 +21,8 @@ from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument
 from mailsuite.smtp.headers import HeaderScan
 from mailsuite.smtp.replies import Reply
-from mailsuite.trust import Envelope
+from mailsuite.tls import describe_tls
+from mailsuite.trust import Envelope, Verdict
 
 log = Logger(namespace="mailsuite.smtp.server")
 
@@ -146,8 +147,9 @@ class DataTransfer:
             return b""
         headers = b""
         if not self._scan.has_message_id:
-            headers += b"Message-ID: <%s.%s@%s>\r\n" % (
-                self._txid.encode(), secrets.token_hex(8).encode(), self.hostname.encode())
+            message_id = "<%s.%s@%s>" % (self._txid, secrets.token_hex(8), self.hostname)
+            self._scan.message_id = message_id
+            headers += b"Message-ID: %s\r\n" % message_id.encode()
         if not self._scan.has_date:
             headers += b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode()
         return headers
@@ -201,7 +203,10 @@ class DataTransfer:
         self._staged = None  # ours now: _reset_transaction must not discard it
         self._reset_transaction()
         meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
-                "auth_user": self.session.auth_user, "protocol": self._protocol_name()}
+                "auth_user": self.session.auth_user, "protocol": self._protocol_name(),
+                # for the message's events (docs/design/events.md)
+                "listener": self.policy.name, "message_id": scan.message_id,
+                "tls": describe_tls(self.transport) if self.session.tls else ""}
         queued = False
         rewritten: str | None = None  # the trust gate's copy of the staged file
         try:
@@ -235,6 +240,7 @@ class DataTransfer:
                     rewritten = path = inspection.path
                 size = inspection.size
                 meta.update(inspection.meta)
+                meta["verdicts"] = verdict_summary(verdict)
             if self._closed:
                 return None  # the client is gone: no 250 can reach it, so nothing is queued
             try:
@@ -333,3 +339,17 @@ def _remove(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def verdict_summary(verdict: Verdict) -> dict[str, str]:
+    """What the trust checks said, as the queue entry keeps it for the message's events:
+    {"spf": "pass", "dkim": "none", "dmarc": "fail", "disposition": "junk", "log": "rspamd:
+    ..."}; several results of one method (DKIM signatures) are joined with ","."""
+    summary: dict[str, str] = {}
+    for result in verdict.results:
+        previous = summary.get(result.method)
+        summary[result.method] = f"{previous},{result.result}" if previous else result.result
+    summary["disposition"] = verdict.disposition
+    if verdict.log:
+        summary["log"] = verdict.log[:300]
+    return summary

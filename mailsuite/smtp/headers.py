@@ -3,7 +3,8 @@
 `HeaderScan` sees the stored lines one at a time (CRLF removed, dots unstuffed) and keeps only
 what the server decides on, in bounded memory: the number of `Received:` fields (a mail loop,
 RFC 5321 §6.3), whether `Message-ID:` and `Date:` are present (a submission server adds them,
-RFC 6409 §8), and the raw values of `From:` and `Sender:` (checked on submission against the
+RFC 6409 §8) and the first one's value (for the message's events, docs/design/events.md), and
+the raw values of `From:` and `Sender:` (checked on submission against the
 authenticated user, docs/design/smtp.md). `header_addresses` parses those values with the email
 package, strictly: anything it cannot read as a list of addresses is refused, never guessed.
 """
@@ -15,6 +16,7 @@ import email.policy
 # From:/Sender: text kept at most (all such fields together); more is refused on submission.
 MAX_ADDRESS_TEXT = 16 * 1024
 MAX_ADDRESSES = 100
+MAX_MESSAGE_ID = 400  # characters of a Message-ID kept (the events' column)
 
 
 class HeaderScan:
@@ -22,6 +24,8 @@ class HeaderScan:
         self.in_header = True
         self.received = 0
         self.has_message_id = False
+        self.message_id = ""  # the first Message-ID's value, unfolded and stripped
+        self._in_message_id = False
         self.has_date = False
         self.address_fields: list[tuple[str, bytearray]] = []  # ("from"|"sender", raw value)
         self.address_overflow = False  # more From:/Sender: text than MAX_ADDRESS_TEXT
@@ -34,10 +38,13 @@ class HeaderScan:
         if not self.in_header:
             return False
         if line[:1] in (b" ", b"\t"):
+            if self._in_message_id:
+                self._keep_message_id(line)
             if self._current is not None:
                 self._keep(self._current, line)  # folded (RFC 5322 §2.2.3)
             return False
         self._current = None
+        self._in_message_id = False
         name, colon, value = line.partition(b":")
         if not colon or not name or not all(33 <= c <= 126 for c in name):
             self.in_header = False
@@ -46,7 +53,10 @@ class HeaderScan:
         if name == b"received":
             self.received += 1
         elif name == b"message-id":
+            self._in_message_id = not self.has_message_id
             self.has_message_id = True
+            if self._in_message_id:
+                self._keep_message_id(value)
         elif name == b"date":
             self.has_date = True
         elif name in (b"from", b"sender"):
@@ -61,6 +71,10 @@ class HeaderScan:
             return
         self._kept += len(data)
         into += data
+
+    def _keep_message_id(self, data: bytes) -> None:
+        text = (self.message_id + data.decode("utf-8", "replace").strip()).strip()
+        self.message_id = text[:MAX_MESSAGE_ID]
 
     def values(self, name: str) -> list[bytes]:
         return [bytes(v) for n, v in self.address_fields if n == name]

@@ -44,6 +44,7 @@ from mailsuite.metrics import Metrics
 from mailsuite.pools import InlinePool, WorkPool
 from mailsuite.queue.agents import MessageQueue
 from mailsuite.smtp import replies
+from mailsuite.smtp.reasons import reason_of
 from mailsuite.smtp.address import ParamError, PathArgument, PathError, parse_path_argument
 from mailsuite.smtp.auth import AuthExchange, encode_b64
 from mailsuite.smtp.data import DataTransfer
@@ -73,19 +74,21 @@ def server_factory(config: Config, policy: Policy, queue: MessageQueue,
                    directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                    resolver: IResolver | None = None, implicit_tls: bool = False,
                    io: WorkPool | None = None, gate: Gate | None = None,
-                   metrics: Metrics | None = None) -> "SMTPServerFactory":
+                   metrics: Metrics | None = None,
+                   on_refusal: Callable[[str, str], None] | None = None) -> "SMTPServerFactory":
     """The factory for one listener (MX or submission, by `policy`).
 
     `tls` is what STARTTLS uses (None: not offered); `implicit_tls` says the transport is already
     TLS (port 465, wrapped by service.py). `resolver` finds the client's host name for the
     Received: header (None: no reverse look-ups). `io` runs the writes of DATA to the staged file
     (None: inline, for unit tests only). `gate` holds the trust checks (mailsuite.trust.gate;
-    None: none). `metrics` counts replies and logins (None: a registry of its own)."""
+    None: none). `metrics` counts replies and logins (None: a registry of its own);
+    `on_refusal(listener, reason)` hears of every refusal (mailsuite/events)."""
     if config.smtp.bad_line_endings not in BAD_LINE_ENDINGS:
         raise ConfigError(f"[smtp] bad_line_endings must be \"reject\" or \"normalise\", not "
                           f"{config.smtp.bad_line_endings!r}")
     return SMTPServerFactory(config, policy, queue, directory, tls, clock, resolver, implicit_tls,
-                             io, gate, metrics)
+                             io, gate, metrics, on_refusal)
 
 
 class SMTPServerFactory(LimitedFactory):
@@ -95,7 +98,8 @@ class SMTPServerFactory(LimitedFactory):
                  directory: DirectoryService, tls: TLSMaterial | None, clock: IReactorTime,
                  resolver: IResolver | None = None, implicit_tls: bool = False,
                  io: WorkPool | None = None, gate: Gate | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None,
+                 on_refusal: Callable[[str, str], None] | None = None):
         limits = config.limits
         super().__init__(
             "submissions" if implicit_tls else policy.name,
@@ -112,6 +116,7 @@ class SMTPServerFactory(LimitedFactory):
         self.io: WorkPool = io if io is not None else InlinePool()
         self.gate = gate
         self.metrics = metrics if metrics is not None else Metrics()
+        self.on_refusal = on_refusal
         self._tls = tls
         self._tls_context: object | None = None
         if not implicit_tls and tls is not None:
@@ -437,6 +442,8 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
             log.info("refused {command} from {client_ip}: {code} {enhanced} {text}",
                      command=self._command or "-", client_ip=self.client_ip, code=reply.code,
                      enhanced=reply.enhanced, text=reply.text.split("\n")[0])
+        if reply.code >= 400 and self.factory.on_refusal is not None:
+            self.factory.on_refusal(self.policy.name, reason_of(reply))
         self._write(reply)
         if 500 <= reply.code <= 504 and not self._closed:
             # Only protocol errors count: refused recipients are normal on a busy MX.

@@ -51,7 +51,8 @@ class Gate:
 
     def __init__(self, config: Config, listener: str, *, reactor: IReactorTime,
                  work: WorkPool, dns: Any = None, ratelimits: Any = None, greylist: Any = None,
-                 dnsbl: Any = None, scanners: Sequence[Any] = (), rng: random.Random | None = None):
+                 dnsbl: Any = None, scanners: Sequence[Any] = (), rng: random.Random | None = None,
+                 reports: Any = None):
         self.config = config
         self.listener = listener
         self.reactor = reactor
@@ -62,6 +63,8 @@ class Gate:
         self.dnsbl = dnsbl
         self.scanners = list(scanners)
         self.rng = rng or random.Random()
+        # Notes each DMARC outcome for the aggregate reports we send (mailsuite/reports/record.py).
+        self.reports = reports
         self.authserv_id = config.trust.authserv_id or config.hostname
         self.dnsbl_exempt = _networks(config.dnsbl.exempt_networks)
         self.large = defer.DeferredSemaphore(1)  # signed messages over LARGE_MESSAGE
@@ -209,6 +212,7 @@ class GateSession:
 
         lookup = gate.dns.blocking(gate.reactor)
         seed = gate.rng.random()
+        outcomes: list[Any] = []  # the AuthOutcome, handed to gate.reports on the reactor
 
         def work() -> Verdict:
             with open(path, "rb") as f:
@@ -218,6 +222,7 @@ class GateSession:
                 message = head + f.read() if signed or not complete else head
             outcome = authenticate_message(message, envelope, spf, lookup, gate.config.trust,
                                            random.Random(seed))
+            outcomes.append(outcome)
             return Verdict(outcome.disposition, outcome.reply, [], list(outcome.results),
                            outcome.log)
 
@@ -240,8 +245,17 @@ class GateSession:
 
         job = work_and_rewrite if rewrite else work
         if os.path.getsize(path) <= LARGE_MESSAGE:
-            return gate.work.run(job)
-        return gate.large.run(gate.work.run, job)
+            d = gate.work.run(job)
+        else:
+            d = gate.large.run(gate.work.run, job)
+        if gate.reports is not None:
+            def note(result: Any) -> Any:
+                if outcomes:
+                    gate.reports.dmarc(envelope, outcomes[0])
+                return result
+
+            d.addCallback(note)
+        return d
 
     def _log(self, envelope: Envelope, verdict: Verdict) -> None:
         results = " ".join(f"{r.method}={r.result}" for r in verdict.results)

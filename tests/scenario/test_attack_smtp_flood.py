@@ -17,7 +17,7 @@ from typing import Callable
 
 import pytest
 
-from tests.harness import HOST, MailServer, rss_kib
+from tests.harness import HOST, MailServer, rss_kib, staged_files
 from tests.polling import wait_until
 
 CLIENTS = 40
@@ -107,7 +107,7 @@ def under_attack(server: MailServer, kind: str, attack: Callable[[int], None]) -
     queue = os.path.join(server.data_dir, "queue")
     wait_until(lambda: not [n for n in os.listdir(queue) if n.endswith(".json")], timeout=30,
                message="an empty queue (nothing bounced)")
-    assert os.listdir(os.path.join(queue, "incoming")) == []
+    assert staged_files(server.data_dir) == []
 
 
 def test_pipelined_command_flood_is_cut_off(mx):

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.harness import HOST, MailServer, rss_kib
+from tests.harness import HOST, MailServer, rss_kib, staged_files
 from tests.polling import wait_until
 
 ATTACKERS = 20
@@ -119,9 +119,8 @@ def test_huge_slow_messages_do_not_grow_memory(mx):
                    interval=0.1, message="every attacker to send its message")
         assert not errors, errors
         # Everything was sent and (TCP buffers aside) read by the server: it is on disk.
-        incoming = os.path.join(mx.data_dir, "queue", "incoming")
-        wait_until(lambda: sum(os.path.getsize(os.path.join(incoming, n))
-                               for n in os.listdir(incoming)) > ATTACKERS * MESSAGE_SIZE * 0.9,
+        wait_until(lambda: sum(os.path.getsize(p) for p in staged_files(mx.data_dir))
+                   > ATTACKERS * MESSAGE_SIZE * 0.9,
                    timeout=120, interval=0.1, message="the messages on disk")
         peak[0] = max(peak[0], rss_kib(pid))
         go_on.set()
@@ -129,7 +128,7 @@ def test_huge_slow_messages_do_not_grow_memory(mx):
             t.join(120)
         assert not errors, errors
         # The ones that hung up leave nothing behind; the finished ones arrive whole.
-        wait_until(lambda: not os.listdir(incoming), timeout=30,
+        wait_until(lambda: not staged_files(mx.data_dir), timeout=30,
                    message="the staged files of the disconnected attackers to be removed")
         mx.wait_for_messages("alice@example.org", FINISHERS + len([r for r in served if r]),
                              timeout=120)

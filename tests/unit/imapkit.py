@@ -99,6 +99,7 @@ class World:
         self.directory = FakeDirectory()
         self.clock = task.Clock()
         self.tls = FakeTLS()
+        self.changes = None  # a mailsuite.notify.ChangeHub for the tests of notifications
 
     def connect(self, tls: bool = True, login_as: str | None = "alice@example.org") -> "Client":
         return Client(self, tls=tls, login_as=login_as)
@@ -141,7 +142,7 @@ class Client(ResponseReader):
         self.world = world
         self.clock = world.clock
         self.proto = IMAPServer(world.config, world.directory, world.store, InlinePool(),
-                                world.tls, world.clock, implicit_tls=tls)
+                                world.tls, world.clock, implicit_tls=tls, changes=world.changes)
         self.transport = TLSStringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
         self.proto.makeConnection(self.transport)
         self.buf = b""

@@ -244,6 +244,8 @@ class World:
     # Trust gates by listener name: {"mx": make_gate(config) -> Gate} (mailsuite.trust.gate)
     gates: dict[str, Any] = field(default_factory=dict)
     srs: Any = None  # the MX policy's SRS (mailsuite.trust.srs), None: no SRS addresses
+    # (listener, reason) of every refusal the servers reported (on_refusal, mailsuite/events)
+    refusals: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.config = unit_config(**self.limits)
@@ -264,7 +266,8 @@ class World:
                               self.queue,
                               self.directory, FakeTLS() if self.tls else None, self.clock,
                               implicit_tls=implicit_tls, io=self.io,
-                              gate=make_gate(self.config) if make_gate else None)
+                              gate=make_gate(self.config) if make_gate else None,
+                              on_refusal=lambda *refusal: self.refusals.append(refusal))
 
     def connect(self, port: str = "mx", ip: str = "127.0.0.1") -> "Client":
         return Client(self.factories[port], self.clock, ip, secure=port == "submissions")

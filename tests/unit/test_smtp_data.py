@@ -43,7 +43,8 @@ def test_received_header_is_well_formed():
     assert b"\tfor <alice@example.org>; " in first
     assert entry.data.endswith(b"\r\n\r\nbody\r\n")
     assert entry.meta == {"client_ip": "127.0.0.1", "helo": "client.example",
-                          "auth_user": None, "protocol": "ESMTP"}
+                          "auth_user": None, "protocol": "ESMTP", "listener": "mx",
+                          "message_id": "", "tls": ""}
 
 
 def test_received_header_names_the_client_from_reverse_dns():

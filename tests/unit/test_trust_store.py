@@ -166,7 +166,7 @@ def test_schema_2_is_migrated(db_url):
     try:
         old.prepare()
         with old._unit() as s:
-            assert s.scalar(select(SchemaInfo.version)) == SCHEMA_VERSION == 3
+            assert s.scalar(select(SchemaInfo.version)) == SCHEMA_VERSION == 5
         assert [d.name for d in old.list_domains()] == ["example.org"]
         assert old.rate_hit("mx-conn:198.51.100.7", 60, 1, 60).allowed
         assert grey(old, 100).reason == "new"
