@@ -160,7 +160,7 @@ def _build_admin(parts: Parts) -> Any:
     from mailsuite.dashboard.sources import from_directory
 
     # Statistics, message events and DMARC/TLS reports: the stores of mailsuite.events and
-    # mailsuite.reports on the directory's database, where this build has them.
+    # mailsuite.reports on the directory's database.
     return dashboard.server_factory(parts.config.hostname, parts.directory, parts.pools,
                                     parts.queue.spool, parts.reactor,
                                     from_directory(parts.directory.store))

@@ -3,11 +3,10 @@
 calls them in the db pool only. A source that is None is shown as "not available" on its page.
 
 The implementations live elsewhere (mailsuite.events: `EventStore`; mailsuite.reports:
-`ReportStore`); `from_directory` builds them on the directory's store when this build has them.
+`ReportStore`); `from_directory` builds them on the directory's store. Tests give fakes, or None.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -87,18 +86,9 @@ class Sources:
 
 
 def from_directory(store: Any) -> Sources:
-    """The event and report stores on the directory's database (`DirectoryStore`), each only
-    if this build has its package."""
-    events = _optional("mailsuite.events", "EventStore", store)
-    return Sources(stats=events, trace=events,
-                   reports=_optional("mailsuite.reports.store", "ReportStore", store))
+    """The event and report stores on the directory's database (`DirectoryStore`)."""
+    from mailsuite.events import EventStore
+    from mailsuite.reports.store import ReportStore
 
-
-def _optional(module: str, name: str, store: Any) -> Any:
-    try:
-        found = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        if e.name is not None and module.startswith(e.name):
-            return None  # not in this build
-        raise
-    return getattr(found, name)(store)
+    events = EventStore(store)
+    return Sources(stats=events, trace=events, reports=ReportStore(store))

@@ -24,6 +24,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from mailsuite.admin.cli import CommandError
+from mailsuite.admin.trace_cmd import matching
 from mailsuite.dashboard import pages
 from mailsuite.dashboard.auth import AdminLogin, Session, Sessions, tokens_equal
 from mailsuite.dashboard.sources import (DELIVERED, HOUR, RECEIVED, REJECTED, SENT_LABELS,
@@ -444,16 +446,12 @@ def _read_entry(spool: Spool, queue_id: str) -> tuple[Any, str, str]:
 
 
 def trace_search(query: str) -> dict[str, list[str]] | None:
-    """The TraceSource.find arguments for what the admin typed, None when it is none of a queue
-    id, a Message-ID (<...>) or an address."""
-    text = query.strip()
-    if valid_queue_id(text):
-        return {"queue_ids": [text]}
-    if text.startswith("<") and text.endswith(">") and len(text) > 2:
-        return {"message_ids": [text]}
-    if "@" in text and not any(c.isspace() for c in text):
-        return {"addresses": [text], "message_ids": [f"<{text}>"]}
-    return None
+    """The TraceSource.find arguments for what the admin typed (as `mailsuite trace` reads it),
+    None when it is none of a queue id, a Message-ID (<...>) or an address."""
+    try:
+        return matching(query)
+    except CommandError:
+        return None
 
 
 def _trace(trace: Any, search: dict[str, list[str]]) -> list[Any]:
