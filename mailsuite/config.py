@@ -54,6 +54,9 @@ class ListenSection:
     autoconfig: str = "tcp:2080:interface=127.0.0.1"
     # Prometheus scrapes GET /metrics here (docs/design/metrics.md); keep it on loopback.
     metrics: str = "tcp:9425:interface=127.0.0.1"
+    # The admin web dashboard over HTTPS (TLS added by mailsuite, like imaps; docs/design/
+    # admin-web.md). On loopback here; reach it from elsewhere through an SSH tunnel.
+    admin: str = "tcp:8443:interface=127.0.0.1"
     # Listeners behind a load balancer that opens each connection with a PROXY protocol header
     # (v1 or v2; docs/design/limits.md, "Behind a proxy"), e.g. ["mx", "imaps"]. Only peers in
     # trusted_proxies (networks, e.g. "10.0.0.5/32") may connect to them; others are closed.

@@ -52,7 +52,8 @@ EVICTED = {
     "pop3s": b"-ERR [SYS/TEMP] Too many connections, closing this idle one\r\n",
 }
 # Listeners whose clients never log in: every connection is in the pre-auth pool.
-NEVER_AUTHENTICATE = frozenset({"mx", "autoconfig", "metrics"})
+# (The admin dashboard logs in per request, with a session cookie, not per connection.)
+NEVER_AUTHENTICATE = frozenset({"mx", "autoconfig", "metrics", "admin"})
 
 
 def network_prefix(ip: str) -> str:

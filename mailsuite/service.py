@@ -155,6 +155,17 @@ def _build_metrics(parts: Parts) -> Any:
     return metrics.server_factory(parts.metrics, parts.reactor)
 
 
+def _build_admin(parts: Parts) -> Any:
+    from mailsuite import dashboard
+    from mailsuite.dashboard.sources import from_directory
+
+    # Statistics, message events and DMARC/TLS reports: the stores of mailsuite.events and
+    # mailsuite.reports on the directory's database.
+    return dashboard.server_factory(parts.config.hostname, parts.directory, parts.pools,
+                                    parts.queue.spool, parts.reactor,
+                                    from_directory(parts.directory.store))
+
+
 # listen-key -> (builder, its keyword arguments, implicit TLS?)
 LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
     "mx": (_build_smtp, {"policy": "mx"}, False),
@@ -166,6 +177,7 @@ LISTENERS: dict[str, tuple[Callable[..., Any], dict[str, Any], bool]] = {
     "pop3s": (_build_pop3, {"implicit_tls": True}, True),
     "autoconfig": (_build_autoconfig, {}, False),
     "metrics": (_build_metrics, {}, False),
+    "admin": (_build_admin, {}, True),  # HTTPS only
 }
 
 

@@ -22,7 +22,7 @@ from tests.polling import wait_until
 # The checkout under test: subprocesses import mailsuite from here, never an installed copy.
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LISTENERS = ["mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s", "autoconfig",
-             "metrics"]
+             "metrics", "admin"]
 HOST = "127.0.0.1"
 
 

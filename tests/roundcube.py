@@ -173,14 +173,15 @@ CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-s
                  "--disable-extensions", "--lang=en-US")
 
 
-def chromium(user_data_dir: str):
-    """A selenium WebDriver on a fresh headless Chromium profile in `user_data_dir`."""
+def chromium(user_data_dir: str, extra_args: list[str] | tuple[str, ...] = ()):
+    """A selenium WebDriver on a fresh headless Chromium profile in `user_data_dir`, with
+    `extra_args` on its command line too."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in CHROMIUM_ARGS:
+    for arg in (*CHROMIUM_ARGS, *extra_args):
         options.add_argument(arg)
     options.add_argument(f"--user-data-dir={user_data_dir}")
     # The driver's path is given, so selenium never runs its driver manager (no download).

@@ -16,7 +16,7 @@ import unicodedata
 from mailsuite import config as config_module
 
 AREAS = ["domain_cmd", "user_cmd", "alias_cmd", "queue_cmd", "dkim_cmd", "dns_cmd", "limits_cmd",
-         "reports_cmd", "trace_cmd"]
+         "reports_cmd", "trace_cmd", "admin_cmd"]
 
 
 MAX_ARGUMENT = 4096  # characters of one command-line argument

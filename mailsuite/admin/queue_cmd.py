@@ -1,7 +1,8 @@
 """`mailsuite queue list|show|retry|delete|hold|release`: look at and steer the mail queue.
 
 Works on the spool files directly, so it needs no running server, and takes the same flock as
-the queue runner before changing an entry (a delivery in progress is waited for, briefly).
+the queue runner before changing an entry (a delivery in progress is waited for, briefly). The
+actions themselves are mailsuite/queue/admin.py, shared with the admin dashboard.
 A running server notices `retry` and `release` within about a second: they touch
 `<queue_dir>/.kick`, which the runner polls (mailsuite/queue/runner.py, KICK_POLL).
 """
@@ -15,10 +16,12 @@ from dataclasses import asdict
 from typing import Any
 
 from mailsuite.admin.cli import CommandError
-from mailsuite.queue.spool import QueueEntry, Spool, SpoolError, valid_queue_id
+from mailsuite.queue import admin as actions
+from mailsuite.queue.admin import QueueActionError, format_duration, format_next
+from mailsuite.queue.spool import Spool, SpoolError
 
 # Refusals the dispatcher reports as one line (unknown or damaged entries...).
-ERRORS = (SpoolError,)
+ERRORS = (SpoolError, QueueActionError)
 
 
 def register(subparsers: Any) -> None:
@@ -54,15 +57,9 @@ def register(subparsers: Any) -> None:
 # -- commands ------------------------------------------------------------------------------------
 def cmd_list(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
-    entries, damaged = [], []
-    for queue_id in spool.ids():
-        try:
-            entries.append(spool.load(queue_id))
-        except SpoolError as e:
-            if "damaged" in str(e):  # otherwise delivered and removed while we listed
-                damaged.append(str(e))
     now = time.time()
-    leftovers = spool.leftovers(now)
+    found = actions.snapshot(spool, now)
+    entries, damaged, leftovers = found.entries, found.damaged, found.leftovers
     if not entries and not damaged and not leftovers:
         print("queue is empty")
         return 0
@@ -83,7 +80,7 @@ def cmd_list(config: Any, args: argparse.Namespace) -> int:
             if r.last_error:
                 line += f"  last error: {r.last_error}"
             print(line)
-    pending = sum(1 for e in entries for r in e.recipients if r.state == "pending")
+    pending = found.pending()
     print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, "
           f"{pending} recipient{'' if pending == 1 else 's'} pending"
           + (f", {len(leftovers)} file{'' if len(leftovers) == 1 else 's'} not part of an entry"
@@ -136,96 +133,30 @@ def cmd_retry(config: Any, args: argparse.Namespace) -> int:
     spool = Spool(config.queue_dir)
     if args.all == bool(args.id):
         raise CommandError("queue retry needs an entry id or --all (not both)")
-    ids = spool.ids() if args.all else [_load(spool, args.id).id]
-    count = 0
-    for queue_id in ids:
-        try:
-            entry = _change(spool, queue_id, _make_due)
-        except CommandError:
-            if args.all:
-                continue  # delivered and gone while we went through the list
-            raise
-        count += 1
-        if entry.held:
-            print(f"{queue_id}: held; `mailsuite queue release {queue_id}` to deliver it")
-    spool.kick()
+    if args.all:
+        count, held = actions.retry_all(spool)
+    else:
+        entry = actions.retry(spool, args.id)
+        count, held = 1, [entry.id] if entry.held else []
+    for queue_id in held:
+        print(f"{queue_id}: held; `mailsuite queue release {queue_id}` to deliver it")
     print(f"{count} entr{'y' if count == 1 else 'ies'} due for delivery now")
     return 0
 
 
 def cmd_delete(config: Any, args: argparse.Namespace) -> int:
-    spool = Spool(config.queue_dir)
-    # No envelope parsing here: a damaged entry must be removable too. Without a message file
-    # there is nothing to lock, and no runner can claim (deliver) it either.
-    if (valid_queue_id(args.id) and os.path.exists(spool.envelope_path(args.id))
-            and not os.path.exists(spool.message_path(args.id))):
-        spool.remove(args.id)
-    else:
-        with _claim(spool, args.id):
-            spool.remove(args.id)
+    actions.delete(Spool(config.queue_dir), args.id)
     print(f"deleted {args.id}")
     return 0
 
 
 def cmd_hold(config: Any, args: argparse.Namespace) -> int:
-    spool = Spool(config.queue_dir)
-    _change(spool, args.id, lambda e: setattr(e, "held", True))
+    actions.hold(Spool(config.queue_dir), args.id)
     print(f"held {args.id}")
     return 0
 
 
 def cmd_release(config: Any, args: argparse.Namespace) -> int:
-    spool = Spool(config.queue_dir)
-    _change(spool, args.id, lambda e: (setattr(e, "held", False), _make_due(e)))
-    spool.kick()
+    actions.release(Spool(config.queue_dir), args.id)
     print(f"released {args.id}")
     return 0
-
-
-# -- helpers -------------------------------------------------------------------------------------
-def _make_due(entry: QueueEntry) -> None:
-    for r in entry.recipients:
-        if r.state == "pending":
-            r.next_attempt = 0.0
-
-
-def _load(spool: Spool, queue_id: str) -> QueueEntry:
-    try:
-        return spool.load(queue_id)
-    except SpoolError as e:
-        raise CommandError(str(e)) from None
-
-
-def _claim(spool: Spool, queue_id: str) -> Any:
-    try:
-        return spool.claim_wait(queue_id)
-    except SpoolError as e:
-        raise CommandError(str(e)) from None
-
-
-def _change(spool: Spool, queue_id: str, change: Any) -> QueueEntry:
-    """Re-read the envelope under the claim (the runner may just have updated it), change, save."""
-    _load(spool, queue_id)
-    with _claim(spool, queue_id):
-        entry = _load(spool, queue_id)
-        change(entry)
-        spool.save(entry)
-    return entry
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    if seconds < 86400:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
-
-
-def format_next(when: float, now: float) -> str:
-    if when <= now:
-        return "now"
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(when))
-    return f"in {format_duration(when - now)} ({stamp} UTC)"

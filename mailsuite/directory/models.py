@@ -363,3 +363,19 @@ class StatBucket(Base):
     metric: Mapped[str] = mapped_column(String(40), nullable=False)
     label: Mapped[str] = mapped_column(String(60), nullable=False)
     value: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+
+# -- dashboard administrators (docs/design/admin-web.md) -------------------------------------------
+# A new table only: create_all() in prepare() makes it on an existing database, no migration.
+
+class AdminAccount(Base):
+    """Who may log in to the admin web dashboard. Not a mail user: no mailbox, no domain, and a
+    mail user's password never opens the dashboard."""
+
+    __tablename__ = "ms_admin"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True, nullable=False)
+    password_hash: Mapped[str] = mapped_column(String(512), nullable=False)
+    created: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow,
+                                              nullable=False)

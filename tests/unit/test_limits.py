@@ -47,12 +47,12 @@ def test_every_listener_is_limited_and_shares_one_file_budget(tmp_path, monkeypa
                 f = f.wrappedFactory
             factories[svc.name[7:]] = f
     assert set(factories) == {"mx", "submission", "submissions", "imap", "imaps", "pop3",
-                              "pop3s", "autoconfig", "metrics"}
+                              "pop3s", "autoconfig", "metrics", "admin"}
     budgets = {id(f.budget) for f in factories.values()}
     assert len(budgets) == 1
     for name, f in factories.items():
         assert isinstance(f, LimitedFactory) and f.fairness_clock is reactor, name
-        assert f.authenticates == (name not in ("mx", "autoconfig", "metrics")), name
+        assert f.authenticates == (name not in ("mx", "autoconfig", "metrics", "admin")), name
         assert f in f.budget.factories
     from twisted.internet import reactor as global_reactor
 
