@@ -16,7 +16,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import SSL
 from twisted.internet import ssl
+from twisted.internet._sslverify import protosFromProtocol
 from twisted.logger import Logger
 
 from mailsuite.config import Config, ConfigError
@@ -100,7 +102,7 @@ def server_context(cert_path: str, key_path: str) -> ssl.CertificateOptions:
         raise ConfigError(f"cannot read TLS certificate or key: {e.filename}: {e.strerror}")
     except ValueError as e:
         raise ConfigError(f"cannot load TLS certificate {cert_path} / key {key_path}: {e}")
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=key,
         certificate=chain[0],
         extraCertChain=chain[1:],
@@ -111,6 +113,32 @@ def server_context(cert_path: str, key_path: str) -> ssl.CertificateOptions:
         enableSessions=True,
         enableSessionTickets=True,
     )
+    # Twisted's own ALPN callback fails the handshake (an "internal error" alert) whenever a
+    # client offers ALPN and the listener names no protocol, i.e. on every mail listener.
+    # getContext() builds and caches the one context all connections of these options use.
+    options.getContext().set_alpn_select_callback(select_alpn)
+    return options
+
+
+# Protocol ids of the web (RFC 7301 registry): a client that offers only these is a browser.
+HTTP_ALPN = frozenset({b"http/0.9", b"http/1.0", b"http/1.1", b"spdy/1", b"spdy/2", b"spdy/3",
+                       b"spdy/3.1", b"h2", b"h2c", b"h3"})
+
+
+def select_alpn(conn: Any, offered: list[bytes]) -> Any:
+    """The ALPN answer (RFC 7301 section 3.2, docs/design/limits.md "TLS"): the first protocol
+    the listener names (the dashboard: http/1.1) that the client offered; none, and the
+    handshake goes on without ALPN, when the listener names none of the client's (mail clients
+    rarely offer ALPN; Dovecot and Postfix ignore it too); and a refused handshake when a
+    client offering only web protocols reaches a mail listener: a browser led there by a
+    cross-protocol attack (ALPACA) never gets to speak."""
+    ours = protosFromProtocol(conn.get_app_data(), ())
+    for protocol in ours:
+        if protocol in offered:
+            return protocol
+    if not ours and offered and all(p in HTTP_ALPN for p in offered):
+        return b""  # OpenSSL fails the handshake
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 def client_context_opportunistic() -> ssl.CertificateOptions:
