@@ -44,7 +44,8 @@ def test_rspamd_gtube_is_rejected(rspamd, tmp_path):
     path = write_message(tmp_path / "gtube.eml", b"Buy now\n" + GTUBE + b"\n")
     v = probe("rspamd", {"url": rspamd.url}, path)
     assert v["disposition"] == "reject", v
-    assert v["reply"] == {"code": 550, "enhanced": "5.7.1", "text": "message refused as spam"}
+    assert v["reply"] == {"code": 550, "enhanced": "5.7.1", "text": "message refused as spam",
+                          "reason": "spam"}
 
 
 def test_rspamd_gtube_junk_when_configured(rspamd, tmp_path):
@@ -86,7 +87,8 @@ def test_rspamd_stopped_mid_run(tmp_path):
     v = probe("rspamd", {"url": daemon.url}, path)
     assert v["disposition"] == "tempfail", v
     assert v["reply"] == {"code": 451, "enhanced": "4.7.1",
-                          "text": "content scanner unavailable, try again later"}
+                          "text": "content scanner unavailable, try again later",
+                          "reason": "scanner_unavailable"}
     v = probe("rspamd", {"url": daemon.url, "on_failure": "accept"}, path)
     assert v["disposition"] == "accept", v
     assert v["headers"] == ["X-Spam-Status: Unknown, scanner unavailable"]
@@ -111,7 +113,7 @@ def test_clamd_eicar_attachment_is_rejected(clamd, tmp_path, where):
     v = probe("clamd", {"socket": socket}, path)
     assert v["disposition"] == "reject", v
     assert v["reply"] == {"code": 554, "enhanced": "5.7.0",
-                          "text": f"message refused: {EICAR_FOUND}"}
+                          "text": f"message refused: {EICAR_FOUND}", "reason": "virus"}
 
 
 def test_clamd_clean_message_is_accepted(clamd, tmp_path):
@@ -140,7 +142,8 @@ def test_clamd_stopped_mid_run(tmp_path):
         v = probe("clamd", {"socket": socket}, path)
         assert v["disposition"] == "tempfail", v
         assert v["reply"] == {"code": 451, "enhanced": "4.7.1",
-                              "text": "virus scanner unavailable, try again later"}
+                              "text": "virus scanner unavailable, try again later",
+                              "reason": "scanner_unavailable"}
     v = probe("clamd", {"socket": daemon.tcp, "on_failure": "accept"}, path)
     assert v["disposition"] == "accept", v
     assert v["headers"] == ["X-Virus-Scanned: unscanned (connection failed)"]
