@@ -9,31 +9,17 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 
 from mailsuite.directory import DirectoryStore
 from mailsuite.reports.inbound import parse_dmarc
 from mailsuite.reports.store import ReportStore
-from tests.environment import PgSchema, require_postgresql
+from tests.scenario.test_directory_postgresql import (  # noqa: F401 (a fresh schema per test)
+    db_url, postgresql)
 from tests.unit.test_reports_inbound import DMARC_XML
 from tests.unit.test_reports_sending import (  # noqa: F401 (collected here on PostgreSQL)
     store, test_a_report_is_sent_once_per_day_whatever_the_instances,
     test_claim_is_given_back_when_the_queue_fails, test_dmarc_report_for_a_domain_that_asks,
     test_old_data_is_purged, test_tls_report)
-
-
-@pytest.fixture(autouse=True)
-def postgresql():
-    return require_postgresql()
-
-
-@pytest.fixture
-def db_url():
-    pg = PgSchema()
-    try:
-        yield pg.url
-    finally:
-        pg.drop()
 
 
 def race(db_url: str, fn, threads: int = 8) -> list:
