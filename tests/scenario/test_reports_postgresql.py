@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 
-
 from mailsuite.directory import DirectoryStore
 from mailsuite.reports.inbound import parse_dmarc
 from mailsuite.reports.store import ReportStore
