@@ -23,6 +23,7 @@ from mailsuite.directory.addresses import mailbox_address_problem
 from mailsuite.directory.logincache import LoginCache
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
+from mailsuite.directory.failures import LoginFailureStore
 from mailsuite.directory.store import DirectoryStore
 from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.pools import PoolStopped
@@ -94,6 +95,7 @@ class Directory:
             self.store = DirectoryStore.from_config(config)
         except DirectoryError as e:
             raise ConfigError(f"[database] url: {e}")
+        self.failures = LoginFailureStore(self.store)  # the throttle's counts, every instance
         limits = config.limits
         self.throttle = LoginThrottle(delay=limits.auth_failure_delay, clock=reactor,
                                       user_threshold=limits.auth_user_failures,
@@ -155,13 +157,13 @@ class Directory:
     # -- the login throttle's shared counts (throttle.FailureCounts) ---------------------------
     def login_failed(self, source: str, login: str, now: float, window: float) -> defer.Deferred:
         """Deferred[(pair, source, login) counts before this failure]."""
-        return self._db(self.store.login_failed, source, login, now, window)
+        return self._db(self.failures.login_failed, source, login, now, window)
 
     def login_succeeded(self, source: str, login: str, now: float) -> defer.Deferred:
-        return self._db(self.store.login_succeeded, source, login, now)
+        return self._db(self.failures.login_succeeded, source, login, now)
 
     def purge_login_failures(self, now: float) -> defer.Deferred:
-        return self._db(self.store.purge_login_failures, now)
+        return self._db(self.failures.purge_login_failures, now)
 
     def _db(self, fn: Any, *args: Any) -> defer.Deferred:
         """Run one store unit of work in `pools.db`; whatever keeps the database from answering

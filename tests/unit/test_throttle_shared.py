@@ -11,6 +11,7 @@ from typing import Any, Callable
 import pytest
 
 from mailsuite.directory import DirectoryStore, passwords
+from mailsuite.directory.failures import LoginFailureStore
 from mailsuite.directory.records import DirectoryUnavailable
 from mailsuite.pools import InlinePool
 from tests.unit.test_login_cache import ALICE, BOB, PASSWORD, env, login, refused  # noqa: F401
@@ -55,7 +56,7 @@ def test_failures_alternating_between_instances_are_slowed_as_on_one(env, two):
     # auth_failure_delay = 1 s times the failures so far of this (source, user), everywhere.
     assert delays == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert a.throttle.failures(GUESSER, ALICE) == 5 and b.throttle.failures(GUESSER, ALICE) == 6
-    assert env.store.login_failure_counts(GUESSER, ALICE, env.clock.seconds()) == (6, 6, 6)
+    assert LoginFailureStore(env.store).login_failure_counts(GUESSER, ALICE, env.clock.seconds()) == (6, 6, 6)
 
 
 def test_a_success_on_one_instance_forgets_the_failures_on_the_other(env, two):
@@ -65,7 +66,7 @@ def test_a_success_on_one_instance_forgets_the_failures_on_the_other(env, two):
     held_for(env, a, BOB, "guess")  # another account from the same place stays counted
     assert login(b, ALICE, PASSWORD, ip=GUESSER) == ALICE
     assert held_for(env, a, ALICE, "typo") == 1.0
-    assert env.store.login_failure_counts(GUESSER, BOB, env.clock.seconds()) == (1, 2, 1)
+    assert LoginFailureStore(env.store).login_failure_counts(GUESSER, BOB, env.clock.seconds()) == (1, 2, 1)
 
 
 def test_a_correct_password_does_not_wait_for_the_shared_bookkeeping(env, two):
@@ -93,7 +94,7 @@ def test_an_unreachable_database_counts_in_this_process(env, two, monkeypatch):
     def down(*args: Any) -> None:
         raise DirectoryUnavailable("database postgresql://db/mail: connection refused")
 
-    monkeypatch.setattr(directory.store, "login_failed", down)
+    monkeypatch.setattr(directory.failures, "login_failed", down)
     # password_record still answers: only the counts are unreachable.
     assert [held_for(env, directory, ALICE, "guess") for _ in range(3)] == [1.0, 2.0, 3.0]
     assert directory.throttle.failures(GUESSER, ALICE) == 3
@@ -109,7 +110,7 @@ def test_expired_counts_are_purged(env, two):
 
 
 def test_store_counts_start_again_after_the_window(env):
-    store: DirectoryStore = env.store
+    store = LoginFailureStore(env.store)
     assert store.login_failed("192.0.2.1", ALICE, 100.0, 900.0) == (0, 0, 0)
     assert store.login_failed("192.0.2.1", ALICE, 200.0, 900.0) == (1, 1, 1)
     assert store.login_failed("192.0.2.2", "", 300.0, 900.0) == (0, 0, 0)  # no user count
