@@ -59,7 +59,9 @@ class BufferedLogObserver:
         self._max_pending = max_pending
         self._call_from_thread = call_from_thread
         self._in_reactor_thread = in_reactor_thread
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler (twistd's "Received SIGTERM") logs on the reactor thread
+        # in the middle of whatever it interrupted, a batch being written under this lock too.
+        self._lock = threading.RLock()
         self._pending: list[LogEvent] = []
         self._buffering = False
         self._scheduled = False  # a flush is on the clock (or on its way there)
