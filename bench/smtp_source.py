@@ -36,8 +36,9 @@ def count_files(maildir: str) -> int:
     return total
 
 
-def spawn(repo: str, sessions: int, recipient: str, trust: bool = True):
-    """A mailsuite of checkout `repo` with the MX listener and one user; (server, maildir)."""
+def spawn(repo: str, sessions: int, recipient: str, trust: bool = True, workers: int = 1):
+    """A mailsuite of checkout `repo` with the MX listener and one user, serving with
+    `workers` processes; (server, maildir)."""
     sys.path.insert(0, repo)
     from tests.harness import MailServer
 
@@ -46,23 +47,37 @@ def spawn(repo: str, sessions: int, recipient: str, trust: bool = True):
                               "max_connections": max(200, sessions + 10)}}
     if not trust:
         extra["trust"] = {"enabled": False}
+    if workers > 1:
+        extra["server"] = {"workers": workers}
     server = MailServer(base, listeners=["mx"], extra=extra)
     server.start()
     server.add_user(recipient)
+    if workers > 1:  # the first process listens at once; the others need a moment to start
+        from tests.polling import wait_until
+
+        wait_until(lambda: server.log_text().count("serving mx on") >= workers - 1,
+                   timeout=60, message="the worker processes")
     local, domain = recipient.lower().split("@")
     return server, os.path.join(server.data_dir, "mail", domain, local)
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time of process `pid` so far (0 when unknown)."""
+    """User + system CPU time of process `pid` and its live children (worker processes) so
+    far (0 when unknown)."""
     if pid is None:
         return 0.0
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    total = 0
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(name) == pid or fields[1] == str(pid):  # fields[1]: the parent's pid
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def run(host: str, port: int, maildir: str, messages: int, size: int, sessions: int,
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-trust", action="store_true",
                    help="spawned server without the inbound checks ([trust] enabled = false)")
     p.add_argument("--keep", action="store_true", help="keep the spawned server's directory")
+    p.add_argument("--workers", type=int, default=1,
+                   help="spawned server's [server] workers (processes on the MX socket)")
     args = p.parse_args(argv)
     if shutil.which("smtp-source") is None and not os.path.exists("/usr/sbin/smtp-source"):
         p.error("smtp-source not found (Debian package postfix)")
@@ -113,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     server = None
     if args.spawn:
         server, maildir = spawn(os.path.abspath(args.repo), args.sessions, args.to,
-                                trust=not args.no_trust)
+                                trust=not args.no_trust, workers=args.workers)
         port = server.ports["mx"]
     else:
         if not args.port or not args.maildir:
@@ -128,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             server.stop()
             if not args.keep:
                 shutil.rmtree(server.base_dir, ignore_errors=True)
-    print(f"smtp-source sessions={args.sessions} messages={args.messages} size={args.size}: "
+    print(f"smtp-source sessions={args.sessions} messages={args.messages} size={args.size} "
+          f"workers={args.workers}: "
           f"server cpu {cpu:.2f} ms/msg, {rate:.1f} msg/s")
     return 0
 

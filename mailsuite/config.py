@@ -26,6 +26,9 @@ class ServerSection:
     data_dir: str = "mailsuite-data"
     # Where postmaster@<hosted domain> goes when no alias says otherwise (RFC 5321 §4.5.1).
     admin_address: str = ""
+    # Processes serving the mail listeners on the same sockets (docs/design/architecture.md,
+    # "Worker processes"); 1: this process alone.
+    workers: int = 1
 
 
 @dataclass

@@ -25,6 +25,8 @@ FLUSH_INTERVAL = 0.0  # seconds a line may wait: 0 = until the end of this react
 MAX_PENDING = 10_000  # events: past this, a batch is handed over at once (bounded memory)
 
 LogEvent = dict[str, Any]
+# Wraps a file observer's formatEvent (e.g. to name the process in every line: workers.py).
+Reformat = Callable[[Callable[[LogEvent], Any]], Callable[[LogEvent], Any]]
 # The buffered observers in front of this process's log files, for `flush_all`.
 _ACTIVE: list["BufferedLogObserver"] = []
 
@@ -57,7 +59,9 @@ class BufferedLogObserver:
         self._max_pending = max_pending
         self._call_from_thread = call_from_thread
         self._in_reactor_thread = in_reactor_thread
-        self._lock = threading.Lock()
+        # Re-entrant: a signal handler (twistd's "Received SIGTERM") logs on the reactor thread
+        # in the middle of whatever it interrupted, a batch being written under this lock too.
+        self._lock = threading.RLock()
         self._pending: list[LogEvent] = []
         self._buffering = False
         self._scheduled = False  # a flush is on the clock (or on its way there)
@@ -159,10 +163,13 @@ class BufferedLogging(service.MultiService):
     after `inner` started and ends, every line written, after it stopped. With `thread` the
     batches are written by a thread of their own, every `interval` seconds; without (the
     default) at the end of each reactor iteration, so a line is in the file before the reply
-    it goes with leaves (readers of the log, tests among them, may rely on that)."""
+    it goes with leaves (readers of the log, tests among them, may rely on that).
+    `reformat` wraps the formatter of the log file's observers from the start on (before the
+    listeners bind: twistd has daemonized by then)."""
 
     def __init__(self, inner: service.IService, publisher: LogPublisher | None = None,
-                 reactor: Any = None, interval: float = FLUSH_INTERVAL, thread: bool = False):
+                 reactor: Any = None, interval: float = FLUSH_INTERVAL, thread: bool = False,
+                 reformat: Reformat | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as _reactor
@@ -174,9 +181,17 @@ class BufferedLogging(service.MultiService):
         self._publisher = publisher
         self._reactor = reactor
         self._interval = interval
+        self._reformat = reformat
         self._writer: WorkerPool | None = WorkerPool("log", 1, reactor) if thread else None
         self._observers: list[BufferedLogObserver] = []
         inner.setServiceParent(self)
+
+    def privilegedStartService(self) -> None:
+        if self._reformat is not None:
+            for observer in list(getattr(self._publisher, "_observers", [])):
+                if isinstance(observer, FileLogObserver):
+                    observer.formatEvent = self._reformat(observer.formatEvent)
+        super().privilegedStartService()
 
     def startService(self) -> None:
         super().startService()

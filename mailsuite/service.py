@@ -368,9 +368,16 @@ def _import_every_part() -> None:
         importlib.import_module(module.name)
 
 
-def make_service(config: Config, reactor: Any = None) -> service.MultiService:
+def make_service(config: Config, reactor: Any = None,
+                 inherited: dict[str, int] | None = None) -> service.MultiService:
+    """The process's service tree. `inherited` (in a worker process, mailsuite/worker.py):
+    listener name -> the descriptor of its socket, bound by the first process; a worker serves
+    only those and leaves the daily report work to the first process."""
+    from mailsuite import workers
+
     _import_every_part()
     check_proxy_settings(config.listen, LISTENERS)
+    workers.check_settings(config)
     proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
     top = _Process(parts.pools, parts.events)
@@ -378,11 +385,12 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
     MailLogCounter(parts.metrics).setServiceParent(top.front)
     if isinstance(parts.changes.bus, service.Service):  # PostgreSQL's LISTEN thread
         parts.changes.bus.setServiceParent(top.front)
-    for report_service in _build_report_services(parts):
+    for report_service in _build_report_services(parts) if inherited is None else []:
         report_service.setServiceParent(top.front)
+    shared: list[_Listener] = []
     for name, (builder, kwargs, implicit_tls) in LISTENERS.items():
         description = getattr(config.listen, name)
-        if not description:
+        if not description or inherited is not None and name not in inherited:
             continue
         factory = builder(parts, **kwargs)
         if factory is None:
@@ -395,12 +403,23 @@ def make_service(config: Config, reactor: Any = None) -> service.MultiService:
         if name in config.listen.proxy_protocol:
             # Outermost: the PROXY header precedes TLS, and admission waits for it.
             factory = ProxyProtocolFactory(name, factory, proxies, parts.reactor)
+        if inherited is not None:
+            workers.AdoptedListener(name, inherited[name], factory,
+                                    parts.reactor).setServiceParent(top.front)
+            continue
         try:
             endpoint = endpoints.serverFromString(parts.reactor, description)
         except (ValueError, TypeError, KeyError) as e:
             raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
         listener = _Listener(name, description, endpoint, factory)
         listener.setServiceParent(top.front)
+        if name in workers.SHARED_LISTENERS:
+            shared.append(listener)
+    if inherited is None and config.server.workers > 1:
+        spawn = workers.process_spawner(
+            parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared})
+        workers.Supervisor(config.server.workers - 1, spawn,
+                           parts.reactor).setServiceParent(top.front)
     from mailsuite.autoconfig import first_run_message
 
     message = first_run_message(config)
@@ -445,10 +464,12 @@ class _Listener(StreamServerEndpointService):
         self.setName(f"listen-{name}")
         self._description = description
         self._raiseSynchronously = True
+        self.port: Any = None  # the listening port, once bound (workers inherit its socket)
 
     def privilegedStartService(self) -> None:
         try:
             super().privilegedStartService()
+            self._waitingForPort.addCallback(self._bound)
         except CannotListenError as e:
             reason = getattr(e.socketError, "strerror", None) or str(e.socketError)
             line = f"mailsuite: cannot listen for {self.name[7:]} on {self._description}: {reason}"
@@ -458,3 +479,7 @@ class _Listener(StreamServerEndpointService):
             os._exit(1)  # twistd would otherwise print a traceback and keep half a server running
         log.info("listening for {name} on {description}", name=self.name[7:],
                  description=self._description)
+
+    def _bound(self, port: Any) -> Any:
+        self.port = port
+        return port

@@ -169,3 +169,30 @@ def test_lines_are_in_the_file_before_the_reactor_polls_and_sends_replies():
     assert reactor.seen_at_poll[0].endswith("before the reply\n")
     top.stopService()
     assert "doIteration" not in vars(reactor)  # the reactor's own method again
+
+
+def test_a_line_logged_while_a_batch_is_written_does_not_deadlock():
+    """A signal handler logs on the reactor thread in the middle of whatever it interrupted:
+    here, the formatting of a batch (a worker stopped by SIGTERM while it wrote its log)."""
+    import threading
+
+    out = io.StringIO()
+    observer = textFileLogObserver(out)
+    clock = task.Clock()
+    buffered = BufferedLogObserver(observer, clock, in_reactor_thread=reactor_thread)
+    format_event = observer.formatEvent
+
+    def interrupted(event):
+        if event.get("log_format") == "interrupted":
+            buffered({"log_format": "Received SIGTERM", "log_time": 0.0, "log_system": "-"})
+        return format_event(event)
+
+    observer.formatEvent = interrupted
+    buffered.start()
+    buffered({"log_format": "interrupted", "log_time": 0.0, "log_system": "-"})
+    writer = threading.Thread(target=buffered.flush, daemon=True)
+    writer.start()
+    writer.join(10)  # only a deadlock takes this long
+    assert not writer.is_alive()
+    clock.advance(0)
+    assert out.getvalue().splitlines()[-1].endswith("Received SIGTERM")

@@ -1,0 +1,90 @@
+"""`python -m mailsuite.worker`: one worker process, started by the first process when
+[server] workers > 1 (mailsuite/workers.py). Not for operators to run by hand.
+
+    python -m mailsuite.worker --parent PID [--config FILE] --listen mx=3 --listen imap=4 ...
+
+It serves the listening sockets it inherited (`--listen NAME=FD`) with the service the first
+process built for itself (service.make_service), writes its log to stdout (the first process
+writes it into the one log), and stops when the first process ends: on SIGTERM, on the
+parent-death signal, or when its stdin (a pipe from the first process) reaches EOF.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from twisted.internet import abstract, fdesc
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    from mailsuite.workers import stop_with_parent
+
+    if not stop_with_parent(args.parent):
+        return 0  # the first process ended while we started
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from mailsuite import config as config_module
+    from mailsuite.logwriter import BufferedLogging
+    from mailsuite.service import make_service
+    from mailsuite.workers import format_with_pid
+
+    observer = textFileLogObserver(sys.stdout)
+    observer.formatEvent = format_with_pid(observer.formatEvent, os.getpid())
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    try:
+        config = config_module.load(args.config)
+        top = BufferedLogging(make_service(config, reactor, inherited=args.listen))
+    except config_module.ConfigError as e:
+        sys.stderr.write(f"mailsuite worker: {e}\n")
+        return 2
+    top.privilegedStartService()
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    _ParentPipe(reactor).startReading()
+    reactor.run()
+    return 0
+
+
+def _parse(argv: list[str] | None) -> Any:
+    p = argparse.ArgumentParser(prog="python -m mailsuite.worker")
+    p.add_argument("--parent", type=int, required=True, help="the first process's pid")
+    p.add_argument("--config", default=None)
+    p.add_argument("--listen", action="append", default=[], metavar="NAME=FD",
+                   help="a listener's inherited socket")
+    args = p.parse_args(argv)
+    listen = {}
+    for item in args.listen:
+        name, _, fd = item.partition("=")
+        if not fd.isdigit():
+            p.error(f"--listen {item!r}: give NAME=FD")
+        listen[name] = int(fd)
+    args.listen = listen
+    return args
+
+
+class _ParentPipe(abstract.FileDescriptor):
+    """Our stdin, a pipe the first process holds open and never writes: EOF means it ended
+    (on systems without a parent-death signal too)."""
+
+    def fileno(self) -> int:
+        return 0
+
+    def startReading(self) -> None:
+        fdesc.setNonBlocking(0)
+        super().startReading()
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(0, lambda data: None)
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        if self.reactor.running:
+            self.reactor.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
