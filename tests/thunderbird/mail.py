@@ -57,21 +57,30 @@ const discover = async (server) => {
 // Update a folder from the server. When Thunderbird is already syncing it (IDLE reported new
 // mail), our request is merged into that sync and our listener is never called: so when the
 // caller knows which message it waits for, the header showing up counts as done too.
+// The merge can also swallow the request for good: new mail announced (EXISTS) at the end of a
+// message body fetch on the same connection makes Thunderbird take our update as done without
+// fetching the new header, until its next update. A second update is what a user's next check
+// does; the header must then show up.
 const update = async (folder, expectId) => {
-  const listened = new Promise((resolve, reject) =>
-    folder.QueryInterface(Ci.nsIMsgImapMailFolder).updateFolderWithListener(
-      null, urlListener(resolve, reject, 'update of ' + folder.name)));
-  let waiting = true;
-  const appeared = (async () => {
-    while (waiting && !(expectId && findHeader(folder, expectId))) {
-      await new Promise(r => setTimeout(r, 100));
+  for (let attempt = 1; ; attempt++) {
+    const listened = new Promise((resolve, reject) =>
+      folder.QueryInterface(Ci.nsIMsgImapMailFolder).updateFolderWithListener(
+        null, urlListener(resolve, reject, 'update of ' + folder.name)));
+    let waiting = true;
+    const appeared = (async () => {
+      while (waiting && !(expectId && findHeader(folder, expectId))) {
+        await new Promise(r => setTimeout(r, 100));
+      }
+    })();
+    try {
+      await withTimeout(expectId ? Promise.race([listened, appeared]) : listened, 15000,
+                        'update of ' + folder.name);
+      return;
+    } catch (e) {
+      if (!expectId || attempt == 2) throw e;
+    } finally {
+      waiting = false;
     }
-  })();
-  try {
-    await withTimeout(expectId ? Promise.race([listened, appeared]) : listened, 15000,
-                      'update of ' + folder.name);
-  } finally {
-    waiting = false;
   }
 };
 const folderNamed = (server, path) => {
