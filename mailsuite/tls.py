@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl
-from twisted.internet._sslverify import protosFromProtocol
+from twisted.internet.interfaces import IProtocolNegotiationFactory
 from twisted.logger import Logger
 
 from mailsuite.config import Config, ConfigError
@@ -132,7 +132,9 @@ def select_alpn(conn: Any, offered: list[bytes]) -> Any:
     rarely offer ALPN; Dovecot and Postfix ignore it too); and a refused handshake when a
     client offering only web protocols reaches a mail listener: a browser led there by a
     cross-protocol attack (ALPACA) never gets to speak."""
-    ours = protosFromProtocol(conn.get_app_data(), ())
+    factory = getattr(conn.get_app_data().factory, "wrappedFactory", None)
+    named = IProtocolNegotiationFactory(factory, None)
+    ours = tuple(named.acceptableProtocols()) if named is not None else ()
     for protocol in ours:
         if protocol in offered:
             return protocol
