@@ -27,9 +27,20 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct free ports: all bound at once, so the kernel cannot hand one out twice
+    (one at a time, two listeners of one server could get the same port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((HOST, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def toml_value(value: Any) -> str:
@@ -126,7 +137,9 @@ class MailServer:
         self.hostname = hostname
         self.host = host
         self.enabled = list(listeners or LISTENERS)
-        self.ports = {name: (ports or {}).get(name) or free_port() for name in self.enabled}
+        given = ports or {}
+        fresh = iter(free_ports(sum(1 for name in self.enabled if not given.get(name))))
+        self.ports = {name: given.get(name) or next(fresh) for name in self.enabled}
         sections: dict[str, dict[str, Any]] = {
             "server": {"hostname": hostname, "data_dir": os.path.join(base_dir, "data"),
                        "admin_address": "admin@" + hostname},
