@@ -175,6 +175,8 @@ def resolve_url(account: Account, url: CatUrl, budget: int) -> bytes:
         raise BadUrl("UIDVALIDITY differs")
     try:
         f = folder.open_message(url.uid)
+    except LockBusy:
+        raise  # the folder is busy, not the message gone: the pool waits and retries
     except (NoSuchMessage, OSError):
         raise BadUrl("no such message")
     with f:

@@ -24,7 +24,7 @@ from mailsuite.imap.parser import FetchAtt, Token, fetch_atts, format_internalda
 from mailsuite.imap.responses import bad
 from mailsuite.imap.selection import Selection
 from mailsuite.imap.session import Session
-from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
+from mailsuite.mailbox.store import Folder, LockBusy, MessageInfo, NoSuchMessage
 from mailsuite.mailbox.memo import FileMemo, content_id
 
 STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the file
@@ -356,6 +356,8 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
     for u in uids:
         try:
             f = folder.open_message(u)
+        except LockBusy:
+            raise  # not a vanished message: the pool waits for the lock and runs the batch again
         except (NoSuchMessage, OSError):
             continue
         with f:

@@ -17,7 +17,7 @@ from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
-from mailsuite.mailbox.store import Account, Folder, MailboxError, NoSuchMessage
+from mailsuite.mailbox.store import Account, Folder, LockBusy, MailboxError, NoSuchMessage
 
 BATCH = 200  # messages per thread-pool call in SEARCH (and FETCH, see fetch.py)
 
@@ -228,6 +228,8 @@ def search_batch(program: searchmod.Node, cands: list[searchmod.Candidate], max_
         try:
             if searchmod.matches(program, c, max_seq, max_uid):
                 hits.append(c.uid)
+        except LockBusy:
+            raise  # not a vanished message: the pool waits for the lock and runs the batch again
         except (NoSuchMessage, OSError):
             continue
         finally:

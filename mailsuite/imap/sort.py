@@ -156,7 +156,7 @@ def load_fields(folder, infos: Sequence, cache: FieldCache = CACHE) -> list[Opti
     """Fields of each MessageInfo (None for a message whose file vanished); runs in the io
     pool. Only the header block is read."""
     from mailsuite.imap.fetch import read_header  # fetch imports the command modules
-    from mailsuite.mailbox.store import NoSuchMessage
+    from mailsuite.mailbox.store import LockBusy, NoSuchMessage
     out: list[Optional[Fields]] = []
     for info in infos:
         key = (info.cur_dir, info.key)
@@ -165,6 +165,8 @@ def load_fields(folder, infos: Sequence, cache: FieldCache = CACHE) -> list[Opti
             try:
                 with folder.open_message(info.uid) as fh:
                     v = fields_of(read_header(fh))
+            except LockBusy:
+                raise  # not a vanished message: the pool waits and runs the job again
             except (NoSuchMessage, OSError):
                 out.append(None)
                 continue

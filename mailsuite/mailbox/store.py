@@ -720,6 +720,8 @@ class Folder:
         try:
             with self.open_message(uid) as f:
                 return extract(f)
+        except LockBusy:
+            raise  # not a vanished message: the caller's pool waits and runs the job again
         except (NoSuchMessage, OSError):
             return None
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import threading
+
+import pytest
 
 from mailsuite.mailbox.maildir import UIDLIST
 from mailsuite.mailbox.waits import LockWaitingPool
@@ -86,3 +89,58 @@ def test_imap_idle_outlives_a_lock_held_past_the_bound(world):
     alice.send(b"DONE\r\n")
     lines = alice.response(b"I")
     assert b"* 2 EXISTS" in lines and lines[-1].startswith(b"I OK")
+
+
+class HeldFolderLock:
+    """A folder's in-process lock held by another thread, as a session's long sync holds it."""
+
+    def __init__(self, lock) -> None:
+        self.lock = lock
+        self.taken, self.done = threading.Event(), threading.Event()
+        self.thread = threading.Thread(target=self._hold, daemon=True)
+        self.thread.start()
+        assert self.taken.wait(10)
+
+    def _hold(self) -> None:
+        self.lock.acquire()
+        try:
+            self.taken.set()
+            self.done.wait(10)
+        finally:
+            self.lock.release()
+
+    def release(self) -> None:
+        self.done.set()
+        self.thread.join(10)
+
+
+@pytest.mark.parametrize("command, answer", [
+    (b"SEARCH BODY needle", b"* SEARCH 2"),
+    (b"FETCH 2 (BODY.PEEK[TEXT])", b"* 2 FETCH (BODY[TEXT] {"),
+    (b"SORT (SUBJECT) UTF-8 ALL", b"* SORT 1 2"),
+])
+def test_a_busy_folder_lock_is_waited_for_never_taken_for_a_vanished_message(world, command,
+                                                                            answer):
+    # Another process renamed message 2 for a flag change, so this session's path to it is
+    # stale and reading it needs the folder lock, which another session holds. The command
+    # must wait for the lock (and then answer), never answer as if message 2 were gone.
+    world.deliver("alice@example.org", simple("one"))
+    world.deliver("alice@example.org", simple("two", body="a needle in it\r\n"))
+    alice = world.connect()
+    waiting(alice)
+    assert alice.cmd(b"A SELECT INBOX")[-1].startswith(b"A OK")
+    cur = os.path.join(world.maildir("alice@example.org"), "cur")
+    second = sorted(os.listdir(cur))[1]
+    os.rename(os.path.join(cur, second), os.path.join(cur, second + "F"))
+    state = world.store._state(world.maildir("alice@example.org"))
+    state.lock.spin = 0
+    held = HeldFolderLock(state.lock)
+    try:
+        alice.send(b"B " + command + b"\r\n")
+        assert alice.pending() == b""  # waiting on the clock, not answered without message 2
+    finally:
+        held.release()
+    world.clock.advance(0.3)
+    lines = alice.response(b"B")
+    assert lines[-1].startswith(b"B OK")
+    assert any(line.startswith(answer) for line in lines), lines
