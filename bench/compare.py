@@ -237,6 +237,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "submission, large-folder, login, idle, imaptest, memory")
     p.add_argument("--servers", default="reference,mailsuite",
                    help="which of reference (Postfix + Dovecot) and mailsuite, in this order")
+    p.add_argument("--workers", type=int, default=1,
+                   help="mailsuite's [server] workers: processes on the same sockets")
     p.add_argument("--json", default="", help="write every figure to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
@@ -270,7 +272,8 @@ def build_sides(args: argparse.Namespace, base: str, layout: Layout) -> dict[str
                                         imap_tls=args.reference_imap == "tls")
         else:
             sides[name] = MailsuiteSide(os.path.join(base, "mailsuite"), users, PASSWORD,
-                                        layout, max_clients=max(1000, args.clients * 4))
+                                        layout, max_clients=max(1000, args.clients * 4),
+                                        workers=args.workers)
     return sides
 
 
@@ -344,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = summary_line(list(rows.values()))
     if args.json:
         write_json(args, rows, names, elapsed, summary)
-    print(f"(medians of {args.rounds} round(s); ratio = mailsuite / reference; {elapsed:.0f} s)")
+    print(f"(medians of {args.rounds} round(s); ratio = mailsuite / reference; mailsuite with "
+          f"{args.workers} process(es); {elapsed:.0f} s)")
     for failure in failures:
         print("failed:", failure)
     print(summary)
@@ -357,7 +361,7 @@ def write_json(args: argparse.Namespace, rows: dict[str, Row], sides: list[str],
         "command": " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "processor": _cpu_model()},
-        "rounds": args.rounds, "seconds": elapsed, "servers": sides, "summary": summary,
+        "rounds": args.rounds, "workers": args.workers, "seconds": elapsed, "servers": sides, "summary": summary,
         "rows": [{"name": r.name, "unit": r.unit, "higher_is_better": r.higher_is_better,
                   "values": r.values, "errors": r.errors, "failed": r.failed,
                   "medians": {s: r.median(s) for s in sides}, "ratio": r.ratio(),

@@ -36,11 +36,13 @@ class Side(Protocol):
     def imap_pss_kib(self) -> int: ...
 
 
-def bench_settings(max_clients: int) -> dict[str, dict]:
+def bench_settings(max_clients: int, workers: int = 1) -> dict[str, dict]:
     """mailsuite's configuration for a benchmark from one address: the limits that protect a
     public server from one client address raised to `max_clients`, no inbound trust checks
-    (Postfix runs none by default), no rate limits (Postfix has none)."""
+    (Postfix runs none by default), no rate limits (Postfix has none); `workers` processes
+    ([server] workers, docs/design/architecture.md "Worker processes")."""
     return {
+        "server": {"workers": workers},
         "limits": {"max_connections": max_clients, "max_connections_per_ip": max_clients,
                    "max_preauth_per_ip": max_clients, "max_preauth_per_prefix": max_clients},
         "imap": {"max_commands_per_second": 0},
@@ -50,16 +52,27 @@ def bench_settings(max_clients: int) -> dict[str, dict]:
     }
 
 
+def wait_for_workers(server: MailServer, workers: int) -> None:
+    """Until every worker process beside the first serves: the first listens at once, each
+    worker logs its "serving mx on" line once it has adopted the sockets."""
+    from tests.polling import wait_until
+
+    if workers > 1:
+        wait_until(lambda: server.log_text().count("mailsuite.workers#info] serving mx on")
+                   >= workers - 1, timeout=60, message="the worker processes")
+
+
 class MailsuiteSide:
     """`twistd -n mailsuite` (tests/harness.py) with MX, submission and IMAPS, configured by
     `bench_settings` (every client here is 127.0.0.1)."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
-                 max_clients: int):
+                 max_clients: int, workers: int = 1):
         self.server = MailServer(base, hostname="mx.bench.test",
                                  listeners=["mx", "submission", "imaps"],
                                  extra={"tls": {"cert": layout.cert, "key": layout.key},
-                                        **bench_settings(max_clients)})
+                                        **bench_settings(max_clients, workers)})
+        self.workers = workers
         self.users, self.password = users, password
         self.mx_port = self.server.ports["mx"]
         self.submission_port = self.server.ports["submission"]
@@ -70,7 +83,11 @@ class MailsuiteSide:
     def start(self) -> None:
         for user in self.users:
             self.server.add_user(user, self.password)
+        self._start()
+
+    def _start(self) -> None:
         self.server.start()
+        wait_for_workers(self.server, self.workers)
 
     def stop(self) -> None:
         self.server.stop()
@@ -79,7 +96,7 @@ class MailsuiteSide:
         self.server.stop()
 
     def start_imap(self) -> None:
-        self.server.start()
+        self._start()
 
     def maildir(self, address: str, folder: str = "") -> str:
         return self.server.maildir(address, folder)
