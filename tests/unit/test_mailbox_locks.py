@@ -158,6 +158,49 @@ def test_the_wait_is_bounded_then_the_caller_gets_lock_busy(tmp_path):
     assert 5 < tries < 30  # backoff: retried, but not in a busy loop
 
 
+def test_waiters_are_served_in_arrival_order_one_attempt_at_a_time(tmp_path):
+    path = str(tmp_path / "dovecot-uidlist")
+    lock = make_lock(path, live_owner())
+    pool, clock = QueuedPool(), task.Clock()
+    waiting = LockWaitingPool(pool, clock, wait=5.0)
+    served: list[int] = []
+
+    def job(n: int) -> None:
+        with DotLock(path):
+            served.append(n)
+
+    for n in range(5):
+        waiting.run(job, n)
+        pool.drain()
+    for _ in range(4):  # while the lock is held, only the first waiter tries it
+        clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        assert len(pool.calls) == 1
+        pool.drain()
+    os.unlink(lock)
+    clock.advance(0.3)
+    pool.drain()
+    assert served == [0, 1, 2, 3, 4]
+    assert waiting.waiting() == {} and clock.getDelayedCalls() == []
+
+
+def test_a_job_ending_lets_the_first_waiter_try_at_once(tmp_path):
+    # In this process a lock is released when a job of the pool ends: the first waiter must
+    # not sit out its backoff after that.
+    path = str(tmp_path / "dovecot-uidlist")
+    lock = make_lock(path, live_owner())
+    pool, clock = QueuedPool(), task.Clock()
+    waiting = LockWaitingPool(pool, clock, wait=5.0)
+    d = waiting.run(locked_job, path)
+    pool.drain()
+    for _ in range(5):  # a long backoff by now
+        clock.advance(clock.getDelayedCalls()[0].getTime() - clock.seconds())
+        pool.drain()
+    os.unlink(lock)
+    waiting.run(lambda: "another job")
+    pool.drain()
+    assert d.result == "done"  # without the clock moving
+
+
 # -- a delivery while the folder is locked ---------------------------------------------------
 @pytest.fixture
 def store(tmp_path) -> MailStore:
