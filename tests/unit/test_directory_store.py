@@ -16,7 +16,7 @@ from passlib.hash import bcrypt, sha512_crypt
 
 from mailsuite.directory import DirectoryError, DirectoryStore, Route
 from mailsuite.directory import passwords
-from mailsuite.directory.store import MAX_DEPTH
+from mailsuite.directory.routing import MAX_DEPTH
 
 PASSWORD = "correct horse"
 # One argon2id hash for the routing fixtures, so that setting up twenty users costs no hashing.
