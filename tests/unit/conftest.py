@@ -46,3 +46,12 @@ def prepared_directory(empty_directory_file) -> Callable[[str], str]:
         return "sqlite:///" + path
 
     return copy
+
+
+def prepared_if_sqlite(request: pytest.FixtureRequest, db_url: str) -> str:
+    """`db_url`, with the prepared empty database put there when it is a SQLite file: for the
+    store fixtures that the PostgreSQL scenario modules reuse with a URL of their own (a fresh
+    schema, which `prepare()` fills), where `prepared_directory` does not exist."""
+    if db_url.startswith("sqlite:///"):
+        request.getfixturevalue("prepared_directory")(db_url.removeprefix("sqlite:///"))
+    return db_url

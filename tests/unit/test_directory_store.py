@@ -17,7 +17,7 @@ from passlib.hash import bcrypt, sha512_crypt
 from mailsuite.directory import DirectoryError, DirectoryStore, Route
 from mailsuite.directory import passwords
 from mailsuite.directory.routing import MAX_DEPTH
-from tests.unit.conftest import FAST_HASHING
+from tests.unit.conftest import FAST_HASHING, prepared_if_sqlite
 
 PASSWORD = "correct horse"
 # One argon2id hash for the routing fixtures, so that setting up twenty users costs no hashing.
@@ -33,11 +33,8 @@ def db_url(tmp_path):
 
 @pytest.fixture
 def store(db_url, request):
-    if db_url.startswith("sqlite:///"):
-        # The prepared empty database (conftest.py) at that path: no twenty CREATE TABLEs per
-        # test. `db_url` itself stays a new file for the tests that create one.
-        request.getfixturevalue("prepared_directory")(db_url.removeprefix("sqlite:///"))
-    s = DirectoryStore(db_url, admin_address="boss@admin.example")
+    # `db_url` itself stays a new file, for the tests that create a database.
+    s = DirectoryStore(prepared_if_sqlite(request, db_url), admin_address="boss@admin.example")
     s.prepare()
     yield s
     s.close()
