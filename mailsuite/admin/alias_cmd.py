@@ -6,7 +6,7 @@
     mailsuite alias remove sales@example.org [TARGET...]    # no TARGET: the whole alias
 
 Sources must be in a hosted domain; targets may be local or remote. Routing rules (catch-all
-only when nothing else matches, +tags, nesting, cycles) are in mailsuite/directory/store.py.
+only when nothing else matches, +tags, nesting, cycles) are in mailsuite/directory/routing.py.
 """
 from __future__ import annotations
 

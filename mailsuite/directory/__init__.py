@@ -2,7 +2,7 @@
 
 Protocol code uses only the asynchronous `Directory` (every method returns a Deferred and does its
 SQL and hashing in mailsuite's own thread pools). The admin CLI uses the synchronous
-`DirectoryStore` directly. Routing rules are described in `mailsuite.directory.store`.
+`DirectoryStore` directly. Routing rules are described in `mailsuite.directory.routing`.
 """
 from typing import Any
 

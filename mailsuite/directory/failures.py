@@ -9,7 +9,8 @@ from sqlalchemy.orm import Session
 
 from mailsuite.directory.models import LoginFailure
 from mailsuite.directory.records import DirectoryUnavailable
-from mailsuite.directory.store import DirectoryStore, _insert_new, _trust_text
+from mailsuite.directory.store import DirectoryStore
+from mailsuite.directory.trusttables import insert_new, trust_text
 
 
 class LoginFailureStore:
@@ -23,7 +24,7 @@ class LoginFailureStore:
         """Count one failed login of `login` ("" when unknown) from `source` at `now` in the
         three counts; (per source and login, per source, per login) as they were before it.
         A count whose last failure is more than `window` seconds old starts again at one."""
-        source, login = _trust_text(source, 64), _trust_text(login, 320)
+        source, login = trust_text(source, 64), trust_text(login, 320)
         before = []
         with self.store.unit(write=True) as s:
             for kind, src, name in _failure_keys(source, login):
@@ -34,7 +35,7 @@ class LoginFailureStore:
     def login_succeeded(self, source: str, login: str, now: float) -> None:
         """Forget the failures of (source, login), and take them off the source's and the
         login's counts without making what is left look recent."""
-        source, login = _trust_text(source, 64), _trust_text(login, 320)
+        source, login = trust_text(source, 64), trust_text(login, 320)
         pair, by_source, by_login = _failure_keys(source, login)
         live = LoginFailure.expires >= float(now)
         with self.store.unit(write=True) as s:
@@ -51,7 +52,7 @@ class LoginFailureStore:
 
     def login_failure_counts(self, source: str, login: str, now: float) -> tuple[int, int, int]:
         """(per source and login, per source, per login) failures within their window."""
-        source, login = _trust_text(source, 64), _trust_text(login, 320)
+        source, login = trust_text(source, 64), trust_text(login, 320)
         counts = []
         with self.store.read() as s:
             for key in _failure_keys(source, login):
@@ -89,7 +90,7 @@ def _count_failure(s: Session, kind: str, source: str, login: str, now: float,
             .execution_options(synchronize_session=False)).first()
         if row is not None:
             return int(row[0]) - 1
-        if _insert_new(s, LoginFailure, kind=kind, source=source, login=login, count=1,
+        if insert_new(s, LoginFailure, kind=kind, source=source, login=login, count=1,
                        last=now, expires=now + window):
             return 0
     raise DirectoryUnavailable("login throttle: the count kept changing under us")

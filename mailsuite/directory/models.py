@@ -22,7 +22,7 @@ class Base(DeclarativeBase):
     pass
 
 
-# Bump with every change to the tables below, and migrate in store.prepare() (MIGRATIONS).
+# Bump with every change to the tables below, and migrate in database.py (MIGRATIONS).
 # 1: domains, users, aliases. 2: ms_sender (extra sender addresses of a user).
 # 3: ms_greylist, ms_greylist_pass, ms_rate (docs/design/trust-limits.md).
 # 4: ms_login_failure (the login throttle's counts, docs/design/limits.md).

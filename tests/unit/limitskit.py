@@ -14,10 +14,11 @@ from mailsuite.directory import Directory, DirectoryUnavailable
 from mailsuite.pools import InlinePool
 
 
-def make_directory(tmp_path: Any, clock: task.Clock) -> Directory:
+def make_directory(tmp_path: Any, clock: task.Clock, db_url: str) -> Directory:
+    """The Directory on `db_url` (the unit tests pass conftest's `prepared_directory` copy)."""
     config = Config()
     config.server.data_dir = str(tmp_path / "data")
-    config.database.url = "sqlite:///" + str(tmp_path / "directory.db")
+    config.database.url = db_url
     pools = SimpleNamespace(db=InlinePool(), hash=InlinePool(), io=InlinePool())
     directory = Directory(config, pools, reactor=clock)
     directory.prepare()

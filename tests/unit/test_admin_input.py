@@ -36,7 +36,8 @@ def run_bytes(cli: CLI, *args: str, stdin: bytes):  # noqa: F811
 
 
 @pytest.fixture
-def domain(cli):  # noqa: F811
+def domain(cli, prepared_directory):  # noqa: F811
+    prepared_directory(os.path.join(cli.data_dir, "mailsuite.db"))  # not a new one per test
     cli.ok("domain", "add", "example.org")
     return cli
 

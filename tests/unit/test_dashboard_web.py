@@ -45,10 +45,11 @@ class Answer:
 class Dashboard:
     """The admin listener over InlinePools on a task.Clock, with one admin "root"."""
 
-    def __init__(self, tmp_path: Any, sources: Sources | None = None, delay: float = 1.0):
+    def __init__(self, tmp_path: Any, db_url: str, sources: Sources | None = None,
+                 delay: float = 1.0):
         self.clock = task.Clock()
         self.clock.advance(1_800_000_000)
-        self.store = DirectoryStore(f"sqlite:///{tmp_path}/directory.db")
+        self.store = DirectoryStore(db_url)
         self.store.prepare()
         self.admins = AdminStore(self.store)
         self.admins.add("root", hash_new_password(PASSWORD))
@@ -145,8 +146,13 @@ def queue_entry(spool: Spool, held: bool = False) -> QueueEntry:
 
 
 @pytest.fixture
-def web(tmp_path):
-    return Dashboard(tmp_path)
+def db_url(tmp_path, prepared_directory):
+    return prepared_directory(f"{tmp_path}/directory.db")
+
+
+@pytest.fixture
+def web(tmp_path, db_url):
+    return Dashboard(tmp_path, db_url)
 
 
 # -- nothing without a login ------------------------------------------------------------------------
@@ -434,9 +440,9 @@ class FakeStats:
         return sums
 
 
-def test_overview_plots_the_statistics_as_svg(tmp_path):
+def test_overview_plots_the_statistics_as_svg(tmp_path, db_url):
     stats = FakeStats()
-    web = Dashboard(tmp_path, Sources(stats=stats))
+    web = Dashboard(tmp_path, db_url, Sources(stats=stats))
     now = int(web.clock.seconds())
     hour = now - now % 3600
     stats.counts[("received", "mx")] = {hour: 7, hour - 3600: 2, hour - 5 * 86400: 4}
@@ -465,7 +471,7 @@ def test_overview_and_other_pages_say_when_a_source_is_missing(web):
     assert "not available" in web.get("/reports").body
 
 
-def test_trace_shows_the_lifecycle_escaped(tmp_path):
+def test_trace_shows_the_lifecycle_escaped(tmp_path, db_url):
     event = SimpleNamespace(time=1_800_000_000.5, queue_id="q1", kind="received",
                             message_id="<m1@x>", address="a@b.example",
                             fields={"client_ip": "192.0.2.1", "helo": "<script>x"})
@@ -479,7 +485,7 @@ def test_trace_shows_the_lifecycle_escaped(tmp_path):
         def events(self, ids):
             return [event] if ids == ["q1"] else []
 
-    web = Dashboard(tmp_path, Sources(trace=Trace())).logged_in()
+    web = Dashboard(tmp_path, db_url, Sources(trace=Trace())).logged_in()
     page = web.get("/trace?q=a%40b.example").body
     assert asked[-1]["addresses"] == ["a@b.example"]
     assert "received" in page and "client_ip=192.0.2.1" in page
@@ -495,7 +501,7 @@ def test_trace_search_tells_queue_ids_message_ids_and_addresses_apart():
     assert trace_search("hello") is None and trace_search("") is None
 
 
-def test_reports_per_domain(tmp_path):
+def test_reports_per_domain(tmp_path, db_url):
     dmarc = SimpleNamespace(domain="example.org", source_ip="198.51.100.9", messages=10,
                             dmarc_pass=4, dkim_pass=4, spf_pass=3, reporters="google.com")
     tls = SimpleNamespace(domain="example.org", policy_type="sts", result_type="success",
@@ -510,7 +516,7 @@ def test_reports_per_domain(tmp_path):
         def tls_summary(self, domain=None):
             return [tls]
 
-    web = Dashboard(tmp_path, Sources(reports=Reports()))
+    web = Dashboard(tmp_path, db_url, Sources(reports=Reports()))
     web.store.add_domain("example.org")
     web.logged_in()
     page = web.get("/reports?domain=example.org").body

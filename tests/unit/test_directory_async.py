@@ -2,7 +2,8 @@
 and the login throttle, on a SQLite file with inline pools and a fake clock.
 
 `DirectoryCases` is shared: tests/scenario/test_directory_postgresql.py runs it on PostgreSQL with
-real thread pools. Password hashing is real (argon2id), so these take a few seconds in all.
+real thread pools. Passwords are argon2id: with the unit layer's cheap parameters here
+(conftest.py), the real ones there.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 from passlib.hash import sha512_crypt
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
@@ -167,8 +169,12 @@ class DirectoryCases:
 
 
 class SQLiteDirectoryTests(DirectoryCases, trial.TestCase):
+    @pytest.fixture(autouse=True)
+    def _prepared_directory(self, prepared_directory):
+        self.prepared_directory = prepared_directory
+
     def make_url(self) -> str:
-        return "sqlite:///" + os.path.abspath(self.mktemp()) + ".db"
+        return self.prepared_directory(os.path.abspath(self.mktemp()) + ".db")
 
     def make_pools(self) -> Any:
         return inline_pools()

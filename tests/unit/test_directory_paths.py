@@ -31,8 +31,8 @@ UNSAFE_LOCAL = ["a/b", "/tmp/x/evil", "alice/.sent", "a\\b", "..", "x/../../y", 
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = DirectoryStore("sqlite:///" + str(tmp_path / "directory.db"))
+def store(tmp_path, prepared_directory):
+    s = DirectoryStore(prepared_directory(str(tmp_path / "directory.db")))
     s.prepare()
     s.add_domain("example.org")
     yield s

@@ -16,12 +16,12 @@ from passlib.hash import bcrypt, sha512_crypt
 
 from mailsuite.directory import DirectoryError, DirectoryStore, Route
 from mailsuite.directory import passwords
-from mailsuite.directory.store import MAX_DEPTH
+from mailsuite.directory.routing import MAX_DEPTH
+from tests.unit.conftest import FAST_HASHING, prepared_if_sqlite
 
 PASSWORD = "correct horse"
 # One argon2id hash for the routing fixtures, so that setting up twenty users costs no hashing.
-_HASH = passwords.CONTEXT.copy(argon2__rounds=1, argon2__memory_cost=4096,
-                               argon2__parallelism=1).hash(PASSWORD)
+_HASH = FAST_HASHING.hash(PASSWORD)
 
 
 # -- databases -----------------------------------------------------------------------------------
@@ -32,8 +32,9 @@ def db_url(tmp_path):
 
 
 @pytest.fixture
-def store(db_url):
-    s = DirectoryStore(db_url, admin_address="boss@admin.example")
+def store(db_url, request):
+    # `db_url` itself stays a new file, for the tests that create a database.
+    s = DirectoryStore(prepared_if_sqlite(request, db_url), admin_address="boss@admin.example")
     s.prepare()
     yield s
     s.close()

@@ -17,6 +17,7 @@ from mailsuite.events import EventRecorder, EventStore
 from mailsuite.events.store import bucket_of
 from mailsuite.pools import InlinePool
 from mailsuite.queue.spool import DeliveryResult, QueueEntry, Recipient
+from tests.unit.conftest import prepared_if_sqlite
 from tests.unit.limitskit import LogLines
 
 START = 1_764_496_800  # the start of an hour (and of a minute)
@@ -36,8 +37,8 @@ def db_url(tmp_path):
 
 
 @pytest.fixture
-def directory(db_url):
-    store = DirectoryStore(db_url)
+def directory(db_url, request):
+    store = DirectoryStore(prepared_if_sqlite(request, db_url))
     store.prepare()
     yield store
     store.close()

@@ -29,10 +29,10 @@ def test_every_refusing_reply_constant_has_a_reason():
     assert reason_of(replies.UNKNOWN_USER) == "unknown_user"
 
 
-def test_the_trust_checks_refusals_name_their_reason(tmp_path):
+def test_the_trust_checks_refusals_name_their_reason(tmp_path, prepared_directory):
     clock = task.Clock()
     clock.advance(1_700_000_000)
-    directory = make_directory(tmp_path, clock)
+    directory = make_directory(tmp_path, clock, prepared_directory(str(tmp_path / "directory.db")))
     try:
         limits = RateLimits(directory, RateLimitSection(
             mx_connections_per_minute=1, mx_recipients_per_minute=1,

@@ -16,11 +16,13 @@ from mailsuite.config import Config, ConfigError
 from mailsuite.directory import Directory, DirectoryStore, passwords
 from mailsuite.directory.logincache import LoginCache
 from mailsuite.pools import InlinePool
+from tests.unit.conftest import FAST_HASHING
 
 ALICE, BOB = "alice@example.org", "bob@example.org"
 PASSWORD = "correct horse"
-# Current argon2id parameters, so a successful login does not rehash (and rewrite) the row.
-HASH = passwords.hash_password(PASSWORD)
+# The unit layer's current argon2id parameters (conftest.py), so a successful login does not
+# rehash (and rewrite) the row, and a check costs milliseconds, not a real argon2 run.
+HASH = FAST_HASHING.hash(PASSWORD)
 
 
 class CountingPool:
@@ -54,13 +56,14 @@ class HeldPool:
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(tmp_path, prepared_directory):
     clock = task.Clock()
     config = Config()
     config.server.data_dir = str(tmp_path)
     config.limits.auth_failure_delay = 1.0
     config.directory.login_cache_ttl = 300
-    store = DirectoryStore(config.database_url)
+    store = DirectoryStore(prepared_directory(str(tmp_path / "mailsuite.db")))
+    assert store.url == config.database_url
     made: list[Directory] = []
 
     def directory(hash_pool: Any = None, ttl: float | None = None) -> Directory:

@@ -21,6 +21,7 @@ from mailsuite.reports.record import day_range
 from mailsuite.reports.sender import ReportSender, ReportService, mailto_destinations
 from mailsuite.reports.store import ReportStore
 from mailsuite.trust.dns import DnsTempError
+from tests.unit.conftest import prepared_if_sqlite
 
 DAY = "2026-11-27"
 START, END = day_range(DAY)
@@ -61,8 +62,8 @@ def db_url(tmp_path):
 
 
 @pytest.fixture
-def store(db_url):
-    directory = DirectoryStore(db_url)
+def store(db_url, request):
+    directory = DirectoryStore(prepared_if_sqlite(request, db_url))
     directory.prepare()
     yield ReportStore(directory)
     directory.close()

@@ -20,8 +20,8 @@ def clock():
 
 
 @pytest.fixture
-def directory(tmp_path, clock):
-    d = make_directory(tmp_path, clock)
+def directory(tmp_path, clock, prepared_directory):
+    d = make_directory(tmp_path, clock, prepared_directory(str(tmp_path / "directory.db")))
     yield d
     d.close()
 

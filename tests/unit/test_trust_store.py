@@ -11,6 +11,7 @@ from sqlalchemy import create_engine, insert, select, text
 from mailsuite.directory import DirectoryStore
 from mailsuite.directory.models import SCHEMA_VERSION, Base, SchemaInfo
 from mailsuite.directory.records import GreylistCounts, GreylistOutcome, RateCounter, RateOutcome
+from tests.unit.conftest import prepared_if_sqlite
 
 DELAY, WINDOW, TTL = 300, 3600, 86400
 
@@ -21,8 +22,8 @@ def db_url(tmp_path):
 
 
 @pytest.fixture
-def store(db_url):
-    s = DirectoryStore(db_url)
+def store(db_url, request):
+    s = DirectoryStore(prepared_if_sqlite(request, db_url))
     s.prepare()
     yield s
     s.close()
