@@ -9,6 +9,7 @@ directory's or the spool's own refusals).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import sys
 import unicodedata
@@ -39,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     return _build()[0]
 
 
+@functools.lru_cache(maxsize=1)
 def _build() -> tuple[argparse.ArgumentParser, tuple[type[BaseException], ...]]:
+    """The parser of every area, built once: a parser is reusable, and building it is most of
+    what a short command costs (dozens of subcommands, gettext lookups for each help text)."""
     parser = _Parser(prog="mailsuite", description="Administer a mailsuite server.")
     parser.add_argument("--config", "-c", default=None,
                         help="TOML configuration file (default: built-in defaults, ./mailsuite-data)")
