@@ -209,18 +209,7 @@ class FolderIndex:
         touched: set[str] = set()  # keys added or renamed (flag change) in cur/
         removed: set[str] = set()
         if st_cur.st_mtime_ns != self.cur_mtime:
-            files = {}
-            intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
-            for n in os.listdir(cur_dir):
-                if n[0] != ".":
-                    files[intern(n.split(":", 1)[0])] = n
-            old = self.files
-            if old:
-                touched = {k for k, n in files.items() if old.get(k) != n}
-                removed = old.keys() - files.keys()
-            else:
-                touched = set(files)
-            self.files = files
+            touched, removed = self._relist_cur(cur_dir)
             self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
         full = not self.synced
         reload = self._reload_uidlist()
@@ -253,6 +242,28 @@ class FolderIndex:
             pass  # the folder stays readable; CONDSTORE callers ask again and see the error
         finally:
             self.unseen = False
+
+    def _relist_cur(self, cur_dir: str) -> tuple[set[str], set[str]]:
+        """List cur/ into `files`; returns (keys added or renamed, keys gone). A busy folder's
+        cur/ is listed at nearly every sync (its mtime has not settled), so the listing is
+        compared with the names we know as sets, and only the names that differ are parsed."""
+        listed = set(os.listdir(cur_dir))
+        files = self.files
+        known = set(files.values())
+        intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
+        touched: set[str] = set()
+        removed: set[str] = set()
+        for n in known - listed:
+            key = n.split(":", 1)[0]
+            if files.get(key) == n:
+                del files[key]
+                removed.add(key)
+        for n in listed - known:
+            if n[0] != ".":
+                key = intern(n.split(":", 1)[0])
+                files[key] = n
+                touched.add(key)
+        return touched, removed - touched
 
     def messages(self) -> list[MessageInfo]:
         """The current list (shared: callers must not modify it)."""
