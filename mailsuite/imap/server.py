@@ -808,7 +808,8 @@ def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> 
 
 # Commands after which other sessions' changes are reported, because the client may not
 # expect untagged EXPUNGE after them otherwise: docs/design/imap.md, "Selection and refresh".
-REFRESH_AFTER = {b"CAPABILITY", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
+# LIST and LSUB refresh in their own io job (folders.py).
+REFRESH_AFTER = {b"CAPABILITY", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
                  b"UNSUBSCRIBE", b"NAMESPACE", b"ID", b"ENABLE"}
 
 # The state table: the commands each state accepts (RFC 3501 §3).

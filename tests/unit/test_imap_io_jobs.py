@@ -91,3 +91,29 @@ def test_a_busy_lock_after_the_change_refreshes_apart_and_never_stores_twice(wor
     assert pool.jobs == ["append_messages", "refresh_once_busy"]  # the refresh, apart
     assert b"* 1 EXISTS" in resp and tagged(resp).startswith(b"b OK")
     assert len(world.messages(ALICE)) == 1
+
+
+def test_status_and_list_take_the_refresh_in_their_one_job(world):
+    world.append(ALICE, "", simple("first"))
+    c = world.connect()
+    c.cmd(b"a SELECT INBOX")
+    world.append(ALICE, "", simple("second"))
+    pool = counted(c)
+    resp = c.cmd(b'b STATUS INBOX (MESSAGES)')
+    assert pool.jobs == ["sync_folder"]
+    assert resp[:2] == [b'* STATUS "INBOX" (MESSAGES 2)', b"* 2 EXISTS"]
+    world.append(ALICE, "", simple("third"))
+    pool.jobs.clear()
+    resp = c.cmd(b'c STATUS Sent (MESSAGES)')
+    assert pool.jobs == ["named_state"]
+    assert resp[:2] == [b'* STATUS "Sent" (MESSAGES 0)', b"* 3 EXISTS"]
+    world.append(ALICE, "", simple("fourth"))
+    pool.jobs.clear()
+    resp = c.cmd(b'd LIST "" "*"')
+    assert pool.jobs == ["folders_and_subscriptions"]
+    # The LIST responses first, then what changed (as after any command without mailbox data).
+    assert resp.index(b"* 4 EXISTS") > max(i for i, line in enumerate(resp)
+                                            if line.startswith(b"* LIST"))
+    pool.jobs.clear()
+    c.cmd(b'e LIST "" "*"')
+    assert pool.jobs == ["folders_and_subscriptions"]  # nothing changed: no second job
