@@ -240,11 +240,14 @@ class ChainReader:
         return bytes(out)
 
 
-def append_messages(folder: Folder, items: list, selected: Optional[tuple[Folder, object]]
-                    ) -> tuple[tuple[int, list[int]], Any]:
+def append_messages(folder: Folder, items: list, selected: Optional[tuple[Folder, object]],
+                    keywords: Optional[list[str]] = None) -> tuple[tuple[int, list[int]], Any]:
     """((UIDVALIDITY, UIDs), the selection's refresh) after storing every message of `items` or
-    none (runs in the io pool: one trip for the whole command and its refresh, docs/design/
-    imap.md, "Throughput"; `selected`: see selection.then_refresh)."""
+    none (runs in the io pool: one trip for the whole command, its keyword room check (the
+    flags `keywords`) and its refresh, docs/design/imap.md, "Throughput"; `selected`: see
+    selection.then_refresh)."""
+    if keywords:
+        check_keyword_room(folder, keywords)
     try:
         if len(items) == 1:
             uids = [folder.append(*items[0])]
@@ -275,8 +278,11 @@ class AppendCommands(Session):
                 # RFC 3501 §6.3.11: the client may CREATE the folder and try again.
                 raise no_for(e, "no such mailbox", R.TRYCREATE)
         flags = sorted({f for m in messages for f in m.flags})
-        if _keywords(flags):
-            yield self.io(check_keyword_room, folder, flags)
+        keywords = flags if _keywords(flags) else None
+        if keywords and any(isinstance(p, CatUrl) for m in messages for p in m.parts):
+            # The keyword room before any URL is read (docs/design/imap.md, "APPEND: ...").
+            yield self.io(check_keyword_room, folder, keywords)
+            keywords = None
         items = []
         for m in messages:
             source = yield self._assemble(m, limit)
@@ -284,7 +290,7 @@ class AppendCommands(Session):
         # All or none (RFC 3502 §6.3.11): nothing is visible before every message is written.
         sel = self.sel
         (validity, uids), st = yield self.io(append_messages, folder, items,
-                                             self.refresh_args())
+                                             self.refresh_args(), keywords)
         self.metrics.maildir_writes("append", len(uids))
         # Untagged EXISTS only for the selected folder, through refresh (docs/design/imap.md,
         # "Selection and refresh").

@@ -117,3 +117,19 @@ def test_status_and_list_take_the_refresh_in_their_one_job(world):
     pool.jobs.clear()
     c.cmd(b'e LIST "" "*"')
     assert pool.jobs == ["folders_and_subscriptions"]  # nothing changed: no second job
+
+
+def test_append_with_keywords_checks_their_room_in_its_one_job(world):
+    c = world.connect()
+    c.cmd(b"a SELECT INBOX")
+    pool = counted(c)
+    msg = simple("labelled")
+    resp = c.cmd(b"b APPEND INBOX ($Label1) {%d+}\r\n%s" % (len(msg), msg))
+    assert pool.jobs == ["append_messages"]
+    assert tagged(resp).startswith(b"b OK [APPENDUID")
+    for i in range(25):
+        c.cmd(b"c STORE 1 +FLAGS (kw%d)" % i)
+    pool.jobs.clear()
+    resp = c.cmd(b"d APPEND INBOX (one-too-many) {%d+}\r\n%s" % (len(msg), msg))
+    assert pool.jobs == ["append_messages"] and tagged(resp).startswith(b"d NO [LIMIT]"), resp
+    assert len(world.messages(ALICE)) == 1
