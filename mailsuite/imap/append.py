@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import BinaryIO, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
 from twisted.internet import defer
 
@@ -20,7 +20,7 @@ from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import Atom, FileLiteral, LiteralStr, ParseError, Str, Token, astring, \
     date_time, fetch_att, format_set
 from mailsuite.imap.responses import CommandError, bad, no, no_for
-from mailsuite.imap.selection import uidvalidity
+from mailsuite.imap.selection import then_refresh, uidvalidity
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import Account, Folder, MailboxError, NoSuchMessage
@@ -240,9 +240,14 @@ class ChainReader:
         return bytes(out)
 
 
-def append_messages(folder: Folder, items: list) -> tuple[int, list[int]]:
-    """(UIDVALIDITY, UIDs) after storing every message of `items` or none (runs in the io pool:
-    one trip for the whole command, docs/design/imap.md, "Throughput")."""
+def append_messages(folder: Folder, items: list, selected: Optional[tuple[Folder, object]],
+                    keywords: Optional[list[str]] = None) -> tuple[tuple[int, list[int]], Any]:
+    """((UIDVALIDITY, UIDs), the selection's refresh) after storing every message of `items` or
+    none (runs in the io pool: one trip for the whole command, its keyword room check (the
+    flags `keywords`) and its refresh, docs/design/imap.md, "Throughput"; `selected`: see
+    selection.then_refresh)."""
+    if keywords:
+        check_keyword_room(folder, keywords)
     try:
         if len(items) == 1:
             uids = [folder.append(*items[0])]
@@ -254,7 +259,7 @@ def append_messages(folder: Folder, items: list) -> tuple[int, list[int]]:
             if isinstance(data, ChainReader):
                 data.rewind()
         raise
-    return uidvalidity(folder), uids
+    return then_refresh((uidvalidity(folder), uids), selected)
 
 
 class AppendCommands(Session):
@@ -273,18 +278,23 @@ class AppendCommands(Session):
                 # RFC 3501 §6.3.11: the client may CREATE the folder and try again.
                 raise no_for(e, "no such mailbox", R.TRYCREATE)
         flags = sorted({f for m in messages for f in m.flags})
-        if _keywords(flags):
-            yield self.io(check_keyword_room, folder, flags)
+        keywords = flags if _keywords(flags) else None
+        if keywords and any(isinstance(p, CatUrl) for m in messages for p in m.parts):
+            # The keyword room before any URL is read (docs/design/imap.md, "APPEND: ...").
+            yield self.io(check_keyword_room, folder, keywords)
+            keywords = None
         items = []
         for m in messages:
             source = yield self._assemble(m, limit)
             items.append((source, m.flags, m.date))
         # All or none (RFC 3502 §6.3.11): nothing is visible before every message is written.
-        validity, uids = yield self.io(append_messages, folder, items)
+        sel = self.sel
+        (validity, uids), st = yield self.io(append_messages, folder, items,
+                                             self.refresh_args(), keywords)
         self.metrics.maildir_writes("append", len(uids))
         # Untagged EXISTS only for the selected folder, through refresh (docs/design/imap.md,
         # "Selection and refresh").
-        yield self.refresh()
+        yield self.refreshed(sel, st)
         return R.code(b"APPENDUID", b"%d" % validity, format_set(sorted(uids))) + b"APPEND completed"
 
     @defer.inlineCallbacks

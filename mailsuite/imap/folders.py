@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 
@@ -14,10 +14,10 @@ from mailsuite.imap import responses as R
 from mailsuite.imap.names import decode_name, encode_name, quote
 from mailsuite.imap.parser import Atom, Token, astring
 from mailsuite.imap.responses import CommandError, bad, no, no_for
-from mailsuite.imap.selection import FolderState, sync_folder
+from mailsuite.imap.selection import FolderState, sync_folder, then_refresh
 from mailsuite.imap.session import Session
 from mailsuite.imap.status import parse_items, status_line
-from mailsuite.mailbox.store import Account, FolderExists, MailboxError
+from mailsuite.mailbox.store import Account, Folder, FolderExists, MailboxError
 
 LIST_SELECT_OPTIONS = {b"SUBSCRIBED", b"REMOTE", b"RECURSIVEMATCH", b"SPECIAL-USE"}
 # RFC 5258 §6 (SUBSCRIBED, CHILDREN), RFC 6154 §5 (SPECIAL-USE), RFC 5819 (STATUS); anything
@@ -160,8 +160,10 @@ def _attributes(req: ListRequest, n: str, exist_set: set[str], sub_set: set[str]
     return attrs
 
 
-def folders_and_subscriptions(account: Account) -> tuple[list[str], list[str]]:
-    return account.list_folders(), account.subscriptions()
+def folders_and_subscriptions(account: Account, selected: Optional[tuple[Folder, object]]
+                              ) -> tuple[tuple[list[str], list[str]], Any]:
+    """The folders and subscriptions, and the selection's refresh (selection.then_refresh)."""
+    return then_refresh((account.list_folders(), account.subscriptions()), selected)
 
 
 class FolderCommands(Session):
@@ -178,15 +180,19 @@ class FolderCommands(Session):
         if not lsub and req.patterns == [b""]:
             # RFC 3501 §6.3.8: the hierarchy delimiter and root name.
             self.send(b'* LIST (\\Noselect) "/" ""')
+            yield self.refresh()
             return b"LIST completed"
-        account = self.account
-        existing, subscribed = yield self.io(folders_and_subscriptions, account)
+        account, sel = self.account, self.sel
+        # The refresh after LIST (RFC 3501 §5.5) is taken in the same io job, announced last.
+        (existing, subscribed), news = yield self.io(folders_and_subscriptions, account,
+                                                     self.refresh_args())
         special = {n: account.special_use(n) for n in existing}
         for n, attrs, extra in list_entries(req, existing, subscribed, special):
             self.send(b"* " + verb + b" (" + " ".join(attrs).encode() + b') "/" ' +
                       quote(encode_name(n, self.rev2), self.rev2) + extra)
             if req.status_items and not {"\\Noselect", "\\NonExistent"} & set(attrs):
                 yield self._list_status(n, req.status_items)
+        yield self.refreshed(sel, news)
         return verb + b" completed"
 
     def do_LSUB(self, tag: bytes, args: list[Token]) -> defer.Deferred:
@@ -267,7 +273,7 @@ class FolderCommands(Session):
         """The STATUS response that follows a LIST response (RFC 5819 §2): none for a folder
         that vanished meanwhile."""
         try:
-            st = yield self.io(named_state, self.account, name)
+            st, _ = yield self.io(named_state, self.account, name, None)
         except MailboxError:
             return
         self.send(status_line(name, st, items, self.rev2))
@@ -278,21 +284,26 @@ class FolderCommands(Session):
             raise bad("STATUS needs a mailbox name and a list of items")
         name = decode_name(astring(args[0]), self.rev2)
         items = parse_items(args[1], self.rev2)
-        if self.sel is not None and self.sel.folder.name == name:
-            st = yield self.io(sync_folder, self.sel.folder)
+        sel = self.sel
+        # One trip to the io pool for the state and the refresh after STATUS (docs/design/
+        # imap.md, "Throughput").
+        if sel is not None and sel.folder.name == name:
+            st = yield self.io(sync_folder, sel.folder)
+            news = None if st.token == sel.token else st  # the refresh's sync is this one
         else:
             try:
-                # One trip to the io pool, not two (docs/design/imap.md, "Throughput").
-                st = yield self.io(named_state, self.account, name)
+                st, news = yield self.io(named_state, self.account, name, self.refresh_args())
             except MailboxError as e:
                 raise no_for(e, "no such mailbox", R.NONEXISTENT)
         if b"HIGHESTMODSEQ" in items:
             yield self.enable_condstore()  # RFC 7162 §3.1.6
         self.send(status_line(name, st, items, self.rev2))
-        yield self.refresh()
+        yield self.refreshed(sel, news)
         return b"STATUS completed"
 
 
-def named_state(account: Account, name: str) -> FolderState:
-    """The state of the folder `name` (runs in the io pool); MailboxError if there is none."""
-    return sync_folder(account.folder(name))
+def named_state(account: Account, name: str, selected: Optional[tuple[Folder, object]]
+                ) -> tuple[FolderState, Any]:
+    """The state of the folder `name` (runs in the io pool; MailboxError if there is none) and
+    the selection's refresh (selection.then_refresh)."""
+    return then_refresh(sync_folder(account.folder(name)), selected)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -19,6 +19,7 @@ from mailsuite.imap.parser import SequenceSet, Token, astring, sequence_set
 from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
+from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import Folder, MailboxError, MessageInfo, NoSuchFolder
 
 log = Logger()
@@ -182,11 +183,37 @@ def sync_folder(folder: Folder, token: object = None) -> FolderState:
 
 def refresh_folder(folder: Folder, known: object) -> Optional[FolderState]:
     """None if the folder's state_token is still `known`, else its synced state: the check
-    and the sync are one io-pool job (each job may wait in the pool's queue under load)."""
+    and the sync are one io-pool job (each job may wait in the pool's queue under load).
+    Either way the held files whose pins came back go (the sync drains them too)."""
     token = folder.state_token()
     if token == known:
+        folder.drain_held()
         return None
     return sync_folder(folder, token)
+
+
+# What a job that changed the folder answers instead of its refresh when the refresh could not
+# run in the same job (the folder lock became busy, the folder vanished): refresh on its own.
+REFRESH_APART = object()
+
+
+def then_refresh(result: Any, sel: Optional[tuple[Folder, object]]) -> tuple[Any, Any]:
+    """(result, the refresh of the selected folder) for a job that has just changed the store,
+    so that EXPUNGE and APPEND make one io job, not two (docs/design/imap.md, "Selection and
+    refresh"). `sel`: (folder, token) of the selection, None without one. The change is done:
+    a failure of the refresh must not make the pool run the job again (waits.py)."""
+    if sel is None:
+        return result, None
+    try:
+        return result, refresh_folder(*sel)
+    except (LockBusy, NoSuchFolder):
+        return result, REFRESH_APART
+
+
+def expunge_folder(folder: Folder, uids: Optional[list[int]], known: object
+                   ) -> tuple[list[int], Any]:
+    """EXPUNGE and the refresh after it in one io job."""
+    return then_refresh(folder.expunge(uids), (folder, known))
 
 
 def _present(infos: list[MessageInfo], uid: int) -> bool:
@@ -328,9 +355,9 @@ class SelectionCommands(Session):
             if not uids:
                 yield self.refresh()
                 return b"UID EXPUNGE completed"
-        removed = yield self.io(sel.folder.expunge, uids)
+        removed, st = yield self.io(expunge_folder, sel.folder, uids, sel.token)
         self.report_expunged(removed)
-        yield self.refresh()
+        yield self.refreshed(sel, st)
         return b"EXPUNGE completed"
 
     def report_expunged(self, removed: Iterable[int]) -> None:
@@ -339,12 +366,9 @@ class SelectionCommands(Session):
         if not self.report_vanished(removed):  # QRESYNC: VANISHED instead (condstore.py)
             for seq in self.sel.remove(removed):
                 self.send(b"* %d EXPUNGE" % seq)
-        # Announced: the store may drop the files it kept readable for us (docs/design/
-        # imap.md, "Expunged messages stay readable until announced").
-        folder = self.sel.folder
-        if folder.release(removed):
-            self.io(folder.drain_held).addErrback(
-                lambda f: log.failure("imap: dropping held messages failed", f))
+        # Announced: the store may drop the files it kept readable for us, at the next refresh
+        # (docs/design/imap.md, "Expunged messages stay readable until announced").
+        self.sel.folder.release(removed)
 
     def resolve(self, args_set: Token, uid: bool) -> list[int]:
         """UIDs a sequence set or UID set names, ascending."""
@@ -384,6 +408,19 @@ class SelectionCommands(Session):
             return
         if self.sel is sel:
             self._announce_changes(sel, st)
+
+    def refresh_args(self) -> Optional[tuple[Folder, object]]:
+        """What then_refresh needs to refresh the selection inside another io job."""
+        sel = self.sel
+        return None if sel is None or self.closed else (sel.folder, sel.token)
+
+    def refreshed(self, sel: Optional[Selection], st: Any) -> Optional[defer.Deferred]:
+        """Announce what then_refresh found for `sel` (refresh apart if it could not)."""
+        if st is REFRESH_APART:
+            return self.refresh()
+        if st is not None and sel is not None and self.sel is sel and not self.closed:
+            self._announce_changes(sel, st)
+        return None
 
     def _announce_changes(self, sel: Selection, st: FolderState) -> None:
         sel.token = st.token

@@ -806,9 +806,9 @@ def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> 
     return R.code(R.UNAVAILABLE) + b"temporary failure of the mail store, try again later"
 
 
-# Commands after which other sessions' changes are reported, because the client may not
-# expect untagged EXPUNGE after them otherwise: docs/design/imap.md, "Selection and refresh".
-REFRESH_AFTER = {b"CAPABILITY", b"LIST", b"LSUB", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
+# Commands after which other sessions' changes are reported (LIST, LSUB: in their own io job),
+# because the client may not expect untagged EXPUNGE after them otherwise: docs/design/imap.md.
+REFRESH_AFTER = {b"CAPABILITY", b"CREATE", b"DELETE", b"RENAME", b"SUBSCRIBE",
                  b"UNSUBSCRIBE", b"NAMESPACE", b"ID", b"ENABLE"}
 
 # The state table: the commands each state accepts (RFC 3501 §3).

@@ -51,6 +51,10 @@ class Session:
 
         def report_expunged(self, removed: Iterable[int]) -> None: ...
 
+        def refresh_args(self) -> Optional[tuple[Folder, object]]: ...
+
+        def refreshed(self, sel: Optional["Selection"], st: Any) -> Optional[defer.Deferred]: ...
+
         # condstore.py (RFC 7162)
         condstore: bool
         qresync: bool

@@ -89,6 +89,9 @@ class MessageInfo:
 # How long a pool thread may wait for a folder's in-process lock before it gives the thread back
 # and the caller waits on the reactor instead (waits.py; docs/design/maildir.md, "The dotlock").
 FOLDER_LOCK_SPIN = 0.05
+# Lines of forgotten UIDs dovecot-uidlist gathers before it is rewritten (and at least a quarter
+# as many as live ones: a rewrite costs a line per message).
+UIDLIST_SLACK = 256
 
 
 class FolderLock:
@@ -130,6 +133,7 @@ class FolderIndex:
         self.lock = FolderLock(path)
         self.rules = rules  # when another's dotlock is stale (dotlock.py)
         self._uidlist_held = 0  # depth of hold_uidlist() (under self.lock)
+        self.uidlist_stale = 0  # lines of forgotten UIDs still in dovecot-uidlist
         self.uidlist: UidList | None = None
         self.uidlist_stamp: tuple | None = None
         self.keywords: list[str] = []
@@ -205,18 +209,7 @@ class FolderIndex:
         touched: set[str] = set()  # keys added or renamed (flag change) in cur/
         removed: set[str] = set()
         if st_cur.st_mtime_ns != self.cur_mtime:
-            files = {}
-            intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
-            for n in os.listdir(cur_dir):
-                if n[0] != ".":
-                    files[intern(n.split(":", 1)[0])] = n
-            old = self.files
-            if old:
-                touched = {k for k, n in files.items() if old.get(k) != n}
-                removed = old.keys() - files.keys()
-            else:
-                touched = set(files)
-            self.files = files
+            touched, removed = self._relist_cur(cur_dir)
             self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
         full = not self.synced
         reload = self._reload_uidlist()
@@ -249,6 +242,28 @@ class FolderIndex:
             pass  # the folder stays readable; CONDSTORE callers ask again and see the error
         finally:
             self.unseen = False
+
+    def _relist_cur(self, cur_dir: str) -> tuple[set[str], set[str]]:
+        """List cur/ into `files`; returns (keys added or renamed, keys gone). A busy folder's
+        cur/ is listed at nearly every sync (its mtime has not settled), so the listing is
+        compared with the names we know as sets, and only the names that differ are parsed."""
+        listed = set(os.listdir(cur_dir))
+        files = self.files
+        known = set(files.values())
+        intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
+        touched: set[str] = set()
+        removed: set[str] = set()
+        for n in known - listed:
+            key = n.split(":", 1)[0]
+            if files.get(key) == n:
+                del files[key]
+                removed.add(key)
+        for n in listed - known:
+            if n[0] != ".":
+                key = intern(n.split(":", 1)[0])
+                files[key] = n
+                touched.add(key)
+        return touched, removed - touched
 
     def messages(self) -> list[MessageInfo]:
         """The current list (shared: callers must not modify it)."""
@@ -430,6 +445,7 @@ class FolderIndex:
                     return self.uidlist.add_lines(tail)
             except OSError:
                 pass
+        self.uidlist_stale = 0  # a rewrite by another process: its stale lines are unknown
         try:
             self.uidlist = read_uidlist(path)
         except (ValueError, IndexError):
@@ -520,27 +536,21 @@ class FolderIndex:
         return result
 
     def forget_uids(self, uids: list[int]) -> None:
-        """Drop expunged/moved messages from dovecot-uidlist (their UIDs are never reused:
-        N<nextuid> stays)."""
+        """Drop expunged/moved messages from the UID list (their UIDs are never reused:
+        N<nextuid> stays). dovecot-uidlist keeps their lines until enough have gathered to be
+        worth a rewrite, as Dovecot does (docs/design/maildir.md, "Dovecot's files")."""
         gone = set(uids)
-        path = os.path.join(self.path, UIDLIST)
         with self.hold_uidlist():
             self._reload_uidlist()
             ul = self.uidlist
             if ul is not None:
-                # While we rewrite anyway, drop lines whose file is gone (deleted by another
-                # tool): if such a file came back it must get a new UID, not its old one.
-                # Safe under the lock: every writer renames its file into place before it
-                # registers the UID.
-                present = set()
-                for sub in ("new", "cur"):
-                    present.update(n.split(":", 1)[0]
-                                   for n in os.listdir(os.path.join(self.path, sub)))
-                for k in [k for k, u in ul.uids.items() if u in gone or k not in present]:
+                for k in [k for k, u in ul.uids.items() if u in gone]:
                     del ul.uids[k]
                     ul.extra.pop(k, None)
-                atomic_write(path, ul.serialize())
-                self.uidlist_stamp = file_stamp(path)
+                    self.uidlist_stale += 1
+                stale = self.uidlist_stale
+                if stale >= UIDLIST_SLACK and stale * 4 >= len(ul.uids):
+                    self._compact_uidlist(ul)
         for uid in gone:
             self.touch_modseq(uid)
             info = self.infos.pop(uid, None)
@@ -549,6 +559,22 @@ class FolderIndex:
                 self.meta.pop(info.key, None)
         self.unclaimed_recent -= gone
         self._changed()
+
+    def _compact_uidlist(self, ul: UidList) -> None:
+        """Rewrite dovecot-uidlist without the lines of forgotten UIDs. While rewriting
+        anyway, lines whose file is gone (deleted by another tool) go too: if such a file
+        came back it must get a new UID, not its old one. Safe under the lock: every writer
+        renames its file into place before it registers the UID."""
+        path = os.path.join(self.path, UIDLIST)
+        present = set()
+        for sub in ("new", "cur"):
+            present.update(n.split(":", 1)[0] for n in os.listdir(os.path.join(self.path, sub)))
+        for k in [k for k in ul.uids if k not in present]:
+            del ul.uids[k]
+            ul.extra.pop(k, None)
+        atomic_write(path, ul.serialize())
+        self.uidlist_stamp = file_stamp(path)
+        self.uidlist_stale = 0
 
     # -- mod-sequences (RFC 7162) -----------------------------------------------------------
     def touch_modseq(self, uid: int) -> None:

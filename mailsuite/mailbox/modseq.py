@@ -7,10 +7,13 @@ The file is an append-only log, shared by every process that opens the folder:
     mailsuite-modseq 1 V<uidvalidity>
     H <modseq>                 the highest mod-sequence so far (written at compaction)
     F <modseq>                 expunges up to this mod-sequence were forgotten (compaction)
+    R <modseq>                 mod-sequences up to this one may be handed out (fsynced)
     <uid> <modseq> :<letters>  the message's flag letters (from its file name) as of modseq
     <uid> <modseq> -           the message was expunged at modseq
 
-A later line for a UID replaces an earlier one. Lines are appended under the dotlock
+A later line for a UID replaces an earlier one. Only an `R` line is fsynced: mod-sequences are
+handed out below the last one without an fsync each, and a process that reads the log from the
+start (after a crash, lines without fsync may be lost) hands out new ones above it. Lines are appended under the dotlock
 `mailsuite-modseq.lock` (the same DotLock Dovecot's files use), after reading what other
 processes appended, so mod-sequences grow across processes. A change is found by comparing the
 letters of a message's file name with the letters recorded for it: a flag changed by another
@@ -29,6 +32,7 @@ from mailsuite.safeio import atomic_write
 MODSEQ_FILE = "mailsuite-modseq"
 HEADER = "mailsuite-modseq 1"
 MAX_EXPUNGED = 10000  # expunged UIDs remembered for VANISHED (EARLIER); older ones: `floor`
+RESERVE = 1000  # mod-sequences one fsynced `R` line makes room for
 
 
 class ModSeqLog:
@@ -40,6 +44,8 @@ class ModSeqLog:
         self.uidvalidity = 0
         self.highest = 1
         self.floor = 0  # expunges with modseq <= floor are no longer listed
+        self.reserved = 0  # the highest `R`: numbers up to it may have been handed out
+        self.above = 0  # new mod-sequences are above this (`reserved` when read from the start)
         self.entries: dict[int, tuple[int, str]] = {}
         self.modseq: dict[int, int] = {}  # uid -> modseq (read by the reactor: see selection)
         self.expunged: dict[int, int] = {}  # uid -> modseq, in the order they were logged
@@ -69,6 +75,10 @@ class ModSeqLog:
         if offset == 0:
             self._reset(0)
         self._parse(data[:end].decode("utf-8", "surrogateescape"), offset == 0)
+        if offset == 0:
+            # Lines after the last `R` had no fsync: a crash may have lost some of them, whose
+            # mod-sequences a client may have seen. Never hand those out again.
+            self.above = max(self.above, self.reserved)
         self.stamp = (st[0], offset + end)
 
     def _reset(self, uidvalidity: int) -> None:
@@ -91,6 +101,9 @@ class ModSeqLog:
         for line in lines:
             parts = line.split(" ")
             try:
+                if len(parts) == 2 and parts[0] == "R":
+                    self.reserved = max(self.reserved, int(parts[1]))
+                    continue
                 if len(parts) == 2 and parts[0] in ("H", "F"):
                     v = int(parts[1])
                     if parts[0] == "F":
@@ -139,8 +152,11 @@ class ModSeqLog:
             changed, gone = self._pending(uidvalidity, present, check, collect=True)
             if not changed and not gone and not fresh:
                 return False
-            ms = self.highest + 1
+            ms = max(self.highest, self.above) + 1
             self.highest = ms
+            reserve = ms > self.reserved
+            if reserve:
+                self.reserved = ms + RESERVE
             for uid in changed:
                 self.entries[uid] = (ms, present[uid])
                 self.modseq[uid] = ms
@@ -154,9 +170,10 @@ class ModSeqLog:
             if fresh or self.lines > 2 * live + 1000 or len(self.expunged) > 2 * MAX_EXPUNGED:
                 self._compact()
             else:
-                out = [f"{u} {ms} :{present[u]}\n" for u in changed]
+                out = [f"R {self.reserved}\n"] if reserve else []
+                out += [f"{u} {ms} :{present[u]}\n" for u in changed]
                 out += [f"{u} {ms} -\n" for u in gone]
-                self._append("".join(out))
+                self._append("".join(out), reserve)
         return True
 
     def _pending(self, uidvalidity: int, present: dict[int, str], check, collect: bool = False):
@@ -183,14 +200,16 @@ class ModSeqLog:
             return bool(gone)
         return sorted(changed), sorted(gone)
 
-    def _append(self, text: str) -> None:
+    def _append(self, text: str, sync: bool) -> None:
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
         fd = os.open(self.path, flags, 0o600)
         try:
             data = text.encode("utf-8", "surrogateescape")
             os.write(fd, data)
-            # A mod-sequence must never be handed out twice: the log survives a crash.
-            os.fsync(fd)
+            if sync:
+                # A mod-sequence must never be handed out twice: the reservation survives a
+                # crash (docs/design/maildir.md, "Mod-sequences").
+                os.fsync(fd)
         finally:
             os.close(fd)
         st = file_stamp(self.path)
@@ -207,6 +226,8 @@ class ModSeqLog:
             for uid in drop:
                 self.floor = max(self.floor, self.expunged.pop(uid))
         out = [f"{HEADER} V{self.uidvalidity}", f"H {self.highest}"]
+        if self.reserved:
+            out.append(f"R {self.reserved}")
         if self.floor:
             out.append(f"F {self.floor}")
         out += [f"{u} {ms} :{letters}" for u, (ms, letters) in self.entries.items()]

@@ -78,7 +78,8 @@ def test_a_change_by_another_maildir_tool_gets_a_new_modseq(tmp_path):
     (name,) = os.listdir(cur)
     os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":2,")[0] + ":2,FS"))
     fresh = _folder(tmp_path, MailStore(str(tmp_path / "mail")))
-    assert _modseqs(fresh)[u] == highest + 1 == fresh.highest_modseq()
+    # (Above the log's reservation: a fresh reader cannot know whether lines were lost.)
+    assert _modseqs(fresh)[u] == fresh.highest_modseq() > highest
 
 
 def test_log_is_compacted_and_expunges_are_bounded(tmp_path, monkeypatch):
