@@ -220,16 +220,19 @@ class DataTransfer:
                 self._refusal_logged = True
                 return refusal
             size = staged.size
-            # Without trust checks the queue takes the file over in the job that completes it.
+            # Unless a trust check reads the file, the queue takes it over in the job that
+            # completes it (docs/design/smtp.md, "DATA on disk").
             path: str | StagedMessage = staged
             if self.trust is not None:
-                try:
-                    path = yield staged.finish()
-                except Exception as e:
-                    return self._queue_failed(mail.address, e)
+                envelope = self._envelope(mail.address, rcpts, txid)
+                if self.trust.reads_message(envelope):
+                    try:
+                        path = yield staged.finish()
+                    except Exception as e:
+                        return self._queue_failed(mail.address, e)
                 try:
                     inspection = yield self.trust.inspect(
-                        self._envelope(mail.address, rcpts, txid), path, size,
+                        envelope, path if isinstance(path, str) else "", size,
                         forwards=any(route is not None and route.remote for _, route in rcpts))
                 except Exception as e:  # the rewrite's disk I/O; the checks never errback
                     return self._queue_failed(mail.address, e)
@@ -240,7 +243,7 @@ class DataTransfer:
                              txid=txid, text=verdict.reply.text)
                     self._refusal_logged = True
                     return verdict.reply
-                if inspection.path != path:
+                if inspection.path not in ("", path):
                     rewritten = path = inspection.path
                 size = inspection.size
                 meta.update(inspection.meta)
