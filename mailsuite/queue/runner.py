@@ -204,18 +204,22 @@ class QueueRunner(Service):
                 maillog.attempt(entry, rcpt, "sent", copy.result, now, "local")
             maillog.removed(entry.id)
         if stored.sidecar is not None:
-            # Its copies' lines are written once the log is handed to the OS; then it goes.
-            maillog.sync().addCallback(lambda _: self._forget_sidecar(stored.sidecar))
+            # It goes once its copies' lines (emitted above) are handed to the OS.
+            self._forget_sidecar(stored.sidecar)
         return entry.id
 
     def _forget_sidecar(self, path: str) -> None:
-        """Remove spool-time envelopes in batches: one io job for all that are due."""
+        """Remove spool-time envelopes in batches: one log flush and one io job for all the
+        messages accepted in this reactor turn."""
         self._unlink_later.append(path)
         if len(self._unlink_later) == 1:
-            self.clock.callLater(0, self._unlink_batch)
+            self.clock.callLater(0, self._sync_then_unlink)
 
-    def _unlink_batch(self) -> None:
+    def _sync_then_unlink(self) -> None:
         batch, self._unlink_later = self._unlink_later, []
+        maillog.sync().addCallback(lambda _: self._unlink_batch(batch))
+
+    def _unlink_batch(self, batch: list[str]) -> None:
 
         def unlink_all() -> None:
             for path in batch:
