@@ -222,10 +222,13 @@ def _nothing() -> None:
 def _open(directory: str) -> tuple[int, str]:
     """io thread: a new file `<pid>.<random>` (the pid lets start-up clean-up tell a crashed
     receiver's files from those of a live process on the same spool)."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    return fd, path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600), path
+    except FileNotFoundError:  # the first message (or the directory was removed)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.open(path, flags, 0o600), path
 
 
 def _create(directory: str, data: bytes, close: bool) -> tuple[int | None, str]:

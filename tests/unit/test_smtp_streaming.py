@@ -391,3 +391,13 @@ def test_a_failed_take_over_leaves_the_staged_file_for_discard(tmp_path, monkeyp
     assert os.listdir(runner.incoming_dir) == [os.path.basename(message.path)]
     message.discard()
     assert os.listdir(runner.incoming_dir) == [] and spool.ids() == []
+
+
+def test_the_first_staged_file_creates_the_incoming_directory(tmp_path):
+    directory = tmp_path / "incoming" / "host"
+    message = staging.StagedMessage(InlinePool(), str(directory), lambda over: None)
+    message.write_last(b"x\r\n")
+    paths: list = []
+    message.finish().addCallback(paths.append)
+    assert paths == [message.path] and open(paths[0], "rb").read() == b"x\r\n"
+    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
