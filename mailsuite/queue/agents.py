@@ -8,7 +8,7 @@ accepts mail see the queue only as a `MessageQueue`. The notifier does not enque
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
 from twisted.internet.defer import Deferred
 
@@ -68,6 +68,15 @@ class BounceNotifier(Protocol):
         ...
 
 
+class StagedFile(Protocol):
+    """A message still being written to its file in `incoming_dir` (smtp/staging.py)."""
+
+    def finish(self, then: Callable[[str], Any]) -> Deferred:
+        """Completes the file, then runs `then(path)` in the same io job; fires with its
+        result."""
+        ...
+
+
 @runtime_checkable
 class MessageQueue(Protocol):
     """Accepts a message durably: fires with the queue id once message and envelope are fsynced.
@@ -75,7 +84,8 @@ class MessageQueue(Protocol):
     A message held in memory (a DSN) goes to `submit`. A receiver that streams a message to disk
     (SMTP DATA) writes it to a file of its own in `incoming_dir` (same filesystem as the spool)
     and hands it to `submit_file`, which takes the file over (fsync, rename into the spool) or,
-    on failure, leaves it where it was for the receiver to remove (docs/design/smtp.md).
+    on failure, leaves it where it was for the receiver to remove (docs/design/smtp.md). Given
+    the StagedFile instead of its path, it takes the file over in the io job that completes it.
     """
 
     incoming_dir: str
@@ -84,6 +94,6 @@ class MessageQueue(Protocol):
                meta: Mapping[str, Any]) -> Deferred:
         ...
 
-    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
-                    size: int, meta: Mapping[str, Any]) -> Deferred:
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]],
+                    path: str | StagedFile, size: int, meta: Mapping[str, Any]) -> Deferred:
         ...

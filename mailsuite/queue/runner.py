@@ -15,6 +15,7 @@ processes, a restart), and a poll of `<queue_dir>/.kick` every KICK_POLL seconds
 from __future__ import annotations
 
 import errno
+import functools
 import heapq
 import os
 import re
@@ -30,7 +31,8 @@ from twisted.python.failure import Failure
 from mailsuite import maillog
 from mailsuite.config import QueueSection
 from mailsuite.pools import WorkPool
-from mailsuite.queue.agents import BounceNotifier, DeliveryAgent, LocalCopy, Notification
+from mailsuite.queue.agents import (BounceNotifier, DeliveryAgent, LocalCopy, Notification,
+                                    StagedFile)
 from mailsuite.queue.commit import GroupCommit
 from mailsuite.queue.spool import (Claim, DeliveryResult, QueueEntry, Recipient, Spool,
                                    SpoolError, Stamp, new_queue_id, read_head)
@@ -117,16 +119,19 @@ class QueueRunner(Service):
         """Where receivers stage messages for `submit_file` (created on first use)."""
         return self.spool.incoming_dir
 
-    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
-                    size: int, meta: Mapping[str, Any] | None = None) -> defer.Deferred:
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]],
+                    path: str | StagedFile, size: int, meta: Mapping[str, Any] | None = None
+                    ) -> defer.Deferred:
         """Spool a message staged in `incoming_dir`, taking the file over; fires with its queue
         id once message and envelope are fsynced, or once every local copy is (an entry of
         local recipients only is delivered in the same io job and never spooled: "Delivery at
-        spool time" in docs/design/queue.md). On failure the file is at `path` or gone."""
+        spool time" in docs/design/queue.md). On failure the file is at `path` or gone. A
+        StagedFile is taken over in the io job that writes its last bytes (one job, not two)."""
         entry = self._new_entry(sender, recipients, meta)
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
-        d = self.io.run(self._store_file_blocking, entry, path)
+        take_over = functools.partial(self._store_file_blocking, entry)
+        d = self.io.run(take_over, path) if isinstance(path, str) else path.finish(take_over)
         d.addCallback(self._commit, entry)
         return d.addCallback(self._accepted, entry, size)
 
@@ -199,18 +204,22 @@ class QueueRunner(Service):
                 maillog.attempt(entry, rcpt, "sent", copy.result, now, "local")
             maillog.removed(entry.id)
         if stored.sidecar is not None:
-            # Its copies' lines are written once the log is handed to the OS; then it goes.
-            maillog.sync().addCallback(lambda _: self._forget_sidecar(stored.sidecar))
+            # It goes once its copies' lines (emitted above) are handed to the OS.
+            self._forget_sidecar(stored.sidecar)
         return entry.id
 
     def _forget_sidecar(self, path: str) -> None:
-        """Remove spool-time envelopes in batches: one io job for all that are due."""
+        """Remove spool-time envelopes in batches: one log flush and one io job for all the
+        messages accepted in this reactor turn."""
         self._unlink_later.append(path)
         if len(self._unlink_later) == 1:
-            self.clock.callLater(0, self._unlink_batch)
+            self.clock.callLater(0, self._sync_then_unlink)
 
-    def _unlink_batch(self) -> None:
+    def _sync_then_unlink(self) -> None:
         batch, self._unlink_later = self._unlink_later, []
+        maillog.sync().addCallback(lambda _: self._unlink_batch(batch))
+
+    def _unlink_batch(self, batch: list[str]) -> None:
 
         def unlink_all() -> None:
             for path in batch:

@@ -540,10 +540,20 @@ class Spool:
 
 
 def read_head(path: str, limit: int = 256 * 1024) -> bytes:
-    """The header section of the message file at `path` (up to the blank line, or `limit`)."""
-    with open(path, "rb") as f:
-        head = f.read(limit)
-    end = head.find(b"\r\n\r\n")
+    """The header section of the message file at `path` (up to the blank line, or `limit`).
+    Plain reads until the blank line is in: open, read, close for the usual message."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        head = b""
+        end = -1
+        while end < 0 and len(head) < limit:
+            chunk = os.read(fd, limit - len(head))
+            if not chunk:
+                break
+            head += chunk
+            end = head.find(b"\r\n\r\n", max(0, len(head) - len(chunk) - 3))
+    finally:
+        os.close(fd)
     return head if end < 0 else head[:end + 2]
 
 

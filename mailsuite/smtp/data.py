@@ -21,6 +21,7 @@ from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument
 from mailsuite.smtp.headers import HeaderScan
 from mailsuite.smtp.replies import Reply
+from mailsuite.smtp.staging import StagedMessage
 from mailsuite.tls import describe_tls
 from mailsuite.trust import Envelope, Verdict
 
@@ -195,11 +196,12 @@ class DataTransfer:
 
     @defer.inlineCallbacks
     def _queue_message(self) -> Generator[defer.Deferred, object, Reply]:
-        """The end of DATA: finish the staged file, check the headers, queue it, answer."""
+        """The end of DATA: check the headers, finish the staged file, queue it, answer."""
         mail, rcpts, txid, scan = self._mail, list(self._rcpts), self._txid, self._scan
         staged = self._staged
         assert mail is not None and staged is not None
-        self._flush_out()
+        staged.write_last(bytes(self._out))  # written by the job that finishes the file
+        self._out.clear()
         self._staged = None  # ours now: _reset_transaction must not discard it
         self._reset_transaction()
         meta = {"client_ip": self.client_ip, "helo": self.session.helo or "",
@@ -210,11 +212,7 @@ class DataTransfer:
         queued = False
         rewritten: str | None = None  # the trust gate's copy of the staged file
         try:
-            try:
-                path = yield staged.finish()
-            except Exception as e:
-                return self._queue_failed(mail.address, e)
-            refusal = yield self._check_headers(scan)
+            refusal = yield self._check_headers(scan)  # reads the scan, not the file
             if refusal is not None:
                 log.info("refused message from=<{sender}> client={client_ip} auth={auth_user}: "
                          "{text}", sender=mail.address, client_ip=self.client_ip,
@@ -222,10 +220,19 @@ class DataTransfer:
                 self._refusal_logged = True
                 return refusal
             size = staged.size
+            # Unless a trust check reads the file, the queue takes it over in the job that
+            # completes it (docs/design/smtp.md, "DATA on disk").
+            path: str | StagedMessage = staged
             if self.trust is not None:
+                envelope = self._envelope(mail.address, rcpts, txid)
+                if self.trust.reads_message(envelope):
+                    try:
+                        path = yield staged.finish()
+                    except Exception as e:
+                        return self._queue_failed(mail.address, e)
                 try:
                     inspection = yield self.trust.inspect(
-                        self._envelope(mail.address, rcpts, txid), path, size,
+                        envelope, path if isinstance(path, str) else "", size,
                         forwards=any(route is not None and route.remote for _, route in rcpts))
                 except Exception as e:  # the rewrite's disk I/O; the checks never errback
                     return self._queue_failed(mail.address, e)
@@ -236,7 +243,7 @@ class DataTransfer:
                              txid=txid, text=verdict.reply.text)
                     self._refusal_logged = True
                     return verdict.reply
-                if inspection.path != path:
+                if inspection.path not in ("", path):
                     rewritten = path = inspection.path
                 size = inspection.size
                 meta.update(inspection.meta)

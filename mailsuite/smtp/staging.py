@@ -5,14 +5,16 @@ time in the io pool, in order. `backlog` is what is not on disk yet: the server 
 the client while it is over `HIGH_WATER` and reads again once it falls under `LOW_WATER`
 (`on_backlog(True/False)`), so a client faster than the disk cannot grow our memory
 (docs/design/smtp.md, "DATA"). `finish()` fires once everything is written and the file closed;
-the queue then takes the file over (`MessageQueue.submit_file`). `discard()` removes it.
+the queue then takes the file over (`MessageQueue.submit_file`), either after that or, with
+`finish(then)`, in the same io job as the last write (docs/design/smtp.md, "DATA on disk").
+`discard()` removes it.
 Nothing here touches a file on the reactor thread.
 """
 from __future__ import annotations
 
 import os
 import secrets
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -44,6 +46,8 @@ class StagedMessage:
         self._done: list[defer.Deferred] = []  # finish()/discard() waiting for the last job
         self._closing = False
         self._discarded = False
+        self._then: Callable[[str], Any] | None = None  # run after the close (finish(then))
+        self._outcome: Any = _NOT_RUN  # what `then` returned, or its Failure
 
     # -- reactor side ------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -57,10 +61,22 @@ class StagedMessage:
             self._on_backlog(True)
         self._pump()
 
-    def finish(self) -> defer.Deferred:
+    def write_last(self, data: bytes) -> None:
+        """The message's last bytes: held for `finish`, so that one job writes them, closes the
+        file (creating it first, for a message that is all in `data`) and runs `then`."""
+        if data and not self._closing and self.error is None:
+            self._pending.append(data)
+            self.backlog += len(data)
+            self.size += len(data)
+
+    def finish(self, then: Callable[[str], Any] | None = None) -> defer.Deferred:
         """Fires with the path once every byte is written and the file closed; errbacks with
-        the first io failure (the file is then already removed)."""
+        the first io failure (the file is then already removed). With `then`, `then(path)`
+        runs in the io thread right after the close, in the job that writes the last bytes
+        (a message under WRITE_CHUNK: create, write, close and `then` in one job), and the
+        Deferred fires with its result or its failure (the file is then left for `discard`)."""
         self._closing = True
+        self._then = then
         d: defer.Deferred = defer.Deferred()
         self._done.append(d)
         self._pump()
@@ -101,11 +117,12 @@ class StagedMessage:
             self._busy = True
             if self.path is None:
                 last = self._closing and not rest
-                self._io_job(_create, self._directory, chunk, last).addCallbacks(
+                job = self._last_job if last else self._io_job
+                job(_create, self._directory, chunk, last).addCallbacks(
                     self._created, self._failed, callbackArgs=(len(chunk),))
             elif self._closing and not rest:
                 fd, self._fd = self._fd, None  # the last bytes: write and close in one job
-                self._io_job(_write_close, fd, chunk).addCallbacks(
+                self._last_job(_write_close, fd, chunk).addCallbacks(
                     self._written, self._failed, callbackArgs=(len(chunk),))
             else:
                 self._io_job(write_all, self._fd, chunk).addCallbacks(
@@ -116,12 +133,28 @@ class StagedMessage:
         fd, self._fd = self._fd, None
         remove = self._discarded or self.error is not None
         if fd is None and not remove:
-            self._complete()
+            if self._then is None or self._outcome is not _NOT_RUN:
+                self._complete()
+                return
+            self._busy = True  # closed already: `then` gets a job of its own
+            self._last_job(_nothing).addBoth(self._closed)
             return
         path = self.path if remove else None
         self.path = None if remove else self.path
         self._busy = True
-        self._io_job(_close, fd, path).addBoth(self._closed)
+        job = self._io_job if remove else self._last_job
+        job(_close, fd, path).addBoth(self._closed)
+
+    def _last_job(self, fn: Callable, *args: object) -> defer.Deferred:
+        """The io job that completes the file, followed in the same job by `then`."""
+        if self._then is None:
+            return self._io_job(fn, *args)
+        return self._io_job(_and_then, fn, args, self._then, self.path).addCallback(
+            self._then_ran)
+
+    def _then_ran(self, result: tuple[object, Any]) -> object:
+        job_result, self._outcome = result
+        return job_result
 
     def _written(self, _: int, n: int) -> None:
         self._busy = False
@@ -156,17 +189,46 @@ class StagedMessage:
         for d in done:
             if self.error is not None and not self._discarded:
                 d.errback(self.error)
+            elif self._then is not None and not self._discarded:
+                if isinstance(self._outcome, Failure):
+                    d.errback(self._outcome)
+                else:
+                    d.callback(self._outcome)
             else:
                 d.callback(self.path)
+
+
+_NOT_RUN = object()  # `then` has not run (yet)
+
+
+def _and_then(fn: Callable, args: tuple, then: Callable[[str], Any], path: str | None
+              ) -> tuple[object, Any]:
+    """io thread: the job that completes the file (`fn`, whose failure is the file's), then
+    `then(path)` (the path `_create` made when `path` is None); its failure is returned, not
+    raised, so the reactor side can tell it from a failed write."""
+    result = fn(*args)
+    if path is None:
+        path = result[1]  # type: ignore[index]
+    try:
+        return result, then(path)
+    except BaseException:
+        return result, Failure()
+
+
+def _nothing() -> None:
+    return None
 
 
 def _open(directory: str) -> tuple[int, str]:
     """io thread: a new file `<pid>.<random>` (the pid lets start-up clean-up tell a crashed
     receiver's files from those of a live process on the same spool)."""
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    return fd, path
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags, 0o600), path
+    except FileNotFoundError:  # the first message (or the directory was removed)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        return os.open(path, flags, 0o600), path
 
 
 def _create(directory: str, data: bytes, close: bool) -> tuple[int | None, str]:

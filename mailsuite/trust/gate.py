@@ -142,6 +142,12 @@ class GateSession:
         return None
 
     # -- end of DATA ---------------------------------------------------------------------------
+    def reads_message(self, envelope: Envelope) -> bool:
+        """Does `inspect` read the staged file (sender authentication, a content scanner)?
+        When not, it may be called before the file is complete, with path "", and leaves the
+        Inspection's path "" (nothing rewritten)."""
+        return self.gate.authenticates or any(s.wanted(envelope) for s in self.gate.scanners)
+
     @defer.inlineCallbacks
     def inspect(self, envelope: Envelope, path: str, size: int, forwards: bool
                 ) -> Generator[defer.Deferred, Any, Inspection]:

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryUnavailable, Route
 from mailsuite.directory.records import GreylistOutcome, RateOutcome
+from mailsuite.queue.agents import StagedFile
 from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.smtp import server_factory
 from mailsuite.smtp.policy import MXPolicy, SubmissionPolicy
@@ -186,8 +187,12 @@ class FakeQueue:
         except FileNotFoundError:
             return []
 
-    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]], path: str,
-                    size: int, meta: Mapping[str, Any]) -> defer.Deferred:
+    def submit_file(self, sender: str, recipients: Sequence[tuple[str, Any]],
+                    path: str | StagedFile, size: int, meta: Mapping[str, Any]
+                    ) -> defer.Deferred:
+        if not isinstance(path, str):  # taken over once complete, as the real queue does
+            return path.finish(lambda p: p).addCallback(
+                lambda p: self.submit_file(sender, recipients, p, size, meta))
         with open(path, "rb") as f:
             data = f.read()
         assert len(data) == size, (len(data), size)

@@ -222,3 +222,30 @@ def test_a_partial_delivery_whose_spooling_fails_takes_its_copies_back(tmp_path,
     assert len(seen) == 1 and isinstance(seen[0], Failure) and seen[0].check(OSError)
     assert maildir_messages(store, ALICE) == [] and spool_entries(runner) == []
     assert os.path.exists(path)  # left to the caller, which removes it
+
+
+def test_the_spool_time_envelopes_of_a_batch_go_after_one_log_flush(tmp_path, monkeypatch):
+    """docs/design/queue.md, "The mail log": each envelope beside a staged file stays until
+    the lines of its copies are written; the messages accepted together share that flush
+    and the io job that removes their envelopes."""
+    from mailsuite import maillog
+
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    flushes: list[defer.Deferred] = []
+    monkeypatch.setattr(maillog, "sync", lambda: flushes.append(defer.Deferred()) or flushes[-1])
+    sent = [submit_file(runner, [(ALICE, local_route(ALICE))], message(f"m{i}"))
+            for i in range(3)]
+    pool.drain()  # the copies and their directory fsync: three 250s
+    assert all(isinstance(s[0], str) for _, s in sent)
+
+    def envelopes() -> list[str]:
+        return [n for n in os.listdir(runner.spool.ensure_incoming()) if n.endswith(".env")]
+
+    assert len(envelopes()) == 3 and flushes == []
+    runner.clock.advance(0)
+    assert len(flushes) == 1 and pool.jobs == []  # nothing removed before the lines are out
+    flushes[0].callback(None)
+    assert pool.names() == ["unlink_all"]
+    pool.drain()
+    assert envelopes() == []

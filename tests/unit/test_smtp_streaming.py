@@ -280,15 +280,22 @@ def test_start_up_removes_staged_files_of_dead_processes_only(tmp_path):
     assert spool.ids() == []
 
 
+def job_name(job: tuple) -> str:
+    """A staging job's function; "+then" when the queue's take-over runs in the same job."""
+    fn, args = job[0], job[1]
+    return args[0].__name__ + "+then" if fn is staging._and_then else fn.__name__
+
+
 def test_a_small_message_is_staged_by_one_io_job(tmp_path):
-    """Nothing is created at DATA; at the final dot one job creates, writes and closes."""
+    """Nothing is created at DATA; at the final dot one job creates, writes, closes and hands
+    the file to the queue."""
     io = ManualPool()
     world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
     c = world.connect("mx")
     start_data(c)
     assert io.jobs == [] and world.queue.staged() == []
     c.send(b"Subject: small\r\n\r\nbody\r\n.\r\n")
-    assert [fn.__name__ for fn, *_ in io.jobs] == ["_create"]
+    assert [job_name(job) for job in io.jobs] == ["_create+then"]
     io.drain()
     assert c.code() == 250
     assert world.queue.messages[0].data.endswith(b"Subject: small\r\n\r\nbody\r\n")
@@ -336,8 +343,61 @@ def test_a_message_over_one_chunk_writes_its_last_bytes_and_closes_in_one_job(tm
     c.send(b"Subject: big\r\n\r\n" + (b"b" * 78 + b"\r\n") * 1300 + b".\r\n")
     ran = []
     while io.jobs:
-        ran.append(io.jobs[0][0].__name__)
+        ran.append(job_name(io.jobs[0]))
         io.step()
-    assert ran == ["_create", "_write_close"]
+    assert ran == ["_create", "_write_close+then"]
     assert c.code() == 250
     assert world.queue.messages[0].data.count(b"b" * 78 + b"\r\n") == 1300
+
+
+def _staged(runner: QueueRunner, data: bytes, io) -> staging.StagedMessage:
+    message = staging.StagedMessage(io, runner.spool.ensure_incoming(), lambda over: None)
+    message.write_last(data)
+    return message
+
+
+def test_a_staged_message_is_taken_over_in_the_job_that_completes_it(tmp_path):
+    """submit_file(StagedMessage): create, write, close and the spool's take-over (fsync,
+    rename, envelope) are one io job; the directory fsync follows (group commit)."""
+    io = ManualPool()
+    spool = Spool(str(tmp_path / "queue"))
+    runner = QueueRunner(spool, QueueSection(), io=io, clock=task.Clock(), local=_Agent(),
+                         remote=None, notifier=_Agent())
+    message = _staged(runner, b"Subject: s\r\n\r\nbody\r\n", io)
+    ids: list = []
+    runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
+                       message, message.size, {}).addCallback(ids.append)
+    assert [job_name(job) for job in io.jobs] == ["_create+then"]
+    io.step()
+    assert io.names() == ["_fsync"] and ids == []  # no 250 before the directory fsync
+    io.drain()
+    (queue_id,) = ids
+    assert open(spool.message_path(queue_id), "rb").read() == b"Subject: s\r\n\r\nbody\r\n"
+    assert os.listdir(runner.incoming_dir) == []
+
+
+def test_a_failed_take_over_leaves_the_staged_file_for_discard(tmp_path, monkeypatch):
+    runner, spool = _runner(tmp_path)
+    message = _staged(runner, b"x\r\n", InlinePool())
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("mailsuite.queue.spool.write_file_durably", broken)
+    errors: list = []
+    runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
+                       message, message.size, {}).addErrback(errors.append)
+    assert errors and errors[0].check(OSError) and message.error is None
+    assert os.listdir(runner.incoming_dir) == [os.path.basename(message.path)]
+    message.discard()
+    assert os.listdir(runner.incoming_dir) == [] and spool.ids() == []
+
+
+def test_the_first_staged_file_creates_the_incoming_directory(tmp_path):
+    directory = tmp_path / "incoming" / "host"
+    message = staging.StagedMessage(InlinePool(), str(directory), lambda over: None)
+    message.write_last(b"x\r\n")
+    paths: list = []
+    message.finish().addCallback(paths.append)
+    assert paths == [message.path] and open(paths[0], "rb").read() == b"x\r\n"
+    assert oct(os.stat(directory).st_mode & 0o777) == "0o700"

@@ -11,7 +11,7 @@ import pytest
 
 from mailsuite.queue import spool as spool_module
 from mailsuite.queue.spool import (QueueEntry, Recipient, Spool, SpoolError, entry_from_json,
-                                   entry_to_json, new_queue_id, valid_queue_id)
+                                   entry_to_json, new_queue_id, read_head, valid_queue_id)
 from tests.unit.queuekit import spool_files
 
 DATA = b"Received: from x by y\r\nSubject: test\r\n\r\nbody line\r\n.\r\n"
@@ -189,3 +189,16 @@ def test_kick_changes_mtime(spool):
     before = spool.kick_mtime()
     spool.kick()
     assert spool.kick_mtime() != before
+
+
+@pytest.mark.parametrize("content, limit, head", [
+    (b"A: 1\r\nB: 2\r\n\r\nbody\r\n\r\nmore\r\n", 1024, b"A: 1\r\nB: 2\r\n"),
+    (b"A: 1\r\nB: 2\r\n", 1024, b"A: 1\r\nB: 2\r\n"),  # all header, no body
+    (b"A: 1\r\n" * 100 + b"\r\nbody\r\n", 60, (b"A: 1\r\n" * 100)[:60]),  # cut at the limit
+    (b"\r\n\r\nbody\r\n", 1024, b"\r\n"),
+    (b"", 1024, b""),
+])
+def test_read_head_is_the_header_section_within_the_limit(tmp_path, content, limit, head):
+    path = tmp_path / "m"
+    path.write_bytes(content)
+    assert read_head(str(path), limit) == head

@@ -257,3 +257,37 @@ def test_nothing_to_add_leaves_the_staged_file_alone(monkeypatch):
     [queued] = w.queue.messages
     assert queued.data.startswith(b"Received: ")
     assert w.queue.staged() == []
+
+
+def _jobs_at_the_final_dot(io, gate_parts: dict[str, Any]) -> list[str]:
+    from tests.unit.test_smtp_streaming import job_name
+
+    w = World(io=io, gates={"mx": lambda config: Gate(config, "mx", reactor=task.Clock(),
+                                                      work=InlinePool(), **gate_parts)})
+    c = w.connect("mx")
+    c.ehlo()
+    c.send(b"MAIL FROM:<a@sender.example>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+    assert [c.code(), c.code(), c.code()] == [250, 250, 354]
+    c.send(MESSAGE + b".\r\n")
+    names = []
+    while io.jobs:
+        names.append(job_name(io.jobs[0]))
+        io.step()
+    assert c.reply()[0].startswith(b"250 ") and len(w.queue.messages) == 1
+    return names
+
+
+def test_a_gate_that_reads_no_message_lets_the_queue_take_it_in_one_job():
+    """No sender authentication, no engine: nothing reads the staged file, so the job that
+    completes it hands it to the queue (docs/design/smtp.md, "DATA on disk")."""
+    from tests.unit.manualpool import ManualPool
+
+    assert _jobs_at_the_final_dot(ManualPool(), {}) == ["_create+then"]
+
+
+def test_an_engine_still_scans_the_complete_file_before_the_queue_takes_it():
+    from tests.unit.manualpool import ManualPool
+
+    scanner = Scanner(Verdict(ACCEPT))
+    assert _jobs_at_the_final_dot(ManualPool(), {"scanners": [scanner]}) == ["_create"]
+    assert scanner.scanned and scanner.scanned[0].endswith(MESSAGE)
