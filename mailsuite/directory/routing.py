@@ -17,7 +17,7 @@ appearance kept.
 """
 from __future__ import annotations
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import String, bindparam, cast, func, literal, null, or_, select, union_all
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 from twisted.logger import Logger
@@ -30,6 +30,19 @@ log = Logger()
 
 MAX_DEPTH = 20  # nesting levels of aliases followed before giving up
 MAX_ADDRESSES = 1000  # distinct addresses expanded for one recipient (Postfix's limit too)
+
+
+# Built once: constructing a statement costs more CPU than running it on SQLite, and routing
+# runs for every RCPT.
+_HOSTED = select(Domain.id).where(Domain.name == bindparam("domain"))
+_IS_USER = select(User.id).where(User.address == bindparam("address"))
+_TARGETS = select(Alias.target).where(Alias.source == bindparam("address")).order_by(Alias.id)
+_NOTHING = (cast(null(), String), literal(0))
+_PREFETCH = union_all(
+    select(literal("d"), *_NOTHING).where(Domain.name == bindparam("domain")),
+    select(literal("u"), *_NOTHING).where(User.address == bindparam("address")),
+    select(literal("a"), Alias.target, Alias.id).where(Alias.source == bindparam("address")),
+)
 
 
 class Resolver:
@@ -55,31 +68,37 @@ class Resolver:
         if parts is None:
             return Route(text, False)
         local, domain = parts
+        canonical = f"{local}@{domain}"
+        self._prefetch(canonical, domain)
         if not self.hosted(domain):
             original_local = text.rpartition("@")[0]
             return Route(f"{original_local}@{domain}", False)
-        canonical = f"{local}@{domain}"
         out = _Targets()
         self._expand(canonical, frozenset(), 0, out)
         return Route(canonical, True, tuple(out.mailboxes), tuple(out.remote))
 
     # Look-ups -------------------------------------------------------------------------------
+    def _prefetch(self, address: str, domain: str) -> None:
+        """The three look-ups of a plain recipient (is the domain hosted, the alias targets of
+        the address, is it a user) in one query instead of three: this runs for every RCPT."""
+        rows = self.s.execute(_PREFETCH, {"domain": domain, "address": address}).all()
+        self._hosted[domain] = any(k == "d" for k, _, _ in rows)
+        self._users[address] = any(k == "u" for k, _, _ in rows)
+        self._targets[address] = [v for k, v, _ in sorted(rows, key=lambda r: r[2]) if k == "a"]
+
     def hosted(self, domain: str) -> bool:
         if domain not in self._hosted:
-            self._hosted[domain] = self.s.scalar(
-                select(Domain.id).where(Domain.name == domain)) is not None
+            self._hosted[domain] = self.s.scalar(_HOSTED, {"domain": domain}) is not None
         return self._hosted[domain]
 
     def is_user(self, address: str) -> bool:
         if address not in self._users:
-            self._users[address] = self.s.scalar(
-                select(User.id).where(User.address == address)) is not None
+            self._users[address] = self.s.scalar(_IS_USER, {"address": address}) is not None
         return self._users[address]
 
     def targets(self, source: str) -> list[str]:
         if source not in self._targets:
-            self._targets[source] = list(self.s.scalars(
-                select(Alias.target).where(Alias.source == source).order_by(Alias.id)))
+            self._targets[source] = list(self.s.scalars(_TARGETS, {"address": source}))
         return self._targets[source]
 
     # Expansion ------------------------------------------------------------------------------
