@@ -5,6 +5,7 @@ are in docs/design/maildir.md."""
 from __future__ import annotations
 
 import itertools
+import operator
 import os
 import secrets
 import socket
@@ -348,9 +349,9 @@ class UidList:
         header += self.header_extra
         out = [" ".join(header)]
         extra = self.extra
-        for key, uid in sorted(self.uids.items(), key=lambda kv: kv[1]):
-            ext = extra.get(key)
-            out.append(f"{uid} {ext} :{key}" if ext else f"{uid} :{key}")
+        records = sorted(self.uids.items(), key=operator.itemgetter(1))
+        out += [f"{uid} {ext} :{key}" if (ext := extra.get(key)) else f"{uid} :{key}"
+                for key, uid in records]
         return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 
