@@ -214,16 +214,15 @@ class FolderIndex:
             self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
             if recent_new:
                 self.cur_mtime = None  # changed by us, maybe by others meanwhile: list it again
+        full = not self.synced
+        touched: set[str] = set()  # keys added or renamed (flag change) in cur/
         removed: set[str] = set()
         if files is old:
-            touched = set(recent_new)  # keys added or renamed (flag change) in cur/
-        elif old:
+            touched = set(recent_new)
+        elif not full:  # a full sync looks at every file anyway
             touched = {k for k, n in files.items() if old.get(k) != n}
             removed = old.keys() - files.keys()
-        else:
-            touched = set(files)
         self.files = files
-        full = not self.synced
         reload = self._reload_uidlist()
         if reload == "full":
             full = True
@@ -241,10 +240,9 @@ class FolderIndex:
             self._rebuild_all()
         elif touched or removed:
             self._update(touched, removed)
-        for key in recent_new:
-            uid = uids.get(key)
-            if uid is not None and uid in self.infos:
-                self.unclaimed_recent.add(uid)
+        infos = self.infos
+        self.unclaimed_recent.update(
+            uid for key in recent_new if (uid := uids.get(key)) is not None and uid in infos)
         self.synced = True
         if self.meta_pending:
             self._save_meta()

@@ -65,6 +65,9 @@ def split_name(name: str) -> tuple[str, str]:
 
 def size_from_key(key: str) -> int | None:
     """`,S=<size>` from the base name (Maildir++ quota extension), None if absent."""
+    head, sep, digits = key.rpartition(",S=")
+    if sep and digits.isdigit() and digits.isascii() and ",S=" not in head:
+        return int(digits)  # the common name, S= last: found from the end at once
     i = key.find(",S=")
     if i < 0:
         return None
