@@ -775,7 +775,8 @@ def _valid_keyword(flag: str) -> bool:
 
 _LEADING_DIGITS = re.compile(r"\d+")
 _ORDER = re.compile(r"(\d+)\.M(\d+)")
-_FIXED_WIDTH = re.compile(r"/\d{10}\.M\d{6}(?!\d)")  # after "/", which no file name holds
+# After "/", which no file name holds; ASCII digits only (int() reads other digits too).
+_FIXED_WIDTH = re.compile(r"/[0-9]{10}\.M[0-9]{6}(?![0-9])")
 
 
 def _in_delivery_order(keys: list[str]) -> list[str]:

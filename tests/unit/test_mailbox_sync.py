@@ -15,7 +15,7 @@ def test_delivery_order_of_fixed_width_names_and_of_others():
              for i in range(500)]
     # A 7-digit microsecond field, a 9-digit second, no M part: plain string order is wrong.
     odd = ["1700000003.M1234567P1Q1.host", "999999999.M000001P1Q2.host", "1700000001.host",
-           "1700000002.M99P1Q3.host"]
+           "1700000002.M99P1Q3.host", "\u0661\u0667" + "\u0660" * 8 + ".M000004P1Q4.host"]
     for keys in [fixed] + [fixed + [k] for k in odd]:
         shuffled = random.Random(5).sample(keys, len(keys))
         assert _in_delivery_order(shuffled) == sorted(keys, key=_delivery_order)
