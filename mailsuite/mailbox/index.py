@@ -219,7 +219,7 @@ class FolderIndex:
         removed: set[str] = set()
         if files is old:
             touched = set(recent_new)
-        elif not full:  # a full sync looks at every file anyway
+        elif not full and files != old:  # a full sync looks at every file anyway
             touched = {k for k, n in files.items() if old.get(k) != n}
             removed = old.keys() - files.keys()
         self.files = files
