@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 import sys
 import contextlib
 import threading
@@ -21,8 +20,8 @@ from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
 from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
-    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, letters_to_flags,
-    read_keywords, read_uidlist, size_from_key, write_keywords,
+    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, in_delivery_order,
+    letters_to_flags, read_keywords, read_uidlist, size_from_key, write_keywords,
 )
 from mailsuite.safeio import atomic_write
 
@@ -234,7 +233,7 @@ class FolderIndex:
         candidates = self.files if full else touched
         unknown = [k for k in candidates if k not in uids]
         if unknown or self.uidlist is None:
-            self.register(_in_delivery_order(unknown))
+            self.register(in_delivery_order(unknown))
             uids = self.uidlist.uids
         if full:
             self._rebuild_all()
@@ -772,31 +771,3 @@ def _valid_keyword(flag: str) -> bool:
     # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
     return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
 
-
-_LEADING_DIGITS = re.compile(r"\d+")
-_ORDER = re.compile(r"(\d+)\.M(\d+)")
-# After "/", which no file name holds; ASCII digits only (int() reads other digits too).
-_FIXED_WIDTH = re.compile(r"/[0-9]{10}\.M[0-9]{6}(?![0-9])")
-
-
-def _in_delivery_order(keys: list[str]) -> list[str]:
-    """`keys` sorted by `_delivery_order`. Names that all begin `<10 digits>.M<6 digits>`
-    (ours, the queue's, most MDAs') sort the same as plain strings, which is several times
-    faster for the 100,000 files of a folder another MDA filled (one regex over all)."""
-    if len(_FIXED_WIDTH.findall("/" + "/".join(keys))) == len(keys):
-        return sorted(keys)
-    return sorted(keys, key=_delivery_order)
-
-
-def _delivery_order(key: str) -> tuple:
-    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
-    follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
-    m = _ORDER.match(key)
-    if m is not None:
-        return (int(m[1]), int(m[2]), key)
-    sec, _, rest = key.partition(".")
-    usec = 0
-    if rest.startswith("M"):
-        m = _LEADING_DIGITS.match(rest, 1)
-        usec = int(m.group()) if m else 0
-    return (int(sec) if sec.isdigit() else 0, usec, key)

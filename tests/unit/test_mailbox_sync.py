@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import random
 
-from mailsuite.mailbox.index import _delivery_order, _in_delivery_order
-from mailsuite.mailbox.maildir import UIDLIST, read_uidlist
+from mailsuite.mailbox.maildir import (
+    UIDLIST, delivery_order, in_delivery_order, read_uidlist,
+)
 from tests.unit.test_mailbox_store import account, deliver, settle  # noqa: F401 (fixture)
 
 
@@ -18,8 +19,8 @@ def test_delivery_order_of_fixed_width_names_and_of_others():
            "1700000002.M99P1Q3.host", "\u0661\u0667" + "\u0660" * 8 + ".M000004P1Q4.host"]
     for keys in [fixed] + [fixed + [k] for k in odd]:
         shuffled = random.Random(5).sample(keys, len(keys))
-        assert _in_delivery_order(shuffled) == sorted(keys, key=_delivery_order)
-    assert sorted(odd) != sorted(odd, key=_delivery_order)
+        assert in_delivery_order(shuffled) == sorted(keys, key=delivery_order)
+    assert sorted(odd) != sorted(odd, key=delivery_order)
 
 
 def test_new_mail_in_a_settled_folder_moves_without_listing_cur(account, monkeypatch):
