@@ -3,6 +3,7 @@ of the environment underneath (docs/design/maildir.md)."""
 from __future__ import annotations
 
 import errno
+import functools
 
 
 class MailboxError(Exception):
@@ -56,3 +57,31 @@ class LockBusy(StoreUnavailable):
 
     def __str__(self) -> str:
         return "mailbox is in use by another session, try again later"
+
+
+def _environment_faults(fn):
+    """Re-raise an OSError of a store operation as StoreUnavailable."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MailboxError:
+            raise
+        except OSError as e:
+            raise StoreUnavailable(e.errno, e.strerror or str(e)) from e
+    return wrapper
+
+
+def translate_faults(*skip: str):
+    """Class decorator: every public method and property raises StoreUnavailable, never a
+    bare OSError (those in `skip` are memory-only hot paths)."""
+    def decorate(cls):
+        for name, value in list(vars(cls).items()):
+            if name.startswith("_") or name in skip:
+                continue
+            if isinstance(value, property):
+                setattr(cls, name, property(_environment_faults(value.fget)))
+            elif callable(value):
+                setattr(cls, name, _environment_faults(value))
+        return cls
+    return decorate

@@ -5,8 +5,8 @@ session) through `MailStore`; everything here is blocking and runs in the io poo
 """
 from __future__ import annotations
 
+import itertools
 import os
-import re
 import sys
 import contextlib
 import threading
@@ -20,8 +20,8 @@ from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
 from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.maildir import (
-    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, info_name,
-    letters_to_flags, read_keywords, read_uidlist, size_from_key, split_name, write_keywords,
+    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, in_delivery_order,
+    letters_to_flags, read_keywords, read_uidlist, size_from_key, write_keywords,
 )
 from mailsuite.safeio import atomic_write
 
@@ -42,7 +42,11 @@ MESSAGE_BYTES = 900
 STATE_BYTES = 16 * 1024
 
 
-@dataclass(frozen=True, slots=True)  # slots: 100,000 of these per large folder
+# slots: 100,000 of these per large folder. Not frozen: a frozen dataclass sets each field
+# through object.__setattr__, which doubles the cost of the first listing of a large folder;
+# the store never changes a MessageInfo it has handed out (it builds a new one), except to
+# memoize `date` and, before anyone holds them, `modseq`. unsafe_hash: hashed as if frozen.
+@dataclass(slots=True, unsafe_hash=True)
 class MessageInfo:
     """One message of a folder as of the last sync().
 
@@ -82,7 +86,7 @@ class MessageInfo:
             d = stat(where, **kw).st_mtime
         except OSError:
             d = float(date_from_key(self.key))
-        object.__setattr__(self, "date", d)  # a cache of an immutable fact, seen by all copies
+        self.date = d  # a cache of an immutable fact, seen by all copies
         return d
 
 
@@ -198,20 +202,26 @@ class FolderIndex:
         except FileNotFoundError:
             raise NoSuchFolder("folder was deleted")
         now_ns = time.time_ns()
-        recent_new: list[str] = []
-        if st_new.st_mtime_ns != self.new_mtime:
-            recent_new = self._move_new_to_cur(new_dir, cur_dir)
-            # A directory changed within the last second may change again within the same
-            # mtime tick: do not trust the cached mtime until it has settled.
-            self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
-            if recent_new:
-                st_cur = os.stat(cur_dir)
+        full = not self.synced
         touched: set[str] = set()  # keys added or renamed (flag change) in cur/
         removed: set[str] = set()
         if st_cur.st_mtime_ns != self.cur_mtime:
-            touched, removed = self._relist_cur(cur_dir)
+            if full:
+                self.files = _list_cur(cur_dir)  # a full sync looks at every file anyway
+            else:
+                touched, removed = self._relist_cur(cur_dir)
+            # A directory changed within the last second may change again within the same
+            # mtime tick: do not trust the cached mtime until it has settled.
             self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
-        full = not self.synced
+        recent_new: list[str] = []
+        if st_new.st_mtime_ns != self.new_mtime:
+            # Listed before the moves, the moved names added by the move itself: cur/ is not
+            # listed twice (docs/design/maildir.md, "Syncing a folder").
+            recent_new = self._move_new_to_cur(new_dir, cur_dir, self.files)
+            self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
+            if recent_new:
+                self.cur_mtime = None  # changed by us, maybe by others meanwhile: list it again
+        touched.update(recent_new)
         reload = self._reload_uidlist()
         if reload == "full":
             full = True
@@ -223,16 +233,15 @@ class FolderIndex:
         candidates = self.files if full else touched
         unknown = [k for k in candidates if k not in uids]
         if unknown or self.uidlist is None:
-            self.register(sorted(unknown, key=_delivery_order))
+            self.register(in_delivery_order(unknown))
             uids = self.uidlist.uids
         if full:
             self._rebuild_all()
         elif touched or removed:
             self._update(touched, removed)
-        for key in recent_new:
-            uid = uids.get(key)
-            if uid is not None and uid in self.infos:
-                self.unclaimed_recent.add(uid)
+        infos = self.infos
+        self.unclaimed_recent.update(
+            uid for key in recent_new if (uid := uids.get(key)) is not None and uid in infos)
         self.synced = True
         if self.meta_pending:
             self._save_meta()
@@ -271,13 +280,14 @@ class FolderIndex:
             self.snapshot = list(self.infos.values())
         return self.snapshot
 
-    def _move_new_to_cur(self, new_dir: str, cur_dir: str) -> list[str]:
-        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). Only a name
-        without `,S=` is stat()ed here (for its size, by directory descriptor); the others are
-        dated on demand (docs/design/maildir.md, "Syncing a folder", "Dates on demand")."""
+    def _move_new_to_cur(self, new_dir: str, cur_dir: str, files: dict[str, str]) -> list[str]:
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'), and adds each
+        moved name to `files` (key -> name in cur/). Only a name without `,S=` is stat()ed
+        here (for its size, by directory descriptor); the others are dated on demand
+        (docs/design/maildir.md, "Syncing a folder", "Dates on demand")."""
         moved = []
         meta, pending = self.meta, self.meta_pending
-        rename, stat = os.rename, os.stat
+        rename, stat, intern = os.rename, os.stat, sys.intern
         nfd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             cfd = os.open(cur_dir, os.O_RDONLY | os.O_DIRECTORY)
@@ -285,17 +295,22 @@ class FolderIndex:
                 for name in os.listdir(nfd):
                     if name[0] == ".":
                         continue
-                    key, sep, info = name.partition(":")
-                    letters = info[2:] if sep and info.startswith("2,") else ""
+                    if ":" in name:
+                        key, info = name.split(":", 1)
+                        target = f"{key}:2,{info[2:] if info.startswith('2,') else ''}"
+                    else:
+                        key, target = name, name + ":2,"
                     try:
                         if ",S=" not in key and key not in meta:
                             st = stat(name, dir_fd=nfd)
                             size = size_from_key(key)
                             meta[key] = (size if size is not None else st.st_size, st.st_mtime)
                             pending.append(key)
-                        rename(name, f"{key}:2,{letters}", src_dir_fd=nfd, dst_dir_fd=cfd)
+                        rename(name, target, src_dir_fd=nfd, dst_dir_fd=cfd)
                     except FileNotFoundError:
                         continue  # another session moved it first
+                    key = intern(key)  # one string per key, shared with dovecot-uidlist's dict
+                    files[key] = target
                     moved.append(key)
             finally:
                 os.close(cfd)
@@ -346,21 +361,23 @@ class FolderIndex:
         for key in keys:
             uid = uids[key]
             name = files[key]
-            prev = old.get(uid)
-            if prev is not None and prev.key == key and prev.name == name:
-                infos[uid] = prev
-                continue
-            m = meta.get(key)
-            if m is None and (size := size_from_key(key)) is not None:
-                m = (size, UNDATED)
-            letters = name.partition(":2,")[2]
-            flags = flag_cache.get(letters)
-            if m is None or flags is None:
+            if old:
+                prev = old.get(uid)
+                if prev is not None and prev.key == key and prev.name == name:
+                    infos[uid] = prev
+                    continue
+            m = meta.get(key) if meta else None
+            if m is not None:
+                size, date = m
+            else:
+                size, date = size_from_key(key), UNDATED
+            flags = flag_cache.get(name.partition(":2,")[2])
+            if size is None or flags is None:
                 info = self._make_info(uid, key, name)
                 if info is not None:
                     infos[uid] = info
                 continue
-            infos[uid] = MessageInfo(uid, key, flags, m[0], m[1], name, prefix,
+            infos[uid] = MessageInfo(uid, key, flags, size, date, name, prefix,
                                      modseq.get(uid, 0))
         self.infos = infos
         self.mod_dirty = None
@@ -485,15 +502,15 @@ class FolderIndex:
             if fresh:
                 ul = UidList.new()
             result = []
-            added = []
+            added = []  # keys given the consecutive UIDs from `first` on
+            known, first = ul.uids, ul.nextuid
             for key in keys:
-                uid = ul.uids.get(key)
+                uid = known.get(key)
                 if uid is None:
-                    uid = ul.nextuid
-                    ul.nextuid += 1
-                    ul.uids[key] = uid
-                    added.append((uid, key))
+                    uid = known[key] = first + len(added)
+                    added.append(key)
                 result.append(uid)
+            ul.nextuid = first + len(added)
             if fresh:
                 atomic_write(path, ul.serialize())
             elif added:
@@ -503,7 +520,7 @@ class FolderIndex:
                         f.seek(-1, os.SEEK_END)
                         if f.read(1) != b"\n":
                             f.write(b"\n")  # another tool left the last line unterminated
-                    f.write("".join(f"{u} :{k}\n" for u, k in added)
+                    f.write("".join(f"{u} :{k}\n" for u, k in zip(itertools.count(first), added))
                             .encode("utf-8", "surrogateescape"))
                     f.flush()
                     os.fsync(f.fileno())
@@ -611,7 +628,7 @@ class FolderIndex:
         replaced = False
         if self.unseen:
             for u, info in infos.items():
-                object.__setattr__(info, "modseq", modseq.get(u, 0))
+                info.modseq = modseq.get(u, 0)
             return
         for u in (infos.keys() if dirty is None else dirty):
             info = infos.get(u)
@@ -769,6 +786,12 @@ class FolderIndex:
                 pass  # a cache: failing to write it costs speed, not correctness
 
 
+def _list_cur(cur_dir: str) -> dict[str, str]:
+    """key -> file name of every message in cur/."""
+    intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
+    return {intern(n.split(":", 1)[0]): n for n in os.listdir(cur_dir) if n[0] != "."}
+
+
 def _open_append(path: str, mode: str) -> BinaryIO:
     """open(path, mode) for appending, refusing a symlink planted in place of the file."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
@@ -781,20 +804,3 @@ def _valid_keyword(flag: str) -> bool:
     # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
     return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
 
-
-_LEADING_DIGITS = re.compile(r"\d+")
-_ORDER = re.compile(r"(\d+)\.M(\d+)")
-
-
-def _delivery_order(key: str) -> tuple:
-    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
-    follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
-    m = _ORDER.match(key)
-    if m is not None:
-        return (int(m[1]), int(m[2]), key)
-    sec, _, rest = key.partition(".")
-    usec = 0
-    if rest.startswith("M"):
-        m = _LEADING_DIGITS.match(rest, 1)
-        usec = int(m.group()) if m else 0
-    return (int(sec) if sec.isdigit() else 0, usec, key)

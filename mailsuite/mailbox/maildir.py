@@ -5,7 +5,9 @@ are in docs/design/maildir.md."""
 from __future__ import annotations
 
 import itertools
+import operator
 import os
+import re
 import secrets
 import socket
 import sys
@@ -64,6 +66,9 @@ def split_name(name: str) -> tuple[str, str]:
 
 def size_from_key(key: str) -> int | None:
     """`,S=<size>` from the base name (Maildir++ quota extension), None if absent."""
+    head, sep, digits = key.rpartition(",S=")
+    if sep and digits.isdigit() and digits.isascii() and ",S=" not in head:
+        return int(digits)  # the common name, S= last: found from the end at once
     i = key.find(",S=")
     if i < 0:
         return None
@@ -111,6 +116,35 @@ def flags_to_letters(flags: Iterable[str], keywords: list[str], keep: str = "") 
 
 def info_name(key: str, letters: str) -> str:
     return f"{key}:2,{letters}"
+
+
+_LEADING_DIGITS = re.compile(r"\d+")
+_ORDER = re.compile(r"(\d+)\.M(\d+)")
+# After "/", which no file name holds; ASCII digits only (int() reads other digits too).
+_FIXED_WIDTH = re.compile(r"/[0-9]{10}\.M[0-9]{6}(?![0-9])")
+
+
+def in_delivery_order(keys: list[str]) -> list[str]:
+    """`keys` sorted by `delivery_order`. Names that all begin `<10 digits>.M<6 digits>`
+    (ours, the queue's, most MDAs') sort the same as plain strings, which is several times
+    faster for the 100,000 files of a folder another MDA filled (one regex over all)."""
+    if len(_FIXED_WIDTH.findall("/" + "/".join(keys))) == len(keys):
+        return sorted(keys)
+    return sorted(keys, key=delivery_order)
+
+
+def delivery_order(key: str) -> tuple:
+    """New files get UIDs in delivery order: `<sec>.M<usec>...` sorted numerically (what
+    follows the digits is P<pid> for our fresh names, Q<queue id> for queue deliveries)."""
+    m = _ORDER.match(key)
+    if m is not None:
+        return (int(m[1]), int(m[2]), key)
+    sec, _, rest = key.partition(".")
+    usec = 0
+    if rest.startswith("M"):
+        m = _LEADING_DIGITS.match(rest, 1)
+        usec = int(m.group()) if m else 0
+    return (int(sec) if sec.isdigit() else 0, usec, key)
 
 
 # -- directories and delivery --------------------------------------------------------------------
@@ -348,9 +382,9 @@ class UidList:
         header += self.header_extra
         out = [" ".join(header)]
         extra = self.extra
-        for key, uid in sorted(self.uids.items(), key=lambda kv: kv[1]):
-            ext = extra.get(key)
-            out.append(f"{uid} {ext} :{key}" if ext else f"{uid} :{key}")
+        records = sorted(self.uids.items(), key=operator.itemgetter(1))
+        out += [f"{uid} {ext} :{key}" if (ext := extra.get(key)) else f"{uid} :{key}"
+                for key, uid in records]
         return ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
 
 

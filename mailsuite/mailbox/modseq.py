@@ -36,7 +36,8 @@ RESERVE = 1000  # mod-sequences one fsynced `R` line makes room for
 
 
 class ModSeqLog:
-    """What the log says, in memory: uid -> (modseq, letters), expunged uid -> modseq."""
+    """What the log says, in memory: uid -> letters and uid -> modseq of the messages,
+    expunged uid -> modseq."""
 
     def __init__(self, folder_path: str, rules: LockRules = DEFAULT_RULES):
         self.path = os.path.join(folder_path, MODSEQ_FILE)
@@ -46,7 +47,7 @@ class ModSeqLog:
         self.floor = 0  # expunges with modseq <= floor are no longer listed
         self.reserved = 0  # the highest `R`: numbers up to it may have been handed out
         self.above = 0  # new mod-sequences are above this (`reserved` when read from the start)
-        self.entries: dict[int, tuple[int, str]] = {}
+        self.entries: dict[int, str] = {}  # uid -> flag letters as last recorded
         self.modseq: dict[int, int] = {}  # uid -> modseq (read by the reactor: see selection)
         self.expunged: dict[int, int] = {}  # uid -> modseq, in the order they were logged
         self.stamp: Optional[tuple] = None  # (inode, size read so far)
@@ -123,7 +124,7 @@ class ModSeqLog:
                 expunged.pop(uid, None)
                 expunged[uid] = ms
             elif parts[2].startswith(":"):
-                entries[uid] = (ms, parts[2][1:])
+                entries[uid] = parts[2][1:]
                 modseq[uid] = ms
                 expunged.pop(uid, None)
         self.highest = highest
@@ -148,19 +149,21 @@ class ModSeqLog:
                 keep = self.highest
                 self._reset(uidvalidity)
                 self.highest = keep
-                check = None
-            changed, gone = self._pending(uidvalidity, present, check, collect=True)
-            if not changed and not gone and not fresh:
-                return False
+                changed, gone = sorted(present), []  # nothing recorded: every UID is new
+            else:
+                changed, gone = self._pending(uidvalidity, present, check, collect=True)
+                if not changed and not gone:
+                    return False
             ms = max(self.highest, self.above) + 1
             self.highest = ms
             reserve = ms > self.reserved
             if reserve:
                 self.reserved = ms + RESERVE
-            for uid in changed:
-                self.entries[uid] = (ms, present[uid])
-                self.modseq[uid] = ms
-                self.expunged.pop(uid, None)
+            self.entries.update({u: present[u] for u in changed})
+            self.modseq.update(dict.fromkeys(changed, ms))
+            if self.expunged:
+                for uid in changed:
+                    self.expunged.pop(uid, None)
             for uid in gone:
                 self.entries.pop(uid, None)
                 self.modseq.pop(uid, None)
@@ -187,8 +190,7 @@ class ModSeqLog:
             letters = present.get(uid)
             if letters is None:
                 continue
-            e = entries.get(uid)
-            if e is None or e[1] != letters:
+            if entries.get(uid) != letters:
                 if not collect:
                     return True
                 changed.append(uid)
@@ -230,7 +232,8 @@ class ModSeqLog:
             out.append(f"R {self.reserved}")
         if self.floor:
             out.append(f"F {self.floor}")
-        out += [f"{u} {ms} :{letters}" for u, (ms, letters) in self.entries.items()]
+        modseq = self.modseq
+        out += [f"{u} {modseq[u]} :{letters}" for u, letters in self.entries.items()]
         out += [f"{u} {ms} -" for u, ms in self.expunged.items()]
         data = ("\n".join(out) + "\n").encode("utf-8", "surrogateescape")
         atomic_write(self.path, data)

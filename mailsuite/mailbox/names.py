@@ -1,6 +1,6 @@
 """IMAP folder names and their Maildir++ directories (split from store.py): validation,
 INBOX normalisation, modified UTF-7 directory names as Dovecot writes them, and the tab
-escaping of Dovecot's `subscriptions` file."""
+escaping of Dovecot's `subscriptions` file, and the special-use folders (RFC 6154)."""
 from __future__ import annotations
 
 import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for folder names)
@@ -8,6 +8,16 @@ import twisted.mail.imap4  # noqa: F401  (registers the "imap4-utf-7" codec for 
 from mailsuite.mailbox.errors import InvalidMailboxName
 
 DELIMITER = "/"
+
+# RFC 6154 attributes of the folders every account gets on first login.
+SPECIAL_USE: dict[str, str] = {
+    "Sent": "\\Sent",
+    "Drafts": "\\Drafts",
+    "Trash": "\\Trash",
+    "Junk": "\\Junk",
+    "Archive": "\\Archive",
+}
+
 _FORBIDDEN = set("\\*%") | {chr(c) for c in range(32)} | {"\x7f"}
 
 
