@@ -22,6 +22,19 @@ def fast_password_hashing(monkeypatch):
     monkeypatch.setattr(passwords, "CONTEXT", FAST_HASHING)
 
 
+@pytest.fixture(autouse=True)
+def no_disk_flush(monkeypatch):
+    """os.fsync does nothing here: a unit test proves which fsyncs are made and in what order
+    (the tests that check it patch os.fsync with a recorder), never that the disk kept the
+    data, which the scenario layer's kill -9 tests prove with real flushes. Every fsync of the
+    store, the spool and the queue goes through os.fsync; SQLite's own are untouched."""
+    monkeypatch.setattr(os, "fsync", _no_flush)
+
+
+def _no_flush(fd: int) -> None:
+    os.fstat(fd)  # still an error for a descriptor that is not open, as fsync would be
+
+
 @pytest.fixture(scope="session")
 def empty_directory_file(tmp_path_factory) -> str:
     """One SQLite directory made by `DirectoryStore.prepare()` on a new file, once per run."""
