@@ -253,7 +253,7 @@ class SpoolSubmitter:
 
     def submit(self, sender: str, recipients: Sequence[tuple[str, Any]], data: bytes,
                meta: Mapping[str, Any]) -> defer.Deferred:
-        from mailsuite.queue.runner import expand_recipients
+        from mailsuite.queue.attempts import expand_recipients
         from mailsuite.queue.spool import QueueEntry, new_queue_id
 
         now = self.clock.seconds()
