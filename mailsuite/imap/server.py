@@ -543,9 +543,21 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             d.addCallback(self.tell_changed, changed)
         if name in REFRESH_AFTER:
             d.addCallback(self._refresh_then)
-        d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
-        d.addBoth(lambda _: self.metrics.imap_command(name, self.clock.seconds() - started))
-        d.addBoth(lambda _: self.done())
+        d.addBoth(self._completed, tag, name, started)
+
+    def _completed(self, result: Any, tag: bytes, name: bytes, started: float) -> None:
+        """The tagged reply, the command's metrics, and on to the next command: one callback
+        at the end of every command's chain."""
+        try:
+            if isinstance(result, Failure):
+                self.failed(tag, result, name)
+            else:
+                self.finish(tag, result)
+        finally:
+            try:
+                self.metrics.imap_command(name, self.clock.seconds() - started)
+            finally:
+                self.done()
 
     def _handler(self, name: bytes) -> Callable[..., Any]:
         """The do_ method for a command, if the state table allows it now."""
