@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 T = TypeVar("T")
+MAILBOX_THREADS = 4  # imaptest, 50 clients staying logged in: 4 threads beat 8 and 16 on 2 cores
 
 
 class PoolStopped(Exception):
@@ -161,12 +162,17 @@ class Pools(Service):
         # threads than cores: while a busy folder's writers wait for each other, the jobs of
         # other folders and sessions (LIST, STATUS, SELECT) still find a free thread.
         self.io = WorkerPool("io", 16, reactor)
+        # The store work of IMAP and POP3 sessions (service.py wraps it in mailbox/waits.py's
+        # LockWaitingPool). Few threads: its jobs are short Python work between syscalls, and
+        # every syscall hands the GIL over; with 16 runnable threads the reactor waited for the
+        # GIL behind them (docs/design/imap.md, "Throughput"). Lock waits take no thread.
+        self.mailbox = WorkerPool("mailbox", MAILBOX_THREADS, reactor)
         # Inbound checks (pyspf, dkimpy): threads that mostly wait for DNS answers, kept apart
         # so slow name servers cannot hold up Maildir writes.
         self.trust = WorkerPool("trust", 8, reactor)
 
     def all(self) -> tuple[WorkerPool, ...]:
-        return (self.db, self.hash, self.io, self.trust)
+        return (self.db, self.hash, self.io, self.mailbox, self.trust)
 
     def startService(self) -> None:
         super().startService()
