@@ -123,3 +123,28 @@ def test_stop_runs_what_was_queued_and_refuses_more(reactor):
     failed = results_of(pool.run(ran.append, "after stop"))
     assert failed[0].check(PoolStopped)
     assert ran == ["queued before stop"]
+
+
+def test_imap_and_pop3_sessions_get_the_small_mailbox_pool(tmp_path, monkeypatch,
+                                                          prepared_directory):
+    """Their store work runs in `pools.mailbox` (MAILBOX_THREADS threads, docs/design/imap.md
+    "Throughput"), not in the io pool that SMTP delivery fills with fsync waits."""
+    from twisted.internet.testing import MemoryReactorClock
+
+    from mailsuite.config import Config
+    from mailsuite.pools import MAILBOX_THREADS
+    from mailsuite.service import build_parts
+
+    monkeypatch.setattr("twisted.names.client.getResolver", lambda: None)
+    config = Config()
+    config.server.data_dir = str(tmp_path)
+    config.server.hostname = "mx.example.org"
+    prepared_directory(str(tmp_path / "mailsuite.db"))
+    parts = build_parts(config, MemoryReactorClock())
+    try:
+        assert parts.mailbox_io.pool is parts.pools.mailbox
+        assert parts.pools.mailbox in parts.pools.all()
+        assert parts.pools.mailbox.maxthreads == MAILBOX_THREADS < parts.pools.io.maxthreads
+    finally:
+        for pool in parts.pools.all():
+            pool.stop()
