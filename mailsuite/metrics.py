@@ -95,6 +95,7 @@ class Metrics:
 
         # IMAP commands of the state table get a label of their own; any other is "other".
         self._imap_names = frozenset(name for names in COMMANDS.values() for name in names)
+        self._imap_children: dict[bytes, Any] = {}
 
     # -- events ----------------------------------------------------------------------------------
     def smtp_reply(self, listener: str, code: int, reason: str) -> None:
@@ -109,10 +110,15 @@ class Metrics:
         self._auth.labels(protocol, outcome).inc()
 
     def imap_command(self, name: bytes, seconds: float) -> None:
-        command = name.decode("ascii", "replace").upper()
-        if command not in self._imap_names:
-            command = "other"
-        self._imap_commands.labels(command).observe(max(seconds, 0.0))
+        child = self._imap_children.get(name)
+        if child is None:
+            command = name.decode("ascii", "replace").upper()
+            if command not in self._imap_names:
+                command = "other"
+            child = self._imap_commands.labels(command)
+            if len(self._imap_children) < 256:  # a command's labelled child, found once
+                self._imap_children[name] = child
+        child.observe(max(seconds, 0.0))
 
     def maildir_writes(self, source: str, count: int = 1) -> None:
         """Messages written into a Maildir: "delivery" (local delivery) or "append" (IMAP)."""

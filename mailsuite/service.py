@@ -55,8 +55,8 @@ class Parts:
     # The descriptors all listeners share (docs/design/limits.md); service.py hands it to every
     # listener's factory through `listeners.limit`, so the `_build_*` functions need not.
     budget: FileBudget | None = None
-    # The io pool as IMAP and POP3 see it: a job that meets a busy folder lock waits on the
-    # reactor, not in a pool thread (mailbox/waits.py, a LockWaitingPool over pools.io).
+    # The store pool as IMAP and POP3 see it: a job that meets a busy folder lock waits on the
+    # reactor, not in a pool thread (mailbox/waits.py, a LockWaitingPool over pools.mailbox).
     mailbox_io: Any = None
     # The process's counters (docs/design/metrics.md): handed to the parts that count, served
     # by the `metrics` listener.
@@ -259,7 +259,7 @@ def build_parts(config: Config, reactor: IReactorTime | None = None) -> Parts:
     return Parts(config=config, pools=pools, tls=tls, directory=directory, mailstore=mailstore,
                  queue=queue, reactor=reactor, resolver=resolver, dns=dns, srs=srs,
                  budget=budget, metrics=metrics, changes=changes, reports=reports,
-                 mailbox_io=LockWaitingPool(pools.io, reactor, config.mailbox.lock_wait),
+                 mailbox_io=LockWaitingPool(pools.mailbox, reactor, config.mailbox.lock_wait),
                  events=_build_events(config, pools, directory, reactor))
 
 

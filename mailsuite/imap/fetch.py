@@ -154,7 +154,8 @@ class FetchCommand:
         return b"FETCH completed"
 
     def _compute(self, chunk: list[int]) -> defer.Deferred:
-        return self.session.io(compute_batch, self.sel.folder, chunk, self.atts)
+        infos = {u: info for u, _, info in self.sel.locate(chunk)}
+        return self.session.io(compute_batch, self.sel.folder, chunk, self.atts, infos)
 
     @defer.inlineCallbacks
     def _mark_seen(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
@@ -343,8 +344,10 @@ def batches(sel: Selection, uids: list[int], needs_file: bool, count: int = BATC
 
 # -- in the io pool: the items that need the message file ------------------------------------
 
-def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict[int, dict[int, Piece]]:
-    """For each message: {id(att): bytes | FileRange} for the items that need the file."""
+def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt],
+                  infos: Optional[dict[int, MessageInfo]] = None) -> dict[int, dict[int, Piece]]:
+    """For each message: {id(att): bytes | FileRange} for the items that need the file.
+    `infos`: the session's view of the messages, which names their files' content (memo)."""
     wanted = [a for a in atts if a.name not in INDEX_ITEMS]
     if header_only(wanted):
         # Header blocks from mailsuite-cache: one file read for the batch, not one open per
@@ -353,6 +356,8 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
         return {u: header_pieces(h, u, wanted) for u in uids if (h := headers.get(u)) is not None}
     out: dict[int, dict[int, Piece]] = {}
     memo = folder.account.store.memo
+    if infos is not None:
+        uids = _from_memo(folder, uids, wanted, infos, memo, out)
     for u in uids:
         try:
             f = folder.open_message(u)
@@ -366,6 +371,47 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt]) -> dict
             except (OSError, ValueError):
                 continue
     return out
+
+
+def _from_memo(folder: Folder, uids: list[int], wanted: list[FetchAtt],
+               infos: dict[int, MessageInfo], memo: FileMemo,
+               out: dict[int, dict[int, Piece]]) -> list[int]:
+    """Fill `out` for the messages whose structures are all in the memo and whose other items
+    are header items (from mailsuite-cache), without opening their files (imaptest's and
+    message lists' `ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (...)]`). Returns the
+    UIDs left for the general path."""
+    structures = [(id(a), kind) for a in wanted if (kind := _structure(a)) is not None]
+    rest = [a for a in wanted if _structure(a) is None]
+    if not structures or (rest and not header_only(rest)):
+        return uids
+    left: list[int] = []
+    found: list[int] = []
+    for u in uids:
+        info = infos.get(u)
+        if info is None:
+            left.append(u)
+            continue
+        cid = content_id(info.path, info.size)
+        pieces: dict[int, Piece] = {}
+        for key, kind in structures:
+            value = memo.get((cid, kind))
+            if value is None:
+                break
+            pieces[key] = value
+        else:
+            out[u] = pieces
+            found.append(u)
+            continue
+        left.append(u)
+    if rest and found:
+        headers = folder.headers(found, extract_header)
+        for u in found:
+            h = headers.get(u)
+            if h is None:
+                del out[u]  # its file is gone: as when it cannot be opened
+            else:
+                out[u].update(header_pieces(h, u, rest))
+    return left
 
 
 def header_only(wanted: list[FetchAtt]) -> bool:

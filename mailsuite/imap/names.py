@@ -2,6 +2,7 @@
 enabled IMAP4rev2 (RFC 9051 §5.1); INBOX case-insensitive."""
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -16,7 +17,7 @@ def encode_name(name: str, utf8: bool = False) -> bytes:
     """`utf8`: the session enabled IMAP4rev2 (RFC 9051 §5.1, docs/design/imap.md "IMAP4rev2")."""
     if utf8:
         return name.encode("utf-8", "surrogateescape")
-    return name.encode("imap4-utf-7")
+    return _to_utf7(name)
 
 
 def decode_name(raw: bytes, utf8: bool = False) -> str:
@@ -27,13 +28,25 @@ def decode_name(raw: bytes, utf8: bool = False) -> str:
         if utf8:
             name = unicodedata.normalize("NFC", raw.decode("utf-8"))
         else:
-            name = raw.decode("imap4-utf-7")
+            name = _from_utf7(bytes(raw))
     except (UnicodeError, ValueError):
         raise no("mailbox name is not valid " + ("UTF-8" if utf8 else "modified UTF-7"),
                  R.CANNOT)
     if name.upper() == "INBOX":  # RFC 3501 §5.1: INBOX in any case is the INBOX
         return "INBOX"
     return name
+
+
+# Twisted's codec is pure Python, and every LIST sends every folder name, every APPEND, COPY,
+# STATUS and SELECT decodes one: the few names of a server's users are converted once.
+@functools.lru_cache(maxsize=4096)
+def _to_utf7(name: str) -> bytes:
+    return name.encode("imap4-utf-7")
+
+
+@functools.lru_cache(maxsize=4096)
+def _from_utf7(raw: bytes) -> str:
+    return raw.decode("imap4-utf-7")
 
 
 _UTF8_QUOTABLE = re.compile(rb"^[^\x00-\x1f\x7f]*$")

@@ -1,22 +1,19 @@
 """The IMAP4rev1 connection (RFC 3501 and the extensions Thunderbird and phones use).
 
 This module keeps what every state shares: reading lines and literals, the serialized dispatch
-and its state table, and the commands of any state and of the not-authenticated state:
-CAPABILITY, NOOP, LOGOUT, ID, ENABLE, STARTTLS, LOGIN, AUTHENTICATE. The other commands live
-beside it, one module per group (selection.py, folders.py, messages.py, fetch.py, idle.py),
-mixed into `IMAPServer`.
+and its state table, and the commands of any state: CAPABILITY, NOOP, LOGOUT, ID, ENABLE. The
+other commands live beside it, one module per group (login.py, selection.py, folders.py,
+messages.py, fetch.py, idle.py), mixed into `IMAPServer`.
 
 Why our own protocol class rather than Twisted's IMAP4Server, and how literals, pipelining and
 STARTTLS are handled: docs/design/imap.md.
 """
 from __future__ import annotations
 
-import base64
 import errno
 import os
 from typing import Any, Callable, Optional, Union
 
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, error as ierror
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -33,12 +30,14 @@ from mailsuite.imap.condstore import CondstoreCommands
 from mailsuite.imap.fetch import FetchCommands, WriteGate
 from mailsuite.imap.folders import FolderCommands
 from mailsuite.imap.idle import IdleCommand
+from mailsuite.imap.login import LoginCommands
 from mailsuite.imap.messages import MessageCommands
 from mailsuite.imap.ordering import OrderingCommands
 from mailsuite.imap.parser import LITERAL_MARKER, Atom, FileLiteral, ParseError, Token, astring, \
     tokenize
-from mailsuite.imap.responses import CommandError, bad, no
+from mailsuite.imap.responses import CommandError, bad
 from mailsuite.imap.selection import Selection, SelectionCommands
+from mailsuite.imap.session import MAX_LINE
 from mailsuite.imap.spool import LiteralSpool
 from mailsuite.listeners import client_ip
 from mailsuite.mailbox import MailStoreAPI
@@ -50,7 +49,6 @@ from mailsuite.tls import TLSMaterial
 
 log = Logger()
 
-MAX_LINE = 64 * 1024  # long UID sets are legal; Dovecot allows 64k lines too
 MAX_LITERAL = 1024 * 1024  # literals of commands other than APPEND
 ABORT_AFTER = 10  # seconds a hung-up client gets to answer the TLS close
 MAX_LITERALS = 256  # literals in one command (each costs a line and a segment)
@@ -92,7 +90,7 @@ def _sound_tag(segments: Segments) -> bytes:
 
 class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands, FolderCommands,
                  MessageCommands, AppendCommands, FetchCommands, IdleCommand, OrderingCommands,
-                 CondstoreCommands):
+                 CondstoreCommands, LoginCommands):
     """One IMAP connection. Its dependencies are explicit: the configuration (limits), the
     directory (LOGIN/AUTHENTICATE), the mailbox store, the io pool for every blocking store
     call, the TLS material for STARTTLS (None: STARTTLS is refused) and the clock for every
@@ -516,14 +514,6 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         self.resumeProducing()
         return d
 
-    def _login_expired(self) -> None:
-        self._login_call = None
-        if self.state == "notauth" and not self.closed:
-            log.info("imap: no login from {peer} within {n} s: closing", peer=self.peer,
-                     n=self.config.imap.login_timeout)
-            self.send(b"* BYE no login in time")
-            self.hangup()
-
     # -- dispatch -------------------------------------------------------------------------------
     def dispatch(self, segments: Segments) -> None:
         # Strictly one command at a time (docs/design/imap.md, "Serialized dispatch").
@@ -553,9 +543,21 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
             d.addCallback(self.tell_changed, changed)
         if name in REFRESH_AFTER:
             d.addCallback(self._refresh_then)
-        d.addCallbacks(lambda result: self.finish(tag, result), lambda f: self.failed(tag, f, name))
-        d.addBoth(lambda _: self.metrics.imap_command(name, self.clock.seconds() - started))
-        d.addBoth(lambda _: self.done())
+        d.addBoth(self._completed, tag, name, started)
+
+    def _completed(self, result: Any, tag: bytes, name: bytes, started: float) -> None:
+        """The tagged reply, the command's metrics, and on to the next command: one callback
+        at the end of every command's chain."""
+        try:
+            if isinstance(result, Failure):
+                self.failed(tag, result, name)
+            else:
+                self.finish(tag, result)
+        finally:
+            try:
+                self.metrics.imap_command(name, self.clock.seconds() - started)
+            finally:
+                self.done()
 
     def _handler(self, name: bytes) -> Callable[..., Any]:
         """The do_ method for a command, if the state table allows it now."""
@@ -691,100 +693,6 @@ class IMAPServer(CompressCommand, LineReceiver, TimeoutMixin, SelectionCommands,
         if self.condstore and not was and self.sel is not None:
             return self.send_highest().addCallback(lambda _: b"ENABLE completed")
         return b"ENABLE completed"
-
-    # -- not authenticated ----------------------------------------------------------------------
-    def do_STARTTLS(self, tag: bytes, args: list[Token]) -> None:
-        if self.tls:
-            raise bad("TLS is already active")
-        if self.tls_material is None:
-            raise no("TLS is not available")
-        # Anything the client pipelined after STARTTLS was sent in plaintext: discard it.
-        self.clearLineBuffer()
-        self.segments = []
-        self.send(tag + b" OK Begin TLS negotiation now")
-        self.transport.startTLS(self.tls_material.server_context())
-        self.tls = True
-        return None  # already answered
-
-    @defer.inlineCallbacks
-    def do_LOGIN(self, tag: bytes, args: list[Token]):
-        if not self.tls:
-            raise no("LOGIN is disabled before STARTTLS", R.PRIVACYREQUIRED)
-        if len(args) != 2:
-            raise bad("LOGIN needs a user name and a password")
-        user, password = astring(args[0]), astring(args[1])
-        result = yield self.login(user, password)
-        return result
-
-    @defer.inlineCallbacks
-    def do_AUTHENTICATE(self, tag: bytes, args: list[Token]):
-        if not args:
-            raise bad("AUTHENTICATE needs a mechanism")
-        mech = astring(args[0]).upper()
-        if mech != b"PLAIN":
-            raise no("unsupported authentication mechanism")
-        if not self.tls:
-            raise no("authentication is disabled before STARTTLS", R.PRIVACYREQUIRED)
-        if len(args) > 1:  # SASL-IR (RFC 4959)
-            response = astring(args[1])
-        else:
-            self.send(b"+ ")
-            response = yield self.read_continuation()
-            self.pauseProducing()
-        if response.strip() == b"*":
-            raise bad("AUTHENTICATE cancelled")
-        if response == b"=":
-            response = b""
-        try:
-            decoded = base64.b64decode(response.strip(), validate=True)
-            authzid, user, password = decoded.split(b"\0")
-        except (ValueError, TypeError):
-            raise bad("malformed PLAIN response")
-        if authzid and authzid.lower() != user.lower():
-            # RFC 4616 §2: acting as another user is not supported.
-            raise no("authorization identity not permitted", R.AUTHENTICATIONFAILED)
-        result = yield self.login(user, password)
-        return result
-
-    @defer.inlineCallbacks
-    def login(self, user_raw: bytes, password_raw: bytes):
-        user = user_raw.decode("utf-8", "replace").strip()
-        password = password_raw.decode("utf-8", "replace")
-        try:
-            # The directory slows repeated failures from one address down (its LoginThrottle).
-            canonical = yield self.directory.authenticate(user, password, client_ip=self.peer)
-        except DirectoryUnavailable as e:
-            self.metrics.auth("imap", "tempfail")
-            log.warn("imap: login of {user} from {peer}: directory unavailable: {error}",
-                     user=user[:100], peer=self.peer, error=str(e)[:200])
-            raise no("temporary failure, try again later", R.UNAVAILABLE)
-        except UnauthorizedLogin:
-            self.auth_failures += 1
-            self.metrics.auth("imap", "failure")
-            log.warn("imap: authentication failed for {user} from {peer} (failure {n})",
-                     user=user[:100], peer=self.peer, n=self.auth_failures)
-            if self.auth_failures >= self.config.limits.max_auth_failures:
-                self.send(self.tag + b" NO " + R.code(R.AUTHENTICATIONFAILED) + b"authentication failed")
-                self.send(b"* BYE too many authentication failures")
-                self.hangup()
-                self.closed = True
-                return None
-            raise no("authentication failed", R.AUTHENTICATIONFAILED)
-        account = self.mailstore.account(canonical)
-        yield self.io(account.ensure_layout)  # first login creates Sent, Drafts, ...
-        self.user, self.account = canonical, account
-        self.state = "auth"
-        self.MAX_LENGTH = MAX_LINE
-        if self._login_call is not None and self._login_call.active():
-            self._login_call.cancel()
-        self._login_call = None
-        self.on_authenticated()
-        self.metrics.auth("imap", "success")
-        if self.changes is not None:
-            self.changes.sessions.add(canonical, self)
-        log.info("imap: {user} logged in from {peer}", user=canonical, peer=self.peer)
-        return R.code(b"CAPABILITY", self.capabilities()) + b"logged in"
-
 
 
 def _os_error_reply(e: OSError, name: bytes, user: Optional[str], peer: str) -> bytes:

@@ -19,6 +19,8 @@ from mailsuite.pools import WorkPool
 if TYPE_CHECKING:
     from mailsuite.imap.selection import Selection
 
+MAX_LINE = 64 * 1024  # after login; long UID sets are legal, Dovecot allows 64k lines too
+
 
 class Session:
     """The state of one connection that every command handler may read or change."""

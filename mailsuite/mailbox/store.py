@@ -96,10 +96,10 @@ class MailStore:
         """Raise UnsafePath unless `path` resolves under mail_dir and none of its `subdirs`
         is a symlink. Called before every write (docs/design/maildir.md, "Paths"): a domain,
         user or folder directory replaced by a symlink must not carry mail elsewhere."""
-        real = os.path.realpath(path)
-        root = self.mail_dir_real
-        if not real.startswith(root + os.sep):
-            raise UnsafePath(f"mailbox path leaves the mail directory: {path}")
+        if not self._plain_below_root(path):
+            real = os.path.realpath(path)
+            if not real.startswith(self.mail_dir_real + os.sep):
+                raise UnsafePath(f"mailbox path leaves the mail directory: {path}")
         for sub in subdirs:
             try:
                 mode = os.lstat(os.path.join(path, sub)).st_mode
@@ -107,6 +107,29 @@ class MailStore:
                 continue
             if stat.S_ISLNK(mode):
                 raise UnsafePath(f"mailbox path leaves the mail directory: {path}/{sub}")
+
+    def _plain_below_root(self, path: str) -> bool:
+        """Whether `path` is mail_dir/a/b/... with no symlink (and no `.`/`..`) among a, b, ...:
+        then it resolves under the resolved mail_dir without a realpath, which would lstat
+        every component from `/` on (docs/design/maildir.md, "Paths"). False sends the caller
+        to realpath, which decides (a symlink that stays inside mail_dir is allowed)."""
+        prefix = self.mail_dir + os.sep
+        if not path.startswith(prefix):
+            return False
+        current = self.mail_dir
+        for part in path[len(prefix):].split(os.sep):
+            if part in ("", ".", ".."):
+                return False
+            current = current + os.sep + part
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                return True  # nothing below exists yet, so nothing below can be a link
+            except OSError:
+                return False
+            if stat.S_ISLNK(mode):
+                return False
+        return True
 
     def _state(self, path: str) -> "FolderIndex":
         with self._lock:

@@ -103,3 +103,27 @@ def test_batch_results_are_the_same_with_a_warm_memo(world):  # noqa: F811
     warm = compute_batch(sel.folder, uids, wanted)
     assert warm == cold
     assert all(b"body" in cold[u][id(wanted[2])] for u in uids)
+
+
+def test_a_warm_fetch_of_structures_and_header_fields_opens_no_message_file(
+        world, monkeypatch):  # noqa: F811
+    """With the structures in the memo and the header blocks in mailsuite-cache, the
+    session's view names each file's content: no message file is opened, and the response
+    is the same bytes as the cold one."""
+    for i in range(5):
+        world.append("alice@example.org", "INBOX",
+                     b"From: a%d@example.net\r\nTo: b@example.org\r\nSubject: s%d\r\n\r\n"
+                     b"body %d\r\n" % (i, i, i))
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    command = b"f FETCH 1:* (ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (Subject)])"
+    cold = r.cmd(command)
+    assert r.cmd(command) == cold  # the header blocks go to mailsuite-cache on this one
+    folder = r.proto.sel.folder
+    opened = []
+    real_open = type(folder).open_message
+    monkeypatch.setattr(type(folder), "open_message",
+                        lambda self, uid: opened.append(uid) or real_open(self, uid))
+    assert r.cmd(command) == cold
+    assert opened == []
+    assert len(cold) == 6 and b"s4" in cold[4]

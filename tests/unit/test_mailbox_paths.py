@@ -185,3 +185,23 @@ def test_folder_replaced_by_a_symlink_during_a_session(store, elsewhere):
         sent.expunge()
     assert sorted(everything_under(elsewhere)) == sorted(
         os.path.join(elsewhere, sub) for sub in ("cur", "new", "tmp"))
+
+
+def test_a_plain_path_is_proven_without_realpath_a_link_inside_mail_dir_with_it(
+        store, monkeypatch):
+    """The usual path (no link below mail_dir) costs an lstat per component below mail_dir,
+    not a realpath from `/`; a link that stays inside mail_dir still passes, through realpath."""
+    account = store.account("alice@example.org")
+    account.ensure_layout()
+    resolved = []
+    real_realpath = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p: resolved.append(p) or real_realpath(p))
+    store.prove(account.path, maildir_module.SUBDIRS)
+    store.prove(os.path.join(account.path, ".Sent"), maildir_module.SUBDIRS)
+    store.prove(os.path.join(store.mail_dir, "example.org", "nobody-yet"))
+    assert resolved == []
+    os.symlink(os.path.join(store.mail_dir, "example.org"), os.path.join(store.mail_dir, "alias"))
+    store.prove(os.path.join(store.mail_dir, "alias", "alice"), maildir_module.SUBDIRS)
+    assert resolved == [os.path.join(store.mail_dir, "alias", "alice")]
+    with pytest.raises(UnsafePath):
+        store.prove(os.path.join(store.mail_dir, "example.org", "..", "..", "x"))

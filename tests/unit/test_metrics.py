@@ -244,7 +244,7 @@ def test_pool_backlog_queue_and_login_cache_are_read_at_scrape_time(tmp_path):
 
     # A pool that has not started keeps its jobs waiting: that is its backlog.
     idle = WorkerPool("hash", 2, reactor=MemoryReactorClock())
-    idle._pool.callInThread(lambda: None)
+    idle._queue.put((None, lambda: None, (), {}))
     assert (idle.backlog(), idle.busy(), idle.jobs) == (1, 0, 0)
     idle.stop()
 
