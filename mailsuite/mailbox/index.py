@@ -262,8 +262,11 @@ class FolderIndex:
             moved: list[str] = []
             intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
             for name in names:
-                key, target = cur_name(name)
-                key = intern(key)
+                if ":" in name:
+                    key, target = cur_name(name)
+                    key = intern(key)
+                else:
+                    key, target = intern(name), name + ":2,"
                 files[key] = target
                 moved.append(key)
         except BaseException:

@@ -38,7 +38,8 @@ def move_all(nfd: int, cfd: int, names) -> list[tuple[int, int]]:
     rename = os.rename
     for i, name in enumerate(names):
         try:
-            rename(name, cur_name(name)[1], src_dir_fd=nfd, dst_dir_fd=cfd)
+            rename(name, cur_name(name)[1] if ":" in name else name + ":2,",
+                   src_dir_fd=nfd, dst_dir_fd=cfd)
         except OSError as e:
             failed.append((i, e.errno or 0))
     return failed
