@@ -112,7 +112,8 @@ def test_any_other_rename_failure_fails_the_sync_and_the_next_one_starts_over(
 
 
 def test_small_batches_spawn_nothing(account, monkeypatch):
-    deliver(account.path, moves_module.APART_MIN - 1)
+    monkeypatch.setattr(moves_module, "APART_MIN", 10)
+    deliver(account.path, 9)
     monkeypatch.setattr(moves_module.subprocess, "Popen",
                         lambda *a, **k: pytest.fail("no helper below APART_MIN"))
-    assert len(account.folder("INBOX").sync()) == moves_module.APART_MIN - 1
+    assert len(account.folder("INBOX").sync()) == 9
