@@ -12,13 +12,14 @@ import contextlib
 import threading
 import weakref
 import time
-from dataclasses import dataclass, field
 from typing import BinaryIO, Iterable, cast
 
 from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
 from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
+from mailsuite.mailbox.info import UNDATED, MessageInfo  # noqa: F401 (public)
 from mailsuite.mailbox.modseq import ModSeqLog
+from mailsuite.mailbox.moves import Moves, cur_name
 from mailsuite.mailbox.maildir import (
     KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, in_delivery_order,
     letters_to_flags, read_keywords, read_uidlist, size_from_key, write_keywords,
@@ -26,68 +27,11 @@ from mailsuite.mailbox.maildir import (
 from mailsuite.safeio import atomic_write
 
 
-UNDATED = -1.0  # MessageInfo.date not read yet
-
-
-def date_from_key(key: str) -> int:
-    """The delivery second at the start of a Maildir name (`<sec>.M...`), 0 if none."""
-    sec = key.partition(".")[0]
-    return int(sec) if sec.isdigit() else 0
-
-
 # Estimated memory of a folder state per message: its MessageInfo with key and name strings,
 # its entries in the UID list, file, meta and mod-sequence dicts (bench/mailbox_sync.py measured
 # ~870 bytes at 30k messages), and a fixed part per folder.
 MESSAGE_BYTES = 900
 STATE_BYTES = 16 * 1024
-
-
-# slots: 100,000 of these per large folder. Not frozen: a frozen dataclass sets each field
-# through object.__setattr__, which doubles the cost of the first listing of a large folder;
-# the store never changes a MessageInfo it has handed out (it builds a new one), except to
-# memoize `date` and, before anyone holds them, `modseq`. unsafe_hash: hashed as if frozen.
-@dataclass(slots=True, unsafe_hash=True)
-class MessageInfo:
-    """One message of a folder as of the last sync().
-
-    key: the Maildir base name before ':2,' (POP3 UIDL, stable identity).
-    flags: IMAP flags (system flags and keywords; never \\Recent).
-    size: octets of the stored file (CRLF line endings).
-    date: the INTERNALDATE (POSIX time, the file's mtime) or UNDATED: a name with `,S=` needs
-    no stat at sync, and the date is read when first needed (docs/design/maildir.md, "Dates
-    on demand"); read it through `internaldate`, which always gives a real value.
-    name: the file name in cur/ as of the last sync (it changes when flags change);
-    path: the same as an absolute path (computed: the folder prefix is one shared string).
-    """
-
-    uid: int
-    key: str
-    flags: frozenset
-    size: int
-    date: float = field(compare=False)  # UNDATED until stat()ed; memoized in place
-    name: str
-    cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
-    modseq: int = 0  # RFC 7162 mod-sequence (modseq.py); 0 until the log has recorded it
-
-    @property
-    def path(self) -> str:
-        return self.cur_dir + self.name
-
-    @property
-    def internaldate(self) -> float:
-        d = self.date
-        return d if d != UNDATED else self.stat_date(os.stat, self.path)
-
-    def stat_date(self, stat, where, **kw) -> float:
-        """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
-        changes while its key lives. A file gone meanwhile (expunged or renamed by another
-        process) falls back to the delivery time in its name."""
-        try:
-            d = stat(where, **kw).st_mtime
-        except OSError:
-            d = float(date_from_key(self.key))
-        self.date = d  # a cache of an immutable fact, seen by all copies
-        return d
 
 
 # How long a pool thread may wait for a folder's in-process lock before it gives the thread back
@@ -214,43 +158,49 @@ class FolderIndex:
             # mtime tick: do not trust the cached mtime until it has settled.
             self.cur_mtime = st_cur.st_mtime_ns if now_ns - st_cur.st_mtime_ns > 1e9 else None
         recent_new: list[str] = []
+        moves = None
         if st_new.st_mtime_ns != self.new_mtime:
             # Listed before the moves, the moved names added by the move itself: cur/ is not
             # listed twice (docs/design/maildir.md, "Syncing a folder").
-            recent_new = self._move_new_to_cur(new_dir, cur_dir, self.files)
+            recent_new, moves = self._move_new_to_cur(new_dir, cur_dir, self.files)
             self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
             if recent_new:
                 self.cur_mtime = None  # changed by us, maybe by others meanwhile: list it again
-        touched.update(recent_new)
-        reload = self._reload_uidlist()
-        if reload == "full":
-            full = True
-        elif reload:
-            touched |= reload  # keys another process gave UIDs to
-        if self._reload_keywords():
-            full = True
-        uids = self.uidlist.uids if self.uidlist else {}
-        candidates = self.files if full else touched
-        unknown = [k for k in candidates if k not in uids]
-        if unknown or self.uidlist is None:
-            self.register(in_delivery_order(unknown))
-            uids = self.uidlist.uids
-        if full:
-            self._rebuild_all()
-        elif touched or removed:
-            self._update(touched, removed)
+        try:
+            touched.update(recent_new)
+            reload = self._reload_uidlist()
+            if reload == "full":
+                full = True
+            elif reload:
+                touched |= reload  # keys another process gave UIDs to
+            if self._reload_keywords():
+                full = True
+            uids = self.uidlist.uids if self.uidlist else {}
+            candidates = self.files if full else touched
+            unknown = [k for k in candidates if k not in uids]
+            if unknown or self.uidlist is None:
+                self.register(in_delivery_order(unknown))
+                uids = self.uidlist.uids
+            if full:
+                self._rebuild_all()
+            elif touched or removed:
+                self._update(touched, removed)
+            if self.meta_pending:
+                self._save_meta()
+            try:
+                self.reconcile_modseqs()
+            except OSError:
+                pass  # the folder stays readable; CONDSTORE callers ask again and see the error
+            finally:
+                self.unseen = False
+        finally:
+            if moves is not None:
+                # The renames ran beside the work above; nobody has seen its result yet.
+                self._moves_done(moves, recent_new)
         infos = self.infos
         self.unclaimed_recent.update(
             uid for key in recent_new if (uid := uids.get(key)) is not None and uid in infos)
         self.synced = True
-        if self.meta_pending:
-            self._save_meta()
-        try:
-            self.reconcile_modseqs()
-        except OSError:
-            pass  # the folder stays readable; CONDSTORE callers ask again and see the error
-        finally:
-            self.unseen = False
 
     def _relist_cur(self, cur_dir: str) -> tuple[set[str], set[str]]:
         """List cur/ into `files`; returns (keys added or renamed, keys gone). A busy folder's
@@ -280,43 +230,70 @@ class FolderIndex:
             self.snapshot = list(self.infos.values())
         return self.snapshot
 
-    def _move_new_to_cur(self, new_dir: str, cur_dir: str, files: dict[str, str]) -> list[str]:
-        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'), and adds each
-        moved name to `files` (key -> name in cur/). Only a name without `,S=` is stat()ed
-        here (for its size, by directory descriptor); the others are dated on demand
-        (docs/design/maildir.md, "Syncing a folder", "Dates on demand")."""
-        moved = []
+    def _move_new_to_cur(self, new_dir: str, cur_dir: str, files: dict[str, str]
+                         ) -> tuple[list[str], Moves]:
+        """Maildir: a reader moves new/ mail to cur/ with an empty info (':2,'). Lists new/,
+        starts the renames (moves.py; the caller finishes them with `_moves_done`) and adds
+        each name to `files` (key -> name in cur/) as if moved. Only a name without `,S=` is
+        stat()ed, before its move (for its size, by directory descriptor); the others are dated
+        on demand (docs/design/maildir.md, "Syncing a folder", "Dates on demand")."""
         meta, pending = self.meta, self.meta_pending
-        rename, stat, intern = os.rename, os.stat, sys.intern
         nfd = os.open(new_dir, os.O_RDONLY | os.O_DIRECTORY)
         try:
             cfd = os.open(cur_dir, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                for name in os.listdir(nfd):
-                    if name[0] == ".":
-                        continue
-                    if ":" in name:
-                        key, info = name.split(":", 1)
-                        target = f"{key}:2,{info[2:] if info.startswith('2,') else ''}"
-                    else:
-                        key, target = name, name + ":2,"
-                    try:
-                        if ",S=" not in key and key not in meta:
-                            st = stat(name, dir_fd=nfd)
-                            size = size_from_key(key)
-                            meta[key] = (size if size is not None else st.st_size, st.st_mtime)
-                            pending.append(key)
-                        rename(name, target, src_dir_fd=nfd, dst_dir_fd=cfd)
-                    except FileNotFoundError:
-                        continue  # another session moved it first
-                    key = intern(key)  # one string per key, shared with dovecot-uidlist's dict
-                    files[key] = target
-                    moved.append(key)
-            finally:
-                os.close(cfd)
-        finally:
+        except BaseException:
             os.close(nfd)
-        return moved
+            raise
+        moves = Moves(nfd, cfd, [])
+        try:
+            names = moves.names = [n for n in os.listdir(nfd) if n[0] != "."]
+            for name in [n for n in names if ",S=" not in n]:
+                key = name.partition(":")[0]
+                if ",S=" in key or key in meta:
+                    continue
+                try:
+                    st = os.stat(name, dir_fd=nfd)
+                except FileNotFoundError:
+                    continue  # moved by another process: its move reports it gone
+                size = size_from_key(key)
+                meta[key] = (size if size is not None else st.st_size, st.st_mtime)
+                pending.append(key)
+            moves.start()
+            moved: list[str] = []
+            intern = sys.intern  # one string per key, shared with dovecot-uidlist's dict
+            for name in names:
+                if ":" in name:
+                    key, target = cur_name(name)
+                    key = intern(key)
+                else:
+                    key, target = intern(name), name + ":2,"
+                files[key] = target
+                moved.append(key)
+        except BaseException:
+            moves.close()
+            raise
+        return moved, moves
+
+    def _moves_done(self, moves: Moves, moved: list[str]) -> None:
+        """Wait for the renames `_move_new_to_cur` started; forget the files another process
+        moved or deleted first (the next sync lists cur/ again and finds them there)."""
+        try:
+            gone = moves.wait()
+        finally:
+            moves.close()
+        if not gone:
+            return
+        lost = {moved[i] for i in gone}
+        moved[:] = [k for k in moved if k not in lost]
+        files, infos = self.files, self.infos
+        uids = self.uidlist.uids if self.uidlist else {}
+        for key in lost:
+            files.pop(key, None)
+            uid = uids.get(key)
+            info = infos.get(uid) if uid is not None else None
+            if info is not None and info.key == key:
+                del infos[uid]
+        self._changed()
 
     def _make_info(self, uid: int, key: str, name: str) -> MessageInfo | None:
         meta = self._meta_for(key)

@@ -1,0 +1,65 @@
+"""One message of a folder as the store hands it out (`MessageInfo`), split from index.py:
+what a sync learns from a Maildir file name, and its INTERNALDATE read on demand
+(docs/design/maildir.md, "Dates on demand").
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+UNDATED = -1.0  # MessageInfo.date not read yet
+
+
+def date_from_key(key: str) -> int:
+    """The delivery second at the start of a Maildir name (`<sec>.M...`), 0 if none."""
+    sec = key.partition(".")[0]
+    return int(sec) if sec.isdigit() else 0
+
+
+# slots: 100,000 of these per large folder. Not frozen: a frozen dataclass sets each field
+# through object.__setattr__, which doubles the cost of the first listing of a large folder;
+# the store never changes a MessageInfo it has handed out (it builds a new one), except to
+# memoize `date` and, before anyone holds them, `modseq`. unsafe_hash: hashed as if frozen.
+@dataclass(slots=True, unsafe_hash=True)
+class MessageInfo:
+    """One message of a folder as of the last sync().
+
+    key: the Maildir base name before ':2,' (POP3 UIDL, stable identity).
+    flags: IMAP flags (system flags and keywords; never \\Recent).
+    size: octets of the stored file (CRLF line endings).
+    date: the INTERNALDATE (POSIX time, the file's mtime) or UNDATED: a name with `,S=` needs
+    no stat at sync, and the date is read when first needed (docs/design/maildir.md, "Dates
+    on demand"); read it through `internaldate`, which always gives a real value.
+    name: the file name in cur/ as of the last sync (it changes when flags change);
+    path: the same as an absolute path (computed: the folder prefix is one shared string).
+    """
+
+    uid: int
+    key: str
+    flags: frozenset
+    size: int
+    date: float = field(compare=False)  # UNDATED until stat()ed; memoized in place
+    name: str
+    cur_dir: str  # "<folder>/cur/", shared by all messages of the folder
+    modseq: int = 0  # RFC 7162 mod-sequence (modseq.py); 0 until the log has recorded it
+
+    @property
+    def path(self) -> str:
+        return self.cur_dir + self.name
+
+    @property
+    def internaldate(self) -> float:
+        d = self.date
+        return d if d != UNDATED else self.stat_date(os.stat, self.path)
+
+    def stat_date(self, stat, where, **kw) -> float:
+        """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
+        changes while its key lives. A file gone meanwhile (expunged or renamed by another
+        process) falls back to the delivery time in its name."""
+        try:
+            d = stat(where, **kw).st_mtime
+        except OSError:
+            d = float(date_from_key(self.key))
+        self.date = d  # a cache of an immutable fact, seen by all copies
+        return d
