@@ -13,7 +13,7 @@ import threading
 from typing import Any, Callable
 
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import (FileLogObserver, ILogObserver, LogPublisher, formatTime,
                             timeFormatRFC3339)
