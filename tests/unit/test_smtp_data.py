@@ -142,3 +142,23 @@ def test_too_many_recipients_is_temporary_452():
     c.send(b"MAIL FROM:<>\r\n" + b"RCPT TO:<alice@example.org>\r\n" * 4)
     codes = [c.reply()[0][:9] for _ in range(5)]
     assert codes == [b"250 2.1.0"] + [b"250 2.1.5"] * 3 + [b"452 4.5.3"]
+
+
+def test_the_message_date_is_formatdates_text_made_once_per_second(monkeypatch):
+    import email.utils
+
+    from mailsuite.smtp import data as data_module
+
+    calls: list[float] = []
+    real = email.utils.formatdate
+
+    def counting(timeval=None, localtime=False, usegmt=False):
+        calls.append(timeval)
+        return real(timeval, localtime, usegmt)
+
+    monkeypatch.setattr(email.utils, "formatdate", counting)
+    monkeypatch.setattr(data_module, "_date_cache", [None, ""])
+    base = 1_790_000_000
+    for when in (base + 0.1, base + 0.9, base + 1.0, base + 1.5, base - 86400.2):
+        assert data_module.message_date(when) == real(when, localtime=True)
+    assert len(calls) == 3  # one per distinct second
