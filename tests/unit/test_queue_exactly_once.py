@@ -14,7 +14,7 @@ import pytest
 
 from mailsuite.mailbox import maildir as maildir_module
 from mailsuite.queue.spool import Spool
-from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, make_kit, message, read,
+from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, message, read,
                                  started, submit)
 
 CAROL = "carol@remote.example"
