@@ -36,6 +36,7 @@ DELIVERY_STATUSES = ("sent", "deferred", "bounced")
 DELAY_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 86400)
 IMAP_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, 1800)
 MAILLOG_NAMESPACE = "mailsuite.maillog"
+MAX_CHILDREN = 1000  # label combinations whose child metric is kept at hand (Metrics._child)
 
 
 class Metrics:
@@ -44,6 +45,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        self._children: dict[tuple, Any] = {}  # label values -> child (`_child`)
         self._smtp_replies = Counter(
             "mailsuite_smtp_replies", "SMTP replies sent, by listener, code class and reason",
             ["listener", "code_class", "reason"], registry=r)
@@ -100,10 +102,13 @@ class Metrics:
     # -- events ----------------------------------------------------------------------------------
     def smtp_reply(self, listener: str, code: int, reason: str) -> None:
         """One SMTP reply; `reason` is the reply's own (smtp/replies.py), "" for none."""
-        code_class = f"{code // 100}xx" if 200 <= code < 600 else "other"
-        if not reason:
-            reason = "ok" if code < 400 else "other"
-        self._smtp_replies.labels(listener, code_class, reason).inc()
+        child = self._children.get((listener, code, reason))
+        if child is None:
+            code_class = f"{code // 100}xx" if 200 <= code < 600 else "other"
+            child = self._smtp_replies.labels(
+                listener, code_class, reason or ("ok" if code < 400 else "other"))
+            self._remember((listener, code, reason), child)
+        child.inc()
 
     def auth(self, protocol: str, outcome: str) -> None:
         """A login by password: "success", "failure" (wrong credentials) or "tempfail"."""
@@ -122,29 +127,43 @@ class Metrics:
 
     def maildir_writes(self, source: str, count: int = 1) -> None:
         """Messages written into a Maildir: "delivery" (local delivery) or "append" (IMAP)."""
-        self._maildir_writes.labels(source).inc(count)
+        self._child(self._maildir_writes, source).inc(count)
 
     def message_accepted(self, size: int, protocol: str) -> None:
         """A message is in the queue. `protocol` is the RFC 3848 name ("ESMTPSA", ...) or "DSN"
         for a notification we made ourselves; the "S" after "ESMTP" means TLS."""
         origin = "dsn" if protocol == "DSN" else "smtp"
         tls = "yes" if protocol.upper().startswith("ESMTPS") else "no"
-        self._accepted.labels(origin, tls).inc()
-        self._accepted_bytes.labels(origin).inc(max(size, 0))
+        self._child(self._accepted, origin, tls).inc()
+        self._child(self._accepted_bytes, origin).inc(max(size, 0))
 
     def delivery(self, local: bool, status: str, delay: float) -> None:
         """One delivery attempt for one recipient, `delay` seconds after acceptance."""
         kind = "local" if local else "remote"
         if status not in DELIVERY_STATUSES:
             return
-        self._deliveries.labels(kind, status).inc()
+        self._child(self._deliveries, kind, status).inc()
         if status != "deferred":
-            self._delay.labels(kind, status).observe(max(delay, 0.0))
+            self._child(self._delay, kind, status).observe(max(delay, 0.0))
             if local and status == "sent":
                 self.maildir_writes("delivery")
 
     def outbound_transaction(self, tls: bool) -> None:
         self._outbound.labels("yes" if tls else "no").inc()
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, looked up once: prometheus_client's look-up takes a lock
+        and checks every value, several times per message."""
+        child = self._children.get((metric, *labels))
+        if child is None:
+            child = metric.labels(*labels)
+            self._remember((metric, *labels), child)
+        return child
+
+    def _remember(self, key: tuple, child: Any) -> None:
+        if len(self._children) >= MAX_CHILDREN:  # label values from outside: stay bounded
+            self._children.clear()
+        self._children[key] = child
 
     # -- figures read at scrape time -------------------------------------------------------------
     def watch_listener(self, factory: "CountingListener") -> None:

@@ -44,6 +44,14 @@ _PREFETCH = union_all(
     select(literal("a"), Alias.target, Alias.id).where(Alias.source == bindparam("address")),
 )
 
+# reverse_sources, once per MAIL FROM on submission: alias rows whose target is the address or
+# a +tag form of it (`pattern`), or any address of a domain (for a catch-all).
+_SOURCES_OF = select(Alias.source).where(or_(
+    func.lower(Alias.target) == bindparam("address"),
+    func.lower(Alias.target).like(bindparam("pattern"), escape="\\"))).distinct()
+_SOURCES_IN_DOMAIN = select(Alias.source).where(
+    Alias.target.like(bindparam("pattern"), escape="\\")).distinct()
+
 
 class Resolver:
     """Routing within one read unit; memoises look-ups for the duration of one call only."""
@@ -200,14 +208,13 @@ def reverse_sources(s: Session | Connection, user: str) -> list[str]:
     while frontier and len(seen) < 10_000:
         address = frontier.pop()
         if address.startswith("@"):
-            condition = Alias.target.like("%" + _like_escape(address), escape="\\")
+            rows = s.scalars(_SOURCES_IN_DOMAIN, {"pattern": "%" + _like_escape(address)})
         else:
             local, _, domain = address.rpartition("@")
-            condition = or_(
-                func.lower(Alias.target) == address,
-                func.lower(Alias.target).like(_like_escape(local) + "+%@" + _like_escape(domain),
-                                              escape="\\"))
-        for source in s.scalars(select(Alias.source).where(condition).distinct()):
+            rows = s.scalars(_SOURCES_OF, {
+                "address": address,
+                "pattern": _like_escape(local) + "+%@" + _like_escape(domain)})
+        for source in rows:
             if source in seen:
                 continue
             seen.add(source)

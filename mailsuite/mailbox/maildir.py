@@ -211,7 +211,9 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     `sync_dir=False` leaves the fsync of the directory the file was renamed into to the caller
     (the queue's group commit, docs/design/queue.md): the copy is durable only after it."""
     marker = delivery_marker(when, unique)
-    make_maildir(maildir)
+    made = maildir in _made and not recheck
+    if not made:
+        make_maildir(maildir)
     if recheck:
         found = find_delivered(maildir, marker)
         if found is not None:
@@ -219,11 +221,32 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     size = len(header) + os.path.getsize(message_path)
     host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
     name = f"{marker}{host},S={size}"
-    if letters is not None:
-        return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True,
-                               subdir="cur", info=":2," + letters, sync_dir=sync_dir), True
-    return _write_into_new(maildir, name, header, message_path, b"", size, replace_tmp=True,
-                           sync_dir=sync_dir), True
+    subdir, info = ("new", "") if letters is None else ("cur", ":2," + letters)
+    try:
+        path = _write_into_new(maildir, name, header, message_path, b"", size,
+                               replace_tmp=True, subdir=subdir, info=info, sync_dir=sync_dir)
+    except FileNotFoundError:
+        if not made:
+            raise
+        # Removed since we made it (an admin, a test): made again, written once more.
+        _made.discard(maildir)
+        make_maildir(maildir)
+        path = _write_into_new(maildir, name, header, message_path, b"", size,
+                               replace_tmp=True, subdir=subdir, info=info, sync_dir=sync_dir)
+    _remember_made(maildir)
+    return path, True
+
+
+# Maildirs a delivery of this process made or found complete: the next delivery into one skips
+# make_maildir's eight system calls and makes it again only if a write finds a piece missing.
+_made: set[str] = set()
+_MADE_MAX = 10_000
+
+
+def _remember_made(maildir: str) -> None:
+    if len(_made) >= _MADE_MAX:
+        _made.clear()
+    _made.add(maildir)
 
 
 def find_delivered(maildir: str, marker: str) -> str | None:

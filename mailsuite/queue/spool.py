@@ -12,7 +12,7 @@ import os
 import re
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Iterator, Literal
 
 from mailsuite.queue.instances import Instances, split_owner
@@ -120,9 +120,20 @@ def valid_queue_id(queue_id: str) -> bool:
     return bool(_ID_RE.match(queue_id))
 
 
-def entry_to_json(entry: QueueEntry) -> bytes:
-    data = {"version": ENVELOPE_VERSION, **asdict(entry)}
-    return json.dumps(data, indent=1, default=str).encode("utf-8")
+def entry_to_json(entry: QueueEntry, compact: bool = False) -> bytes:
+    """The envelope as JSON: indented for the spool's files (people read them), `compact`
+    for the spool-time envelope nobody reads unless a process died (json's C encoder only
+    runs without indent)."""
+    data = {"version": ENVELOPE_VERSION, **vars(entry),
+            "recipients": [vars(r) for r in entry.recipients]}
+    if compact:
+        return json.dumps(data, separators=(",", ":"), default=_json_default).encode("utf-8")
+    return json.dumps(data, indent=1, default=_json_default).encode("utf-8")
+
+
+def _json_default(value: Any) -> Any:
+    # What asdict would have made of a dataclass in meta; anything else as text.
+    return asdict(value) if is_dataclass(value) and not isinstance(value, type) else str(value)
 
 
 def entry_from_json(raw: bytes) -> QueueEntry:
@@ -357,7 +368,7 @@ class Spool:
         path = staged_path + SIDECAR
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         try:
-            write_all(fd, entry_to_json(entry))
+            write_all(fd, entry_to_json(entry, compact=True))
         finally:
             os.close(fd)
         return path

@@ -10,6 +10,7 @@ import errno
 import os
 import re
 import secrets
+import time
 from typing import Generator
 
 from twisted.internet import defer
@@ -152,7 +153,7 @@ class DataTransfer:
             self._scan.message_id = message_id
             headers += b"Message-ID: %s\r\n" % message_id.encode()
         if not self._scan.has_date:
-            headers += b"Date: %s\r\n" % email.utils.formatdate(localtime=True).encode()
+            headers += b"Date: %s\r\n" % message_date(time.time()).encode()
         return headers
 
     def _note_data_error(self, reply: Reply) -> None:
@@ -312,7 +313,7 @@ class DataTransfer:
             else f"[{self.client_ip}]"
         parts = [f"Received: from {self.session.helo} ({tcp_info})",
                  f"\tby {self.hostname} (mailsuite) with {self._protocol_name()} id {txid}"]
-        date = email.utils.formatdate(localtime=True)
+        date = message_date(time.time())
         if len(rcpts) == 1:
             # Naming the recipient only for single-recipient mail avoids leaking Bcc lists.
             parts.append(f"\tfor <{rcpts[0][0]}>; {date}")
@@ -339,6 +340,19 @@ class DataTransfer:
         self._continuation = False
         if getattr(self, "_staged", None) is not None:
             self._discard_staged()
+
+
+def message_date(when: float) -> str:
+    """RFC 5322 §3.3 date-time in local time, as email.utils.formatdate(localtime=True) makes
+    it; made once per second (it has no finer field), not for every message."""
+    second = int(when // 1)
+    cached = _date_cache
+    if cached[0] != second:
+        cached[:] = [second, email.utils.formatdate(second, localtime=True)]
+    return cached[1]
+
+
+_date_cache: list = [None, ""]
 
 
 def _remove(path: str) -> None:

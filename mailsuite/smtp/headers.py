@@ -12,11 +12,22 @@ from __future__ import annotations
 
 import email.errors
 import email.policy
+import re
 
 # From:/Sender: text kept at most (all such fields together); more is refused on submission.
 MAX_ADDRESS_TEXT = 16 * 1024
 MAX_ADDRESSES = 100
 MAX_MESSAGE_ID = 400  # characters of a Message-ID kept (the events' column)
+
+# The common From: of a mail client, `Display Name <local@domain>` or `local@domain`, with a
+# display name of plain words and a dot-atom address (RFC 5322 §3.4): read as the email
+# package reads it, without its parser (a tenth of the CPU of a submitted message). Anything
+# else (quotes, comments, encoded words, groups, several addresses) goes to the email package.
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDR_SPEC = rf"({_ATOM}(?:\.{_ATOM})*)@({_LABEL}(?:\.{_LABEL})+)"
+_PLAIN_ADDRESS = re.compile(rf"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)* ?)?<{_ADDR_SPEC}>|{_ADDR_SPEC}",
+                            re.ASCII)
 
 
 class HeaderScan:
@@ -90,6 +101,11 @@ def header_addresses(raw: bytes) -> list[str] | None:
     text = text.replace("\r", "").replace("\n", "").strip()
     if not text or "\0" in text:
         return None
+    plain = _PLAIN_ADDRESS.fullmatch(text)
+    if plain is not None:
+        local, domain = (plain.group(1), plain.group(2)) if plain.group(1) is not None \
+            else (plain.group(3), plain.group(4))
+        return [f"{local}@{domain}"]
     try:
         header = email.policy.default.header_factory("from", text)
         groups = header.groups

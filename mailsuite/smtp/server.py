@@ -26,6 +26,7 @@ reply texts are in replies.py. Everything the protocol uses is passed to `server
 from __future__ import annotations
 
 import ipaddress
+import re
 import secrets
 from typing import Callable
 
@@ -55,6 +56,8 @@ from mailsuite.smtp.staging import StagedMessage
 from mailsuite.tls import TLSMaterial
 from mailsuite.trust.gate import Gate, GateSession
 
+# Control characters other than TAB (and DEL): never in a command line.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 log = Logger()
 
 # A command line longer than this without CRLF is not a client we want to talk to.
@@ -466,7 +469,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
             return replies.BAD_CHARACTERS
         # A CR, LF, NUL or other control inside a command could forge header lines (HELO goes
         # into Received:) or confuse later hops.
-        if any(ord(c) < 32 and c != "\t" or ord(c) == 127 for c in text):
+        if _CONTROL.search(text):
             self._command = "(control characters)"
             return replies.BAD_CHARACTERS
         verb, _, arg = text.partition(" ")

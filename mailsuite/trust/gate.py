@@ -148,15 +148,25 @@ class GateSession:
         Inspection's path "" (nothing rewritten)."""
         return self.gate.authenticates or any(s.wanted(envelope) for s in self.gate.scanners)
 
-    @defer.inlineCallbacks
     def inspect(self, envelope: Envelope, path: str, size: int, forwards: bool
-                ) -> Generator[defer.Deferred, Any, Inspection]:
+                ) -> defer.Deferred:
         """Judge the staged message at `path`; for a message we keep, write the rewritten copy
         (new headers on top) next to it and remove the original. `forwards`: an alias sends a
         copy to another domain (the courier then rewrites the sender with SRS and adds an ARC
-        set, which needs our Authentication-Results in the message)."""
+        set, which needs our Authentication-Results in the message). Fires with an Inspection."""
+        scanners = [scanner for scanner in self.gate.scanners if scanner.wanted(envelope)]
+        if not self.gate.authenticates and not scanners:
+            # Nothing checks this message (trust disabled, no engine wants it): accepted as it
+            # is, with no verdict worth a log line and nothing to write.
+            verdict = Verdict()
+            return defer.succeed(Inspection(verdict, path, size,
+                                            self._meta(verdict, envelope, forwards)))
+        return self._inspect(envelope, path, size, forwards, scanners)
+
+    @defer.inlineCallbacks
+    def _inspect(self, envelope: Envelope, path: str, size: int, forwards: bool,
+                 scanners: list[Any]) -> Generator[defer.Deferred, Any, Inspection]:
         gate = self.gate
-        scanners = [scanner for scanner in gate.scanners if scanner.wanted(envelope)]
         spf: Any = None
         if gate.authenticates:
             spf = self._spf_result

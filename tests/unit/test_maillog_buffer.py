@@ -196,3 +196,52 @@ def test_a_line_logged_while_a_batch_is_written_does_not_deadlock():
     assert not writer.is_alive()
     clock.advance(0)
     assert out.getvalue().splitlines()[-1].endswith("Received SIGTERM")
+
+
+def test_the_log_file_text_is_twisteds_with_the_time_made_once_per_second():
+    from twisted.logger import LogLevel
+    from twisted.python.failure import Failure
+
+    from mailsuite.logwriter import ClassicText, faster_text
+
+    twisted_text = textFileLogObserver(io.StringIO()).formatEvent
+    fast = faster_text(twisted_text)
+    assert isinstance(fast, ClassicText)
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    base = 1_790_000_000.0
+    events = [
+        dict(log_format="hello {x}", x=1, log_time=base + 0.2, log_namespace="a.b",
+             log_level=LogLevel.info),
+        dict(log_format="same second {x}", x="a\nb", log_time=base + 0.9, log_system="sys"),
+        dict(log_format="next second", log_time=base + 1.0, log_namespace="n",
+             log_level=LogLevel.warn),
+        dict(log_format="back in time", log_time=base - 3600.5),
+        dict(log_format="boom", log_failure=failure, log_time=base, log_level=LogLevel.error),
+        dict(log_time=base), dict(log_format="", log_time=base), dict(log_format="no time"),
+        dict(log_format="{unclosed", log_time=base),
+    ]
+    for e in events:
+        assert fast(e) == twisted_text(e), e
+    other = textFileLogObserver(io.StringIO(), timeFormat="%H:%M:%S.%f").formatEvent
+    assert faster_text(other) is other  # a finer format than seconds: not cached
+
+
+def test_twistds_file_observer_gets_the_faster_formatter_before_any_reformat():
+    from mailsuite.logwriter import ClassicText
+
+    publisher = LogPublisher()
+    observer = textFileLogObserver(io.StringIO())
+    publisher.addObserver(observer)
+    wrapped = []
+
+    def reformat(inner):
+        wrapped.append(inner)
+        return inner
+
+    top = BufferedLogging(service.Service(), publisher=publisher, reactor=task.Clock(),
+                          reformat=reformat)
+    top.privilegedStartService()
+    assert isinstance(wrapped[0], ClassicText)

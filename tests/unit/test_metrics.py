@@ -364,3 +364,25 @@ def test_the_service_hands_one_registry_to_every_part(tmp_path, monkeypatch):
     assert [s for s in front if isinstance(s, MailLogCounter)][0].metrics.registry is registry
     listeners = label_values(registry)["listener"]
     assert listeners == set(factories)
+
+
+def test_counts_stay_right_when_the_children_are_kept_and_when_the_cache_is_full(monkeypatch):
+    import mailsuite.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "MAX_CHILDREN", 3)
+    metrics = metrics_module.Metrics()
+    for _ in range(2):
+        for code in (220, 250, 451, 550, 999):
+            metrics.smtp_reply("mx", code, "")
+        metrics.message_accepted(100, "ESMTPS")
+        metrics.delivery(True, "sent", 0.1)
+    total = "mailsuite_smtp_replies_total"
+    assert value(metrics, total, listener="mx", code_class="2xx", reason="ok") == 4
+    assert value(metrics, total, listener="mx", code_class="4xx", reason="other") == 2
+    assert value(metrics, total, listener="mx", code_class="5xx", reason="other") == 2
+    assert value(metrics, total, listener="mx", code_class="other", reason="other") == 2
+    assert value(metrics, "mailsuite_messages_accepted_total", origin="smtp", tls="yes") == 2
+    assert value(metrics, "mailsuite_messages_accepted_bytes_total", origin="smtp") == 200
+    assert value(metrics, "mailsuite_deliveries_total", kind="local", status="sent") == 2
+    assert value(metrics, "mailsuite_maildir_writes_total", source="delivery") == 2
+    assert len(metrics._children) <= 3

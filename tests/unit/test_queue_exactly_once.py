@@ -14,7 +14,7 @@ import pytest
 
 from mailsuite.mailbox import maildir as maildir_module
 from mailsuite.queue.spool import Spool
-from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, make_kit, message, read,
+from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, message, read,
                                  started, submit)
 
 CAROL = "carol@remote.example"
@@ -169,6 +169,39 @@ def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path):
                                                  when=1_800_000_000.25, unique="Qabc123N0",
                                                  hostname="other", recheck=True)
     assert (again, written) == (path, False)
+
+
+
+def test_a_maildir_is_made_once_and_again_when_it_was_removed(tmp_path, monkeypatch):
+    """The second delivery into a Maildir skips make_maildir; one removed meanwhile (with
+    its tmp/ or new/) is made again and the copy written, not lost."""
+    import shutil
+
+    src = tmp_path / "m.eml"
+    src.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    maildir = str(tmp_path / "made-once")
+    made: list[str] = []
+    real = maildir_module.make_maildir
+    monkeypatch.setattr(maildir_module, "make_maildir",
+                        lambda path, subfolder=False: made.append(path) or real(path, subfolder))
+
+    def deliver(n: int, **kw) -> str:
+        path, written = maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src),
+                                                    when=1_800_000_000.0, unique=f"Qm{n}N0",
+                                                    hostname="h", **kw)
+        assert written and read(path) == b"X: 1\r\nSubject: x\r\n\r\nbody\r\n"
+        return path
+
+    deliver(1)
+    deliver(2)
+    assert made == [maildir]
+    shutil.rmtree(os.path.join(maildir, "new"))
+    assert os.path.dirname(deliver(3)) == os.path.join(maildir, "new")
+    shutil.rmtree(maildir)
+    deliver(4)
+    assert made == [maildir] * 3
+    assert deliver(5, letters="a").endswith(":2,a")  # into cur/, still made
+    assert sorted(os.listdir(os.path.join(maildir, "tmp"))) == []
 
 
 # -- delivery at spool time (docs/design/queue.md, "Delivery at spool time") -------------------

@@ -142,3 +142,53 @@ def test_too_many_recipients_is_temporary_452():
     c.send(b"MAIL FROM:<>\r\n" + b"RCPT TO:<alice@example.org>\r\n" * 4)
     codes = [c.reply()[0][:9] for _ in range(5)]
     assert codes == [b"250 2.1.0"] + [b"250 2.1.5"] * 3 + [b"452 4.5.3"]
+
+
+def test_the_message_date_is_formatdates_text_made_once_per_second(monkeypatch):
+    import email.utils
+
+    from mailsuite.smtp import data as data_module
+
+    calls: list[float] = []
+    real = email.utils.formatdate
+
+    def counting(timeval=None, localtime=False, usegmt=False):
+        calls.append(timeval)
+        return real(timeval, localtime, usegmt)
+
+    monkeypatch.setattr(email.utils, "formatdate", counting)
+    monkeypatch.setattr(data_module, "_date_cache", [None, ""])
+    base = 1_790_000_000
+    for when in (base + 0.1, base + 0.9, base + 1.0, base + 1.5, base - 86400.2):
+        assert data_module.message_date(when) == real(when, localtime=True)
+    assert len(calls) == 3  # one per distinct second
+
+
+PLAIN_FROM = [b"Alice <alice@example.org>", b"alice@example.org", b"<alice@example.org>",
+              b"Alice Smith<a.b+tag@mail-1.example.org>", b"0 <x!#$%&'*+/=?^_`{|}~-@b.example>",
+              b"Alice <ALICE@Example.ORG>"]
+OTHER_FROM = [b"J. Smith <a@b.example>", b'"Smith, J" <a@b.example>', b"a@b.example (me)",
+              b"=?utf-8?q?Al=C3=AFce?= <a@b.example>", b"a@b.example, c@d.example",
+              b"team: a@b.example;", b"a..b@c.example", b"a@localhost", b"a@-b.example",
+              b"Alice <a@b.example", b"<a@b.example> trailing"]
+
+
+def test_a_plain_from_is_read_without_the_email_package_as_the_email_package_reads_it(
+        monkeypatch):
+    from email.headerregistry import HeaderRegistry
+
+    from mailsuite.smtp.headers import header_addresses
+
+    expected = {raw: header_addresses(raw) for raw in PLAIN_FROM + OTHER_FROM}
+    assert all(expected[raw] is not None and len(expected[raw]) == 1 for raw in PLAIN_FROM)
+    factory = HeaderRegistry.__call__
+    parsed: list[str] = []
+
+    def counting(self, name, value):
+        parsed.append(value)
+        return factory(self, name, value)
+
+    monkeypatch.setattr(HeaderRegistry, "__call__", counting)
+    for raw in PLAIN_FROM + OTHER_FROM:
+        assert header_addresses(raw) == expected[raw], raw
+    assert len(parsed) == len(OTHER_FROM)  # the plain ones never reached the parser

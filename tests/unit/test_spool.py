@@ -202,3 +202,20 @@ def test_read_head_is_the_header_section_within_the_limit(tmp_path, content, lim
     path = tmp_path / "m"
     path.write_bytes(content)
     assert read_head(str(path), limit) == head
+
+
+def test_the_compact_envelope_reads_back_the_same_and_meta_dataclasses_become_objects():
+    from dataclasses import asdict
+
+    from mailsuite.queue.spool import ENVELOPE_VERSION, DeliveryResult
+
+    entry = make_entry()
+    entry.meta.update({"verdicts": {"spf": "pass"}, "flags": ("$Junk",),
+                       "result": DeliveryResult("a@b", "sent", "250 ok"), "when": 1.5})
+    entry.bounce_pending = [0]
+    # The spool's envelope file: the same text asdict gave before.
+    assert entry_to_json(entry) == json.dumps({"version": ENVELOPE_VERSION, **asdict(entry)},
+                                              indent=1, default=str).encode()
+    compact = entry_to_json(entry, compact=True)
+    assert b"\n" not in compact and json.loads(compact) == json.loads(entry_to_json(entry))
+    assert entry_from_json(compact) == entry_from_json(entry_to_json(entry))

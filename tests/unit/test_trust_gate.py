@@ -291,3 +291,30 @@ def test_an_engine_still_scans_the_complete_file_before_the_queue_takes_it():
     scanner = Scanner(Verdict(ACCEPT))
     assert _jobs_at_the_final_dot(ManualPool(), {"scanners": [scanner]}) == ["_create"]
     assert scanner.scanned and scanner.scanned[0].endswith(MESSAGE)
+
+
+def test_a_message_nothing_checks_is_accepted_at_once_without_a_trust_line():
+    """Without sender authentication and without an engine that wants the message, inspect
+    has nothing to judge: accept, the staged path as it is, no "trust ... -> accept" line."""
+    from twisted.logger import globalLogPublisher
+
+    from mailsuite.config import Config
+    from mailsuite.trust import Envelope
+
+    envelope = Envelope("192.0.2.1", "mx.b.test", "bob@b.test", ("a@a.test",))
+    gate = Gate(Config(), "mx", reactor=task.Clock(), work=InlinePool(),
+                scanners=[Scanner(Verdict(REJECT), submission=False)])
+    gate.scanners[0].wanted = lambda envelope: False
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        d = gate.session("192.0.2.1").inspect(envelope, "/staged/file", 10, forwards=True)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    results: list[Any] = []
+    d.addCallback(results.append)
+    [inspection] = results  # fired already: no generator, no log line
+    assert inspection.verdict.disposition == ACCEPT and inspection.verdict.results == []
+    assert (inspection.path, inspection.size, inspection.meta) == ("/staged/file", 10,
+                                                                   {"forwarded": True})
+    assert [e for e in seen if e.get("log_namespace") == "mailsuite.trust.gate"] == []
