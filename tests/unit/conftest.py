@@ -2,6 +2,7 @@
 tmp_path); no subprocess, no socket, no sleep. See docs/design/testing.md."""
 from __future__ import annotations
 
+import gc
 import itertools
 import os
 import re
@@ -19,6 +20,19 @@ from mailsuite.directory import DirectoryStore, passwords
 # parameters.
 FAST_HASHING = passwords.CONTEXT.copy(argon2__rounds=1, argon2__memory_cost=4096,
                                       argon2__parallelism=1)
+
+
+# The cyclic garbage collector, tuned for a run of many short tests (docs/design/testing.md):
+# collections of the youngest objects every 20,000 allocations instead of 700, and what exists
+# once the tests are collected (modules, test functions, hypothesis strategies: ~170,000
+# objects) frozen out of every later collection. 7 s of the layer's CPU went to the collector,
+# 2.6 s now. A test that needs garbage gone calls gc.collect() itself.
+gc.set_threshold(20_000, 50, 100)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
