@@ -9,8 +9,8 @@ Here:
 - STLS discards whatever was pipelined after it (CVE-2011-0411 class injection);
 - USER/PASS and AUTH work only under TLS; failures are logged with the client address and
   held back by the directory's throttle;
-- RETR/TOP stream the file with a push producer, reading 64 KiB at a time in the io pool,
-  through the one dot-stuffer (mailsuite.dotstuff), which is correct across chunk boundaries;
+- RETR/TOP stream the file with a push producer (retrieval.py: 64 KiB at a time in the io
+  pool, through the one dot-stuffer, correct across chunk boundaries);
 - DELE marks; only QUIT (the UPDATE state) removes. A dropped connection removes nothing.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import base64
 import binascii
 import hashlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Generator, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Generator
 
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, interfaces, protocol
@@ -32,7 +32,6 @@ from zope.interface import implementer
 from mailsuite.config import Config
 from mailsuite.directory.api import DirectoryService
 from mailsuite.directory.records import DirectoryUnavailable
-from mailsuite.dotstuff import DotStuffer
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal, client_ip
 from mailsuite.mailbox import MailStoreAPI
 from mailsuite.mailbox.errors import LockBusy
@@ -41,6 +40,7 @@ from mailsuite.metrics import Metrics
 from mailsuite.notify import ChangeHub
 from mailsuite.pools import WorkPool
 from mailsuite.pop3 import replies
+from mailsuite.pop3.retrieval import MessageSender, describe, open_for_sending
 from mailsuite.tls import TLSMaterial
 
 if TYPE_CHECKING:
@@ -69,117 +69,12 @@ def server_factory(config: Config, directory: DirectoryService, mailstore: MailS
     return LimitedFactory("pop3s" if implicit_tls else "pop3", counter, refusal, build)
 
 
-class _Readable(Protocol):
-    """An open message: the file itself (RETR) or a TopReader over it (TOP)."""
-
-    def read(self, size: int) -> bytes:
-        ...
-
-    def close(self) -> None:
-        ...
-
 # docs/design/pop3.md, "Limits", adds these up into the memory one connection may hold.
 MAX_COMMAND_LINE = 512  # RFC 2449 §4 allows 255 octets; some clients send a little more
 MAX_SASL_LINE = 8192  # an AUTH PLAIN response: base64 of two identities and a password
 MAX_DISCARD = 64 * 1024  # octets of one over-long line skipped before the client is dropped
 MAX_PENDING = 128 * 1024  # input held while a command runs: one transport read and a TLS record
 MAX_ERRORS = 10
-CHUNK = 64 * 1024
-
-
-class TopReader:
-    """A binary file limited to the header and the first `lines` body lines (TOP, RFC 1939 §7).
-    Used from the io thread only."""
-
-    def __init__(self, f: BinaryIO, lines: int):
-        self._f = f
-        self._in_header = True
-        self._left = lines
-
-    def read(self, size: int) -> bytes:
-        out = []
-        total = 0
-        while total < size:
-            if not self._in_header and self._left <= 0:
-                break
-            line = self._f.readline(CHUNK)
-            if not line:
-                break
-            if self._in_header:
-                if line in (b"\r\n", b"\n"):
-                    self._in_header = False
-            elif line.endswith(b"\n"):
-                self._left -= 1
-            out.append(line)
-            total += len(line)
-        return b"".join(out)
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class _MessageSender:
-    """Streams one file through a DotStuffer: one read in the io pool at a time, none while the
-    session's output is paused (POP3Server is the transport's producer), so a 50 MB message
-    never sits in memory and a client that does not read holds at most one chunk."""
-
-    def __init__(self, proto: "POP3Server", f: _Readable):
-        self.proto = proto
-        self.f: _Readable | None = f
-        self.stuffer = DotStuffer()
-        self.reading = False
-        self.stopped = False
-        self.done: defer.Deferred = defer.Deferred()
-
-    def start(self) -> defer.Deferred:
-        self._next()
-        return self.done
-
-    def resume(self) -> None:
-        self._next()
-
-    def _next(self) -> None:
-        if self.reading or self.stopped or self.proto.output_paused:
-            return
-        self.reading = True
-        d = self.proto.io(self.f.read, CHUNK)
-        d.addCallbacks(self._got, self._failed)
-
-    def _got(self, data: bytes) -> None:
-        self.reading = False
-        if self.stopped:
-            self._release()
-            return
-        if not data:
-            self.proto.send(self.stuffer.finish())
-            self.stop()
-            return
-        self.proto.resetTimeout()  # a long download is not an idle client
-        self.proto.send(self.stuffer.feed(data))
-        self._next()
-
-    def _failed(self, failure: Failure) -> None:
-        self.reading = False
-        log.error("pop3 {user}: reading a message failed: {error}; closing the connection",
-                  user=self.proto.user, error=_describe(failure.value))
-        # The response has started: we cannot send -ERR any more, so drop the connection.
-        self.stop()
-        self.proto.abort()
-
-    def stop(self) -> None:
-        """End the transfer (done, failed, or the connection went away); closes the file once
-        no read is in flight."""
-        if not self.stopped:
-            self.stopped = True
-            if not self.done.called:
-                self.done.callback(None)
-        if not self.reading:
-            self._release()
-
-    def _release(self) -> None:
-        f, self.f = self.f, None
-        if f is not None:
-            self.proto.io(f.close).addErrback(lambda _: None)
 
 
 # -- the protocol ----------------------------------------------------------------------------
@@ -233,7 +128,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
         self._errors = 0
         self._auth_failures = 0
         self._sasl: Callable[[bytes], defer.Deferred | None] | None = None
-        self._sender: _MessageSender | None = None
+        self._sender: MessageSender | None = None
         self._in_process = False  # _process's loop is running (it picks up the next line)
         self._process_call: Any = None  # a _process scheduled on the clock
         self._login_timer: Any = None
@@ -287,7 +182,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
 
     def _release_failed(self, failure: Failure) -> None:
         log.error("pop3 {user}: releasing the maildrop lock failed: {error}", user=self.user,
-                  error=_describe(failure.value))
+                  error=describe(failure.value))
 
     def end_session(self, reason: str) -> None:
         """The account was disabled or removed (mailsuite/notify.py): close without UPDATE,
@@ -528,13 +423,13 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
                 self.changes.mailbox_changed(self.user, "INBOX")
         except Exception as e:
             log.error("pop3 update for {user} failed: {error}", user=self.user,
-                      error=_describe(e))
+                      error=describe(e))
             ok = False
         try:
             yield self.io(drop.lock.release)
         except Exception as e:
             log.error("pop3 {user}: releasing the maildrop lock failed: {error}",
-                      user=self.user, error=_describe(e))
+                      user=self.user, error=describe(e))
         self._close(replies.ok(replies.SIGNING_OFF) if ok else replies.UPDATE_FAILED)
 
     # -- AUTHORIZATION -----------------------------------------------------------------------
@@ -637,7 +532,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             # A mailbox that cannot be read (I/O error, permissions, full disk for the index)
             # is the environment's fault: one line, and the client may try later.
             log.error("pop3 could not open the maildrop of {user}: {error}", user=address,
-                      error=_describe(e))
+                      error=describe(e))
             self.send(replies.MAILDROP_ERROR)
             return
         if drop is None:
@@ -741,7 +636,7 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
     def _send_message(self, info: MessageInfo, top_lines: int | None,
                       retr_n: int | None) -> Generator[defer.Deferred, Any, None]:
         try:
-            f = yield self.io(_open_for_sending, self.drop.folder, info, top_lines)
+            f = yield self.io(open_for_sending, self.drop.folder, info, top_lines)
         except NoSuchMessage:
             log.info("pop3 {user}: message {uid} was removed meanwhile", user=self.user,
                      uid=info.uid)
@@ -749,14 +644,14 @@ class POP3Server(protocol.Protocol, TimeoutMixin):
             return
         except Exception as e:
             log.error("pop3 {user}: cannot open message {uid}: {error}", user=self.user,
-                      uid=info.uid, error=_describe(e))
+                      uid=info.uid, error=describe(e))
             self.send(replies.READ_ERROR)
             return
         if self._closed:
             self.io(f.close)
             return
         self.send(replies.ok(f"{info.size} octets") if top_lines is None else replies.ok())
-        self._sender = sender = _MessageSender(self, f)
+        self._sender = sender = MessageSender(self, f)
         yield sender.start()
         if self._sender is sender:
             self._sender = None
@@ -783,12 +678,6 @@ _STATES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _describe(error: BaseException) -> str:
-    """An exception in one log line: its class and message, never a traceback."""
-    text = str(error).replace("\n", " ")[:300]
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
-
-
 def uidl(key: str) -> str:
     """The Maildir key is the UIDL (the identity IMAP sees too). RFC 1939 §7 limits a unique-id
     to 70 characters 0x21-0x7E: a longer key (long host name) is replaced by a stable digest."""
@@ -811,11 +700,6 @@ def _open_maildrop(store: MailStoreAPI, address: str) -> _Drop | None:
         lock.release()
         raise
     return _Drop(folder=folder, lock=lock, messages=messages, deleted=set(), retrieved=set())
-
-
-def _open_for_sending(folder: "Folder", info: MessageInfo, top_lines: int | None) -> _Readable:
-    f = folder.open_message(info.uid)
-    return f if top_lines is None else TopReader(f, top_lines)
 
 
 def _apply_update(folder: "Folder", delete: list[int], seen: list[int]) -> list[int]:

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from mailsuite.dotstuff import DotStuffer, dot_stuff
-from mailsuite.pop3.server import TopReader
+from mailsuite.pop3.retrieval import TopReader
 
 
 def reference(data: bytes) -> bytes:

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mailsuite.pop3.server import TopReader
+from mailsuite.pop3.retrieval import TopReader
 from tests.dotted import dotted_messages
 from tests.unit.pop3kit import USERS, Pop3World, message
 

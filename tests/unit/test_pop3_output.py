@@ -8,7 +8,8 @@ import weakref
 
 import pytest
 
-from mailsuite.pop3.server import CHUNK, MAX_PENDING
+from mailsuite.pop3.retrieval import CHUNK
+from mailsuite.pop3.server import MAX_PENDING
 from tests.unit.pop3kit import USERS, Pop3World, message
 
 ALICE = USERS[0]
