@@ -17,6 +17,7 @@ from typing import BinaryIO, Iterable, cast
 from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
 from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
+from mailsuite.mailbox.gcpause import collector_paused
 from mailsuite.mailbox.info import UNDATED, MessageInfo  # noqa: F401 (public)
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.moves import Moves, cur_name
@@ -127,7 +128,11 @@ class FolderIndex:
     # -- the sync algorithm -----------------------------------------------------------------
     def sync(self) -> None:
         try:
-            self._sync()
+            if self.synced:
+                self._sync()
+            else:
+                with collector_paused():  # a full sync: one record per message (gcpause.py)
+                    self._sync()
         except BaseException:
             # Half a sync (e.g. files moved to cur/ and listed, but dovecot-uidlist locked):
             # forget the directory mtimes and rebuild fully next time, so the files it listed
