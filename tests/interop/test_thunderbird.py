@@ -417,10 +417,19 @@ def test_thunderbird_reads_our_autodiscover(mail, profiles):
 def test_pop3_stls_download(mail, profiles):
     message_id = f"{uuid.uuid4().hex}@remote.test"
     stored = deliver_via_mx(mail, BOB, big_message(BOB, message_id, "big message for POP3"))
-    expected = set()
-    for path in mail.messages(BOB):
-        with open(path, "rb") as f:
-            expected.add(email.message_from_binary_file(f)["Message-ID"].strip("<>"))
+
+    def message_ids() -> set[str] | None:
+        found = set()
+        for path in mail.messages(BOB):
+            try:
+                with open(path, "rb") as f:
+                    found.add(email.message_from_binary_file(f)["Message-ID"].strip("<>"))
+            except FileNotFoundError:
+                return None  # an IMAP session moved it to cur/ meanwhile: list again
+        return found
+
+    expected = polling.wait_until(message_ids, timeout=15, interval=0.05,
+                                  message="a listing of bob's Maildir that holds still")
     account = TBAccount.from_autoconfig(profiles["pop3"], BOB, PASSWORD, "Bob Example", "pop3",
                                         SOCKET_STARTTLS, SOCKET_STARTTLS)
     assert (account.settings.port, account.settings.socket_type) == (
