@@ -37,6 +37,9 @@ class DirectoryDatabase:
         self.url = url
         self.engine = _make_engine(url, create_dir)
         database = self.engine.url.database or ""
+        self._sqlite = self.engine.url.get_backend_name() == "sqlite"
+        self._driver_error: type[BaseException] = self.engine.dialect.loaded_dbapi.Error
+        self._compiled: dict[int, tuple[str, tuple[str, ...] | None, dict[str, Any]]] = {}
         self._new_sqlite_file = (self.engine.url.get_backend_name() == "sqlite"
                                  and database not in ("", ":memory:")
                                  and not os.path.exists(database))
@@ -166,6 +169,29 @@ class DirectoryDatabase:
                         yield session
 
     @contextmanager
+    def _lookup(self) -> Iterator["RawReader"]:
+        """A read-only unit for the look-ups of every message (route, sender addresses): the
+        prebuilt statements, compiled once, run on the pooled driver connection in one read
+        transaction, without SQLAlchemy's per-statement execution machinery (docs/design/
+        directory.md, "Look-ups without the ORM"). Nothing is cached but the SQL text."""
+        with translate_errors(self.url):
+            try:
+                proxied = self.engine.raw_connection()
+            except self._driver_error as e:  # the pool does not wrap a failed connect
+                raise DirectoryUnavailable(f"database {_safe_url(self.url)}: {_first_line(e)}")
+        reader = RawReader(self, proxied)
+        try:
+            if self._sqlite:
+                reader.begin()  # the driver is in autocommit mode (_sqlite_connect)
+            yield reader
+            proxied.driver_connection.commit()
+        except self._driver_error as e:
+            proxied.invalidate()  # a broken connection must not go back to the pool
+            raise DirectoryUnavailable(f"database {_safe_url(self.url)}: {_first_line(e)}")
+        finally:
+            proxied.close()  # back to the pool, which rolls back anything still open
+
+    @contextmanager
     def _read(self) -> Iterator[Connection]:
         """A read-only unit on a bare Connection in one transaction: the look-ups every message
         and login makes (route, sender addresses, hosted domains) skip the ORM Session's setup,
@@ -174,6 +200,64 @@ class DirectoryDatabase:
             with self.engine.connect() as conn:
                 with conn.begin():
                     yield conn
+
+
+class Prepared:
+    """A Core statement built once at import, for `RawReader` (compiled once per database)."""
+
+    def __init__(self, statement: Any):
+        self.statement = statement
+
+
+class RawReader:
+    """The few calls routing makes on a Connection (`execute(...).all()`, `scalar`, `scalars`),
+    run on a driver connection. Statements are `Prepared`; another Core statement (the rare
+    postmaster fallback) is compiled at each use."""
+
+    def __init__(self, db: DirectoryDatabase, proxied: Any):
+        self._db = db
+        self._cursor = proxied.driver_connection.cursor()
+
+    def begin(self) -> None:
+        self._cursor.execute("BEGIN")
+
+    def execute(self, statement: Any, params: dict[str, Any] | None = None) -> "_Rows":
+        if isinstance(statement, Prepared):
+            key = id(statement)
+            compiled = self._db._compiled.get(key)
+            if compiled is None:
+                compiled = self._db._compiled[key] = _compile(statement.statement,
+                                                              self._db.engine.dialect)
+        else:
+            compiled = _compile(statement, self._db.engine.dialect)
+        sql, order, defaults = compiled
+        values = dict(defaults, **params) if params else defaults
+        self._cursor.execute(sql, [values[name] for name in order] if order is not None
+                             else values)
+        return _Rows(self._cursor.fetchall())
+
+    def scalar(self, statement: Any, params: dict[str, Any] | None = None) -> Any:
+        rows = self.execute(statement, params)
+        return rows[0][0] if rows else None
+
+    def scalars(self, statement: Any, params: dict[str, Any] | None = None) -> list[Any]:
+        return [row[0] for row in self.execute(statement, params)]
+
+
+class _Rows(list):
+    def all(self) -> list:
+        return self
+
+    def first(self) -> Any:
+        return self[0] if self else None
+
+
+def _compile(statement: Any, dialect: Any) -> tuple[str, tuple[str, ...] | None, dict[str, Any]]:
+    """SQL text, parameter order (positional drivers such as sqlite3) and the statement's own
+    bound values (literals), for the driver's cursor.execute."""
+    compiled = statement.compile(dialect=dialect)
+    order = tuple(compiled.positiontup) if dialect.positional else None
+    return compiled.string, order, compiled.construct_params(_check=False)
 
 
 MIGRATIONS = {

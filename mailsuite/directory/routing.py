@@ -18,11 +18,10 @@ appearance kept.
 from __future__ import annotations
 
 from sqlalchemy import String, bindparam, cast, func, literal, null, or_, select, union_all
-from sqlalchemy.engine import Connection
-from sqlalchemy.orm import Session
 from twisted.logger import Logger
 
 from mailsuite.directory.addresses import loose_split, strip_tag
+from mailsuite.directory.database import Prepared, RawReader
 from mailsuite.directory.models import Alias, Domain, User
 from mailsuite.directory.records import Route
 
@@ -33,30 +32,31 @@ MAX_ADDRESSES = 1000  # distinct addresses expanded for one recipient (Postfix's
 
 
 # Built once: constructing a statement costs more CPU than running it on SQLite, and routing
-# runs for every RCPT.
-_HOSTED = select(Domain.id).where(Domain.name == bindparam("domain"))
-_IS_USER = select(User.id).where(User.address == bindparam("address"))
-_TARGETS = select(Alias.target).where(Alias.source == bindparam("address")).order_by(Alias.id)
+# runs for every RCPT. `Prepared`: compiled once per database too (DirectoryDatabase._lookup).
+_HOSTED = Prepared(select(Domain.id).where(Domain.name == bindparam("domain")))
+_IS_USER = Prepared(select(User.id).where(User.address == bindparam("address")))
+_TARGETS = Prepared(select(Alias.target).where(Alias.source == bindparam("address"))
+                    .order_by(Alias.id))
 _NOTHING = (cast(null(), String), literal(0))
-_PREFETCH = union_all(
+_PREFETCH = Prepared(union_all(
     select(literal("d"), *_NOTHING).where(Domain.name == bindparam("domain")),
     select(literal("u"), *_NOTHING).where(User.address == bindparam("address")),
     select(literal("a"), Alias.target, Alias.id).where(Alias.source == bindparam("address")),
-)
+))
 
 # reverse_sources, once per MAIL FROM on submission: alias rows whose target is the address or
 # a +tag form of it (`pattern`), or any address of a domain (for a catch-all).
-_SOURCES_OF = select(Alias.source).where(or_(
+_SOURCES_OF = Prepared(select(Alias.source).where(or_(
     func.lower(Alias.target) == bindparam("address"),
-    func.lower(Alias.target).like(bindparam("pattern"), escape="\\"))).distinct()
-_SOURCES_IN_DOMAIN = select(Alias.source).where(
-    Alias.target.like(bindparam("pattern"), escape="\\")).distinct()
+    func.lower(Alias.target).like(bindparam("pattern"), escape="\\"))).distinct())
+_SOURCES_IN_DOMAIN = Prepared(select(Alias.source).where(
+    Alias.target.like(bindparam("pattern"), escape="\\")).distinct())
 
 
 class Resolver:
-    """Routing within one read unit; memoises look-ups for the duration of one call only."""
+    """Routing within one read unit (`DirectoryDatabase._lookup`); memoises look-ups for the duration of one call only."""
 
-    def __init__(self, session: Session | Connection, admin_address: str):
+    def __init__(self, session: RawReader, admin_address: str):
         self.s = session
         self.admin_address = admin_address
         self._hosted: dict[str, bool] = {}
@@ -196,7 +196,7 @@ class _Targets:
         self.done: set[str] = set()
 
 
-def reverse_sources(s: Session | Connection, user: str) -> list[str]:
+def reverse_sources(s: RawReader, user: str) -> list[str]:
     """Alias sources that may reach `user`: a superset, confirmed by forward routing afterwards.
 
     Walks alias rows backwards from the user: rows whose target is the address or a +tag form of

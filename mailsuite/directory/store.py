@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from mailsuite.directory import passwords
 from mailsuite.directory.addresses import (alias_source, canonical_address, loose_split,
                                            mailbox_address, normalize_domain, split_address)
-from mailsuite.directory.database import is_default_database, translate_errors
+from mailsuite.directory.database import Prepared, is_default_database, translate_errors
 from mailsuite.directory.models import Alias, Domain, Sender, User
 from mailsuite.directory.records import (AliasInfo, DirectoryError, DirectoryUnavailable,
                                          DomainInfo, Route, UserInfo)
@@ -30,6 +30,8 @@ MAX_HASH = 512  # characters of a stored hash (the column's size)
 
 _PASSWORD_RECORD = (select(User.address, User.password_hash, User.enabled)
                     .where(User.address == bindparam("address")))
+_EXTRA_SENDERS = Prepared(select(Sender.address).join(User, User.id == Sender.user_id)
+                          .where(User.address == bindparam("address")))
 
 
 class DirectoryStore(TrustTables):
@@ -339,7 +341,7 @@ class DirectoryStore(TrustTables):
     # -- look-ups for the protocols --------------------------------------------------------
     def route(self, address: str) -> Route:
         """Where mail for `address` goes (the rules: routing.py's docstring)."""
-        with self._read() as s:
+        with self._lookup() as s:
             return Resolver(s, self.admin_address).route(address)
 
     def sender_addresses(self, user: str) -> frozenset[str]:
@@ -350,15 +352,14 @@ class DirectoryStore(TrustTables):
         if parts is None:
             return frozenset()
         canonical = "@".join(parts)
-        with self._read() as s:
+        with self._lookup() as s:
             resolver = Resolver(s, self.admin_address)
             candidates = reverse_sources(s, canonical)
             found = {canonical}
             for source in candidates:
                 if canonical in resolver.route(source).mailboxes:
                     found.add(source)
-            found.update(s.scalars(select(Sender.address).join(User, User.id == Sender.user_id)
-                                   .where(User.address == canonical)))
+            found.update(s.scalars(_EXTRA_SENDERS, {"address": canonical}))
         return frozenset(found)
 
     # -- helpers ------------------------------------------------------------------------------

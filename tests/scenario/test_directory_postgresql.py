@@ -21,6 +21,8 @@ from tests.unit.test_directory_store import (  # noqa: F401 (collected here on P
     store, test_alias_add_list_remove, test_catch_all_only_when_nothing_else_matches,
     test_changes_are_seen_by_another_store_at_once, test_disabled_users_still_receive_mail,
     test_domain_add_list_remove, test_invalid_addresses, test_invalid_domain_names,
+    test_lookup_failure_is_unavailable_and_the_next_one_works,
+    test_lookups_run_on_the_driver_connection,
     test_postmaster_always_exists, test_postmaster_without_admin_address,
     test_prepare_is_idempotent_and_data_survives, test_remove_domain_with_users_needs_force,
     test_route_cycles_terminate, test_route_depth_is_bounded,

@@ -86,7 +86,8 @@ def _failing_directory(tmp_path, error: Exception, clock: Clock | None = None) -
     def refuse(*_args, **_kwargs):
         raise error
 
-    directory.store.engine.connect = refuse  # every unit of work starts here
+    # Every unit of work starts with one of these (raw_connection: the per-message look-ups).
+    directory.store.engine.connect = directory.store.engine.raw_connection = refuse
     return directory
 
 

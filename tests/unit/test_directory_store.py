@@ -13,8 +13,9 @@ import time
 
 import pytest
 from passlib.hash import bcrypt, sha512_crypt
+from sqlalchemy import event, text
 
-from mailsuite.directory import DirectoryError, DirectoryStore, Route
+from mailsuite.directory import DirectoryError, DirectoryStore, DirectoryUnavailable, Route
 from mailsuite.directory import passwords
 from mailsuite.directory.routing import MAX_DEPTH
 from tests.unit.conftest import FAST_HASHING, prepared_if_sqlite
@@ -360,6 +361,41 @@ def test_sender_addresses(store):
     assert store.sender_addresses("bob@example.org") == frozenset({
         "bob@example.org", "sales@example.org", "team@example.org", "carol@example.org"})
     assert store.sender_addresses("dave@example.net") == frozenset({"dave@example.net"})
+
+
+def test_lookups_run_on_the_driver_connection(store):
+    """route and sender_addresses, once per RCPT / MAIL FROM, skip SQLAlchemy's statement
+    execution (docs/design/directory.md, "Look-ups without the ORM"); the answers are those of
+    test_sender_addresses and the routing tests, also through the postmaster fallback."""
+    populate(store)
+    store.add_alias("sales@example.org", ["alice@example.org", "bob+x@example.org"])
+    store.add_sender("bob@example.org", "@example.net")
+    executed: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda _conn, _cursor, sql, *_rest: executed.append(sql))
+    assert store.route("Sales@example.org").mailboxes == ("alice@example.org",
+                                                          "bob@example.org")
+    store.admin_address = ""  # the fallback's statements are built per call: compiled per call
+    assert store.route("postmaster@example.net").mailboxes == ("dave@example.net",)
+    assert store.route("nobody@example.org") == Route("nobody@example.org", True)
+    assert store.sender_addresses("bob@example.org") == frozenset({
+        "bob@example.org", "sales@example.org", "@example.net"})
+    assert executed == []
+
+
+def test_lookup_failure_is_unavailable_and_the_next_one_works(store):
+    """A driver error in a look-up: one line, the connection dropped, the next look-up fine."""
+    populate(store)
+    with store.engine.begin() as conn:
+        conn.execute(text("DROP TABLE ms_alias"))
+    for call in (lambda: store.route("alice@example.org"),
+                 lambda: store.sender_addresses("alice@example.org")):
+        with pytest.raises(DirectoryUnavailable) as e:
+            call()
+        assert "\n" not in str(e.value) and str(e.value).startswith("database ")
+    store.prepare()  # creates the table again
+    assert store.route("alice@example.org").mailboxes == ("alice@example.org",)
+    assert store.sender_addresses("alice@example.org") == frozenset({"alice@example.org"})
 
 
 def test_changes_are_seen_by_another_store_at_once(db_url, store):
