@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import smtplib
+import time
 import uuid
 
 import pytest
@@ -523,10 +524,19 @@ MailServices.outgoingServer.getServerByIdentity(identity).password = 'not-the-pa
         alice_tb.send(BOB, "never sent", "x\r\n")
     # The failed login comes first; "Sending of the message failed" may follow after the step
     # already failed.
-    dialogs = str(failure.value) + alice_tb.tb.drain_dialogs()
     # Thunderbird words a refused SMTP login in one of two dialogs, depending on timing
-    # (mailServerLoginFailed2 or smtpAuthFailure); either must come through as text.
+    # (mailServerLoginFailed2 or smtpAuthFailure); either must come through as text. It may
+    # open the dialog only after its fallback to AUTH LOGIN was refused too, after the step
+    # failed and later than drain_dialogs' quiet time: collect until it came, or the deadline.
     login_failed = f"Login to server {mail.hostname} with username {ALICE} failed"
     auth_failed = "Unable to authenticate to Outgoing server (SMTP)"
-    assert login_failed in dialogs or (auth_failed in dialogs and mail.hostname in dialogs), dialogs
+
+    def shown(text: str) -> bool:
+        return login_failed in text or (auth_failed in text and mail.hostname in text)
+
+    dialogs = str(failure.value)
+    deadline = time.monotonic() + 30
+    while not shown(dialogs) and time.monotonic() < deadline:
+        dialogs += alice_tb.tb.drain_dialogs()
+    assert shown(dialogs), dialogs
     assert alice_tb.tb.run("return 'still answering';") == "still answering"
