@@ -23,6 +23,7 @@ logged-in sessions by user (`SessionRegistry`) and the folders IDLE sessions wai
 """
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import threading
@@ -70,10 +71,15 @@ def folder_key(user: str, folder: str) -> tuple[str, str]:
     return user.lower(), folder
 
 
+# Every STORE, EXPUNGE and APPEND publishes one, and the hub parses it back at once: both are
+# pure functions of a few strings that repeat (the same users and folders), kept in a bounded
+# cache.
+@functools.lru_cache(maxsize=256)
 def mailbox_payload(user: str, folder: str) -> str:
     return json.dumps(list(folder_key(user, folder)), ensure_ascii=False)
 
 
+@functools.lru_cache(maxsize=256)
 def parse_mailbox_payload(payload: str) -> tuple[str, str] | None:
     try:
         user, folder = json.loads(payload)

@@ -49,6 +49,10 @@ MAX_NUMBER_DIGITS = 19  # a number of more digits is no valid UID, size or offse
 Token = Union[Atom, Str, list]
 
 LITERAL_MARKER = re.compile(rb"\{(\d{1,20})(\+?)\}$")
+# Runs the tokenizer takes in one step instead of a byte at a time.
+_ATOM_RUN = re.compile(rb'[^ ()"\[]+')  # up to a delimiter or a `[`
+_QUOTED_RUN = re.compile(rb'[^"\\]+')  # up to the closing quote or a backslash
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
@@ -79,6 +83,10 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
                 out = bytearray()
                 pos += 1
                 while True:
+                    m = _QUOTED_RUN.match(line, pos)  # the characters needing no look
+                    if m is not None:
+                        out += m.group()
+                        pos = m.end()
                     if pos >= n:
                         raise ParseError("unterminated quoted string")
                     ch = line[pos:pos + 1]
@@ -94,17 +102,19 @@ def tokenize(segments: list[tuple[bytes, Optional[bytes]]]) -> list[Token]:
                 stack[-1].append(Str(bytes(out)))
             else:
                 start = pos
-                while pos < n and line[pos:pos + 1] not in (b" ", b"(", b")", b'"'):
-                    if line[pos:pos + 1] == b"[":
-                        # BODY[HEADER.FIELDS (FROM TO)]<0.100> is one fetch-att (RFC 3501 §9).
-                        # Without a `]` the `[` is an ordinary ATOM-CHAR: mailbox names
-                        # and LIST patterns may hold it (RFC 3501 §9, atom-specials).
-                        close = line.find(b"]", pos)
-                        pos = close + 1 if close >= 0 else pos + 1
-                    else:
-                        pos += 1
+                while True:
+                    m = _ATOM_RUN.match(line, pos)
+                    if m is not None:
+                        pos = m.end()
+                    if line[pos:pos + 1] != b"[":
+                        break
+                    # BODY[HEADER.FIELDS (FROM TO)]<0.100> is one fetch-att (RFC 3501 §9).
+                    # Without a `]` the `[` is an ordinary ATOM-CHAR: mailbox names
+                    # and LIST patterns may hold it (RFC 3501 §9, atom-specials).
+                    close = line.find(b"]", pos)
+                    pos = close + 1 if close >= 0 else pos + 1
                 atom = line[start:pos]
-                if any(b < 0x20 or b == 0x7F for b in atom):
+                if _CONTROL.search(atom) is not None:
                     raise ParseError("control character in command")
                 stack[-1].append(Atom(atom))
         if isinstance(literal, FileLiteral):

@@ -165,12 +165,11 @@ class FolderState:
     highestmodseq: int = 0
 
 
-def sync_folder(folder: Folder, token: object = None) -> FolderState:
-    """The folder's state in one io-pool job and one hold of its lock (`token`: the
-    state_token just taken, before the sync, so a change during the sync is seen next time)."""
-    if token is None:
-        token = folder.state_token()
-    infos, keywords, uidvalidity, uidnext, recent, highest = folder.synced_state()
+def sync_folder(folder: Folder) -> FolderState:
+    """The folder's state in one io-pool job and one hold of its lock, with the state token
+    of what the sync saw (Folder.synced_state), so a change during the sync is seen next
+    time."""
+    infos, keywords, uidvalidity, uidnext, recent, highest, token = folder.synced_state()
     if recent:
         # Only messages still there (an expunged one keeps no \Recent to count). After a first
         # SELECT of a large folder most are recent: one set beats a bisection per message.
@@ -184,12 +183,15 @@ def sync_folder(folder: Folder, token: object = None) -> FolderState:
 def refresh_folder(folder: Folder, known: object) -> Optional[FolderState]:
     """None if the folder's state_token is still `known`, else its synced state: the check
     and the sync are one io-pool job (each job may wait in the pool's queue under load).
-    Either way the held files whose pins came back go (the sync drains them too)."""
-    token = folder.state_token()
-    if token == known:
+    Either way the held files whose pins came back go (the sync drains them too). A token of
+    another generation (this process changed the folder since, e.g. the job that calls this
+    after its EXPUNGE or APPEND) cannot match: the sync at once, without the four stat()s of
+    state_token."""
+    if isinstance(known, tuple) and known and known[0] == folder.generation \
+            and folder.state_token() == known:
         folder.drain_held()
         return None
-    return sync_folder(folder, token)
+    return sync_folder(folder)
 
 
 # What a job that changed the folder answers instead of its refresh when the refresh could not

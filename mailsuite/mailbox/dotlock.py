@@ -105,6 +105,10 @@ class LockRules:
 
 DEFAULT_RULES = LockRules()
 
+def _stamp(st: os.stat_result) -> tuple:
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 # Lock paths held by this process -> the DotLock holding it (see LockRules.stale).
 _held: dict[str, "DotLock"] = {}
 _held_lock = threading.Lock()
@@ -116,7 +120,7 @@ class DotLock:
     def __init__(self, path: str, rules: LockRules = DEFAULT_RULES):
         self.lock_path = path + ".lock"
         self.rules = rules
-        self._ino: int | None = None
+        self._stamp: tuple | None = None  # (inode, size, mtime) of our lock file once written
         self._owner = f"{rules.pid()}:{rules.hostname}\n".encode()
 
     def __enter__(self) -> "DotLock":
@@ -131,10 +135,10 @@ class DotLock:
                     continue
                 raise LockBusy(self.lock_path, owner)
             try:
-                self._ino = os.fstat(fd).st_ino
                 with _held_lock:  # before the owner is written: see LockRules.stale
                     _held[self.lock_path] = self
                 os.write(fd, self._owner)
+                self._stamp = _stamp(os.fstat(fd))
             except BaseException:
                 os.close(fd)
                 os.unlink(self.lock_path)
@@ -146,15 +150,12 @@ class DotLock:
 
     def __exit__(self, *exc: object) -> None:
         try:
-            # Only our own file: if it was broken and taken by another, it is theirs now (the
-            # inode number alone may be reused at once, so the owner written is compared too).
-            fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                ours = (os.fstat(fd).st_ino == self._ino
-                        and os.read(fd, _READ_LIMIT) == self._owner)
-            finally:
-                os.close(fd)
-            if ours:
+            # Only our own file: if it was broken and taken by another, it is theirs now. The
+            # inode number alone may be reused at once, so its size and mtime are compared too:
+            # a lock is broken only once it looks stale (LockRules.stale: at least
+            # UNWRITTEN_GRACE_SECONDS old), so a lock made after ours has another mtime.
+            # One lstat instead of reading the owner back (docs/design/maildir.md, "The dotlock").
+            if _stamp(os.lstat(self.lock_path)) == self._stamp:
                 os.unlink(self.lock_path)
         except FileNotFoundError:
             pass

@@ -101,11 +101,14 @@ class Folder:
                 self._shown_upto = infos[-1].uid if infos else 0
             return infos
 
-    def synced_state(self) -> tuple[list[MessageInfo], list[str], int, int, frozenset, int]:
-        """sync(), then (messages, keywords, UIDVALIDITY, UIDNEXT, recent, HIGHESTMODSEQ) as of
-        that sync, under one hold of the folder lock: the uidlist and keywords were just
-        re-read by the sync, so they are not stat()ed again (docs/design/maildir.md,
-        "Folder states in memory")."""
+    def synced_state(self) -> tuple[list[MessageInfo], list[str], int, int, frozenset, int,
+                                    tuple]:
+        """sync(), then (messages, keywords, UIDVALIDITY, UIDNEXT, recent, HIGHESTMODSEQ,
+        state token) as of that sync, under one hold of the folder lock: the uidlist and
+        keywords were just re-read by the sync, so they are not stat()ed again, and the state
+        token is made of the stamps the sync took before reading each file or directory, so
+        it differs from a later state_token() whenever something changed after it looked
+        (docs/design/maildir.md, "Folder states in memory")."""
         state = self._state
         with state.lock:
             infos = self.sync()
@@ -115,8 +118,10 @@ class Folder:
             keywords = [k for k in state.keywords if k]
             recent = self.recent
             state.reconcile_modseqs()
+            token = (state.generation, *state.dir_stamps, state.uidlist_stamp,
+                     state.keywords_stamp)
             return (infos, keywords, ul.uidvalidity, ul.nextuid, recent,
-                    state.modseqs.highest)
+                    state.modseqs.highest, token)
 
     def release(self, uids: Iterable[int]) -> bool:
         """The session has announced these EXPUNGEs: it no longer needs their content.
@@ -190,6 +195,12 @@ class Folder:
                 state.sync()
             state.reconcile_modseqs()
             return state.modseqs.vanished_since(modseq)
+
+    @property
+    def generation(self) -> int:
+        """Changes with every change this process makes to the folder (the first part of
+        the state token); read without the lock."""
+        return self._state.generation
 
     def state_token(self) -> tuple:
         """A cheap value (stat of new/, cur/, dovecot-uidlist) that changes when sync() may

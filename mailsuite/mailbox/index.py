@@ -90,6 +90,10 @@ class FolderIndex:
         self.files: dict[str, str] = {}  # key -> file name in cur/
         self.cur_mtime: int | None = None
         self.new_mtime: int | None = None
+        # file_stamp()s of new/ and cur/ as the last sync stat()ed them, before listing them:
+        # with uidlist_stamp and keywords_stamp, the state token of what that sync saw
+        # (Folder.synced_state).
+        self.dir_stamps: tuple = (None, None)
         self.meta: dict[str, tuple[int, float]] = {}  # key -> (size, internaldate)
         self.meta_loaded = False
         self.meta_pending: list[str] = []  # keys whose meta is not in mailsuite-index yet
@@ -150,6 +154,8 @@ class FolderIndex:
             st_cur = os.stat(cur_dir)
         except FileNotFoundError:
             raise NoSuchFolder("folder was deleted")
+        self.dir_stamps = ((st_new.st_ino, st_new.st_size, st_new.st_mtime_ns),
+                           (st_cur.st_ino, st_cur.st_size, st_cur.st_mtime_ns))
         now_ns = time.time_ns()
         full = not self.synced
         touched: set[str] = set()  # keys added or renamed (flag change) in cur/
@@ -599,7 +605,7 @@ class FolderIndex:
             infos = self.infos
             uids = infos.keys() if dirty is None else [u for u in dirty if u in infos]
             present = {u: infos[u].name.partition(":2,")[2] for u in uids}
-            if log.record(uv, present, dirty, full=dirty is None) is None:
+            if log.record(uv, present, dirty, full=dirty is None, loaded=True) is None:
                 present = {u: i.name.partition(":2,")[2] for u, i in infos.items()}
                 dirty = None
                 log.record(uv, present, None, full=True)

@@ -131,13 +131,15 @@ class ModSeqLog:
 
     # -- writing ------------------------------------------------------------------------------
     def record(self, uidvalidity: int, present: dict[int, str], check: Optional[Iterable[int]],
-               full: bool = True) -> Optional[bool]:
+               full: bool = True, loaded: bool = False) -> Optional[bool]:
         """Bring the log up to date with the folder: `present` maps each UID listed now to the
         flag letters of its file name; `check` are the UIDs that may have changed (None: all).
         Every change found gets the next mod-sequence (one per call, RFC 7162 §3.1 lets several
         messages share it). Returns whether anything was written; None when the log has to be
-        started afresh and `present` (full=False) lists only the changed UIDs."""
-        self.load()
+        started afresh and `present` (full=False) lists only the changed UIDs. `loaded`: the
+        caller has just called load()."""
+        if not loaded:
+            self.load()
         if not self._pending(uidvalidity, present, check):
             return False
         with DotLock(self.path, self.rules):

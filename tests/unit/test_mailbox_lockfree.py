@@ -84,6 +84,37 @@ def test_refresh_is_none_while_the_token_holds_and_a_state_after_a_change(accoun
     assert fresh.uidvalidity == st.uidvalidity and fresh.highestmodseq > st.highestmodseq
 
 
+def test_the_token_of_a_sync_holds_until_something_changes(account):
+    folder = account.folder("INBOX")
+    folder.append(BODY)
+    st = sync_folder(folder)
+    assert st.token == folder.state_token()
+    assert refresh_folder(folder, st.token) is None
+
+
+def test_refresh_after_a_change_of_this_process_syncs_without_state_token(account, monkeypatch):
+    folder = account.folder("INBOX")
+    folder.append(BODY)
+    st = sync_folder(folder)
+    uid = folder.append(BODY)  # another generation: the token cannot match
+    monkeypatch.setattr(folder, "state_token", lambda: pytest.fail("stat()ed for the token"))
+    fresh = refresh_folder(folder, st.token)
+    assert fresh is not None and fresh.infos[-1].uid == uid
+    monkeypatch.undo()
+    assert refresh_folder(folder, fresh.token) is None
+
+
+def test_a_change_by_another_process_after_a_sync_is_seen(account, tmp_path):
+    from mailsuite.mailbox.store import MailStore
+    folder = account.folder("INBOX")
+    folder.append(BODY)
+    st = sync_folder(folder)
+    other = MailStore(str(tmp_path / "mail")).account("alice@example.org").folder("INBOX")
+    uid = other.append(BODY)
+    fresh = refresh_folder(folder, st.token)
+    assert fresh is not None and fresh.infos[-1].uid == uid
+
+
 def test_busy_lock_test_double_refuses_to_wait():
     with pytest.raises(AssertionError):
         with Busy():

@@ -109,10 +109,25 @@ def test_release_leaves_a_lock_another_process_took_over(tmp_path):
     path = str(tmp_path / "dovecot-uidlist")
     held = DotLock(path)
     held.__enter__()
-    os.unlink(path + ".lock")  # broken by someone who thought us dead, and taken anew
-    make_lock(path, live_owner())
+    # Broken by someone who thought us dead (never before it looked stale: at least
+    # UNWRITTEN_GRACE_SECONDS after we made it), and taken anew, perhaps with the same inode
+    # number and size.
+    made = os.stat(path + ".lock").st_mtime
+    os.unlink(path + ".lock")
+    lock = make_lock(path, live_owner())
+    os.utime(lock, (made + 3, made + 3))
     held.__exit__()
     assert open(path + ".lock", "rb").read() == live_owner()
+
+
+def test_release_removes_our_lock_with_one_lstat(tmp_path, monkeypatch):
+    path = str(tmp_path / "dovecot-uidlist")
+    with DotLock(path):
+        assert os.path.exists(path + ".lock")
+        opened = []
+        real_open = os.open
+        monkeypatch.setattr(os, "open", lambda *a, **kw: opened.append(a) or real_open(*a, **kw))
+    assert not os.path.exists(path + ".lock") and opened == []
 
 
 # -- waiting on the reactor ------------------------------------------------------------------
