@@ -191,7 +191,10 @@ class ClassicText:
         self._stamp = ""
 
     def __call__(self, event: LogEvent) -> str | None:
-        text = _formatEvent(event)
+        text = event.get("text")
+        if (event.get("log_format") != "{text}" or type(text) is not str
+                or "log_flattened" in event):
+            text = _formatEvent(event)  # else: what "{text}" formats to (the mail log's lines)
         if "log_failure" in event:
             text = "\n".join((text, _formatTraceback(event["log_failure"])))
         if not text:
@@ -204,7 +207,13 @@ class ClassicText:
             if second != self._second:
                 self._stamp, self._second = formatTime(float(second), timeFormatRFC3339), second
             stamp = self._stamp
-        line = f"{stamp} [{_formatSystem(event)}] {text}"
+        level = event.get("log_level")
+        namespace = event.get("log_namespace")
+        if "log_system" in event or level is None or type(namespace) is not str:
+            system = _formatSystem(event)
+        else:
+            system = f"{namespace}#{level.name}"  # what _formatSystem makes of these
+        line = f"{stamp} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
 
 

@@ -222,6 +222,15 @@ def test_the_log_file_text_is_twisteds_with_the_time_made_once_per_second():
         dict(log_format="boom", log_failure=failure, log_time=base, log_level=LogLevel.error),
         dict(log_time=base), dict(log_format="", log_time=base), dict(log_format="no time"),
         dict(log_format="{unclosed", log_time=base),
+        # The mail log's shape ("{text}"; maillog.py), taken without the formatter.
+        dict(log_format="{text}", text="queue_id=Q1 status=removed", log_time=base + 0.5,
+             log_namespace="mailsuite.maillog", log_level=LogLevel.info),
+        dict(log_format="{text}", text="two\nlines", log_time=base, log_system="sys"),
+        dict(log_format="{text}", text=7, log_time=base, log_namespace="n",
+             log_level=LogLevel.info),
+        dict(log_format="{text}", log_time=base, log_namespace="n", log_level=LogLevel.info),
+        dict(log_format="{text}", text="", log_time=base, log_namespace=None,
+             log_level=LogLevel.info),
     ]
     for e in events:
         assert fast(e) == twisted_text(e), e
