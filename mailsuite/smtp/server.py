@@ -242,6 +242,9 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self._close()
 
     def timeoutConnection(self) -> None:
+        if self._waiting:
+            self.setTimeout(self.limits.smtp_timeout)  # counted again from our reply
+            return
         log.info("idle timeout for {client_ip}", client_ip=self.client_ip)
         self._send(replies.IDLE_TIMEOUT)
         self._close()
@@ -399,9 +402,10 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
                 self._send(now[0])
             return
         pending = True
+        # Our own slowness (database, fsync, the AUTH failure delay) is not client idleness:
+        # the idle timer goes on running (stopping and starting it for every look-up costs
+        # more than the look-up's callbacks), and timeoutConnection lets it pass while we wait.
         self._waiting = True
-        # Our own slowness (database, fsync, the AUTH failure delay) is not client idleness.
-        self.setTimeout(None)
 
     def _deferred_reply(self, reply: Reply | None) -> None:
         if self._closed:
