@@ -212,8 +212,15 @@ class DataTransfer:
                 "auth_user": self.session.auth_user, "protocol": self._protocol_name(),
                 # for the message's events (docs/design/events.md)
                 "listener": self.policy.name, "message_id": scan.message_id,
-                "tls": describe_tls(self.transport) if self.session.tls else ""}
+                "tls": self._tls_description() if self.session.tls else ""}
         return HandOver(self, mail, rcpts, txid, staged, meta).start(scan)
+
+    def _tls_description(self) -> str:
+        """describe_tls of this connection, asked once: the cipher does not change in a
+        session (STARTTLS begins a new one and forgets it)."""
+        if self._tls_text is None:
+            self._tls_text = describe_tls(self.transport)
+        return self._tls_text
 
     def _envelope(self, sender: str, rcpts: list[tuple[str, Route]], txid: str) -> Envelope:
         return Envelope(self.client_ip, self.session.helo or "", sender,

@@ -158,6 +158,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self.client_ip = client_ip(self.transport)  # a PROXY listener's declared client
         self.client_name: str | None = None
         self.session = Session(self.client_ip, tls=f.implicit_tls)
+        self._tls_text: str | None = None  # describe_tls, once the first message needs it
         self._buffer = bytearray()
         self._mode = "command"  # "command" | "data" | "auth"
         self._waiting = False  # a Deferred for the current command is pending
@@ -581,6 +582,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         transport.startTLS(context)
         # RFC 3207 §4.2: forget everything learnt from the client before TLS; EHLO again.
         self.session = Session(self.client_ip, tls=True)
+        self._tls_text = None
         self._reset_transaction()
         return None
 
