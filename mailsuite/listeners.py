@@ -25,6 +25,7 @@ room; when there is none, the newcomer is refused.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import resource
 from collections import Counter
@@ -56,9 +57,11 @@ EVICTED = {
 NEVER_AUTHENTICATE = frozenset({"mx", "autoconfig", "metrics", "admin"})
 
 
+@functools.lru_cache(maxsize=4096)
 def network_prefix(ip: str) -> str:
     """The network a client address belongs to for fairness: its /24 (IPv4) or /64 (IPv6).
-    An IPv4-mapped IPv6 address counts as the IPv4 address. Anything else is its own prefix."""
+    An IPv4-mapped IPv6 address counts as the IPv4 address. Anything else is its own prefix.
+    (Cached: a client reconnecting for each message needs it once, not per connection.)"""
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

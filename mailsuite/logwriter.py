@@ -9,6 +9,8 @@ waited for; later events (the rest of the shutdown) are written directly again, 
 """
 from __future__ import annotations
 
+import re
+import string
 import threading
 from typing import Any, Callable
 
@@ -189,9 +191,10 @@ class ClassicText:
     def __init__(self) -> None:
         self._second: int | None = None
         self._stamp = ""
+        self._formats: dict[str, list[tuple[str, str | None]]] = {}
 
     def __call__(self, event: LogEvent) -> str | None:
-        text = _formatEvent(event)
+        text = self._text(event)
         if "log_failure" in event:
             text = "\n".join((text, _formatTraceback(event["log_failure"])))
         if not text:
@@ -204,8 +207,56 @@ class ClassicText:
             if second != self._second:
                 self._stamp, self._second = formatTime(float(second), timeFormatRFC3339), second
             stamp = self._stamp
-        line = f"{stamp} [{_formatSystem(event)}] {text}"
+        level = event.get("log_level")
+        namespace = event.get("log_namespace")
+        if "log_system" in event or level is None or type(namespace) is not str:
+            system = _formatSystem(event)
+        else:
+            system = f"{namespace}#{level.name}"  # what _formatSystem makes of these
+        line = f"{stamp} [{system}] {text}"
         return line.replace("\n", "\n\t") + "\n"
+
+    def _text(self, event: LogEvent) -> str:
+        """What twisted's _formatEvent makes of the event. A format whose fields are all plain
+        names ("accepted {queue_id} from=<{sender}>", the mail log's "{text}") is parsed once
+        and filled in directly: the same format(value, "") per field that str.format does,
+        without string.Formatter's Python-level parsing of every line. Anything else, or any
+        error, goes to twisted's formatter."""
+        fmt = event.get("log_format")
+        if type(fmt) is not str or "log_flattened" in event:
+            return _formatEvent(event)
+        pieces = self._formats.get(fmt)
+        if pieces is None:
+            pieces = _plain_fields(fmt)
+            if len(self._formats) < MAX_FORMATS:
+                self._formats[fmt] = pieces
+        if not pieces:
+            return _formatEvent(event)
+        try:
+            return "".join([literal if name is None else literal + format(event[name], "")
+                            for literal, name in pieces])
+        except Exception:
+            return _formatEvent(event)  # says the event could not be formatted, as twisted does
+
+
+# Distinct log formats ClassicText keeps parsed (the code has a few hundred).
+MAX_FORMATS = 1024
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def _plain_fields(fmt: str) -> list[tuple[str, str | None]]:
+    """(literal text, field name or None) pieces of `fmt`, or [] when a field has a conversion,
+    a format spec, an index, an attribute or a call: those go to twisted's formatter."""
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError:
+        return []
+    pieces: list[tuple[str, str | None]] = []
+    for literal, name, spec, conversion in parsed:
+        if name is not None and (spec or conversion or not _NAME.match(name)):
+            return []
+        pieces.append((literal, name))
+    return pieces or [("", None)]
 
 
 class BufferedLogging(service.MultiService):

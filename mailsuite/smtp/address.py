@@ -128,6 +128,11 @@ def _check_parts(local: str, domain: str) -> None:
 
 def _closing_bracket(text: str) -> int:
     """Index of the '>' closing the path, skipping quoted-string content."""
+    if '"' not in text:
+        end = text.find(">")  # the usual path: no quoted local part to walk through
+        if end < 0:
+            raise PathError("missing '>'")
+        return end
     quoted = escaped = False
     for i, c in enumerate(text):
         if escaped:

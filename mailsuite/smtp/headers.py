@@ -30,6 +30,10 @@ _PLAIN_ADDRESS = re.compile(rf"(?:[A-Za-z0-9]+(?: [A-Za-z0-9]+)* ?)?<{_ADDR_SPEC
                             re.ASCII)
 
 
+# RFC 5322 §2.2: a field name is printable US-ASCII except ":" (partition took that off).
+_FIELD_NAME = re.compile(rb"[\x21-\x7e]+")
+
+
 class HeaderScan:
     def __init__(self) -> None:
         self.in_header = True
@@ -57,7 +61,7 @@ class HeaderScan:
         self._current = None
         self._in_message_id = False
         name, colon, value = line.partition(b":")
-        if not colon or not name or not all(33 <= c <= 126 for c in name):
+        if not colon or not _FIELD_NAME.fullmatch(name):
             self.in_header = False
             return True
         name = name.lower()

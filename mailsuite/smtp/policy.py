@@ -76,21 +76,27 @@ class Policy:
         """A Deferred reply (None: fine) to the raw From:/Sender: values of a message."""
         return defer.succeed(None)
 
-    @defer.inlineCallbacks
-    def route(self, address: str) -> Generator[defer.Deferred, Route, Route]:
+    def route(self, address: str) -> defer.Deferred:
         """The directory's Route; bare "postmaster" (RFC 5321 §4.1.1.3) is postmaster of our
         host name, or the configured admin address when that is not a hosted domain."""
-        directory = self.directory
         if address == "postmaster":
-            route = yield directory.route("postmaster@" + self.config.hostname)
-            admin = self.config.server.admin_address
-            if not route.exists and admin:
-                route = yield directory.route(admin)
-                if not route.hosted:
-                    # Forwarded like an alias to a remote target.
-                    route = Route("postmaster", hosted=True, remote=(admin,))
-            return route
-        return (yield directory.route(address))
+            return self._postmaster_route()
+        try:
+            return self.directory.route(address)
+        except Exception:
+            return defer.fail()
+
+    @defer.inlineCallbacks
+    def _postmaster_route(self) -> Generator[defer.Deferred, Route, Route]:
+        directory = self.directory
+        route = yield directory.route("postmaster@" + self.config.hostname)
+        admin = self.config.server.admin_address
+        if not route.exists and admin:
+            route = yield directory.route(admin)
+            if not route.hosted:
+                # Forwarded like an alias to a remote target.
+                route = Route("postmaster", hosted=True, remote=(admin,))
+        return route
 
 
 class MXPolicy(Policy):
@@ -98,28 +104,28 @@ class MXPolicy(Policy):
 
     name = "mx"
 
-    @defer.inlineCallbacks
-    def check_recipient(self, session: Session, address: str
-                        ) -> Generator[defer.Deferred, Route, RecipientDecision]:
+    def check_recipient(self, session: Session, address: str) -> defer.Deferred:
+        # Plain callbacks, not inlineCallbacks: this runs for every recipient.
         if self.srs is not None and self.srs.is_srs(address):
             # A bounce (or reply) to a sender we rewrote when forwarding: it goes back to the
             # original sender, but only if we made this address (docs/design/trust.md).
             try:
                 original = self.srs.reverse(address)
             except SRSError as e:
-                return RecipientDecision(replies.BAD_SRS_ADDRESS.with_text(
-                    f"{replies.BAD_SRS_ADDRESS.text}: {e}"))
-            return RecipientDecision(replies.RECIPIENT_OK,
-                                     Route(address, hosted=True, remote=(original,)))
-        route = yield self.route(address).addErrback(_lookup_failed)
-        if isinstance(route, RecipientDecision):
-            return route
-        if not route.hosted:
-            # MX never offers AUTH, so nobody here may relay.
-            return RecipientDecision(replies.RELAY_DENIED)
-        if not route.exists:
-            return RecipientDecision(replies.UNKNOWN_USER)
-        return RecipientDecision(replies.RECIPIENT_OK, route)
+                return defer.succeed(RecipientDecision(replies.BAD_SRS_ADDRESS.with_text(
+                    f"{replies.BAD_SRS_ADDRESS.text}: {e}")))
+            return defer.succeed(RecipientDecision(
+                replies.RECIPIENT_OK, Route(address, hosted=True, remote=(original,))))
+        return self.route(address).addCallbacks(_mx_decision, _lookup_failed)
+
+
+def _mx_decision(route: Route) -> RecipientDecision:
+    if not route.hosted:
+        # MX never offers AUTH, so nobody here may relay.
+        return RecipientDecision(replies.RELAY_DENIED)
+    if not route.exists:
+        return RecipientDecision(replies.UNKNOWN_USER)
+    return RecipientDecision(replies.RECIPIENT_OK, route)
 
 
 class SubmissionPolicy(Policy):
@@ -137,55 +143,54 @@ class SubmissionPolicy(Policy):
     def auth_refusal(self, session: Session) -> Reply | None:
         return None if session.tls else replies.AUTH_NEEDS_TLS
 
-    @defer.inlineCallbacks
-    def check_sender(self, session: Session, sender: str
-                     ) -> Generator[defer.Deferred, frozenset[str], Reply]:
+    def check_sender(self, session: Session, sender: str) -> defer.Deferred:
         if session.auth_user is None:
-            return replies.AUTH_REQUIRED
+            return defer.succeed(replies.AUTH_REQUIRED)
         if sender == "":
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
-            return replies.NOT_YOUR_ADDRESS
+            return defer.succeed(replies.NOT_YOUR_ADDRESS)
         session.owned = None
-        owned = yield self.directory.sender_addresses(session.auth_user)
-        session.owned = owned
-        if sender_allowed(owned, sender):
-            return replies.SENDER_OK
-        return replies.NOT_YOUR_ADDRESS
 
-    @defer.inlineCallbacks
+        def judge(owned: frozenset[str]) -> Reply:
+            session.owned = owned
+            return replies.SENDER_OK if sender_allowed(owned, sender) else \
+                replies.NOT_YOUR_ADDRESS
+
+        return self.directory.sender_addresses(session.auth_user).addCallback(judge)
+
     def check_header_senders(self, session: Session, from_values: list[bytes],
-                             sender_values: list[bytes]
-                             ) -> Generator[defer.Deferred, frozenset[str], Reply | None]:
+                             sender_values: list[bytes]) -> defer.Deferred:
         """Every address of every From: and Sender: field must be one the user may send as
         (the same set as MAIL FROM); a field we cannot parse is refused, not guessed at."""
         addresses: list[str] = []
         for raw in from_values + sender_values:
             found = header_addresses(raw)
             if found is None:
-                return replies.FROM_NOT_YOURS
+                return defer.succeed(replies.FROM_NOT_YOURS)
             addresses += found
         if not addresses or session.auth_user is None:
-            return None  # no From: at all: nothing claims to be anyone
-        owned = session.owned
-        if owned is None:
-            owned = yield self.directory.sender_addresses(session.auth_user)
-        if all(sender_allowed(owned, a) for a in addresses):
-            return None
-        return replies.FROM_NOT_YOURS
+            return defer.succeed(None)  # no From: at all: nothing claims to be anyone
 
-    @defer.inlineCallbacks
-    def check_recipient(self, session: Session, address: str
-                        ) -> Generator[defer.Deferred, Route, RecipientDecision]:
+        def judge(owned: frozenset[str]) -> Reply | None:
+            if all(sender_allowed(owned, a) for a in addresses):
+                return None
+            return replies.FROM_NOT_YOURS
+
+        if session.owned is not None:
+            return defer.succeed(judge(session.owned))
+        return self.directory.sender_addresses(session.auth_user).addCallback(judge)
+
+    def check_recipient(self, session: Session, address: str) -> defer.Deferred:
         if session.auth_user is None:
-            return RecipientDecision(replies.AUTH_REQUIRED)
-        route = yield self.route(address).addErrback(_lookup_failed)
-        if isinstance(route, RecipientDecision):
-            return route
-        if route.hosted and not route.exists:
-            return RecipientDecision(replies.UNKNOWN_USER)
-        # Remote recipients are queued for the courier; the Route (hosted=False) says so.
-        return RecipientDecision(replies.RECIPIENT_OK, route)
+            return defer.succeed(RecipientDecision(replies.AUTH_REQUIRED))
+        return self.route(address).addCallbacks(_submission_decision, _lookup_failed)
 
+
+def _submission_decision(route: Route) -> RecipientDecision:
+    if route.hosted and not route.exists:
+        return RecipientDecision(replies.UNKNOWN_USER)
+    # Remote recipients are queued for the courier; the Route (hosted=False) says so.
+    return RecipientDecision(replies.RECIPIENT_OK, route)
 
 
 def _lookup_failed(failure: Failure) -> RecipientDecision | Failure:

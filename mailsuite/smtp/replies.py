@@ -5,6 +5,7 @@ tests can grep for the reason a client was refused.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, replace
 
 
@@ -21,7 +22,15 @@ class Reply:
         return replace(self, text=text)
 
     def lines(self) -> bytes:
-        """The reply as CRLF-terminated bytes; multi-line text uses the `NNN-` continuation form."""
+        """The reply as CRLF-terminated bytes; multi-line text uses the `NNN-` continuation form.
+        Made once per Reply (they are immutable, most of them shared constants)."""
+        made = self.__dict__.get("_lines")
+        if made is None:
+            made = self._render()
+            object.__setattr__(self, "_lines", made)  # a cache, not a field: eq/repr ignore it
+        return made
+
+    def _render(self) -> bytes:
         parts = self.text.split("\n")
         out = []
         for i, part in enumerate(parts):
@@ -42,10 +51,12 @@ class Reply:
 
 
 # -- connection --------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)  # one per host name: made once, not per connection
 def greeting(hostname: str) -> Reply:
     return Reply(220, "", f"{hostname} ESMTP mailsuite")
 
 
+@functools.lru_cache(maxsize=16)
 def closing(hostname: str) -> Reply:
     return Reply(221, "2.0.0", f"{hostname} closing connection")
 

@@ -25,6 +25,7 @@ reply texts are in replies.py. Everything the protocol uses is passed to `server
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import secrets
@@ -157,6 +158,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self.client_ip = client_ip(self.transport)  # a PROXY listener's declared client
         self.client_name: str | None = None
         self.session = Session(self.client_ip, tls=f.implicit_tls)
+        self._tls_text: str | None = None  # describe_tls, once the first message needs it
         self._buffer = bytearray()
         self._mode = "command"  # "command" | "data" | "auth"
         self._waiting = False  # a Deferred for the current command is pending
@@ -181,19 +183,19 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self._command = ""  # for refusal log lines (never includes AUTH secrets)
         self._refusal_logged = False  # the next refusal has had its own, more telling log line
         self._reset_transaction()
-        self.setTimeout(self.limits.smtp_timeout)
         if self.policy.accepts_auth and self.smtp.auth_timeout > 0:
             self._delayed_calls.append(
                 self.clock.callLater(self.smtp.auth_timeout, self._auth_deadline))
         self._lookup_client_name()
         self.trust: GateSession | None = f.gate.session(self.client_ip) if f.gate else None
         if self.trust is None:
+            self.setTimeout(self.limits.smtp_timeout)
             self._send(replies.greeting(self.hostname))
             return
         # The connection rate is counted (in SQL) before we greet; what the client sends
-        # meanwhile waits in the buffer like pipelined commands.
+        # meanwhile waits in the buffer like pipelined commands. The idle timer starts with
+        # the greeting (_deferred_reply).
         self._waiting = True
-        self.setTimeout(None)
         self.trust.connected().addCallback(self._connection_checked)
 
     def _connection_checked(self, refusal: Reply | None) -> None:
@@ -241,6 +243,9 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self._close()
 
     def timeoutConnection(self) -> None:
+        if self._waiting:
+            self.setTimeout(self.limits.smtp_timeout)  # counted again from our reply
+            return
         log.info("idle timeout for {client_ip}", client_ip=self.client_ip)
         self._send(replies.IDLE_TIMEOUT)
         self._close()
@@ -380,11 +385,28 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         if not isinstance(result, defer.Deferred):
             self._send(result)
             return
-        self._waiting = True
-        # Our own slowness (database, fsync, the AUTH failure delay) is not client idleness.
-        self.setTimeout(None)
+        # A Deferred that already has its answer (a policy that needed no look-up) is answered
+        # at once, without the round of pausing and timers a pending one takes.
+        now: list[Reply | None] = []
+        pending = False
+
+        def answer(reply: Reply | None) -> None:
+            if pending:
+                self._deferred_reply(reply)
+            else:
+                now.append(reply)
+
         result.addErrback(self._internal_error)
-        result.addCallback(self._deferred_reply)
+        result.addCallback(answer)
+        if now:
+            if now[0] is not None:
+                self._send(now[0])
+            return
+        pending = True
+        # Our own slowness (database, fsync, the AUTH failure delay) is not client idleness:
+        # the idle timer goes on running (stopping and starting it for every look-up costs
+        # more than the look-up's callbacks), and timeoutConnection lets it pass while we wait.
+        self._waiting = True
 
     def _deferred_reply(self, reply: Reply | None) -> None:
         if self._closed:
@@ -560,6 +582,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         transport.startTLS(context)
         # RFC 3207 §4.2: forget everything learnt from the client before TLS; EHLO again.
         self.session = Session(self.client_ip, tls=True)
+        self._tls_text = None
         self._reset_transaction()
         return None
 
@@ -722,18 +745,17 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
 
     # -- client name for Received: ------------------------------------------------------------
     def _lookup_client_name(self) -> None:
-        try:
-            ip = ipaddress.ip_address(self.client_ip)
-        except ValueError:
+        pointer = _reverse_pointer(self.client_ip)
+        if pointer is None:
             return
-        if ip.is_loopback:
+        if pointer == "":
             self.client_name = "localhost"
             return
         resolver = self.factory.resolver
         if resolver is None:
             return
         try:
-            d = resolver.lookupPointer(ip.reverse_pointer, timeout=(2,))
+            d = resolver.lookupPointer(pointer, timeout=(2,))
         except Exception:
             return
 
@@ -747,3 +769,15 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
                     return
 
         d.addCallbacks(found, lambda _: None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _reverse_pointer(client_ip: str) -> str | None:
+    """The PTR name to look up for `client_ip`; "" for a loopback address (named "localhost"
+    without asking), None for no address at all. Cached: a peer sending one message per
+    connection would parse its address again for each."""
+    try:
+        ip = ipaddress.ip_address(client_ip)
+    except ValueError:
+        return None
+    return "" if ip.is_loopback else ip.reverse_pointer

@@ -116,16 +116,25 @@ class GateSession:
         return defer.succeed(None)
 
     # -- RCPT ----------------------------------------------------------------------------------
-    @defer.inlineCallbacks
-    def rcpt(self, sender: str, recipient: str, auth_user: str | None
-             ) -> Generator[defer.Deferred, Any, Reply | None]:
+    def rcpt(self, sender: str, recipient: str, auth_user: str | None) -> defer.Deferred:
+        """Deferred[Reply | None] for one recipient; at once when no check applies (every
+        RCPT asks: no generator for nothing to wait for)."""
         gate = self.gate
         if gate.listener == "submission":
             if auth_user and gate.ratelimits is not None:
-                return (yield _reply_or_none(gate.ratelimits.submission_recipient(auth_user)))
-            return None
+                return _reply_or_none(gate.ratelimits.submission_recipient(auth_user))
+            return defer.succeed(None)
         if _is_postmaster(recipient):
-            return None  # RFC 5321 §4.5.1: postmaster is reachable whatever we think of you
+            # RFC 5321 §4.5.1: postmaster is reachable whatever we think of you
+            return defer.succeed(None)
+        if self._dnsbl is None and gate.ratelimits is None and gate.greylist is None:
+            return defer.succeed(None)
+        return self._mx_rcpt(sender, recipient)
+
+    @defer.inlineCallbacks
+    def _mx_rcpt(self, sender: str, recipient: str
+                 ) -> Generator[defer.Deferred, Any, Reply | None]:
+        gate = self.gate
         if self._dnsbl is not None:
             outcome = yield self._dnsbl
             reply = getattr(outcome, "reply", None)

@@ -222,8 +222,25 @@ def test_the_log_file_text_is_twisteds_with_the_time_made_once_per_second():
         dict(log_format="boom", log_failure=failure, log_time=base, log_level=LogLevel.error),
         dict(log_time=base), dict(log_format="", log_time=base), dict(log_format="no time"),
         dict(log_format="{unclosed", log_time=base),
+        # The mail log's shape ("{text}"; maillog.py), taken without the formatter.
+        dict(log_format="{text}", text="queue_id=Q1 status=removed", log_time=base + 0.5,
+             log_namespace="mailsuite.maillog", log_level=LogLevel.info),
+        dict(log_format="{text}", text="two\nlines", log_time=base, log_system="sys"),
+        dict(log_format="{text}", text=7, log_time=base, log_namespace="n",
+             log_level=LogLevel.info),
+        dict(log_format="{text}", log_time=base, log_namespace="n", log_level=LogLevel.info),
+        dict(log_format="{text}", text="", log_time=base, log_namespace=None,
+             log_level=LogLevel.info),
+        # Plain-name formats are filled in directly; the rest go to twisted's formatter.
+        dict(log_format="accepted {queue_id} from=<{sender}> size={size} auth={auth} {{x}}",
+             queue_id="Q1", sender="a@b", size=12, auth=None, log_time=base),
+        dict(log_format="{x:>5}|{x!r}|{d[k]}|{d.keys}|{f()}", x="a", d={"k": 1}, f=lambda: 2,
+             log_time=base),
+        dict(log_format="{missing} here", log_time=base),
+        dict(log_format="{}", log_time=base), dict(log_format=b"bytes {x}", x=1, log_time=base),
+        dict(log_format="{level}", level=LogLevel.warn, log_time=base),
     ]
-    for e in events:
+    for e in events + events:  # the second time with the formats already parsed
         assert fast(e) == twisted_text(e), e
     other = textFileLogObserver(io.StringIO(), timeFormat="%H:%M:%S.%f").formatEvent
     assert faster_text(other) is other  # a finer format than seconds: not cached

@@ -26,6 +26,20 @@ def test_waiting_for_the_directory_is_not_idleness():
     assert c.reply()[0].startswith(b"250 2.1.5")  # after 3 s of our own slowness
 
 
+def test_after_a_slow_look_up_the_idle_timeout_counts_from_our_reply():
+    # The idle timer runs on while we wait (SMTPServer.timeoutConnection lets it pass then).
+    world = World(limits={"smtp_timeout": 2}, latency=5)
+    c = world.connect("mx")
+    c.ehlo()
+    c.send(b"MAIL FROM:<>\r\n")
+    assert c.code() == 250
+    c.send(b"RCPT TO:<alice@example.org>\r\n")
+    assert c.reply()[0].startswith(b"250 2.1.5")  # 5 s: the timer fired twice meanwhile
+    c.nothing_within(1.9)
+    assert c.reply()[0].startswith(b"421 4.4.2")
+    assert c.closed()
+
+
 def test_connection_limit_per_ip():
     world = World(limits={"max_connections_per_ip": 8})
     clients = [world.connect("mx") for _ in range(8)]

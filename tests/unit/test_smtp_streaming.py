@@ -308,6 +308,9 @@ BODIES = [
     b"a" * 999 + b"\r\nok\r\n",  # one too long: 500 5.5.2
     b"nul \0 here\r\n",  # 550 5.6.0
     b"bare\nlf\r\nbare\rcr\r\n",  # 550 5.6.0
+    b"cr before crlf\r\r\nok\r\n",  # a bare CR too
+    b"ends in lf\n\r\n",
+    b"..\r\n.x\r\n. \r\n",  # stuffed lines that are not the terminator
     b"x\r\n" * 5000,  # over the size limit below: 552 5.3.4
 ]
 
