@@ -200,16 +200,21 @@ class Spool:
         return os.path.join(self.directory, ".kick")
 
     # -- writing -------------------------------------------------------------------------------
-    def store(self, entry: QueueEntry, data: bytes) -> None:
-        """Spool a new entry; when this returns, message and envelope survive a crash."""
-        staged = os.path.join(self.ensure_incoming(), f"{os.getpid()}.{secrets.token_hex(8)}")
-        fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    def store(self, entry: QueueEntry, data: bytes, sync_dir: bool = True) -> None:
+        """Spool a new entry; when this returns, message and envelope survive a crash (with
+        `sync_dir=False`, once the caller fsynced the spool directory, as for `store_file`)."""
+        staged = self.staged_name()
+        try:
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileNotFoundError:
+            staged = os.path.join(self.ensure_incoming(), os.path.basename(staged))
+            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         try:
             try:
                 write_all(fd, data)
             finally:
                 os.close(fd)
-            self.store_file(entry, staged)
+            self.store_file(entry, staged, sync_dir=sync_dir)
         except BaseException:
             try:
                 os.unlink(staged)
@@ -244,6 +249,10 @@ class Spool:
                 raise
         finally:
             os.close(fd)
+
+    def staged_name(self) -> str:
+        """A new name for a staged file of this process: `incoming/<host>/<pid>.<random>`."""
+        return os.path.join(self.incoming_dir, f"{os.getpid()}.{secrets.token_hex(8)}")
 
     def ensure_incoming(self) -> str:
         path = self.incoming_dir
@@ -360,13 +369,21 @@ class Spool:
             os.close(fd)
 
     # -- deliveries at spool time ---------------------------------------------------------------
-    def write_sidecar(self, staged_path: str, entry: QueueEntry) -> str:
+    def write_sidecar(self, staged_path: str | None, entry: QueueEntry) -> str:
         """Before a delivery at spool time writes its copies: the envelope beside the staged
         file (no fsync: it only has to outlive a killed process, like the log it stands in
         for). Removed once the log lines of those copies are written; one a dead process
-        left tells `takeover()` which copies may lack their line."""
-        path = staged_path + SIDECAR
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        left tells `takeover()` which copies may lack their line. A message that was never
+        staged (`staged_path` None) gets a name of its own in incoming/."""
+        path = (staged_path or self.staged_name()) + SIDECAR
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            if staged_path is not None:
+                raise
+            path = os.path.join(self.ensure_incoming(), os.path.basename(path))
+            fd = os.open(path, flags, 0o600)
         try:
             write_all(fd, entry_to_json(entry, compact=True))
         finally:
@@ -548,6 +565,12 @@ class Spool:
             if _unlink(leftover.path):
                 removed.append(os.path.basename(leftover.path))
         return removed
+
+
+def head_of(message: bytes, limit: int = 256 * 1024) -> bytes:
+    """What `read_head` returns for a file holding `message`."""
+    end = message.find(b"\r\n\r\n", 0, limit)
+    return message[:limit] if end < 0 else message[:end + 2]
 
 
 def read_head(path: str, limit: int = 256 * 1024) -> bytes:

@@ -249,3 +249,61 @@ def test_the_spool_time_envelopes_of_a_batch_go_after_one_log_flush(tmp_path, mo
     assert pool.names() == ["unlink_all"]
     pool.drain()
     assert envelopes() == []
+
+
+# -- a message still in memory at the final dot (smtp/staging.py, then_data) -------------------
+def submit_in_memory(runner: QueueRunner, recipients, data: bytes) -> list:
+    from mailsuite.smtp.staging import StagedMessage
+
+    message_ = StagedMessage(runner.io, runner.incoming_dir, lambda over: None)
+    message_.write_last(data)
+    return outcomes(runner.submit_file(CAROL, recipients, message_, len(data), {}))
+
+
+@pytest.mark.parametrize("recipients", [[ALICE], [ALICE, BOB]])
+def test_a_message_in_memory_is_delivered_from_memory_without_a_staged_file(tmp_path,
+                                                                            recipients):
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    seen = submit_in_memory(runner, [(r, local_route(r)) for r in recipients], message("mem"))
+    assert [job[0].func.__name__ for job in pool.jobs] == ["_store_data_blocking"]
+    pool.step()
+    incoming = os.listdir(runner.incoming_dir)
+    assert len(incoming) == 1 and incoming[0].endswith(".env")  # no staged message file
+    pool.drain()
+    assert isinstance(seen[0], str) and spool_entries(runner) == []
+    store = runner.local.mailstore
+    for address in recipients:
+        [copy] = maildir_messages(store, address)
+        data = read(copy)
+        assert data.startswith(f"Return-Path: <{CAROL}>\r\nDelivered-To: {address}\r\n".encode())
+        assert data.endswith(message("mem"))
+
+
+def test_a_message_in_memory_with_a_failed_copy_is_spooled_from_memory(tmp_path):
+    from tests.unit.queuekit import break_maildir
+
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    break_maildir(runner.local.mailstore, BOB)
+    seen = submit_in_memory(runner, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                            message("half"))
+    pool.drain()
+    [queue_id] = seen
+    entry = runner.spool.load(queue_id)
+    assert [(r.address, r.state) for r in entry.recipients] == [(ALICE, "sent"), (BOB, "pending")]
+    assert read(runner.spool.message_path(queue_id)) == message("half")
+
+
+def test_a_message_in_memory_whose_fsync_fails_leaves_nothing(tmp_path):
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    syncs.error = OSError(errno.EIO, "Input/output error")
+    sent = [submit_in_memory(runner, [(ALICE, local_route(ALICE))], message("a")),
+            submit_in_memory(runner, [(CAROL, remote_route(CAROL))], message("c"))]
+    pool.drain()
+    for seen in sent:
+        assert len(seen) == 1 and isinstance(seen[0], Failure) and seen[0].check(OSError), seen
+    assert maildir_messages(runner.local.mailstore, ALICE) == []
+    assert spool_entries(runner) == []
+    assert [n for n in os.listdir(runner.incoming_dir) if not n.endswith(".env")] == []
