@@ -35,7 +35,7 @@ from mailsuite.queue.agents import (BounceNotifier, DeliveryAgent, LocalCopy, No
                                     StagedFile)
 from mailsuite.queue.attempts import Work, apply_result, entry_due, expand_recipients
 from mailsuite.queue.commit import GroupCommit
-from mailsuite.queue.spool import (DeliveryResult, QueueEntry, Recipient, Spool,
+from mailsuite.queue.spool import (DeliveryResult, QueueEntry, Recipient, Sidecar, Spool,
                                    SpoolError, Stamp, head_of, new_queue_id,
                                    read_head)
 
@@ -93,7 +93,7 @@ class QueueRunner(Service):
         # delivered with `after_crash`, so copies already written are found, not written twice
         # (docs/design/queue.md, "Exactly once").
         self._settled: dict[str, Stamp] = {}
-        self._unlink_later: list[str] = []  # spool-time envelopes whose lines are written
+        self._unlink_later: list[Sidecar] = []  # spool-time envelopes whose lines are written
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: IDelayedCall | None = None
         self._wake_call: IDelayedCall | None = None
@@ -157,12 +157,12 @@ class QueueRunner(Service):
             return _Stored({self.spool.directory}, [], True, self.spool.stamp(entry.id))
         # Until the log lines of the copies are written, this envelope tells the others which
         # copies a kill -9 may have left without one ("The mail log" in docs/design/queue.md).
-        sidecar = self.spool.write_sidecar(path, entry)
+        sidecar = self.spool.write_sidecar(entry)
         try:
             copies: list[LocalCopy] = (deliver_now(entry, path) if data is None
                                        else deliver_now(entry, None, data))
         except BaseException:
-            os.unlink(sidecar)
+            self.spool.clear_sidecars([sidecar])
             raise
         sent = [(r, c) for r, c in zip(entry.recipients, copies)
                 if c.result.status == "sent" and c.path is not None]
@@ -210,12 +210,14 @@ class QueueRunner(Service):
     def _unstore_blocking(self, entry: QueueEntry, stored: _Stored) -> None:
         if stored.spooled:
             self.spool.unstore(entry.id)
-        for path in [c.path for _, c in stored.copies] + [stored.sidecar]:
+        for path in [c.path for _, c in stored.copies]:
             if path is not None:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+        if stored.sidecar is not None:
+            self.spool.clear_sidecars([stored.sidecar])
 
     def _accepted(self, stored: _Stored, entry: QueueEntry, size: int) -> str:
         if stored.spooled:
@@ -231,10 +233,10 @@ class QueueRunner(Service):
             self._forget_sidecar(stored.sidecar)
         return entry.id
 
-    def _forget_sidecar(self, path: str) -> None:
-        """Remove spool-time envelopes in batches: one log flush and one io job for all the
+    def _forget_sidecar(self, sidecar: Sidecar) -> None:
+        """Clear spool-time envelopes in batches: one log flush and one io job for all the
         messages accepted in this reactor turn."""
-        self._unlink_later.append(path)
+        self._unlink_later.append(sidecar)
         if len(self._unlink_later) == 1:
             self.clock.callLater(0, self._sync_then_unlink)
 
@@ -242,17 +244,9 @@ class QueueRunner(Service):
         batch, self._unlink_later = self._unlink_later, []
         maillog.sync().addCallback(lambda _: self._unlink_batch(batch))
 
-    def _unlink_batch(self, batch: list[str]) -> None:
-
-        def unlink_all() -> None:
-            for path in batch:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-
-        self.io.run(unlink_all).addErrback(
-            lambda f: log.warn("cannot remove a spool-time envelope: {error}",
+    def _unlink_batch(self, batch: list[Sidecar]) -> None:
+        self.io.run(self.spool.clear_sidecars, batch).addErrback(
+            lambda f: log.warn("cannot clear a spool-time envelope: {error}",
                                error=_os_error(f.value)))
 
     def _is_loop_text(self, headers: bytes) -> bool:
@@ -372,6 +366,7 @@ class QueueRunner(Service):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._wake_call = None
+        self.spool.close_sidecars()
         self.spool.instances.unregister()
 
     # -- scheduling ----------------------------------------------------------------------------
@@ -787,7 +782,7 @@ class _Stored:
     copies: list[tuple[Recipient, LocalCopy]]
     spooled: bool
     stamp: Stamp | None = None  # of the envelope, when spooled
-    sidecar: str | None = None  # the spool-time envelope, until the log lines are written
+    sidecar: Sidecar | None = None  # the spool-time envelope, until the log lines are written
 
 
 @dataclass

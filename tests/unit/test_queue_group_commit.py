@@ -239,16 +239,43 @@ def test_the_spool_time_envelopes_of_a_batch_go_after_one_log_flush(tmp_path, mo
     pool.drain()  # the copies and their directory fsync: three 250s
     assert all(isinstance(s[0], str) for _, s in sent)
 
-    def envelopes() -> list[str]:
-        return [n for n in os.listdir(runner.spool.ensure_incoming()) if n.endswith(".env")]
+    def envelopes() -> list[str]:  # the files kept for reuse are empty
+        directory = runner.spool.ensure_incoming()
+        return [n for n in os.listdir(directory)
+                if n.endswith(".env") and os.path.getsize(os.path.join(directory, n))]
 
     assert len(envelopes()) == 3 and flushes == []
     runner.clock.advance(0)
     assert len(flushes) == 1 and pool.jobs == []  # nothing removed before the lines are out
     flushes[0].callback(None)
-    assert pool.names() == ["unlink_all"]
+    assert pool.names() == ["clear_sidecars"]
     pool.drain()
     assert envelopes() == []
+
+
+def test_spool_time_envelope_files_are_reused_and_removed_at_a_clean_stop(tmp_path):
+    """One file per delivery in flight, emptied and reused, not one created and unlinked per
+    message; a clean stop removes them."""
+    from mailsuite import maillog
+
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    directory = runner.spool.ensure_incoming()
+    for round_ in range(3):
+        for i in range(2):
+            submit_in_memory(runner, [(ALICE, local_route(ALICE))], message(f"{round_}.{i}"))
+        pool.drain()
+        runner.clock.advance(0)  # the log flush (the test's log is synchronous) and clear
+        pool.drain()
+        files = sorted(n for n in os.listdir(directory) if n.endswith(".env"))
+        assert len(files) == 2 and all(
+            os.path.getsize(os.path.join(directory, n)) == 0 for n in files)
+        if round_ == 0:
+            first = files
+        assert files == first
+    assert runner.spool.leftovers() == []  # empty ones are nothing to show
+    runner.spool.close_sidecars()
+    assert os.listdir(directory) == []
 
 
 # -- a message still in memory at the final dot (smtp/staging.py, then_data) -------------------
