@@ -4,6 +4,7 @@ dotlock.py). Synchronous; no knowledge of accounts or IMAP. The layout and the r
 are in docs/design/maildir.md."""
 from __future__ import annotations
 
+import errno
 import itertools
 import operator
 import os
@@ -287,9 +288,7 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
         try:
             if message_path is not None:
                 written = write_all(fd, header)
-                with open(message_path, "rb") as src:
-                    while chunk := src.read(_CHUNK):
-                        written += write_all(fd, chunk)
+                written += _copy_file(message_path, fd)
             else:  # in memory: one write
                 written = write_all(fd, header + data)
             if written != size:  # the spool file changed under us: never publish a wrong S=
@@ -308,6 +307,24 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
     if sync_dir:
         fsync_dir(new_dir)
     return final_path
+
+
+def _copy_file(source: str, fd: int) -> int:
+    """Append the file at `source` to `fd`; returns the bytes copied. In the kernel
+    (copy_file_range) where it can, so no buffer passes through Python; by reads otherwise."""
+    with open(source, "rb", buffering=0) as src:
+        copied = 0
+        try:
+            while n := os.copy_file_range(src.fileno(), fd, _CHUNK):
+                copied += n
+            return copied
+        except OSError as e:  # not on this filesystem pair or kernel: read and write
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                               errno.EPERM) or copied:
+                raise
+        while chunk := src.read(_CHUNK):
+            copied += write_all(fd, chunk)
+        return copied
 
 
 # -- files ---------------------------------------------------------------------------------------

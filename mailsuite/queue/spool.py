@@ -664,6 +664,9 @@ class Spool:
         return removed
 
 
+_HEAD_READ = 16 * 1024  # bytes per read of read_head: most header sections fit one
+
+
 def head_of(message: bytes, limit: int = 256 * 1024) -> bytes:
     """What `read_head` returns for a file holding `message`."""
     end = message.find(b"\r\n\r\n", 0, limit)
@@ -678,7 +681,8 @@ def read_head(path: str, limit: int = 256 * 1024) -> bytes:
         head = b""
         end = -1
         while end < 0 and len(head) < limit:
-            chunk = os.read(fd, limit - len(head))
+            # Pieces, not `limit` at once: a 100 KiB message is not read whole for its header.
+            chunk = os.read(fd, min(_HEAD_READ, limit - len(head)))
             if not chunk:
                 break
             head += chunk
