@@ -187,6 +187,7 @@ class _Sidecars:
         self._free: list[Sidecar] = []
         self._open: set[Sidecar] = set()
         self._pid = os.getpid()
+        self._closed = False  # stopping: files given back are closed and removed
 
     def take(self, spool: "Spool") -> Sidecar:
         with self._lock:
@@ -206,10 +207,19 @@ class _Sidecars:
             self._open.add(sidecar)
         return sidecar
 
-    def give_back(self, sidecar: Sidecar) -> None:
+    def give_back(self, sidecar: Sidecar) -> bool:
+        """Keep an emptied file for reuse; False when it is to go (closed here: after
+        `close()`, by a job that was still running at the stop)."""
         with self._lock:
-            if sidecar in self._open:
+            if sidecar in self._open and not self._closed:
                 self._free.append(sidecar)
+                return True
+            self._open.discard(sidecar)
+        try:
+            os.close(sidecar.fd)
+        except OSError:
+            pass
+        return False
 
     def drop(self, sidecar: Sidecar) -> None:
         with self._lock:
@@ -220,13 +230,15 @@ class _Sidecars:
             pass
 
     def close(self) -> list[Sidecar]:
-        """Close every file; returns the free (empty) ones."""
+        """Close the free (empty) files and return them; a file in use is closed when its
+        job gives it back (never under a running job: its descriptor could be reused)."""
         with self._lock:
+            self._closed = True
             free, self._free = self._free, []
-            opened, self._open = self._open, set()
+            self._open.difference_update(free)
         if self._pid != os.getpid():
             return []
-        for sidecar in opened:
+        for sidecar in free:
             try:
                 os.close(sidecar.fd)
             except OSError:
@@ -476,7 +488,8 @@ class Spool:
                 self._sidecars.drop(sidecar)
                 _unlink(sidecar.path)
                 continue
-            self._sidecars.give_back(sidecar)
+            if not self._sidecars.give_back(sidecar):
+                _unlink(sidecar.path)  # emptied after the stop
 
     def close_sidecars(self) -> None:
         """At a clean stop: remove the empty spool-time envelope files; one still in use

@@ -334,3 +334,19 @@ def test_a_message_in_memory_whose_fsync_fails_leaves_nothing(tmp_path):
     assert maildir_messages(runner.local.mailstore, ALICE) == []
     assert spool_entries(runner) == []
     assert [n for n in os.listdir(runner.incoming_dir) if not n.endswith(".env")] == []
+
+
+def test_a_spool_time_envelope_in_use_at_the_stop_is_closed_only_when_given_back(tmp_path):
+    """The stop must not close a descriptor an io job still writes to (its number could be
+    reused by another open): the file in use is closed and removed when its job is done."""
+    from mailsuite.queue.spool import QueueEntry, Recipient, Spool
+
+    spool = Spool(str(tmp_path / "queue"))
+    entry = QueueEntry("6b49d200000004600aa", CAROL, [Recipient(ALICE, ALICE, True)], 1.0)
+    idle, busy = spool.write_sidecar(entry), spool.write_sidecar(entry)
+    spool.clear_sidecars([idle])
+    spool.close_sidecars()
+    assert not os.path.exists(idle.path) and os.path.getsize(busy.path) > 0
+    os.fstat(busy.fd)  # still open
+    spool.clear_sidecars([busy])
+    assert not os.path.exists(busy.path)
