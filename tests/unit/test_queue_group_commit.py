@@ -256,8 +256,6 @@ def test_the_spool_time_envelopes_of_a_batch_go_after_one_log_flush(tmp_path, mo
 def test_spool_time_envelope_files_are_reused_and_removed_at_a_clean_stop(tmp_path):
     """One file per delivery in flight, emptied and reused, not one created and unlinked per
     message; a clean stop removes them."""
-    from mailsuite import maillog
-
     pool, syncs = ManualPool(), Syncs()
     runner = runner_on(tmp_path, pool, syncs)
     directory = runner.spool.ensure_incoming()
