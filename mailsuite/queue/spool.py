@@ -178,6 +178,12 @@ class Sidecar:
     path: str
 
 
+# Forks of this process so far, counted in the child (twistd forks after our imports): a
+# _Sidecars compares it instead of calling getpid(2) at every delivery.
+_forks = [0]
+os.register_at_fork(after_in_child=lambda: _forks.__setitem__(0, _forks[0] + 1))
+
+
 class _Sidecars:
     """The spool-time envelope files of this process: the free ones (empty), and how many
     exist. Shared by the io threads."""
@@ -186,13 +192,13 @@ class _Sidecars:
         self._lock = threading.Lock()
         self._free: list[Sidecar] = []
         self._open: set[Sidecar] = set()
-        self._pid = os.getpid()
+        self._forks = _forks[0]
         self._closed = False  # stopping: files given back are closed and removed
 
     def take(self, spool: "Spool") -> Sidecar:
         with self._lock:
-            if self._pid != os.getpid():  # forked (twistd): those files are the parent's
-                self._free, self._open, self._pid = [], set(), os.getpid()
+            if self._forks != _forks[0]:  # forked (twistd): those files are the parent's
+                self._free, self._open, self._forks = [], set(), _forks[0]
             if self._free:
                 return self._free.pop()
         path = spool.staged_name() + SIDECAR
@@ -236,7 +242,7 @@ class _Sidecars:
             self._closed = True
             free, self._free = self._free, []
             self._open.difference_update(free)
-        if self._pid != os.getpid():
+        if self._forks != _forks[0]:
             return []
         for sidecar in free:
             try:
