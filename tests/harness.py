@@ -85,9 +85,18 @@ def maildir_messages(root: str) -> list[str]:
 
 def staged_files(data_dir: str) -> list[str]:
     """Paths of the files being received, under the queue's incoming/ (one directory per host,
-    docs/design/queue.md "Instances"; flat files of older versions too)."""
+    docs/design/queue.md "Instances"; flat files of older versions too), and the spool-time
+    envelopes in use (the empty ones a server keeps for reuse hold nothing)."""
     root = os.path.join(data_dir, "queue", "incoming")
-    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names]
+    return [os.path.join(d, n) for d, _, names in os.walk(root) for n in names
+            if not (n.endswith(".env") and _empty(os.path.join(d, n)))]
+
+
+def _empty(path: str) -> bool:
+    try:
+        return os.path.getsize(path) == 0
+    except FileNotFoundError:
+        return True
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

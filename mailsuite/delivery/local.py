@@ -56,13 +56,15 @@ class LocalAgent:
         return self.io.run(self._deliver_all, entry, list(recipients), message_path,
                            after_crash)
 
-    def deliver_now(self, entry: QueueEntry, message_path: str) -> list[LocalCopy]:
+    def deliver_now(self, entry: QueueEntry, message_path: str | None,
+                    data: bytes | None = None) -> list[LocalCopy]:
         """Blocking, in the caller's io job: deliver every recipient of a new entry (not yet in
-        the spool) from `message_path`, without the directory fsyncs: the caller fsyncs each
-        copy's directory (group commit) before it tells anyone (docs/design/queue.md,
-        "Delivery at spool time"). Same fixed names as `deliver`, so a later attempt of a
-        recipient recorded as pending writes the same name."""
-        return [self._deliver_one(entry, r, i, message_path, False, sync_dir=False)
+        the spool) from `message_path` (or from `data`, a message still in memory), without
+        the directory fsyncs: the caller fsyncs each copy's directory (group commit) before it
+        tells anyone (docs/design/queue.md, "Delivery at spool time"). Same fixed names as
+        `deliver`, so a later attempt of a recipient recorded as pending writes the same
+        name."""
+        return [self._deliver_one(entry, r, i, message_path, False, sync_dir=False, data=data)
                 for i, r in enumerate(entry.recipients)]
 
     def find_copies(self, entry: QueueEntry) -> list[tuple[Recipient, DeliveryResult]]:
@@ -96,13 +98,14 @@ class LocalAgent:
                 for r in recipients]
 
     def _deliver_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
-                     message_path: str, after_crash: bool, sync_dir: bool = True) -> LocalCopy:
+                     message_path: str | None, after_crash: bool, sync_dir: bool = True,
+                     data: bytes | None = None) -> LocalCopy:
         return LocalCopy(*self._write_one(entry, recipient, index, message_path, after_crash,
-                                          sync_dir))
+                                          sync_dir, data))
 
     def _write_one(self, entry: QueueEntry, recipient: Recipient, index: int | None,
-                   message_path: str, after_crash: bool, sync_dir: bool
-                   ) -> tuple[DeliveryResult, str | None]:
+                   message_path: str | None, after_crash: bool, sync_dir: bool,
+                   data: bytes | None = None) -> tuple[DeliveryResult, str | None]:
         try:
             account = self.mailstore.account(recipient.address.lower())
         except MailboxError as e:  # the directory never routes to one; defer, keep the message
@@ -125,7 +128,7 @@ class LocalAgent:
                 trace_headers(entry.sender, recipient.address), message_path,
                 when=entry.created, unique=unique, hostname=self.hostname,
                 recheck=after_crash or recipient.attempts > 0, folder=folder, flags=flags,
-                sync_dir=sync_dir)
+                sync_dir=sync_dir, data=data)
         except OSError as e:
             reason = e.strerror or str(e)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -4,6 +4,7 @@ dotlock.py). Synchronous; no knowledge of accounts or IMAP. The layout and the r
 are in docs/design/maildir.md."""
 from __future__ import annotations
 
+import errno
 import itertools
 import operator
 import os
@@ -194,9 +195,10 @@ def delivery_marker(when: float, unique: str) -> str:
     return f"{sec}.M{usec:06d}{unique}."
 
 
-def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float, unique: str,
-                 hostname: str | None = None, recheck: bool = False,
-                 letters: str | None = None, sync_dir: bool = True) -> tuple[str, bool]:
+def deliver_once(maildir: str, header: bytes, message_path: str | None, *, when: float,
+                 unique: str, hostname: str | None = None, recheck: bool = False,
+                 letters: str | None = None, sync_dir: bool = True,
+                 data: bytes | None = None) -> tuple[str, bool]:
     """Deliver like `deliver`, under a name fixed by (`when`, `unique`) instead of a fresh one,
     so the same queue delivery always writes the same file (docs/design/maildir.md,
     "Exactly once"). Returns (path, written): written is False when `recheck` found the copy a
@@ -209,7 +211,9 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
     `<name>:2,<letters>`: a message in new/ carries no flags (docs/design/maildir.md).
 
     `sync_dir=False` leaves the fsync of the directory the file was renamed into to the caller
-    (the queue's group commit, docs/design/queue.md): the copy is durable only after it."""
+    (the queue's group commit, docs/design/queue.md): the copy is durable only after it.
+
+    `data` (with `message_path` None): the message is in memory, written from there."""
     marker = delivery_marker(when, unique)
     made = maildir in _made and not recheck
     if not made:
@@ -218,12 +222,17 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
         found = find_delivered(maildir, marker)
         if found is not None:
             return found, False
-    size = len(header) + os.path.getsize(message_path)
+    if data is not None:
+        message_path, body = None, data
+    else:
+        assert message_path is not None
+        body = b""
+    size = len(header) + (len(body) if message_path is None else os.path.getsize(message_path))
     host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
     name = f"{marker}{host},S={size}"
     subdir, info = ("new", "") if letters is None else ("cur", ":2," + letters)
     try:
-        path = _write_into_new(maildir, name, header, message_path, b"", size,
+        path = _write_into_new(maildir, name, header, message_path, body, size,
                                replace_tmp=True, subdir=subdir, info=info, sync_dir=sync_dir)
     except FileNotFoundError:
         if not made:
@@ -231,7 +240,7 @@ def deliver_once(maildir: str, header: bytes, message_path: str, *, when: float,
         # Removed since we made it (an admin, a test): made again, written once more.
         _made.discard(maildir)
         make_maildir(maildir)
-        path = _write_into_new(maildir, name, header, message_path, b"", size,
+        path = _write_into_new(maildir, name, header, message_path, body, size,
                                replace_tmp=True, subdir=subdir, info=info, sync_dir=sync_dir)
     _remember_made(maildir)
     return path, True
@@ -277,13 +286,11 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
         fd = os.open(tmp_path, flags, 0o600)
     try:
         try:
-            written = write_all(fd, header)
             if message_path is not None:
-                with open(message_path, "rb") as src:
-                    while chunk := src.read(_CHUNK):
-                        written += write_all(fd, chunk)
-            else:
-                written += write_all(fd, data)
+                written = write_all(fd, header)
+                written += _copy_file(message_path, fd)
+            else:  # in memory: one write
+                written = write_all(fd, header + data)
             if written != size:  # the spool file changed under us: never publish a wrong S=
                 raise OSError(f"message size changed while copying ({written} != {size})")
             os.fsync(fd)
@@ -300,6 +307,24 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
     if sync_dir:
         fsync_dir(new_dir)
     return final_path
+
+
+def _copy_file(source: str, fd: int) -> int:
+    """Append the file at `source` to `fd`; returns the bytes copied. In the kernel
+    (copy_file_range) where it can, so no buffer passes through Python; by reads otherwise."""
+    with open(source, "rb", buffering=0) as src:
+        copied = 0
+        try:
+            while n := os.copy_file_range(src.fileno(), fd, _CHUNK):
+                copied += n
+            return copied
+        except OSError as e:  # not on this filesystem pair or kernel: read and write
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP,
+                               errno.EPERM) or copied:
+                raise
+        while chunk := src.read(_CHUNK):
+            copied += write_all(fd, chunk)
+        return copied
 
 
 # -- files ---------------------------------------------------------------------------------------

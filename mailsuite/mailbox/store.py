@@ -206,10 +206,10 @@ class Account:
         return _maildir.deliver(self.path, header, message_path=message_path, data=data,
                                 hostname=hostname)
 
-    def deliver_once(self, header: bytes, message_path: str, *, when: float, unique: str,
-                     hostname: str | None = None, recheck: bool = False,
+    def deliver_once(self, header: bytes, message_path: str | None, *, when: float,
+                     unique: str, hostname: str | None = None, recheck: bool = False,
                      folder: str = "INBOX", flags: Iterable[str] = (),
-                     sync_dir: bool = True) -> tuple[str, bool]:
+                     sync_dir: bool = True, data: bytes | None = None) -> tuple[str, bool]:
         """The queue's delivery: the file name is fixed by (when, unique), and with `recheck`
         a copy already in new/ or cur/ is found instead of written again; returns (path,
         written). See maildir.deliver_once and docs/design/maildir.md, "Exactly once".
@@ -217,6 +217,7 @@ class Account:
         `folder` other than INBOX (e.g. Junk, for mail the trust checks quarantine) is created
         with the account's special folders if missing; `flags` (e.g. "$Junk") are set on arrival.
         `sync_dir=False`: the caller fsyncs the directory of the returned path (group commit).
+        `data`: the message itself, in memory (`message_path` None).
         """
         path = self.path
         if canonical_name(folder) != "INBOX":
@@ -237,7 +238,7 @@ class Account:
             letters = flags_to_letters(flags, keywords)
         result = _maildir.deliver_once(path, header, message_path, when=when, unique=unique,
                                        hostname=hostname, recheck=recheck, letters=letters,
-                                       sync_dir=sync_dir)
+                                       sync_dir=sync_dir, data=data)
         if result[1] and self.store.on_delivery is not None:
             self.store.on_delivery(self.address, folder)
         return result

@@ -71,9 +71,11 @@ class BounceNotifier(Protocol):
 class StagedFile(Protocol):
     """A message still being written to its file in `incoming_dir` (smtp/staging.py)."""
 
-    def finish(self, then: Callable[[str], Any]) -> Deferred:
+    def finish(self, then: Callable[[str], Any],
+               then_data: Callable[[bytes], Any] | None = None) -> Deferred:
         """Completes the file, then runs `then(path)` in the same io job; fires with its
-        result."""
+        result. A message still all in memory may go to `then_data(message)` instead (no
+        file is made)."""
         ...
 
 

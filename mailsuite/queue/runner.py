@@ -35,8 +35,9 @@ from mailsuite.queue.agents import (BounceNotifier, DeliveryAgent, LocalCopy, No
                                     StagedFile)
 from mailsuite.queue.attempts import Work, apply_result, entry_due, expand_recipients
 from mailsuite.queue.commit import GroupCommit
-from mailsuite.queue.spool import (DeliveryResult, QueueEntry, Recipient, Spool,
-                                   SpoolError, Stamp, new_queue_id, read_head)
+from mailsuite.queue.spool import (DeliveryResult, QueueEntry, Recipient, Sidecar, Spool,
+                                   SpoolError, Stamp, head_of, new_queue_id,
+                                   read_head)
 
 log = Logger(namespace="mailsuite.queue")
 
@@ -92,7 +93,7 @@ class QueueRunner(Service):
         # delivered with `after_crash`, so copies already written are found, not written twice
         # (docs/design/queue.md, "Exactly once").
         self._settled: dict[str, Stamp] = {}
-        self._unlink_later: list[str] = []  # spool-time envelopes whose lines are written
+        self._unlink_later: list[Sidecar] = []  # spool-time envelopes whose lines are written
         self._inflight: dict[str, defer.Deferred] = {}
         self._timer: IDelayedCall | None = None
         self._wake_call: IDelayedCall | None = None
@@ -132,25 +133,36 @@ class QueueRunner(Service):
         if not entry.recipients:
             return defer.fail(ValueError("a queue entry needs at least one recipient"))
         take_over = functools.partial(self._store_file_blocking, entry)
-        d = self.io.run(take_over, path) if isinstance(path, str) else path.finish(take_over)
+        if isinstance(path, str):
+            d = self.io.run(take_over, path)
+        else:  # a small message may still be all in memory: no staged file then
+            d = path.finish(take_over, functools.partial(self._store_data_blocking, entry))
         d.addCallback(self._commit, entry)
         return d.addCallback(self._accepted, entry, size)
 
-    def _store_file_blocking(self, entry: QueueEntry, path: str) -> _Stored:
+    def _store_data_blocking(self, entry: QueueEntry, data: bytes) -> _Stored:
+        """io job: as `_store_file_blocking`, for a message that is all in memory: the local
+        copies are written from `data`, and a staged file is made only to spool the entry."""
+        return self._store_file_blocking(entry, None, data)
+
+    def _store_file_blocking(self, entry: QueueEntry, path: str | None,
+                             data: bytes | None = None) -> _Stored:
         """io job: deliver the local copies now if every recipient is local (no directory
-        fsync: the group commit does those), else (or for what failed) spool the entry."""
+        fsync: the group commit does those), else (or for what failed) spool the entry.
+        The message is the file at `path`, or `data` (path None)."""
         deliver_now = getattr(self.local, "deliver_now", None)
         if (deliver_now is None or not all(r.local for r in entry.recipients)
-                or self._is_loop_text(read_head(path))):
-            self.spool.store_file(entry, path, sync_dir=False)
+                or self._is_loop_text(read_head(path) if data is None else head_of(data))):
+            self._spool_blocking(entry, path, data)
             return _Stored({self.spool.directory}, [], True, self.spool.stamp(entry.id))
         # Until the log lines of the copies are written, this envelope tells the others which
         # copies a kill -9 may have left without one ("The mail log" in docs/design/queue.md).
-        sidecar = self.spool.write_sidecar(path, entry)
+        sidecar = self.spool.write_sidecar(entry)
         try:
-            copies: list[LocalCopy] = deliver_now(entry, path)
+            copies: list[LocalCopy] = (deliver_now(entry, path) if data is None
+                                       else deliver_now(entry, None, data))
         except BaseException:
-            os.unlink(sidecar)
+            self.spool.clear_sidecars([sidecar])
             raise
         sent = [(r, c) for r, c in zip(entry.recipients, copies)
                 if c.result.status == "sent" and c.path is not None]
@@ -159,22 +171,32 @@ class QueueRunner(Service):
             apply_result(entry, rcpt, copy.result, self.clock.seconds(),
                          list(self.config.retry_schedule), float(self.config.max_age))
         if len(sent) == len(entry.recipients):
-            try:
-                os.unlink(path)  # every copy is written: the staged file has done its job
-            except FileNotFoundError:
-                pass
+            if path is not None:
+                try:
+                    os.unlink(path)  # every copy is written: the staged file has done its job
+                except FileNotFoundError:
+                    pass
             return _Stored(directories, sent, False, sidecar=sidecar)
         # Some copy failed (a full or broken Maildir): the envelope records the copies made
         # and the rest stay pending for the runner's attempt, which logs why.
         stored = _Stored(directories | {self.spool.directory}, sent, True, sidecar=sidecar)
         try:
-            self.spool.store_file(entry, path, sync_dir=False)
+            self._spool_blocking(entry, path, data)
             stored.stamp = self.spool.stamp(entry.id)
         except BaseException:
             stored.spooled = False  # nothing in the spool; the client is told to send again
             self._unstore_blocking(entry, stored)
             raise
         return stored
+
+    def _spool_blocking(self, entry: QueueEntry, path: str | None, data: bytes | None) -> None:
+        """io thread: the entry into the spool, without the directory fsync (group commit);
+        from the staged file at `path` (left there on failure) or from `data`."""
+        if data is None:
+            assert path is not None
+            self.spool.store_file(entry, path, sync_dir=False)
+        else:
+            self.spool.store(entry, data, sync_dir=False)
 
     def _commit(self, stored: _Stored, entry: QueueEntry) -> defer.Deferred:
         """Wait for the group commit of the directories the io job renamed into; if that
@@ -188,12 +210,14 @@ class QueueRunner(Service):
     def _unstore_blocking(self, entry: QueueEntry, stored: _Stored) -> None:
         if stored.spooled:
             self.spool.unstore(entry.id)
-        for path in [c.path for _, c in stored.copies] + [stored.sidecar]:
+        for path in [c.path for _, c in stored.copies]:
             if path is not None:
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
+        if stored.sidecar is not None:
+            self.spool.clear_sidecars([stored.sidecar])
 
     def _accepted(self, stored: _Stored, entry: QueueEntry, size: int) -> str:
         if stored.spooled:
@@ -209,10 +233,10 @@ class QueueRunner(Service):
             self._forget_sidecar(stored.sidecar)
         return entry.id
 
-    def _forget_sidecar(self, path: str) -> None:
-        """Remove spool-time envelopes in batches: one log flush and one io job for all the
+    def _forget_sidecar(self, sidecar: Sidecar) -> None:
+        """Clear spool-time envelopes in batches: one log flush and one io job for all the
         messages accepted in this reactor turn."""
-        self._unlink_later.append(path)
+        self._unlink_later.append(sidecar)
         if len(self._unlink_later) == 1:
             self.clock.callLater(0, self._sync_then_unlink)
 
@@ -220,17 +244,9 @@ class QueueRunner(Service):
         batch, self._unlink_later = self._unlink_later, []
         maillog.sync().addCallback(lambda _: self._unlink_batch(batch))
 
-    def _unlink_batch(self, batch: list[str]) -> None:
-
-        def unlink_all() -> None:
-            for path in batch:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-
-        self.io.run(unlink_all).addErrback(
-            lambda f: log.warn("cannot remove a spool-time envelope: {error}",
+    def _unlink_batch(self, batch: list[Sidecar]) -> None:
+        self.io.run(self.spool.clear_sidecars, batch).addErrback(
+            lambda f: log.warn("cannot clear a spool-time envelope: {error}",
                                error=_os_error(f.value)))
 
     def _is_loop_text(self, headers: bytes) -> bool:
@@ -350,6 +366,7 @@ class QueueRunner(Service):
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._wake_call = None
+        self.spool.close_sidecars()
         self.spool.instances.unregister()
 
     # -- scheduling ----------------------------------------------------------------------------
@@ -765,7 +782,7 @@ class _Stored:
     copies: list[tuple[Recipient, LocalCopy]]
     spooled: bool
     stamp: Stamp | None = None  # of the envelope, when spooled
-    sidecar: str | None = None  # the spool-time envelope, until the log lines are written
+    sidecar: Sidecar | None = None  # the spool-time envelope, until the log lines are written
 
 
 @dataclass

@@ -7,7 +7,10 @@ the client while it is over `HIGH_WATER` and reads again once it falls under `LO
 (docs/design/smtp.md, "DATA"). `finish()` fires once everything is written and the file closed;
 the queue then takes the file over (`MessageQueue.submit_file`), either after that or, with
 `finish(then)`, in the same io job as the last write (docs/design/smtp.md, "DATA on disk").
-`discard()` removes it.
+With `finish(then, then_data)`, a message that is still all in memory at the end (under
+WRITE_CHUNK, nothing written yet) is never written here: `then_data(bytes)` gets it instead
+(the queue delivers it to the Maildir from memory, docs/design/queue.md). `discard()` removes
+the file.
 Nothing here touches a file on the reactor thread.
 """
 from __future__ import annotations
@@ -47,6 +50,8 @@ class StagedMessage:
         self._closing = False
         self._discarded = False
         self._then: Callable[[str], Any] | None = None  # run after the close (finish(then))
+        self._then_data: Callable[[bytes], Any] | None = None  # run instead, for a message
+        # that never left memory (finish(then, then_data))
         self._outcome: Any = _NOT_RUN  # what `then` returned, or its Failure
 
     # -- reactor side ------------------------------------------------------------------------
@@ -69,14 +74,20 @@ class StagedMessage:
             self.backlog += len(data)
             self.size += len(data)
 
-    def finish(self, then: Callable[[str], Any] | None = None) -> defer.Deferred:
+    def finish(self, then: Callable[[str], Any] | None = None,
+               then_data: Callable[[bytes], Any] | None = None) -> defer.Deferred:
         """Fires with the path once every byte is written and the file closed; errbacks with
         the first io failure (the file is then already removed). With `then`, `then(path)`
         runs in the io thread right after the close, in the job that writes the last bytes
         (a message under WRITE_CHUNK: create, write, close and `then` in one job), and the
-        Deferred fires with its result or its failure (the file is then left for `discard`)."""
+        Deferred fires with its result or its failure (the file is then left for `discard`).
+        With `then_data` too, a message no byte of which is on disk yet and that fits one
+        job is not written at all: `then_data(message)` runs in the io thread instead of the
+        create, write, close and `then`, and the Deferred fires with its result or failure
+        (nothing to discard)."""
         self._closing = True
         self._then = then
+        self._then_data = then_data if then is not None else None
         d: defer.Deferred = defer.Deferred()
         self._done.append(d)
         self._pump()
@@ -117,6 +128,9 @@ class StagedMessage:
             self._busy = True
             if self.path is None:
                 last = self._closing and not rest
+                if last and self._then_data is not None:
+                    self._io_job(self._then_data, chunk).addBoth(self._ran_in_memory)
+                    return
                 job = self._last_job if last else self._io_job
                 job(_create, self._directory, chunk, last).addCallbacks(
                     self._created, self._failed, callbackArgs=(len(chunk),))
@@ -155,6 +169,14 @@ class StagedMessage:
     def _then_ran(self, result: tuple[object, Any]) -> object:
         job_result, self._outcome = result
         return job_result
+
+    def _ran_in_memory(self, result: Any) -> None:
+        """`then_data` ran (or failed) on the whole message: no file was made."""
+        self._busy = False
+        self._outcome = result
+        self._pending = []
+        self.backlog = 0
+        self._complete()
 
     def _written(self, _: int, n: int) -> None:
         self._busy = False

@@ -117,7 +117,8 @@ def test_survivor_takes_over_a_killed_instance_at_once(make_server, tmp_path):
             half = _half_data(a.ports["mx"])
             incoming = os.path.join(shared, "queue", "incoming")
             a_pid = a.process.pid
-            wait_until(lambda: any(n.startswith(f"{a_pid}.")
+            # Not one of A's spool-time envelope files (`.env`, kept for reuse).
+            wait_until(lambda: any(n.startswith(f"{a_pid}.") and not n.endswith(".env")
                                    for _, _, ns in os.walk(incoming) for n in ns),
                        timeout=15, message="A's staged file")
             os.kill(b.process.pid, signal.SIGSTOP)  # nobody takes over yet

@@ -271,3 +271,36 @@ def test_agent_ignores_a_meta_folder_that_is_not_a_string(tmp_path):
     assert result.status == "sent"
     store = MailStore(str(tmp_path / "mail"))
     assert len(store.account("alice@example.org").folder("INBOX").messages()) == 1
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_a_copy_from_a_file_is_byte_exact_with_or_without_copy_file_range(
+        tmp_path, monkeypatch, kernel_copy):
+    """The message file is copied in the kernel where it can be, by reads where the kernel
+    or the filesystem refuses (EXDEV, ENOSYS, ...)."""
+    from mailsuite.mailbox.maildir import deliver_once
+
+    if not kernel_copy:
+        def refuse(*args, **kwargs):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    source = tmp_path / "message"
+    body = b"Subject: big\r\n\r\n" + os.urandom(3 * 1024 * 1024 + 17)  # over one chunk
+    source.write_bytes(body)
+    path, written = deliver_once(str(tmp_path / "md"), b"Delivered-To: a@b\r\n", str(source),
+                                 when=1.5, unique="Q1N0", hostname="h")
+    assert written and open(path, "rb").read() == b"Delivered-To: a@b\r\n" + body
+
+
+def test_a_copy_from_memory_is_the_same_file_as_from_disk(tmp_path):
+    from mailsuite.mailbox.maildir import deliver_once
+
+    source = tmp_path / "message"
+    source.write_bytes(b"Subject: s\r\n\r\nbody\r\n")
+    on_disk, _ = deliver_once(str(tmp_path / "a"), b"H: 1\r\n", str(source), when=1.5,
+                              unique="Q1N0", hostname="h")
+    in_memory, _ = deliver_once(str(tmp_path / "b"), b"H: 1\r\n", None, when=1.5,
+                                unique="Q1N0", hostname="h", data=source.read_bytes())
+    assert os.path.basename(on_disk) == os.path.basename(in_memory)
+    assert open(on_disk, "rb").read() == open(in_memory, "rb").read()

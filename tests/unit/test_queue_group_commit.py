@@ -239,13 +239,112 @@ def test_the_spool_time_envelopes_of_a_batch_go_after_one_log_flush(tmp_path, mo
     pool.drain()  # the copies and their directory fsync: three 250s
     assert all(isinstance(s[0], str) for _, s in sent)
 
-    def envelopes() -> list[str]:
-        return [n for n in os.listdir(runner.spool.ensure_incoming()) if n.endswith(".env")]
+    def envelopes() -> list[str]:  # the files kept for reuse are empty
+        directory = runner.spool.ensure_incoming()
+        return [n for n in os.listdir(directory)
+                if n.endswith(".env") and os.path.getsize(os.path.join(directory, n))]
 
     assert len(envelopes()) == 3 and flushes == []
     runner.clock.advance(0)
     assert len(flushes) == 1 and pool.jobs == []  # nothing removed before the lines are out
     flushes[0].callback(None)
-    assert pool.names() == ["unlink_all"]
+    assert pool.names() == ["clear_sidecars"]
     pool.drain()
     assert envelopes() == []
+
+
+def test_spool_time_envelope_files_are_reused_and_removed_at_a_clean_stop(tmp_path):
+    """One file per delivery in flight, emptied and reused, not one created and unlinked per
+    message; a clean stop removes them."""
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    directory = runner.spool.ensure_incoming()
+    for round_ in range(3):
+        for i in range(2):
+            submit_in_memory(runner, [(ALICE, local_route(ALICE))], message(f"{round_}.{i}"))
+        pool.drain()
+        runner.clock.advance(0)  # the log flush (the test's log is synchronous) and clear
+        pool.drain()
+        files = sorted(n for n in os.listdir(directory) if n.endswith(".env"))
+        assert len(files) == 2 and all(
+            os.path.getsize(os.path.join(directory, n)) == 0 for n in files)
+        if round_ == 0:
+            first = files
+        assert files == first
+    assert runner.spool.leftovers() == []  # empty ones are nothing to show
+    runner.spool.close_sidecars()
+    assert os.listdir(directory) == []
+
+
+# -- a message still in memory at the final dot (smtp/staging.py, then_data) -------------------
+def submit_in_memory(runner: QueueRunner, recipients, data: bytes) -> list:
+    from mailsuite.smtp.staging import StagedMessage
+
+    message_ = StagedMessage(runner.io, runner.incoming_dir, lambda over: None)
+    message_.write_last(data)
+    return outcomes(runner.submit_file(CAROL, recipients, message_, len(data), {}))
+
+
+@pytest.mark.parametrize("recipients", [[ALICE], [ALICE, BOB]])
+def test_a_message_in_memory_is_delivered_from_memory_without_a_staged_file(tmp_path,
+                                                                            recipients):
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    seen = submit_in_memory(runner, [(r, local_route(r)) for r in recipients], message("mem"))
+    assert [job[0].func.__name__ for job in pool.jobs] == ["_store_data_blocking"]
+    pool.step()
+    incoming = os.listdir(runner.incoming_dir)
+    assert len(incoming) == 1 and incoming[0].endswith(".env")  # no staged message file
+    pool.drain()
+    assert isinstance(seen[0], str) and spool_entries(runner) == []
+    store = runner.local.mailstore
+    for address in recipients:
+        [copy] = maildir_messages(store, address)
+        data = read(copy)
+        assert data.startswith(f"Return-Path: <{CAROL}>\r\nDelivered-To: {address}\r\n".encode())
+        assert data.endswith(message("mem"))
+
+
+def test_a_message_in_memory_with_a_failed_copy_is_spooled_from_memory(tmp_path):
+    from tests.unit.queuekit import break_maildir
+
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    break_maildir(runner.local.mailstore, BOB)
+    seen = submit_in_memory(runner, [(ALICE, local_route(ALICE)), (BOB, local_route(BOB))],
+                            message("half"))
+    pool.drain()
+    [queue_id] = seen
+    entry = runner.spool.load(queue_id)
+    assert [(r.address, r.state) for r in entry.recipients] == [(ALICE, "sent"), (BOB, "pending")]
+    assert read(runner.spool.message_path(queue_id)) == message("half")
+
+
+def test_a_message_in_memory_whose_fsync_fails_leaves_nothing(tmp_path):
+    pool, syncs = ManualPool(), Syncs()
+    runner = runner_on(tmp_path, pool, syncs)
+    syncs.error = OSError(errno.EIO, "Input/output error")
+    sent = [submit_in_memory(runner, [(ALICE, local_route(ALICE))], message("a")),
+            submit_in_memory(runner, [(CAROL, remote_route(CAROL))], message("c"))]
+    pool.drain()
+    for seen in sent:
+        assert len(seen) == 1 and isinstance(seen[0], Failure) and seen[0].check(OSError), seen
+    assert maildir_messages(runner.local.mailstore, ALICE) == []
+    assert spool_entries(runner) == []
+    assert [n for n in os.listdir(runner.incoming_dir) if not n.endswith(".env")] == []
+
+
+def test_a_spool_time_envelope_in_use_at_the_stop_is_closed_only_when_given_back(tmp_path):
+    """The stop must not close a descriptor an io job still writes to (its number could be
+    reused by another open): the file in use is closed and removed when its job is done."""
+    from mailsuite.queue.spool import QueueEntry, Recipient, Spool
+
+    spool = Spool(str(tmp_path / "queue"))
+    entry = QueueEntry("6b49d200000004600aa", CAROL, [Recipient(ALICE, ALICE, True)], 1.0)
+    idle, busy = spool.write_sidecar(entry), spool.write_sidecar(entry)
+    spool.clear_sidecars([idle])
+    spool.close_sidecars()
+    assert not os.path.exists(idle.path) and os.path.getsize(busy.path) > 0
+    os.fstat(busy.fd)  # still open
+    spool.clear_sidecars([busy])
+    assert not os.path.exists(busy.path)

@@ -155,3 +155,30 @@ def test_spool_time_copies_of_a_dead_process_get_their_log_line(tmp_path, reques
     sent = [line for line in mail_log.of(entry.id) if "status=sent" in line]
     assert len(sent) == 1 and "already in maildir" in sent[0], mail_log.of(entry.id)
     assert len(kit.messages(ALICE)) == 1
+
+
+def test_empty_spool_time_envelope_files_of_a_dead_process_go_without_a_line(
+        tmp_path, request, mail_log):
+    """A process keeps its spool-time envelope files for reuse, empty between deliveries:
+    the one taking over removes those without a cleanup line, and logs the copies a full
+    one names."""
+    data_dir = str(tmp_path / "data")
+    writer = make_kit(data_dir)
+    request.addfinalizer(writer.stop)
+    entry = QueueEntry(new_queue_id(writer.clock.seconds()), CAROL,
+                       [Recipient(ALICE, ALICE, True)], writer.clock.seconds())
+    staged_dir = os.path.join(writer.spool.incoming_root, "otherhost")
+    os.makedirs(staged_dir)
+    for name in ("4242.00000000000000aa.env", "4242.00000000000000bb.env"):
+        open(os.path.join(staged_dir, name), "wb").close()
+    with open(os.path.join(staged_dir, "4242.00000000000000cc.env"), "wb") as f:
+        f.write(entry_to_json(entry, compact=True))
+    writer.runner.local.deliver_now(entry, None, message("unlogged"))  # by "the peer"
+    dead_peer(writer.config.queue_dir)
+    kit = started(data_dir, request)
+    assert os.listdir(staged_dir) == []
+    sent = [line for line in mail_log.of(entry.id) if "status=sent" in line]
+    assert len(sent) == 1 and "already in maildir" in sent[0], mail_log.of(entry.id)
+    cleanup = [line for line in mail_log.lines if "status=cleanup" in line]
+    assert len(cleanup) == 1 and "00000000000000cc.env" in cleanup[0], cleanup
+    assert len(kit.messages(ALICE)) == 1

@@ -283,7 +283,9 @@ def test_start_up_removes_staged_files_of_dead_processes_only(tmp_path):
 def job_name(job: tuple) -> str:
     """A staging job's function; "+then" when the queue's take-over runs in the same job."""
     fn, args = job[0], job[1]
-    return args[0].__name__ + "+then" if fn is staging._and_then else fn.__name__
+    if fn is staging._and_then:
+        return args[0].__name__ + "+then"
+    return getattr(fn, "func", fn).__name__  # the queue's then_data is a partial
 
 
 def test_a_small_message_is_staged_by_one_io_job(tmp_path):
@@ -366,11 +368,14 @@ def test_a_staged_message_is_taken_over_in_the_job_that_completes_it(tmp_path):
     spool = Spool(str(tmp_path / "queue"))
     runner = QueueRunner(spool, QueueSection(), io=io, clock=task.Clock(), local=_Agent(),
                          remote=None, notifier=_Agent())
-    message = _staged(runner, b"Subject: s\r\n\r\nbody\r\n", io)
+    message = staging.StagedMessage(io, runner.spool.ensure_incoming(), lambda over: None)
+    message.write(b"Subject: s\r\n\r\n")  # on disk before the end of DATA
+    io.step()
+    message.write_last(b"body\r\n")
     ids: list = []
     runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
                        message, message.size, {}).addCallback(ids.append)
-    assert [job_name(job) for job in io.jobs] == ["_create+then"]
+    assert [job_name(job) for job in io.jobs] == ["_write_close+then"]
     io.step()
     assert io.names() == ["_fsync"] and ids == []  # no 250 before the directory fsync
     io.drain()
@@ -379,9 +384,48 @@ def test_a_staged_message_is_taken_over_in_the_job_that_completes_it(tmp_path):
     assert os.listdir(runner.incoming_dir) == []
 
 
-def test_a_failed_take_over_leaves_the_staged_file_for_discard(tmp_path, monkeypatch):
+def test_a_message_still_in_memory_is_spooled_by_one_job_without_a_staged_file(tmp_path):
+    """A message under one chunk, all in memory at the final dot: the queue's job gets the
+    bytes (then_data) and makes the only staged file it needs to spool the entry."""
+    io = ManualPool()
+    spool = Spool(str(tmp_path / "queue"))
+    runner = QueueRunner(spool, QueueSection(), io=io, clock=task.Clock(), local=_Agent(),
+                         remote=None, notifier=_Agent())
+    message = _staged(runner, b"Subject: s\r\n\r\nbody\r\n", io)
+    ids: list = []
+    runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
+                       message, message.size, {}).addCallback(ids.append)
+    assert [job_name(job) for job in io.jobs] == ["_store_data_blocking"]
+    io.step()
+    assert io.names() == ["_fsync"] and ids == []  # no 250 before the directory fsync
+    io.drain()
+    (queue_id,) = ids
+    assert open(spool.message_path(queue_id), "rb").read() == b"Subject: s\r\n\r\nbody\r\n"
+    assert os.listdir(runner.incoming_dir) == [] and message.path is None
+
+
+def test_a_failed_take_over_from_memory_leaves_no_file(tmp_path, monkeypatch):
     runner, spool = _runner(tmp_path)
     message = _staged(runner, b"x\r\n", InlinePool())
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("mailsuite.queue.spool.write_file_durably", broken)
+    errors: list = []
+    runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
+                       message, message.size, {}).addErrback(errors.append)
+    assert errors and errors[0].check(OSError) and message.error is None
+    assert os.listdir(runner.incoming_dir) == [] and spool.ids() == []
+    message.discard()
+    assert os.listdir(runner.incoming_dir) == []
+
+
+def test_a_failed_take_over_leaves_the_staged_file_for_discard(tmp_path, monkeypatch):
+    runner, spool = _runner(tmp_path)
+    message = staging.StagedMessage(InlinePool(), runner.spool.ensure_incoming(),
+                                    lambda over: None)
+    message.write(b"x\r\n")  # on disk before the end of DATA
 
     def broken(*args, **kwargs):
         raise OSError(5, "Input/output error")

@@ -219,3 +219,14 @@ def test_the_compact_envelope_reads_back_the_same_and_meta_dataclasses_become_ob
     compact = entry_to_json(entry, compact=True)
     assert b"\n" not in compact and json.loads(compact) == json.loads(entry_to_json(entry))
     assert entry_from_json(compact) == entry_from_json(entry_to_json(entry))
+
+
+def test_read_head_finds_a_header_section_longer_than_one_read(tmp_path):
+    from mailsuite.queue.spool import head_of, read_head
+
+    header = b"".join(b"Received: from h%d\r\n" % i for i in range(3000))  # about 60 KiB
+    message = header + b"\r\n" + b"x" * 100_000
+    path = tmp_path / "m"
+    path.write_bytes(message)
+    assert read_head(str(path)) == header == head_of(message)
+    assert read_head(str(path), limit=1000) == message[:1000] == head_of(message, 1000)
