@@ -387,11 +387,11 @@ def batches(sel: Selection, uids: list[int], needs_file: bool, count: int = BATC
     out: list[list[int]] = []
     current: list[int] = []
     size = 0
-    for u, _seq, info in sel.locate(uids):
+    for info in view_messages(sel, uids)[0]:
         if current and (len(current) >= count or size + info.size > BATCH_BYTES):
             out.append(current)
             current, size = [], 0
-        current.append(u)
+        current.append(info.uid)
         size += info.size
     if current:
         out.append(current)
