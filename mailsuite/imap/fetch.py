@@ -440,6 +440,7 @@ class HeaderForm:
     pick: Callable[[tuple], tuple]
     wanted: list[FetchAtt]
     whole: bool
+    order: tuple[int, ...]  # what `pick` takes: its usual values are formatted without it
 
     @classmethod
     def of(cls, cmd: FetchCommand) -> Optional["HeaderForm"]:
@@ -468,7 +469,7 @@ class HeaderForm:
                 parts.append(a.response_name().replace(b"%", b"%%") + b" %b")
                 order.append(3 + wanted.index(a))
         fmt = b"* %d FETCH (" + b" ".join(parts) + b")\r\n"
-        return cls(fmt, itemgetter(*order), wanted, whole)
+        return cls(fmt, itemgetter(*order), wanted, whole, tuple(order))
 
     def batch(self, folder: Folder, infos: list[MessageInfo], seqs: Sequence[int], start: int
               ) -> tuple[int, list[Union[bytes, tuple[int, dict[int, Piece]]]]]:
@@ -484,6 +485,8 @@ class HeaderForm:
         chunk = infos[start:end]
         headers = folder.headers([i.uid for i in chunk], extract_header)
         fmt, pick, wanted, whole = self.fmt, self.pick, self.wanted, self.whole
+        # UID FETCH (BODY.PEEK[HEADER]) and FETCH (BODY.PEEK[HEADER]) take no `pick` call.
+        uid_header, header = self.order == (0, 1, 3, 4), self.order == (0, 3, 4)
         parts: list[Union[bytes, tuple[int, dict[int, Piece]]]] = []
         lines: list[bytes] = []
         for info, seq in zip(chunk, seqs[start:end]):
@@ -492,9 +495,14 @@ class HeaderForm:
             if h is None:
                 continue  # its file vanished (expunged elsewhere): nothing to send
             if whole and len(h) <= STREAM_THRESHOLD:
-                if b"\0" in h:
+                if 0 in h:  # NUL (the int test is a memchr, several times b"\0" in h)
                     h = binmod.nul_safe(h)
-                lines.append(fmt % pick((seq, u, info.size, len(h), h)))
+                if uid_header:
+                    lines.append(fmt % (seq, u, len(h), h))
+                elif header:
+                    lines.append(fmt % (seq, len(h), h))
+                else:
+                    lines.append(fmt % pick((seq, u, info.size, len(h), h)))
                 continue
             pieces = header_pieces(h, u, wanted)
             values = [pieces[id(a)] for a in wanted]
