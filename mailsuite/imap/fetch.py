@@ -133,6 +133,8 @@ class FetchCommand:
         form = HeaderForm.of(self)
         if form is not None:
             yield self._write_headers(form)
+            if s.closed:
+                return None
             if self.uid:
                 yield s.refresh()
             return b"FETCH completed"

@@ -112,3 +112,27 @@ def test_the_view_of_a_run_is_one_slice_and_of_a_scattered_set_its_messages(worl
     assert [i.uid for i in infos] == [1, 2, 3, 5] and list(seqs) == [1, 2, 3, 4]
     infos, seqs = fetch.view_messages(sel, [2, 4, 9])
     assert [i.uid for i in infos] == [2, 9] and list(seqs) == [2, 8]
+
+
+def test_batches_wait_for_the_client_and_stop_when_it_is_gone(world, monkeypatch):
+    fill(world, 20)
+    monkeypatch.setattr(fetch, "HEADER_BATCH", 4)
+    r = world.connect()
+    r.cmd(b"s SELECT Heads")
+    r.pending()
+    r.buf = b""
+    r.proto.gate.pauseProducing()  # what the transport does when its buffer is full
+    r.send(b"f UID FETCH 1:* (BODY.PEEK[HEADER])\r\n")
+    assert r.pending().count(b" FETCH (") == 4  # one batch, then it waits
+    r.proto.gate.resumeProducing()
+    r.clock.advance(0)
+    assert r.pending().count(b" FETCH (") == 20 and r.buf.endswith(b"f OK FETCH completed\r\n")
+    r.buf = b""
+    r.proto.gate.pauseProducing()
+    r.send(b"g UID FETCH 1:* (BODY.PEEK[HEADER])\r\n")
+    assert r.pending().count(b" FETCH (") == 4
+    r.close()  # the client went away while the FETCH waited
+    r.proto.gate.resumeProducing()
+    r.clock.advance(0)
+    out = r.pending()
+    assert out.count(b" FETCH (") == 4 and b"g OK" not in out
