@@ -79,7 +79,7 @@ class HeaderCache:
             stop = body + hlen
             if uid == want:
                 if (size == info.size and crc32(m[pos:stop]) == crc_at(m, stop)[0]
-                        and m[pos + head:body].decode("utf-8", "surrogateescape") == info.key):
+                        and m[pos + head:body] == info.key.encode("utf-8", "surrogateescape")):
                     out[uid] = m[body:stop]
                 k += 1
                 if k == n:
