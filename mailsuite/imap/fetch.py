@@ -7,9 +7,12 @@ with backpressure from the transport. See docs/design/imap.md, "FETCH".
 """
 from __future__ import annotations
 
+import bisect
 import mmap
 import os
-from typing import BinaryIO, Optional, Union
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import BinaryIO, Callable, Optional, Sequence, Union
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -127,6 +130,14 @@ class FetchCommand:
         # The connection's gate is registered with the transport for the whole session
         # (server.py), so a client that does not read pauses us here.
         s = self.session
+        form = HeaderForm.of(self)
+        if form is not None:
+            yield self._write_headers(form)
+            if s.closed:
+                return None
+            if self.uid:
+                yield s.refresh()
+            return b"FETCH completed"
         headers = header_only([a for a in self.atts if a.name not in INDEX_ITEMS])
         chunks = batches(self.sel, self.uids, self.needs_file, HEADER_BATCH if headers else BATCH)
         pending = self._compute(chunks[0]) if self.needs_file and chunks else None
@@ -152,6 +163,34 @@ class FetchCommand:
         if self.uid:
             yield s.refresh()
         return b"FETCH completed"
+
+    @defer.inlineCallbacks
+    def _write_headers(self, form: "HeaderForm"):
+        """A header-only FETCH whose other items never change (UID, RFC822.SIZE): the io pool
+        formats whole batches of responses, the reactor writes each in one piece while the
+        pool formats the next (docs/design/imap.md, "FETCH")."""
+        s = self.session
+        infos, seqs = view_messages(self.sel, self.uids)
+        folder = self.sel.folder
+        start = 0
+        pending = s.io(form.batch, folder, infos, seqs, start) if infos else None
+        while pending is not None:
+            start, parts = yield pending
+            # Read the next batch in the io pool while this one is written out.
+            pending = s.io(form.batch, folder, infos, seqs, start) if start < len(infos) else None
+            for part in parts:
+                if s.closed:
+                    break
+                if isinstance(part, bytes):
+                    s.transport.write(part)
+                else:  # a streamed section, or one the general writer joins otherwise
+                    u, pieces = part
+                    yield self._write_batch([u], {u: pieces})
+            yield s.gate.wait()
+            if s.closed:
+                if pending is not None:
+                    pending.addErrback(lambda _: None)  # nobody to answer any more
+                return
 
     def _compute(self, chunk: list[int]) -> defer.Deferred:
         infos = {u: info for u, _, info in self.sel.locate(chunk)}
@@ -321,6 +360,25 @@ class FetchCommand:
             s.io(f.close)
 
 
+def view_messages(sel: Selection, uids: list[int]) -> tuple[list[MessageInfo], Sequence[int]]:
+    """The session's MessageInfo of the ascending `uids` still in the view, and their sequence
+    numbers. A gap-free run of the view (FETCH 1:*) is one slice: no object per message."""
+    view = sel.view
+    if uids:
+        k = bisect.bisect_left(view, uids[0], key=_uid)
+        j = k + len(uids)
+        if j <= len(view) and view[j - 1].uid == uids[-1]:
+            block = view[k:j]
+            if uids[-1] - uids[0] == len(uids) - 1 or [i.uid for i in block] == uids:
+                return block, range(k + 1, j + 1)
+    located = sel.locate(uids)
+    return [info for _, _, info in located], [seq for _, seq, _ in located]
+
+
+def _uid(info: MessageInfo) -> int:
+    return info.uid
+
+
 def batches(sel: Selection, uids: list[int], needs_file: bool, count: int = BATCH
             ) -> list[list[int]]:
     """FETCH work units: `count` messages per io call, and (bodies) at most BATCH_BYTES of
@@ -331,11 +389,11 @@ def batches(sel: Selection, uids: list[int], needs_file: bool, count: int = BATC
     out: list[list[int]] = []
     current: list[int] = []
     size = 0
-    for u, _seq, info in sel.locate(uids):
+    for info in view_messages(sel, uids)[0]:
         if current and (len(current) >= count or size + info.size > BATCH_BYTES):
             out.append(current)
             current, size = [], 0
-        current.append(u)
+        current.append(info.uid)
         size += info.size
     if current:
         out.append(current)
@@ -371,6 +429,95 @@ def compute_batch(folder: Folder, uids: list[int], atts: list[FetchAtt],
             except (OSError, ValueError):
                 continue
     return out
+
+
+@dataclass
+class HeaderForm:
+    """How a header-only FETCH whose other items are UID and RFC822.SIZE is formatted in the
+    io pool: one format string for the item list, filled per message from the tuple (seq,
+    UID, size, then the header items' values). `whole`: the only header item is a whole
+    header block, whose literal is formatted in the same step (no parsing, no copy)."""
+
+    fmt: bytes
+    pick: Callable[[tuple], tuple]
+    wanted: list[FetchAtt]
+    whole: bool
+    order: tuple[int, ...]  # what `pick` takes: its usual values are formatted without it
+
+    @classmethod
+    def of(cls, cmd: FetchCommand) -> Optional["HeaderForm"]:
+        """The form for `cmd`, or None if it needs the general path (flags, dates, mod-
+        sequences and \\Seen are the reactor's to read at write time)."""
+        wanted = [a for a in cmd.atts if a.name not in INDEX_ITEMS]
+        if (cmd.sets_seen or cmd.modseq or not header_only(wanted)
+                or any(a.name not in (b"UID", b"RFC822.SIZE") for a in cmd.atts
+                       if a.name in INDEX_ITEMS)):
+            return None
+        whole = len(wanted) == 1 and wanted[0].partial is None and (
+            wanted[0].name == b"RFC822.HEADER" or wanted[0].text == b"HEADER")
+        parts: list[bytes] = []
+        order = [0]
+        for a in cmd.atts:
+            if a.name == b"UID":
+                parts.append(b"UID %d")
+                order.append(1)
+            elif a.name == b"RFC822.SIZE":
+                parts.append(b"RFC822.SIZE %d")
+                order.append(2)
+            elif whole:
+                parts.append(a.response_name().replace(b"%", b"%%") + b" {%d}\r\n%b")
+                order += [3, 4]
+            else:
+                parts.append(a.response_name().replace(b"%", b"%%") + b" %b")
+                order.append(3 + wanted.index(a))
+        fmt = b"* %d FETCH (" + b" ".join(parts) + b")\r\n"
+        return cls(fmt, itemgetter(*order), wanted, whole, tuple(order))
+
+    def batch(self, folder: Folder, infos: list[MessageInfo], seqs: Sequence[int], start: int
+              ) -> tuple[int, list[Union[bytes, tuple[int, dict[int, Piece]]]]]:
+        """In the io pool: the responses of the next batch from infos[start] (HEADER_BATCH
+        messages, at most BATCH_BYTES of message files, as `batches`), as runs of bytes, and
+        (uid, pieces) for a message the general writer must write. Returns (end, parts)."""
+        end, size, n = start, 0, len(infos)
+        while end < n and end - start < HEADER_BATCH:
+            size += infos[end].size
+            if size > BATCH_BYTES and end > start:
+                break
+            end += 1
+        chunk = infos[start:end]
+        headers = folder.headers([i.uid for i in chunk], extract_header)
+        fmt, pick, wanted, whole = self.fmt, self.pick, self.wanted, self.whole
+        # UID FETCH (BODY.PEEK[HEADER]) and FETCH (BODY.PEEK[HEADER]) take no `pick` call.
+        uid_header, header = self.order == (0, 1, 3, 4), self.order == (0, 3, 4)
+        parts: list[Union[bytes, tuple[int, dict[int, Piece]]]] = []
+        lines: list[bytes] = []
+        for info, seq in zip(chunk, seqs[start:end]):
+            u = info.uid
+            h = headers.get(u)
+            if h is None:
+                continue  # its file vanished (expunged elsewhere): nothing to send
+            if whole and len(h) <= STREAM_THRESHOLD:
+                if 0 in h:  # NUL (the int test is a memchr, several times b"\0" in h)
+                    h = binmod.nul_safe(h)
+                if uid_header:
+                    lines.append(fmt % (seq, u, len(h), h))
+                elif header:
+                    lines.append(fmt % (seq, len(h), h))
+                else:
+                    lines.append(fmt % pick((seq, u, info.size, len(h), h)))
+                continue
+            pieces = header_pieces(h, u, wanted)
+            values = [pieces[id(a)] for a in wanted]
+            if all(isinstance(v, bytes) and not v.endswith(b" ") for v in values) and not whole:
+                lines.append(fmt % pick((seq, u, info.size, *values)))
+                continue
+            if lines:
+                parts.append(b"".join(lines))
+                lines = []
+            parts.append((u, pieces))
+        if lines:
+            parts.append(b"".join(lines))
+        return end, parts
 
 
 def _from_memo(folder: Folder, uids: list[int], wanted: list[FetchAtt],

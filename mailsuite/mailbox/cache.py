@@ -69,22 +69,33 @@ class HeaderCache:
         i = bisect.bisect_right(self.marks, (infos[0].uid, 1 << 62)) - 1
         pos = self.marks[i][1] if i >= 0 else HEADER_START
         end = min(self.end, len(m))
-        rec, crc = _REC, _CRC
+        unpack, crc_at, crc32, head = _REC.unpack_from, _CRC.unpack_from, zlib.crc32, _REC.size
         k, n = 0, len(infos)
-        while pos < end and k < n:
-            uid, size, klen, hlen = rec.unpack_from(m, pos)
-            body = pos + rec.size + klen
+        info = infos[0]
+        want = info.uid
+        while pos < end:
+            uid, size, klen, hlen = unpack(m, pos)
+            body = pos + head + klen
             stop = body + hlen
-            while k < n and infos[k].uid < uid:
-                k += 1
-            if k < n and infos[k].uid == uid:
-                info = infos[k]
-                if (size == info.size and m[pos + rec.size:body].decode(
-                        "utf-8", "surrogateescape") == info.key
-                        and zlib.crc32(m[pos:stop]) == crc.unpack_from(m, stop)[0]):
+            if uid == want:
+                if (size == info.size and crc32(m[pos:stop]) == crc_at(m, stop)[0]
+                        and m[pos + head:body] == info.key.encode("utf-8", "surrogateescape")):
                     out[uid] = m[body:stop]
                 k += 1
-            pos = stop + crc.size
+                if k == n:
+                    break
+                info = infos[k]
+                want = info.uid
+            elif uid > want:  # messages the file has no record of: skip them
+                while k < n and infos[k].uid < uid:
+                    k += 1
+                if k == n:
+                    break
+                info = infos[k]
+                want = info.uid
+                if want == uid:
+                    continue  # this record is the next one asked for
+            pos = stop + _CRC.size
         return out
 
     def _refresh(self, f, uidvalidity: int) -> None:
@@ -220,6 +231,8 @@ def message_headers(cache: HeaderCache, infos: list[Described], uidvalidity: int
     """uid -> header block of each message: from the cache, else read from its file by
     `read(uid)` (None: the message is gone) and added to the cache."""
     found = cache.headers(infos, uidvalidity)
+    if len(found) == len(infos):
+        return found  # all cached (found holds only UIDs of `infos`)
     fresh: list[tuple[Described, bytes]] = []
     for info in infos:
         if info.uid in found:

@@ -202,3 +202,40 @@ def test_a_file_of_mostly_expunged_messages_is_compacted_keeping_the_live_record
     expected = {u: (b"H: %d\r\n\r\n" % u if u != 3000 else b"L: 1\r\n\r\n") for u in live}
     assert HeaderCache(path).headers(sorted(live.values(), key=lambda i: i.uid), 3) == expected
     assert cache.headers(sorted(live.values(), key=lambda i: i.uid), 3) == expected
+
+
+def test_any_ascending_subset_finds_exactly_its_cached_records(tmp_path):
+    """Records with gaps (UIDs never cached) and subsets that skip records, start between
+    marks, or ask for UIDs past the last record."""
+    path = str(tmp_path / CACHE)
+
+    class Info:
+        def __init__(self, uid):
+            self.uid, self.key, self.size = uid, f"k{uid}", uid * 3
+
+    rng = random.Random(5)
+    cached = [Info(u) for u in range(1, 1400) if u % 7 and not 300 <= u < 340]
+    HeaderCache(path).add([(i, b"H: %d\r\n\r\n" % i.uid) for i in cached], 4,
+                          {i.uid: i for i in cached})
+    cache = HeaderCache(path)
+    have = {i.uid for i in cached}
+    for _ in range(60):
+        uids = sorted(rng.sample(range(1, 1500), rng.randrange(1, 400)))
+        got = cache.headers([Info(u) for u in uids], 4)
+        assert got == {u: b"H: %d\r\n\r\n" % u for u in uids if u in have}
+
+
+def test_keys_that_are_not_ascii_match_only_themselves(tmp_path):
+    """A Maildir name with UTF-8 or with undecodable octets (surrogate-escaped)."""
+    path = str(tmp_path / CACHE)
+
+    class Info:
+        def __init__(self, uid, key):
+            self.uid, self.key, self.size = uid, key, 7
+
+    infos = [Info(1, "n\u00e4me.host"), Info(2, "raw\udcff.host"), Info(3, "plain.host")]
+    HeaderCache(path).add([(i, b"H: %d\r\n\r\n" % i.uid) for i in infos], 2,
+                          {i.uid: i for i in infos})
+    cache = HeaderCache(path)
+    assert set(cache.headers(infos, 2)) == {1, 2, 3}
+    assert cache.headers([Info(1, "name.host"), Info(2, "raw\udcfe.host")], 2) == {}
