@@ -79,3 +79,31 @@ def test_locate_finds_runs_and_skips_uids_not_in_the_view(world):
     assert [(u, seq) for u, seq, _ in sel.locate([1, 3, 4])] == [(1, 1), (4, 3)]
     assert [(u, seq) for u, seq, _ in sel.locate([6, 7, 8])] == [(6, 5), (7, 6), (8, 7)]
     assert [u for u, _, _ in sel.locate(list(range(1, 9)))] == [1, 2, 4, 5, 6, 7, 8]
+
+
+@pytest.mark.parametrize("items", [b"(UID FLAGS RFC822.SIZE)", b"FAST", b"(FLAGS UID)"])
+def test_index_items_over_a_scattered_set_with_own_changes_match_the_general_one(world, items):
+    """The column-wise formatter of index-only items (a set with gaps and UIDs not in the view,
+    and this session's own flag changes laid over the view) writes the general one's bytes."""
+    fill(world, random.Random(items))
+    r = world.connect()
+    r.cmd(b"s SELECT Mixed")
+    r.cmd(b"d UID STORE 3 +FLAGS (\\Deleted)")
+    r.cmd(b"e EXPUNGE")
+    sel = r.proto.sel
+    view = [info.uid for _, info in sel.infos()]
+    sel.set_flags(view[1], frozenset({"$Mine"}))  # as a STORE of this session leaves it
+    scattered = [u for u in range(1, max(view) + 3) if u % 2 == 0 or u == 3]
+    for uids in (scattered, view[:20]):  # view[:20]: a gap-free run, one slice of the view
+        atts = [FetchAtt(b"UID")] + fetch_atts(tokenize([(items, None)])[0])
+        cmd = FetchCommand(r.proto, uids, atts, uid=True)
+        r.pending()
+        r.buf = b""
+        cmd._write_batch(uids, None)
+        general = r.pending()
+        r.buf = b""
+        cmd._write_fast(uids, None)
+        fast = r.pending()
+        assert general.count(b" FETCH (") == len([u for u in uids if u in view])
+        assert b"$Mine" in general
+        assert fast == general
