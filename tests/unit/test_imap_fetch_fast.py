@@ -39,6 +39,17 @@ def fill(world, rng: random.Random) -> None:
                      date=1_700_000_000 + rng.randrange(10**8) + rng.random())
 
 
+def both_writers(r, cmd, uids, computed) -> tuple[bytes, bytes]:
+    """What the general writer and the batch formatter write for the same messages."""
+    r.pending()
+    r.buf = b""
+    cmd._write_batch(uids, computed)
+    general = r.pending()
+    r.buf = b""
+    cmd._write_fast(uids, computed)
+    return general, r.pending()
+
+
 @pytest.mark.parametrize("items", ITEM_SETS)
 @pytest.mark.parametrize("modseq", [False, True])
 def test_fast_formatter_writes_the_same_bytes_as_the_general_one(world, items, modseq):
@@ -54,13 +65,7 @@ def test_fast_formatter_writes_the_same_bytes_as_the_general_one(world, items, m
     cmd.modseq = modseq
     needs_file = any(a.name not in INDEX_ITEMS for a in atts)
     computed = compute_batch(sel.folder, uids, atts) if needs_file else None
-    r.pending()
-    r.buf = b""
-    cmd._write_batch(uids, computed)
-    general = r.pending()
-    r.buf = b""
-    cmd._write_fast(uids, computed)
-    fast = r.pending()
+    general, fast = both_writers(r, cmd, uids, computed)
     assert general.count(b" FETCH (") == len(uids)
     assert (b"\\Recent" in general) == (b"FLAGS" in general)
     assert fast == general
@@ -97,13 +102,7 @@ def test_index_items_over_a_scattered_set_with_own_changes_match_the_general_one
     for uids in (scattered, view[:20]):  # view[:20]: a gap-free run, one slice of the view
         atts = [FetchAtt(b"UID")] + fetch_atts(tokenize([(items, None)])[0])
         cmd = FetchCommand(r.proto, uids, atts, uid=True)
-        r.pending()
-        r.buf = b""
-        cmd._write_batch(uids, None)
-        general = r.pending()
-        r.buf = b""
-        cmd._write_fast(uids, None)
-        fast = r.pending()
+        general, fast = both_writers(r, cmd, uids, None)
         assert general.count(b" FETCH (") == len([u for u in uids if u in view])
         assert b"$Mine" in general
         assert fast == general
