@@ -12,7 +12,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import BinaryIO, Callable, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Optional, Sequence, Union
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer
@@ -42,6 +42,18 @@ HEADER_TEXTS = (b"HEADER", b"HEADER.FIELDS", b"HEADER.FIELDS.NOT")
 # What fills a slot of _write_fast's template (an int: the id() of a section's FetchAtt).
 _UID, _FLAGS, _SIZE, _DATE, _MODSEQ = (object() for _ in range(5))
 _INDEX_KINDS = (_UID, _FLAGS, _SIZE, _DATE, _MODSEQ)
+
+
+class _Made(dict):
+    """A memo of make(key) for the keys asked for."""
+
+    def __init__(self, make: Callable[[Any], bytes]):
+        super().__init__()
+        self.make = make
+
+    def __missing__(self, key: Any) -> bytes:
+        value = self[key] = self.make(key)
+        return value
 
 
 class FileRange:
@@ -245,8 +257,8 @@ class FetchCommand:
         sel = self.sel
         fmt, kinds = self._template()
         recent = sel.recent if sel.recent_flag else frozenset()
-        lists: dict[frozenset, bytes] = {}
-        dates: dict[float, bytes] = {}
+        lists = _Made(flag_list)  # each distinct flag set / date formatted once per batch
+        dates = _Made(format_internaldate)
         if computed is None and all(k in _INDEX_KINDS for k in kinds):
             if not s.closed:
                 s.transport.write(self._index_lines(chunk, fmt, kinds, recent, lists, dates))
@@ -264,17 +276,11 @@ class FetchCommand:
                     flags = info.flags
                     if u in recent:
                         flags = flags | {"\\Recent"}
-                    fl = lists.get(flags)
-                    if fl is None:
-                        fl = lists[flags] = flag_list(flags)
-                    values.append(fl)
+                    values.append(lists[flags])
                 elif kind is _SIZE:
                     values.append(info.size)
                 elif kind is _DATE:
-                    d = dates.get(info.internaldate)
-                    if d is None:
-                        d = dates[info.internaldate] = format_internaldate(info.internaldate)
-                    values.append(d)
+                    values.append(dates[info.internaldate])
                 elif kind is _MODSEQ:
                     values.append((sel.info(u) or info).modseq)
                 else:
@@ -295,7 +301,7 @@ class FetchCommand:
             s.transport.write(b"".join(lines))
 
     def _index_lines(self, chunk: list[int], fmt: bytes, kinds: list, recent: frozenset,
-                     lists: dict, dates: dict) -> bytes:
+                     lists: "_Made", dates: "_Made") -> bytes:
         """_write_fast's bytes when every item comes from the index (FETCH 1:* (UID FLAGS
         RFC822.SIZE)): one column of values per item, then one format per message."""
         sel = self.sel
@@ -308,26 +314,12 @@ class FetchCommand:
             if kind is _UID:
                 columns.append([i.uid for i in infos])
             elif kind is _FLAGS:
-                column = []
-                for i in infos:
-                    flags = i.flags
-                    if recent and i.uid in recent:
-                        flags = flags | {"\\Recent"}
-                    fl = lists.get(flags)
-                    if fl is None:
-                        fl = lists[flags] = flag_list(flags)
-                    column.append(fl)
-                columns.append(column)
+                columns.append([lists[i.flags | {"\\Recent"} if recent and i.uid in recent
+                                      else i.flags] for i in infos])
             elif kind is _SIZE:
                 columns.append([i.size for i in infos])
             elif kind is _DATE:
-                column = []
-                for i in infos:
-                    d = dates.get(i.internaldate)
-                    if d is None:
-                        d = dates[i.internaldate] = format_internaldate(i.internaldate)
-                    column.append(d)
-                columns.append(column)
+                columns.append([dates[i.internaldate] for i in infos])
             else:  # _MODSEQ
                 columns.append([(sel.info(i.uid) or i).modseq for i in infos])
         return b"".join([fmt % values for values in zip(*columns)])
