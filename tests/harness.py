@@ -8,6 +8,7 @@ real admin CLI as a subprocess, for tests of the CLI itself. See docs/design/tes
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import ssl
@@ -30,13 +31,26 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+# Listening ports come from below the kernel's ephemeral range (32768-60999 by default): a port
+# the kernel handed out (bind to 0) can be the local port of some other outgoing connection by
+# the time the server binds it ("Address already in use", seen once in a full run).
+PORT_RANGE = (20000, 32000)
+_port_choice = random.SystemRandom()  # not the random module's: pytest-randomly reseeds that per test
+
+
 def free_ports(n: int) -> list[int]:
-    """`n` distinct free ports: all bound at once, so the kernel cannot hand one out twice
-    (one at a time, two listeners of one server could get the same port)."""
-    sockets = [socket.socket() for _ in range(n)]
+    """`n` distinct free ports, all bound at once (one at a time, two listeners of one server
+    could get the same port), from PORT_RANGE."""
+    sockets: list[socket.socket] = []
     try:
-        for s in sockets:
-            s.bind((HOST, 0))
+        while len(sockets) < n:
+            s = socket.socket()
+            try:
+                s.bind((HOST, _port_choice.randrange(*PORT_RANGE)))
+            except OSError:  # in use: try another
+                s.close()
+                continue
+            sockets.append(s)
         return [s.getsockname()[1] for s in sockets]
     finally:
         for s in sockets:
