@@ -201,13 +201,7 @@ class _Sidecars:
                 self._free, self._open, self._forks = [], set(), _forks[0]
             if self._free:
                 return self._free.pop()
-        path = spool.staged_name() + SIDECAR
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-        try:
-            fd = os.open(path, flags, 0o600)
-        except FileNotFoundError:
-            path = os.path.join(spool.ensure_incoming(), os.path.basename(path))
-            fd = os.open(path, flags, 0o600)
+        fd, path = spool.create_staged(os.O_RDWR, SIDECAR)
         sidecar = Sidecar(fd, path)
         with self._lock:
             self._open.add(sidecar)
@@ -287,12 +281,7 @@ class Spool:
     def store(self, entry: QueueEntry, data: bytes, sync_dir: bool = True) -> None:
         """Spool a new entry; when this returns, message and envelope survive a crash (with
         `sync_dir=False`, once the caller fsynced the spool directory, as for `store_file`)."""
-        staged = self.staged_name()
-        try:
-            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        except FileNotFoundError:
-            staged = os.path.join(self.ensure_incoming(), os.path.basename(staged))
-            fd = os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fd, staged = self.create_staged(os.O_WRONLY)
         try:
             try:
                 write_all(fd, data)
@@ -334,9 +323,18 @@ class Spool:
         finally:
             os.close(fd)
 
-    def staged_name(self) -> str:
-        """A new name for a staged file of this process: `incoming/<host>/<pid>.<random>`."""
-        return os.path.join(self.incoming_dir, f"{os.getpid()}.{secrets.token_hex(8)}")
+    def create_staged(self, mode: int, suffix: str = "") -> tuple[int, str]:
+        """Create a new file of this process, `incoming/<host>/<pid>.<random><suffix>`, opened
+        with `mode` (os.O_WRONLY or os.O_RDWR): (descriptor, path). incoming/ is made when
+        missing."""
+        name = f"{os.getpid()}.{secrets.token_hex(8)}{suffix}"
+        flags = mode | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        path = os.path.join(self.incoming_dir, name)
+        try:
+            return os.open(path, flags, 0o600), path
+        except FileNotFoundError:
+            path = os.path.join(self.ensure_incoming(), name)
+            return os.open(path, flags, 0o600), path
 
     def ensure_incoming(self) -> str:
         path = self.incoming_dir
