@@ -759,6 +759,10 @@ class FolderIndex:
                 info.stat_date(stat, info.name, dir_fd=fd)
         finally:
             os.close(fd)
+        # (an expunged file's guessed date is not a fact for the index: stat_date)
+        undated = [i for i in undated if i.date != UNDATED]
+        if not undated:
+            return
         lines = "".join(f"{i.key}\t{i.size}\t{i.date!r}\n" for i in undated)
         path = os.path.join(self.path, INDEX)
         with self.lock:

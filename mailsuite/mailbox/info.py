@@ -55,11 +55,29 @@ class MessageInfo:
 
     def stat_date(self, stat, where, **kw) -> float:
         """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
-        changes while its key lives. A file gone meanwhile (expunged or renamed by another
-        process) falls back to the delivery time in its name."""
+        changes while its key lives. A file renamed meanwhile (its flags changed by another
+        process) is found under its new name; one expunged meanwhile gets the delivery time
+        in its name, which is not memoized (docs/design/maildir.md, "Dates on demand")."""
         try:
             d = stat(where, **kw).st_mtime
         except OSError:
-            d = float(date_from_key(self.key))
+            found = date_of_renamed(self.cur_dir, self.key)
+            if found is None:
+                return float(date_from_key(self.key))
+            d = found
         self.date = d  # a cache of an immutable fact, seen by all copies
         return d
+
+
+def date_of_renamed(cur_dir: str, key: str) -> float | None:
+    """The mtime of the file of `key` in `cur_dir` under whatever flags it has now, or None
+    if there is none. Lists the directory: only for the rare file renamed under us."""
+    prefix = key + ":"
+    try:
+        with os.scandir(cur_dir) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix) or entry.name == key:
+                    return entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        pass
+    return None

@@ -118,3 +118,36 @@ def test_moved_message_keeps_its_date(world):
     inbox.copy([3], account.folder("Archive"))
     assert [i.internaldate for i in account.folder("Archive").sync()] == [DATES[1], DATES[3]]
     assert [i.internaldate for i in copied_from] == [DATES[2], DATES[3]]
+
+
+def _renamed_by_another_process(world, infos) -> None:
+    """Another process changed the flags of UIDs 1 and 3 after our sync: their files have
+    new names, which our MessageInfos do not know yet."""
+    cur = os.path.join(world.maildir(ALICE), "cur")
+    for info in (infos[0], infos[2]):
+        os.rename(os.path.join(cur, info.name), os.path.join(cur, info.key + ":2,FS"))
+
+
+def test_a_file_renamed_by_another_process_keeps_its_date(world):
+    _mda_files(world)
+    folder = world.store.account(ALICE).folder("INBOX")
+    infos = folder.sync()
+    _renamed_by_another_process(world, infos)
+    assert infos[0].internaldate == DATES[1]
+    folder.ensure_dates(infos)
+    assert [i.date for i in infos] == [DATES[1], DATES[2], DATES[3]]
+    fresh = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX").sync()
+    assert [i.internaldate for i in fresh] == [DATES[1], DATES[2], DATES[3]]
+
+
+def test_an_expunged_files_date_is_a_guess_never_recorded(world):
+    _mda_files(world)
+    folder = world.store.account(ALICE).folder("INBOX")
+    infos = folder.sync()
+    os.unlink(infos[2].path)  # expunged by another process
+    folder.ensure_dates(infos)
+    assert infos[2].date == UNDATED  # the name's delivery second was answered, not memoized
+    assert infos[2].internaldate == 1_700_000_003
+    with open(os.path.join(world.maildir(ALICE), "mailsuite-index"), encoding="utf-8") as f:
+        recorded = {line.split("\t")[0] for line in f.read().splitlines()[1:]}
+    assert infos[2].key not in recorded and infos[0].key in recorded
