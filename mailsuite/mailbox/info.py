@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from mailsuite.mailbox.maildir import INDEX
+
 
 UNDATED = -1.0  # MessageInfo.date not read yet
 
@@ -63,10 +65,31 @@ class MessageInfo:
         except OSError:
             found = date_of_renamed(self.cur_dir, self.key)
             if found is None:
+                found = recorded_date(self.cur_dir, self.key)
+            if found is None:
                 return float(date_from_key(self.key))
             d = found
         self.date = d  # a cache of an immutable fact, seen by all copies
         return d
+
+
+def recorded_date(cur_dir: str, key: str) -> float | None:
+    """The date `mailsuite-index` recorded for `key` (APPEND and COPY record theirs before
+    the message is visible, under the folder lock), or None. Reads the whole file: only for
+    the rare file expunged by another process before this one dated it."""
+    prefix = key + "\t"
+    try:
+        with open(os.path.join(os.path.dirname(cur_dir.rstrip("/")), INDEX), "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").split("\n")
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith(prefix):
+            try:
+                return float(line.split("\t")[2])
+            except (IndexError, ValueError):
+                return None
+    return None
 
 
 def date_of_renamed(cur_dir: str, key: str) -> float | None:

@@ -151,3 +151,16 @@ def test_an_expunged_files_date_is_a_guess_never_recorded(world):
     with open(os.path.join(world.maildir(ALICE), "mailsuite-index"), encoding="utf-8") as f:
         recorded = {line.split("\t")[0] for line in f.read().splitlines()[1:]}
     assert infos[2].key not in recorded and infos[0].key in recorded
+
+
+def test_a_message_expunged_elsewhere_before_it_was_dated_keeps_its_appended_date(world):
+    _mda_files(world)
+    ours = world.store.account(ALICE).folder("INBOX")
+    ours.sync()
+    other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
+    uid = other.append(simple("appended"), internaldate=DATES[2])
+    info = next(i for i in ours.sync() if i.uid == uid)
+    other.sync()
+    other.set_flags(uid, ["\\Deleted"])
+    other.expunge([uid])
+    assert info.internaldate == DATES[2]
