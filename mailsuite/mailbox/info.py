@@ -58,8 +58,9 @@ class MessageInfo:
     def stat_date(self, stat, where, **kw) -> float:
         """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
         changes while its key lives. A file renamed meanwhile (its flags changed by another
-        process) is found under its new name; one expunged meanwhile gets the delivery time
-        in its name, which is not memoized (docs/design/maildir.md, "Dates on demand")."""
+        process) is found under its new name; one expunged meanwhile gets the date
+        mailsuite-index recorded for it, else the delivery time in its name, which is not
+        memoized (docs/design/maildir.md, "Dates on demand")."""
         try:
             d = stat(where, **kw).st_mtime
         except OSError:
