@@ -200,6 +200,10 @@ class FolderIndex:
                 self._save_meta()
             try:
                 self.reconcile_modseqs()
+            except LockBusy:
+                # Another process is appending to the log: a listing without the mod-sequences
+                # would show MODSEQ 0; the caller waits for the lock and syncs again (waits.py).
+                raise
             except OSError:
                 pass  # the folder stays readable; CONDSTORE callers ask again and see the error
             finally:

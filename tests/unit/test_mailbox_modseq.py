@@ -127,3 +127,25 @@ def test_corrupt_lines_are_ignored(tmp_path):
     fresh = FolderIndex(f.path)
     fresh.sync()
     assert fresh.infos[u].modseq == _modseqs(f)[u]
+
+
+def test_a_sync_while_another_process_holds_the_log_waits_instead_of_listing_modseq_0(tmp_path):
+    import pytest
+
+    from mailsuite.mailbox.errors import LockBusy
+
+    f = _folder(tmp_path)
+    u = f.append(MSG)
+    f.sync()
+    cur = os.path.join(f.path, "cur")
+    (name,) = os.listdir(cur)
+    os.rename(os.path.join(cur, name), os.path.join(cur, name.split(":2,")[0] + ":2,S"))
+    f._state.invalidate()
+    lock = os.path.join(f.path, MODSEQ_FILE + ".lock")
+    with open(lock, "w") as held:  # another live process of this host holds the log
+        held.write(f"{os.getppid()}:{f._state.modseqs.rules.hostname}\n")
+    with pytest.raises(LockBusy):
+        f.sync()
+    os.unlink(lock)
+    info = f.sync()[0]
+    assert "\\Seen" in info.flags and info.modseq > 0 and info.uid == u
