@@ -24,6 +24,7 @@ import pytest
 
 from tests.environment import unavailable
 from tests.harness import HOST, MailServer
+from tests.polling import wait_until
 
 pytestmark = pytest.mark.external
 
@@ -192,6 +193,43 @@ def test_stress_gives_no_errors(binary, server, stress_mbox, clients):
     # The last line of the totals counts each command: the clients did real work.
     counts = [int(n) for n in totals[1].strip().splitlines()[-1].split()]
     assert sum(counts) > clients * 10, out
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory):
+    """A server with a worker process beside the first on the same IMAPS socket
+    (docs/design/architecture.md, "Worker processes")."""
+    s = MailServer(str(tmp_path_factory.mktemp("imaptest-workers")), listeners=["imaps"], extra={
+        "server": {"workers": 2},
+        "limits": {"max_connections_per_ip": 500, "max_preauth_per_ip": 200,
+                   "max_preauth_per_prefix": 500, "max_connections": 1000},
+        "imap": {"max_commands_per_second": 0},
+    })
+    s.start()
+    try:
+        wait_until(lambda: "serving imaps on the listening socket" in s.log_text(), timeout=60,
+                   message="the worker process")
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("profile", [[], ["logout=0"]], ids=["default", "logout0"])
+def test_stress_on_two_processes_gives_no_errors(binary, two_processes, stress_mbox, profile):
+    """imaptest's own profiles (APPEND with dates, STORE, EXPUNGE, FETCH with CONDSTORE) with
+    the sessions of one mailbox spread over two processes: what one process changes, the
+    other must report with the same INTERNALDATE and a real MODSEQ."""
+    user = f"workers{len(profile)}@example.org"
+    two_processes.add_user(user, PASSWORD)
+    out = run_imaptest(binary, two_processes, f"user={user}", f"mbox={stress_mbox}",
+                       "clients=30", f"secs={STRESS_SECONDS}", *profile,
+                       timeout=STRESS_SECONDS + 120)
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert not errors, "\n".join(errors[:50]) + f"\n({len(errors)} errors)"
+    # Both processes served sessions of this run (each logs its logins with its pid).
+    pids = set(re.findall(r"\[pid=(\d+) [^]]*\] imap: " + re.escape(user) + " logged in",
+                          two_processes.log_text()))
+    assert len(pids) == 2, pids
 
 
 def generate_mbox(path: str, count: int, seed: int = 11) -> None:
