@@ -134,6 +134,10 @@ class MessageCommands(Session):
                 self.send(line)
         if uid:
             yield self.refresh()
+        if found.vanished:
+            # RFC 5530 §3: messages this session still shows were expunged elsewhere and could
+            # not be searched; a NOOP will tell of the EXPUNGEs.
+            return R.code(R.EXPUNGEISSUED) + b"SEARCH completed"
         return b"SEARCH completed"
 
     @defer.inlineCallbacks
@@ -141,7 +145,7 @@ class MessageCommands(Session):
         """UIDs of the selected messages matching `program`, ascending; files are read in the
         io pool, BATCH messages per call."""
         sel = self.sel
-        found: list[int] = []
+        found = Hits()
         everything = list(sel.infos())
         count, max_uid = len(sel), sel.last_uid
         recent = sel.recent
@@ -161,6 +165,7 @@ class MessageCommands(Session):
             else:
                 hits = search_batch(program, cands, count, max_uid)
             found.extend(hits)
+            found.vanished |= hits.vanished
         return found
 
 
@@ -221,16 +226,25 @@ def _loader(folder: Folder, uid: int) -> Callable[[], bytes]:
     return load
 
 
+class Hits(list):
+    """Matching UIDs; `vanished`: a message the key had to read was expunged by another
+    process before it could be (its file is gone: RFC 5530 EXPUNGEISSUED)."""
+
+    vanished = False
+
+
 def search_batch(program: searchmod.Node, cands: list[searchmod.Candidate], max_seq: int,
-                 max_uid: int) -> list[int]:
-    hits = []
+                 max_uid: int) -> Hits:
+    hits = Hits()
     for c in cands:
         try:
             if searchmod.matches(program, c, max_seq, max_uid):
                 hits.append(c.uid)
         except LockBusy:
             raise  # not a vanished message: the pool waits for the lock and runs the batch again
-        except (NoSuchMessage, OSError):
+        except (NoSuchMessage, FileNotFoundError):
+            hits.vanished = True
+        except OSError:
             continue
         finally:
             c._raw = None  # one message file in memory at a time, not a batch of them

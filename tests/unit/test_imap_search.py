@@ -3,6 +3,7 @@ literals, and Message-ID look-ups as Thunderbird sends them."""
 from __future__ import annotations
 
 import calendar
+import os
 import datetime
 
 import pytest
@@ -92,3 +93,20 @@ def test_search_in_an_empty_mailbox(world):
     r = world.connect()
     r.cmd(b"s SELECT Trash")
     assert r.cmd(b"d SEARCH ALL")[0] == b"* SEARCH"
+
+
+def test_a_message_expunged_by_another_process_gives_expungeissued(world):
+    """Its file is gone before the session was told (RFC 2180 §4.1): the body cannot be
+    searched, and the tagged OK says so (RFC 5530 EXPUNGEISSUED), as Dovecot's does."""
+    for n in range(3):
+        world.append("alice@example.org", "INBOX", simple(f"m{n}", body="needle\r\n"))
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    cur = os.path.join(world.maildir("alice@example.org"), "cur")
+    os.unlink(os.path.join(cur, sorted(os.listdir(cur))[1]))  # another process's EXPUNGE
+    resp = r.cmd(b"b SEARCH BODY needle")
+    assert resp[0] == b"* SEARCH 1 3"
+    assert tagged(resp).startswith(b"b OK [EXPUNGEISSUED]")
+    resp = r.cmd(b"c SEARCH BODY needle")  # told nothing yet: the same
+    assert tagged(resp).startswith(b"c OK [EXPUNGEISSUED]")
+    assert tagged(r.cmd(b"d SEARCH ALL")) == b"d OK SEARCH completed"  # no file read
