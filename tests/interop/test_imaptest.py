@@ -214,12 +214,14 @@ def two_processes(tmp_path_factory):
         s.stop()
 
 
-@pytest.mark.parametrize("profile", [[], ["logout=0"]], ids=["default", "logout0"])
+@pytest.mark.parametrize("profile", [[], ["logout=0"], STRESS],
+                         ids=["default", "logout0", "searches"])
 def test_stress_on_two_processes_gives_no_errors(binary, two_processes, stress_mbox, profile):
     """imaptest's own profiles (APPEND with dates, STORE, EXPUNGE, FETCH with CONDSTORE) with
     the sessions of one mailbox spread over two processes: what one process changes, the
-    other must report with the same INTERNALDATE and a real MODSEQ."""
-    user = f"workers{len(profile)}@example.org"
+    other must report with the same INTERNALDATE and a real MODSEQ, and a SEARCH that could
+    not read a message expunged there says EXPUNGEISSUED."""
+    user = f"workers{len(profile)}@example.org"  # a mailbox of its own per profile
     two_processes.add_user(user, PASSWORD)
     out = run_imaptest(binary, two_processes, f"user={user}", f"mbox={stress_mbox}",
                        "clients=30", f"secs={STRESS_SECONDS}", *profile,
