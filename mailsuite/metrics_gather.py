@@ -75,10 +75,13 @@ def encode(registry: Any) -> bytes:
 def decode(data: bytes) -> list[Metric]:
     """`encode`'s families back; ValueError or TypeError when `data` is not such a text."""
     families = []
-    for name, documentation, kind, unit, samples in json.loads(data):
+    given = json.loads(data)
+    if not isinstance(given, list):
+        raise ValueError("not a list of families")
+    for name, documentation, kind, unit, samples in given:
         family = Metric(str(name), str(documentation), str(kind), str(unit))
         for sample_name, labels, value in samples:
-            family.add_sample(str(sample_name), {str(k): str(v) for k, v in labels.items()},
+            family.add_sample(str(sample_name), {str(k): str(v) for k, v in dict(labels).items()},
                               float(value))
         families.append(family)
     return families

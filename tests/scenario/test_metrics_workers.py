@@ -62,6 +62,8 @@ def test_metrics_add_up_both_processes_and_count_the_queue_once(server):
         sent += 1
         wait_until(lambda: sum(accepted_by(server).values()) == sent, message="the log line")
     assert set(accepted_by(server)) == {first, worker}
+    # Counted in each process before its "accepted" line: every one of them is on the page.
+    assert sample(scrape(server), ACCEPTED, origin="smtp", tls="yes") == sent
 
     def all_deferred() -> dict | None:
         now = scrape(server)
