@@ -227,10 +227,10 @@ class WorkerGatherer(service.Service):
         # Our pid now: twistd forks to become a daemon after make_service.
         self.directory = socket_dir(self.data_dir, os.getpid())
         _remove_dead(self.directory)
-
-    def stopService(self) -> None:
-        super().stopService()
-        shutil.rmtree(self.directory, ignore_errors=True)
+        # Once the workers have ended (the service's stop waits for them): each removes its
+        # own socket as it stops, and would fail to if the directory went first.
+        self._reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, self.directory,
+                                            ignore_errors=True)
 
     def gather(self) -> defer.Deferred:
         """Fires with the merged families (never errbacks for a worker's failure). Our own are

@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import time
 
 import pytest
@@ -84,6 +85,12 @@ def test_metrics_add_up_both_processes_and_count_the_queue_once(server):
         assert sample(now, "mailsuite_queue_oldest_entry_age_seconds") <= \
             time.time() - started + 1.5
     assert sample(now, "mailsuite_queue_entries") == sent
+    # Stopped, the server leaves no socket behind and logs no error about them.
+    run = os.path.join(server.data_dir, "run")
+    assert os.listdir(run) == [f"metrics-{socket.gethostname()}-{first}"]
+    server.stop()
+    assert os.listdir(run) == []
+    assert "Traceback" not in server.log_text()
 
 
 def test_a_worker_that_does_not_answer_is_counted_missing(server):

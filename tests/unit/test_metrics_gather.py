@@ -293,10 +293,14 @@ def test_the_first_process_removes_the_directories_of_first_processes_gone(tmp_p
     other_host = os.path.join(str(tmp_path), "run", f"metrics-elsewhere-{_a_free_pid()}")
     for directory in (own, gone, other_host):
         os.makedirs(directory)
-    g = WorkerGatherer(Metrics().registry, list, 2, str(tmp_path), task.Clock())
+    reactor = MemoryReactorClock()
+    g = WorkerGatherer(Metrics().registry, list, 2, str(tmp_path), reactor)
     g.startService()
     assert os.path.isdir(own) and os.path.isdir(other_host) and not os.path.exists(gone)
     g.stopService()
+    assert os.path.isdir(own)  # the workers may still be stopping
+    for f, args, kwargs in reactor.triggers["after"]["shutdown"]:
+        f(*args, **kwargs)
     assert not os.path.exists(own)
 
 
