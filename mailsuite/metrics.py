@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from twisted.application.service import Service
-from twisted.logger import ILogObserver, LogPublisher, globalLogPublisher
+from twisted.internet import defer
+from twisted.logger import ILogObserver, LogPublisher, Logger, globalLogPublisher
 from twisted.web import resource, server
 from zope.interface import implementer
 
@@ -37,6 +38,8 @@ DELAY_BUCKETS = (0.05, 0.25, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 86400, 5 * 
 IMAP_BUCKETS = (0.001, 0.005, 0.025, 0.1, 0.5, 2.5, 10, 60, 300, 1800)
 MAILLOG_NAMESPACE = "mailsuite.maillog"
 MAX_CHILDREN = 1000  # label combinations whose child metric is kept at hand (Metrics._child)
+
+log = Logger()
 
 
 class Metrics:
@@ -98,6 +101,9 @@ class Metrics:
         # IMAP commands of the state table get a label of their own; any other is "other".
         self._imap_names = frozenset(name for names in COMMANDS.values() for name in names)
         self._imap_children: dict[bytes, Any] = {}
+        # The first process with [server] workers > 1: what gathers every process's figures
+        # for /metrics (metrics_gather.py); None, and /metrics is this registry alone.
+        self.gatherer: Gatherer | None = None
 
     # -- events ----------------------------------------------------------------------------------
     def smtp_reply(self, listener: str, code: int, reason: str) -> None:
@@ -178,6 +184,12 @@ class Metrics:
     def watch_login_cache(self, cache: Any) -> None:
         """Anything with `hits` and `misses` counts (directory/logincache.py)."""
         self._watched.login_cache = cache
+
+
+class Gatherer(Protocol):
+    def gather(self) -> defer.Deferred:
+        """Fires with the families of every process, merged (metrics_gather.WorkerGatherer)."""
+        ...
 
 
 class CountingListener(Protocol):
@@ -323,16 +335,18 @@ class MetricsPage(resource.Resource):
 
     Rendered on the reactor thread: the scrape-time figures read state the reactor thread
     owns, and rendering is a few milliseconds of CPU once per scrape interval
-    (docs/design/metrics.md, "Cost").
+    (docs/design/metrics.md, "Cost"). With workers (`metrics.gatherer`), the page waits for
+    their figures without blocking the reactor, then renders them merged with ours.
     """
 
     isLeaf = True
 
-    def __init__(self, registry: CollectorRegistry):
+    def __init__(self, metrics: Metrics):
         super().__init__()
-        self.registry = registry
+        self.metrics = metrics
+        self.registry = metrics.registry
 
-    def render(self, request: server.Request) -> bytes:
+    def render(self, request: server.Request) -> Any:
         if request.method not in (b"GET", b"HEAD"):
             request.setResponseCode(405)
             request.setHeader(b"Allow", b"GET, HEAD")
@@ -346,7 +360,43 @@ class MetricsPage(resource.Resource):
             (request.getHeader(b"accept") or b"").decode("latin-1"))
         request.setHeader(b"Content-Type", content_type.encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
-        return encoder(self.registry)
+        gatherer = self.metrics.gatherer
+        if gatherer is None:
+            return encoder(self.registry)
+        gone: list[Any] = []
+        request.notifyFinish().addErrback(gone.append)
+        d = gatherer.gather()
+        d.addCallback(lambda families: encoder(_Families(families)))
+        d.addCallback(_answer, request, gone)
+        d.addErrback(_failed, request, gone)
+        return server.NOT_DONE_YET
+
+
+class _Families:
+    """Merged families, as the encoders want a registry: something with collect()."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self) -> list[Metric]:
+        return self.families
+
+
+def _answer(body: bytes, request: server.Request, gone: list[Any]) -> None:
+    if gone:  # the client went away while the workers answered
+        return
+    request.setHeader(b"Content-Length", b"%d" % len(body))
+    request.write(body)
+    request.finish()
+
+
+def _failed(failure: Any, request: server.Request, gone: list[Any]) -> None:
+    log.failure("cannot render /metrics", failure)
+    if gone:
+        return
+    request.setResponseCode(500)
+    request.setHeader(b"Content-Type", b"text/plain; charset=utf-8")
+    _answer(b"cannot render the metrics; see the log\n", request, gone)
 
 
 def server_factory(metrics: Metrics, clock: Any) -> Any:
@@ -354,4 +404,4 @@ def server_factory(metrics: Metrics, clock: Any) -> Any:
     (mailsuite/autoconfig/web.py: connections, request size and time)."""
     from mailsuite.autoconfig.web import http_factory
 
-    return http_factory("metrics", MetricsPage(metrics.registry), clock)
+    return http_factory("metrics", MetricsPage(metrics), clock)

@@ -420,6 +420,11 @@ def make_service(config: Config, reactor: Any = None,
             parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared})
         workers.Supervisor(config.server.workers - 1, spawn,
                            parts.reactor).setServiceParent(top.front)
+    if config.server.workers > 1 and config.listen.metrics:  # /metrics sums every process
+        from mailsuite import metrics_gather
+
+        metrics_gather.attach(parts.metrics, top.front, config, parts.reactor,
+                              worker=inherited is not None)
     from mailsuite.autoconfig import first_run_message
 
     message = first_run_message(config)

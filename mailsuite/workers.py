@@ -30,7 +30,8 @@ from mailsuite.config import Config, ConfigError
 log = Logger()
 
 # The listeners workers share. The HTTP ones (metrics, admin, autoconfig) stay in the first
-# process: /metrics then describes one process, not a random one of them.
+# process: /metrics is served by one process, which gathers the workers' figures
+# (mailsuite/metrics_gather.py), not by a random one of them.
 SHARED_LISTENERS = ("mx", "submission", "submissions", "imap", "imaps", "pop3", "pop3s")
 MAX_WORKERS = 64
 FIRST_INHERITED_FD = 3  # after stdin, stdout and stderr
