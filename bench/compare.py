@@ -34,7 +34,7 @@ sys.path.insert(0, BENCH)
 
 import workloads  # noqa: E402
 from mailboxes import Layout, fill_maildir, reset_maildir  # noqa: E402
-from servers import MailsuiteSide, ReferenceSide, Side  # noqa: E402
+from servers import MailsuiteSide, ReferenceSide, Side, process_count  # noqa: E402
 
 PASSWORD = "bench-pw-1"
 DOMAIN = "bench.test"
@@ -237,8 +237,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "submission, large-folder, login, idle, imaptest, memory")
     p.add_argument("--servers", default="reference,mailsuite",
                    help="which of reference (Postfix + Dovecot) and mailsuite, in this order")
-    p.add_argument("--workers", type=int, default=1,
-                   help="mailsuite's [server] workers: processes on the same sockets")
+    p.add_argument("--workers", type=int, default=0,
+                   help="mailsuite's [server] workers: processes on the same sockets (default "
+                   "0, mailsuite's own default: one per CPU)")
     p.add_argument("--json", default="", help="write every figure to this file")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
@@ -348,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args, rows, names, elapsed, summary)
     print(f"(medians of {args.rounds} round(s); ratio = mailsuite / reference; mailsuite with "
-          f"{args.workers} process(es); {elapsed:.0f} s)")
+          f"{process_count(args.workers)} process(es); {elapsed:.0f} s)")
     for failure in failures:
         print("failed:", failure)
     print(summary)
@@ -361,7 +362,7 @@ def write_json(args: argparse.Namespace, rows: dict[str, Row], sides: list[str],
         "command": " ".join(sys.argv),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "python": platform.python_version(), "processor": _cpu_model()},
-        "rounds": args.rounds, "workers": args.workers, "seconds": elapsed, "servers": sides, "summary": summary,
+        "rounds": args.rounds, "workers": process_count(args.workers), "seconds": elapsed, "servers": sides, "summary": summary,
         "rows": [{"name": r.name, "unit": r.unit, "higher_is_better": r.higher_is_better,
                   "values": r.values, "errors": r.errors, "failed": r.failed,
                   "medians": {s: r.median(s) for s in sides}, "ratio": r.ratio(),

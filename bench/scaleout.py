@@ -79,7 +79,7 @@ class Cluster:
 
     def __init__(self, base: str, count: int, database_url: str, max_clients: int):
         self.data_dir = os.path.join(base, "shared-data")
-        settings = bench_settings(max_clients)
+        settings = bench_settings(max_clients, workers=1)  # one process per instance
         settings["server"] = {"data_dir": self.data_dir}
         settings["database"] = {"url": database_url}
         self.servers = [MailServer(os.path.join(base, f"instance{n + 1}"), hostname=PUBLIC_NAME,

@@ -36,7 +36,7 @@ class Side(Protocol):
     def imap_pss_kib(self) -> int: ...
 
 
-def bench_settings(max_clients: int, workers: int = 1) -> dict[str, dict]:
+def bench_settings(max_clients: int, workers: int = 0) -> dict[str, dict]:
     """mailsuite's configuration for a benchmark from one address: the limits that protect a
     public server from one client address raised to `max_clients`, no inbound trust checks
     (Postfix runs none by default), no rate limits (Postfix has none); `workers` processes
@@ -52,11 +52,21 @@ def bench_settings(max_clients: int, workers: int = 1) -> dict[str, dict]:
     }
 
 
+def process_count(workers: int) -> int:
+    """The processes [server] workers = `workers` starts on this machine (0: one per CPU)."""
+    from mailsuite.config import Config
+
+    config = Config()
+    config.server.workers = workers
+    return config.workers
+
+
 def wait_for_workers(server: MailServer, workers: int) -> None:
     """Until every worker process beside the first serves: the first listens at once, each
     worker logs its "serving mx on" line once it has adopted the sockets."""
     from tests.polling import wait_until
 
+    workers = process_count(workers)
     if workers > 1:
         wait_until(lambda: server.log_text().count("mailsuite.workers#info] serving mx on")
                    >= workers - 1, timeout=60, message="the worker processes")
@@ -67,7 +77,7 @@ class MailsuiteSide:
     `bench_settings` (every client here is 127.0.0.1)."""
 
     def __init__(self, base: str, users: list[str], password: str, layout: Layout,
-                 max_clients: int, workers: int = 1):
+                 max_clients: int, workers: int = 0):
         self.server = MailServer(base, hostname="mx.bench.test",
                                  listeners=["mx", "submission", "imaps"],
                                  extra={"tls": {"cert": layout.cert, "key": layout.key},

@@ -27,8 +27,9 @@ class ServerSection:
     # Where postmaster@<hosted domain> goes when no alias says otherwise (RFC 5321 §4.5.1).
     admin_address: str = ""
     # Processes serving the mail listeners on the same sockets (docs/design/architecture.md,
-    # "Worker processes"); 1: this process alone.
-    workers: int = 1
+    # "Worker processes"); 1: this process alone; 0: one per CPU it may run on, at most
+    # AUTO_WORKERS_MAX (Config.workers).
+    workers: int = 0
 
 
 @dataclass
@@ -223,6 +224,19 @@ class Config:
         return self.server.hostname or socket.gethostname()
 
     @property
+    def workers(self) -> int:
+        """How many processes serve the mail listeners: [server] workers, or for 0 one per
+        CPU this process may run on (its affinity: a container's or a systemd CPUAffinity
+        share, not the machine's), at most AUTO_WORKERS_MAX."""
+        if self.server.workers:
+            return self.server.workers
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, AUTO_WORKERS_MAX))
+
+    @property
     def data_dir(self) -> str:
         return os.path.abspath(self.server.data_dir)
 
@@ -247,6 +261,9 @@ class Config:
         return os.path.join(self.data_dir, "dkim")
 
 
+# [server] workers = 0 starts at most this many processes: beyond, each adds its base memory and
+# its own pools for a share of the work the shared spool and folder locks serialise anyway.
+AUTO_WORKERS_MAX = 8
 MAX_CONFIG_SIZE = 1024 * 1024  # octets: a configuration file is a few kilobytes
 
 

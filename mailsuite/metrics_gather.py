@@ -57,7 +57,7 @@ def attach(metrics: Any, front: service.MultiService, config: Any, reactor: Any,
         WorkerFigures(metrics.registry, config.data_dir, reactor).setServiceParent(front)
         return
     gatherer = WorkerGatherer(metrics.registry, lambda: front.getServiceNamed("workers").pids(),
-                              config.server.workers, config.data_dir, reactor)
+                              config.workers, config.data_dir, reactor)
     gatherer.setServiceParent(front)
     metrics.gatherer = gatherer
 

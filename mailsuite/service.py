@@ -415,12 +415,12 @@ def make_service(config: Config, reactor: Any = None,
         listener.setServiceParent(top.front)
         if name in workers.SHARED_LISTENERS:
             shared.append(listener)
-    if inherited is None and config.server.workers > 1:
+    if inherited is None and config.workers > 1:
         spawn = workers.process_spawner(
             parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared})
-        workers.Supervisor(config.server.workers - 1, spawn,
+        workers.Supervisor(config.workers - 1, spawn,
                            parts.reactor).setServiceParent(top.front)
-    if config.server.workers > 1 and config.listen.metrics:  # /metrics sums every process
+    if config.workers > 1 and config.listen.metrics:  # /metrics sums every process
         from mailsuite import metrics_gather
 
         metrics_gather.attach(parts.metrics, top.front, config, parts.reactor,

@@ -34,7 +34,7 @@ def makeService(options: Options):
 
 def _pid_in_lines(config: config_module.Config):
     """With worker processes every log line names the process that wrote it (workers.py)."""
-    if config.server.workers <= 1:
+    if config.workers <= 1:
         return None
     from mailsuite.workers import format_with_pid
 

@@ -49,8 +49,9 @@ MAX_LINE = 64 * 1024  # octets of a worker's line held before it is written as i
 
 def check_settings(config: Config) -> None:
     workers = config.server.workers
-    if not 1 <= workers <= MAX_WORKERS:
-        raise ConfigError(f"[server] workers = {workers}: give 1 to {MAX_WORKERS} processes")
+    if not 0 <= workers <= MAX_WORKERS:
+        raise ConfigError(f"[server] workers = {workers}: give 1 to {MAX_WORKERS} processes, "
+                          "or 0 for one per CPU")
 
 
 class ProcessHandle(Protocol):

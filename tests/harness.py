@@ -164,8 +164,10 @@ class MailServer:
         fresh = iter(free_ports(sum(1 for name in self.enabled if not given.get(name))))
         self.ports = {name: given.get(name) or next(fresh) for name in self.enabled}
         sections: dict[str, dict[str, Any]] = {
+            # One process unless a test asks for workers (the default, 0, is one per CPU):
+            # a test reads one process's state and log unless it is about workers.
             "server": {"hostname": hostname, "data_dir": os.path.join(base_dir, "data"),
-                       "admin_address": "admin@" + hostname},
+                       "admin_address": "admin@" + hostname, "workers": 1},
             "listen": {name: (f"tcp:{self.ports[name]}:interface={host}" if name in self.ports
                               else "") for name in LISTENERS},
         }

@@ -4,6 +4,7 @@ make_service builds for the first process and for a worker."""
 from __future__ import annotations
 
 import io
+import os
 
 import pytest
 from twisted.application import service
@@ -13,20 +14,25 @@ from twisted.logger import LogPublisher, textFileLogObserver
 from twisted.python.failure import Failure
 
 from mailsuite import workers
-from mailsuite.config import Config, ConfigError, load
+from mailsuite.config import AUTO_WORKERS_MAX, Config, ConfigError, load
 from mailsuite.logwriter import BufferedLogging
 
 
 # -- the setting and the plan ----------------------------------------------------------------
 
-def test_one_process_unless_configured(tmp_path):
-    assert Config().server.workers == 1
+def test_one_process_per_cpu_unless_configured(tmp_path, monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5})
+    assert Config().server.workers == 0 and Config().workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert Config().workers == AUTO_WORKERS_MAX
     path = tmp_path / "m.toml"
-    path.write_text("[server]\nworkers = 3\n")
-    assert load(str(path)).server.workers == 3
+    path.write_text("[server]\nworkers = 1\n")
+    assert load(str(path)).workers == 1
+    path.write_text("[server]\nworkers = 12\n")
+    assert load(str(path)).workers == 12
 
 
-@pytest.mark.parametrize("count", [0, -1, workers.MAX_WORKERS + 1])
+@pytest.mark.parametrize("count", [-1, workers.MAX_WORKERS + 1])
 def test_a_count_out_of_range_stops_start_up(count):
     config = Config()
     config.server.workers = count
