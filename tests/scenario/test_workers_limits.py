@@ -1,0 +1,112 @@
+"""[server] workers = 2: the connection limits count the whole server, not each process
+(mailsuite/conncount.py; docs/design/limits.md, "Across worker processes").
+
+One address opens connections to MX one after the other, holding those served, until both
+processes have taken some: with its share counted per process it would be served up to twice
+its `max_connections_per_ip`; counted together, exactly that many are served and the rest get
+the per-client refusal, whichever process accepted them.
+"""
+from __future__ import annotations
+
+import re
+import socket
+
+import pytest
+
+from tests.harness import HOST, MailServer
+from tests.polling import wait_until
+from tests.scenario.test_workers import serving_pid, worker_pids
+
+SHARE = 3
+REFUSAL = b"421 4.7.0 Too many connections from your address"
+ESTABLISHED, CLOSE_WAIT = "01", "08"
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = MailServer(str(tmp_path), extra={
+        "server": {"workers": 2},
+        # No eviction while the test holds its connections silent.
+        "limits": {"max_connections_per_ip": SHARE, "max_preauth_per_ip": SHARE,
+                   "evict_idle_after": 3600.0},
+    })
+    srv.start()
+    wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
+    yield srv
+    srv.stop()
+
+
+def served_sockets(port: int) -> int:
+    """Server-side connections of the listener on `port` still open (the harness's probes at
+    start-up, or ours closing)."""
+    wanted = f":{port:04X}"
+    with open("/proc/net/tcp") as f:
+        rows = [line.split() for line in f.readlines()[1:]]
+    return sum(1 for r in rows if r[1].endswith(wanted) and r[3] in (ESTABLISHED, CLOSE_WAIT)
+               and r[9] != "0")
+
+
+def greeting(port: int) -> tuple[socket.socket, bytes]:
+    s = socket.create_connection((HOST, port), timeout=30)
+    line = b""
+    while not line.endswith(b"\r\n"):
+        chunk = s.recv(512)
+        if not chunk:
+            break
+        line += chunk
+    return s, line
+
+
+def refusing_pids(srv: MailServer) -> set[int]:
+    return {int(p) for p in re.findall(r"\[pid=(\d+) mailsuite\.listeners#info\] mx: refused a "
+                                       r"connection from 127\.0\.0\.1: per-client",
+                                       srv.log_text())}
+
+
+def flood(srv: MailServer, pids: list[int], tries: int = 200
+          ) -> tuple[list[socket.socket], set[int], int]:
+    """Connections held (served), the processes that took one, and the refusals: opened until
+    both processes have taken some and more than SHARE were tried."""
+    port = srv.ports["mx"]
+    held: list[socket.socket] = []
+    took: set[int] = set()
+    refused = 0
+    for n in range(1, tries + 1):
+        s, line = greeting(port)
+        if line.startswith(b"220 "):
+            held.append(s)
+            pid = serving_pid(port, s, pids)
+            if pid is not None:
+                took.add(pid)
+        else:
+            assert line.startswith(REFUSAL), line
+            refused += 1
+            s.close()
+        if n > SHARE and took | refusing_pids(srv) >= set(pids):
+            return held, took | refusing_pids(srv), refused
+    return held, took | refusing_pids(srv), refused
+
+
+def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server):
+    pids = [server.process.pid, worker_pids(server)[0]]
+    port = server.ports["mx"]
+    wait_until(lambda: served_sockets(port) == 0, message="the start-up probes to close")
+    held, took, refused = flood(server, pids)
+    try:
+        assert took == set(pids), f"one process took every connection: {took}"
+        assert len(held) == SHARE, server.log_text()
+        assert refused >= 1
+    finally:
+        for s in held:
+            s.close()
+    # Each process gives its connections' share back when they close, for the other to use.
+    wait_until(lambda: served_sockets(port) == 0, message="the held connections to close")
+    again = [greeting(port) for _ in range(SHARE)]
+    try:
+        assert [line[:4] for _, line in again] == [b"220 "] * SHARE
+        extra, line = greeting(port)
+        extra.close()
+        assert line.startswith(REFUSAL)
+    finally:
+        for s, _ in again:
+            s.close()
