@@ -1,10 +1,11 @@
 """[server] workers = 2: the connection limits count the whole server, not each process
 (mailsuite/conncount.py; docs/design/limits.md, "Across worker processes").
 
-One address opens connections to MX one after the other, holding those served, until both
-processes have taken some: with its share counted per process it would be served up to twice
-its `max_connections_per_ip`; counted together, exactly that many are served and the rest get
-the per-client refusal, whichever process accepted them.
+One address opens connections one after the other, holding those served, until both processes
+have taken some: with its share counted per process it would be served up to twice its share;
+counted together, exactly that many are served and the rest get the per-client refusal,
+whichever process accepted them. On MX the share is `max_connections_per_ip`; on IMAP,
+`max_preauth_per_ip` (nobody logs in here).
 """
 from __future__ import annotations
 
@@ -18,18 +19,26 @@ from tests.polling import wait_until
 from tests.scenario.test_workers import serving_pid, worker_pids
 
 SHARE = 3
-REFUSAL = b"421 4.7.0 Too many connections from your address"
 ESTABLISHED, CLOSE_WAIT = "01", "08"
+# listener -> (its greeting, its per-client refusal, the [limits] that make SHARE the share)
+CASES = {
+    "mx": (b"220 ", b"421 4.7.0 Too many connections from your address",
+           {"max_connections_per_ip": SHARE}),
+    "imap": (b"* OK", b"* BYE too many connections",
+             {"max_connections_per_ip": 20, "max_preauth_per_ip": SHARE}),
+}
+
+
+@pytest.fixture(params=sorted(CASES))
+def case(request):
+    return request.param, *CASES[request.param]
 
 
 @pytest.fixture
-def server(tmp_path):
-    srv = MailServer(str(tmp_path), extra={
-        "server": {"workers": 2},
-        # No eviction while the test holds its connections silent.
-        "limits": {"max_connections_per_ip": SHARE, "max_preauth_per_ip": SHARE,
-                   "evict_idle_after": 3600.0},
-    })
+def server(tmp_path, case):
+    # No eviction while the test holds its connections silent.
+    limits = {"evict_idle_after": 3600.0, "preauth_timeout": 3600, **case[3]}
+    srv = MailServer(str(tmp_path), extra={"server": {"workers": 2}, "limits": limits})
     srv.start()
     wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
     yield srv
@@ -57,41 +66,43 @@ def greeting(port: int) -> tuple[socket.socket, bytes]:
     return s, line
 
 
-def refusing_pids(srv: MailServer) -> set[int]:
-    return {int(p) for p in re.findall(r"\[pid=(\d+) mailsuite\.listeners#info\] mx: refused a "
-                                       r"connection from 127\.0\.0\.1: per-client",
+def refusing_pids(srv: MailServer, listener: str) -> set[int]:
+    return {int(p) for p in re.findall(rf"\[pid=(\d+) mailsuite\.listeners#info\] {listener}: "
+                                       r"refused a connection from 127\.0\.0\.1: per-client",
                                        srv.log_text())}
 
 
-def flood(srv: MailServer, pids: list[int], tries: int = 200
+def flood(srv: MailServer, pids: list[int], case: tuple, tries: int = 200
           ) -> tuple[list[socket.socket], set[int], int]:
     """Connections held (served), the processes that took one, and the refusals: opened until
     both processes have taken some and more than SHARE were tried."""
-    port = srv.ports["mx"]
+    listener, served, refusal, _ = case
+    port = srv.ports[listener]
     held: list[socket.socket] = []
     took: set[int] = set()
     refused = 0
     for n in range(1, tries + 1):
         s, line = greeting(port)
-        if line.startswith(b"220 "):
+        if line.startswith(served):
             held.append(s)
             pid = serving_pid(port, s, pids)
             if pid is not None:
                 took.add(pid)
         else:
-            assert line.startswith(REFUSAL), line
+            assert line.startswith(refusal), line
             refused += 1
             s.close()
-        if n > SHARE and took | refusing_pids(srv) >= set(pids):
-            return held, took | refusing_pids(srv), refused
-    return held, took | refusing_pids(srv), refused
+        if n > SHARE and took | refusing_pids(srv, listener) >= set(pids):
+            break
+    return held, took | refusing_pids(srv, listener), refused
 
 
-def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server):
+def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server, case):
+    listener, served, refusal, _ = case
     pids = [server.process.pid, worker_pids(server)[0]]
-    port = server.ports["mx"]
+    port = server.ports[listener]
     wait_until(lambda: served_sockets(port) == 0, message="the start-up probes to close")
-    held, took, refused = flood(server, pids)
+    held, took, refused = flood(server, pids, case)
     try:
         assert took == set(pids), f"one process took every connection: {took}"
         assert len(held) == SHARE, server.log_text()
@@ -103,10 +114,10 @@ def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server
     wait_until(lambda: served_sockets(port) == 0, message="the held connections to close")
     again = [greeting(port) for _ in range(SHARE)]
     try:
-        assert [line[:4] for _, line in again] == [b"220 "] * SHARE
+        assert [line.startswith(served) for _, line in again] == [True] * SHARE
         extra, line = greeting(port)
         extra.close()
-        assert line.startswith(REFUSAL)
+        assert line.startswith(refusal)
     finally:
         for s, _ in again:
             s.close()
