@@ -9,7 +9,9 @@ whichever process accepted them. On MX the share is `max_connections_per_ip`; on
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
 
 import pytest
@@ -112,6 +114,42 @@ def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server
             s.close()
     # Each process gives its connections' share back when they close, for the other to use.
     wait_until(lambda: served_sockets(port) == 0, message="the held connections to close")
+    again = [greeting(port) for _ in range(SHARE)]
+    try:
+        assert [line.startswith(served) for _, line in again] == [True] * SHARE
+        extra, line = greeting(port)
+        extra.close()
+        assert line.startswith(refusal)
+    finally:
+        for s, _ in again:
+            s.close()
+
+
+def held_by(srv: MailServer, pid: int, pids: list[int], case: tuple, tries: int = 100
+            ) -> socket.socket:
+    """A served connection of process `pid` (the others' closed as they come)."""
+    listener, served, _, _ = case
+    port = srv.ports[listener]
+    for _ in range(tries):
+        s, line = greeting(port)
+        if line.startswith(served) and serving_pid(port, s, pids) == pid:
+            return s
+        s.close()
+        wait_until(lambda: served_sockets(port) == 0, message="the connection to close")
+    raise AssertionError(f"{tries} connections to {listener} did not reach process {pid}")
+
+
+def test_the_share_a_killed_worker_held_comes_back(server, case):
+    listener, served, refusal, _ = case
+    worker = worker_pids(server)[0]
+    port = server.ports[listener]
+    wait_until(lambda: served_sockets(port) == 0, message="the start-up probes to close")
+    held = held_by(server, worker, [server.process.pid, worker], case)
+    os.kill(worker, signal.SIGKILL)  # its row still counts the connection: nothing released it
+    held.close()
+    wait_until(lambda: [p for p in worker_pids(server) if p != worker], timeout=60,
+               message="the new worker")
+    wait_until(lambda: served_sockets(port) == 0, message="the connection to close")
     again = [greeting(port) for _ in range(SHARE)]
     try:
         assert [line.startswith(served) for _, line in again] == [True] * SHARE
