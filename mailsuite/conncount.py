@@ -126,14 +126,15 @@ class ListenerCounts:
     def elsewhere(self, ip: str, prefix: str) -> Elsewhere:
         """The other processes' connections that count with a newcomer from `ip`."""
         cells = self._cells
-        ip_cells, prefix_cells = key_cells(ip), key_cells(prefix)
+        a, b = key_cells(ip)  # DEPTH == 2, spelt out: this runs for every row on every accept
+        p, q = key_cells(prefix)
         on_ip = preauth_ip = preauth_prefix = total = preauth = 0
         for base in self._others:
             total += cells[base + _CONNS]
             preauth += cells[base + _PREAUTH]
-            on_ip += min(cells[base + _IP + i] for i in ip_cells)
-            preauth_ip += min(cells[base + _PREAUTH_IP + i] for i in ip_cells)
-            preauth_prefix += min(cells[base + _PREFIX + i] for i in prefix_cells)
+            on_ip += min(cells[base + _IP + a], cells[base + _IP + b])
+            preauth_ip += min(cells[base + _PREAUTH_IP + a], cells[base + _PREAUTH_IP + b])
+            preauth_prefix += min(cells[base + _PREFIX + p], cells[base + _PREFIX + q])
         return Elsewhere(on_ip, preauth_ip, preauth_prefix, total, preauth)
 
 

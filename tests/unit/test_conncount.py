@@ -204,3 +204,15 @@ def test_eviction_stays_in_the_process_that_holds_the_connection(tables):
     clock.advance(60)  # both idle long enough to be evicted, but not by us
     assert refused(connect(here)[1]) == SHARE
     assert there.evictions == here.evictions == 0
+
+
+def test_without_memfd_the_table_is_an_unlinked_file_in_data_dir(tmp_path, monkeypatch):
+    def no_memfd(name: str) -> int:
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    first = ConnectionTable.create(2, NAMES, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # nothing left behind
+    worker = ConnectionTable.attach(os.dup(first.fileno()), NAMES, 1)
+    worker.listener("mx").add(IP, NET, 1, 1)
+    assert first.listener("mx").elsewhere(IP, NET).total == 1
