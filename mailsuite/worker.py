@@ -6,8 +6,8 @@
 
 It serves the listening sockets it inherited (`--listen NAME=FD`) with the service the first
 process built for itself (service.make_service), counting its connections in row K of the
-connection table inherited as FD (mailsuite/conncount.py), writes its log to stdout (the first process
-writes it into the one log), and stops when the first process ends: on SIGTERM, on the
+connection table inherited as FD (mailsuite/conncount.py), writes its log to stdout (the first
+process writes it into the one log), and stops when the first process ends: on SIGTERM, on the
 parent-death signal, or when its stdin (a pipe from the first process) reaches EOF.
 """
 from __future__ import annotations
