@@ -16,7 +16,9 @@ way the connection is aborted `EVICT_GRACE` seconds later if it is still open.
 
 service.py calls `limit(name, factory, limits, clock, budget)` on every listener's factory: that
 sets the fairness rules of `[limits]`, the clock and the process-wide `FileBudget`. A factory that
-was never given them (unit tests of one protocol) only counts `max_connections(_per_ip)`.
+was never given them (unit tests of one protocol) only counts `max_connections(_per_ip)`. With
+worker processes, service.py also gives each shared listener's factory its `ListenerCounts`
+(`share()`, mailsuite/conncount.py): then every count but the descriptors is the whole server's.
 
 The rules, checked on each new connection from the narrowest scope to the widest (client
 address, its network prefix, the listener, the process): when a scope is full, its slowest
@@ -33,6 +35,8 @@ from typing import Any, Callable, Iterable, Optional
 
 from twisted.internet import protocol
 from twisted.logger import Logger
+
+from mailsuite.conncount import NOWHERE, Elsewhere, ListenerCounts
 
 log = Logger()
 
@@ -360,6 +364,9 @@ class LimitedFactory(protocol.ServerFactory):
         self.authenticates = True
         self.fairness_clock: Any = None
         self.budget: Optional[FileBudget] = None
+        # The other worker processes' connections, and our row for them to read (None: one
+        # process, the counts below are the whole server's).
+        self.shared: Optional[ListenerCounts] = None
         self._conns: set[_Connection] = set()
         self._preauth = 0
         self._preauth_ip: Counter[str] = Counter()
@@ -388,6 +395,11 @@ class LimitedFactory(protocol.ServerFactory):
         if budget is not None and self not in budget.factories:
             budget.factories.append(self)
 
+    def share(self, counts: ListenerCounts) -> None:
+        """Count with the other worker processes (docs/design/limits.md): admission adds what
+        they hold; our own connections are written to our row of their table."""
+        self.shared = counts
+
     def doStop(self) -> None:
         self._log.stop()
         self._refusal_log.stop()
@@ -414,6 +426,8 @@ class LimitedFactory(protocol.ServerFactory):
         else:
             return self._refuse(ip, "listener")
         self.connections.admit(ip)  # cannot fail: _full_scope checked it
+        if self.shared is not None:
+            self.shared.add(ip, prefix, 1, 0)
         self.admitted += 1
         p = self._build(addr)
         if getattr(p, "factory", None) is None:
@@ -431,13 +445,16 @@ class LimitedFactory(protocol.ServerFactory):
         return p
 
     def _full_scope(self, ip: str, prefix: str) -> Optional[str]:
-        """The narrowest scope that has no room for one more connection from `ip`, or None."""
-        r = self.rules
-        if self.connections.ip_full(ip) or self._preauth_ip[ip] >= r.max_preauth_per_ip:
+        """The narrowest scope that has no room for one more connection from `ip`, or None.
+        Our own counts are exact; what other worker processes hold is added (an upper bound)."""
+        r, c = self.rules, self.connections
+        o: Elsewhere = NOWHERE if self.shared is None else self.shared.elsewhere(ip, prefix)
+        if (c.active[ip] + o.ip >= c.max_per_ip
+                or self._preauth_ip[ip] + o.preauth_ip >= r.max_preauth_per_ip):
             return "per-client"
-        if self._preauth_prefix[prefix] >= r.max_preauth_per_prefix:
+        if self._preauth_prefix[prefix] + o.preauth_prefix >= r.max_preauth_per_prefix:
             return "per-network"
-        if self.connections.full or self._preauth >= r.max_preauth:
+        if c.total + o.total >= c.max_total or self._preauth + o.preauth >= r.max_preauth:
             return "listener"
         budget = self.budget
         if budget is not None:
@@ -564,12 +581,16 @@ class LimitedFactory(protocol.ServerFactory):
 
     def _release(self, conn: _Connection) -> None:
         self.connections.release(conn.ip)
+        if self.shared is not None:
+            self.shared.add(conn.ip, conn.prefix, -1, 0)
         if not conn.authenticated:
             self._count_preauth(conn, -1)
 
     def _count_preauth(self, conn: _Connection, n: int) -> None:
         if conn.authenticated:
             return
+        if self.shared is not None:
+            self.shared.add(conn.ip, conn.prefix, 0, n)
         self._preauth += n
         self._preauth_ip[conn.ip] += n
         self._preauth_prefix[conn.prefix] += n

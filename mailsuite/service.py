@@ -369,10 +369,12 @@ def _import_every_part() -> None:
 
 
 def make_service(config: Config, reactor: Any = None,
-                 inherited: dict[str, int] | None = None) -> service.MultiService:
+                 inherited: dict[str, int] | None = None,
+                 counts: tuple[int, int] | None = None) -> service.MultiService:
     """The process's service tree. `inherited` (in a worker process, mailsuite/worker.py):
     listener name -> the descriptor of its socket, bound by the first process; a worker serves
-    only those and leaves the daily report work to the first process."""
+    only those and leaves the daily report work to the first process. `counts` (a worker):
+    the descriptor of the connection table and the worker's row in it."""
     from mailsuite import workers
 
     _import_every_part()
@@ -380,6 +382,7 @@ def make_service(config: Config, reactor: Any = None,
     workers.check_settings(config)
     proxies = trusted_networks(config.listen.trusted_proxies)
     parts = build_parts(config, reactor)
+    table = _connection_table(config, inherited, counts)
     top = _Process(parts.pools, parts.events)
     parts.queue.setServiceParent(top.front)
     MailLogCounter(parts.metrics).setServiceParent(top.front)
@@ -397,6 +400,8 @@ def make_service(config: Config, reactor: Any = None,
             log.info("listener {name} is not available in this version", name=name)
             continue
         factory = limit(name, factory, config.limits, parts.reactor, parts.budget)
+        if table is not None and name in table.names:
+            factory.share(table.listener(name))
         parts.metrics.watch_listener(factory)
         if implicit_tls:
             factory = TLSMemoryBIOFactory(parts.tls.server_context(), False, factory)
@@ -417,7 +422,7 @@ def make_service(config: Config, reactor: Any = None,
             shared.append(listener)
     if inherited is None and config.workers > 1:
         spawn = workers.process_spawner(
-            parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared})
+            parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared}, table)
         workers.Supervisor(config.workers - 1, spawn,
                            parts.reactor).setServiceParent(top.front)
     if config.workers > 1 and config.listen.metrics:  # /metrics sums every process
@@ -431,6 +436,20 @@ def make_service(config: Config, reactor: Any = None,
     if message:
         log.info("{message}", message=message)
     return top
+
+
+def _connection_table(config: Config, inherited: dict[str, int] | None,
+                      counts: tuple[int, int] | None) -> Any:
+    """The connection counts shared by the worker processes (docs/design/limits.md): made by
+    the first process when there are workers, attached by a worker; None with one process."""
+    from mailsuite.conncount import ConnectionTable
+    from mailsuite.workers import SHARED_LISTENERS
+
+    if counts is not None:
+        return ConnectionTable.attach(counts[0], SHARED_LISTENERS, counts[1])
+    if inherited is None and config.workers > 1:
+        return ConnectionTable.create(config.workers, SHARED_LISTENERS, config.data_dir)
+    return None
 
 
 class _Process(service.MultiService):

@@ -2,10 +2,12 @@
 [server] workers > 1 (mailsuite/workers.py). Not for operators to run by hand.
 
     python -m mailsuite.worker --parent PID [--config FILE] --listen mx=3 --listen imap=4 ...
+        [--counts FD --slot K]
 
 It serves the listening sockets it inherited (`--listen NAME=FD`) with the service the first
-process built for itself (service.make_service), writes its log to stdout (the first process
-writes it into the one log), and stops when the first process ends: on SIGTERM, on the
+process built for itself (service.make_service), counting its connections in row K of the
+connection table inherited as FD (mailsuite/conncount.py), writes its log to stdout (the first
+process writes it into the one log), and stops when the first process ends: on SIGTERM, on the
 parent-death signal, or when its stdin (a pipe from the first process) reaches EOF.
 """
 from __future__ import annotations
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         config = config_module.load(args.config)
-        top = BufferedLogging(make_service(config, reactor, inherited=args.listen))
+        top = BufferedLogging(make_service(config, reactor, inherited=args.listen,
+                                           counts=args.counts))
     except config_module.ConfigError as e:
         sys.stderr.write(f"mailsuite worker: {e}\n")
         return 2
@@ -55,7 +58,14 @@ def _parse(argv: list[str] | None) -> Any:
     p.add_argument("--config", default=None)
     p.add_argument("--listen", action="append", default=[], metavar="NAME=FD",
                    help="a listener's inherited socket")
+    p.add_argument("--counts", type=int, default=None, metavar="FD",
+                   help="the inherited connection table")
+    p.add_argument("--slot", type=int, default=None, metavar="K",
+                   help="this worker's row of the connection table")
     args = p.parse_args(argv)
+    if (args.counts is None) != (args.slot is None):
+        p.error("--counts and --slot go together")
+    args.counts = (args.counts, args.slot) if args.counts is not None else None
     listen = {}
     for item in args.listen:
         name, _, fd = item.partition("=")

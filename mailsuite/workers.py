@@ -6,8 +6,10 @@ copies of itself (`python -m mailsuite.worker`, mailsuite/worker.py) that inheri
 listeners' sockets as file descriptors 3, 4, ... and adopt them; the kernel hands each new
 connection to whichever process accepts first. Each worker builds the rest of the service on its
 own (pools, queue runner, caches), as a separate instance on the same data_dir would
-(docs/scale-out.md). The first process supervises them: it restarts one that dies, stops them
-when it stops, and writes their log lines into its own log.
+(docs/scale-out.md), except the connection counts: every process has a row of one shared
+table (mailsuite/conncount.py), inherited after the sockets, so the limits count the whole
+server. The first process supervises them: it restarts one that dies, stops them when it stops,
+and writes their log lines into its own log.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import LogLevel, Logger, globalLogPublisher
 
 from mailsuite.config import Config, ConfigError
+from mailsuite.conncount import ConnectionTable
 
 log = Logger()
 
@@ -68,39 +71,68 @@ Spawner = Callable[[int, protocol.ProcessProtocol], ProcessHandle]
 
 # -- the first process: which descriptors go where -----------------------------------------
 
-def fd_plan(listening: dict[str, int]) -> tuple[dict[int, Any], dict[str, int]]:
-    """Map the first process's listening descriptors (name -> fd) to the worker's descriptors:
-    (childFDs for reactor.spawnProcess, name -> the descriptor the worker adopts)."""
+def fd_plan(listening: dict[str, int], counts: int | None = None
+            ) -> tuple[dict[int, Any], dict[str, int], int | None]:
+    """Map the first process's listening descriptors (name -> fd), and the connection table's
+    descriptor `counts` if there is one, to the worker's descriptors: (childFDs for
+    reactor.spawnProcess, name -> the descriptor the worker adopts, the table's descriptor in
+    the worker, right after the sockets)."""
     child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}  # stdin: a pipe we never write to
     adopt: dict[str, int] = {}
     for n, name in enumerate(sorted(listening)):
         child_fds[FIRST_INHERITED_FD + n] = listening[name]
         adopt[name] = FIRST_INHERITED_FD + n
-    return child_fds, adopt
+    if counts is None:
+        return child_fds, adopt, None
+    table_fd = FIRST_INHERITED_FD + len(listening)
+    child_fds[table_fd] = counts
+    return child_fds, adopt, table_fd
 
 
-def worker_command(config_path: str, adopt: dict[str, int], parent_pid: int) -> list[str]:
+def worker_command(config_path: str, adopt: dict[str, int], parent_pid: int,
+                   counts: tuple[int, int] | None = None) -> list[str]:
+    """The worker's command line; `counts`: (the table's descriptor in the worker, its slot)."""
     argv = [sys.executable, "-m", "mailsuite.worker", "--parent", str(parent_pid)]
     if config_path:
         argv += ["--config", config_path]
     for name, fd in sorted(adopt.items()):
         argv += ["--listen", f"{name}={fd}"]
+    if counts is not None:
+        argv += ["--counts", str(counts[0]), "--slot", str(counts[1])]
     return argv
 
 
-def process_spawner(reactor: Any, config: Config, listening: Callable[[], dict[str, int]]
-                    ) -> Spawner:
+def process_spawner(reactor: Any, config: Config, listening: Callable[[], dict[str, int]],
+                    table: ConnectionTable | None = None) -> Spawner:
     """Start workers with `reactor.spawnProcess`: this Python, this environment (PYTHONPATH
     included) and working directory, the listening sockets (`listening()`: name -> descriptor,
-    asked once they are bound) at descriptors 3, 4, ..."""
+    asked once they are bound) at descriptors 3, 4, ..., then the connection `table`'s, whose
+    row `slot` the worker takes."""
 
     def spawn(slot: int, proto: protocol.ProcessProtocol) -> ProcessHandle:
-        child_fds, adopt = fd_plan(listening())
-        argv = worker_command(config.path, adopt, os.getpid())
+        child_fds, adopt, table_fd = fd_plan(listening(),
+                                             table.fileno() if table is not None else None)
+        argv = worker_command(config.path, adopt, os.getpid(),
+                              (table_fd, slot) if table_fd is not None else None)
+        if table is not None:
+            _clear_row_when_ended(proto, table, slot)
         return reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ),
                                     path=os.getcwd(), childFDs=child_fds)
 
     return spawn
+
+
+def _clear_row_when_ended(proto: protocol.ProcessProtocol, table: ConnectionTable,
+                          slot: int) -> None:
+    """A dead worker's connections are gone: its row stops counting them at once rather than
+    when its successor starts (seconds later, or a minute when it keeps dying)."""
+    ended = proto.processEnded
+
+    def process_ended(reason: Any) -> None:
+        table.clear(slot)
+        ended(reason)
+
+    proto.processEnded = process_ended  # type: ignore[method-assign]
 
 
 # -- the first process: supervision --------------------------------------------------------

@@ -41,12 +41,21 @@ def test_a_count_out_of_range_stops_start_up(count):
 
 
 def test_the_listening_sockets_follow_stdio_in_the_worker():
-    child_fds, adopt = workers.fd_plan({"mx": 17, "imap": 12, "pop3s": 30})
+    child_fds, adopt, table_fd = workers.fd_plan({"mx": 17, "imap": 12, "pop3s": 30})
     assert adopt == {"imap": 3, "mx": 4, "pop3s": 5}
     assert child_fds == {0: "w", 1: "r", 2: "r", 3: 12, 4: 17, 5: 30}
+    assert table_fd is None
     argv = workers.worker_command("/etc/m.toml", adopt, 4242)
     assert argv[1:] == ["-m", "mailsuite.worker", "--parent", "4242", "--config", "/etc/m.toml",
                         "--listen", "imap=3", "--listen", "mx=4", "--listen", "pop3s=5"]
+
+
+def test_the_connection_table_follows_the_sockets_with_the_workers_slot():
+    child_fds, adopt, table_fd = workers.fd_plan({"mx": 17, "imap": 12}, counts=40)
+    assert (adopt, table_fd) == ({"imap": 3, "mx": 4}, 5)
+    assert child_fds == {0: "w", 1: "r", 2: "r", 3: 12, 4: 17, 5: 40}
+    argv = workers.worker_command("", adopt, 4242, (table_fd, 2))
+    assert argv[-4:] == ["--counts", "5", "--slot", "2"]
 
 
 def test_a_worker_parses_its_arguments():
@@ -55,8 +64,37 @@ def test_a_worker_parses_its_arguments():
     args = _parse(["--parent", "7", "--config", "c.toml", "--listen", "mx=3", "--listen",
                    "imaps=4"])
     assert (args.parent, args.config, args.listen) == (7, "c.toml", {"mx": 3, "imaps": 4})
+    assert args.counts is None
+    assert _parse(["--parent", "7", "--counts", "5", "--slot", "3"]).counts == (5, 3)
     with pytest.raises(SystemExit):
         _parse(["--parent", "7", "--listen", "mx"])
+    with pytest.raises(SystemExit):
+        _parse(["--parent", "7", "--counts", "5"])
+
+
+def test_the_spawner_passes_the_table_and_clears_a_dead_workers_row(tmp_path):
+    from mailsuite.conncount import ConnectionTable
+
+    table = ConnectionTable.create(3, ["mx"], str(tmp_path))
+    spawned = []
+
+    class Reactor:
+        def spawnProcess(self, proto, exe, argv, env, path, childFDs):
+            spawned.append((argv, childFDs))
+            return FakeProcess(99, proto)
+
+    config = Config()
+    spawn = workers.process_spawner(Reactor(), config, lambda: {"mx": 17}, table)
+    worker_row = ConnectionTable.attach(os.dup(table.fileno()), ["mx"], 2).listener("mx")
+    worker_row.add("192.0.2.1", "192.0.2.0/24", 1, 1)
+    proto = workers.LogLines(None, None, publish=lambda event: None)
+    process = spawn(2, proto)
+    argv, child_fds = spawned[0]
+    assert argv[-4:] == ["--counts", "4", "--slot", "2"]
+    assert child_fds[4] == table.fileno()
+    assert table.listener("mx").elsewhere("192.0.2.1", "192.0.2.0/24").ip == 1
+    process.end(signal=9)
+    assert table.listener("mx").elsewhere("192.0.2.1", "192.0.2.0/24").total == 0
 
 
 # -- supervision -----------------------------------------------------------------------------
@@ -264,6 +302,34 @@ def test_the_first_process_supervises_workers_only_when_asked(tmp_path, monkeypa
     two = make_service(_config(tmp_path, monkeypatch, 3), reactor=MemoryReactorClock())
     sup = two.getServiceNamed("front").getServiceNamed("workers")
     assert isinstance(sup, workers.Supervisor) and len(sup.slots) == 2
+
+
+def _factory(top, name):
+    """The LimitedFactory under the listener `name` (beneath TLS when it has it)."""
+    factory = top.getServiceNamed("front").getServiceNamed(f"listen-{name}").factory
+    return getattr(factory, "wrappedFactory", factory)
+
+
+def test_the_mail_listeners_count_in_a_table_only_with_workers(tmp_path, monkeypatch):
+    from mailsuite.service import make_service
+
+    one = make_service(_config(tmp_path, monkeypatch), reactor=MemoryReactorClock())
+    assert _factory(one, "mx").shared is None
+    three = make_service(_config(tmp_path, monkeypatch, 3), reactor=MemoryReactorClock())
+    assert _factory(three, "mx").shared is not None
+    assert _factory(three, "imaps").shared is not None
+    assert _factory(three, "metrics").shared is None  # stays in the first process
+
+
+def test_a_worker_counts_in_its_row_of_the_inherited_table(tmp_path, monkeypatch):
+    from mailsuite.conncount import ConnectionTable
+    from mailsuite.service import make_service
+
+    first = ConnectionTable.create(2, workers.SHARED_LISTENERS, str(tmp_path))
+    top = make_service(_config(tmp_path, monkeypatch, 2), reactor=MemoryReactorClock(),
+                       inherited={"mx": 3}, counts=(os.dup(first.fileno()), 1))
+    _factory(top, "mx").shared.add("192.0.2.1", "192.0.2.0/24", 1, 1)
+    assert first.listener("mx").elsewhere("192.0.2.1", "192.0.2.0/24").total == 1
 
 
 def test_a_worker_serves_only_the_sockets_it_inherited(tmp_path, monkeypatch):
