@@ -708,7 +708,8 @@ class FolderIndex:
         path = os.path.join(self.path, INDEX)
         pending, self.meta_pending = self.meta_pending, []
         try:
-            if self.meta_lines and self.meta_lines + len(pending) < 2 * len(self.files) + 1000:
+            if (self.meta_lines + len(pending) < 2 * len(self.files) + 1000
+                    and (self.meta_lines or os.path.exists(path))):
                 entries = [(k, m) for k in pending
                            if (m := self._meta_for(k)) is not None and m[1] != UNDATED]
                 with _open_append(path, "ab") as f:
@@ -716,12 +717,19 @@ class FolderIndex:
                             .encode("utf-8", "surrogateescape"))
                 self.meta_lines += len(entries)
             else:
-                # Every listed message from its MessageInfo, then pending keys not listed.
+                # Every listed message from its MessageInfo, or, where this process has not
+                # dated it, from the line another process wrote (an APPEND's date: a message
+                # expunged before we date it has no file left to stat); then pending keys not
+                # listed.
                 infos = self.infos
                 uids = self.uidlist.uids if self.uidlist else {}
+                recorded = _index_lines(path)
                 out = ["mailsuite-index 1"]
-                out += [f"{i.key}\t{i.size}\t{i.date!r}" for i in infos.values()
-                        if i.date != UNDATED]
+                for i in infos.values():
+                    if i.date != UNDATED:
+                        out.append(f"{i.key}\t{i.size}\t{i.date!r}")
+                    elif (line := recorded.get(i.key)) is not None:
+                        out.append(line)
                 extra: dict[str, tuple[int, float]] = {}
                 for key in pending:
                     uid = uids.get(key)
@@ -780,6 +788,18 @@ class FolderIndex:
                 self.meta_lines += len(undated)
             except OSError:
                 pass  # a cache: failing to write it costs speed, not correctness
+
+
+def _index_lines(path: str) -> dict[str, str]:
+    """key -> its last line in the mailsuite-index at `path` ({} if there is none)."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().decode("utf-8", "surrogateescape").split("\n")
+    except FileNotFoundError:
+        return {}
+    if not lines or lines[0] != "mailsuite-index 1":
+        return {}
+    return {line.partition("\t")[0]: line for line in lines[1:] if line.count("\t") == 2}
 
 
 def _list_cur(cur_dir: str) -> dict[str, str]:

@@ -164,3 +164,20 @@ def test_a_message_expunged_elsewhere_before_it_was_dated_keeps_its_appended_dat
     other.set_flags(uid, ["\\Deleted"])
     other.expunge([uid])
     assert info.internaldate == DATES[2]
+
+
+def test_compacting_the_index_keeps_the_dates_other_processes_recorded(world):
+    _mda_files(world)
+    ours = world.store.account(ALICE).folder("INBOX")
+    ours.sync()
+    other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
+    uid = other.append(simple("appended"), internaldate=DATES[2])
+    info = next(i for i in ours.sync() if i.uid == uid)
+    state = ours._state
+    state.meta_lines = 10**6  # due for a rewrite of mailsuite-index
+    state.meta_pending.append(info.key)
+    state._save_meta()
+    other.sync()
+    other.set_flags(uid, ["\\Deleted"])
+    other.expunge([uid])
+    assert info.date == UNDATED and info.internaldate == DATES[2]
