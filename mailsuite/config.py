@@ -30,6 +30,12 @@ class ServerSection:
     # "Worker processes"); 1: this process alone; 0: one per CPU it may run on, at most
     # AUTO_WORKERS_MAX (Config.workers).
     workers: int = 0
+    # The listeners those processes share; the others are served by the first process alone.
+    # IMAP and POP3 stay there by default: a session's \Recent, its immediate change
+    # notifications and its TLS resumption are per process (docs/design/architecture.md,
+    # "Worker processes"). Any of mx, submission, submissions, imap, imaps, pop3, pop3s.
+    worker_listeners: list[str] = field(
+        default_factory=lambda: ["mx", "submission", "submissions"])
 
 
 @dataclass

@@ -418,7 +418,7 @@ def make_service(config: Config, reactor: Any = None,
             raise ConfigError(f"[listen] {name} = {description!r} is not a valid endpoint: {e}")
         listener = _Listener(name, description, endpoint, factory)
         listener.setServiceParent(top.front)
-        if name in workers.SHARED_LISTENERS:
+        if name in config.server.worker_listeners:
             shared.append(listener)
     if inherited is None and config.workers > 1:
         spawn = workers.process_spawner(

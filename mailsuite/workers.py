@@ -55,6 +55,10 @@ def check_settings(config: Config) -> None:
     if not 0 <= workers <= MAX_WORKERS:
         raise ConfigError(f"[server] workers = {workers}: give 1 to {MAX_WORKERS} processes, "
                           "or 0 for one per CPU")
+    for name in config.server.worker_listeners:
+        if name not in SHARED_LISTENERS:
+            raise ConfigError(f"[server] worker_listeners: {name!r} is not one of "
+                              f"{', '.join(SHARED_LISTENERS)}")
 
 
 class ProcessHandle(Protocol):

@@ -200,7 +200,7 @@ def two_processes(tmp_path_factory):
     """A server with a worker process beside the first on the same IMAPS socket
     (docs/design/architecture.md, "Worker processes")."""
     s = MailServer(str(tmp_path_factory.mktemp("imaptest-workers")), listeners=["imaps"], extra={
-        "server": {"workers": 2},
+        "server": {"workers": 2, "worker_listeners": ["imaps"]},
         "limits": {"max_connections_per_ip": 500, "max_preauth_per_ip": 200,
                    "max_preauth_per_prefix": 500, "max_connections": 1000},
         "imap": {"max_commands_per_second": 0},

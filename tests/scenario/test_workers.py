@@ -14,10 +14,12 @@ import re
 import signal
 import smtplib
 import socket
+import ssl
 from typing import Any, Callable
 
 import pytest
 
+from mailsuite.workers import SHARED_LISTENERS
 from tests.harness import HOST, MailServer
 from tests.polling import wait_until
 from tests.scenario.imapraw import PASSWORD, Raw, tagged
@@ -26,7 +28,8 @@ ALICE = "alice@example.org"
 
 
 def start(base_dir: str) -> MailServer:
-    srv = MailServer(base_dir, extra={"server": {"workers": 2}})
+    srv = MailServer(base_dir, extra={"server": {"workers": 2,
+                                                 "worker_listeners": list(SHARED_LISTENERS)}})
     srv.add_user(ALICE, PASSWORD)
     srv.start()
     wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
@@ -251,3 +254,32 @@ def test_no_worker_outlives_a_first_process_killed_with_sigkill(own_server):
     srv.process.wait(10)
     wait_until(lambda: not alive(worker), timeout=30,
                message="the worker to end with its parent")
+
+
+def test_by_default_the_workers_share_smtp_and_the_first_process_serves_imap(tmp_path):
+    """[server] worker_listeners defaults to the SMTP listeners: every IMAP session is the
+    first process's (one \\Recent, immediate notifications, TLS resumption)."""
+    srv = MailServer(str(tmp_path), extra={"server": {"workers": 2}})
+    srv.add_user(ALICE, PASSWORD)
+    srv.start()
+    try:
+        wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
+        first, worker = srv.process.pid, worker_pids(srv)[0]
+        pids = [first, worker]
+        smtp = one_in_each(srv, "mx", pids, lambda: smtplib.SMTP(HOST, srv.ports["mx"],
+                                                                   timeout=30),
+                           lambda c: c.sock, lambda c: c.close())
+        assert set(smtp) == {first, worker}
+        for c in smtp.values():
+            c.close()
+        served = set()
+        context = ssl.create_default_context(cafile=srv.cafile)
+        context.check_hostname = False
+        for _ in range(20):  # each greeted, so accepted by the process that serves it
+            c = imaplib.IMAP4_SSL(HOST, srv.ports["imaps"], ssl_context=context, timeout=30)
+            served.add(serving_pid(srv.ports["imaps"], c.sock, pids))
+            c.logout()
+        assert served == {first}
+        assert f"[pid={worker} mailsuite.workers#info] serving imaps" not in srv.log_text()
+    finally:
+        srv.stop()

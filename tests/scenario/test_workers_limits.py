@@ -16,6 +16,7 @@ import socket
 
 import pytest
 
+from mailsuite.workers import SHARED_LISTENERS
 from tests.harness import HOST, MailServer
 from tests.polling import wait_until
 from tests.scenario.test_workers import serving_pid, worker_pids
@@ -40,7 +41,9 @@ def case(request):
 def server(tmp_path, case):
     # No eviction while the test holds its connections silent.
     limits = {"evict_idle_after": 3600.0, "preauth_timeout": 3600, **case[3]}
-    srv = MailServer(str(tmp_path), extra={"server": {"workers": 2}, "limits": limits})
+    srv = MailServer(str(tmp_path), extra={"server": {"workers": 2,
+                                                      "worker_listeners": list(SHARED_LISTENERS)},
+                                                 "limits": limits})
     srv.start()
     wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
     yield srv

@@ -358,3 +358,12 @@ def caplog_events():
     globalLogPublisher.addObserver(seen.append)
     yield lambda: [formatEvent(e) for e in seen]
     globalLogPublisher.removeObserver(seen.append)
+
+
+def test_worker_listeners_are_smtp_unless_configured(tmp_path):
+    assert Config().server.worker_listeners == ["mx", "submission", "submissions"]
+    config = Config()
+    config.server.worker_listeners = ["mx", "imaps", "metrics"]
+    with pytest.raises(ConfigError, match=r"worker_listeners: 'metrics'"):
+        workers.check_settings(config)
+
