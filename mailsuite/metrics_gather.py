@@ -34,6 +34,8 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsuite.mailbox.dotlock import pid_alive
+
 log = Logger()
 
 ANSWER_TIMEOUT = 1.0  # seconds for a worker to connect and give its figures
@@ -307,15 +309,7 @@ def _remove_dead(directory: str) -> None:
         return
     for other in names:
         pid = other[len(prefix):]
-        if other != name and other.startswith(prefix) and pid.isdigit() and not _alive(int(pid)):
+        if (other != name and other.startswith(prefix) and pid.isdigit()
+                and not pid_alive(int(pid))):
             shutil.rmtree(os.path.join(parent, other), ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -117,6 +117,11 @@ def test_one_address_gets_its_share_of_the_whole_server_and_it_comes_back(server
             s.close()
     # Each process gives its connections' share back when they close, for the other to use.
     wait_until(lambda: served_sockets(port) == 0, message="the held connections to close")
+    assert_whole_share_then_refusal(port, served, refusal)
+
+
+def assert_whole_share_then_refusal(port: int, served: bytes, refusal: bytes) -> None:
+    """SHARE connections in a row are served, the next one refused."""
     again = [greeting(port) for _ in range(SHARE)]
     try:
         assert [line.startswith(served) for _, line in again] == [True] * SHARE
@@ -153,12 +158,4 @@ def test_the_share_a_killed_worker_held_comes_back(server, case):
     wait_until(lambda: [p for p in worker_pids(server) if p != worker], timeout=60,
                message="the new worker")
     wait_until(lambda: served_sockets(port) == 0, message="the connection to close")
-    again = [greeting(port) for _ in range(SHARE)]
-    try:
-        assert [line.startswith(served) for _, line in again] == [True] * SHARE
-        extra, line = greeting(port)
-        extra.close()
-        assert line.startswith(refusal)
-    finally:
-        for s, _ in again:
-            s.close()
+    assert_whole_share_then_refusal(port, served, refusal)

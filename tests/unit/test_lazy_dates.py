@@ -153,31 +153,35 @@ def test_an_expunged_files_date_is_a_guess_never_recorded(world):
     assert infos[2].key not in recorded and infos[0].key in recorded
 
 
-def test_a_message_expunged_elsewhere_before_it_was_dated_keeps_its_appended_date(world):
+def _appended_by_another_process(world):
+    """(our folder, the other process's, the UID it appended with DATES[2], our undated
+    MessageInfo of it)."""
     _mda_files(world)
     ours = world.store.account(ALICE).folder("INBOX")
     ours.sync()
     other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
     uid = other.append(simple("appended"), internaldate=DATES[2])
     info = next(i for i in ours.sync() if i.uid == uid)
+    return ours, other, uid, info
+
+
+def _expunged_there(other, uid: int) -> None:
     other.sync()
     other.set_flags(uid, ["\\Deleted"])
     other.expunge([uid])
+
+
+def test_a_message_expunged_elsewhere_before_it_was_dated_keeps_its_appended_date(world):
+    ours, other, uid, info = _appended_by_another_process(world)
+    _expunged_there(other, uid)
     assert info.internaldate == DATES[2]
 
 
 def test_compacting_the_index_keeps_the_dates_other_processes_recorded(world):
-    _mda_files(world)
-    ours = world.store.account(ALICE).folder("INBOX")
-    ours.sync()
-    other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
-    uid = other.append(simple("appended"), internaldate=DATES[2])
-    info = next(i for i in ours.sync() if i.uid == uid)
+    ours, other, uid, info = _appended_by_another_process(world)
     state = ours._state
     state.meta_lines = 10**6  # due for a rewrite of mailsuite-index
     state.meta_pending.append(info.key)
     state._save_meta()
-    other.sync()
-    other.set_flags(uid, ["\\Deleted"])
-    other.expunge([uid])
+    _expunged_there(other, uid)
     assert info.date == UNDATED and info.internaldate == DATES[2]
