@@ -422,7 +422,8 @@ def make_service(config: Config, reactor: Any = None,
             shared.append(listener)
     if inherited is None and config.workers > 1:
         spawn = workers.process_spawner(
-            parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared}, table)
+            parts.reactor, config, lambda: {s.name[7:]: s.port.fileno() for s in shared}, table,
+            workers.tls_files(config))
         workers.Supervisor(config.workers - 1, spawn,
                            parts.reactor).setServiceParent(top.front)
     if config.workers > 1 and config.listen.metrics:  # /metrics sums every process
@@ -432,7 +433,7 @@ def make_service(config: Config, reactor: Any = None,
                               worker=inherited is not None)
     from mailsuite.autoconfig import first_run_message
 
-    message = first_run_message(config)
+    message = first_run_message(config) if inherited is None else None
     if message:
         log.info("{message}", message=message)
     return top

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         config = config_module.load(args.config)
+        if args.tls_fds is not None:
+            # What the first process read before dropping its privileges (workers.tls_files).
+            config.tls.cert, config.tls.key = (f"/proc/self/fd/{fd}" for fd in args.tls_fds)
         top = BufferedLogging(make_service(config, reactor, inherited=args.listen,
                                            counts=args.counts))
     except config_module.ConfigError as e:
@@ -62,7 +65,14 @@ def _parse(argv: list[str] | None) -> Any:
                    help="the inherited connection table")
     p.add_argument("--slot", type=int, default=None, metavar="K",
                    help="this worker's row of the connection table")
+    p.add_argument("--tls-fds", default=None, metavar="CERT,KEY",
+                   help="inherited copies of the configured TLS certificate and key")
     args = p.parse_args(argv)
+    if args.tls_fds is not None:
+        cert, _, key = args.tls_fds.partition(",")
+        if not (cert.isdigit() and key.isdigit()):
+            p.error(f"--tls-fds {args.tls_fds!r}: give CERT,KEY descriptors")
+        args.tls_fds = (int(cert), int(key))
     if (args.counts is None) != (args.slot is None):
         p.error("--counts and --slot go together")
     args.counts = (args.counts, args.slot) if args.counts is not None else None

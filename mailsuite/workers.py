@@ -94,8 +94,10 @@ def fd_plan(listening: dict[str, int], counts: int | None = None
 
 
 def worker_command(config_path: str, adopt: dict[str, int], parent_pid: int,
-                   counts: tuple[int, int] | None = None) -> list[str]:
-    """The worker's command line; `counts`: (the table's descriptor in the worker, its slot)."""
+                   counts: tuple[int, int] | None = None,
+                   tls: tuple[int, int] | None = None) -> list[str]:
+    """The worker's command line; `counts`: (the table's descriptor in the worker, its slot);
+    `tls`: the descriptors of the certificate and key the first process read (tls_files)."""
     argv = [sys.executable, "-m", "mailsuite.worker", "--parent", str(parent_pid)]
     if config_path:
         argv += ["--config", config_path]
@@ -103,21 +105,54 @@ def worker_command(config_path: str, adopt: dict[str, int], parent_pid: int,
         argv += ["--listen", f"{name}={fd}"]
     if counts is not None:
         argv += ["--counts", str(counts[0]), "--slot", str(counts[1])]
+    if tls is not None:
+        argv += ["--tls-fds", f"{tls[0]},{tls[1]}"]
     return argv
 
 
+def tls_files(config: Config) -> tuple[int, int] | None:
+    """The configured certificate and key, read now (before twistd drops privileges: a
+    root-only key, such as Let's Encrypt's, is readable only now) into two memory files the
+    workers inherit (docs/design/architecture.md, "Worker processes"); None for the
+    self-signed pair in data_dir, which the workers read themselves."""
+    if not (config.tls.cert and config.tls.key):
+        return None
+    return memory_copy(config.tls.cert, "mailsuite-tls-cert"), memory_copy(config.tls.key,
+                                                                            "mailsuite-tls-key")
+
+
+def memory_copy(path: str, name: str) -> int:
+    """A memory file (memfd) holding what `path` holds now, for workers to inherit."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    with open(path, "rb") as f:
+        os.pwrite(fd, f.read(), 0)
+    return fd
+
+
 def process_spawner(reactor: Any, config: Config, listening: Callable[[], dict[str, int]],
-                    table: ConnectionTable | None = None) -> Spawner:
+                    table: ConnectionTable | None = None,
+                    tls: tuple[int, int] | None = None) -> Spawner:
     """Start workers with `reactor.spawnProcess`: this Python, this environment (PYTHONPATH
     included) and working directory, the listening sockets (`listening()`: name -> descriptor,
     asked once they are bound) at descriptors 3, 4, ..., then the connection `table`'s, whose
-    row `slot` the worker takes."""
+    row `slot` the worker takes, then the TLS certificate's and key's (`tls_files`), then a
+    copy of the configuration file: both read now, while the first process may still read
+    files only root may (twistd drops privileges after the service is made)."""
+    config_copy = memory_copy(config.path, "mailsuite-config") if config.path else None
 
     def spawn(slot: int, proto: protocol.ProcessProtocol) -> ProcessHandle:
         child_fds, adopt, table_fd = fd_plan(listening(),
                                              table.fileno() if table is not None else None)
-        argv = worker_command(config.path, adopt, os.getpid(),
-                              (table_fd, slot) if table_fd is not None else None)
+        child_tls = None
+        if tls is not None:
+            child_tls = (max(child_fds) + 1, max(child_fds) + 2)
+            child_fds[child_tls[0]], child_fds[child_tls[1]] = tls
+        config_path = ""
+        if config_copy is not None:
+            config_path = f"/proc/self/fd/{max(child_fds) + 1}"
+            child_fds[max(child_fds) + 1] = config_copy
+        argv = worker_command(config_path, adopt, os.getpid(),
+                              (table_fd, slot) if table_fd is not None else None, child_tls)
         if table is not None:
             _clear_row_when_ended(proto, table, slot)
         return reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ),

@@ -283,3 +283,47 @@ def test_by_default_the_workers_share_smtp_and_the_first_process_serves_imap(tmp
         assert f"[pid={worker} mailsuite.workers#info] serving imaps" not in srv.log_text()
     finally:
         srv.stop()
+
+
+def test_a_worker_needs_no_access_to_the_tls_key_or_the_configuration_file(tmp_path):
+    """twistd drops privileges after the first process read them: a root-only key (Let's
+    Encrypt's) or configuration file must still reach the workers, which start later (and
+    again after a crash). Here the files are gone instead (root reads any mode)."""
+    from mailsuite.tls import create_self_signed
+
+    own = tmp_path / "own-tls"
+    own.mkdir()
+    cert, key = str(own / "fullchain.pem"), str(own / "privkey.pem")
+    create_self_signed("mx.test.example", cert, key)
+    srv = MailServer(str(tmp_path / "server"), extra={
+        "server": {"workers": 2}, "tls": {"cert": cert, "key": key}})
+    srv.add_user(ALICE, PASSWORD)
+    srv.start()
+    try:
+        wait_until(lambda: worker_pids(srv), timeout=60, message="the worker process")
+        os.unlink(cert)
+        os.unlink(key)
+        os.rename(srv.config_path, srv.config_path + ".gone")
+        old = worker_pids(srv)[0]
+        os.kill(old, signal.SIGKILL)
+        wait_until(lambda: [p for p in worker_pids(srv) if p != old], timeout=60,
+                   message="a new worker, started without the files")
+        new = [p for p in worker_pids(srv) if p != old][0]
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        pids = [srv.process.pid, new]
+
+        def submission() -> smtplib.SMTP:
+            c = smtplib.SMTP(HOST, srv.ports["submission"], timeout=30)
+            c.starttls(context=context)
+            return c
+
+        both = one_in_each(srv, "submission", pids, submission, lambda c: c.sock,
+                           lambda c: c.close())
+        for c in both.values():
+            c.login(ALICE, PASSWORD)
+            c.close()
+        assert "Traceback" not in srv.log_text()
+    finally:
+        os.rename(srv.config_path + ".gone", srv.config_path)
+        srv.stop()

@@ -97,6 +97,37 @@ def test_the_spawner_passes_the_table_and_clears_a_dead_workers_row(tmp_path):
     assert table.listener("mx").elsewhere("192.0.2.1", "192.0.2.0/24").total == 0
 
 
+def test_the_spawner_hands_over_copies_of_the_tls_files_and_the_configuration(tmp_path):
+    """Read by the first process before twistd drops privileges; a worker (started later)
+    reads the copies it inherits (docs/design/architecture.md, "Worker processes")."""
+    spawned = []
+
+    class Reactor:
+        def spawnProcess(self, proto, exe, argv, env, path, childFDs):
+            spawned.append((argv, childFDs))
+            return FakeProcess(99, proto)
+
+    for name, text in (("c.pem", b"CERT"), ("k.pem", b"KEY"), ("m.toml", b"[server]\n")):
+        (tmp_path / name).write_bytes(text)
+    config = load(str(tmp_path / "m.toml"))
+    config.tls.cert, config.tls.key = str(tmp_path / "c.pem"), str(tmp_path / "k.pem")
+    tls = workers.tls_files(config)
+    spawn = workers.process_spawner(Reactor(), config, lambda: {"mx": 17}, None, tls)
+    for name in ("c.pem", "k.pem", "m.toml"):
+        (tmp_path / name).unlink()  # or unreadable once privileges are dropped
+    spawn(1, workers.LogLines(None, None, publish=lambda event: None))
+    argv, child_fds = spawned[0]
+    cert_fd, key_fd = (int(n) for n in argv[argv.index("--tls-fds") + 1].split(","))
+    config_fd = int(argv[argv.index("--config") + 1].removeprefix("/proc/self/fd/"))
+    assert [os.pread(child_fds[fd], 100, 0) for fd in (cert_fd, key_fd, config_fd)] == [
+        b"CERT", b"KEY", b"[server]\n"]
+    assert len(set(child_fds)) == len(child_fds) and child_fds[3] == 17
+    from mailsuite.worker import _parse
+
+    assert _parse(argv[3:]).tls_fds == (cert_fd, key_fd)
+    assert workers.tls_files(Config()) is None  # the self-signed pair: read by each worker
+
+
 # -- supervision -----------------------------------------------------------------------------
 
 class FakeProcess:
