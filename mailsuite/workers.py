@@ -88,9 +88,14 @@ def fd_plan(listening: dict[str, int], counts: int | None = None
         adopt[name] = FIRST_INHERITED_FD + n
     if counts is None:
         return child_fds, adopt, None
-    table_fd = FIRST_INHERITED_FD + len(listening)
-    child_fds[table_fd] = counts
-    return child_fds, adopt, table_fd
+    return child_fds, adopt, _pass_on(child_fds, counts)
+
+
+def _pass_on(child_fds: dict[int, Any], fd: int) -> int:
+    """Give the worker `fd` at its next free descriptor; returns that descriptor."""
+    n = max(child_fds) + 1
+    child_fds[n] = fd
+    return n
 
 
 def worker_command(config_path: str, adopt: dict[str, int], parent_pid: int,
@@ -143,14 +148,10 @@ def process_spawner(reactor: Any, config: Config, listening: Callable[[], dict[s
     def spawn(slot: int, proto: protocol.ProcessProtocol) -> ProcessHandle:
         child_fds, adopt, table_fd = fd_plan(listening(),
                                              table.fileno() if table is not None else None)
-        child_tls = None
-        if tls is not None:
-            child_tls = (max(child_fds) + 1, max(child_fds) + 2)
-            child_fds[child_tls[0]], child_fds[child_tls[1]] = tls
-        config_path = ""
-        if config_copy is not None:
-            config_path = f"/proc/self/fd/{max(child_fds) + 1}"
-            child_fds[max(child_fds) + 1] = config_copy
+        child_tls = None if tls is None else (_pass_on(child_fds, tls[0]),
+                                              _pass_on(child_fds, tls[1]))
+        config_path = ("" if config_copy is None
+                       else f"/proc/self/fd/{_pass_on(child_fds, config_copy)}")
         argv = worker_command(config_path, adopt, os.getpid(),
                               (table_fd, slot) if table_fd is not None else None, child_tls)
         if table is not None:
