@@ -18,7 +18,7 @@ from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
 from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
 from mailsuite.mailbox.gcpause import collector_paused
-from mailsuite.mailbox.info import UNDATED, MessageInfo  # noqa: F401 (public)
+from mailsuite.mailbox.info import UNDATED, MessageInfo, index_lines  # noqa: F401 (public)
 from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.moves import Moves, cur_name
 from mailsuite.mailbox.maildir import (
@@ -723,7 +723,7 @@ class FolderIndex:
                 # listed.
                 infos = self.infos
                 uids = self.uidlist.uids if self.uidlist else {}
-                recorded = _index_lines(path)
+                recorded = index_lines(path)
                 out = ["mailsuite-index 1"]
                 for i in infos.values():
                     if i.date != UNDATED:
@@ -788,18 +788,6 @@ class FolderIndex:
                 self.meta_lines += len(undated)
             except OSError:
                 pass  # a cache: failing to write it costs speed, not correctness
-
-
-def _index_lines(path: str) -> dict[str, str]:
-    """key -> its last line in the mailsuite-index at `path` ({} if there is none)."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().decode("utf-8", "surrogateescape").split("\n")
-    except FileNotFoundError:
-        return {}
-    if not lines or lines[0] != "mailsuite-index 1":
-        return {}
-    return {line.partition("\t")[0]: line for line in lines[1:] if line.count("\t") == 2}
 
 
 def _list_cur(cur_dir: str) -> dict[str, str]:

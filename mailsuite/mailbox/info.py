@@ -78,19 +78,23 @@ def recorded_date(cur_dir: str, key: str) -> float | None:
     """The date `mailsuite-index` recorded for `key` (APPEND and COPY record theirs before
     the message is visible, under the folder lock), or None. Reads the whole file: only for
     the rare file expunged by another process before this one dated it."""
-    prefix = key + "\t"
+    line = index_lines(os.path.join(os.path.dirname(cur_dir.rstrip("/")), INDEX)).get(key)
     try:
-        with open(os.path.join(os.path.dirname(cur_dir.rstrip("/")), INDEX), "rb") as f:
+        return float(line.split("\t")[2]) if line is not None else None
+    except ValueError:
+        return None
+
+
+def index_lines(path: str) -> dict[str, str]:
+    """key -> its last line in the mailsuite-index at `path` ({} if there is none)."""
+    try:
+        with open(path, "rb") as f:
             lines = f.read().decode("utf-8", "surrogateescape").split("\n")
     except OSError:
-        return None
-    for line in reversed(lines):
-        if line.startswith(prefix):
-            try:
-                return float(line.split("\t")[2])
-            except (IndexError, ValueError):
-                return None
-    return None
+        return {}
+    if not lines or lines[0] != "mailsuite-index 1":
+        return {}
+    return {line.partition("\t")[0]: line for line in lines[1:] if line.count("\t") == 2}
 
 
 def date_of_renamed(cur_dir: str, key: str) -> float | None:
