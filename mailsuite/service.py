@@ -375,8 +375,9 @@ def make_service(config: Config, reactor: Any = None,
     listener name -> the descriptor of its socket, bound by the first process; a worker serves
     only those and leaves the daily report work to the first process. `counts` (a worker):
     the descriptor of the connection table and the worker's row in it."""
-    from mailsuite import workers
+    from mailsuite import workers, writethrough
 
+    writethrough.install()
     _import_every_part()
     check_proxy_settings(config.listen, LISTENERS)
     workers.check_settings(config)

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from mailsuite import unique
 from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
 UIDLIST = "dovecot-uidlist"
@@ -54,7 +55,7 @@ def unique_key(size: int, hostname: str | None = None) -> str:
     host = (hostname or socket.gethostname()).replace("/", "\\057").replace(":", "\\072")
     sec = int(now)
     usec = int((now - sec) * 1_000_000)
-    return f"{sec}.M{usec:06d}P{os.getpid()}Q{n}R{secrets.token_hex(4)}.{host},S={size}"
+    return f"{sec}.M{usec:06d}P{unique.pid()}Q{n}R{unique.token_hex(4)}.{host},S={size}"
 
 
 def split_name(name: str) -> tuple[str, str]:

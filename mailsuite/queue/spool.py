@@ -10,12 +10,12 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any, Iterator, Literal
 
+from mailsuite import unique
 from mailsuite.queue.instances import Instances, split_owner
 from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
@@ -114,7 +114,7 @@ class SpoolError(Exception):
 def new_queue_id(now: float | None = None) -> str:
     """Time-ordered and unique across processes: <seconds hex><microseconds hex><random>."""
     t = time.time() if now is None else now
-    return f"{int(t):08x}{int((t % 1) * 1_000_000):05x}{secrets.token_hex(4)}"
+    return f"{int(t):08x}{int((t % 1) * 1_000_000):05x}{unique.token_hex(4)}"
 
 
 def valid_queue_id(queue_id: str) -> bool:
@@ -327,7 +327,7 @@ class Spool:
         """Create a new file of this process, `incoming/<host>/<pid>.<random><suffix>`, opened
         with `mode` (os.O_WRONLY or os.O_RDWR): (descriptor, path). incoming/ is made when
         missing."""
-        name = f"{os.getpid()}.{secrets.token_hex(8)}{suffix}"
+        name = f"{unique.pid()}.{unique.token_hex(8)}{suffix}"
         flags = mode | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
         path = os.path.join(self.incoming_dir, name)
         try:

@@ -9,7 +9,6 @@ import email.utils
 import errno
 import os
 import re
-import secrets
 import time
 from typing import Any
 
@@ -17,6 +16,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from mailsuite import unique
 from mailsuite.directory.api import DirectoryUnavailable, Route
 from mailsuite.smtp import replies
 from mailsuite.smtp.address import PathArgument
@@ -153,7 +153,7 @@ class DataTransfer:
             return b""
         headers = b""
         if not self._scan.has_message_id:
-            message_id = "<%s.%s@%s>" % (self._txid, secrets.token_hex(8), self.hostname)
+            message_id = "<%s.%s@%s>" % (self._txid, unique.token_hex(8), self.hostname)
             self._scan.message_id = message_id
             headers += b"Message-ID: %s\r\n" % message_id.encode()
         if not self._scan.has_date:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-import secrets
 from typing import Callable
 
 from twisted.internet import defer, protocol
@@ -39,6 +38,7 @@ from twisted.names import dns
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
+from mailsuite import unique
 from mailsuite.config import Config, ConfigError
 from mailsuite.directory.api import DirectoryService, DirectoryUnavailable
 from mailsuite.listeners import ConnectionCounter, LimitedFactory, Refusal, client_ip
@@ -733,7 +733,7 @@ class SMTPServer(AuthExchange, DataTransfer, protocol.Protocol, TimeoutMixin):
         self._data_error = None
         self._continuation = False
         self._scan = HeaderScan()
-        self._txid = secrets.token_hex(6)
+        self._txid = unique.token_hex(6)
         self._staged = StagedMessage(self.factory.io, self.factory.queue.incoming_dir,
                                      self._disk_backlog)
         # Our trace field goes first (RFC 5321 §4.4); the body streams after it.

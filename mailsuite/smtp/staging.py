@@ -16,12 +16,12 @@ Nothing here touches a file on the reactor thread.
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
+from mailsuite import unique
 from mailsuite.pools import WorkPool
 from mailsuite.safeio import write_all
 
@@ -244,7 +244,7 @@ def _nothing() -> None:
 def _open(directory: str) -> tuple[int, str]:
     """io thread: a new file `<pid>.<random>` (the pid lets start-up clean-up tell a crashed
     receiver's files from those of a live process on the same spool)."""
-    path = os.path.join(directory, f"{os.getpid()}.{secrets.token_hex(8)}")
+    path = os.path.join(directory, f"{unique.pid()}.{unique.token_hex(8)}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
         return os.open(path, flags, 0o600), path
