@@ -23,7 +23,8 @@ _buffered_write = abstract.FileDescriptor.write
 def _write(self: abstract.FileDescriptor, data: Any) -> None:
     if (data and not self.dataBuffer and not self._tempDataBuffer and self.connected
             and not self.disconnecting and not self._writeDisconnected
-            and isinstance(self, tcp.Connection) and isinstance(data, bytes)):
+            and isinstance(self, tcp.Connection) and not self._aborting
+            and isinstance(data, bytes)):
         try:
             sent = self.socket.send(data)
         except OSError:  # EAGAIN, or a reset the buffered path reports through doWrite

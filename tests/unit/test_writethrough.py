@@ -7,7 +7,7 @@ import socket
 import pytest
 from twisted.internet import abstract, tcp
 from twisted.internet.protocol import Protocol
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
 
 from mailsuite import writethrough
 
@@ -18,7 +18,7 @@ def pair():
     ours, theirs = socket.socketpair()
     ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reactor = MemoryReactor()
+    reactor = MemoryReactorClock()
     connection = tcp.Connection(ours, Protocol(), reactor)
     connection.connected = 1
     theirs.setblocking(False)
@@ -74,6 +74,13 @@ def test_a_connection_being_closed_keeps_the_buffered_path(pair):
     connection.write(b"221 bye\r\n")
     assert received(theirs) == b""
     assert connection in reactor.writers
+
+
+def test_nothing_is_sent_after_abort_connection(pair):
+    connection, theirs, reactor = pair
+    connection.abortConnection()
+    connection.write(b"too late\r\n")
+    assert received(theirs) == b""
 
 
 def test_a_send_error_is_left_to_the_buffered_path(pair):
