@@ -289,7 +289,7 @@ class _Connection:
     """What the factory knows of one admitted connection."""
 
     __slots__ = ("proto", "transport", "ip", "prefix", "since", "last_progress", "received",
-                 "authenticated", "evicted", "closed", "timer")
+                 "authenticated", "evicted", "released", "closed", "timer")
 
     def __init__(self, proto: Any, ip: str, prefix: str, now: float):
         self.proto = proto
@@ -301,6 +301,7 @@ class _Connection:
         self.received = 0
         self.authenticated = False
         self.evicted = False  # dropped by the factory: its slots are already given back
+        self.released = False  # closed by its own protocol: its slots are already given back
         self.closed = False
         self.timer: Any = None
 
@@ -485,7 +486,7 @@ class LimitedFactory(protocol.ServerFactory):
         best: Optional[tuple[LimitedFactory, _Connection]] = None
         for f in factories:
             for c in f._conns:
-                if c.authenticated or c.evicted:
+                if c.authenticated or c.evicted or c.released:
                     continue
                 if (scope == "per-client" and c.ip != ip
                         or scope == "per-network" and c.prefix != prefix):
@@ -518,7 +519,7 @@ class LimitedFactory(protocol.ServerFactory):
 
         def on_authenticated() -> None:
             if not conn.authenticated:
-                if not conn.evicted:
+                if not (conn.evicted or conn.released):
                     self._count_preauth(conn, -1)
                 conn.authenticated = True
                 self.logins += 1
@@ -543,6 +544,13 @@ class LimitedFactory(protocol.ServerFactory):
 
         def make_connection(transport: Any) -> None:
             conn.transport = transport
+            lose = getattr(transport, "loseConnection", None)
+            if lose is not None:
+                def lose_connection(*args: Any, **kwargs: Any) -> Any:
+                    self._closing(conn)
+                    return lose(*args, **kwargs)
+
+                transport.loseConnection = lose_connection
             made(transport)
 
         p.makeConnection = make_connection
@@ -576,8 +584,20 @@ class LimitedFactory(protocol.ServerFactory):
             self.closing -= 1
             if self.budget is not None:
                 self.budget.closing -= 1
-        else:
+        elif not conn.released:
             self._release(conn)
+
+    def _closing(self, conn: _Connection) -> None:
+        """The protocol closes the connection itself (QUIT, LOGOUT, a refusal): its client's
+        slots are free at once, as an evicted connection's are; its descriptor counts until it
+        has closed. The goodbye may already be on its way (mailsuite/writethrough.py), so the
+        client can be back before the reactor closes this one, and must not find its own
+        departing connection holding its place."""
+        if conn.closed or conn.evicted or conn.released:
+            return
+        conn.released = True
+        self._cancel_timer(conn)
+        self._release(conn)
 
     def _release(self, conn: _Connection) -> None:
         self.connections.release(conn.ip)
@@ -602,7 +622,7 @@ class LimitedFactory(protocol.ServerFactory):
     # -- eviction -----------------------------------------------------------------------------
     def evict(self, conn: _Connection, reason: str) -> None:
         """Drop `conn`: its slots are free at once, its descriptor once it has closed."""
-        if conn.evicted or conn.closed:
+        if conn.evicted or conn.released or conn.closed:
             return
         conn.evicted = True
         self._cancel_timer(conn)

@@ -451,3 +451,31 @@ def test_accounting_stays_exact(events):
         refused = [c for c in clients if c.refused is not None and not getattr(c, "lost", False)]
         assert budget.open == f.files + g.files + len(refused)
         assert budget.closing == f.closing + g.closing + len(refused)
+
+
+def test_a_connection_its_protocol_closes_gives_its_place_back_at_once():
+    """QUIT: the 221 is sent before the reactor closes the socket (mailsuite/writethrough.py),
+    so the client may be back first; its departing connection must not hold its place."""
+    clock = task.Clock()
+    f = make(name="mx", clock=clock, max_preauth_per_prefix=3, evict_idle_after=1.0)
+    crowd = [Client(f, "127.0.0.2") for _ in range(2)]
+    normal = Client(f, "127.0.0.1")
+    assert normal.refused is None and f.preauth == 3
+    normal.proto.transport.loseConnection()  # what QUIT does; connectionLost comes later
+    assert f.connections.active.get("127.0.0.1", 0) == 0 and f.preauth == 2
+    assert f.files == 3  # its descriptor is still open
+    again = Client(f, "127.0.0.1")
+    assert again.refused is None and not any(c.closing for c in crowd)
+    normal.gone()  # the reactor closes it: nothing is given back twice
+    assert f.connections.active["127.0.0.1"] == 1 and f.preauth == 3 and f.files == 3
+    clock.advance(2)  # the departing connection is never a victim either
+    assert [c.transport.value() for c in crowd] == [b"", b""]
+
+
+def test_a_login_after_the_protocol_closed_counts_nothing_twice():
+    f = make(name="imap", clock=task.Clock(), max_preauth_per_ip=2)
+    a = Client(f, "192.0.2.1")
+    a.proto.transport.loseConnection()
+    a.login()
+    a.gone()
+    assert f.connections.active == {} and f.preauth == 0 and f.files == 0 and f.sessions == 0
