@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     base = tempfile.mkdtemp(prefix="mailsuite-compare-")
     os.chmod(base, 0o755)
     started = time.monotonic()
+    workloads.ATTIC = os.path.join(base, "attic")  # the SMTP runs' messages, removed below
     layout = Layout.create(base)
     sides = build_sides(args, base, layout)
     rows = {name: Row(name, unit, better) for w in work for name, unit, better in w.rows}
