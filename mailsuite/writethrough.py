@@ -10,6 +10,11 @@ waiting in its buffers; whatever the socket does not take (a full socket buffer)
 other case go the usual way, so the order of bytes and Twisted's flow control (producers,
 `loseConnection` after the last write) are unchanged. The TLS transports write their records
 through the same method, so it covers IMAPS, POP3S and the STARTTLS sessions too.
+
+One thing does change: a goodbye (221, BYE) now reaches the client before the reactor closes
+the socket, so a client may connect again while its old connection is still open; the
+connection limits give a closing connection's place back at `loseConnection()` for that
+(mailsuite/listeners.py, docs/design/limits.md).
 """
 from __future__ import annotations
 
