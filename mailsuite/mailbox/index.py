@@ -23,7 +23,7 @@ from mailsuite.mailbox.modseq import ModSeqLog
 from mailsuite.mailbox.moves import Moves, cur_name
 from mailsuite.mailbox.maildir import (
     KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, in_delivery_order,
-    letters_to_flags, read_keywords, read_uidlist, size_from_key, write_keywords,
+    letters_to_flags, read_keywords, size_from_key, write_keywords,
 )
 from mailsuite.safeio import atomic_write
 
@@ -436,13 +436,20 @@ class FolderIndex:
         return self.uidlist
 
     def _reload_uidlist(self):
-        """False if unchanged; "full" if re-read; else the set of keys appended since."""
+        """False if unchanged; "full" if re-read; else the set of keys appended since.
+
+        Without the dotlock another process may be appending while we read, and a reader can
+        see part of an append (the first page of a write that crosses a page boundary). So
+        a lockless read takes only complete lines, and the size kept in `uidlist_stamp` is
+        where they end: the next read starts at a line boundary, never inside a record (a
+        half line read as a whole one would give a key a wrong UID, or leave it without one
+        and get it a second UID)."""
         path = os.path.join(self.path, UIDLIST)
         stamp = file_stamp(path)
         old = self.uidlist_stamp
         if stamp == old and self.uidlist is not None:
             return False
-        self.uidlist_stamp = stamp
+        locked = self._uidlist_held > 0  # then no append is in progress
         if (stamp is not None and old is not None and self.uidlist is not None
                 and stamp[0] == old[0] and stamp[1] > old[1]):
             # Same file, grown: only lines were appended (a rewrite is a rename: new inode).
@@ -450,13 +457,26 @@ class FolderIndex:
                 with open(path, "rb") as f:
                     f.seek(old[1])
                     tail = f.read()
-                if tail.endswith(b"\n"):
-                    return self.uidlist.add_lines(tail)
+                if locked and tail.endswith(b"\n") or not locked:
+                    end = len(tail) if locked else tail.rfind(b"\n") + 1
+                    self.uidlist_stamp = (stamp[0], old[1] + end, stamp[2])
+                    return self.uidlist.add_lines(tail[:end])
             except OSError:
                 pass
         self.uidlist_stale = 0  # a rewrite by another process: its stale lines are unknown
+        self.uidlist_stamp = stamp
         try:
-            self.uidlist = read_uidlist(path)
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            self.uidlist = None
+            return "full"
+        if not locked and not data.endswith(b"\n"):
+            data = data[:data.rfind(b"\n") + 1]
+        if stamp is not None:
+            self.uidlist_stamp = (stamp[0], len(data), stamp[2])
+        try:
+            self.uidlist = UidList.parse(data) if data.strip() else None
         except (ValueError, IndexError):
             self.uidlist = None  # corrupt: rebuilt with a new UIDVALIDITY
         return "full"
