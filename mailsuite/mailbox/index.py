@@ -457,10 +457,10 @@ class FolderIndex:
                 with open(path, "rb") as f:
                     f.seek(old[1])
                     tail = f.read()
-                if locked and tail.endswith(b"\n") or not locked:
-                    end = len(tail) if locked else tail.rfind(b"\n") + 1
-                    self.uidlist_stamp = (stamp[0], old[1] + end, stamp[2])
-                    return self.uidlist.add_lines(tail[:end])
+                if not locked or tail.endswith(b"\n"):
+                    tail = _complete_lines(tail, locked)
+                    self.uidlist_stamp = (stamp[0], old[1] + len(tail), stamp[2])
+                    return self.uidlist.add_lines(tail)
             except OSError:
                 pass
         self.uidlist_stale = 0  # a rewrite by another process: its stale lines are unknown
@@ -471,8 +471,7 @@ class FolderIndex:
         except FileNotFoundError:
             self.uidlist = None
             return "full"
-        if not locked and not data.endswith(b"\n"):
-            data = data[:data.rfind(b"\n") + 1]
+        data = _complete_lines(data, locked)
         if stamp is not None:
             self.uidlist_stamp = (stamp[0], len(data), stamp[2])
         try:
@@ -828,3 +827,8 @@ def _valid_keyword(flag: str) -> bool:
     # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
     return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
 
+
+def _complete_lines(data: bytes, locked: bool) -> bytes:
+    """What of dovecot-uidlist's bytes a reader may take: all of them under the dotlock (no
+    append is in progress), else up to the end of the last complete line."""
+    return data if locked else data[:data.rfind(b"\n") + 1]
