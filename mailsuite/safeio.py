@@ -6,6 +6,8 @@ rename itself survives a power loss (chasquid's `safeio`; twisted.mail fsyncs no
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import secrets
 from typing import Iterable
@@ -60,3 +62,56 @@ def atomic_write(path: str, data: bytes | Iterable[bytes], *, mode: int = 0o600,
     if sync_dir:
         fsync_dir(directory)
     return size
+
+
+# -- unnamed files (docs/design/maildir.md, "Unnamed files") -------------------------------------
+# A file opened with O_TMPFILE has an inode but no name until linkat() gives it one, so a writer
+# needs no temporary name in another directory and no rename across directories. CPython's
+# os.link() cannot pass AT_SYMLINK_FOLLOW (it calls link(2), which refuses the /proc link with
+# EXDEV), so linkat is called through libc.
+_AT_FDCWD = -100
+_AT_SYMLINK_FOLLOW = 0x400
+
+
+def _find_linkat():
+    if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+        return None
+    try:
+        linkat = ctypes.CDLL(None, use_errno=True).linkat
+    except (OSError, AttributeError):
+        return None
+    linkat.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                       ctypes.c_int)
+    linkat.restype = ctypes.c_int
+    return linkat
+
+
+_linkat = _find_linkat()
+# Set once a filesystem of this process refused O_TMPFILE: every writer then uses named files.
+_unnamed_refused = False
+
+
+def open_unnamed(directory: str, mode: int = 0o600) -> int | None:
+    """A writable file without a name in `directory` (O_TMPFILE), or None where the kernel,
+    the filesystem or a missing /proc cannot make or later name one. A missing directory
+    raises FileNotFoundError."""
+    global _unnamed_refused
+    if _linkat is None or _unnamed_refused:
+        return None
+    try:
+        return os.open(directory, os.O_TMPFILE | os.O_WRONLY, mode)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        _unnamed_refused = True
+        return None
+
+
+def link_unnamed(fd: int, path: str) -> None:
+    """Give the unnamed file `fd` the name `path` (in the directory it was opened in).
+    FileExistsError if the name is taken: an existing file is never replaced."""
+    assert _linkat is not None
+    if _linkat(_AT_FDCWD, f"/proc/self/fd/{fd}".encode(), _AT_FDCWD, os.fsencode(path),
+               _AT_SYMLINK_FOLLOW) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), path)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from mailsuite import unique
+from mailsuite import safeio, unique
 from mailsuite.safeio import atomic_write, fsync_dir, write_all
 
 UIDLIST = "dovecot-uidlist"
@@ -173,10 +173,10 @@ def deliver(maildir: str, header: bytes, message_path: str | None = None, data: 
             hostname: str | None = None) -> str:
     """Write `header` + (the file at message_path, or data) into maildir/new/; return the path.
 
-    tmp/ -> write -> fsync -> rename into new/ -> fsync(new/): a reader never sees half a
-    message, and a delivery that returned survives a crash. Blocking: run it in the io pool.
-    On any failure nothing is left in tmp/ or new/ and the OSError propagates.
-    """
+    Written unnamed (or in tmp/), fsynced, named in new/, then new/ fsynced: a reader never
+    sees half a message, and a delivery that returned survives a crash (docs/design/maildir.md,
+    "Delivery"). Blocking: run it in the io pool. On any failure nothing is left in tmp/ or
+    new/ and the OSError propagates."""
     make_maildir(maildir)
     size = len(header) + (os.path.getsize(message_path) if message_path is not None
                           else len(data))
@@ -205,8 +205,8 @@ def deliver_once(maildir: str, header: bytes, message_path: str | None, *, when:
     "Exactly once"). Returns (path, written): written is False when `recheck` found the copy a
     crashed attempt had already put in new/ or cur/ (a reader may have moved and flagged it).
 
-    Without `recheck` nothing is listed: a copy still in new/ is simply replaced by the same
-    bytes under the same name.
+    Without `recheck` nothing is listed: a copy still in new/ under the same name is complete
+    and is kept.
 
     `letters` (info flags, e.g. "a" for the first keyword) delivers into cur/ as
     `<name>:2,<letters>`: a message in new/ carries no flags (docs/design/maildir.md).
@@ -272,11 +272,52 @@ def find_delivered(maildir: str, marker: str) -> str | None:
 def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | None,
                     data: bytes, size: int, replace_tmp: bool = False, subdir: str = "new",
                     info: str = "", sync_dir: bool = True) -> str:
-    """tmp/<name> -> write -> fsync -> rename to new/<name> -> fsync(new/); FileExistsError if
-    tmp/<name> exists (unless `replace_tmp`: a name of ours that a crash left there). With
-    `subdir` "cur" and `info` ":2,<letters>" the message arrives already flagged."""
-    tmp_path = os.path.join(maildir, "tmp", name)
+    """write -> fsync -> name it new/<name> -> fsync(new/). With `subdir` "cur" and `info`
+    ":2,<letters>" the message arrives already flagged.
+
+    The file is written unnamed in new/ itself and linked there once complete
+    (docs/design/maildir.md, "Unnamed files"); where the filesystem has no unnamed files, in
+    tmp/<name> and renamed. FileExistsError if the name is taken (unless `replace_tmp`: the
+    same delivery by an attempt that crashed, whose copy in new/ is complete and is kept, and
+    whose tmp/<name> is half-written and is replaced)."""
     new_dir = os.path.join(maildir, subdir)
+    final_path = os.path.join(new_dir, name + info)
+    fd = safeio.open_unnamed(new_dir)
+    if fd is None:
+        return _write_renamed(maildir, name, header, message_path, data, size, replace_tmp,
+                              final_path, sync_dir)
+    try:
+        _write_message(fd, header, message_path, data, size)
+        try:
+            safeio.link_unnamed(fd, final_path)
+        except FileExistsError:
+            if not replace_tmp:
+                raise
+    finally:
+        os.close(fd)
+    if sync_dir:
+        fsync_dir(new_dir)
+    return final_path
+
+
+def _write_message(fd: int, header: bytes, message_path: str | None, data: bytes,
+                   size: int) -> None:
+    """header + (the file at message_path, or data) into fd, then fsync."""
+    if message_path is not None:
+        written = write_all(fd, header)
+        written += _copy_file(message_path, fd)
+    else:  # in memory: one write
+        written = write_all(fd, header + data)
+    if written != size:  # the spool file changed under us: never publish a wrong S=
+        raise OSError(f"message size changed while copying ({written} != {size})")
+    os.fsync(fd)
+
+
+def _write_renamed(maildir: str, name: str, header: bytes, message_path: str | None,
+                   data: bytes, size: int, replace_tmp: bool, final_path: str,
+                   sync_dir: bool) -> str:
+    """tmp/<name> -> write -> fsync -> rename to final_path -> fsync of its directory."""
+    tmp_path = os.path.join(maildir, "tmp", name)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
     try:
         fd = os.open(tmp_path, flags, 0o600)
@@ -287,17 +328,9 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
         fd = os.open(tmp_path, flags, 0o600)
     try:
         try:
-            if message_path is not None:
-                written = write_all(fd, header)
-                written += _copy_file(message_path, fd)
-            else:  # in memory: one write
-                written = write_all(fd, header + data)
-            if written != size:  # the spool file changed under us: never publish a wrong S=
-                raise OSError(f"message size changed while copying ({written} != {size})")
-            os.fsync(fd)
+            _write_message(fd, header, message_path, data, size)
         finally:
             os.close(fd)
-        final_path = os.path.join(new_dir, name + info)
         os.rename(tmp_path, final_path)
     except BaseException:
         try:
@@ -306,7 +339,7 @@ def _write_into_new(maildir: str, name: str, header: bytes, message_path: str | 
             pass
         raise
     if sync_dir:
-        fsync_dir(new_dir)
+        fsync_dir(os.path.dirname(final_path))
     return final_path
 
 

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from mailsuite import safeio
 from mailsuite.delivery.local import LocalAgent, trace_headers
 from mailsuite.mailbox.maildir import deliver as deliver_to_maildir
 from mailsuite.mailbox.maildir import make_maildir as ensure_maildir
@@ -55,9 +56,14 @@ def test_hostname_is_escaped():
     assert r"bad\057host\072name" in name
 
 
-def test_delivery_fsyncs_file_before_rename_and_new_dir_after(tmp_path, monkeypatch):
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed", "tmp-rename"])
+def test_delivery_fsyncs_file_before_naming_it_and_new_dir_after(tmp_path, monkeypatch,
+                                                                 unnamed):
+    if unnamed and safeio._linkat is None:
+        pytest.skip("no O_TMPFILE or /proc on this system")
+    monkeypatch.setattr(safeio, "_unnamed_refused", not unnamed)
     events: list[str] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_link = os.fsync, os.rename, safeio.link_unnamed
 
     def fsync(fd):
         events.append("fsync " + os.readlink(f"/proc/self/fd/{fd}"))
@@ -67,13 +73,23 @@ def test_delivery_fsyncs_file_before_rename_and_new_dir_after(tmp_path, monkeypa
         events.append(f"rename {a}")
         return real_rename(a, b)
 
+    def link(fd, path):
+        events.append(f"link {path}")
+        return real_link(fd, path)
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(safeio, "link_unnamed", link)
     maildir = str(tmp_path / "md")
     path = deliver_to_maildir(maildir, HEADER, data=BODY)
     name = os.path.basename(path)
-    tmp = os.path.join(maildir, "tmp", name)
-    assert events == [f"fsync {tmp}", f"rename {tmp}", f"fsync {os.path.join(maildir, 'new')}"]
+    new = os.path.join(maildir, "new")
+    if unnamed:  # an inode of new/ without a name until it is complete
+        assert events[0].startswith(f"fsync {new}/#") and events[0].endswith(" (deleted)")
+        assert events[1:] == [f"link {path}", f"fsync {new}"]
+    else:
+        tmp = os.path.join(maildir, "tmp", name)
+        assert events == [f"fsync {tmp}", f"rename {tmp}", f"fsync {new}"]
 
 
 def test_broken_maildir_fails_and_leaves_nothing(tmp_path):

@@ -12,6 +12,7 @@ import os
 
 import pytest
 
+from mailsuite import safeio as safeio_module
 from mailsuite.mailbox import maildir as maildir_module
 from mailsuite.queue.spool import Spool
 from tests.unit.queuekit import (ALICE, BOB, Kit, MailLog, local_route, message, read,
@@ -150,7 +151,10 @@ def test_names_are_fixed_by_queue_id_and_recipient(tmp_path, request):
     assert os.path.basename(a).endswith(f",S={os.path.getsize(a)}")
 
 
-def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path):
+def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path, monkeypatch):
+    """Where the filesystem has no unnamed files, a copy is written in tmp/ and renamed."""
+    from mailsuite import safeio
+    monkeypatch.setattr(safeio, "_unnamed_refused", True)
     src = tmp_path / "m.eml"
     src.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
     maildir = str(tmp_path / "md")
@@ -171,6 +175,65 @@ def test_deliver_once_replaces_a_leftover_tmp_file(tmp_path):
     assert (again, written) == (path, False)
 
 
+
+needs_unnamed = pytest.mark.skipif(safeio_module._linkat is None,
+                                   reason="no O_TMPFILE or /proc on this system")
+
+
+@needs_unnamed
+def test_deliver_once_writes_no_name_until_the_copy_is_complete(tmp_path, monkeypatch):
+    """The copy is written unnamed in new/ and linked there after its fsync: an attempt that
+    fails before (a crash) leaves nothing in tmp/ or new/."""
+    src = tmp_path / "m.eml"
+    src.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    maildir = str(tmp_path / "md")
+    seen: list[list[str]] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        seen.append([name for sub in ("new", "tmp")
+                     for name in os.listdir(os.path.join(maildir, sub))])
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir_module.os, "fsync", fsync)
+    monkeypatch.setattr(safeio_module, "link_unnamed",
+                        lambda fd, path: (_ for _ in ()).throw(OSError(errno.EIO, "crash")))
+    with pytest.raises(OSError):
+        maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src), when=1_800_000_000.25,
+                                    unique="Qabc123N0", hostname="h")
+    assert seen == [[]]  # the message's fsync happened with no name anywhere
+    assert os.listdir(os.path.join(maildir, "new")) == []
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+
+
+@needs_unnamed
+def test_deliver_once_keeps_the_complete_copy_of_a_crashed_attempt(tmp_path):
+    """A name in new/ is only ever given to a complete file, so the same delivery finding its
+    name taken keeps that copy (replacing it by the same bytes would change nothing)."""
+    src = tmp_path / "m.eml"
+    src.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    maildir = str(tmp_path / "md")
+    kw = dict(when=1_800_000_000.25, unique="Qabc123N0", hostname="h")
+    first, _ = maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src), **kw)
+    inode = os.stat(first).st_ino
+    again, written = maildir_module.deliver_once(maildir, b"X: 1\r\n", str(src), **kw)
+    assert (again, written) == (first, True)
+    assert os.stat(again).st_ino == inode
+    assert read(again) == b"X: 1\r\nSubject: x\r\n\r\nbody\r\n"
+    assert sorted(os.listdir(os.path.join(maildir, "new"))) == [os.path.basename(first)]
+    assert os.listdir(os.path.join(maildir, "tmp")) == []
+
+
+@needs_unnamed
+def test_a_fresh_delivery_never_replaces_a_taken_name(tmp_path, monkeypatch):
+    """`deliver` picks another name when its first is taken, with or without unnamed files."""
+    names = iter(["1.M1P1.h,S=9", "1.M1P1.h,S=9", "1.M2P1.h,S=9"])
+    monkeypatch.setattr(maildir_module, "unique_key", lambda size, hostname=None: next(names))
+    maildir = str(tmp_path / "md")
+    a = maildir_module.deliver(maildir, b"", data=b"first\r\n\r\n")
+    b = maildir_module.deliver(maildir, b"", data=b"second\r\n")
+    assert os.path.basename(a) == "1.M1P1.h,S=9" and os.path.basename(b) == "1.M2P1.h,S=9"
+    assert read(a) == b"first\r\n\r\n"
 
 def test_a_maildir_is_made_once_and_again_when_it_was_removed(tmp_path, monkeypatch):
     """The second delivery into a Maildir skips make_maildir; one removed meanwhile (with
