@@ -143,8 +143,11 @@ class DataTransfer:
         self._flush_out(DATA_FLUSH)
 
     def _flush_out(self, at_least: int = 0) -> None:
-        if self._staged is not None and self._out and len(self._out) >= at_least:
-            self._staged.write(bytes(self._out))
+        staged = self._staged
+        if staged is not None and self._out and len(self._out) >= at_least:
+            if at_least and staged.hold(len(self._out)):
+                return  # kept in memory to the final dot (docs/design/smtp.md)
+            staged.write(bytes(self._out))
             self._out.clear()
 
     def _added_headers(self) -> bytes:

@@ -8,7 +8,7 @@ the client while it is over `HIGH_WATER` and reads again once it falls under `LO
 the queue then takes the file over (`MessageQueue.submit_file`), either after that or, with
 `finish(then)`, in the same io job as the last write (docs/design/smtp.md, "DATA on disk").
 With `finish(then, then_data)`, a message that is still all in memory at the end (under
-WRITE_CHUNK, nothing written yet) is never written here: `then_data(bytes)` gets it instead
+WRITE_CHUNK, or kept there by `hold()`; nothing written yet) is never written here: `then_data(bytes)` gets it instead
 (the queue delivers it to the Maildir from memory, docs/design/queue.md). `discard()` removes
 the file.
 Nothing here touches a file on the reactor thread.
@@ -29,13 +29,41 @@ from mailsuite.safeio import write_all
 WRITE_CHUNK = 64 * 1024
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# A message up to MEMORY_PER_MESSAGE may stay in memory until its final dot while the process
+# holds no more than MEMORY_TOTAL of such messages (docs/design/smtp.md, "Messages kept in
+# memory"); past either, it is staged as it arrives.
+MEMORY_PER_MESSAGE = 1024 * 1024
+MEMORY_TOTAL = 32 * 1024 * 1024
+
+
+class MemoryBudget:
+    """The bytes the process's messages may keep in memory; used on the reactor thread only."""
+
+    def __init__(self, total: int = MEMORY_TOTAL):
+        self.total = total
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        if self.used + n > self.total:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        self.used -= n
+
+
+BUDGET = MemoryBudget()
 
 
 class StagedMessage:
-    def __init__(self, io: WorkPool, directory: str, on_backlog: Callable[[bool], None]):
+    def __init__(self, io: WorkPool, directory: str, on_backlog: Callable[[bool], None],
+                 budget: MemoryBudget | None = None):
         self._io = io
         self._directory = directory
         self._on_backlog = on_backlog
+        self._budget = budget if budget is not None else BUDGET
+        self._held = 0  # bytes of the budget this message holds (hold())
         self._pending: list[bytes] = []
         self.backlog = 0  # bytes accepted by write() and not yet on disk
         self.size = 0  # bytes accepted by write()
@@ -55,9 +83,28 @@ class StagedMessage:
         self._outcome: Any = _NOT_RUN  # what `then` returned, or its Failure
 
     # -- reactor side ------------------------------------------------------------------------
+    def hold(self, size: int) -> bool:
+        """May the caller keep the message, `size` bytes so far, in memory rather than write()
+        it? Only while nothing of it was written, up to MEMORY_PER_MESSAGE, and while the
+        budget allows; it is then delivered from memory at finish(then, then_data). The hold
+        ends with the message (finished, discarded) or at the first write()."""
+        if self.size or self._closing or size > MEMORY_PER_MESSAGE:
+            return False
+        if size > self._held:
+            if not self._budget.take(size - self._held):
+                return False
+            self._held = size
+        return True
+
+    def _release_memory(self) -> None:
+        if self._held:
+            self._budget.give(self._held)
+            self._held = 0
+
     def write(self, data: bytes) -> None:
         if not data or self._closing or self.error is not None:
             return
+        self._release_memory()  # from now on the bytes are bounded by HIGH_WATER
         self._pending.append(data)
         self.backlog += len(data)
         self.size += len(data)
@@ -81,8 +128,8 @@ class StagedMessage:
         runs in the io thread right after the close, in the job that writes the last bytes
         (a message under WRITE_CHUNK: create, write, close and `then` in one job), and the
         Deferred fires with its result or its failure (the file is then left for `discard`).
-        With `then_data` too, a message no byte of which is on disk yet and that fits one
-        job is not written at all: `then_data(message)` runs in the io thread instead of the
+        With `then_data` too, a message no byte of which is on disk yet (under WRITE_CHUNK,
+        or kept in memory by hold()) is not written at all: `then_data(message)` runs in the io thread instead of the
         create, write, close and `then`, and the Deferred fires with its result or failure
         (nothing to discard)."""
         self._closing = True
@@ -95,6 +142,7 @@ class StagedMessage:
 
     def discard(self) -> None:
         """Abandon the message: stop writing and remove the file (after the job in flight)."""
+        self._release_memory()
         self._discarded = self._closing = True
         self._pending = []
         self.backlog = 0
@@ -123,14 +171,17 @@ class StagedMessage:
         if writing and (self._pending or self.path is None):
             data = b"".join(self._pending) if len(self._pending) > 1 else \
                 (self._pending[0] if self._pending else b"")
+            if self.path is None and self._closing and self._then_data is not None:
+                # Nothing of it was written (under WRITE_CHUNK, or held): from memory.
+                self._pending = []
+                self._busy = True
+                self._io_job(self._then_data, data).addBoth(self._ran_in_memory)
+                return
             chunk, rest = data[:WRITE_CHUNK], data[WRITE_CHUNK:]
             self._pending = [rest] if rest else []
             self._busy = True
             if self.path is None:
                 last = self._closing and not rest
-                if last and self._then_data is not None:
-                    self._io_job(self._then_data, chunk).addBoth(self._ran_in_memory)
-                    return
                 job = self._last_job if last else self._io_job
                 job(_create, self._directory, chunk, last).addCallbacks(
                     self._created, self._failed, callbackArgs=(len(chunk),))
@@ -207,6 +258,7 @@ class StagedMessage:
         self._complete()
 
     def _complete(self) -> None:
+        self._release_memory()
         done, self._done = self._done, []
         for d in done:
             if self.error is not None and not self._discarded:

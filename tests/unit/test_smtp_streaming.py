@@ -47,7 +47,8 @@ def test_body_is_on_disk_while_it_arrives_not_in_memory(tmp_path):
     assert world.queue.staged() == []  # taken over by the queue
 
 
-def test_slow_disk_pauses_the_client_and_resumes_it(tmp_path):
+def test_slow_disk_pauses_the_client_and_resumes_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(staging, "BUDGET", staging.MemoryBudget(0))  # every byte to the disk
     io = ManualPool()
     world = World(limits=LIMITS, queue_dir=str(tmp_path), io=io)
     c = world.connect("mx")
@@ -448,3 +449,79 @@ def test_the_first_staged_file_creates_the_incoming_directory(tmp_path):
     message.finish().addCallback(paths.append)
     assert paths == [message.path] and open(paths[0], "rb").read() == b"x\r\n"
     assert oct(os.stat(directory).st_mode & 0o777) == "0o700"
+
+
+# -- messages kept in memory to the final dot (staging.MemoryBudget) -------------------------
+def _memory_runner(tmp_path, io) -> tuple[QueueRunner, Spool]:
+    spool = Spool(str(tmp_path / "queue"))
+    return QueueRunner(spool, QueueSection(), io=io, clock=task.Clock(), local=_Agent(),
+                       remote=None, notifier=_Agent()), spool
+
+
+def test_a_message_within_the_budget_is_never_staged(tmp_path, monkeypatch):
+    """100 KiB, over one chunk: kept in memory while it arrives, and the queue's one job gets
+    its bytes; the budget is given back at the end."""
+    budget = staging.MemoryBudget(1024 * 1024)
+    monkeypatch.setattr(staging, "BUDGET", budget)
+    io = ManualPool()
+    runner, spool = _memory_runner(tmp_path, io)
+    message = staging.StagedMessage(io, runner.spool.ensure_incoming(), lambda over: None)
+    body = (b"m" * 98 + b"\r\n") * 1024
+    for i in range(0, len(body), 65536):
+        assert message.hold(min(len(body), i + 65536))
+    assert budget.used == len(body) and io.jobs == []
+    message.write_last(body)
+    ids: list = []
+    runner.submit_file("x@remote.example", [("a@remote.example", Route("a", hosted=False))],
+                       message, message.size, {}).addCallback(ids.append)
+    assert [job_name(job) for job in io.jobs] == ["_store_data_blocking"]
+    io.drain()
+    (queue_id,) = ids
+    assert open(spool.message_path(queue_id), "rb").read() == body
+    assert os.listdir(runner.incoming_dir) == [] and budget.used == 0
+
+
+def test_memory_is_refused_past_the_message_limit_and_past_the_budget(tmp_path, monkeypatch):
+    budget = staging.MemoryBudget(staging.MEMORY_PER_MESSAGE + 1000)
+    monkeypatch.setattr(staging, "BUDGET", budget)
+    directory = str(tmp_path / "incoming")
+    one = staging.StagedMessage(InlinePool(), directory, lambda over: None)
+    two = staging.StagedMessage(InlinePool(), directory, lambda over: None)
+    assert one.hold(staging.MEMORY_PER_MESSAGE)
+    assert not one.hold(staging.MEMORY_PER_MESSAGE + 1)  # one message's limit
+    assert two.hold(1000) and not two.hold(1001)  # the process's budget
+    assert budget.used == staging.MEMORY_PER_MESSAGE + 1000
+    one.write(b"x" * 10)  # the caller writes instead: its hold ends
+    assert budget.used == 1000 and not one.hold(20)  # and does not come back
+    two.discard()
+    assert budget.used == 0
+
+
+def test_smtp_keeps_a_message_in_memory_only_while_the_budget_allows(tmp_path, monkeypatch):
+    """Two clients send 200 KiB each; the budget holds one: the first message is never
+    staged, the second goes to disk as it arrives. Both are accepted whole, and a client
+    that leaves mid-DATA gives its memory back."""
+    budget = staging.MemoryBudget(300 * 1024)
+    monkeypatch.setattr(staging, "BUDGET", budget)
+    world = World(limits=LIMITS, queue_dir=str(tmp_path))
+    first, second = world.connect("mx"), world.connect("mx")
+    start_data(first)
+    start_data(second)
+    line = b"k" * 98 + b"\r\n"
+    for _ in range(2048):
+        first.send(line)
+    for _ in range(2048):
+        second.send(line)
+    assert len(world.queue.staged()) == 1 and first.proto._staged.path is None
+    assert budget.used > 200 * 1024
+    for c in (first, second):
+        c.send(b".\r\n")
+        assert c.code() == 250
+    assert [m.data.count(line) for m in world.queue.messages] == [2048, 2048]
+    assert budget.used == 0 and world.queue.staged() == []
+    third = world.connect("mx")
+    start_data(third)
+    third.send(line * 1000)
+    assert budget.used > 0 and world.queue.staged() == []
+    third.disconnect()
+    assert budget.used == 0
