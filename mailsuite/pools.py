@@ -92,8 +92,8 @@ class WorkerPool:
 
     def _grow(self) -> None:
         """Start a thread when more jobs wait than threads are idle (up to maxthreads)."""
-        if not self._started:
-            return
+        if not self._started or len(self._threads) >= self.maxthreads:
+            return  # a pool never shrinks: once full, no lock is needed to know it
         with self._lock:
             if self._queue.qsize() <= self._idle or len(self._threads) >= self.maxthreads:
                 return
