@@ -8,9 +8,9 @@ the client while it is over `HIGH_WATER` and reads again once it falls under `LO
 the queue then takes the file over (`MessageQueue.submit_file`), either after that or, with
 `finish(then)`, in the same io job as the last write (docs/design/smtp.md, "DATA on disk").
 With `finish(then, then_data)`, a message that is still all in memory at the end (under
-WRITE_CHUNK, or kept there by `hold()`; nothing written yet) is never written here: `then_data(bytes)` gets it instead
-(the queue delivers it to the Maildir from memory, docs/design/queue.md). `discard()` removes
-the file.
+WRITE_CHUNK, or kept there by `hold()`; nothing written yet) is never written here:
+`then_data(bytes)` gets it instead (the queue delivers it to the Maildir from memory,
+docs/design/queue.md). `discard()` removes the file.
 Nothing here touches a file on the reactor thread.
 """
 from __future__ import annotations
@@ -129,9 +129,9 @@ class StagedMessage:
         (a message under WRITE_CHUNK: create, write, close and `then` in one job), and the
         Deferred fires with its result or its failure (the file is then left for `discard`).
         With `then_data` too, a message no byte of which is on disk yet (under WRITE_CHUNK,
-        or kept in memory by hold()) is not written at all: `then_data(message)` runs in the io thread instead of the
-        create, write, close and `then`, and the Deferred fires with its result or failure
-        (nothing to discard)."""
+        or kept in memory by hold()) is not written at all: `then_data(message)` runs in the
+        io thread instead of the create, write, close and `then`, and the Deferred fires with
+        its result or failure (nothing to discard)."""
         self._closing = True
         self._then = then
         self._then_data = then_data if then is not None else None
