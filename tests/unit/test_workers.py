@@ -303,6 +303,28 @@ def test_every_line_of_the_file_names_the_process():
     assert second == "as the worker wrote it"
 
 
+def test_a_workers_log_lines_are_made_by_the_faster_formatter(monkeypatch):
+    import twisted.logger._file as twisted_file
+
+    from mailsuite.worker import log_observer
+
+    made = []
+    real = twisted_file.formatTime  # what twisted's text observer makes each line's time with
+    monkeypatch.setattr(twisted_file, "formatTime",
+                        lambda *a, **k: made.append(a) or real(*a, **k))
+    out = io.StringIO()
+    observer = log_observer(out, 4321)
+    base = 1_790_000_000.0
+    for i in range(5):  # twisted's own formatter makes the time again for every line
+        observer({"log_format": "delivered {n}", "n": i, "log_time": base + i / 10,
+                  "log_system": "-"})
+    assert made == []
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5 and lines[4].endswith(" [pid=4321 -] delivered 4")
+    twisted_text = textFileLogObserver(io.StringIO()).formatEvent(
+        {"log_format": "delivered {n}", "n": 4, "log_time": base + 0.4, "log_system": "-"})
+    assert lines[4] + "\n" == twisted_text.replace(" [", " [pid=4321 ", 1)
+
 def test_buffered_logging_names_the_process_from_its_first_line():
     publisher = LogPublisher()
     out = io.StringIO()
