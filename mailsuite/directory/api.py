@@ -24,6 +24,7 @@ from mailsuite.directory.logincache import LoginCache
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
 from mailsuite.directory.failures import LoginFailureStore
+from mailsuite.directory.routecache import RouteCache
 from mailsuite.directory.store import DirectoryStore
 from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.pools import PoolStopped
@@ -103,6 +104,7 @@ class Directory:
                                       source_threshold=limits.auth_source_failures,
                                       shared=self)
         self.login_cache = LoginCache(_login_cache_ttl(config), reactor)
+        self.route_cache = RouteCache(_cache_ttl(config, "route_cache_ttl"), reactor)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).
@@ -119,8 +121,19 @@ class Directory:
 
     # -- look-ups -----------------------------------------------------------------------------
     def route(self, address: str) -> defer.Deferred:
-        """Deferred[Route] for one recipient address."""
-        return self._db(self.store.route, address)
+        """Deferred[Route] for one recipient address; an existing one may come from
+        `route_cache` (routecache.py)."""
+        cache = self.route_cache
+        route = cache.get(address)
+        if route is not None:
+            return defer.succeed(route)
+        era = cache.era
+
+        def found(route: Route) -> Route:
+            cache.put(address, route, era)
+            return route
+
+        return self._db(self.store.route, address).addCallback(found)
 
     def sender_addresses(self, user: str) -> defer.Deferred:
         """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From."""
@@ -267,9 +280,13 @@ class Directory:
 
 
 def _login_cache_ttl(config: Any) -> float:
-    ttl = config.directory.login_cache_ttl
+    return _cache_ttl(config, "login_cache_ttl")
+
+
+def _cache_ttl(config: Any, name: str) -> float:
+    ttl = getattr(config.directory, name)
     if ttl < 0:
-        raise ConfigError("[directory] login_cache_ttl must be 0 (off) or more seconds")
+        raise ConfigError(f"[directory] {name} must be 0 (off) or more seconds")
     return float(ttl)
 
 
