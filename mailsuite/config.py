@@ -48,9 +48,9 @@ class DirectorySection:
     # Seconds a successful password check is remembered (docs/design/directory.md, "Login
     # cache"); 0: every login runs argon2.
     login_cache_ttl: float = 300.0
-    # Seconds the route of an existing recipient is remembered (docs/design/directory.md,
-    # "Route cache"); 0: every RCPT asks the database.
-    route_cache_ttl: float = 2.0
+    # Seconds the route of an existing recipient and a user's sender addresses are remembered
+    # (docs/design/directory.md, "Lookup cache"); 0: every RCPT and MAIL asks the database.
+    lookup_cache_ttl: float = 2.0
 
 
 @dataclass

@@ -319,17 +319,17 @@ class ChangeHub:
             callback()
 
     # -- directory ------------------------------------------------------------------------------
-    def follow_directory(self, login_cache: Any, route_cache: Any = None) -> None:
+    def follow_directory(self, login_cache: Any, lookup_caches: tuple = ()) -> None:
         """Act on `mailsuite user passwd|disable|remove` made anywhere: forget the account's
-        cached logins and every cached route, and end its sessions unless only its password
-        changed."""
+        cached logins and everything `lookup_caches` hold, and end its sessions unless only its
+        password changed."""
         def changed(payload: str) -> None:
             action, _, address = payload.partition(" ")
             if not address:
                 return
             login_cache.forget(address.lower())
-            if route_cache is not None:
-                route_cache.clear()
+            for cache in lookup_caches:
+                cache.clear()
             if action in ("disable", "remove"):
                 reason = "account disabled" if action == "disable" else "account removed"
                 n = self.sessions.end_sessions(address, reason)

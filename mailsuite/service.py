@@ -283,7 +283,8 @@ def _build_changes(directory: "Directory", mailstore: "MailStore", pools: Pools,
     from mailsuite.notify import ChangeHub, make_change_bus
 
     changes = ChangeHub(make_change_bus(directory.store, pools.db, reactor), reactor)
-    changes.follow_directory(directory.login_cache, directory.route_cache)
+    changes.follow_directory(directory.login_cache,
+                             (directory.route_cache, directory.sender_cache))
     mailstore.on_delivery = changes.mailbox_changed_in_thread
     return changes
 

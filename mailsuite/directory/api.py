@@ -8,7 +8,7 @@ one exception, successful password checks, is keyed on the stored hash read at e
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -24,7 +24,7 @@ from mailsuite.directory.logincache import LoginCache
 from mailsuite.directory.records import (AliasInfo, DirectoryError,  # noqa: F401 (re-exported)
                                          DirectoryUnavailable, DomainInfo, Route, UserInfo)
 from mailsuite.directory.failures import LoginFailureStore
-from mailsuite.directory.routecache import RouteCache
+from mailsuite.directory.lookupcache import LookupCache
 from mailsuite.directory.store import DirectoryStore
 from mailsuite.directory.throttle import LoginThrottle
 from mailsuite.pools import PoolStopped
@@ -104,7 +104,10 @@ class Directory:
                                       source_threshold=limits.auth_source_failures,
                                       shared=self)
         self.login_cache = LoginCache(_login_cache_ttl(config), reactor)
-        self.route_cache = RouteCache(_cache_ttl(config, "route_cache_ttl"), reactor)
+        ttl = _cache_ttl(config, "lookup_cache_ttl")
+        self.route_cache: LookupCache[Route] = LookupCache(
+            ttl, reactor, keep=lambda route: route.hosted and route.exists)
+        self.sender_cache: LookupCache[frozenset[str]] = LookupCache(ttl, reactor)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).
@@ -122,22 +125,26 @@ class Directory:
     # -- look-ups -----------------------------------------------------------------------------
     def route(self, address: str) -> defer.Deferred:
         """Deferred[Route] for one recipient address; an existing one may come from
-        `route_cache` (routecache.py)."""
-        cache = self.route_cache
-        route = cache.get(address)
-        if route is not None:
-            return defer.succeed(route)
-        era = cache.era
-
-        def found(route: Route) -> Route:
-            cache.put(address, route, era)
-            return route
-
-        return self._db(self.store.route, address).addCallback(found)
+        `route_cache` (lookupcache.py)."""
+        return self._cached(self.route_cache, self.store.route, address)
 
     def sender_addresses(self, user: str) -> defer.Deferred:
-        """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From."""
-        return self._db(self.store.sender_addresses, user)
+        """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From (perhaps
+        from `sender_cache`)."""
+        return self._cached(self.sender_cache, self.store.sender_addresses, user)
+
+    def _cached(self, cache: LookupCache, lookup: Callable[[str], Any], key: str
+                ) -> defer.Deferred:
+        value = cache.get(key)
+        if value is not None:
+            return defer.succeed(value)
+        era = cache.era
+
+        def found(value: Any) -> Any:
+            cache.put(key, value, era)
+            return value
+
+        return self._db(lookup, key).addCallback(found)
 
     def is_hosted(self, domain: str) -> defer.Deferred:
         """Deferred[bool]"""

@@ -137,8 +137,8 @@ def test_database_outage_is_temporary_and_logged_in_one_line(tmp_path, pg_schema
                                "limits": {"auth_failure_delay": 0},
                                # Every RCPT asks the database: a route found a moment ago
                                # would otherwise answer from memory (docs/design/directory.md,
-                               # "Route cache").
-                               "directory": {"route_cache_ttl": 0}})
+                               # "Lookup cache").
+                               "directory": {"lookup_cache_ttl": 0}})
     server.start()
     try:
         assert rcpt(server) == 250
