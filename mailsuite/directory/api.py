@@ -107,7 +107,7 @@ class Directory:
         ttl = _cache_ttl(config, "lookup_cache_ttl")
         self.route_cache: LookupCache[Route] = LookupCache(
             ttl, reactor, keep=lambda route: route.hosted and route.exists)
-        self.sender_cache: LookupCache[frozenset[str]] = LookupCache(ttl, reactor)
+        self.sender_cache: LookupCache[frozenset[str]] = LookupCache(ttl, reactor, keep=bool)
 
     def prepare(self) -> None:
         """Create or upgrade the schema (synchronous: called once before listening).

@@ -95,6 +95,9 @@ def test_a_users_sender_addresses_are_asked_once_per_ttl_and_a_removal_is_seen_a
     env.clock.advance(0.1)
     assert env.directory.sender_addresses(ALICE).result == {ALICE}
     assert env.pool.sender_lookups == 2
+    for _ in range(2):  # no address at all (not a mailbox address): never kept
+        assert env.directory.sender_addresses("not an address").result == frozenset()
+    assert env.pool.sender_lookups == 4
 
 
 def test_a_directory_change_from_any_instance_clears_the_caches(env):
