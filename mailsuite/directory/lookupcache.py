@@ -1,7 +1,7 @@
 """The directory's answers that protocol sessions ask for again and again, remembered for a
 moment (docs/design/directory.md, "Lookup cache").
 
-    cache = LookupCache(ttl=2.0, clock=reactor, keep=lambda route: route.exists)
+    cache = LookupCache(ttl=2.0, clock=reactor, keep=lambda route: route.hosted and route.exists)
     cache.get(key) -> value | None         an answer found less than `ttl` seconds ago
     era = cache.era                        before asking the directory
     cache.put(key, value, era)             after it answered; not kept if cleared meanwhile,
@@ -32,17 +32,13 @@ class LookupCache(Generic[V]):
         self._max_entries = max_entries
         self._entries: OrderedDict[Hashable, tuple[float, V]] = OrderedDict()
         self.era = 0  # clear() counts up: an answer asked for before a clear is not kept
-        self.hits = 0
-        self.misses = 0
 
     def get(self, key: Hashable) -> V | None:
         entry = self._entries.get(key)
         if entry is not None:
             if entry[0] > self._clock.seconds():
-                self.hits += 1
                 return entry[1]
             del self._entries[key]
-        self.misses += 1
         return None
 
     def put(self, key: Hashable, value: V, era: int) -> None:
