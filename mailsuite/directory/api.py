@@ -44,7 +44,7 @@ class DirectoryService(Protocol):
     def route(self, address: str) -> defer.Deferred:
         ...
 
-    def sender_addresses(self, user: str) -> defer.Deferred:
+    def sender_addresses(self, user: str, fresh: bool = False) -> defer.Deferred:
         ...
 
     def is_hosted(self, domain: str) -> defer.Deferred:
@@ -128,14 +128,15 @@ class Directory:
         `route_cache` (lookupcache.py)."""
         return self._cached(self.route_cache, self.store.route, address)
 
-    def sender_addresses(self, user: str) -> defer.Deferred:
-        """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From (perhaps
-        from `sender_cache`)."""
-        return self._cached(self.sender_cache, self.store.sender_addresses, user)
+    def sender_addresses(self, user: str, fresh: bool = False) -> defer.Deferred:
+        """Deferred[frozenset[str]]: the addresses `user` may use in MAIL FROM / From, perhaps
+        from `sender_cache`; `fresh`: from the database (a refusal asks again that way, so an
+        address just given to the user is never refused from memory)."""
+        return self._cached(self.sender_cache, self.store.sender_addresses, user, fresh)
 
-    def _cached(self, cache: LookupCache, lookup: Callable[[str], Any], key: str
-                ) -> defer.Deferred:
-        value = cache.get(key)
+    def _cached(self, cache: LookupCache, lookup: Callable[[str], Any], key: str,
+                fresh: bool = False) -> defer.Deferred:
+        value = None if fresh else cache.get(key)
         if value is not None:
             return defer.succeed(value)
         era = cache.era

@@ -10,8 +10,9 @@ moment (docs/design/directory.md, "Lookup cache").
 
 `Directory` keeps two: the routes of recipients that exist (an unknown address or a domain we
 do not host is asked again at every RCPT, so what was just added receives mail at once and a
-550 never comes from memory), and the addresses each user may send as (none: asked again).
-What a kept answer can miss is a removal or a change within the last `ttl` seconds.
+550 never comes from memory), and the addresses each user may send as (none: asked again;
+the SMTP policy asks the database again before it refuses one). What a kept answer can miss is
+a removal or a change within the last `ttl` seconds.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ return Deferreds of replies, never touching SQL themselves (docs/design/smtp.md)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generator
+from typing import Any, Callable, Generator
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -150,13 +150,27 @@ class SubmissionPolicy(Policy):
             # Bounces come from MTAs on port 25, not from users (RFC 6409 §4.1).
             return defer.succeed(replies.NOT_YOUR_ADDRESS)
         session.owned = None
+        return self._owned_check(session, lambda owned: sender_allowed(owned, sender)
+                                 ).addCallback(lambda ok: replies.SENDER_OK if ok else
+                                               replies.NOT_YOUR_ADDRESS)
 
-        def judge(owned: frozenset[str]) -> Reply:
+    def _owned_check(self, session: Session, allowed: Callable[[frozenset[str]], bool],
+                     owned: frozenset[str] | None = None) -> defer.Deferred:
+        """Deferred[bool]: whether `allowed` holds for the user's sender addresses (`owned`, or
+        the directory's, perhaps remembered: directory.md, "Lookup cache"). A no is asked again
+        of the database before it stands, so an address given a moment ago is never refused."""
+        user = session.auth_user
+        directory = self.directory
+
+        def judge(owned: frozenset[str], fresh: bool) -> Any:
             session.owned = owned
-            return replies.SENDER_OK if sender_allowed(owned, sender) else \
-                replies.NOT_YOUR_ADDRESS
+            if allowed(owned) or fresh:
+                return allowed(owned)
+            return directory.sender_addresses(user, fresh=True).addCallback(judge, True)
 
-        return self.directory.sender_addresses(session.auth_user).addCallback(judge)
+        if owned is not None:
+            return defer.maybeDeferred(judge, owned, False)
+        return directory.sender_addresses(user).addCallback(judge, False)
 
     def check_header_senders(self, session: Session, from_values: list[bytes],
                              sender_values: list[bytes]) -> defer.Deferred:
@@ -171,14 +185,9 @@ class SubmissionPolicy(Policy):
         if not addresses or session.auth_user is None:
             return defer.succeed(None)  # no From: at all: nothing claims to be anyone
 
-        def judge(owned: frozenset[str]) -> Reply | None:
-            if all(sender_allowed(owned, a) for a in addresses):
-                return None
-            return replies.FROM_NOT_YOURS
-
-        if session.owned is not None:
-            return defer.succeed(judge(session.owned))
-        return self.directory.sender_addresses(session.auth_user).addCallback(judge)
+        return self._owned_check(
+            session, lambda owned: all(sender_allowed(owned, a) for a in addresses),
+            session.owned).addCallback(lambda ok: None if ok else replies.FROM_NOT_YOURS)
 
     def check_recipient(self, session: Session, address: str) -> defer.Deferred:
         if session.auth_user is None:

@@ -53,7 +53,7 @@ class FakeDirectory:
     def route(self, address: str) -> defer.Deferred:
         return defer.succeed(None)
 
-    def sender_addresses(self, user: str) -> defer.Deferred:
+    def sender_addresses(self, user: str, fresh: bool = False) -> defer.Deferred:
         return defer.succeed(frozenset({user}))
 
     def is_hosted(self, domain: str) -> defer.Deferred:

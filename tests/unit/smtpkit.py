@@ -105,7 +105,7 @@ class FakeDirectory:
         return self._later.succeed(Route(address.lower(), hosted=True, mailboxes=found,
                                          remote=self.forwards.get(canonical, ())))
 
-    def sender_addresses(self, user: str) -> defer.Deferred:
+    def sender_addresses(self, user: str, fresh: bool = False) -> defer.Deferred:
         self.calls.append(("sender_addresses", user))
         return self._later.succeed(frozenset({user}))
 

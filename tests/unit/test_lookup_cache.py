@@ -95,9 +95,14 @@ def test_a_users_sender_addresses_are_asked_once_per_ttl_and_a_removal_is_seen_a
     env.clock.advance(0.1)
     assert env.directory.sender_addresses(ALICE).result == {ALICE}
     assert env.pool.sender_lookups == 2
+    env.store.add_alias("desk@example.org", [ALICE])
+    assert "desk@example.org" not in env.directory.sender_addresses(ALICE).result  # remembered
+    assert "desk@example.org" in env.directory.sender_addresses(ALICE, fresh=True).result
+    assert "desk@example.org" in env.directory.sender_addresses(ALICE).result  # and kept
+    assert env.pool.sender_lookups == 3
     for _ in range(2):  # no address at all (not a mailbox address): never kept
         assert env.directory.sender_addresses("not an address").result == frozenset()
-    assert env.pool.sender_lookups == 4
+    assert env.pool.sender_lookups == 5
 
 
 def test_a_directory_change_from_any_instance_clears_the_caches(env):

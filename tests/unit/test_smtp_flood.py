@@ -218,7 +218,7 @@ def test_directory_down_during_mail_from_on_submission_is_451_in_one_line():
     c.ehlo()
     c.send(b"AUTH PLAIN " + ALICE_PLAIN + b"\r\n")
     assert c.code() == 235
-    world.directory.sender_addresses = lambda user: defer.fail(DirectoryUnavailable("down"))
+    world.directory.sender_addresses = lambda user, **kw: defer.fail(DirectoryUnavailable("down"))
     with captured_log() as events:
         c.send(b"MAIL FROM:<alice@example.org>\r\n")
         assert c.reply()[0].startswith(b"451 4.3.0")
