@@ -164,8 +164,9 @@ class SubmissionPolicy(Policy):
 
         def judge(owned: frozenset[str], fresh: bool) -> Any:
             session.owned = owned
-            if allowed(owned) or fresh:
-                return allowed(owned)
+            ok = allowed(owned)
+            if ok or fresh:
+                return ok
             return directory.sender_addresses(user, fresh=True).addCallback(judge, True)
 
         if owned is not None:
