@@ -429,10 +429,8 @@ class Folder:
                     target = os.path.join(cur, info_name(key, letters))
                 else:
                     key = info.key
-                try:
-                    os.rename(src_path, target)
-                except FileNotFoundError:
-                    continue
+                if not self._on_file(info, lambda path, t=target: os.rename(path, t), src_path):
+                    continue  # expunged meanwhile
                 dstate.meta[key] = (info.size, info.date)
                 moved.append((info.uid, key))
                 arrived.append((info, target))
@@ -466,14 +464,10 @@ class Folder:
             drain_held(state)
             removed = []
             for info in targets:
-                path = self._current_path(info)
-                if path is not None:
-                    try:
-                        if not self._hold(info, path, os.rename):
-                            os.unlink(path)
-                    except FileNotFoundError:
-                        pass
-                removed.append(info.uid)
+                gone = self._on_file(info, lambda path, info=info: self._hold(
+                    info, path, os.rename) or os.unlink(path))
+                if gone is not False:
+                    removed.append(info.uid)
             if removed:
                 fsync_dir(os.path.join(self.path, "cur"))
                 state.forget_uids(removed)
@@ -517,6 +511,25 @@ class Folder:
                 self.sync()
             infos = self._state.infos
             return [infos[u] for u in sorted(set(uids)) if u in infos]
+
+    def _on_file(self, info: MessageInfo, act: Callable[[str], object],
+                 path: str | None = None) -> bool | None:
+        """act(path of the message's file), under this folder's lock. Another process may
+        rename the file (its flags) between our look and `act`: the file is then looked for
+        again, so a message is never taken for expunged while its file lives on under another
+        name. True if done; None if the message is gone (expunged elsewhere); False if its
+        file kept moving away."""
+        for _ in range(3):
+            if path is None:
+                path = self._current_path(info)
+                if path is None:
+                    return None
+            try:
+                act(path)
+                return True
+            except FileNotFoundError:
+                path = None
+        return False
 
     def _current_path(self, info: MessageInfo) -> str | None:
         """The file's path now (another process may have changed its flags since)."""

@@ -82,6 +82,9 @@ class FolderIndex:
         self.lock = FolderLock(path)
         self.rules = rules  # when another's dotlock is stale (dotlock.py)
         self._uidlist_held = 0  # depth of hold_uidlist() (under self.lock)
+        # UIDs `register` gave that are not in dovecot-uidlist yet: (whole file?, first UID,
+        # keys); written before the dotlock is let go (`_write_registered`).
+        self._unwritten: tuple[bool, int, list[str]] | None = None
         self.uidlist_stale = 0  # lines of forgotten UIDs still in dovecot-uidlist
         self.uidlist: UidList | None = None
         self.uidlist_stamp: tuple | None = None
@@ -143,6 +146,11 @@ class FolderIndex:
             # are not taken for known ones and still get their UIDs.
             self.synced = False
             self.invalidate()
+            if self._unwritten is not None:
+                # UIDs given in memory but never written: read dovecot-uidlist afresh.
+                self._unwritten = None
+                self.uidlist = None
+                self.uidlist_stamp = None
             raise
 
     def _sync(self) -> None:
@@ -177,6 +185,25 @@ class FolderIndex:
             self.new_mtime = st_new.st_mtime_ns if now_ns - st_new.st_mtime_ns > 1e9 else None
             if recent_new:
                 self.cur_mtime = None  # changed by us, maybe by others meanwhile: list it again
+            if moves.proc is None:
+                # A file gets its UID only once it is in cur/ (docs/design/maildir.md, "UIDs
+                # of moved files"): a few renames are done here, before any UID is given.
+                self._moves_done(moves, recent_new)
+                moves = None
+        if moves is None:
+            self._sync_rest(full, touched, removed, recent_new, None)
+            return
+        # Many renames run in a helper beside the work below; the dotlock is held until they
+        # are done, and the UIDs given meanwhile are written only then.
+        try:
+            with self.hold_uidlist():
+                self._sync_rest(full, touched, removed, recent_new, moves)
+                self._write_registered()
+        finally:
+            moves.close()  # done by _sync_rest unless the dotlock was busy
+
+    def _sync_rest(self, full: bool, touched: set[str], removed: set[str],
+                   recent_new: list[str], moves: Moves | None) -> None:
         try:
             touched.update(recent_new)
             reload = self._reload_uidlist()
@@ -190,7 +217,7 @@ class FolderIndex:
             candidates = self.files if full else touched
             unknown = [k for k in candidates if k not in uids]
             if unknown or self.uidlist is None:
-                self.register(in_delivery_order(unknown))
+                self.register(in_delivery_order(unknown), defer=moves is not None)
                 uids = self.uidlist.uids
             if full:
                 self._rebuild_all()
@@ -383,12 +410,34 @@ class FolderIndex:
     def _update(self, touched: set[str], removed: set[str]) -> None:
         uids = self.uidlist.uids if self.uidlist else {}
         infos = self.infos
-        for key in removed:
+        listed: dict[str, int] | None = None  # key -> UID as listed, made on first need
+
+        def drop(key: str) -> None:
+            # The entry listed for `key`: found by the key's UID in dovecot-uidlist, or, when
+            # that no longer leads to it (its line dropped by a rewrite), by the key itself.
+            nonlocal listed
             uid = uids.get(key)
             info = infos.get(uid) if uid is not None else None
+            if info is None or info.key != key:
+                if listed is None:
+                    listed = {i.key: u for u, i in infos.items()}
+                uid = listed.get(key)
+                info = infos.get(uid) if uid is not None else None
             if info is not None and info.key == key:
                 del infos[uid]
                 self.touch_modseq(uid)
+
+        for key in removed:
+            drop(key)
+        renumbered = self.uidlist.renumbered if self.uidlist else {}
+        for uid, key in renumbered.items():
+            # A key another process gave a new UID (its old one was forgotten there, e.g. an
+            # EXPUNGE that found the file renamed): the old UID is gone, not the message.
+            info = infos.get(uid)
+            if info is not None and info.key == key:
+                del infos[uid]
+                self.touch_modseq(uid)
+        renumbered.clear()
         self._load_meta()
         last = next(reversed(infos)) if infos else 0
         out_of_order = False
@@ -430,7 +479,8 @@ class FolderIndex:
 
     # -- UIDs -----------------------------------------------------------------------------
     def ensure_uidlist(self) -> UidList:
-        self._reload_uidlist()
+        if self._reload_uidlist() == "full":
+            self.synced = False  # rewritten elsewhere: see forget_uids
         if self.uidlist is None:
             self.register([])
         return self.uidlist
@@ -455,9 +505,12 @@ class FolderIndex:
             # Same file, grown: only lines were appended (a rewrite is a rename: new inode).
             try:
                 with open(path, "rb") as f:
+                    # Rewritten (renamed over) between the stat and the open: the offset
+                    # means nothing in the new file, read it whole.
+                    same = os.fstat(f.fileno()).st_ino == stamp[0]
                     f.seek(old[1])
                     tail = f.read()
-                if not locked or tail.endswith(b"\n"):
+                if same and (not locked or tail.endswith(b"\n")):
                     tail = _complete_lines(tail, locked)
                     self.uidlist_stamp = (stamp[0], old[1] + len(tail), stamp[2])
                     return self.uidlist.add_lines(tail)
@@ -467,13 +520,14 @@ class FolderIndex:
         self.uidlist_stamp = stamp
         try:
             with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
                 data = f.read()
         except FileNotFoundError:
             self.uidlist = None
             return "full"
         data = _complete_lines(data, locked)
-        if stamp is not None:
-            self.uidlist_stamp = (stamp[0], len(data), stamp[2])
+        # The stamp of the file read (it may have been replaced since the stat above).
+        self.uidlist_stamp = (st.st_ino, len(data), st.st_mtime_ns)
         try:
             self.uidlist = UidList.parse(data) if data.strip() else None
         except (ValueError, IndexError):
@@ -500,10 +554,12 @@ class FolderIndex:
                 finally:
                     self._uidlist_held = 0
 
-    def register(self, keys: list[str], names: dict[str, str] | None = None) -> list[int]:
-        """Give each key a UID (existing ones keep theirs) under the dotlock; returns them."""
-        path = os.path.join(self.path, UIDLIST)
+    def register(self, keys: list[str], names: dict[str, str] | None = None,
+                 defer: bool = False) -> list[int]:
+        """Give each key a UID (existing ones keep theirs) under the dotlock; returns them.
+        `defer`: the caller holds the dotlock and writes them later (`_write_registered`)."""
         with self.hold_uidlist():
+            self._write_registered()
             # Re-read under the lock: another process may have assigned UIDs since.
             reload = self._reload_uidlist()
             ul = self.uidlist
@@ -522,21 +578,11 @@ class FolderIndex:
                     added.append(key)
                 result.append(uid)
             ul.nextuid = first + len(added)
-            if fresh:
-                atomic_write(path, ul.serialize())
-            elif added:
-                # Append, as Dovecot does; readers take max(N, last UID + 1) as next UID.
-                with _open_append(path, "ab+") as f:
-                    if f.tell() > 0:
-                        f.seek(-1, os.SEEK_END)
-                        if f.read(1) != b"\n":
-                            f.write(b"\n")  # another tool left the last line unterminated
-                    f.write("".join(f"{u} :{k}\n" for u, k in zip(itertools.count(first), added))
-                            .encode("utf-8", "surrogateescape"))
-                    f.flush()
-                    os.fsync(f.fileno())
             self.uidlist = ul
-            self.uidlist_stamp = file_stamp(path)
+            if fresh or added:
+                self._unwritten = (fresh, first, added)
+            if not defer:
+                self._write_registered()
             if reload and reload != "full" and self.synced:
                 # Keys another process registered: pick them up at the next sync.
                 self.invalidate()
@@ -563,13 +609,48 @@ class FolderIndex:
             self._save_meta()
         return result
 
+    def _write_registered(self) -> None:
+        """Write what `register` gave (under the dotlock): the whole file when it is new,
+        else the new lines appended, as Dovecot does (readers take max(N, last UID + 1) as
+        next UID)."""
+        if self._unwritten is None:
+            return
+        fresh, first, added = self._unwritten
+        self._unwritten = None
+        path = os.path.join(self.path, UIDLIST)
+        try:
+            if fresh:
+                atomic_write(path, self.uidlist.serialize())
+            else:
+                with _open_append(path, "ab+") as f:
+                    if f.tell() > 0:
+                        f.seek(-1, os.SEEK_END)
+                        if f.read(1) != b"\n":
+                            f.write(b"\n")  # another tool left the last line unterminated
+                    f.write("".join(f"{u} :{k}\n" for u, k in zip(itertools.count(first), added))
+                            .encode("utf-8", "surrogateescape"))
+                    f.flush()
+                    os.fsync(f.fileno())
+        except BaseException:
+            # UIDs in memory that may not be on disk: another process could give them to
+            # other keys. Forget them; the next read takes the whole file.
+            self.uidlist = None
+            self.uidlist_stamp = None
+            self.synced = False
+            raise
+        self.uidlist_stamp = file_stamp(path)
+
     def forget_uids(self, uids: list[int]) -> None:
         """Drop expunged/moved messages from the UID list (their UIDs are never reused:
         N<nextuid> stays). dovecot-uidlist keeps their lines until enough have gathered to be
         worth a rewrite, as Dovecot does (docs/design/maildir.md, "Dovecot's files")."""
         gone = set(uids)
         with self.hold_uidlist():
-            self._reload_uidlist()
+            if self._reload_uidlist() == "full":
+                # Rewritten by another process, without the lines of files it found gone: the
+                # next sync must rebuild from the listing, or a message expunged elsewhere
+                # would stay listed (its key no longer leads to its UID).
+                self.synced = False
             ul = self.uidlist
             if ul is not None:
                 for k in [k for k, u in ul.uids.items() if u in gone]:
@@ -757,6 +838,11 @@ class FolderIndex:
                             and m[1] != UNDATED):
                         extra[key] = m
                 out += [f"{k}\t{m[0]}\t{m[1]!r}" for k, m in extra.items()]
+                # Lines of keys other processes registered and we do not list (yet, or no
+                # more: sessions there may still show them, and need their dates).
+                listed = {i.key for i in infos.values()}
+                out += [line for k, line in recorded.items()
+                        if k in uids and k not in listed and k not in extra]
                 atomic_write(path, ("\n".join(out) + "\n").encode("utf-8", "surrogateescape"))
                 self.meta_lines = len(out) - 1
         except OSError:

@@ -385,6 +385,8 @@ class UidList:
     header_extra: list[str] = field(default_factory=list)
     uids: dict[str, int] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+    # old UID -> key, for keys whose line came again with another UID (FolderIndex._update)
+    renumbered: dict[int, str] = field(default_factory=dict)
 
     @classmethod
     def new(cls) -> "UidList":
@@ -448,6 +450,9 @@ class UidList:
             except ValueError:
                 continue
             key = sys.intern(name.split(":", 1)[0])
+            prev = uids.get(key)
+            if prev is not None and prev != uid:
+                self.renumbered[prev] = key
             uids[key] = uid
             seen.add(key)
             if ext:

@@ -36,21 +36,57 @@ def test_move_all_reports_each_failed_rename_by_index(tmp_path):
     assert sorted(os.listdir(tmp_path / "cur")) == ["a:2,"]
 
 
-def test_renames_start_before_uids_are_given(account, monkeypatch):
-    """The point of the helper: the renames are under way while the sync registers UIDs."""
+class Helper:
+    """Stands in for the helper process: it renames when the sync waits for it."""
+
+    def __init__(self, moves: Moves):
+        self.moves = moves
+
+    def communicate(self):
+        failed = move_all(self.moves.nfd, self.moves.cfd, self.moves.names)
+        return b"".join(b"%d %d\n" % f for f in failed) + b"done\n", None
+
+
+def test_with_a_helper_uids_are_given_beside_the_renames_and_written_after_them(
+        account, monkeypatch):
+    """The point of the helper: the renames are under way while the sync gives UIDs; but no
+    other process may read a UID whose file is still in new/ (docs/design/maildir.md, "UIDs
+    of moved files"), so they reach dovecot-uidlist only after the renames."""
     deliver(account.path, 20)
+    new = os.path.join(account.path, "new")
+    uidlist = os.path.join(account.path, UIDLIST)
     events = []
-    monkeypatch.setattr(Moves, "start", lambda self: events.append(("start", len(self.names))))
-    real_register = FolderIndex.register
-    monkeypatch.setattr(FolderIndex, "register", lambda self, keys, *a: (
-        events.append(("register", len(os.listdir(os.path.join(account.path, "new"))))),
-        real_register(self, keys, *a))[1])
+    monkeypatch.setattr(Moves, "start", lambda self: (
+        events.append(("start", len(self.names))), setattr(self, "proc", Helper(self))))
+    real_register, real_write = FolderIndex.register, FolderIndex._write_registered
+    monkeypatch.setattr(FolderIndex, "register", lambda self, keys, *a, **k: (
+        events.append(("register", len(os.listdir(new)), os.path.exists(uidlist + ".lock"))),
+        real_register(self, keys, *a, **k))[1])
+    monkeypatch.setattr(FolderIndex, "_write_registered", lambda self: (
+        self._unwritten and events.append(("write", len(os.listdir(new)))),
+        real_write(self))[1])
     msgs = account.folder("INBOX").sync()
-    # Started with every name, while all 20 files were still in new/.
-    assert events == [("start", 20), ("register", 20)]
+    # Started with every name; UIDs given while all 20 were in new/, under the dotlock;
+    # written once new/ was empty.
+    assert events == [("start", 20), ("register", 20, True), ("write", 0)]
     assert [m.uid for m in msgs] == list(range(1, 21))
-    assert os.listdir(os.path.join(account.path, "new")) == []
+    assert os.listdir(new) == []
     assert all(os.path.exists(m.path) for m in msgs)
+    assert sorted(read_uidlist(uidlist).uids.values()) == list(range(1, 21))
+    assert not os.path.exists(uidlist + ".lock")
+
+
+def test_without_a_helper_files_are_renamed_before_any_uid_is_given(account, monkeypatch):
+    """Another process reading dovecot-uidlist without the lock must find the file of every
+    UID in cur/: otherwise it may list a later message first and this one below it later."""
+    deliver(account.path, 5)
+    new = os.path.join(account.path, "new")
+    seen = []
+    real_register = FolderIndex.register
+    monkeypatch.setattr(FolderIndex, "register", lambda self, keys, *a, **k: (
+        seen.append(len(os.listdir(new))), real_register(self, keys, *a, **k))[1])
+    assert [m.uid for m in account.folder("INBOX").sync()] == [1, 2, 3, 4, 5]
+    assert seen == [0]
 
 
 def test_a_helper_that_died_half_way_is_finished_by_the_sync(account, monkeypatch):
@@ -85,13 +121,15 @@ def test_files_another_process_took_first_leave_the_listing(account, monkeypatch
     msgs = inbox.sync()
     assert [m.key for m in msgs] == [k for i, k in enumerate(keys) if i not in (3, 6)]
     assert all(os.path.exists(m.path) for m in msgs)
-    assert 4 not in inbox.recent and 7 not in inbox.recent
+    assert inbox.recent == {m.uid for m in msgs}  # only the ones this sync moved
     uids = read_uidlist(os.path.join(account.path, UIDLIST)).uids
-    assert (uids[keys[3]], uids[keys[6]]) == (4, 7)  # given before the renames: kept
-    # cur/ changed under us: the next sync lists it and finds the moved one under its UID.
+    # Renamed before any UID was given: neither got one in this sync.
+    assert keys[3] not in uids and keys[6] not in uids and len(uids) == 8
+    # cur/ changed under us: the next sync lists it and gives the moved one the next UID.
     again = {m.uid: m for m in inbox.sync()}
-    assert 4 not in again and again[7].key == keys[6]
-    assert again[7].flags == frozenset({"\\Seen"}) and len(again) == 9
+    assert again[9].key == keys[6] and keys[3] not in {m.key for m in again.values()}
+    assert again[9].flags == frozenset({"\\Seen"}) and len(again) == 9
+    assert 9 not in inbox.recent
 
 
 def test_any_other_rename_failure_fails_the_sync_and_the_next_one_starts_over(
