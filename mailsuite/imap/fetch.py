@@ -29,6 +29,7 @@ from mailsuite.imap.selection import Selection
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Folder, LockBusy, MessageInfo, NoSuchMessage
 from mailsuite.mailbox.memo import FileMemo, content_id
+from mailsuite.mailbox.info import UNDATED
 
 STREAM_THRESHOLD = 256 * 1024  # sections larger than this are streamed from the file
 CHUNK = 64 * 1024
@@ -225,10 +226,13 @@ class FetchCommand:
     def _write_batch(self, chunk: list[int], computed: Optional[dict[int, dict[int, Piece]]]):
         s = self.session
         out = bytearray()
+        dated = any(a.name == b"INTERNALDATE" for a in self.atts)
         for u, seq, info in self.sel.locate(chunk):
             pieces = computed.get(u) if computed is not None else None
             if pieces is None and computed is not None:
                 continue  # its file vanished (expunged elsewhere): nothing to send
+            if dated and info.known_date() is None:
+                continue  # expunged elsewhere, its date unknown: as if its file vanished
             out += b"* %d FETCH (" % seq
             first = True
             for it in self._items(u, info, pieces):
@@ -269,6 +273,7 @@ class FetchCommand:
             if pieces is None and computed is not None:
                 continue  # its file vanished (expunged elsewhere): nothing to send
             values: list = [seq]
+            unknown = False
             for kind in kinds:
                 if kind is _UID:
                     values.append(u)
@@ -280,7 +285,11 @@ class FetchCommand:
                 elif kind is _SIZE:
                     values.append(info.size)
                 elif kind is _DATE:
-                    values.append(dates[info.internaldate])
+                    date = info.known_date()
+                    if date is None:
+                        unknown = True  # expunged elsewhere, its date unknown: nothing to send
+                        break
+                    values.append(dates[date])
                 elif kind is _MODSEQ:
                     values.append((sel.info(u) or info).modseq)
                 else:
@@ -290,6 +299,8 @@ class FetchCommand:
                         values = []  # streamed, or an item the general path joins otherwise
                         break
                     values.append(piece)
+            if unknown:
+                continue
             if values:
                 lines.append(fmt % tuple(values))
                 continue
@@ -309,6 +320,10 @@ class FetchCommand:
         own = sel.own
         if own:
             infos = [own.get(i.uid, i) for i in infos]
+        if _DATE in kinds and any(i.date == UNDATED for i in infos):
+            # Expunged elsewhere with a date nobody recorded: left out (_write_fast).
+            kept = [(i, s) for i, s in zip(infos, seqs) if i.known_date() is not None]
+            infos, seqs = [i for i, _ in kept], [s for _, s in kept]
         columns: list = [seqs]
         for kind in kinds:
             if kind is _UID:
@@ -319,7 +334,7 @@ class FetchCommand:
             elif kind is _SIZE:
                 columns.append([i.size for i in infos])
             elif kind is _DATE:
-                columns.append([dates[i.internaldate] for i in infos])
+                columns.append([dates[i.known_date()] for i in infos])
             else:  # _MODSEQ
                 columns.append([(sel.info(i.uid) or i).modseq for i in infos])
         return b"".join([fmt % values for values in zip(*columns)])

@@ -55,6 +55,17 @@ class MessageInfo:
         d = self.date
         return d if d != UNDATED else self.stat_date(os.stat, self.path)
 
+    def known_date(self) -> float | None:
+        """The INTERNALDATE if it can be known: None for a message expunged by another
+        process before anyone here dated it, whose date nothing recorded (FETCH omits such
+        a message, as it does one whose file it cannot read, rather than guess)."""
+        d = self.date
+        if d == UNDATED:
+            d = self.stat_date(os.stat, self.path)
+            if self.date == UNDATED:
+                return None
+        return d
+
     def stat_date(self, stat, where, **kw) -> float:
         """The file's mtime (`stat(where, **kw)`), memoized: the date of a file never
         changes while its key lives. A file renamed meanwhile (its flags changed by another

@@ -147,7 +147,8 @@ def test_an_expunged_files_date_is_a_guess_never_recorded(world):
     os.unlink(infos[2].path)  # expunged by another process
     folder.ensure_dates(infos)
     assert infos[2].date == UNDATED  # the name's delivery second was answered, not memoized
-    assert infos[2].internaldate == 1_700_000_003
+    assert infos[2].internaldate == 1_700_000_003  # SEARCH and SORT may go by the guess
+    assert infos[2].known_date() is None  # FETCH never sends it
     with open(os.path.join(world.maildir(ALICE), "mailsuite-index"), encoding="utf-8") as f:
         recorded = {line.split("\t")[0] for line in f.read().splitlines()[1:]}
     assert infos[2].key not in recorded and infos[0].key in recorded
@@ -185,3 +186,38 @@ def test_compacting_the_index_keeps_the_dates_other_processes_recorded(world):
     state._save_meta()
     _expunged_there(other, uid)
     assert info.date == UNDATED and info.internaldate == DATES[2]
+
+
+def test_fetch_leaves_out_a_message_expunged_elsewhere_whose_date_is_unknown(world):
+    """Its INTERNALDATE cannot be known any more: FETCH sends nothing for it (as for a
+    message whose file it cannot read: RFC 2180 §4.1.3), never a guessed date."""
+    _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    folder = world.store.account(ALICE).folder("INBOX")
+    os.unlink(folder.sync()[2].path)  # expunged by another process, never dated here
+    for items in (b"(INTERNALDATE)", b"(UID INTERNALDATE RFC822.SIZE)", b"(INTERNALDATE BODY[])"):
+        resp = r.cmd(b"f FETCH 1:3 " + items)
+        assert tagged(resp).startswith(b"f OK")
+        assert [line.split(b" ")[1] for line in resp[:-1] if b" FETCH (" in line] == \
+            [b"1", b"2"], (items, resp)
+        assert b"2017" in resp[0] and not any(b"2023" in line for line in resp)
+
+
+def test_compacting_the_index_keeps_the_dates_of_keys_it_does_not_list(world):
+    """A process rewriting mailsuite-index keeps the lines of messages other processes
+    registered, listed or not here: a third that lists one undated needs its date once the
+    second has expunged it."""
+    _mda_files(world)
+    ours = world.store.account(ALICE).folder("INBOX")
+    ours.sync()
+    third = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
+    third.sync()
+    other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
+    uid = other.append(simple("appended"), internaldate=DATES[2])
+    info = next(i for i in third.sync() if i.uid == uid)
+    assert info.date == UNDATED
+    ours._state.meta_lines = 10**6  # due for a rewrite of mailsuite-index
+    ours.append(simple("ours"))  # reads the uidlist, then rewrites the index
+    _expunged_there(other, uid)
+    assert info.known_date() == DATES[2]
