@@ -51,6 +51,9 @@ class Selection:
         self.searchres: list[int] = []
         # Keywords the client has been told about in `* FLAGS` (RFC 3501 §7.2.6).
         self.keywords: list[str] = []
+        # UIDs that appeared below one the client had already seen: never shown in this
+        # selection (docs/design/imap.md, "A UID never appears below a seen one").
+        self.hidden: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.view)
@@ -228,13 +231,16 @@ def uidvalidity(folder: Folder) -> int:
 
 
 def changes(old: list[MessageInfo], new: list[MessageInfo],
-            own: dict[int, MessageInfo]) -> tuple[list[int], list[int]]:
-    """Merge two views in UID order: (UIDs gone, UIDs whose flags changed)."""
+            own: dict[int, MessageInfo]) -> tuple[list[int], list[int], list[int]]:
+    """Merge two views in UID order: (UIDs gone, UIDs whose flags changed, UIDs new to the
+    view but below one of `old`)."""
     gone: list[int] = []
     changed: list[int] = []
+    below: list[int] = []
     j, n = 0, len(new)
     for o in old:
         while j < n and new[j].uid < o.uid:
+            below.append(new[j].uid)
             j += 1
         if j < n and new[j].uid == o.uid:
             if new[j].flags != own.get(o.uid, o).flags:
@@ -242,7 +248,7 @@ def changes(old: list[MessageInfo], new: list[MessageInfo],
             j += 1
         else:
             gone.append(o.uid)
-    return gone, changed
+    return gone, changed, below
 
 
 class SelectionCommands(Session):
@@ -428,6 +434,8 @@ class SelectionCommands(Session):
         sel.token = st.token
         self.announce_keywords(sel, st.keywords)
         old, infos = sel.view, st.infos
+        if sel.hidden:
+            infos = [i for i in infos if i.uid not in sel.hidden]
         if infos is old and not sel.own:
             return  # the very list we already reported: nothing changed
         m = len(old)
@@ -443,7 +451,15 @@ class SelectionCommands(Session):
             if not self.rev2:  # RFC 9051 Appendix E: no RECENT response
                 self.send(b"* %d RECENT" % len(sel.recent))
             return
-        gone, changed = changes(old, infos, sel.own)
+        gone, changed, below = changes(old, infos, sel.own)
+        if below:
+            # Sequence numbers would shift under the client (RFC 3501 §2.3.1.1: UIDs only
+            # ascend); the store should never list such a message, so say so in the log.
+            log.warn("imap: {n} message(s) of {folder} for {user} appeared below UIDs this "
+                     "session has shown; left out of its view: {uids}", n=len(below),
+                     folder=sel.folder.name, user=self.user, uids=below[:10])
+            sel.hidden.update(below)
+            infos = [i for i in infos if i.uid not in sel.hidden]
         self.report_expunged(gone)
         before = len(sel)
         sel.view = infos

@@ -2,11 +2,13 @@
 (refresh: EXPUNGE, FETCH FLAGS, EXISTS; docs/design/imap.md, "Selection and refresh")."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
 
 from tests.unit.imapkit import simple, tagged, world  # noqa: F401
+from tests.unit.test_smtp_flood import captured_log
 
 
 def test_select_and_examine_responses(world):
@@ -99,3 +101,27 @@ def test_delivery_to_new_is_recent_and_announced_on_noop(world):
     world.deliver("alice@example.org", simple("fresh"))
     resp = r.cmd(b"a NOOP")
     assert resp[:2] == [b"* 1 EXISTS", b"* 1 RECENT"], resp
+
+
+def test_a_message_listed_below_a_uid_already_shown_stays_out_of_the_view(world):
+    """Should the store ever list a message below a UID the client has seen (its file was
+    out of cur/ while the session looked), showing it would shift every sequence number after
+    it under the client: the session leaves it out and says so in the log."""
+    for i in range(4):
+        world.append("alice@example.org", "INBOX", simple(f"m{i}"))
+    cur = os.path.join(world.maildir("alice@example.org"), "cur")
+    third = sorted(os.listdir(cur))[2]
+    aside = os.path.join(world.maildir("alice@example.org"), third)
+    os.rename(os.path.join(cur, third), aside)
+    r = world.connect()
+    assert b"* 3 EXISTS" in r.cmd(b"s SELECT INBOX")
+    os.rename(aside, os.path.join(cur, third))
+    world.append("alice@example.org", "INBOX", simple("m4"))
+    with captured_log() as events:
+        resp = r.cmd(b"n NOOP")
+    assert b"* 4 EXISTS" in resp, resp
+    uids = [int(m.group(1)) for line in r.cmd(b"f FETCH 1:* UID")
+            if (m := re.match(rb"\* \d+ FETCH \(UID (\d+)\)", line))]
+    assert uids == [1, 2, 4, 5]
+    assert [e["uids"] for e in events if "left out of its view" in e.get("log_format", "")] \
+        == [[3]]
