@@ -15,6 +15,7 @@ from mailsuite.mailbox.cache import message_headers
 from mailsuite.mailbox.errors import LockBusy, NoSuchMessage, translate_faults
 from mailsuite.mailbox.held import HELD_PREFIX, drain_held, sweep_held
 from mailsuite.mailbox.index import MessageInfo
+from mailsuite.mailbox.info import renamed_path
 from mailsuite.mailbox.maildir import (
     KEYWORDS, UIDLIST, file_stamp, flags_to_letters, info_name, letters_to_flags, split_name,
     unique_key,
@@ -377,16 +378,8 @@ class Folder:
                 key = unique_key(info.size)
                 letters = flags_to_letters(info.flags, dstate.keywords_for(info.flags))
                 target = os.path.join(cur, info_name(key, letters))
-                try:
-                    os.link(src_path, target)
-                except FileNotFoundError:
-                    continue  # its flags changed (renamed) or it was expunged meanwhile
-                except OSError:
-                    tmp = os.path.join(dest.path, "tmp", key)
-                    shutil.copy2(src_path, tmp)
-                    with open(tmp, "rb+") as f:
-                        os.fsync(f.fileno())
-                    os.rename(tmp, target)
+                if not _link_or_copy(info, src_path, target, os.path.join(dest.path, "tmp", key)):
+                    continue  # expunged meanwhile
                 dstate.meta[key] = (info.size, info.date)
                 pairs_keys.append((info.uid, key))
                 names[key] = os.path.basename(target)
@@ -574,3 +567,26 @@ class Folder:
                 state._changed()
                 return stored
             raise NoSuchMessage(f"message UID {uid} has disappeared")
+
+
+def _link_or_copy(info: MessageInfo, src_path: str, target: str, tmp: str) -> bool:
+    """Hard-link the message's file to `target` (a copy through `tmp` where links fail).
+    Without the source folder's lock, the file may be renamed meanwhile (its flags changed, by
+    this process or another): it is then found again by its key, never silently left out (a
+    client that moves mail by COPY and EXPUNGE would lose it). False if it is gone."""
+    for _ in range(3):
+        try:
+            os.link(src_path, target)
+            return True
+        except FileNotFoundError:
+            found = renamed_path(info.cur_dir, info.key)
+            if found is None:
+                return False
+            src_path = found
+        except OSError:
+            shutil.copy2(src_path, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.rename(tmp, target)
+            return True
+    return False

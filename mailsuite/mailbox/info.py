@@ -108,15 +108,25 @@ def index_lines(path: str) -> dict[str, str]:
     return {line.partition("\t")[0]: line for line in lines[1:] if line.count("\t") == 2}
 
 
-def date_of_renamed(cur_dir: str, key: str) -> float | None:
-    """The mtime of the file of `key` in `cur_dir` under whatever flags it has now, or None
+def renamed_path(cur_dir: str, key: str) -> str | None:
+    """The path of the file of `key` in `cur_dir` under whatever flags it has now, or None
     if there is none. Lists the directory: only for the rare file renamed under us."""
     prefix = key + ":"
     try:
         with os.scandir(cur_dir) as entries:
             for entry in entries:
                 if entry.name.startswith(prefix) or entry.name == key:
-                    return entry.stat(follow_symlinks=False).st_mtime
+                    return entry.path
     except OSError:
         pass
     return None
+
+
+def date_of_renamed(cur_dir: str, key: str) -> float | None:
+    """The mtime of the file of `key` in `cur_dir` under whatever flags it has now, or None
+    if there is none (renamed_path)."""
+    path = renamed_path(cur_dir, key)
+    try:
+        return os.stat(path, follow_symlinks=False).st_mtime if path is not None else None
+    except OSError:
+        return None

@@ -125,3 +125,26 @@ def test_uids_that_could_not_be_written_are_never_written_later(two, monkeypatch
     listed = {m.uid: m.key for m in ours.sync()}
     assert (listed[7], listed[8], listed[9]) == (key_b, key_c, key_a)
     assert {m.uid: m.key for m in theirs.sync()} == listed
+
+
+def test_a_copy_that_finds_the_file_renamed_links_it_under_its_new_name(two, monkeypatch):
+    """COPY holds only the destination's lock: the source file may be renamed (a flag change,
+    here by the other process) before the link. The copy must not be left out silently, or a
+    client that moves mail by COPY and EXPUNGE would lose it."""
+    ours, theirs = two
+    real_link = os.link
+    calls = []
+
+    def renamed_first(src, dst):
+        if not calls:
+            theirs.add_flags(3, ["\\Flagged"])
+        calls.append(src)
+        return real_link(src, dst)
+
+    monkeypatch.setattr(folder_module.os, "link", renamed_first)
+    pairs = ours.copy([3], ours)
+    monkeypatch.undo()
+    assert [old for old, _ in pairs] == [3] and len(calls) == 2
+    copied = {m.uid: m for m in ours.sync()}[pairs[0][1]]
+    with open(copied.path, "rb") as a, open(ours.get(3).path, "rb") as b:
+        assert a.read() == b.read()
