@@ -153,6 +153,12 @@ class MessageCommands(Session):
         dated = searchmod.needs_date(program)
         if dated:
             yield self.io(sel.folder.ensure_dates, [i for _, i in everything])
+            # A message expunged elsewhere whose date nobody recorded cannot be judged by
+            # date: left out, the answer says EXPUNGEISSUED (as for a file it cannot read).
+            known = [(seq, i) for seq, i in everything if i.known_date() is not None]
+            if len(known) < len(everything):
+                found.vanished = True
+                everything = known
         step = BATCH if needs else BATCH * 50
         for start in range(0, len(everything), step):
             # i.date: unread (and possibly not dated yet) unless the program has a date key.

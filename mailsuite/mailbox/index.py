@@ -380,12 +380,16 @@ class FolderIndex:
         for key in keys:
             uid = uids[key]
             name = files[key]
-            if old:
-                prev = old.get(uid)
-                if prev is not None and prev.key == key and prev.name == name:
+            prev = old.get(uid) if old else None
+            if prev is not None and prev.key == key:
+                if prev.name == name:
                     infos[uid] = prev
                     continue
-            m = meta.get(key) if meta else None
+                # Renamed (its flags changed): its size and date are the same facts. Read
+                # again, the date could no longer be known once another process expunges it.
+                m = (prev.size, prev.date)
+            else:
+                m = meta.get(key) if meta else None
             if m is not None:
                 size, date = m
             else:

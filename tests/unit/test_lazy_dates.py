@@ -221,3 +221,35 @@ def test_compacting_the_index_keeps_the_dates_of_keys_it_does_not_list(world):
     ours.append(simple("ours"))  # reads the uidlist, then rewrites the index
     _expunged_there(other, uid)
     assert info.known_date() == DATES[2]
+
+
+def test_search_by_date_leaves_out_a_message_whose_date_is_unknown(world):
+    """The same message in a SEARCH by date: it cannot be judged, so it is left out and the
+    answer says EXPUNGEISSUED (RFC 5530), never a match or a miss on a guessed date."""
+    _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    folder = world.store.account(ALICE).folder("INBOX")
+    os.unlink(folder.sync()[2].path)  # expunged by another process, never dated here
+    resp = r.cmd(b"f SEARCH SINCE 1-Jan-2017")
+    assert resp[0] == b"* SEARCH 1 2" and tagged(resp).startswith(b"f OK [EXPUNGEISSUED]"), resp
+    resp = r.cmd(b"g SEARCH ALL")
+    assert resp[0] == b"* SEARCH 1 2 3" and tagged(resp) == b"g OK SEARCH completed", resp
+
+
+def test_a_full_rebuild_keeps_the_date_of_a_renamed_message(world):
+    """A full sync (after a rewrite of dovecot-uidlist elsewhere) builds a new MessageInfo for
+    a file whose flags changed; its date, once known, stays known: read again, it could not be
+    once another process expunges the file."""
+    _mda_files(world)
+    folder = world.store.account(ALICE).folder("INBOX")
+    folder.sync()
+    other = MailStore(world.config.mail_dir).account(ALICE).folder("INBOX")
+    other.sync()
+    other.add_flags(1, ["\\Seen"])  # a flag set this process then meets in a listing
+    infos = folder.sync()
+    folder.ensure_dates(infos)
+    other.add_flags(3, ["\\Seen"])
+    folder._state.synced = False  # as after a rewrite of dovecot-uidlist elsewhere
+    renamed = {i.uid: i for i in folder.sync()}[3]
+    assert renamed.flags == frozenset({"\\Seen"}) and renamed.date == DATES[3]
