@@ -231,8 +231,10 @@ class FetchCommand:
             pieces = computed.get(u) if computed is not None else None
             if pieces is None and computed is not None:
                 continue  # its file vanished (expunged elsewhere): nothing to send
-            if dated and info.known_date() is None:
-                continue  # expunged elsewhere, its date unknown: as if its file vanished
+            if dated and info.date == UNDATED:
+                # Still undated after ensure_dates (no stat here, on the reactor): expunged
+                # elsewhere, its date unknown (MessageInfo.known_date): as if its file vanished.
+                continue
             out += b"* %d FETCH (" % seq
             first = True
             for it in self._items(u, info, pieces):
@@ -285,11 +287,10 @@ class FetchCommand:
                 elif kind is _SIZE:
                     values.append(info.size)
                 elif kind is _DATE:
-                    date = info.known_date()
-                    if date is None:
+                    if info.date == UNDATED:
                         unknown = True  # expunged elsewhere, its date unknown: nothing to send
                         break
-                    values.append(dates[date])
+                    values.append(dates[info.date])
                 elif kind is _MODSEQ:
                     values.append((sel.info(u) or info).modseq)
                 else:
@@ -321,8 +322,8 @@ class FetchCommand:
         if own:
             infos = [own.get(i.uid, i) for i in infos]
         if _DATE in kinds and any(i.date == UNDATED for i in infos):
-            # Expunged elsewhere with a date nobody recorded: left out (_write_fast).
-            kept = [(i, s) for i, s in zip(infos, seqs) if i.known_date() is not None]
+            # Expunged elsewhere with a date nobody recorded: left out (_write_batch).
+            kept = [(i, s) for i, s in zip(infos, seqs) if i.date != UNDATED]
             infos, seqs = [i for i, _ in kept], [s for _, s in kept]
         columns: list = [seqs]
         for kind in kinds:
@@ -334,7 +335,7 @@ class FetchCommand:
             elif kind is _SIZE:
                 columns.append([i.size for i in infos])
             elif kind is _DATE:
-                columns.append([dates[i.known_date()] for i in infos])
+                columns.append([dates[i.date] for i in infos])
             else:  # _MODSEQ
                 columns.append([(sel.info(i.uid) or i).modseq for i in infos])
         return b"".join([fmt % values for values in zip(*columns)])

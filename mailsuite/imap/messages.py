@@ -16,6 +16,7 @@ from mailsuite.imap.parser import Token, astring, format_set
 from mailsuite.imap.responses import bad, no, no_for
 from mailsuite.imap.selection import uidvalidity
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.info import UNDATED
 from mailsuite.mailbox.maildir import MAX_KEYWORDS
 from mailsuite.mailbox.store import Account, Folder, LockBusy, MailboxError, NoSuchMessage
 
@@ -153,9 +154,10 @@ class MessageCommands(Session):
         dated = searchmod.needs_date(program)
         if dated:
             yield self.io(sel.folder.ensure_dates, [i for _, i in everything])
-            # A message expunged elsewhere whose date nobody recorded cannot be judged by
+            # Still undated after ensure_dates (no stat here, on the reactor): expunged
+            # elsewhere, its date unknown (MessageInfo.known_date). It cannot be judged by
             # date: left out, the answer says EXPUNGEISSUED (as for a file it cannot read).
-            known = [(seq, i) for seq, i in everything if i.known_date() is not None]
+            known = [(seq, i) for seq, i in everything if i.date != UNDATED]
             if len(known) < len(everything):
                 found.vanished = True
                 everything = known
