@@ -415,11 +415,9 @@ class FolderIndex:
         uids = self.uidlist.uids if self.uidlist else {}
         infos = self.infos
         listed: dict[str, int] | None = None  # key -> UID as listed, made on first need
-
-        def drop(key: str) -> None:
+        for key in removed:
             # The entry listed for `key`: found by the key's UID in dovecot-uidlist, or, when
             # that no longer leads to it (its line dropped by a rewrite), by the key itself.
-            nonlocal listed
             uid = uids.get(key)
             info = infos.get(uid) if uid is not None else None
             if info is None or info.key != key:
@@ -430,9 +428,6 @@ class FolderIndex:
             if info is not None and info.key == key:
                 del infos[uid]
                 self.touch_modseq(uid)
-
-        for key in removed:
-            drop(key)
         renumbered = self.uidlist.renumbered if self.uidlist else {}
         for uid, key in renumbered.items():
             # A key another process gave a new UID (its old one was forgotten there, e.g. an
