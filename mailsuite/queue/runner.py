@@ -100,6 +100,8 @@ class QueueRunner(Service):
         self._loops: list[task.LoopingCall] = []
         self._kick_seen: int | None = None
         self._scanning = False
+        # Ids whose due time was set while a scan's listing ran: the listing may predate them.
+        self._set_in_scan: set[str] = set()
         self._stopping = False
 
     # -- public API ----------------------------------------------------------------------------
@@ -375,6 +377,7 @@ class QueueRunner(Service):
         if self._scanning or self._stopping:
             return defer.succeed(None)
         self._scanning = True
+        self._set_in_scan = set()
 
         def scanned(result: tuple[dict[str, float], list[tuple[str, str]]]) -> None:
             found, damaged = result
@@ -382,10 +385,14 @@ class QueueRunner(Service):
             for queue_id, error in damaged:
                 maillog.damaged(queue_id, error)
             due = {i: d for i, d in found.items() if i not in self._inflight}
-            due.update({i: d for i, d in self._due.items() if i in self._inflight})
+            # What was set meanwhile is newer than the listing (an entry submitted after it,
+            # an attempt that ended): kept, or it would wait for the next scan.
+            recent = self._set_in_scan | self._inflight.keys()
+            due.update({i: d for i, d in self._due.items() if i in recent})
+            self._set_in_scan = set()
             self._due = due
             # Forget ids that left the spool some other way (the admin CLI, another process).
-            keep = found.keys() | self._inflight.keys()
+            keep = found.keys() | recent
             self._settled = {i: v for i, v in self._settled.items() if i in keep}
             self._heap = [(d, i) for i, d in due.items() if i not in self._inflight]
             heapq.heapify(self._heap)
@@ -518,6 +525,8 @@ class QueueRunner(Service):
 
     def _set_due(self, queue_id: str, due: float) -> None:
         self._due[queue_id] = due
+        if self._scanning:
+            self._set_in_scan.add(queue_id)
         if due != float("inf"):
             heapq.heappush(self._heap, (due, queue_id))
 

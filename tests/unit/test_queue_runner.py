@@ -394,3 +394,26 @@ def test_stop_cancels_every_timer(make):
     assert kit.clock.getDelayedCalls()
     kit.runner.stopService()
     assert kit.clock.getDelayedCalls() == []
+
+
+def test_an_entry_submitted_while_a_scan_runs_is_not_forgotten_by_its_answer(make):
+    """A scan lists the spool in the io pool; an entry submitted after the listing, whose
+    answer the reactor handles before it starts the entry, stays due (not until scan_interval)."""
+    remote = FakeAgent()
+    kit = make(remote=remote, scan_interval=300)
+    held: list[tuple[defer.Deferred, object]] = []
+    scan_blocking = kit.runner._scan_blocking
+
+    def listed_now_answered_later():
+        d = defer.Deferred()
+        held.append((d, scan_blocking()))
+        return d
+
+    kit.runner._scan_blocking = listed_now_answered_later
+    kit.runner._scan()  # what a peer's death or the admin's kick starts
+    [(answer, listing)] = held
+    qid = submit(kit, ALICE, [("x@far.example", remote_route("x@far.example"))], message("s"))
+    answer.callback(listing)  # the reactor takes the answer before its next turn
+    kit.advance(5)
+    assert remote.calls == [["x@far.example"]]
+    assert not kit.exists(qid)
