@@ -14,6 +14,7 @@ from mailsuite.imap import thread as threadmod
 from mailsuite.imap.parser import Atom, Token, astring
 from mailsuite.imap.responses import bad, no
 from mailsuite.imap.session import Session
+from mailsuite.mailbox.info import UNDATED
 
 HEADER_BATCH = 500  # messages per io-pool call when reading header values
 THREAD_ALGORITHMS = {b"ORDEREDSUBJECT": threadmod.orderedsubject,
@@ -42,16 +43,27 @@ def _threads(algorithm, items) -> bytes:
     return threadmod.format_threads(algorithm(items))
 
 
+def _completed(command: bytes, vanished: bool) -> bytes:
+    """RFC 5530 §3: a message this session still shows was expunged elsewhere and left out;
+    a NOOP will tell of the EXPUNGE."""
+    text = command + b" completed"
+    return R.code(R.EXPUNGEISSUED) + text if vanished else text
+
+
 class OrderingCommands(Session):
     """SORT/THREAD."""
 
     @defer.inlineCallbacks
-    def _items(self, program: searchmod.Node, uid: bool, headers: bool, dates: bool = True):
-        """sort.Item for every matching message, with header Fields when `headers`, and real
-        INTERNALDATEs when `dates` (docs/design/maildir.md, "Dates on demand")."""
+    def _items(self, program: searchmod.Node, uid: bool, headers: bool, dates: bool = True,
+               arrival: bool = False):
+        """(sort.Item for every matching message, with header Fields when `headers`, and real
+        INTERNALDATEs when `dates` (docs/design/maildir.md, "Dates on demand"); whether one
+        was left out because it was expunged elsewhere). `arrival`: INTERNALDATE itself is a
+        key, not only the fallback of a missing Date: field."""
         sel = self.sel
         program = searchmod.with_saved(program, frozenset(sel.searchres))
         found = yield self.search_uids(program)
+        vanished = found.vanished
         located = sel.locate(found)
         fields: list = [None] * len(located)
         if headers:
@@ -65,10 +77,16 @@ class OrderingCommands(Session):
         items = []
         for (u, seq, info), f in zip(located, fields):
             if headers and f is None:
-                continue  # the file vanished meanwhile (expunged elsewhere)
+                vanished = True  # the file vanished meanwhile (expunged elsewhere)
+                continue
+            if dates and info.date == UNDATED and (arrival or f is None or f.sent is None):
+                # Expunged elsewhere before anyone here dated it (no stat here, on the
+                # reactor: ensure_dates ran): its place in the order cannot be known.
+                vanished = True
+                continue
             items.append(sortmod.Item(u if uid else seq, u, info.size,
                                       info.internaldate if dates else info.date, f))
-        return items
+        return items, vanished
 
     @defer.inlineCallbacks
     def do_SORT(self, tag: bytes, args: list[Token], uid: bool = False):
@@ -78,13 +96,15 @@ class OrderingCommands(Session):
             raise bad("SORT needs sort criteria, a charset and search keys")
         criteria = sortmod.parse_criteria(rest[0])
         program = _program(rest[1], rest[2:], self.rev2)
-        items = yield self._items(program, uid, sortmod.needs_headers(criteria),
-                                  any(k in (b"ARRIVAL", b"DATE") for k, _ in criteria))
+        keys = {k for k, _ in criteria}
+        items, vanished = yield self._items(program, uid, sortmod.needs_headers(criteria),
+                                            bool(keys & {b"ARRIVAL", b"DATE"}),
+                                            arrival=b"ARRIVAL" in keys)
         numbers = yield self.io(_order, criteria, items)
         self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
         if uid:
             yield self.refresh()
-        return b"SORT completed"
+        return _completed(b"SORT", vanished)
 
     @defer.inlineCallbacks
     def do_THREAD(self, tag: bytes, args: list[Token], uid: bool = False):
@@ -95,9 +115,9 @@ class OrderingCommands(Session):
         if algorithm is None:
             raise bad("unknown threading algorithm")
         program = _program(args[1], args[2:], self.rev2)
-        items = yield self._items(program, uid, True)
+        items, vanished = yield self._items(program, uid, True)
         text = yield self.io(_threads, algorithm, items)
         self.send(b"* THREAD " + text if text else b"* THREAD")
         if uid:
             yield self.refresh()
-        return b"THREAD completed"
+        return _completed(b"THREAD", vanished)

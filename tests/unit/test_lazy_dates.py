@@ -237,6 +237,20 @@ def test_search_by_date_leaves_out_a_message_whose_date_is_unknown(world):
     assert resp[0] == b"* SEARCH 1 2 3" and tagged(resp) == b"g OK SEARCH completed", resp
 
 
+def test_sort_by_arrival_leaves_out_a_message_whose_date_is_unknown(world):
+    """SORT by ARRIVAL cannot place it either: left out, EXPUNGEISSUED (RFC 5530), never put
+    at the delivery second in its name. A SORT that needs no date still lists it."""
+    _mda_files(world)
+    r = world.connect()
+    r.cmd(b"s SELECT INBOX")
+    folder = world.store.account(ALICE).folder("INBOX")
+    os.unlink(folder.sync()[2].path)  # expunged by another process, never dated here
+    resp = r.cmd(b"f SORT (REVERSE ARRIVAL) UTF-8 ALL")
+    assert resp[0] == b"* SORT 2 1" and tagged(resp).startswith(b"f OK [EXPUNGEISSUED]"), resp
+    resp = r.cmd(b"g SORT (SIZE) UTF-8 ALL")
+    assert resp[0] == b"* SORT 1 2 3" and tagged(resp) == b"g OK SORT completed", resp
+
+
 def test_a_full_rebuild_keeps_the_date_of_a_renamed_message(world):
     """A full sync (after a rewrite of dovecot-uidlist elsewhere) builds a new MessageInfo for
     a file whose flags changed; its date, once known, stays known: read again, it could not be
