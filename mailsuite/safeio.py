@@ -10,7 +10,7 @@ import ctypes
 import errno
 import os
 import secrets
-from typing import Iterable
+from typing import BinaryIO, Iterable, cast
 
 
 def fsync_dir(path: str) -> None:
@@ -62,6 +62,15 @@ def atomic_write(path: str, data: bytes | Iterable[bytes], *, mode: int = 0o600,
     if sync_dir:
         fsync_dir(directory)
     return size
+
+
+def open_append(path: str, mode: str) -> BinaryIO:
+    """open(path, mode) for appending ("ab" or "ab+"), refusing a symlink planted in place of
+    the file."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
+    if "+" in mode:
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    return cast(BinaryIO, os.fdopen(os.open(path, flags, 0o600), mode))
 
 
 # -- unnamed files (docs/design/maildir.md, "Unnamed files") -------------------------------------

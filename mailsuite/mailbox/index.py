@@ -5,14 +5,13 @@ session) through `MailStore`; everything here is blocking and runs in the io poo
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import contextlib
 import threading
 import weakref
 import time
-from typing import BinaryIO, Iterable, cast
+from typing import Iterable, Iterator
 
 from mailsuite.mailbox.cache import CACHE, HeaderCache
 from mailsuite.mailbox.dotlock import DEFAULT_RULES, DotLock, LockRules
@@ -20,12 +19,13 @@ from mailsuite.mailbox.errors import LockBusy, NoSuchFolder
 from mailsuite.mailbox.gcpause import collector_paused
 from mailsuite.mailbox.info import UNDATED, MessageInfo, index_lines  # noqa: F401 (public)
 from mailsuite.mailbox.modseq import ModSeqLog
+from mailsuite.mailbox.uidfile import UidFile
 from mailsuite.mailbox.moves import Moves, cur_name
 from mailsuite.mailbox.maildir import (
-    KEYWORDS, MAX_KEYWORDS, UIDLIST, INDEX, UidList, file_stamp, in_delivery_order,
+    KEYWORDS, MAX_KEYWORDS, INDEX, UidList, file_stamp, in_delivery_order,
     letters_to_flags, read_keywords, size_from_key, write_keywords,
 )
-from mailsuite.safeio import atomic_write
+from mailsuite.safeio import atomic_write, open_append
 
 
 # Estimated memory of a folder state per message: its MessageInfo with key and name strings,
@@ -38,9 +38,6 @@ STATE_BYTES = 16 * 1024
 # How long a pool thread may wait for a folder's in-process lock before it gives the thread back
 # and the caller waits on the reactor instead (waits.py; docs/design/maildir.md, "The dotlock").
 FOLDER_LOCK_SPIN = 0.05
-# Lines of forgotten UIDs dovecot-uidlist gathers before it is rewritten (and at least a quarter
-# as many as live ones: a rewrite costs a line per message).
-UIDLIST_SLACK = 256
 
 
 class FolderLock:
@@ -81,13 +78,9 @@ class FolderIndex:
         self.path = path
         self.lock = FolderLock(path)
         self.rules = rules  # when another's dotlock is stale (dotlock.py)
-        self._uidlist_held = 0  # depth of hold_uidlist() (under self.lock)
-        # UIDs `register` gave that are not in dovecot-uidlist yet: (whole file?, first UID,
-        # keys); written before the dotlock is let go (`_write_registered`).
-        self._unwritten: tuple[bool, int, list[str]] | None = None
-        self.uidlist_stale = 0  # lines of forgotten UIDs still in dovecot-uidlist
-        self.uidlist: UidList | None = None
-        self.uidlist_stamp: tuple | None = None
+        # dovecot-uidlist (uidfile.py); UIDs `register` gives are written before the dotlock
+        # is let go (`_write_registered`).
+        self.uid_file = UidFile(path, rules)
         self.keywords: list[str] = []
         self.keywords_stamp: tuple | None = None
         self.files: dict[str, str] = {}  # key -> file name in cur/
@@ -146,11 +139,9 @@ class FolderIndex:
             # are not taken for known ones and still get their UIDs.
             self.synced = False
             self.invalidate()
-            if self._unwritten is not None:
+            if self.uid_file.unwritten is not None:
                 # UIDs given in memory but never written: read dovecot-uidlist afresh.
-                self._unwritten = None
-                self.uidlist = None
-                self.uidlist_stamp = None
+                self.uid_file.forget()
             raise
 
     def _sync(self) -> None:
@@ -206,7 +197,7 @@ class FolderIndex:
                    recent_new: list[str], moves: Moves | None) -> None:
         try:
             touched.update(recent_new)
-            reload = self._reload_uidlist()
+            reload = self.uid_file.reload()
             if reload == "full":
                 full = True
             elif reload:
@@ -476,82 +467,29 @@ class FolderIndex:
     def invalidate(self) -> None:
         self.cur_mtime = self.new_mtime = None
 
-    # -- UIDs -----------------------------------------------------------------------------
+    # -- UIDs (uidfile.py) ------------------------------------------------------------------
+    @property
+    def uidlist(self) -> UidList | None:
+        return self.uid_file.list
+
+    @property
+    def uidlist_stamp(self) -> tuple | None:
+        return self.uid_file.stamp
+
     def ensure_uidlist(self) -> UidList:
-        if self._reload_uidlist() == "full":
+        if self.uid_file.reload() == "full":
             self.synced = False  # rewritten elsewhere: see forget_uids
         if self.uidlist is None:
             self.register([])
         return self.uidlist
 
-    def _reload_uidlist(self):
-        """False if unchanged; "full" if re-read; else the set of keys appended since.
-
-        Without the dotlock another process may be appending while we read, and a reader can
-        see part of an append (the first page of a write that crosses a page boundary). So
-        a lockless read takes only complete lines, and the size kept in `uidlist_stamp` is
-        where they end: the next read starts at a line boundary, never inside a record (a
-        half line read as a whole one would give a key a wrong UID, or leave it without one
-        and get it a second UID)."""
-        path = os.path.join(self.path, UIDLIST)
-        stamp = file_stamp(path)
-        old = self.uidlist_stamp
-        if stamp == old and self.uidlist is not None:
-            return False
-        locked = self._uidlist_held > 0  # then no append is in progress
-        if (stamp is not None and old is not None and self.uidlist is not None
-                and stamp[0] == old[0] and stamp[1] > old[1]):
-            # Same file, grown: only lines were appended (a rewrite is a rename: new inode).
-            try:
-                with open(path, "rb") as f:
-                    # Rewritten (renamed over) between the stat and the open: the offset
-                    # means nothing in the new file, read it whole.
-                    same = os.fstat(f.fileno()).st_ino == stamp[0]
-                    f.seek(old[1])
-                    tail = f.read()
-                if same and (not locked or tail.endswith(b"\n")):
-                    tail = _complete_lines(tail, locked)
-                    self.uidlist_stamp = (stamp[0], old[1] + len(tail), stamp[2])
-                    return self.uidlist.add_lines(tail)
-            except OSError:
-                pass
-        self.uidlist_stale = 0  # a rewrite by another process: its stale lines are unknown
-        self.uidlist_stamp = stamp
-        try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                data = f.read()
-        except FileNotFoundError:
-            self.uidlist = None
-            return "full"
-        data = _complete_lines(data, locked)
-        # The stamp of the file read (it may have been replaced since the stat above).
-        self.uidlist_stamp = (st.st_ino, len(data), st.st_mtime_ns)
-        try:
-            self.uidlist = UidList.parse(data) if data.strip() else None
-        except (ValueError, IndexError):
-            self.uidlist = None  # corrupt: rebuilt with a new UIDVALIDITY
-        return "full"
-
     @contextlib.contextmanager
-    def hold_uidlist(self):
+    def hold_uidlist(self) -> Iterator[None]:
         """Hold this folder's lock and the dotlock of dovecot-uidlist (re-entrant). An
         operation that changes files takes them before its first change, so a busy lock
         (LockBusy) leaves nothing half done and the operation can simply run again."""
-        with self.lock:
-            if self._uidlist_held:
-                self._uidlist_held += 1
-                try:
-                    yield
-                finally:
-                    self._uidlist_held -= 1
-                return
-            with DotLock(os.path.join(self.path, UIDLIST), self.rules):
-                self._uidlist_held = 1
-                try:
-                    yield
-                finally:
-                    self._uidlist_held = 0
+        with self.lock, self.uid_file.hold():
+            yield
 
     def register(self, keys: list[str], names: dict[str, str] | None = None,
                  defer: bool = False) -> list[int]:
@@ -559,27 +497,9 @@ class FolderIndex:
         `defer`: the caller holds the dotlock and writes them later (`_write_registered`)."""
         with self.hold_uidlist():
             self._write_registered()
-            # Re-read under the lock: another process may have assigned UIDs since.
-            reload = self._reload_uidlist()
-            ul = self.uidlist
+            result, reload = self.uid_file.assign(keys)
             if reload == "full":
                 self.synced = False  # our view of UIDs must be rebuilt at the next sync
-            fresh = ul is None
-            if fresh:
-                ul = UidList.new()
-            result = []
-            added = []  # keys given the consecutive UIDs from `first` on
-            known, first = ul.uids, ul.nextuid
-            for key in keys:
-                uid = known.get(key)
-                if uid is None:
-                    uid = known[key] = first + len(added)
-                    added.append(key)
-                result.append(uid)
-            ul.nextuid = first + len(added)
-            self.uidlist = ul
-            if fresh or added:
-                self._unwritten = (fresh, first, added)
             if not defer:
                 self._write_registered()
             if reload and reload != "full" and self.synced:
@@ -609,56 +529,24 @@ class FolderIndex:
         return result
 
     def _write_registered(self) -> None:
-        """Write what `register` gave (under the dotlock): the whole file when it is new,
-        else the new lines appended, as Dovecot does (readers take max(N, last UID + 1) as
-        next UID)."""
-        if self._unwritten is None:
-            return
-        fresh, first, added = self._unwritten
-        self._unwritten = None
-        path = os.path.join(self.path, UIDLIST)
+        """Write what `register` gave (under the dotlock)."""
         try:
-            if fresh:
-                atomic_write(path, self.uidlist.serialize())
-            else:
-                with _open_append(path, "ab+") as f:
-                    if f.tell() > 0:
-                        f.seek(-1, os.SEEK_END)
-                        if f.read(1) != b"\n":
-                            f.write(b"\n")  # another tool left the last line unterminated
-                    f.write("".join(f"{u} :{k}\n" for u, k in zip(itertools.count(first), added))
-                            .encode("utf-8", "surrogateescape"))
-                    f.flush()
-                    os.fsync(f.fileno())
+            self.uid_file.write()
         except BaseException:
-            # UIDs in memory that may not be on disk: another process could give them to
-            # other keys. Forget them; the next read takes the whole file.
-            self.uidlist = None
-            self.uidlist_stamp = None
-            self.synced = False
+            self.synced = False  # the UIDs in memory were forgotten: list again
             raise
-        self.uidlist_stamp = file_stamp(path)
 
     def forget_uids(self, uids: list[int]) -> None:
-        """Drop expunged/moved messages from the UID list (their UIDs are never reused:
-        N<nextuid> stays). dovecot-uidlist keeps their lines until enough have gathered to be
-        worth a rewrite, as Dovecot does (docs/design/maildir.md, "Dovecot's files")."""
+        """Drop expunged/moved messages from the UID list (their UIDs are never reused).
+        dovecot-uidlist keeps their lines until enough have gathered to be worth a rewrite
+        (docs/design/maildir.md, "Dovecot's files")."""
         gone = set(uids)
         with self.hold_uidlist():
-            if self._reload_uidlist() == "full":
+            if self.uid_file.drop(gone) == "full":
                 # Rewritten by another process, without the lines of files it found gone: the
                 # next sync must rebuild from the listing, or a message expunged elsewhere
                 # would stay listed (its key no longer leads to its UID).
                 self.synced = False
-            ul = self.uidlist
-            if ul is not None:
-                for k in [k for k, u in ul.uids.items() if u in gone]:
-                    del ul.uids[k]
-                    ul.extra.pop(k, None)
-                    self.uidlist_stale += 1
-                stale = self.uidlist_stale
-                if stale >= UIDLIST_SLACK and stale * 4 >= len(ul.uids):
-                    self._compact_uidlist(ul)
         for uid in gone:
             self.touch_modseq(uid)
             info = self.infos.pop(uid, None)
@@ -667,22 +555,6 @@ class FolderIndex:
                 self.meta.pop(info.key, None)
         self.unclaimed_recent -= gone
         self._changed()
-
-    def _compact_uidlist(self, ul: UidList) -> None:
-        """Rewrite dovecot-uidlist without the lines of forgotten UIDs. While rewriting
-        anyway, lines whose file is gone (deleted by another tool) go too: if such a file
-        came back it must get a new UID, not its old one. Safe under the lock: every writer
-        renames its file into place before it registers the UID."""
-        path = os.path.join(self.path, UIDLIST)
-        present = set()
-        for sub in ("new", "cur"):
-            present.update(n.split(":", 1)[0] for n in os.listdir(os.path.join(self.path, sub)))
-        for k in [k for k in ul.uids if k not in present]:
-            del ul.uids[k]
-            ul.extra.pop(k, None)
-        atomic_write(path, ul.serialize())
-        self.uidlist_stamp = file_stamp(path)
-        self.uidlist_stale = 0
 
     # -- mod-sequences (RFC 7162) -----------------------------------------------------------
     def touch_modseq(self, uid: int) -> None:
@@ -811,7 +683,7 @@ class FolderIndex:
                     and (self.meta_lines or os.path.exists(path))):
                 entries = [(k, m) for k in pending
                            if (m := self._meta_for(k)) is not None and m[1] != UNDATED]
-                with _open_append(path, "ab") as f:
+                with open_append(path, "ab") as f:
                     f.write("".join(f"{k}\t{m[0]}\t{m[1]!r}\n" for k, m in entries)
                             .encode("utf-8", "surrogateescape"))
                 self.meta_lines += len(entries)
@@ -884,7 +756,7 @@ class FolderIndex:
         with self.lock:
             try:
                 if self.meta_lines or os.path.exists(path):
-                    with _open_append(path, "ab") as f:
+                    with open_append(path, "ab") as f:
                         f.write(lines.encode("utf-8", "surrogateescape"))
                 else:
                     atomic_write(path, ("mailsuite-index 1\n" + lines)
@@ -900,20 +772,7 @@ def _list_cur(cur_dir: str) -> dict[str, str]:
     return {intern(n.split(":", 1)[0]): n for n in os.listdir(cur_dir) if n[0] != "."}
 
 
-def _open_append(path: str, mode: str) -> BinaryIO:
-    """open(path, mode) for appending, refusing a symlink planted in place of the file."""
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW
-    if "+" in mode:
-        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
-    return cast(BinaryIO, os.fdopen(os.open(path, flags, 0o600), mode))
-
-
 def _valid_keyword(flag: str) -> bool:
     # RFC 3501 atom: no specials, no spaces; stored in a file whose format is space-separated.
     return bool(flag) and all(33 <= ord(c) < 127 and c not in '(){%*"\\]' for c in flag)
 
-
-def _complete_lines(data: bytes, locked: bool) -> bytes:
-    """What of dovecot-uidlist's bytes a reader may take: all of them under the dotlock (no
-    append is in progress), else up to the end of the last complete line."""
-    return data if locked else data[:data.rfind(b"\n") + 1]

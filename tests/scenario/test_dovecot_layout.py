@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from mailsuite.mailbox import index
+from mailsuite.mailbox import uidfile
 from mailsuite.mailbox.maildir import read_uidlist
 from mailsuite.mailbox.store import MailStore
 from mailsuite.pop3.server import uidl
@@ -76,7 +76,7 @@ def test_store_reports_dovecots_uids_uidvalidity_and_flags(dovecot_maildir):
 
 
 def test_our_changes_stay_in_dovecots_format(dovecot_maildir, monkeypatch):
-    monkeypatch.setattr(index, "UIDLIST_SLACK", 1)  # the expunge rewrites dovecot-uidlist
+    monkeypatch.setattr(uidfile, "UIDLIST_SLACK", 1)  # the expunge rewrites dovecot-uidlist
     account = dovecot_maildir
     inbox = account.folder("INBOX")
     inbox.sync()
@@ -112,7 +112,7 @@ def test_our_changes_stay_in_dovecots_format(dovecot_maildir, monkeypatch):
 
 
 def test_dovecot_extension_fields_survive_a_rewrite(dovecot_maildir, monkeypatch):
-    monkeypatch.setattr(index, "UIDLIST_SLACK", 1)
+    monkeypatch.setattr(uidfile, "UIDLIST_SLACK", 1)
     inbox = dovecot_maildir.folder("INBOX")
     inbox.sync()
     inbox.expunge([120])  # one stale line is enough now: a full rewrite of dovecot-uidlist

@@ -63,7 +63,7 @@ def test_with_a_helper_uids_are_given_beside_the_renames_and_written_after_them(
         events.append(("register", len(os.listdir(new)), os.path.exists(uidlist + ".lock"))),
         real_register(self, keys, *a, **k))[1])
     monkeypatch.setattr(FolderIndex, "_write_registered", lambda self: (
-        self._unwritten and events.append(("write", len(os.listdir(new)))),
+        self.uid_file.unwritten and events.append(("write", len(os.listdir(new)))),
         real_write(self))[1])
     msgs = account.folder("INBOX").sync()
     # Started with every name; UIDs given while all 20 were in new/, under the dotlock;

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from mailsuite.mailbox import folder as folder_module
-from mailsuite.mailbox import index
+from mailsuite.mailbox import uidfile
 from mailsuite.mailbox.maildir import UIDLIST, file_stamp
 from mailsuite.mailbox.store import MailStore
 from tests.unit.test_mailbox_store import deliver
@@ -34,7 +34,7 @@ def rewrite_uidlist(folder) -> None:
     """What an EXPUNGE does once enough stale lines have gathered."""
     state = folder._state
     with state.hold_uidlist():
-        state._compact_uidlist(state.uidlist)
+        state.uid_file.compact()
 
 
 def test_a_message_expunged_elsewhere_goes_after_a_rewrite_of_the_uidlist(two):
@@ -78,8 +78,8 @@ def test_a_uidlist_rewritten_between_stat_and_read_is_read_whole(two, monkeypatc
     grown = file_stamp(path)
     assert theirs.expunge([1]) == [1]
     rewrite_uidlist(theirs)  # a new inode, other offsets
-    monkeypatch.setattr(index, "file_stamp", lambda p: grown if p == path else file_stamp(p))
-    ours._state._reload_uidlist()
+    monkeypatch.setattr(uidfile, "file_stamp", lambda p: grown if p == path else file_stamp(p))
+    ours._state.uid_file.reload()
     monkeypatch.undo()
     assert ours._state.uidlist.uids == theirs._state.uidlist.uids
     assert [m.uid for m in ours.sync()] == [2, 3, 4, 5, 6, 7]
@@ -110,7 +110,7 @@ def test_uids_that_could_not_be_written_are_never_written_later(two, monkeypatch
     def full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(index, "_open_append", full)
+    monkeypatch.setattr(uidfile, "open_append", full)
     state = ours._state
     with state.lock, pytest.raises(OSError):
         state.register([key_a])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mailsuite.mailbox import index
+from mailsuite.mailbox import uidfile
 from mailsuite.mailbox.maildir import UIDLIST, read_uidlist
 from mailsuite.mailbox.store import MailStore
 from tests.unit.test_mailbox_store import deliver
@@ -17,7 +17,7 @@ def uidlist_lines(path: str) -> list[str]:
 
 
 def test_expunge_leaves_the_uidlist_alone_until_the_slack_is_used(tmp_path, monkeypatch):
-    monkeypatch.setattr(index, "UIDLIST_SLACK", 3)
+    monkeypatch.setattr(uidfile, "UIDLIST_SLACK", 3)
     account = MailStore(str(tmp_path / "mail")).account("alice@example.org")
     account.ensure_layout()
     deliver(account.path, 8)
