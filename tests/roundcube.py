@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import time
 import urllib.request
 
 from tests.daemons import Daemon, _write
@@ -340,6 +341,21 @@ class RoundcubeUI:
         box.send_keys(text, Keys.ENTER)
 
     def menu_item(self, toolbar_button: str, menu: str, item: str, what: str) -> None:
-        """Open a toolbar popup menu (e.g. Mark, More) and click one of its items."""
-        self.click(f"#toolbar-menu a.{toolbar_button}", f"the {toolbar_button} button")
-        self.click(f"#{menu} a.{item}", what)
+        """Open a toolbar popup menu (e.g. Mark, More) and click one of its items. Roundcube
+        closes an open menu when a request it started earlier ends (a preview or list refresh
+        after a flag change): the button is clicked again whenever the menu is closed."""
+        button = f"#toolbar-menu a.{toolbar_button}"
+        entry = f"#{menu} a.{item}"
+        clicked = [float("-inf")]
+
+        def opened(_):
+            shown = self.visible(entry)
+            if shown:
+                return shown
+            # Closed, and not just opening (a second click would close it again).
+            if not self.visible(f"#{menu}") and time.monotonic() - clicked[0] > 2:
+                self.click(button, f"the {toolbar_button} button")
+                clicked[0] = time.monotonic()
+            return False
+
+        self.wait(opened, what)[0].click()
