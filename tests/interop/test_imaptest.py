@@ -220,18 +220,28 @@ def test_stress_on_two_processes_gives_no_errors(binary, two_processes, stress_m
     """imaptest's own profiles (APPEND with dates, STORE, EXPUNGE, FETCH with CONDSTORE) with
     the sessions of one mailbox spread over two processes: what one process changes, the
     other must report with the same INTERNALDATE and a real MODSEQ, and a SEARCH that could
-    not read a message expunged there says EXPUNGEISSUED."""
-    user = f"workers{len(profile)}@example.org"  # a mailbox of its own per profile
-    two_processes.add_user(user, PASSWORD)
-    out = run_imaptest(binary, two_processes, f"user={user}", f"mbox={stress_mbox}",
-                       "clients=30", f"secs={STRESS_SECONDS}", *profile,
-                       timeout=STRESS_SECONDS + 120)
-    errors = [line for line in out.splitlines() if line.startswith("Error:")]
-    assert not errors, "\n".join(errors[:50]) + f"\n({len(errors)} errors)"
-    # Both processes served sessions of this run (each logs its logins with its pid).
-    pids = set(re.findall(r"\[pid=(\d+) [^]]*\] imap: " + re.escape(user) + " logged in",
-                          two_processes.log_text()))
-    assert len(pids) == 2, pids
+    not read a message expunged there says EXPUNGEISSUED.
+
+    The kernel gives each connection to whichever process accepts first: when one is busy
+    (ending the sessions of the run before) the other may take every client of a run. Such a
+    run proved nothing about two processes, so it is made again, on a fresh mailbox."""
+    spread = []
+    for attempt in range(3):
+        # A mailbox of its own per profile and attempt.
+        user = f"workers{len(profile)}-{attempt}@example.org"
+        two_processes.add_user(user, PASSWORD)
+        out = run_imaptest(binary, two_processes, f"user={user}", f"mbox={stress_mbox}",
+                           "clients=30", f"secs={STRESS_SECONDS}", *profile,
+                           timeout=STRESS_SECONDS + 120)
+        errors = [line for line in out.splitlines() if line.startswith("Error:")]
+        assert not errors, "\n".join(errors[:50]) + f"\n({len(errors)} errors)"
+        # Which processes served sessions of this run (each logs its logins with its pid).
+        pids = set(re.findall(r"\[pid=(\d+) [^]]*\] imap: " + re.escape(user) + " logged in",
+                              two_processes.log_text()))
+        spread.append(pids)
+        if len(pids) == 2:
+            return
+    raise AssertionError(f"no run had sessions in both processes: {spread}")
 
 
 def generate_mbox(path: str, count: int, seed: int = 11) -> None:
