@@ -135,11 +135,7 @@ class MessageCommands(Session):
                 self.send(line)
         if uid:
             yield self.refresh()
-        if found.vanished:
-            # RFC 5530 §3: messages this session still shows were expunged elsewhere and could
-            # not be searched; a NOOP will tell of the EXPUNGEs.
-            return R.code(R.EXPUNGEISSUED) + b"SEARCH completed"
-        return b"SEARCH completed"
+        return R.completed(b"SEARCH", found.vanished)
 
     @defer.inlineCallbacks
     def search_uids(self, program: searchmod.Node):

@@ -43,13 +43,6 @@ def _threads(algorithm, items) -> bytes:
     return threadmod.format_threads(algorithm(items))
 
 
-def _completed(command: bytes, vanished: bool) -> bytes:
-    """RFC 5530 §3: a message this session still shows was expunged elsewhere and left out;
-    a NOOP will tell of the EXPUNGE."""
-    text = command + b" completed"
-    return R.code(R.EXPUNGEISSUED) + text if vanished else text
-
-
 class OrderingCommands(Session):
     """SORT/THREAD."""
 
@@ -104,7 +97,7 @@ class OrderingCommands(Session):
         self.send(b"* SORT" + b"".join(b" %d" % n for n in numbers))
         if uid:
             yield self.refresh()
-        return _completed(b"SORT", vanished)
+        return R.completed(b"SORT", vanished)
 
     @defer.inlineCallbacks
     def do_THREAD(self, tag: bytes, args: list[Token], uid: bool = False):
@@ -120,4 +113,4 @@ class OrderingCommands(Session):
         self.send(b"* THREAD " + text if text else b"* THREAD")
         if uid:
             yield self.refresh()
-        return _completed(b"THREAD", vanished)
+        return R.completed(b"THREAD", vanished)

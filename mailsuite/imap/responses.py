@@ -32,6 +32,13 @@ def code(name: bytes, *args: bytes) -> bytes:
     return b"[" + b" ".join((name,) + args) + b"] "
 
 
+def completed(command: bytes, vanished: bool = False) -> bytes:
+    """The OK text of SEARCH, SORT or THREAD. `vanished` (RFC 5530 §3): a message this session
+    still shows was expunged elsewhere and could not be judged; a NOOP will tell of it."""
+    text = command + b" completed"
+    return code(EXPUNGEISSUED) + text if vanished else text
+
+
 class CommandError(Exception):
     """Refuse the current command: `tag <condition> [code] text`."""
 

@@ -114,9 +114,8 @@ class UidFile:
                 self.depth = 0
 
     def assign(self, keys: list[str]) -> tuple[list[int], Reload]:
-        """Under hold(): the UID of each key, new keys numbered from the next UID on, in
-        memory (`write` puts them on disk); and what the read before it found."""
-        self.write()
+        """Under hold(), after `write()`: the UID of each key, new keys numbered from the next
+        UID on, in memory (`write` puts them on disk); and what the read before it found."""
         # Re-read under the lock: another process may have assigned UIDs since.
         reload = self.reload()
         ul = self.list
