@@ -18,6 +18,9 @@ T = TypeVar("T")
 MAILBOX_THREADS = 4  # imaptest, 50 clients staying logged in: 4 threads beat 8 and 16 on 2 cores
 
 
+_NO_LINE = object()  # the key of a job given by run(), not run_in_line()
+
+
 class PoolStopped(Exception):
     """Work submitted after shutdown began."""
 
@@ -46,6 +49,9 @@ class WorkerPool:
         self._working = 0  # threads running one
         self._results: collections.deque = collections.deque()  # (Deferred, ok, value)
         self._delivery_due = False  # a _deliver is scheduled on the reactor
+        # key -> the jobs of that key waiting behind its running one (run_in_line)
+        self._lines: dict[Any, collections.deque] = {}
+        self._in_lines = 0  # jobs waiting in those lines
         self._started = False
         self._stopped = False
         self.jobs = 0  # given to the pool so far (metrics)
@@ -82,9 +88,31 @@ class WorkerPool:
         self._grow()
         return d
 
+    def run_in_line(self, key: Any, fn: Callable[..., T], *args: Any, **kwargs: Any
+                    ) -> defer.Deferred:
+        """As run(), except that the jobs of one `key` never run at the same time: a job
+        whose key has one running waits behind it, and the thread that ran it runs the next
+        at once (docs/design/imap.md, "Throughput"). Jobs of other keys are not held up."""
+        if self._stopped:
+            return defer.fail(PoolStopped(f"the {self.name} pool has stopped (shutting down)"))
+        self.start()
+        self.jobs += 1
+        d: defer.Deferred = defer.Deferred()
+        job = (d, fn, args, kwargs, key)
+        with self._lock:
+            line = self._lines.get(key)
+            if line is not None:
+                line.append(job)
+                self._in_lines += 1
+                return d
+            self._lines[key] = collections.deque()
+        self._queue.put(job)
+        self._grow()
+        return d
+
     def backlog(self) -> int:
-        """Jobs waiting for a free thread."""
-        return self._queue.qsize()
+        """Jobs waiting for a free thread, or in a line behind the running job of their key."""
+        return self._queue.qsize() + self._in_lines
 
     def busy(self) -> int:
         """Threads running a job now."""
@@ -105,9 +133,11 @@ class WorkerPool:
 
     def _work(self) -> None:
         """A pool thread: run jobs until the stop sentinel (None)."""
-        get, lock, results = self._queue.get, self._lock, self._results
+        get, lock, results, lines = self._queue.get, self._lock, self._results, self._lines
+        job = None
         while True:
-            job = get()
+            if job is None:
+                job = get()
             with lock:
                 self._idle -= 1
                 self._working += 1
@@ -115,7 +145,8 @@ class WorkerPool:
                 with lock:
                     self._working -= 1
                 return
-            d, fn, args, kwargs = job
+            d, fn, args, kwargs = job[:4]
+            key = job[4] if len(job) > 4 else _NO_LINE
             job = None
             try:
                 value, ok = fn(*args, **kwargs), True
@@ -127,6 +158,13 @@ class WorkerPool:
                 results.append((d, ok, value))
                 wake = not self._delivery_due
                 self._delivery_due = True
+                if key is not _NO_LINE:
+                    line = lines[key]
+                    if line:
+                        job = line.popleft()  # the next of its key, on this thread at once
+                        self._in_lines -= 1
+                    else:
+                        del lines[key]
             d = value = None
             if wake:
                 self._reactor.callFromThread(self._deliver)
@@ -186,9 +224,14 @@ class Pools(Service):
 
 
 class WorkPool(Protocol):
-    """What parts need of a pool: run blocking `fn` off the reactor, get a Deferred."""
+    """What parts need of a pool: run blocking `fn` off the reactor, get a Deferred; the jobs
+    given with one key to `run_in_line` never run at the same time."""
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        ...
+
+    def run_in_line(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any
+                    ) -> defer.Deferred:
         ...
 
 
@@ -197,3 +240,7 @@ class InlinePool:
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
         return defer.maybeDeferred(fn, *args, **kwargs)
+
+    def run_in_line(self, key: Any, fn: Callable[..., Any], *args: Any, **kwargs: Any
+                    ) -> defer.Deferred:
+        return self.run(fn, *args, **kwargs)  # one job at a time anyway

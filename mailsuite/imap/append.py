@@ -20,7 +20,7 @@ from mailsuite.imap.names import decode_name
 from mailsuite.imap.parser import Atom, FileLiteral, LiteralStr, ParseError, Str, Token, astring, \
     date_time, fetch_att, format_set
 from mailsuite.imap.responses import CommandError, bad, no, no_for
-from mailsuite.imap.selection import then_refresh, uidvalidity
+from mailsuite.imap.selection import then_refresh
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.errors import LockBusy
 from mailsuite.mailbox.store import Account, Folder, MailboxError, NoSuchMessage
@@ -244,22 +244,23 @@ def append_messages(folder: Folder, items: list, selected: Optional[tuple[Folder
                     keywords: Optional[list[str]] = None) -> tuple[tuple[int, list[int]], Any]:
     """((UIDVALIDITY, UIDs), the selection's refresh) after storing every message of `items` or
     none (runs in the io pool: one trip for the whole command, its keyword room check (the
-    flags `keywords`) and its refresh, docs/design/imap.md, "Throughput"; `selected`: see
-    selection.then_refresh)."""
-    if keywords:
-        check_keyword_room(folder, keywords)
+    flags `keywords`) and its refresh, docs/design/imap.md, "Throughput", all three in one
+    hold of the folder lock; `selected`: see selection.then_refresh)."""
+    def check() -> None:
+        if keywords:
+            check_keyword_room(folder, keywords)
+
+    def then(uids: list[int]) -> tuple[tuple[int, list[int]], Any]:
+        return then_refresh((folder.uidvalidity, uids), selected)
+
     try:
-        if len(items) == 1:
-            uids = [folder.append(*items[0])]
-        else:
-            uids = folder.append_many(items)
+        return folder.append_many(items, check, then)[1]
     except LockBusy:
         # Nothing was stored; the same job runs again when the folder is free (waits.py).
         for data, _, _ in items:
             if isinstance(data, ChainReader):
                 data.rewind()
         raise
-    return then_refresh((uidvalidity(folder), uids), selected)
 
 
 class AppendCommands(Session):

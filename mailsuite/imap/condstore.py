@@ -8,7 +8,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 
@@ -16,6 +16,7 @@ from mailsuite.imap import responses as R
 from mailsuite.imap.flags import flag_list
 from mailsuite.imap.parser import Atom, ParseError, SequenceSet, Token, format_set, number, sequence_set
 from mailsuite.imap.responses import bad
+from mailsuite.imap.selection import then_refresh
 from mailsuite.imap.session import Session
 from mailsuite.mailbox.store import Folder, MessageInfo, NoSuchMessage
 
@@ -201,16 +202,17 @@ def _uidnext(folder: Folder) -> int:
 
 def store_modseq(folder: Folder, uids: list[int], flags: list[str], mode: bytes,
                  unchangedsince: Optional[int],
-                 check: Optional[Callable[[Folder, list[str]], None]] = None
-                 ) -> tuple[list[tuple[int, frozenset, int, bool]], list[int]]:
+                 check: Optional[Callable[[Folder, list[str]], None]] = None,
+                 selected: Optional[tuple[Folder, object]] = None
+                 ) -> tuple[tuple[list[tuple[int, frozenset, int, bool]], list[int]], Any]:
     """In the io pool, under the folder's lock: the conditional STORE of RFC 7162 §3.1.3.
-    Returns ([(uid, flags, modseq, changed)], [uids not stored because they changed after
-    `unchangedsince`]). `check(folder, flags)` runs first, in the same io job (it may
-    refuse the STORE by raising)."""
-    if check is not None:
-        check(folder, flags)
-    state = folder._state
-    with state.lock:
+    Returns (([(uid, flags, modseq, changed)], [uids not stored because they changed after
+    `unchangedsince`]), the refresh of `selected` (selection.then_refresh)). `check(folder,
+    flags)` runs first, the refresh last, in the same io job and hold (the check may refuse
+    the STORE by raising)."""
+    with folder.held():
+        if check is not None:
+            check(folder, flags)
         before = folder.modseqs(uids)
         modified = []
         stored = []
@@ -233,7 +235,7 @@ def store_modseq(folder: Folder, uids: list[int], flags: list[str], mode: bytes,
         after = folder.modseqs(stored)
         out = [(u, after[u][1], after[u][0], after[u][0] != before[u][0])
                for u in stored if u in after]
-        return out, modified
+        return then_refresh((out, modified), selected)
 
 
 class CondstoreCommands(Session):
@@ -380,8 +382,10 @@ class CondstoreCommands(Session):
         if unchangedsince is not None:
             yield self.enable_condstore()
         sel = self.sel
-        results, modified = yield self.io(store_modseq, sel.folder, uids, flags, mode,
-                                          unchangedsince, check)
+        # UID STORE may report expunges (RFC 3501 §7.4.1): its refresh in the same job and hold.
+        (results, modified), st = yield self.io(store_modseq, sel.folder, uids, flags, mode,
+                                                unchangedsince, check,
+                                                self.refresh_args() if uid else None)
         if self.sel is not sel:
             return b"STORE completed"
         with_uid = uid or self.qresync
@@ -403,7 +407,7 @@ class CondstoreCommands(Session):
                 # .SILENT hides FLAGS, not the new mod-sequence (RFC 7162 §3.1.3).
                 self.send(b"* %d FETCH (%sMODSEQ (%d))" % (sel.seq_of(u), uid_item, ms))
         if uid:
-            yield self.refresh()
+            yield self.refreshed(sel, st)
         if modified:
             numbers = modified if uid else sorted(sel.seq_of(u) for u in modified if sel.has(u))
             return R.code(b"MODIFIED", format_set(numbers)) + b"conditional STORE failed"

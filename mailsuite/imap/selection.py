@@ -217,8 +217,9 @@ def then_refresh(result: Any, sel: Optional[tuple[Folder, object]]) -> tuple[Any
 
 def expunge_folder(folder: Folder, uids: Optional[list[int]], known: object
                    ) -> tuple[list[int], Any]:
-    """EXPUNGE and the refresh after it in one io job."""
-    return then_refresh(folder.expunge(uids), (folder, known))
+    """EXPUNGE and the refresh after it in one io job and one hold of the folder lock."""
+    with folder.held():
+        return then_refresh(folder.expunge(uids), (folder, known))
 
 
 def _present(infos: list[MessageInfo], uid: int) -> bool:

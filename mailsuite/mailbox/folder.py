@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import weakref
-from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterable, TypeVar
 
 from mailsuite.mailbox import maildir as _maildir
 from mailsuite.mailbox.cache import message_headers
 from mailsuite.mailbox.errors import LockBusy, NoSuchMessage, translate_faults
 from mailsuite.mailbox.held import HELD_PREFIX, drain_held, sweep_held
-from mailsuite.mailbox.index import MessageInfo
+from mailsuite.mailbox.index import FolderLock, MessageInfo
 from mailsuite.mailbox.info import renamed_path
 from mailsuite.mailbox.maildir import (
     KEYWORDS, UIDLIST, file_stamp, flags_to_letters, info_name, letters_to_flags, split_name,
@@ -26,8 +26,10 @@ from mailsuite.safeio import fsync_dir
 if TYPE_CHECKING:
     from mailsuite.mailbox.store import Account
 
+T = TypeVar("T")
 
-@translate_faults("messages", "get", "recent")
+
+@translate_faults("messages", "get", "recent", "held")
 class Folder:
     """One Maildir (INBOX or a .Sub folder). Keep one instance per IMAP session/selection:
     it remembers which messages this session saw first (\\Recent)."""
@@ -50,6 +52,13 @@ class Folder:
         self.selected = False
         self._shown_upto = 0  # highest UID of this Folder's last sync
         self._pinned: set[int] = set()  # held UIDs this Folder still shows
+
+    def held(self) -> FolderLock:
+        """The folder's in-process lock (re-entrant; LockBusy after a short wait): a job that
+        calls several of the methods below holds it around them, so it takes the lock once
+        and waits in line once, not once per call (docs/design/maildir.md, "One hold per
+        job")."""
+        return self._state.lock
 
     @property
     def special_use(self) -> str | None:
@@ -305,13 +314,17 @@ class Folder:
     def append(self, data: bytes | BinaryIO, flags: Iterable[str] = (),
                internaldate: float | None = None) -> int:
         """Store a message (bytes or a binary file object) with fsync; returns its UID."""
-        return self.append_many([(data, flags, internaldate)])[0]
+        return self.append_many([(data, flags, internaldate)])[0][0]
 
-    def append_many(self, items: list[tuple[bytes | BinaryIO, Iterable[str], float | None]]
-                    ) -> list[int]:
+    def append_many(self, items: list[tuple[bytes | BinaryIO, Iterable[str], float | None]],
+                    check: Callable[[], object] | None = None,
+                    then: Callable[[list[int]], T] | None = None) -> tuple[list[int], T | None]:
         """Store several messages all or none (MULTIAPPEND, RFC 3502 §6.3.11): each is written
         and fsynced in tmp/ first; only then are they renamed into cur/ and given their UIDs
-        together, under the folder lock. Returns the UIDs in the order of `items`."""
+        together, under the folder lock. Returns the UIDs in the order of `items`, and what
+        `then(uids)` returned. `check()` (which may refuse the append by raising) and `then`
+        run in the same hold of the folder lock, before the first rename and after the UIDs
+        are given (docs/design/maildir.md, "One hold per job")."""
         self._prove()
         state = self._state
         staged: list[tuple[str, int, list[str]]] = []
@@ -334,6 +347,8 @@ class Folder:
             cur = os.path.join(self.path, "cur")
             # Both locks before the first rename (docs/design/maildir.md, "The dotlock").
             with state.hold_uidlist():
+                if check is not None:
+                    check()
                 state.keywords_for({f for _, _, flags in staged for f in flags})
                 keys: list[str] = []
                 names: dict[str, str] = {}
@@ -349,10 +364,11 @@ class Folder:
                     names[key] = os.path.basename(final)
                 uids = state.register(keys, names)
                 renamed = []
+                after = then(uids) if then is not None else None
             # After the lock (docs/design/maildir.md, "Reading without the lock"): APPEND is
             # answered only after this fsync, other sessions need not wait for it.
             fsync_dir(cur)
-            return uids
+            return uids, after
         finally:
             for path in [t for t, _, _ in staged] + renamed:
                 try:

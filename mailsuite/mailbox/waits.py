@@ -15,6 +15,11 @@ that has waited longest is served first, not after everyone who arrived later.
 
 Jobs run through it must be safe to run again after a LockBusy: the store takes its locks
 before its first change for that reason.
+
+The jobs of one folder (a Folder as first argument, or a bound method of one) run in the
+folder's line (`WorkPool.run_in_line`): one after another, back to back on one thread, so the
+sessions of a busy folder do not hand its lock, and the GIL, back and forth between threads
+(docs/design/imap.md, "Throughput").
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
 from mailsuite.mailbox.errors import LockBusy
+from mailsuite.mailbox.folder import Folder
 from mailsuite.pools import WorkPool
 
 FIRST_RETRY = 0.01  # seconds after the first LockBusy
@@ -102,7 +108,11 @@ class LockWaitingPool:
                 self._kick()
 
         try:
-            job = self.pool.run(w.fn, *w.args, **w.kwargs)
+            line = _line(w.fn, w.args)
+            if line is None:
+                job = self.pool.run(w.fn, *w.args, **w.kwargs)
+            else:
+                job = self.pool.run_in_line(line, w.fn, *w.args, **w.kwargs)
         except Exception:
             self._leave(key)
             w.d.errback()
@@ -174,3 +184,10 @@ class LockWaitingPool:
                     lock.call = None
                 lock.trying = True
                 self._attempt(lock.waiters[0], key)
+
+
+def _line(fn: Callable[..., Any], args: tuple) -> str | None:
+    """The line of a job: the path of the folder it works on (its first argument, or the
+    object of a bound method); None for a job on no folder."""
+    target = args[0] if args and isinstance(args[0], Folder) else getattr(fn, "__self__", None)
+    return target.path if isinstance(target, Folder) else None

@@ -14,6 +14,9 @@ class ManualPool:
         self.jobs.append((fn, args, kwargs, d))
         return d
 
+    def run_in_line(self, key, fn, *args, **kwargs) -> defer.Deferred:
+        return self.run(fn, *args, **kwargs)  # one job at a time anyway
+
     def names(self) -> list[str]:
         """The functions queued, oldest first."""
         return [getattr(fn, "__name__", repr(fn)) for fn, *_ in self.jobs]

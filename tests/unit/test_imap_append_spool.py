@@ -86,13 +86,13 @@ def test_connection_lost_mid_spooled_append_leaves_nothing(world):
 
 
 def _full_disk(err: int):
-    def append(self, data, flags=(), internaldate=None):
+    def append_many(self, items, check=None, then=None):
         raise OSError(err, os.strerror(err))
-    return append
+    return append_many
 
 
 def test_append_on_a_full_disk_is_overquota_in_one_line(world, monkeypatch):
-    monkeypatch.setattr(Folder, "append", _full_disk(errno.ENOSPC))
+    monkeypatch.setattr(Folder, "append_many", _full_disk(errno.ENOSPC))
     c = world.connect()
     msg = simple("full")
     with capturedLogs() as events:
@@ -119,7 +119,7 @@ def test_spooled_append_on_a_full_disk(world, monkeypatch):
 
 
 def test_other_store_errors_are_unavailable(world, monkeypatch):
-    monkeypatch.setattr(Folder, "append", _full_disk(errno.EIO))
+    monkeypatch.setattr(Folder, "append_many", _full_disk(errno.EIO))
     c = world.connect()
     msg = simple("eio")
     with capturedLogs() as events:

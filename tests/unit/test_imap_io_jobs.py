@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+from twisted.internet.task import Clock
+
 from mailsuite.imap import selection
 from mailsuite.mailbox.errors import LockBusy
+from mailsuite.mailbox.index import FolderLock
 from mailsuite.pools import InlinePool
 from tests.unit.imapkit import simple, tagged, world  # noqa: F401
 
@@ -133,3 +137,67 @@ def test_append_with_keywords_checks_their_room_in_its_one_job(world):
     resp = c.cmd(b"d APPEND INBOX (one-too-many) {%d+}\r\n%s" % (len(msg), msg))
     assert pool.jobs == ["append_messages"] and tagged(resp).startswith(b"d NO [LIMIT]"), resp
     assert len(world.messages(ALICE)) == 1
+
+
+class CountingLock:
+    """Counts the outermost takings of every folder lock (re-entrant takings inside a hold are
+    free: no wait in line, no hand-over to another thread)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.holds = 0
+        enter, leave = FolderLock.__enter__, FolderLock.__exit__
+        depth = {}
+
+        def counting_enter(lock):
+            got = enter(lock)
+            depth[lock] = depth.get(lock, 0) + 1
+            if depth[lock] == 1:
+                self.holds += 1
+            return got
+
+        def counting_exit(lock, *exc):
+            depth[lock] -= 1
+            return leave(lock, *exc)
+
+        monkeypatch.setattr(FolderLock, "__enter__", counting_enter)
+        monkeypatch.setattr(FolderLock, "__exit__", counting_exit)
+
+
+@pytest.mark.parametrize("command", [
+    b"APPEND INBOX ($Label1) {%d+}\r\n%s" % (len(simple("new")), simple("new")),
+    b"EXPUNGE",
+    b"UID STORE 1 +FLAGS ($Label2)",
+], ids=["APPEND", "EXPUNGE", "UID STORE"])
+def test_a_command_that_changes_the_folder_takes_its_lock_once(world, monkeypatch, command):
+    world.append(ALICE, "", simple("first"))
+    c = world.connect()
+    c.cmd(b"a SELECT INBOX")
+    c.cmd(b"b STORE 1 +FLAGS.SILENT (\\Deleted)")
+    world.append(ALICE, "", simple("arrived meanwhile"))  # so the refresh has news to tell
+    locks = CountingLock(monkeypatch)
+    resp = c.cmd(b"c " + command)
+    assert tagged(resp).startswith(b"c OK"), resp
+    assert b"EXISTS" in b"".join(resp)  # the refresh ran, in the same hold
+    assert locks.holds == 1
+
+
+def test_the_jobs_of_a_folder_go_to_its_line(tmp_path):
+    from mailsuite.mailbox.store import MailStore
+    from mailsuite.mailbox.waits import LockWaitingPool
+    from tests.unit.manualpool import ManualPool
+
+    class LinePool(ManualPool):
+        lines: list = []
+
+        def run_in_line(self, key, fn, *args, **kwargs):
+            self.lines.append((key, getattr(fn, "__name__", "")))
+            return super().run_in_line(key, fn, *args, **kwargs)
+
+    folder = MailStore(str(tmp_path)).account(ALICE).folder("INBOX")
+    inner = LinePool()
+    waiting = LockWaitingPool(inner, Clock(), wait=5.0)
+    waiting.run(selection.sync_folder, folder)
+    waiting.run(folder.sync)
+    waiting.run(os.path.exists, folder.path)  # on no folder: any thread
+    assert inner.lines == [(folder.path, "sync_folder"), (folder.path, "sync")]
+    assert inner.names() == ["sync_folder", "sync", "exists"]

@@ -148,3 +148,33 @@ def test_imap_and_pop3_sessions_get_the_small_mailbox_pool(tmp_path, monkeypatch
     finally:
         for pool in parts.pools.all():
             pool.stop()
+
+
+def test_jobs_of_one_line_run_one_after_another_on_one_thread_and_hold_up_no_one_else(pool):
+    gate, started = threading.Event(), threading.Event()
+    ran: list = []
+    lock = threading.Lock()
+
+    def job(name, fail=False):
+        with lock:
+            ran.append((name, threading.current_thread()))
+        if fail:
+            raise ValueError(name)
+
+    pool.run_in_line("INBOX", lambda: started.set() or gate.wait(DEADLINE))
+    assert started.wait(DEADLINE)
+    pool.run_in_line("INBOX", job, "a1", fail=True)  # a failure does not stop the line
+    pool.run_in_line("INBOX", job, "a2")
+    other, plain = threading.Event(), threading.Event()
+    pool.run_in_line("Sent", other.set)
+    pool.run(plain.set)
+    # Another line and a job in no line run while INBOX's first job still holds its line.
+    assert other.wait(DEADLINE) and plain.wait(DEADLINE)
+    assert ran == [] and pool.backlog() == 2
+    gate.set()
+    done = threading.Event()
+    pool.run_in_line("INBOX", done.set)
+    assert done.wait(DEADLINE)
+    assert [name for name, _ in ran] == ["a1", "a2"]
+    assert ran[0][1] is ran[1][1]  # the thread that ran the first ran the next at once
+    assert pool.backlog() == 0
