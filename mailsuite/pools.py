@@ -79,33 +79,31 @@ class WorkerPool:
                 thread.join()
 
     def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> defer.Deferred:
-        if self._stopped:
-            return defer.fail(PoolStopped(f"the {self.name} pool has stopped (shutting down)"))
-        self.start()
-        self.jobs += 1
-        d: defer.Deferred = defer.Deferred()
-        self._queue.put((d, fn, args, kwargs))
-        self._grow()
-        return d
+        return self._submit(_NO_LINE, fn, args, kwargs)
 
     def run_in_line(self, key: Any, fn: Callable[..., T], *args: Any, **kwargs: Any
                     ) -> defer.Deferred:
         """As run(), except that the jobs of one `key` never run at the same time: a job
         whose key has one running waits behind it, and the thread that ran it runs the next
         at once (docs/design/imap.md, "Throughput"). Jobs of other keys are not held up."""
+        return self._submit(key, fn, args, kwargs)
+
+    def _submit(self, key: Any, fn: Callable[..., Any], args: tuple, kwargs: dict
+                ) -> defer.Deferred:
         if self._stopped:
             return defer.fail(PoolStopped(f"the {self.name} pool has stopped (shutting down)"))
         self.start()
         self.jobs += 1
         d: defer.Deferred = defer.Deferred()
         job = (d, fn, args, kwargs, key)
-        with self._lock:
-            line = self._lines.get(key)
-            if line is not None:
-                line.append(job)
-                self._in_lines += 1
-                return d
-            self._lines[key] = collections.deque()
+        if key is not _NO_LINE:
+            with self._lock:
+                line = self._lines.get(key)
+                if line is not None:
+                    line.append(job)
+                    self._in_lines += 1
+                    return d
+                self._lines[key] = collections.deque()
         self._queue.put(job)
         self._grow()
         return d
@@ -145,8 +143,7 @@ class WorkerPool:
                 with lock:
                     self._working -= 1
                 return
-            d, fn, args, kwargs = job[:4]
-            key = job[4] if len(job) > 4 else _NO_LINE
+            d, fn, args, kwargs, key = job
             job = None
             try:
                 value, ok = fn(*args, **kwargs), True

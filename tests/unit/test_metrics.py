@@ -17,7 +17,7 @@ from mailsuite import maillog
 from mailsuite.directory.logincache import LoginCache
 from mailsuite.imap.server import IMAPServer
 from mailsuite.metrics import MailLogCounter, Metrics, server_factory
-from mailsuite.pools import WorkerPool
+from mailsuite.pools import _NO_LINE, WorkerPool
 from mailsuite.smtp import replies
 from mailsuite.trust import checks, clamd, rspamd
 from tests.unit import imapkit, pop3kit, smtpkit
@@ -244,7 +244,7 @@ def test_pool_backlog_queue_and_login_cache_are_read_at_scrape_time(tmp_path):
 
     # A pool that has not started keeps its jobs waiting: that is its backlog.
     idle = WorkerPool("hash", 2, reactor=MemoryReactorClock())
-    idle._queue.put((None, lambda: None, (), {}))
+    idle._queue.put((None, lambda: None, (), {}, _NO_LINE))
     assert (idle.backlog(), idle.busy(), idle.jobs) == (1, 0, 0)
     idle.stop()
 
