@@ -214,18 +214,28 @@ def _percentile(values: list[float], p: int) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered)) - 1))]
 
 
-def start_server(base_dir: str, user: str, password: str):
-    """A throwaway mailsuite with limits wide enough for a storm from one address."""
+def start_server(base_dir: str, user: str, password: str, workers: int = 1):
+    """A throwaway mailsuite with limits wide enough for a storm from one address. `workers`
+    > 1: that many processes share the IMAP listeners (docs/design/architecture.md, "Worker
+    processes"; not the default, which keeps IMAP in the first process)."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tests.harness import MailServer
+    from tests.polling import wait_until
 
-    server = MailServer(base_dir, listeners=["imap", "imaps"], extra={
+    extra: dict = {
         "limits": {"max_connections_per_ip": 1000, "max_preauth_per_ip": 1000,
                    "max_preauth_per_prefix": 1000, "max_connections": 2000},
         "imap": {"max_commands_per_second": 0},
-    })
+    }
+    if workers > 1:
+        extra["server"] = {"workers": workers, "worker_listeners": ["imap", "imaps"]}
+    server = MailServer(base_dir, listeners=["imap", "imaps"], extra=extra)
     server.add_user(user, password)
-    return server.start()
+    server.start()
+    if workers > 1:
+        wait_until(lambda: server.log_text().count("serving imaps on the listening socket")
+                   >= workers - 1, timeout=60, message="the worker processes")
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@
     python bench/imap_stress.py --port 993 --user u --password p --clients 10 --secs 20
     python bench/imap_stress.py ... --profile logout0         # imaptest logout=0
     python bench/imap_stress.py --start-server --clients 50   # a throwaway mailsuite
+    python bench/imap_stress.py --start-server --workers 2    # IMAP in two processes
 
 Runs imaptest (Dovecot's stress tool, tools/imaptest; $MAILSUITE_IMAPTEST, else
 /tmp/imaptest-build/src/imaptest) with its default profile, or with `logout=0` (clients stay
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="server pid (with --port): report its CPU per 1,000 commands")
     p.add_argument("--start-server", action="store_true",
                    help="start a throwaway mailsuite (tests/harness.py) and measure it")
+    p.add_argument("--workers", type=int, default=1,
+                   help="with --start-server: processes sharing the IMAP listeners (CPU is "
+                        "summed over them)")
     args = p.parse_args(argv)
     results = [measure(args) for _ in range(args.runs)]
     for r in results:
@@ -132,7 +136,8 @@ def measure(args: argparse.Namespace) -> StressResult:
     if not args.start_server:
         return run_stress(target, args.clients, args.secs, args.profile, pid=args.pid)
     from bench.imap_clients import start_server
-    server = start_server(tempfile.mkdtemp(prefix="imap-stress-"), args.user, args.password)
+    server = start_server(tempfile.mkdtemp(prefix="imap-stress-"), args.user, args.password,
+                          args.workers)
     target.port = server.ports["imaps"]
     try:
         return run_stress(target, args.clients, args.secs, args.profile,
