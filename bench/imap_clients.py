@@ -233,8 +233,12 @@ def start_server(base_dir: str, user: str, password: str, workers: int = 1):
     server.add_user(user, password)
     server.start()
     if workers > 1:
-        wait_until(lambda: server.log_text().count("serving imaps on the listening socket")
-                   >= workers - 1, timeout=60, message="the worker processes")
+        try:
+            wait_until(lambda: server.log_text().count("serving imaps on the listening socket")
+                       >= workers - 1, timeout=60, message="the worker processes")
+        except BaseException:
+            server.stop()
+            raise
     return server
 
 
